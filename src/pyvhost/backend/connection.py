@@ -1,0 +1,573 @@
+"""One front-end connection of a back-end: negotiation, memory, vrings and replies.
+
+The rules of which request is allowed when live in one table, :data:`RULES`. Handlers
+either succeed or raise a :class:`~pyvhost.errors.PeerError`; the dispatcher turns an
+error into a NACK when the front-end asked for a reply (REPLY_ACK: "the back-end must
+respond with a u64 payload: zero for success, non-zero otherwise"), and otherwise closes
+the connection, because a front-end that can not be told of a failure would go on with a
+state the back-end does not share. Framing errors always close. A closed connection never
+affects another one.
+
+Every fd that arrives is closed when its message is handled, unless a handler took it
+(kick/call/err eventfds; memory region fds are closed right after mapping).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from pyvhost.errors import PeerError
+from pyvhost.memory import GuestAddressError, MemoryManager
+from pyvhost.protocol import messages as m
+from pyvhost.protocol.codec import (
+    Decoder,
+    FramingError,
+    Message,
+    MessageError,
+    encode_ack,
+    encode_reply,
+    has_explicit_reply,
+)
+from pyvhost.protocol.constants import (
+    FLAG_NEED_REPLY,
+    MAX_CONFIG_SIZE,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ProtocolFeature,
+    Request,
+    VirtioFeature,
+    VirtioStatus,
+    bit_names,
+    request_name,
+)
+from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, send_message
+from pyvhost.virtq import VirtqueueError
+
+from .device import DeviceConfigError, QueueContext, VirtioDevice
+from .vring import Vring
+
+log = logging.getLogger(__name__)
+
+#: Protocol features pyvhost offers; the intersection with the front-end's is negotiated.
+OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                             | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
+                             | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+
+#: Virtio transport features the library implements for every device.
+TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
+                      | VirtioFeature.RING_EVENT_IDX)
+
+#: Kicks served per wake-up before yielding to other connections.
+KICK_BUDGET = 256
+
+
+class RequestError(PeerError):
+    """A request that is valid on the wire but not allowed now or not supported."""
+
+
+class Phase(Enum):
+    CONNECTED = "connected"  # before SET_OWNER
+    OWNED = "owned"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """When a request is allowed."""
+
+    needs_owner: bool = True
+    #: Protocol feature that must have been negotiated (SET_PROTOCOL_FEATURES).
+    needs: ProtocolFeature | None = None
+
+
+#: The one table of what is allowed when. Requests missing here are not supported.
+#: QEMU 7.2 sends GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM and
+#: GET_MAX_MEM_SLOTS before SET_OWNER; DPDK sends SET_OWNER first.
+RULES: dict[int, Rule] = {
+    Request.GET_FEATURES: Rule(needs_owner=False),
+    Request.GET_PROTOCOL_FEATURES: Rule(needs_owner=False),
+    Request.SET_PROTOCOL_FEATURES: Rule(needs_owner=False),
+    Request.GET_QUEUE_NUM: Rule(needs_owner=False, needs=ProtocolFeature.MQ),
+    Request.GET_MAX_MEM_SLOTS: Rule(needs_owner=False,
+                                    needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    Request.SET_OWNER: Rule(needs_owner=False),
+    Request.RESET_OWNER: Rule(),
+    Request.SET_FEATURES: Rule(),
+    Request.SET_MEM_TABLE: Rule(),
+    Request.ADD_MEM_REG: Rule(needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    Request.REM_MEM_REG: Rule(needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    Request.SET_VRING_NUM: Rule(),
+    Request.SET_VRING_ADDR: Rule(),
+    Request.SET_VRING_BASE: Rule(),
+    Request.GET_VRING_BASE: Rule(),
+    Request.SET_VRING_KICK: Rule(),
+    Request.SET_VRING_CALL: Rule(),
+    Request.SET_VRING_ERR: Rule(),
+    Request.SET_VRING_ENABLE: Rule(),
+    Request.GET_CONFIG: Rule(needs=ProtocolFeature.CONFIG),
+    Request.SET_CONFIG: Rule(needs=ProtocolFeature.CONFIG),
+    Request.SET_STATUS: Rule(needs=ProtocolFeature.STATUS),
+    Request.GET_STATUS: Rule(needs=ProtocolFeature.STATUS),
+}
+
+
+class Loop:
+    """What a connection needs from its event loop: watching its eventfds."""
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    def unwatch(self, fd: int) -> None:
+        raise NotImplementedError
+
+
+class Connection:
+    """The back-end side of one vhost-user socket."""
+
+    def __init__(self, sock: socket.socket, device: VirtioDevice, loop: Loop,
+                 name: str = "conn") -> None:
+        self.sock = sock
+        self.device = device
+        self.loop = loop
+        self.name = name
+        self.peer_pid = peer_pid(sock)
+        self.phase = Phase.CONNECTED
+        self.decoder = Decoder()
+        self.memory = MemoryManager()
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.offered_features = device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
+        self.acked_features = 0
+        self.features_set = False
+        self.protocol_features = ProtocolFeature(0)
+        self.status = 0
+        self.close_reason: str | None = None
+        self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0}
+        sock.setblocking(False)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    # -- I/O -----------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        """Read what the socket has, handle every whole message. Never raises PeerError."""
+        if self.phase is Phase.CLOSED:
+            return
+        try:
+            data, fds = recv_chunk(self.sock)
+        except BlockingIOError:
+            return
+        except (TransportError, ConnectionError, OSError) as e:
+            self.close(f"receive failed: {e}")
+            return
+        if not data:
+            self.close("front-end closed the connection")
+            return
+        try:
+            self.decoder.feed(data, fds)
+            while not self.closed:
+                try:
+                    msg = self.decoder.next_message()
+                except MessageError as e:
+                    self._refuse(e.request, e.flags, e.reason)
+                    continue
+                if msg is None:
+                    break
+                self._dispatch(msg)
+        except FramingError as e:
+            self.close(f"framing error: {e}")
+
+    def _send(self, data: bytes) -> None:
+        try:
+            send_message(self.sock, data)
+        except BlockingIOError:
+            # The front-end does not read its replies; it can not be served.
+            self.close("front-end stopped reading replies (socket buffer full)")
+        except OSError as e:
+            self.close(f"send failed: {e}")
+
+    # -- dispatch ------------------------------------------------------------------------
+    def _dispatch(self, msg: Message) -> None:
+        self.counters["requests"] += 1
+        with msg.fds:
+            try:
+                self._check_allowed(msg.request)
+                handler = _HANDLERS[msg.request]
+                reply = handler(self, msg)
+            except (PeerError, DeviceConfigError) as e:
+                self._refuse(msg.request, msg.flags, str(e))
+                return
+            except Exception as e:  # a bug here must not take the other connections down
+                log.exception("%s: internal error handling %s", self.name, msg.name)
+                self.close(f"internal error handling {msg.name}: {e!r}")
+                return
+        if self.closed:
+            return
+        if reply is not None:
+            self._send(encode_reply(msg.request, reply))
+        elif msg.need_reply:
+            self._send(encode_ack(msg.request, True))
+
+    def _check_allowed(self, request: int) -> None:
+        rule = RULES.get(request)
+        if rule is None:
+            raise RequestError(f"{request_name(request)} is not supported by this back-end")
+        if rule.needs_owner and self.phase is not Phase.OWNED:
+            raise RequestError(f"{request_name(request)} before SET_OWNER")
+        if rule.needs is not None and not self.protocol_features & rule.needs:
+            raise RequestError(f"{request_name(request)} needs protocol feature "
+                               f"{rule.needs.name}, which was not negotiated")
+
+    def _refuse(self, request: int, flags: int, reason: str) -> None:
+        """NACK if the front-end waits for a reply to this request, else close."""
+        self.counters["nacks"] += 1
+        msg = f"{request_name(request)} refused: {reason}"
+        if flags & FLAG_NEED_REPLY and not has_explicit_reply(request):
+            log.warning("%s: %s (NACK)", self.name, msg)
+            self._send(encode_ack(request, False))
+        else:
+            self.close(msg)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self, reason: str) -> None:
+        """Drop everything this connection holds. Idempotent."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        log.info("%s: closed: %s", self.name, reason)
+        self._stop_all_rings()
+        self.memory.clear()
+        self.decoder.close()
+        try:
+            self.device.reset()
+        finally:
+            self.sock.close()
+
+    def _stop_all_rings(self) -> None:
+        for vring in self.vrings:
+            if vring.kick_fd is not None:
+                self.loop.unwatch(vring.kick_fd)
+            vring.close()
+            vring.queue.detach()
+
+    # -- kicks ---------------------------------------------------------------------------
+    def on_kick(self, index: int) -> None:
+        vring = self.vrings[index]
+        if vring.kick_fd is None:
+            return
+        try:
+            os.read(vring.kick_fd, 8)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            log.warning("%s: kick fd of queue %d failed: %s", self.name, index, e)
+            return
+        self.counters["kicks"] += 1
+        self.serve_queue(index)
+
+    def serve_queue(self, index: int) -> None:
+        """Hand queue ``index`` to the device with the current memory held."""
+        vring = self.vrings[index]
+        if not vring.ready:
+            return
+        with self.memory.hold() as mem:
+            ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
+            ctx = QueueContext(mem, ready, self._notify)
+            try:
+                self.device.handle_kick(ctx, index)
+            except (VirtqueueError, GuestAddressError, PeerError) as e:
+                self._break_queue(index, str(e))
+            except Exception as e:  # a device bug breaks this queue, not the process
+                log.exception("%s: device failed on queue %d", self.name, index)
+                self._break_queue(index, f"device error: {e!r}")
+
+    def _notify(self, index: int) -> None:
+        vring = self.vrings[index]
+        try:
+            if vring.queue.should_notify():
+                vring.signal_call()
+        except VirtqueueError:
+            pass
+
+    def _break_queue(self, index: int, reason: str) -> None:
+        """A guest broke queue ``index``: stop it, tell the front-end, keep the rest."""
+        vring = self.vrings[index]
+        if vring.queue.broken is None:
+            vring.queue.broken = reason
+        log.warning("%s: queue %d broken: %s", self.name, index, reason)
+        # virtio: "The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state
+        # that a reset is needed." vhost-user reports it with SET_VRING_ERR's eventfd.
+        self.status |= VirtioStatus.DEVICE_NEEDS_RESET
+        vring.signal_err()
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestError(f"vring index {index} out of range (device has "
+                               f"{len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _memory_changed(self) -> None:
+        """Re-translate every ring after a table change; tell the device."""
+        mem = self.memory.current
+        for vring in self.vrings:
+            if vring.queue.configured:
+                try:
+                    vring.queue.attach(mem)
+                except VirtqueueError as e:
+                    self._break_queue(vring.queue.index, str(e))
+        self.device.memory_changed(mem)
+
+    # -- state for status output ---------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "peer_pid": self.peer_pid,
+            "phase": self.phase.value,
+            "features": self.acked_features,
+            "protocol_features": bit_names(int(self.protocol_features), ProtocolFeature),
+            "status": self.status,
+            "memory": self.memory.current.describe(),
+            "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
+                        "enabled": v.enabled, "broken": v.queue.broken} for v in self.vrings],
+            "counters": dict(self.counters),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# Handlers: (connection, message) -> reply payload or None. They raise PeerError to refuse.
+# ---------------------------------------------------------------------------------------
+
+def _u64(msg: Message) -> int:
+    assert isinstance(msg.payload, m.U64)
+    return msg.payload.value
+
+
+def _get_features(c: Connection, msg: Message) -> m.Payload:
+    return m.U64(c.offered_features)
+
+
+def _set_features(c: Connection, msg: Message) -> None:
+    features = _u64(msg)
+    extra = features & ~c.offered_features
+    if extra:
+        raise RequestError(f"front-end acked features the back-end did not offer: "
+                           f"{extra:#x}")
+    c.acked_features = features
+    c.features_set = True
+    event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
+    for vring in c.vrings:
+        vring.queue.event_idx = event_idx
+        # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
+        if not features & VHOST_USER_F_PROTOCOL_FEATURES:
+            vring.enabled = True
+    c.device.features_acked(features)
+
+
+def _get_protocol_features(c: Connection, msg: Message) -> m.Payload:
+    return m.U64(int(OFFERED_PROTOCOL_FEATURES))
+
+
+def _set_protocol_features(c: Connection, msg: Message) -> None:
+    features = _u64(msg)
+    extra = features & ~int(OFFERED_PROTOCOL_FEATURES)
+    if extra:
+        raise RequestError(f"front-end set protocol features the back-end did not offer: "
+                           f"{extra:#x}")
+    c.protocol_features = ProtocolFeature(features)
+
+
+def _get_queue_num(c: Connection, msg: Message) -> m.Payload:
+    return m.U64(c.device.queue_num())
+
+
+def _get_max_mem_slots(c: Connection, msg: Message) -> m.Payload:
+    return m.U64(c.memory.max_slots)
+
+
+def _set_owner(c: Connection, msg: Message) -> None:
+    if c.phase is Phase.OWNED:
+        # "This is the first message sent by the front-end ... " - a second one is a bug
+        # in the front-end, but harmless; DPDK and QEMU never send it twice.
+        raise RequestError("SET_OWNER sent twice")
+    c.phase = Phase.OWNED
+
+
+def _reset_owner(c: Connection, msg: Message) -> None:
+    c._stop_all_rings()
+    c.vrings = [Vring(i) for i in range(c.device.num_queues)]
+    c.memory.clear()
+    c.acked_features = 0
+    c.features_set = False
+    c.status = 0
+    c.device.reset()
+
+
+def _set_mem_table(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.MemoryTable)
+    update = c.memory.set_table(msg.payload.regions, msg.fds)
+    log.info("%s: SET_MEM_TABLE %d regions: %d mapped, %d kept, %d dropped", c.name,
+             len(msg.payload.regions), update.added, update.kept, update.removed)
+    c._memory_changed()
+
+
+def _add_mem_reg(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.SingleMemoryRegion)
+    c.memory.add_region(msg.payload.region, msg.fds.peek(0))
+    c._memory_changed()
+
+
+def _rem_mem_reg(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.SingleMemoryRegion)
+    c.memory.remove_region(msg.payload.region)
+    c._memory_changed()
+
+
+def _set_vring_num(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.VringState)
+    vring = c._vring(msg.payload.index)
+    if msg.payload.num > c.device.max_queue_size:
+        raise RequestError(f"queue {msg.payload.index}: size {msg.payload.num} exceeds the "
+                           f"device's maximum {c.device.max_queue_size}")
+    vring.queue.set_size(msg.payload.num)
+
+
+def _set_vring_addr(c: Connection, msg: Message) -> None:
+    p = msg.payload
+    assert isinstance(p, m.VringAddr)
+    vring = c._vring(p.index)
+    if vring.queue.size == 0:
+        raise RequestError(f"queue {p.index}: SET_VRING_ADDR before SET_VRING_NUM")
+    vring.queue.set_addresses(p.descriptor, p.available, p.used)
+    vring.queue.broken = None
+    # Translate now: a ring outside the memory table is refused here, not at first kick.
+    vring.queue.attach(c.memory.current)
+
+
+def _set_vring_base(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.VringState)
+    c._vring(msg.payload.index).queue.set_base(msg.payload.num)
+
+
+def _get_vring_base(c: Connection, msg: Message) -> m.Payload:
+    assert isinstance(msg.payload, m.VringState)
+    vring = c._vring(msg.payload.index)
+    # "The back-end must stop the ring when it receives VHOST_USER_GET_VRING_BASE", and
+    # replies with the next available index it would have read.
+    if vring.kick_fd is not None:
+        c.loop.unwatch(vring.kick_fd)
+    vring.replace_fd("kick_fd", None)
+    vring.started = False
+    return m.VringState(msg.payload.index, vring.queue.last_avail_idx)
+
+
+def _vring_fd(c: Connection, msg: Message) -> tuple[Vring, int | None]:
+    assert isinstance(msg.payload, m.VringFd)
+    vring = c._vring(msg.payload.index)
+    fd = None if msg.payload.nofd else msg.fds.take(0)
+    if fd is not None:
+        os.set_blocking(fd, False)
+    return vring, fd
+
+
+def _set_vring_kick(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.VringFd)
+    if msg.payload.nofd:
+        raise RequestError(f"queue {msg.payload.index}: polling mode (no kick fd) is not "
+                           "supported")
+    vring, fd = _vring_fd(c, msg)
+    assert fd is not None
+    if vring.kick_fd is not None:
+        c.loop.unwatch(vring.kick_fd)
+    vring.replace_fd("kick_fd", fd)
+    index = vring.queue.index
+    c.loop.watch(fd, lambda: c.on_kick(index))
+    vring.started = True
+    # Buffers may already be waiting (e.g. a restarted back-end): serve them now.
+    c.serve_queue(index)
+
+
+def _set_vring_call(c: Connection, msg: Message) -> None:
+    vring, fd = _vring_fd(c, msg)
+    vring.replace_fd("call_fd", fd)
+
+
+def _set_vring_err(c: Connection, msg: Message) -> None:
+    vring, fd = _vring_fd(c, msg)
+    vring.replace_fd("err_fd", fd)
+
+
+def _set_vring_enable(c: Connection, msg: Message) -> None:
+    assert isinstance(msg.payload, m.VringState)
+    if not c.acked_features & VHOST_USER_F_PROTOCOL_FEATURES and c.features_set:
+        # "This request should be sent only when VHOST_USER_F_PROTOCOL_FEATURES has been
+        # negotiated."
+        raise RequestError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+    if msg.payload.num not in (0, 1):
+        raise RequestError(f"SET_VRING_ENABLE with state {msg.payload.num}, expected 0 or 1")
+    vring = c._vring(msg.payload.index)
+    vring.enabled = bool(msg.payload.num)
+    if vring.enabled:
+        c.serve_queue(vring.queue.index)
+
+
+def _get_config(c: Connection, msg: Message) -> m.Payload:
+    p = msg.payload
+    assert isinstance(p, m.ConfigSpace)
+    if p.offset + p.size > MAX_CONFIG_SIZE:
+        raise RequestError(f"GET_CONFIG range {p.offset}+{p.size} is beyond the "
+                           f"{MAX_CONFIG_SIZE}-byte config space limit")
+    space = c.device.config()
+    data = space[p.offset:p.offset + p.size]
+    return m.ConfigSpace(p.offset, p.size, p.flags, data.ljust(p.size, b"\0"))
+
+
+def _set_config(c: Connection, msg: Message) -> None:
+    p = msg.payload
+    assert isinstance(p, m.ConfigSpace)
+    c.device.set_config(p.offset, p.payload)
+
+
+def _set_status(c: Connection, msg: Message) -> None:
+    status = _u64(msg)
+    if status > 0xFF:
+        raise RequestError(f"device status {status:#x} does not fit 8 bits")
+    c.status = status
+
+
+def _get_status(c: Connection, msg: Message) -> m.Payload:
+    # DPDK's front-end checks that the status it set is echoed back.
+    return m.U64(c.status)
+
+
+_Handler = Callable[[Connection, Message], m.Payload | None]
+_HANDLERS: dict[int, _Handler] = {
+    Request.GET_FEATURES: _get_features,
+    Request.SET_FEATURES: _set_features,
+    Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
+    Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
+    Request.GET_QUEUE_NUM: _get_queue_num,
+    Request.GET_MAX_MEM_SLOTS: _get_max_mem_slots,
+    Request.SET_OWNER: _set_owner,
+    Request.RESET_OWNER: _reset_owner,
+    Request.SET_MEM_TABLE: _set_mem_table,
+    Request.ADD_MEM_REG: _add_mem_reg,
+    Request.REM_MEM_REG: _rem_mem_reg,
+    Request.SET_VRING_NUM: _set_vring_num,
+    Request.SET_VRING_ADDR: _set_vring_addr,
+    Request.SET_VRING_BASE: _set_vring_base,
+    Request.GET_VRING_BASE: _get_vring_base,
+    Request.SET_VRING_KICK: _set_vring_kick,
+    Request.SET_VRING_CALL: _set_vring_call,
+    Request.SET_VRING_ERR: _set_vring_err,
+    Request.SET_VRING_ENABLE: _set_vring_enable,
+    Request.GET_CONFIG: _get_config,
+    Request.SET_CONFIG: _set_config,
+    Request.SET_STATUS: _set_status,
+    Request.GET_STATUS: _get_status,
+}
+assert set(_HANDLERS) == set(RULES), "every allowed request needs a handler"

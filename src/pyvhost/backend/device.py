@@ -1,0 +1,80 @@
+"""The interface a virtio device implements to be served over vhost-user.
+
+A device states its features, queues and config space, and handles kicks with batches of
+descriptor chains. It never sees a vhost-user message, an fd or a memory table: the
+library owns negotiation, REPLY_ACK, memory and the rings' notifications. One device
+instance serves one front-end connection.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from pyvhost.memory import GuestMemory
+from pyvhost.virtq import SplitQueue
+
+
+class DeviceConfigError(Exception):
+    """A SET_CONFIG the device refuses (turned into a NACK by the connection)."""
+
+
+class QueueContext:
+    """What a device may touch while handling a kick: the held memory snapshot, the
+    queues that are ready, and a way to interrupt the driver."""
+
+    __slots__ = ("_notify", "_queues", "mem")
+
+    def __init__(self, mem: GuestMemory, queues: dict[int, SplitQueue],
+                 notify: Callable[[int], None]) -> None:
+        self.mem = mem
+        self._queues = queues
+        self._notify = notify
+
+    def queue(self, index: int) -> SplitQueue | None:
+        """The queue if it is started, enabled and attached to memory; else None."""
+        return self._queues.get(index)
+
+    def notify(self, index: int) -> None:
+        """Signal the driver for queue ``index`` if it asked to be (EVENT_IDX honoured)."""
+        self._notify(index)
+
+
+class VirtioDevice(ABC):
+    """Base class of devices. Override what your device has."""
+
+    #: Shown in logs and status output.
+    name = "virtio"
+    #: Number of virtqueues the device has.
+    num_queues = 2
+    #: Largest queue size the device accepts in SET_VRING_NUM.
+    max_queue_size = 1024
+
+    @abstractmethod
+    def device_features(self) -> int:
+        """Virtio feature bits the device offers (device-specific and transport bits)."""
+
+    def queue_num(self) -> int:
+        """The answer to GET_QUEUE_NUM ("how many queues the back-end supports")."""
+        return self.num_queues
+
+    def config(self) -> bytes:
+        """The device's whole config space; GET_CONFIG reads a slice of it."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """SET_CONFIG from the driver. Raise DeviceConfigError to refuse."""
+        raise DeviceConfigError("config space is read-only")
+
+    def features_acked(self, features: int) -> None:  # noqa: B027 - optional hook
+        """The front-end's SET_FEATURES (already checked against what was offered)."""
+
+    def memory_changed(self, mem: GuestMemory) -> None:  # noqa: B027 - optional hook
+        """A new memory table is in force (after SET_MEM_TABLE / ADD / REM_MEM_REG)."""
+
+    @abstractmethod
+    def handle_kick(self, ctx: QueueContext, index: int) -> None:
+        """The driver kicked queue ``index``: take its chains and serve them."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """The connection is gone or was reset; drop per-connection state."""

@@ -1,0 +1,43 @@
+"""The ``pyvhost`` command line: one click group; each subcommand lives next to what it drives.
+
+Subcommands:
+
+- ``pyvhost net``    serve vhost-user-net sockets (:mod:`pyvhost.devices.net_cli`)
+- ``pyvhost probe``  check a back-end for fd and mapping leaks across hot-plug
+  (:mod:`pyvhost.frontend.probe_cli`)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from pyvhost import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pyvhost")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Memory hot-plug that stays safe for QEMU VMs served by vhost-user back-ends.
+
+    \b
+    Serve a virtio-net device on a vhost-user socket:
+        pyvhost net --socket /tmp/vhost0.sock --reflect
+    Check any back-end (pyvhost, DPDK, ...) for fd and mapping leaks across hot-plug:
+        pyvhost probe --socket /tmp/vhost0.sock --cycles 100
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _register() -> None:
+    from pyvhost.devices.net_cli import net
+    from pyvhost.frontend.probe_cli import probe
+
+    main.add_command(net)
+    main.add_command(probe)
+
+
+_register()

@@ -1,0 +1,1 @@
+"""Devices served over vhost-user by :mod:`pyvhost.backend`."""

@@ -1,0 +1,149 @@
+"""An immutable snapshot of guest memory, and address translation on it.
+
+A :class:`GuestMemory` is a sorted, non-overlapping tuple of mapped regions. It never
+changes: a new memory table builds a new snapshot (:mod:`.manager`). Readers hold the
+snapshot they took while they use it (``with manager.hold() as mem``), so a region removed
+meanwhile stays mapped until they are done.
+
+Guest-physical addresses (GPA) and front-end virtual addresses (VA) are different spaces:
+``gpa_*`` functions take the former, ``va_to_gpa`` the latter. Lookups are binary searches
+(O(log n) in the number of regions, up to 509).
+
+Memory-safety invariant of every accessor: an access ``[gpa, gpa + length)`` is served only
+if it lies entirely inside mapped regions; otherwise :class:`GuestAddressError` is raised
+before any byte is touched. ``gpa`` and ``length`` may be any guest-controlled integers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import threading
+from collections.abc import Iterator
+
+from pyvhost.errors import PeerError
+
+from .region import MappedRegion
+
+
+class GuestAddressError(PeerError):
+    """A guest or front-end address that lies outside guest memory."""
+
+
+class GuestMemory:
+    """One immutable set of mapped regions, sorted by GPA."""
+
+    __slots__ = ("_gpa_ends", "_gpa_starts", "_lock", "_readers", "_retired", "_va_order",
+                 "_va_starts", "generation", "regions")
+
+    def __init__(self, regions: tuple[MappedRegion, ...] = (), generation: int = 0) -> None:
+        self.regions = tuple(sorted(regions, key=lambda r: r.gpa_start))
+        self._gpa_starts = [r.gpa_start for r in self.regions]
+        self._gpa_ends = [r.gpa_end for r in self.regions]
+        self._va_order = tuple(sorted(self.regions, key=lambda r: r.uva_start))
+        self._va_starts = [r.uva_start for r in self._va_order]
+        self.generation = generation
+        self._readers = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        for region in self.regions:
+            region.hold()
+
+    # -- lifetime ------------------------------------------------------------------------
+    def acquire(self) -> GuestMemory:
+        with self._lock:
+            self._readers += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._readers -= 1
+            drop = self._retired and self._readers == 0
+        if drop:
+            self._drop()
+
+    def retire(self) -> None:
+        """Called once, by the manager, when a newer snapshot replaced this one."""
+        with self._lock:
+            self._retired = True
+            drop = self._readers == 0
+        if drop:
+            self._drop()
+
+    def _drop(self) -> None:
+        for region in self.regions:
+            region.release()
+
+    # -- lookups -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __iter__(self) -> Iterator[MappedRegion]:
+        return iter(self.regions)
+
+    def region_at(self, gpa: int) -> MappedRegion | None:
+        """The region containing ``gpa``, or None."""
+        i = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0 and gpa < self._gpa_ends[i]:
+            return self.regions[i]
+        return None
+
+    def locate(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
+        """``(mapping, offset)`` of ``[gpa, gpa + length)``, which must lie in one region.
+
+        Used for structures that must be contiguous (vrings, descriptor tables).
+        """
+        region = self.region_at(gpa)
+        if region is None or length < 0 or gpa + length > region.gpa_end:
+            raise GuestAddressError(f"GPA range {gpa:#x}+{length:#x} is not inside one "
+                                    "region of guest memory")
+        return region.mm, region.base + (gpa - region.gpa_start)
+
+    def segments(self, gpa: int, length: int) -> Iterator[tuple[mmap.mmap, int, int]]:
+        """``(mapping, offset, count)`` pieces covering ``[gpa, gpa + length)``.
+
+        A buffer may straddle adjacent regions. Every piece is checked before the first is
+        returned, so a caller never touches part of an invalid range.
+        """
+        pieces: list[tuple[mmap.mmap, int, int]] = []
+        if length < 0:
+            raise GuestAddressError(f"negative length {length}")
+        while length > 0:
+            region = self.region_at(gpa)
+            if region is None:
+                raise GuestAddressError(f"GPA {gpa:#x} is outside guest memory")
+            n = min(length, region.gpa_end - gpa)
+            pieces.append((region.mm, region.base + (gpa - region.gpa_start), n))
+            gpa += n
+            length -= n
+        return iter(pieces)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy ``length`` bytes of guest memory starting at ``gpa``."""
+        parts = [mm[off:off + n] for mm, off, n in self.segments(gpa, length)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into guest memory at ``gpa``."""
+        view = memoryview(data)
+        pos = 0
+        for mm, off, n in self.segments(gpa, len(view)):
+            mm[off:off + n] = view[pos:pos + n]
+            pos += n
+
+    def va_to_gpa(self, va: int, length: int) -> int:
+        """The GPA of front-end virtual address ``va``; ``[va, va + length)`` must be in one
+        region. Vring addresses arrive as front-end VAs (SET_VRING_ADDR)."""
+        i = bisect.bisect_right(self._va_starts, va) - 1
+        if i >= 0:
+            region = self._va_order[i]
+            if length >= 0 and va + length <= region.uva_end:
+                return region.gpa_start + (va - region.uva_start)
+        raise GuestAddressError(f"front-end address range {va:#x}+{length:#x} is not inside "
+                                "one region of guest memory")
+
+    def describe(self) -> list[dict[str, int]]:
+        """The table as plain data, for status output."""
+        return [{"guest_phys_addr": r.gpa_start, "memory_size": r.desc.memory_size,
+                 "userspace_addr": r.uva_start, "mmap_offset": r.desc.mmap_offset}
+                for r in self.regions]

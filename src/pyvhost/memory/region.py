@@ -1,0 +1,137 @@
+"""One region of guest memory mapped into this process.
+
+A :class:`MappedRegion` owns one ``mmap`` of the file a front-end sent for a region. It
+is shared by every snapshot that contains the region (an unchanged region is not
+remapped when a new table arrives) and is unmapped when the last snapshot holding it
+lets go. No prefaulting: ``mmap`` without MAP_POPULATE, so the cost of mapping does not
+grow with the region's size.
+
+CPython's ``mmap`` keeps a dup of the fd it maps (for ``size()``), so a region holds
+exactly one fd and one mapping; the fd that arrived on the socket is closed right after
+mapping.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+from pyvhost.errors import PeerError
+from pyvhost.protocol.messages import MemoryRegion
+
+# statfs f_type of hugetlbfs (linux/magic.h HUGETLBFS_MAGIC); os.fstatvfs has no f_type,
+# so hugetlbfs is told apart by its block size being the huge page size.
+
+
+class RegionMapError(PeerError):
+    """The fd sent for a region can not be mapped as the region says."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileId:
+    """Identity of the file behind a region: the same file arrives under new fd numbers."""
+
+    dev: int
+    ino: int
+
+
+class MappedRegion:
+    """A region described by the front-end and mapped shared, read-write, into this process.
+
+    Invariant: ``self.mm[self.base : self.base + desc.memory_size]`` is exactly the
+    region's guest memory, and lies inside the mapping and inside the file (checked
+    against ``fstat`` before mapping, so reading it can not fault on a short file).
+    """
+
+    __slots__ = ("_holders", "_lock", "base", "closed", "desc", "file_id", "mm", "page_size")
+
+    def __init__(self, desc: MemoryRegion, mm: mmap.mmap, base: int, file_id: FileId,
+                 page_size: int) -> None:
+        self.desc = desc
+        self.mm = mm
+        self.base = base
+        self.file_id = file_id
+        self.page_size = page_size
+        self.closed = False
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def map(cls, desc: MemoryRegion, fd: int) -> MappedRegion:
+        """Map ``desc`` from ``fd``. Does not close ``fd`` (the caller owns it)."""
+        desc.check()
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise RegionMapError(f"region {desc.describe()}: fd unusable: {e}") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise RegionMapError(f"region {desc.describe()}: fd is not a regular file "
+                                 f"(mode {stat.filemode(st.st_mode)})")
+        end = desc.mmap_offset + desc.memory_size
+        if end > st.st_size:
+            # Mapping past the end of the file would fault (SIGBUS) on first access.
+            raise RegionMapError(f"region {desc.describe()}: mmap_offset + memory_size "
+                                 f"({end:#x}) is past the end of its file ({st.st_size:#x})")
+        try:
+            page_size = max(mmap.PAGESIZE, os.fstatvfs(fd).f_bsize)
+        except OSError:
+            page_size = mmap.PAGESIZE
+        start = desc.mmap_offset - desc.mmap_offset % page_size
+        try:
+            mm = mmap.mmap(fd, end - start, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError, OverflowError) as e:
+            raise RegionMapError(f"region {desc.describe()}: mmap failed: {e}") from e
+        return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size)
+
+    # -- sharing between snapshots --------------------------------------------------------
+    def hold(self) -> None:
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("region already unmapped")
+            self._holders += 1
+
+    def release(self) -> None:
+        """Let go of one hold; the last one unmaps."""
+        with self._lock:
+            self._holders -= 1
+            if self._holders > 0:
+                return
+            self.closed = True
+        self.mm.close()
+
+    @property
+    def holders(self) -> int:
+        return self._holders
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def gpa_start(self) -> int:
+        return self.desc.guest_phys_addr
+
+    @property
+    def gpa_end(self) -> int:
+        return self.desc.guest_phys_addr + self.desc.memory_size
+
+    @property
+    def uva_start(self) -> int:
+        return self.desc.userspace_addr
+
+    @property
+    def uva_end(self) -> int:
+        return self.desc.userspace_addr + self.desc.memory_size
+
+    def same_as(self, desc: MemoryRegion, file_id: FileId) -> bool:
+        """Whether a newly announced region is this one, unchanged."""
+        return desc == self.desc and file_id == self.file_id
+
+    def __repr__(self) -> str:
+        return f"MappedRegion({self.desc.describe()}, holders={self._holders})"
+
+
+def file_id_of(fd: int) -> FileId:
+    st = os.fstat(fd)
+    return FileId(st.st_dev, st.st_ino)

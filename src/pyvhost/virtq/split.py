@@ -1,0 +1,319 @@
+"""The split virtqueue (virtio 1.2, 2.7), device side.
+
+A :class:`SplitQueue` reads descriptor chains the driver made available and returns
+them through the used ring. Everything in the rings is written by the guest and is
+hostile: every index is reduced or bounded before use, every buffer address is checked
+against guest memory by :class:`~pyvhost.memory.GuestMemory`, and a chain is bounded in
+length (loops included). A queue that sees a broken invariant raises
+:class:`VirtqueueError` and marks itself broken; the connection then signals the
+front-end (SET_VRING_ERR, NEEDS_RESET) and stops serving that queue. No guest value can
+make this module touch memory outside the mapped regions.
+
+The ring addresses are front-end virtual addresses (SET_VRING_ADDR); :meth:`attach`
+translates them against a memory snapshot and is called again after every table change.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from pyvhost.errors import PeerError
+from pyvhost.memory import GuestAddressError, GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+#: "Queue Size ... The maximum Queue Size value is 32768."
+MAX_QUEUE_SIZE = 32768
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+
+class VirtqueueError(PeerError):
+    """The driver broke a virtqueue invariant; the queue is unusable until reset."""
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One available chain: its head index and its buffers as (GPA, length) pairs.
+
+    "The driver MUST place any device-writable descriptor elements after any
+    device-readable descriptor elements", so a chain is a readable part then a writable
+    part. Buffer ranges were checked against the snapshot the chain was read with.
+    """
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+    def read(self, mem: GuestMemory, limit: int | None = None) -> bytes:
+        """The readable buffers' bytes, concatenated (at most ``limit`` bytes)."""
+        parts: list[bytes] = []
+        left = self.readable_len if limit is None else limit
+        for gpa, n in self.readable:
+            if left <= 0:
+                break
+            take = min(n, left)
+            parts.append(mem.read(gpa, take))
+            left -= take
+        return b"".join(parts)
+
+    def write(self, mem: GuestMemory, data: bytes | bytearray | memoryview) -> int:
+        """Scatter ``data`` over the writable buffers; returns bytes written (may be short)."""
+        view = memoryview(data)
+        pos = 0
+        for gpa, n in self.writable:
+            if pos >= len(view):
+                break
+            take = min(n, len(view) - pos)
+            mem.write(gpa, view[pos:pos + take])
+            pos += take
+        return pos
+
+
+class SplitQueue:
+    """Device side of one split virtqueue."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.size = 0
+        self.event_idx = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        # Front-end VAs from SET_VRING_ADDR; None until set.
+        self.desc_va: int | None = None
+        self.avail_va: int | None = None
+        self.used_va: int | None = None
+        # Resolved against the current snapshot by attach().
+        self._desc: tuple[mmap.mmap, int] | None = None
+        self._avail: tuple[mmap.mmap, int] | None = None
+        self._used: tuple[mmap.mmap, int] | None = None
+        self._signalled_used: int | None = None
+        self.broken: str | None = None
+
+    # -- configuration -------------------------------------------------------------------
+    def set_size(self, num: int) -> None:
+        # "Queue Size value is always a power of 2. The maximum Queue Size value is 32768."
+        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise VirtqueueError(f"queue {self.index}: size {num} is not a power of 2 in "
+                                 f"1..{MAX_QUEUE_SIZE}")
+        self.size = num
+
+    def set_base(self, base: int) -> None:
+        self.last_avail_idx = base & 0xFFFF
+        self.used_idx = base & 0xFFFF
+        self._signalled_used = None
+
+    def set_addresses(self, desc_va: int, avail_va: int, used_va: int) -> None:
+        self.desc_va, self.avail_va, self.used_va = desc_va, avail_va, used_va
+
+    @property
+    def configured(self) -> bool:
+        return self.size > 0 and self.desc_va is not None
+
+    @property
+    def attached(self) -> bool:
+        return self._desc is not None
+
+    def ring_sizes(self) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, available ring and used ring (with event fields)."""
+        return 16 * self.size, 6 + 2 * self.size, 6 + 8 * self.size
+
+    def attach(self, mem: GuestMemory) -> None:
+        """Translate the ring addresses against ``mem``; each ring must lie in one region.
+
+        Called on SET_VRING_ADDR and after every memory table change (the mapping the
+        rings live in may have moved or gone).
+        """
+        self._desc = self._avail = self._used = None
+        if not self.configured:
+            return
+        assert self.desc_va is not None and self.avail_va is not None
+        assert self.used_va is not None
+        dsize, asize, usize = self.ring_sizes()
+        try:
+            desc = mem.locate(mem.va_to_gpa(self.desc_va, dsize), dsize)
+            avail = mem.locate(mem.va_to_gpa(self.avail_va, asize), asize)
+            used = mem.locate(mem.va_to_gpa(self.used_va, usize), usize)
+        except GuestAddressError as e:
+            raise VirtqueueError(f"queue {self.index}: ring outside guest memory: {e}") from e
+        self._desc, self._avail, self._used = desc, avail, used
+
+    def detach(self) -> None:
+        self._desc = self._avail = self._used = None
+
+    def break_(self, reason: str) -> VirtqueueError:
+        """Mark the queue broken; returns the error to raise."""
+        self.broken = reason
+        return VirtqueueError(f"queue {self.index}: {reason}")
+
+    # -- available ring ------------------------------------------------------------------
+    def _ring(self, which: tuple[mmap.mmap, int] | None) -> tuple[mmap.mmap, int]:
+        if which is None or self.broken is not None:
+            raise VirtqueueError(f"queue {self.index} is not ready"
+                                 + (f" (broken: {self.broken})" if self.broken else ""))
+        return which
+
+    def avail_idx(self) -> int:
+        mm, off = self._ring(self._avail)
+        return int(_U16.unpack_from(mm, off + 2)[0])
+
+    def pending(self) -> int:
+        """Chains available and not yet taken. Guest-controlled: checked against size."""
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        # The driver can never have more than `size` chains outstanding; more means a
+        # corrupt index, and trusting it would make us walk garbage.
+        if n > self.size:
+            raise self.break_(f"avail idx moved {n} past last seen, more than the queue "
+                              f"size {self.size}")
+        return n
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None when the ring is empty."""
+        if self.pending() == 0:
+            return None
+        mm, off = self._ring(self._avail)
+        slot = self.last_avail_idx % self.size
+        head = int(_U16.unpack_from(mm, off + 4 + 2 * slot)[0])
+        chain = self._walk(mem, head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains popped and not yet used."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    def pop_batch(self, mem: GuestMemory, limit: int) -> list[DescriptorChain]:
+        chains: list[DescriptorChain] = []
+        while len(chains) < limit:
+            chain = self.pop(mem)
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        """Follow a chain from ``head``, through at most one indirect table.
+
+        Memory-safety invariants: every descriptor index is checked ``< size`` (or
+        ``< table length`` for an indirect table) before the descriptor is read; the
+        total number of descriptors is bounded by the queue size, which ends any loop;
+        every buffer range is checked against guest memory here, before use.
+        """
+        if head >= self.size:
+            raise self.break_(f"head index {head} >= queue size {self.size}")
+        dmm, doff = self._ring(self._desc)
+        chain = DescriptorChain(head)
+        table_mm, table_off, table_len = dmm, doff, self.size
+        index = head
+        seen = 0
+        indirect = False
+        while True:
+            seen += 1
+            # "The driver MUST NOT create a descriptor chain longer than the Queue Size".
+            if seen > self.size:
+                raise self.break_(f"chain at head {head} is longer than the queue size "
+                                  "(a loop?)")
+            addr, length, flags, nxt = _DESC.unpack_from(table_mm, table_off + 16 * index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise self.break_("indirect descriptor inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise self.break_("descriptor has both INDIRECT and NEXT")
+                if length == 0 or length % 16:
+                    raise self.break_(f"indirect table length {length} is not a non-zero "
+                                      "multiple of 16")
+                if length // 16 > self.size:
+                    raise self.break_(f"indirect table of {length // 16} entries exceeds "
+                                      f"the queue size {self.size}")
+                try:
+                    table_mm, table_off = mem.locate(addr, length)
+                except GuestAddressError as e:
+                    raise self.break_(f"indirect table outside guest memory: {e}") from e
+                table_len = length // 16
+                index = 0
+                indirect = True
+                continue
+            if length:
+                try:
+                    mem.segments(addr, length)
+                except GuestAddressError as e:
+                    raise self.break_(f"buffer outside guest memory: {e}") from e
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append((addr, length))
+            elif chain.writable:
+                raise self.break_("device-readable descriptor after a device-writable one")
+            else:
+                chain.readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise self.break_(f"next index {nxt} >= table size {table_len}")
+            index = nxt
+
+    # -- used ring -----------------------------------------------------------------------
+    def push_used(self, head: int, written: int) -> None:
+        """Return a chain: "the device writes the used element, then the used idx"."""
+        mm, off = self._ring(self._used)
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(mm, off + 4 + 8 * slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # x86 is TSO: the element's stores are visible before the index store below.
+        _U16.pack_into(mm, off + 2, self.used_idx)
+
+    def push_used_batch(self, elems: list[tuple[int, int]]) -> None:
+        """Return several chains with one index update."""
+        if not elems:
+            return
+        mm, off = self._ring(self._used)
+        idx = self.used_idx
+        for head, written in elems:
+            _USED_ELEM.pack_into(mm, off + 4 + 8 * (idx % self.size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _U16.pack_into(mm, off + 2, idx)
+
+    def should_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was just used.
+
+        With EVENT_IDX: "the device ... MUST NOT send a notification unless
+        vring_need_event(used_event, new_idx, old_idx)"; else honour NO_INTERRUPT.
+        """
+        mm, off = self._ring(self._avail)
+        if self.event_idx:
+            used_event = int(_U16.unpack_from(mm, off + 4 + 2 * self.size)[0])
+            old = self._signalled_used
+            new = self.used_idx
+            self._signalled_used = new
+            if old is None:
+                return True
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        flags = int(_U16.unpack_from(mm, off)[0])
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def enable_kicks(self, enabled: bool) -> None:
+        """Ask the driver to kick (or not) for new buffers.
+
+        With EVENT_IDX the device publishes avail_event = the next index it wants a kick
+        for; without it, it sets or clears VIRTQ_USED_F_NO_NOTIFY.
+        """
+        mm, off = self._ring(self._used)
+        if self.event_idx:
+            if enabled:
+                _U16.pack_into(mm, off + 4 + 8 * self.size, self.last_avail_idx)
+        else:
+            _U16.pack_into(mm, off, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
