@@ -13,12 +13,19 @@ u32 size) and every message is appended to a JSON-lines file (``--out``)::
 
 Forwarding is message-wise: a message is sent on only once it is complete,
 with one ``sendmsg`` that carries all of its bytes and all of the file
-descriptors that arrived with it.  File descriptors that arrive with a chunk
-of data belong to the message in which the first byte of that chunk lies (the
-kernel attaches them to the first byte of the sender's ``sendmsg``).  So a
-receiver that reads the header with ``recvmsg`` always gets the descriptors,
-even if the sender attached them to a later part of the message.  The proxy
-closes its own copies once they are forwarded.
+descriptors that arrived with it, so a receiver that reads the header with
+``recvmsg`` always gets them.  The proxy closes its own copies afterwards.
+
+The proxy reads each direction the way a vhost-user receiver does: first
+exactly the 12 header bytes, then exactly the payload, never more.  This
+matters for descriptors.  On a Unix stream socket the kernel attaches them to
+the first segment of the sender's ``sendmsg``, and a ``recvmsg`` returns
+segments without descriptors and then stops after the first one that has
+some; so a large read could return several queued messages with the
+descriptors of the last one.  Because no read crosses a message boundary
+here, descriptors that arrive during a read belong to the message being read.
+(If a sender packs several messages into one ``sendmsg``, its descriptors
+arrive with the first of them, as any vhost-user receiver would see it.)
 
 A record is written (and flushed) before the message is forwarded, so the
 order of lines in the file respects causality between the two directions.
@@ -32,8 +39,8 @@ the output file and removes the listening socket.
 
 Example::
 
-    python3 tests/tools/vhost_capture.py --listen /tmp/proxy.sock \\
-        --upstream /tmp/backend.sock --out capture.jsonl
+    python3 tests/tools/vhost_capture.py --listen proxy.sock \\
+        --upstream backend.sock --out capture.jsonl
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import IO, NoReturn
 
@@ -80,12 +87,10 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
-def recv_chunk(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """Receive one chunk with up to MAX_FDS descriptors; return data, fds, truncated."""
+def recv_chunk(sock: socket.socket, size: int) -> tuple[bytes, list[int], bool]:
+    """Receive up to ``size`` bytes and up to MAX_FDS descriptors; return data, fds, truncated."""
     fds = array.array("i")
-    data, ancdata, msg_flags, _addr = sock.recvmsg(
-        RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * fds.itemsize)
-    )
+    data, ancdata, msg_flags, _addr = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
     for level, kind, cmsg_data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             usable = len(cmsg_data) - len(cmsg_data) % fds.itemsize
@@ -134,48 +139,46 @@ class Recorder:
 
 
 @dataclass
-class Splitter:
-    """Splits one direction of a stream into vhost-user messages."""
+class MessageReader:
+    """Reads one direction of a stream message by message."""
 
+    sock: socket.socket
     max_payload: int
-    buffer: bytearray = field(default_factory=bytearray)
-    pending_fds: list[int] = field(default_factory=list)
     raw: bool = False
+    truncated: int = 0
 
-    def feed(self, data: bytes, fds: list[int]) -> list[tuple[bytes, list[int], bool]]:
-        """Add a received chunk; return (bytes, fds, is_message) items to forward.
+    def read(self) -> tuple[bytes, list[int], bool]:
+        """Return (bytes, fds, is_message); empty bytes mean end of stream.
 
-        ``fds`` arrived with ``data`` and belong to the message in which the
-        first byte of ``data`` lies, which is the message being assembled now
-        (or the next one if nothing is buffered).
+        At end of stream the bytes of an incomplete message, if any, are
+        returned first with ``is_message`` false.
         """
         if self.raw:
-            return [(data, fds, False)]
-        self.pending_fds.extend(fds)
-        self.buffer.extend(data)
-        out: list[tuple[bytes, list[int], bool]] = []
-        while len(self.buffer) >= HEADER.size:
-            _request, _flags, size = HEADER.unpack_from(self.buffer)
-            if size > self.max_payload:
-                self.raw = True
-                log(f"payload size {size} too large: not vhost-user, forwarding raw")
-                out.append((bytes(self.buffer), self.pending_fds, False))
-                self.buffer.clear()
-                self.pending_fds = []
-                return out
-            total = HEADER.size + size
-            if len(self.buffer) < total:
-                break
-            out.append((bytes(self.buffer[:total]), self.pending_fds, True))
-            del self.buffer[:total]
-            self.pending_fds = []
-        return out
+            chunk, chunk_fds = self._recv(RECV_SIZE)
+            return chunk, chunk_fds, False
+        buffer = bytearray()
+        fds: list[int] = []
+        wanted = HEADER.size
+        while len(buffer) < wanted:
+            data, more_fds = self._recv(wanted - len(buffer))
+            fds.extend(more_fds)
+            if not data:
+                return bytes(buffer), fds, False
+            buffer.extend(data)
+            if len(buffer) == HEADER.size:
+                size = HEADER.unpack_from(buffer)[2]
+                if size > self.max_payload:
+                    log(f"payload size {size} too large: not vhost-user, forwarding raw")
+                    self.raw = True
+                    return bytes(buffer), fds, False
+                wanted = HEADER.size + size
+        return bytes(buffer), fds, True
 
-    def leftover(self) -> tuple[bytes, list[int]]:
-        """Take whatever is buffered (an incomplete message at end of stream)."""
-        data, fds = bytes(self.buffer), self.pending_fds
-        self.buffer.clear()
-        self.pending_fds = []
+    def _recv(self, size: int) -> tuple[bytes, list[int]]:
+        data, fds, truncated = recv_chunk(self.sock, size)
+        if truncated:
+            self.truncated += 1
+            log("ancillary data truncated: descriptors lost")
         return data, fds
 
 
@@ -233,35 +236,30 @@ class Connection:
             thread.join(timeout)
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        splitter = Splitter(self._max_payload)
+        reader = MessageReader(src, self._max_payload)
         try:
             while True:
                 try:
-                    data, fds, truncated = recv_chunk(src)
+                    data, fds, is_message = reader.read()
                 except OSError as exc:
                     log(f"conn{self.number} {direction}: recv failed: {exc}")
                     break
-                if truncated:
-                    log(f"conn{self.number} {direction}: ancillary data truncated")
                 if not data:
                     close_fds(fds)
                     break
-                for message, msg_fds, is_message in splitter.feed(data, fds):
-                    if is_message:
-                        self._recorder.record(direction, message, len(msg_fds))
-                    try:
-                        send_all(dst, message, msg_fds)
-                    except OSError as exc:
-                        log(f"conn{self.number} {direction}: send failed: {exc}")
-                        return
-                    finally:
-                        close_fds(msg_fds)
-            rest, rest_fds = splitter.leftover()
-            if rest:
-                log(f"conn{self.number} {direction}: {len(rest)} bytes of an incomplete message")
-                with contextlib.suppress(OSError):
-                    send_all(dst, rest, rest_fds)
-            close_fds(rest_fds)
+                if is_message:
+                    self._recorder.record(direction, data, len(fds))
+                elif not reader.raw:
+                    log(
+                        f"conn{self.number} {direction}: {len(data)} bytes of an incomplete message"
+                    )
+                try:
+                    send_all(dst, data, fds)
+                except OSError as exc:
+                    log(f"conn{self.number} {direction}: send failed: {exc}")
+                    break
+                finally:
+                    close_fds(fds)
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
         finally:

@@ -2,11 +2,11 @@
 
 The rules of which request is allowed when live in one table, :data:`RULES`. Handlers
 either succeed or raise a :class:`~pyvhost.errors.PeerError`; the dispatcher turns an
-error into a NACK when the front-end asked for a reply (REPLY_ACK: "the back-end must
-respond with a u64 payload: zero for success, non-zero otherwise"), and otherwise closes
-the connection, because a front-end that can not be told of a failure would go on with a
-state the back-end does not share. Framing errors always close. A closed connection never
-affects another one.
+error into a NACK when the front-end asked for a reply and REPLY_ACK was negotiated ("the
+back-end must respond with a u64 payload: zero for success, non-zero otherwise"), and
+otherwise closes the connection, because a front-end that can not be told of a failure
+would go on with a state the back-end does not share. Framing errors always close. A
+closed connection never affects another one.
 
 Every fd that arrives is closed when its message is handled, unless a handler took it
 (kick/call/err eventfds; memory region fds are closed right after mapping).
@@ -14,6 +14,7 @@ Every fd that arrives is closed when its message is handled, unless a handler to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -209,7 +210,7 @@ class Connection:
             return
         if reply is not None:
             self._send(encode_reply(msg.request, reply))
-        elif msg.need_reply:
+        elif msg.need_reply and self.reply_ack:
             self._send(encode_ack(msg.request, True))
 
     def _check_allowed(self, request: int) -> None:
@@ -222,11 +223,18 @@ class Connection:
             raise RequestError(f"{request_name(request)} needs protocol feature "
                                f"{rule.needs.name}, which was not negotiated")
 
+    @property
+    def reply_ack(self) -> bool:
+        """Whether need_reply asks for an ack: "With this protocol extension [REPLY_ACK]
+        negotiated, the sender (QEMU) can set the need_reply [Bit 3] flag to any command."
+        Before that, a front-end reads no ack, and one would desync its stream."""
+        return bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+
     def _refuse(self, request: int, flags: int, reason: str) -> None:
         """NACK if the front-end waits for a reply to this request, else close."""
         self.counters["nacks"] += 1
         msg = f"{request_name(request)} refused: {reason}"
-        if flags & FLAG_NEED_REPLY and not has_explicit_reply(request):
+        if flags & FLAG_NEED_REPLY and self.reply_ack and not has_explicit_reply(request):
             log.warning("%s: %s (NACK)", self.name, msg)
             self._send(encode_ack(request, False))
         else:
@@ -281,7 +289,11 @@ class Connection:
             try:
                 self.device.handle_kick(ctx, index)
             except (VirtqueueError, GuestAddressError, PeerError) as e:
-                self._break_queue(index, str(e))
+                # A device may serve other queues than the one kicked (ReflectNet serves
+                # its tx queue on an rx kick): report the queue that broke, not the kicked.
+                broke = [i for i in ready if self.vrings[i].queue.broken is not None]
+                for i in broke or [index]:
+                    self._break_queue(i, self.vrings[i].queue.broken or str(e))
             except Exception as e:  # a device bug breaks this queue, not the process
                 log.exception("%s: device failed on queue %d", self.name, index)
                 self._break_queue(index, f"device error: {e!r}")
@@ -442,10 +454,20 @@ def _set_vring_addr(c: Connection, msg: Message) -> None:
     vring = c._vring(p.index)
     if vring.queue.size == 0:
         raise RequestError(f"queue {p.index}: SET_VRING_ADDR before SET_VRING_NUM")
-    vring.queue.set_addresses(p.descriptor, p.available, p.used)
-    vring.queue.broken = None
+    queue = vring.queue
+    previous = (queue.desc_va, queue.avail_va, queue.used_va)
+    queue.set_addresses(p.descriptor, p.available, p.used)
     # Translate now: a ring outside the memory table is refused here, not at first kick.
-    vring.queue.attach(c.memory.current)
+    try:
+        queue.attach(c.memory.current)
+    except VirtqueueError:
+        # All-or-nothing: a refused address must not stay behind, to break the ring at
+        # the next memory update.
+        queue.desc_va, queue.avail_va, queue.used_va = previous
+        with contextlib.suppress(VirtqueueError):
+            queue.attach(c.memory.current)
+        raise
+    queue.broken = None
 
 
 def _set_vring_base(c: Connection, msg: Message) -> None:

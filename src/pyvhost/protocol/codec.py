@@ -307,11 +307,13 @@ class Decoder:
 
     def _payload(self, request: int, flags: int, body: bytes, fds: FdBag) -> m.Payload:
         layout = REQUESTS.get(request)
+        if self._replies and (layout is not None or self.expect_ack):
+            # A REPLY_ACK is a u64 whatever the request, even one this codec does not know
+            # (a back-end NACKs an unknown request that had need_reply set).
+            return self._reply_payload(request, flags, body, fds, layout)
         if layout is None:
             raise MessageError(request, flags, f"unknown request ({len(body)} byte payload, "
                                                f"{len(fds)} fds)")
-        if self._replies:
-            return self._reply_payload(request, flags, body, fds, layout)
         try:
             payload = layout.unpack(body)
         except (m.PayloadError, ValueError, struct.error) as e:
@@ -324,13 +326,14 @@ class Decoder:
         return payload
 
     def _reply_payload(self, request: int, flags: int, body: bytes, fds: FdBag,
-                       layout: _Layout) -> m.Payload:
+                       layout: _Layout | None) -> m.Payload:
         if len(fds):
             raise MessageError(request, flags, f"reply carries {len(fds)} fds")
         if self.expect is not None and request != self.expect:
             self._fail(f"reply to {request_name(request)} while waiting for "
                        f"{request_name(self.expect)}")
-        unpack = m.U64.unpack if self.expect_ack or layout.reply is None else layout.reply
+        unpack = (m.U64.unpack if self.expect_ack or layout is None or layout.reply is None
+                  else layout.reply)
         try:
             return unpack(body)
         except (m.PayloadError, ValueError, struct.error) as e:

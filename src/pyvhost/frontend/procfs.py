@@ -1,0 +1,140 @@
+"""Measure what a process holds, by pid, from /proc: its fds and its mappings of our files.
+
+The leak probe runs this on the back-end before and after hot-plug cycles. An fd the
+back-end still holds of a region file links to ``/memfd:NAME (deleted)`` (or to the
+unlinked file's path, with `` (deleted)``); a mapping of it shows the same path in
+``/proc/PID/maps``. So searching both for the prefix every region name starts with
+(:func:`pyvhost.frontend.memory.name_prefix`) finds exactly what the back-end kept of ours.
+
+Read-only: this module never changes the process it looks at. Reading another user's
+``/proc/PID/fd`` needs the right to ptrace it (same user and Yama's ptrace_scope allows it,
+or root).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pyvhost.errors import LocalError
+
+
+class ProcfsError(LocalError):
+    """/proc of the measured process can not be read."""
+
+
+class ProcessGoneError(ProcfsError):
+    """The process does not exist (any more)."""
+
+
+class ProcfsPermissionError(ProcfsError):
+    """This process may not look at that process's fds or mappings."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """What a process held at one moment, overall and of files whose name has ``needle``."""
+
+    pid: int
+    needle: str
+    fds: int
+    matching_fds: int
+    mappings: int
+    mapped_bytes: int
+
+
+def _error(pid: int, what: str, e: OSError) -> ProcfsError:
+    if isinstance(e, FileNotFoundError | ProcessLookupError):
+        return ProcessGoneError(f"process {pid} is gone (no /proc/{pid}/{what})")
+    if isinstance(e, PermissionError):
+        return ProcfsPermissionError(
+            f"permission denied reading /proc/{pid}/{what}: run as the back-end's user or "
+            "as root (reading another process's fds needs ptrace access)")
+    return ProcfsError(f"can not read /proc/{pid}/{what}: {e.strerror or e}")
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """Every open fd of ``pid`` and what it links to. Fds closed while reading are skipped."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError as e:
+        raise _error(pid, "fd", e) from e
+    targets: dict[int, str] = {}
+    for name in names:
+        try:
+            targets[int(name)] = os.readlink(f"{base}/{name}")
+        except FileNotFoundError:
+            # The fd was closed between listdir and readlink; or the process exited.
+            if not os.path.exists(base):
+                raise ProcessGoneError(f"process {pid} exited while being measured") from None
+        except OSError as e:
+            raise _error(pid, f"fd/{name}", e) from e
+    return targets
+
+
+def count_fds(pid: int) -> int:
+    """How many fds ``pid`` has open."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError as e:
+        raise _error(pid, "fd", e) from e
+
+
+def matching_fds(pid: int, needle: str) -> dict[int, str]:
+    """The fds of ``pid`` whose link target contains ``needle``."""
+    return {fd: target for fd, target in fd_targets(pid).items() if needle in target}
+
+
+def parse_maps_line(line: str) -> Mapping:
+    """One /proc/PID/maps line: ``start-end perms offset dev inode [path]``.
+
+    The path may contain spaces (`` (deleted)``), so only the first five fields split.
+    """
+    parts = line.rstrip("\n").split(maxsplit=5)
+    if len(parts) < 5:
+        raise ProcfsError(f"unexpected /proc maps line: {line!r}")
+    start, _, end = parts[0].partition("-")
+    return Mapping(int(start, 16), int(end, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                   parts[5] if len(parts) == 6 else "")
+
+
+def mappings(pid: int) -> list[Mapping]:
+    """Every mapping of ``pid``."""
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise _error(pid, "maps", e) from e
+    return [parse_maps_line(line) for line in lines if line.strip()]
+
+
+def matching_mappings(pid: int, needle: str) -> list[Mapping]:
+    """The mappings of ``pid`` whose path contains ``needle``."""
+    return [mp for mp in mappings(pid) if needle in mp.path]
+
+
+def measure(pid: int, needle: str) -> ProcessUsage:
+    """Count ``pid``'s fds, its fds on files named with ``needle``, and its mappings of them."""
+    targets = fd_targets(pid)
+    maps = matching_mappings(pid, needle)
+    return ProcessUsage(
+        pid=pid, needle=needle, fds=len(targets),
+        matching_fds=sum(1 for t in targets.values() if needle in t),
+        mappings=len(maps), mapped_bytes=sum(mp.size for mp in maps))

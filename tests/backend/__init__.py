@@ -1,0 +1,1 @@
+"""Back-end tests: pyvhost serving ReflectNet over real Unix sockets."""

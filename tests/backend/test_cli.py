@@ -1,0 +1,145 @@
+"""``pyvhost net --reflect`` as a real process: serving, Ctrl-C, and sockets it must not take."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .harness import NetPort
+from .rawclient import TIMEOUT, RawClient, wait_until
+
+
+@functools.cache
+def _launcher() -> list[str]:
+    """``pyvhost`` itself, or its ``net`` command alone while the full CLI can not be
+    imported (it also loads the front-end's commands, written elsewhere)."""
+    probe = subprocess.run([sys.executable, "-c", "import pyvhost.cli"], capture_output=True,
+                           check=False)
+    if probe.returncode == 0:
+        return [sys.executable, "-c", "from pyvhost.cli import main; main()", "net"]
+    return [sys.executable, "-c", "from pyvhost.devices.net_cli import net; net()"]
+
+
+@dataclass
+class Cli:
+    proc: subprocess.Popen[bytes]
+    stderr: Path
+
+    def output(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def wait(self) -> int:
+        return self.proc.wait(TIMEOUT)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[list[Cli]]:
+    """Start ``net --reflect`` processes; any still running at the end is killed by pid."""
+    started: list[Cli] = []
+    yield started
+    for c in started:
+        if c.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c.proc.pid, signal.SIGKILL)
+            c.proc.wait(TIMEOUT)
+
+
+def start(started: list[Cli], tmp_path: Path, path: Path) -> Cli:
+    log = tmp_path / f"net-{len(started)}.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([*_launcher(), "--socket", str(path), "--reflect"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    c = Cli(proc, log)
+    started.append(c)
+    return c
+
+
+def accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def wait_serving(c: Cli, path: Path) -> None:
+    def up() -> bool:
+        assert c.proc.poll() is None, f"pyvhost exited early:\n{c.output()}"
+        return accepts(path)
+
+    wait_until(up, f"pyvhost listening on {path}")
+
+
+def test_serves_traffic_and_exits_0_on_sigint(cli: list[Cli], tmp_path: Path,
+                                              socket_dir: Path) -> None:
+    path = socket_dir / "net.sock"
+    c = start(cli, tmp_path, path)
+    wait_serving(c, path)
+    port = NetPort(str(path), tag="cli")
+    try:
+        port.start()
+        port.check_traffic(32)
+    finally:
+        port.close()
+    os.kill(c.proc.pid, signal.SIGINT)
+    assert c.wait() == 0, c.output()
+    assert not path.exists(), "socket file left behind"
+    stats = next(json.loads(line) for line in c.output().splitlines()
+                 if line.startswith("{"))
+    assert stats["stats"]["tx_frames"] == stats["stats"]["rx_frames"] == 32
+
+
+def test_second_instance_on_the_same_path_is_refused(cli: list[Cli], tmp_path: Path,
+                                                     socket_dir: Path) -> None:
+    path = socket_dir / "net.sock"
+    first = start(cli, tmp_path, path)
+    wait_serving(first, path)
+    second = start(cli, tmp_path, path)
+    assert second.wait() != 0
+    assert "in use" in second.output() and str(path) in second.output(), second.output()
+    # The first instance keeps its socket and still serves.
+    assert path.is_socket()
+    client = RawClient.connect(str(path))
+    try:
+        client.sync()
+    finally:
+        client.close()
+    os.kill(first.proc.pid, signal.SIGINT)
+    assert first.wait() == 0, first.output()
+    assert not path.exists()
+
+
+def test_regular_file_at_the_path_is_refused_and_kept(cli: list[Cli], tmp_path: Path,
+                                                      socket_dir: Path) -> None:
+    path = socket_dir / "not-a-socket"
+    path.write_bytes(b"precious\n")
+    c = start(cli, tmp_path, path)
+    assert c.wait() != 0
+    assert "not a socket" in c.output() and str(path) in c.output(), c.output()
+    assert path.read_bytes() == b"precious\n"
+
+
+def test_stale_socket_file_is_replaced(cli: list[Cli], tmp_path: Path,
+                                       socket_dir: Path) -> None:
+    path = socket_dir / "net.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # bound, never listened: what a killed back-end leaves
+    assert path.is_socket() and not accepts(path)
+    c = start(cli, tmp_path, path)
+    wait_serving(c, path)
+    os.kill(c.proc.pid, signal.SIGINT)
+    assert c.wait() == 0, c.output()
+    assert not path.exists()

@@ -1,0 +1,125 @@
+"""Start real peers (pyvhost itself, DPDK testpmd, QEMU) for tests, and end them by pid.
+
+Every process is started in its own session and recorded; :meth:`Procs.close` ends only
+those, first with the signal that lets them clean up, then SIGKILL, and waits for them.
+DPDK's runtime directory (``/var/run/dpdk/<file-prefix>``) is removed after its process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+DPDK_RUNTIME = Path("/var/run/dpdk")
+
+
+def need(binary: str, package: str) -> str:
+    """The path of ``binary``, or skip the test saying which Debian package brings it."""
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} not installed (Debian package {package}); .ci/run installs it")
+    return path
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait until a Unix socket at ``path`` accepts connections (or the process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before "
+                               f"listening on {path}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                except OSError:
+                    pass
+                else:
+                    return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {path} after {timeout} s")
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    stop_signal: int = signal.SIGTERM
+    dpdk_prefix: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Procs:
+    """The processes one test started."""
+
+    workdir: Path
+    started: list[Started] = field(default_factory=list)
+
+    def start(self, argv: Sequence[str], name: str, *, stdin_pipe: bool = False,
+              stop_signal: int = signal.SIGTERM, dpdk_prefix: str | None = None,
+              env: dict[str, str] | None = None) -> Started:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
+                                    start_new_session=True, env=env)
+        s = Started(proc, log, stop_signal, dpdk_prefix)
+        self.started.append(s)
+        return s
+
+    def pyvhost(self, *args: str, name: str = "pyvhost") -> Started:
+        """``pyvhost ARGS`` with this interpreter (no reliance on PATH)."""
+        argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", *args]
+        return self.start(argv, name, stop_signal=signal.SIGINT)
+
+    def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
+                stdin_pipe: bool = True) -> Started:
+        """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core."""
+        binary = need("dpdk-testpmd", "dpdk-dev")
+        prefix = f"pyvhost-{name}-{uuid.uuid4().hex[:8]}"
+        argv = [binary, "-l", "0-1", "--no-huge", "-m", "512", "--no-pci",
+                "--file-prefix", prefix, "--vdev", vdev, "--",
+                "--nb-cores=1", "--total-num-mbufs=2048", *app_args]
+        return self.start(argv, name, stdin_pipe=stdin_pipe, stop_signal=signal.SIGINT,
+                          dpdk_prefix=prefix)
+
+    def stop(self, s: Started, timeout: float = 15) -> int:
+        """End one process: its stop signal, then SIGKILL. Returns its exit code."""
+        if s.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(s.pid, s.stop_signal)
+            try:
+                s.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.pid, signal.SIGKILL)
+                s.proc.wait(timeout)
+        if s.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                s.proc.stdin.close()
+        if s.dpdk_prefix:
+            shutil.rmtree(DPDK_RUNTIME / s.dpdk_prefix, ignore_errors=True)
+        return s.proc.returncode
+
+    def close(self) -> None:
+        for s in reversed(self.started):
+            self.stop(s)
