@@ -5,6 +5,10 @@ Subcommands:
 - ``pyvhost net``    serve vhost-user-net sockets (:mod:`pyvhost.devices.net_cli`)
 - ``pyvhost probe``  check a back-end for fd and mapping leaks across hot-plug
   (:mod:`pyvhost.frontend.probe_cli`)
+- ``pyvhost status`` ask a running back-end for its ports and memory tables
+  (:mod:`pyvhost.backend.status_cli`)
+- ``pyvhost demo``   the README's main job: a back-end watched across memory hot-plug
+  (:mod:`pyvhost.demo`)
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
+    from pyvhost.backend.status_cli import status
+    from pyvhost.demo import demo
     from pyvhost.devices.net_cli import net
     from pyvhost.frontend.probe_cli import probe
 
     main.add_command(net)
     main.add_command(probe)
+    main.add_command(status)
+    main.add_command(demo)
 
 
 _register()

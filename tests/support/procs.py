@@ -96,7 +96,8 @@ class Procs:
         """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core."""
         binary = need("dpdk-testpmd", "dpdk-dev")
         prefix = f"pyvhost-{name}-{uuid.uuid4().hex[:8]}"
-        argv = [binary, "-l", "0-1", "--no-huge", "-m", "512", "--no-pci",
+        # stdbuf: testpmd's stdout to a file is fully buffered, and tests wait for lines.
+        argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--no-huge", "-m", "512", "--no-pci",
                 "--file-prefix", prefix, "--vdev", vdev, "--",
                 "--nb-cores=1", "--total-num-mbufs=2048", *app_args]
         return self.start(argv, name, stdin_pipe=stdin_pipe, stop_signal=signal.SIGINT,

@@ -343,10 +343,12 @@ class Connection:
             "features": self.acked_features,
             "protocol_features": bit_names(int(self.protocol_features), ProtocolFeature),
             "status": self.status,
+            "memory_generation": self.memory.current.generation,
             "memory": self.memory.current.describe(),
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken} for v in self.vrings],
             "counters": dict(self.counters),
+            "device": self.device.describe(),
         }
 
 

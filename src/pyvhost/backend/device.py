@@ -76,5 +76,9 @@ class VirtioDevice(ABC):
     def handle_kick(self, ctx: QueueContext, index: int) -> None:
         """The driver kicked queue ``index``: take its chains and serve them."""
 
+    def describe(self) -> dict[str, object]:
+        """Device state for status output (counters, ...)."""
+        return {"name": self.name}
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """The connection is gone or was reset; drop per-connection state."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import selectors
@@ -39,6 +40,7 @@ class Server(Loop):
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._stopping = False
         self._count = 0
+        self._control: set[str] = set()
         # A self-pipe so that stop() from a signal handler or another thread wakes select.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.watch(self._wake_r, self._drain_wake)
@@ -54,7 +56,7 @@ class Server(Loop):
                 self.sel.unregister(fd)
 
     # -- sockets -------------------------------------------------------------------------
-    def listen(self, path: str) -> None:
+    def listen(self, path: str, *, control: bool = False) -> None:
         """Listen on a Unix socket path. A stale socket file is replaced; any other file
         at that path is an error (we never delete what is not a socket)."""
         try:
@@ -76,8 +78,34 @@ class Server(Loop):
             raise LocalError(f"can not listen on {path}: {e.strerror}") from e
         sock.setblocking(False)
         self.listeners[path] = sock
-        self.watch(sock.fileno(), lambda: self._accept(path))
-        log.info("listening on %s", path)
+        if control:
+            self._control.add(path)
+            self.watch(sock.fileno(), lambda: self._answer_control(path))
+        else:
+            self.watch(sock.fileno(), lambda: self._accept(path))
+        log.info("listening on %s%s", path, " (control)" if control else "")
+
+    def listen_control(self, path: str) -> None:
+        """A Unix socket that answers every connection with the server's state as one line
+        of JSON (listeners, connections, their memory tables and counters), then closes.
+        Try it from a shell: ``socat - UNIX-CONNECT:PATH`` or ``pyvhost status PATH``."""
+        self.listen(path, control=True)
+
+    def _answer_control(self, path: str) -> None:
+        sock = self.listeners[path]
+        try:
+            conn, _ = sock.accept()
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.warning("control accept on %s failed: %s", path, e)
+            return
+        with conn:
+            conn.settimeout(2)
+            try:
+                conn.sendall(json.dumps(self.describe()).encode() + b"\n")
+            except OSError as e:
+                log.info("control client on %s went away: %s", path, e)
 
     def _accept(self, path: str) -> None:
         sock = self.listeners[path]
@@ -148,7 +176,8 @@ class Server(Loop):
         self.sel.close()
 
     def describe(self) -> dict[str, object]:
-        return {"listening": sorted(self.listeners),
+        return {"pid": os.getpid(),
+                "listening": sorted(p for p in self.listeners if p not in self._control),
                 "connections": [c.describe() for c in self.connections]}
 
 

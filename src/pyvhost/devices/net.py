@@ -64,6 +64,9 @@ class ReflectNet(VirtioDevice):
         self.hdr_len = HDR_V1 if features & (int(VirtioFeature.VERSION_1)
                                              | VIRTIO_NET_F_MRG_RXBUF) else HDR_LEGACY
 
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "mac": self.mac.hex(":"), "stats": dict(self.stats)}
+
     def reset(self) -> None:
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False

@@ -37,10 +37,15 @@ def _parse_mac(value: str) -> bytes:
                    "swapped (like testpmd's macswap): a traffic sink that counts.")
 @click.option("--mac", default="52:54:00:12:34:56", show_default=True,
               help="MAC address in the device's config space.")
+@click.option("--control", metavar="PATH",
+              help="Also listen on this Unix socket for status requests: each connection "
+                   "gets the ports, their memory tables and counters as one JSON line "
+                   "(see `pyvhost status`).")
 @click.option("--stats/--no-stats", default=True, show_default=True,
               help="Print each connection's counters as JSON on stderr when it closes "
                    "and at exit.")
-def net(sockets: tuple[str, ...], reflect: bool, mac: str, stats: bool) -> None:
+def net(sockets: tuple[str, ...], reflect: bool, mac: str, control: str | None,
+        stats: bool) -> None:
     """Serve a virtio-net device on vhost-user sockets (server mode) until Ctrl-C.
 
     \b
@@ -75,6 +80,8 @@ def net(sockets: tuple[str, ...], reflect: bool, mac: str, stats: bool) -> None:
     try:
         for path in sockets:
             server.listen(path)
+        if control:
+            server.listen_control(control)
         click.echo(f"pyvhost net: serving {', '.join(sockets)} (reflect); Ctrl-C to stop",
                    err=True)
         server.run()

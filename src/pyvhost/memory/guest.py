@@ -137,13 +137,16 @@ class GuestMemory:
         i = bisect.bisect_right(self._va_starts, va) - 1
         if i >= 0:
             region = self._va_order[i]
-            if length >= 0 and va + length <= region.uva_end:
+            # ``va`` itself must be inside the region, as in ``locate``: an empty range
+            # just past a region's end is not a front-end address of guest memory.
+            if length >= 0 and va < region.uva_end and va + length <= region.uva_end:
                 return region.gpa_start + (va - region.uva_start)
         raise GuestAddressError(f"front-end address range {va:#x}+{length:#x} is not inside "
                                 "one region of guest memory")
 
     def describe(self) -> list[dict[str, int]]:
-        """The table as plain data, for status output."""
+        """The table as plain data, for status output. Each region holds one fd (the dup
+        CPython's mmap keeps) and one mapping."""
         return [{"guest_phys_addr": r.gpa_start, "memory_size": r.desc.memory_size,
-                 "userspace_addr": r.uva_start, "mmap_offset": r.desc.mmap_offset}
-                for r in self.regions]
+                 "userspace_addr": r.uva_start, "mmap_offset": r.desc.mmap_offset,
+                 "fds_held": 0 if r.closed else 1} for r in self.regions]

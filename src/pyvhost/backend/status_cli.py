@@ -1,0 +1,69 @@
+"""``pyvhost status``: ask a running back-end (``--control PATH``) for its state."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+def fetch_status(path: str, timeout: float = 5.0) -> dict[str, object]:
+    """The JSON a back-end's control socket answers with."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    state = json.loads(b"".join(chunks))
+    if not isinstance(state, dict):
+        raise ValueError("control socket answered something that is not a JSON object")
+    return state
+
+
+def _mib(n: object) -> str:
+    return f"{int(str(n)) / (1 << 20):g} MiB"
+
+
+@click.command()
+@click.argument("control", metavar="CONTROL_SOCKET")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON object.")
+def status(control: str, as_json: bool) -> None:
+    """Show a running back-end's ports, memory tables and counters.
+
+    \b
+    Start the back-end with a control socket, then ask it:
+        pyvhost net --socket /tmp/vh0.sock --reflect --control /tmp/pyvhost.ctl &
+        pyvhost status /tmp/pyvhost.ctl
+    """
+    try:
+        state = fetch_status(control)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{control}: {e}") from e
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    console = Console()
+    console.print(f"back-end pid {state.get('pid')}, listening on "
+                  f"{', '.join(map(str, state.get('listening', [])))}")  # type: ignore[call-overload]
+    connections = state.get("connections", [])
+    assert isinstance(connections, list)
+    if not connections:
+        console.print("no front-end connected")
+    for conn in connections:
+        table = Table(title=f"{conn['name']} (front-end pid {conn['peer_pid']}, "
+                            f"table generation {conn.get('memory_generation')})")
+        for col in ("GPA start", "GPA end", "size", "front-end VA", "fds held"):
+            table.add_column(col, justify="right")
+        for r in conn["memory"]:
+            gpa, size = r["guest_phys_addr"], r["memory_size"]
+            table.add_row(f"{gpa:#x}", f"{gpa + size:#x}", _mib(size),
+                          f"{r['userspace_addr']:#x}", str(r["fds_held"]))
+        console.print(table)
+        console.print(f"counters: {conn['counters']}  device: {conn.get('device')}")
