@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pyvhost.errors import PeerError
 
@@ -31,23 +31,34 @@ class GuestAddressError(PeerError):
 
 
 class GuestMemory:
-    """One immutable set of mapped regions, sorted by GPA."""
+    """One immutable set of mapped regions, sorted by GPA.
 
-    __slots__ = ("_gpa_ends", "_gpa_starts", "_lock", "_readers", "_retired", "_va_order",
-                 "_va_starts", "generation", "regions")
+    A snapshot does not own its mappings: the :class:`~.manager.MemoryManager` that made
+    it does, and unmaps a removed region once no snapshot that contains it is still read.
+    ``on_idle`` is how a retired snapshot tells the manager its last reader is gone.
+    """
 
-    def __init__(self, regions: tuple[MappedRegion, ...] = (), generation: int = 0) -> None:
-        self.regions = tuple(sorted(regions, key=lambda r: r.gpa_start))
-        self._gpa_starts = [r.gpa_start for r in self.regions]
-        self._gpa_ends = [r.gpa_end for r in self.regions]
-        self._va_order = tuple(sorted(self.regions, key=lambda r: r.uva_start))
-        self._va_starts = [r.uva_start for r in self._va_order]
+    __slots__ = ("_gpa_ends", "_gpa_starts", "_lock", "_on_idle", "_readers", "_retired",
+                 "_va_order", "_va_starts", "generation", "regions")
+
+    def __init__(self, regions: tuple[MappedRegion, ...] = (), generation: int = 0, *,
+                 on_idle: Callable[[GuestMemory], None] | None = None,
+                 va_order: tuple[MappedRegion, ...] | None = None) -> None:
+        # Callers that already have both orders (the manager, inserting or deleting one
+        # region) pass them, so a hot-plug at 509 regions does no sorting.
+        if va_order is None:
+            regions = tuple(sorted(regions, key=lambda r: r.gpa_start))
+            va_order = tuple(sorted(regions, key=lambda r: r.uva_start))
+        self.regions = regions
+        self._gpa_starts = [r.gpa_start for r in regions]
+        self._gpa_ends = [r.gpa_end for r in regions]
+        self._va_order = va_order
+        self._va_starts = [r.uva_start for r in va_order]
         self.generation = generation
         self._readers = 0
         self._retired = False
+        self._on_idle = on_idle
         self._lock = threading.Lock()
-        for region in self.regions:
-            region.hold()
 
     # -- lifetime ------------------------------------------------------------------------
     def acquire(self) -> GuestMemory:
@@ -58,21 +69,55 @@ class GuestMemory:
     def release(self) -> None:
         with self._lock:
             self._readers -= 1
-            drop = self._retired and self._readers == 0
-        if drop:
-            self._drop()
+            idle = self._retired and self._readers == 0
+        if idle and self._on_idle is not None:
+            self._on_idle(self)
 
     def retire(self) -> None:
         """Called once, by the manager, when a newer snapshot replaced this one."""
         with self._lock:
             self._retired = True
-            drop = self._readers == 0
-        if drop:
-            self._drop()
+            idle = self._readers == 0
+        if idle and self._on_idle is not None:
+            self._on_idle(self)
 
-    def _drop(self) -> None:
-        for region in self.regions:
-            region.release()
+    @property
+    def readers(self) -> int:
+        return self._readers
+
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
+    @property
+    def va_order(self) -> tuple[MappedRegion, ...]:
+        """The regions sorted by front-end virtual address."""
+        return self._va_order
+
+    # -- derived snapshots (used by the manager) ----------------------------------------
+    def va_index(self, region: MappedRegion) -> int:
+        """Where ``region`` goes (or is) in VA order."""
+        return bisect.bisect_left(self._va_starts, region.uva_start)
+
+    def gpa_index(self, region: MappedRegion) -> int:
+        """Where ``region`` goes (or is) in GPA order."""
+        return bisect.bisect_left(self._gpa_starts, region.gpa_start)
+
+    def neighbours_overlap(self, region: MappedRegion | None, gpa: int, va: int,
+                           size: int) -> str | None:
+        """If ``[gpa, gpa+size)`` or ``[va, va+size)`` overlaps a region of this snapshot,
+        a description of the clash; O(log n)."""
+        i = bisect.bisect_right(self._gpa_starts, gpa)
+        if i > 0 and self._gpa_ends[i - 1] > gpa:
+            return f"guest-physical space with [{self.regions[i - 1].desc.describe()}]"
+        if i < len(self.regions) and self._gpa_starts[i] < gpa + size:
+            return f"guest-physical space with [{self.regions[i].desc.describe()}]"
+        j = bisect.bisect_right(self._va_starts, va)
+        if j > 0 and self._va_order[j - 1].uva_end > va:
+            return f"front-end virtual space with [{self._va_order[j - 1].desc.describe()}]"
+        if j < len(self._va_order) and self._va_starts[j] < va + size:
+            return f"front-end virtual space with [{self._va_order[j].desc.describe()}]"
+        return None
 
     # -- lookups -------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -62,12 +62,20 @@ def _check_disjoint(regions: Sequence[MemoryRegion]) -> None:
 
 
 class MemoryManager:
-    """Holds the current snapshot of one connection and applies updates to it."""
+    """Holds the current snapshot of one connection, applies updates, owns the mappings.
+
+    Lifetime rule: a region removed from the table is unmapped once no live snapshot
+    contains it. Live snapshots are the current one and retired ones a reader still
+    holds; a region is in snapshot ``g`` iff ``added_gen <= g < removed_gen``. So an
+    update costs O(log n) in the number of regions, not O(n) reference counting.
+    """
 
     def __init__(self, max_slots: int = VHOST_USER_MAX_MEM_SLOTS) -> None:
         self.max_slots = max_slots
-        self._lock = threading.Lock()
-        self._current = GuestMemory()
+        self._lock = threading.RLock()
+        self._current = GuestMemory((), 0, on_idle=self._idle)
+        self._live: dict[int, GuestMemory] = {}  # retired snapshots still being read
+        self._pending: list[MappedRegion] = []  # removed, maybe still read
 
     @property
     def current(self) -> GuestMemory:
@@ -84,18 +92,47 @@ class MemoryManager:
         finally:
             mem.release()
 
-    def _swap(self, regions: tuple[MappedRegion, ...]) -> GuestMemory:
-        # Called with self._lock held. The new snapshot takes its holds before the old one
-        # lets go, so kept regions are never unmapped in between.
+    @property
+    def pending_unmap(self) -> int:
+        """Regions removed from the table but still mapped for a reader."""
+        return len(self._pending)
+
+    def _swap(self, new: GuestMemory, added: Sequence[MappedRegion],
+              removed: Sequence[MappedRegion]) -> None:
+        # Called with self._lock held; ``new`` has generation current + 1.
         old = self._current
-        self._current = GuestMemory(regions, old.generation + 1)
-        old.retire()
-        return self._current
+        for region in added:
+            region.added_gen = new.generation
+        for region in removed:
+            region.removed_gen = new.generation
+            self._pending.append(region)
+        self._current = new
+        self._live[old.generation] = old
+        old.retire()  # calls _idle at once if nobody reads it
+
+    def _idle(self, snapshot: GuestMemory) -> None:
+        """A retired snapshot lost its last reader: unmap what only it still held."""
+        with self._lock:
+            self._live.pop(snapshot.generation, None)
+            keep: list[MappedRegion] = []
+            for region in self._pending:
+                end = region.removed_gen
+                assert end is not None
+                if any(region.added_gen <= g < end for g in self._live):
+                    keep.append(region)
+                else:
+                    region.unmap()
+            self._pending = keep
+
+    def _next(self, regions: tuple[MappedRegion, ...],
+              va_order: tuple[MappedRegion, ...] | None = None) -> GuestMemory:
+        return GuestMemory(regions, self._current.generation + 1, on_idle=self._idle,
+                           va_order=va_order)
 
     # -- SET_MEM_TABLE -------------------------------------------------------------------
     def set_table(self, regions: Sequence[MemoryRegion], fds: FdBag) -> MemoryUpdate:
         """Replace the table. ``fds`` has one fd per region, in order; the bag is not
-        closed here (the caller closes it), but fds kept are taken from it."""
+        closed here (the caller closes it): every fd is used only to map or to compare."""
         if len(regions) > VHOST_MEMORY_BASELINE_NREGIONS:
             raise MemoryTableError(f"{len(regions)} regions; SET_MEM_TABLE allows "
                                    f"{VHOST_MEMORY_BASELINE_NREGIONS}")
@@ -106,37 +143,44 @@ class MemoryManager:
             old = self._current
             fresh: list[MappedRegion] = []
             chosen: list[MappedRegion] = []
-            kept = 0
             try:
                 for i, desc in enumerate(regions):
                     fd = fds.peek(i)
-                    same = next((r for r in old.regions
-                                 if r.same_as(desc, file_id_of(fd))), None)
+                    file_id = file_id_of(fd)
+                    same = next((r for r in old.regions if r.same_as(desc, file_id)), None)
                     if same is not None:
                         chosen.append(same)  # unchanged: keep the mapping, drop the new fd
-                        kept += 1
                     else:
                         region = MappedRegion.map(desc, fd)
                         fresh.append(region)
                         chosen.append(region)
             except BaseException:
                 for region in fresh:
-                    region.mm.close()
+                    region.unmap()
                 raise
-            self._swap(tuple(chosen))
-            removed = len(old.regions) - kept
-        return MemoryUpdate(added=len(fresh), kept=kept, removed=removed)
+            kept = {id(r) for r in chosen}
+            removed = [r for r in old.regions if id(r) not in kept]
+            self._swap(self._next(tuple(chosen)), fresh, removed)
+        return MemoryUpdate(added=len(fresh), kept=len(chosen) - len(fresh),
+                            removed=len(removed))
 
     # -- ADD_MEM_REG ---------------------------------------------------------------------
     def add_region(self, desc: MemoryRegion, fd: int) -> MemoryUpdate:
-        """Map one more region. ``fd`` stays the caller's."""
+        """Map one more region. ``fd`` stays the caller's. O(log n) checks."""
+        desc.check()
         with self._lock:
             old = self._current
             if len(old) >= self.max_slots:
                 raise MemoryTableError(f"no free memory slot: all {self.max_slots} are used")
-            _check_disjoint([r.desc for r in old.regions] + [desc])
+            clash = old.neighbours_overlap(None, desc.guest_phys_addr, desc.userspace_addr,
+                                           desc.memory_size)
+            if clash is not None:
+                raise MemoryTableError(f"region [{desc.describe()}] overlaps in {clash}")
             region = MappedRegion.map(desc, fd)
-            self._swap((*old.regions, region))
+            i, j = old.gpa_index(region), old.va_index(region)
+            regions = (*old.regions[:i], region, *old.regions[i:])
+            va_order = (*old.va_order[:j], region, *old.va_order[j:])
+            self._swap(self._next(regions, va_order), [region], [])
         return MemoryUpdate(added=1, kept=len(old), removed=0)
 
     # -- REM_MEM_REG ---------------------------------------------------------------------
@@ -144,17 +188,19 @@ class MemoryManager:
         """Drop the region with this GPA, VA and size. "The mmap offset is ignored"."""
         with self._lock:
             old = self._current
-            match = [r for r in old.regions
-                     if r.desc.guest_phys_addr == desc.guest_phys_addr
-                     and r.desc.userspace_addr == desc.userspace_addr
-                     and r.desc.memory_size == desc.memory_size]
-            if not match:
+            region = old.region_at(desc.guest_phys_addr)
+            if (region is None or region.gpa_start != desc.guest_phys_addr
+                    or region.uva_start != desc.userspace_addr
+                    or region.desc.memory_size != desc.memory_size):
                 raise MemoryTableError(f"no region [{desc.describe()}] to remove")
-            self._swap(tuple(r for r in old.regions if r is not match[0]))
+            i, j = old.gpa_index(region), old.va_index(region)
+            regions = old.regions[:i] + old.regions[i + 1:]
+            va_order = old.va_order[:j] + old.va_order[j + 1:]
+            self._swap(self._next(regions, va_order), [], [region])
         return MemoryUpdate(added=0, kept=len(old) - 1, removed=1)
 
     def clear(self) -> None:
         """Drop every region (RESET_OWNER, disconnect)."""
         with self._lock:
             if len(self._current):
-                self._swap(())
+                self._swap(self._next(()), [], self._current.regions)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-import threading
 from dataclasses import dataclass
 
 from pyvhost.errors import PeerError
@@ -46,7 +45,8 @@ class MappedRegion:
     against ``fstat`` before mapping, so reading it can not fault on a short file).
     """
 
-    __slots__ = ("_holders", "_lock", "base", "closed", "desc", "file_id", "mm", "page_size")
+    __slots__ = ("added_gen", "base", "closed", "desc", "file_id", "mm", "page_size",
+                 "removed_gen")
 
     def __init__(self, desc: MemoryRegion, mm: mmap.mmap, base: int, file_id: FileId,
                  page_size: int) -> None:
@@ -56,8 +56,11 @@ class MappedRegion:
         self.file_id = file_id
         self.page_size = page_size
         self.closed = False
-        self._holders = 0
-        self._lock = threading.Lock()
+        #: Generations of the snapshots that contain this region: [added_gen, removed_gen).
+        #: A region object is never put back once removed (a re-add maps anew), so its
+        #: snapshots are contiguous and this range says exactly which ones hold it.
+        self.added_gen = 0
+        self.removed_gen: int | None = None
 
     @classmethod
     def map(cls, desc: MemoryRegion, fd: int) -> MappedRegion:
@@ -87,25 +90,13 @@ class MappedRegion:
             raise RegionMapError(f"region {desc.describe()}: mmap failed: {e}") from e
         return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size)
 
-    # -- sharing between snapshots --------------------------------------------------------
-    def hold(self) -> None:
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("region already unmapped")
-            self._holders += 1
-
-    def release(self) -> None:
-        """Let go of one hold; the last one unmaps."""
-        with self._lock:
-            self._holders -= 1
-            if self._holders > 0:
-                return
+    # -- lifetime (driven by the manager) -----------------------------------------------
+    def unmap(self) -> None:
+        """Unmap the region. The manager calls this once no snapshot that contains it is
+        read any more. Idempotent."""
+        if not self.closed:
             self.closed = True
-        self.mm.close()
-
-    @property
-    def holders(self) -> int:
-        return self._holders
+            self.mm.close()
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -129,7 +120,8 @@ class MappedRegion:
         return desc == self.desc and file_id == self.file_id
 
     def __repr__(self) -> str:
-        return f"MappedRegion({self.desc.describe()}, holders={self._holders})"
+        return (f"MappedRegion({self.desc.describe()}, generations {self.added_gen}.."
+                f"{self.removed_gen}{', unmapped' if self.closed else ''})")
 
 
 def file_id_of(fd: int) -> FileId:

@@ -211,8 +211,10 @@ class SplitQueue:
 
         Memory-safety invariants: every descriptor index is checked ``< size`` (or
         ``< table length`` for an indirect table) before the descriptor is read; the
-        total number of descriptors is bounded by the queue size, which ends any loop;
-        every buffer range is checked against guest memory here, before use.
+        number of descriptors read from each table is bounded by that table's length
+        (the queue size for the ring's own table), which ends any loop, so a walk reads
+        at most ``2 * size`` descriptors; every buffer range is checked against guest
+        memory here, before use.
         """
         if head >= self.size:
             raise self.break_(f"head index {head} >= queue size {self.size}")
@@ -225,9 +227,11 @@ class SplitQueue:
         while True:
             seen += 1
             # "The driver MUST NOT create a descriptor chain longer than the Queue Size".
-            if seen > self.size:
-                raise self.break_(f"chain at head {head} is longer than the queue size "
-                                  "(a loop?)")
+            # An indirect table counts on its own, against its own length (as Linux's
+            # vhost does): a table of up to `size` entries is accepted below.
+            if seen > table_len:
+                raise self.break_(f"chain at head {head} has more than {table_len} "
+                                  "descriptors in one table (a loop?)")
             addr, length, flags, nxt = _DESC.unpack_from(table_mm, table_off + 16 * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
@@ -246,6 +250,7 @@ class SplitQueue:
                     raise self.break_(f"indirect table outside guest memory: {e}") from e
                 table_len = length // 16
                 index = 0
+                seen = 0
                 indirect = True
                 continue
             if length:
