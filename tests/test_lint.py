@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool(name: str) -> list[str]:
-    if shutil.which(name) is None:
+    # The tool must be importable by this interpreter (the venv ./dev test made).
+    if importlib.util.find_spec(name) is None:
         pytest.skip(f"{name} not installed (pip install -e '.[test]')")
     return [sys.executable, "-m", name]
 

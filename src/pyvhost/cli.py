@@ -27,10 +27,14 @@ def main(verbose: int) -> None:
     """Memory hot-plug that stays safe for QEMU VMs served by vhost-user back-ends.
 
     \b
+    See it work (a back-end watched across hot-plug, then probed):
+        pyvhost demo
     Serve a virtio-net device on a vhost-user socket:
         pyvhost net --socket /tmp/vhost0.sock --reflect
     Check any back-end (pyvhost, DPDK, ...) for fd and mapping leaks across hot-plug:
         pyvhost probe --socket /tmp/vhost0.sock --cycles 100
+    Ask a running back-end (started with --control) for its memory tables:
+        pyvhost status /tmp/pyvhost.ctl
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
