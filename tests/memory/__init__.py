@@ -1,0 +1,1 @@
+"""Guest memory tests on memfd files: translation, table updates, snapshot lifetime."""

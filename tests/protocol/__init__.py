@@ -1,0 +1,1 @@
+"""Codec and transport tests: golden wire bytes, bad input, real Unix sockets."""

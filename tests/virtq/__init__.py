@@ -1,0 +1,1 @@
+"""Split virtqueue tests against rings a test-side driver builds by hand."""

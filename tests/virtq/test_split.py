@@ -1,0 +1,659 @@
+"""The device side of a split virtqueue, against rings a test-side driver built by hand."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvhost.memory import GuestAddressError
+from pyvhost.protocol.fds import FdBag
+from pyvhost.virtq.split import SplitQueue, VirtqueueError
+
+from .ringbuilder import (
+    DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    GuestRam,
+    RingBuilder,
+)
+
+SIZE = 8
+END = GuestRam.END
+
+
+@pytest.fixture
+def ram() -> Iterator[GuestRam]:
+    r = GuestRam()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def make_queue(ram: GuestRam, size: int = SIZE, event_idx: bool = False,
+               base: int = 0) -> tuple[SplitQueue, RingBuilder]:
+    ring = RingBuilder(ram, size)
+    q = SplitQueue(0)
+    q.set_size(size)
+    q.event_idx = event_idx
+    q.set_base(base)
+    ring.avail_idx = base
+    ring.set_avail_idx(base)
+    q.set_addresses(*ring.vas)
+    q.attach(ram.mem)
+    return q, ring
+
+
+@pytest.fixture
+def qr(ram: GuestRam) -> tuple[SplitQueue, RingBuilder]:
+    return make_queue(ram)
+
+
+# ---------------------------------------------------------------------------------------
+# Chains
+# ---------------------------------------------------------------------------------------
+
+
+def test_simple_chain(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    bufs = [(0x8000, 16, False), (0x9000, 32, False), (0x1_2000, 5, False)]
+    data = [os.urandom(n) for _, n, _ in bufs]
+    for (addr, _, _), d in zip(bufs, data, strict=True):
+        ram.write(addr, d)
+    ring.publish(ring.chain([0, 1, 2], bufs))
+    assert q.pending() == 1
+    chain = q.pop(ram.mem)
+    assert chain is not None
+    assert chain.head == 0
+    assert chain.readable == [(0x8000, 16), (0x9000, 32), (0x1_2000, 5)]
+    assert chain.writable == []
+    assert chain.readable_len == 53
+    assert chain.read(ram.mem) == b"".join(data)
+    assert chain.read(ram.mem, limit=20) == (data[0] + data[1])[:20]
+    assert q.pop(ram.mem) is None
+    assert q.pending() == 0
+    assert q.last_avail_idx == 1
+
+
+def test_readable_then_writable(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ram.write(0x8000, b"request!")
+    ring.publish(ring.chain([3, 6, 1, 4], [(0x8000, 8, False), (0x8100, 4, False),
+                                           (0xA000, 16, True), (0x1_0000, 32, True)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.head == 3
+    assert chain.readable == [(0x8000, 8), (0x8100, 4)]
+    assert chain.writable == [(0xA000, 16), (0x1_0000, 32)]
+    assert chain.writable_len == 48
+    data = os.urandom(40)
+    assert chain.write(ram.mem, data) == 40
+    assert ram.read(0xA000, 16) == data[:16]
+    assert ram.read(0x1_0000, 24) == data[16:]
+    assert ram.read(0x1_0000 + 24, 8) == bytes(8)  # nothing past what was written
+    # More than fits: the write is cut short at the chain's end.
+    assert chain.write(ram.mem, bytes(100)) == 48
+
+
+def test_chains_come_in_avail_order(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ring.chain([5, 1, 7], [(0x8000, 1, False), (0x8001, 1, False), (0x8002, 1, True)])
+    ring.chain([2], [(0x9000, 64, True)])
+    ring.publish(2, 5)
+    assert q.pending() == 2
+    chains = q.pop_batch(ram.mem, 10)
+    assert [c.head for c in chains] == [2, 5]
+    assert chains[0].writable == [(0x9000, 64)]
+    assert chains[1].readable == [(0x8000, 1), (0x8001, 1)]
+
+
+def test_buffer_across_adjacent_regions(ram: GuestRam,
+                                        qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    data = os.urandom(32)
+    ram.write(0xFFF0, data)
+    ring.publish(ring.chain([0], [(0xFFF0, 32, False)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.read(ram.mem) == data
+
+
+def test_buffer_ending_at_the_last_byte_of_memory(ram: GuestRam,
+                                                  qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ring.publish(ring.chain([0], [(END - 8, 8, True)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.writable == [(END - 8, 8)]
+
+
+def test_avail_index_wraps_at_16_bits(ram: GuestRam) -> None:
+    q, ring = make_queue(ram, base=0xFFFE)
+    for head in (3, 4, 5):
+        ring.chain([head], [(0x8000 + head, 1, True)])
+    ring.publish(3, 4, 5)
+    assert ring.avail_idx == 0x0001
+    assert q.pending() == 3
+    chains = q.pop_batch(ram.mem, 3)
+    # Slots 0xFFFE % 8 = 6, then 7, then 0.
+    assert [c.head for c in chains] == [3, 4, 5]
+    assert q.last_avail_idx == 0x0001
+    for c in chains:
+        q.push_used(c.head, 1)
+    assert ring.used_idx() == 0x0001
+    assert [ring.used_elem(s) for s in (6, 7, 0)] == [(3, 1), (4, 1), (5, 1)]
+
+
+# ---------------------------------------------------------------------------------------
+# Indirect descriptors
+# ---------------------------------------------------------------------------------------
+
+TABLE = 0xC000
+
+
+def test_indirect_chain(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ring.chain([0, 2, 1], [(0x8000, 10, False), (0x8100, 20, False), (0x1_4000, 30, True)],
+               table=TABLE)
+    ring.indirect(4, TABLE, 3)
+    ring.publish(4)
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.head == 4
+    assert chain.readable == [(0x8000, 10), (0x8100, 20)]
+    assert chain.writable == [(0x1_4000, 30)]
+
+
+def test_direct_descriptors_then_an_indirect_one(ram: GuestRam,
+                                                 qr: tuple[SplitQueue, RingBuilder]) -> None:
+    # "The device MUST handle the case of zero or more normal chained descriptors followed
+    # by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
+    q, ring = qr
+    ring.desc(0, 0x8000, 12, VIRTQ_DESC_F_NEXT, 1)
+    ring.indirect(1, TABLE, 2)
+    ring.chain([0, 1], [(0x9000, 100, True), (0x9100, 100, True)], table=TABLE)
+    ring.publish(0)
+    chain = q.pop(ram.mem)
+    assert chain is not None
+    assert chain.readable == [(0x8000, 12)]
+    assert chain.writable == [(0x9000, 100), (0x9100, 100)]
+
+
+def test_indirect_table_of_queue_size_entries(ram: GuestRam,
+                                              qr: tuple[SplitQueue, RingBuilder]) -> None:
+    # A table as long as the queue is accepted (its length is checked against the queue
+    # size), so walking all of it must be too.
+    q, ring = qr
+    ring.chain(list(range(SIZE)), [(0x8000 + 16 * i, 16, False) for i in range(SIZE)],
+               table=TABLE)
+    ring.indirect(0, TABLE, SIZE)
+    ring.publish(0)
+    chain = q.pop(ram.mem)
+    assert chain is not None
+    assert chain.readable == [(0x8000 + 16 * i, 16) for i in range(SIZE)]
+
+
+def test_direct_chain_of_queue_size_descriptors(ram: GuestRam,
+                                                qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ring.publish(ring.chain(list(range(SIZE)), [(0x8000 + i, 1, i >= 4) for i in range(SIZE)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None and len(chain.readable) == 4 and len(chain.writable) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# Used ring and notifications
+# ---------------------------------------------------------------------------------------
+
+
+def test_push_used_writes_element_then_index(qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    q.push_used(5, 1500)
+    assert ring.used_elem(0) == (5, 1500)
+    assert ring.used_idx() == 1
+    q.push_used(2, 0)
+    assert ring.used_elem(1) == (2, 0)
+    assert ring.used_idx() == 2
+    assert q.used_idx == 2
+
+
+def test_push_used_batch(qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    q.push_used(7, 7)
+    q.push_used_batch([(1, 10), (3, 30), (0, 0xFFFF_FFFF)])
+    assert [ring.used_elem(s) for s in range(4)] == [(7, 7), (1, 10), (3, 30), (0, 0xFFFF_FFFF)]
+    assert ring.used_idx() == 4
+    q.push_used_batch([])
+    assert ring.used_idx() == 4 and q.used_idx == 4
+
+
+def test_push_used_batch_wraps_ring_and_index(ram: GuestRam) -> None:
+    q, ring = make_queue(ram, base=0xFFFF)
+    q.push_used_batch([(i, i * 100) for i in range(3)])
+    assert ring.used_idx() == 0x0002
+    assert [ring.used_elem(s) for s in (7, 0, 1)] == [(0, 0), (1, 100), (2, 200)]
+
+
+def test_no_interrupt_flag(qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    q.push_used(0, 0)
+    assert q.should_notify()
+    ring.set_avail_flags(1)  # VIRTQ_AVAIL_F_NO_INTERRUPT
+    assert not q.should_notify()
+    ring.set_avail_flags(0)
+    assert q.should_notify()
+
+
+def test_event_idx_should_notify(ram: GuestRam) -> None:
+    q, ring = make_queue(ram, event_idx=True)
+    ring.set_avail_flags(1)  # ignored with EVENT_IDX
+    ring.set_used_event(0)
+    q.push_used(0, 0)
+    assert q.should_notify()  # nothing signalled yet: always
+    q.push_used(1, 0)  # used idx 1 -> 2; the driver asked for an event at index 0
+    assert not q.should_notify()
+    ring.set_used_event(2)
+    q.push_used(2, 0)  # 2 -> 3 crosses used_event 2
+    assert q.should_notify()
+    ring.set_used_event(5)
+    q.push_used_batch([(3, 0), (4, 0)])  # 3 -> 5: 5 not crossed yet
+    assert not q.should_notify()
+    q.push_used(5, 0)  # 5 -> 6
+    assert q.should_notify()
+    assert not q.should_notify()  # nothing new since
+
+
+def test_event_idx_should_notify_across_the_wrap(ram: GuestRam) -> None:
+    q, ring = make_queue(ram, event_idx=True, base=0xFFFE)
+    assert q.should_notify()  # first: signalled at 0xFFFE
+    ring.set_used_event(0xFFFF)
+    q.push_used_batch([(0, 0), (1, 0), (2, 0)])  # 0xFFFE -> 0x0001
+    assert q.should_notify()
+    ring.set_used_event(0x0001)
+    q.push_used(3, 0)  # 0x0001 -> 0x0002
+    assert q.should_notify()
+    ring.set_used_event(0x0005)
+    q.push_used(4, 0)
+    assert not q.should_notify()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(start=st.integers(0, 0xFFFF), steps=st.lists(
+    st.tuples(st.integers(0, 8), st.integers(0, 0xFFFF)), min_size=1, max_size=10))
+def test_event_idx_matches_the_spec_window(ram: GuestRam, start: int,
+                                           steps: list[tuple[int, int]]) -> None:
+    """vring_need_event: notify iff used_event lies in [old, new) modulo 2**16, where old is
+    the used index at the previous check."""
+    q, ring = make_queue(ram, event_idx=True, base=start)
+    q.should_notify()
+    old = start
+    for count, used_event in steps:
+        ring.set_used_event(used_event)
+        q.push_used_batch([(0, 0)] * count)
+        new = (old + count) & 0xFFFF
+        want = (used_event - old) & 0xFFFF < (new - old) & 0xFFFF
+        assert q.should_notify() == want, (old, new, used_event)
+        old = new
+
+
+def test_enable_kicks_without_event_idx(qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    q.enable_kicks(False)
+    assert ring.used_flags() == 1  # VIRTQ_USED_F_NO_NOTIFY
+    q.enable_kicks(True)
+    assert ring.used_flags() == 0
+    assert ring.avail_event() == 0
+
+
+def test_enable_kicks_with_event_idx_publishes_avail_event(
+        ram: GuestRam) -> None:
+    q, ring = make_queue(ram, event_idx=True)
+    for head in (0, 1):
+        ring.chain([head], [(0x8000, 1, False)])
+    ring.publish(0, 1)
+    assert len(q.pop_batch(ram.mem, 2)) == 2
+    q.enable_kicks(True)
+    assert ring.avail_event() == 2
+    assert ring.used_flags() == 0
+    q.enable_kicks(False)
+    assert ring.avail_event() == 2 and ring.used_flags() == 0
+
+
+def test_unpop_gives_chains_back(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    for head in (1, 2, 3):
+        ring.chain([head], [(0x8000 + head, 1, True)])
+    ring.publish(1, 2, 3)
+    assert [c.head for c in q.pop_batch(ram.mem, 2)] == [1, 2]
+    q.unpop(1)
+    assert q.pending() == 2
+    assert [c.head for c in q.pop_batch(ram.mem, 5)] == [2, 3]
+    q.unpop(3)
+    assert q.last_avail_idx == 0
+    assert [c.head for c in q.pop_batch(ram.mem, 5)] == [1, 2, 3]
+
+
+def test_unpop_across_the_wrap(ram: GuestRam) -> None:
+    q, ring = make_queue(ram, base=0xFFFF)
+    ring.chain([6], [(0x8000, 1, True)])
+    ring.chain([7], [(0x8000, 1, True)])
+    ring.publish(6, 7)
+    assert [c.head for c in q.pop_batch(ram.mem, 2)] == [6, 7]
+    q.unpop(2)
+    assert q.last_avail_idx == 0xFFFF
+    assert [c.head for c in q.pop_batch(ram.mem, 2)] == [6, 7]
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile rings
+# ---------------------------------------------------------------------------------------
+
+
+def assert_broken(q: SplitQueue, ram: GuestRam, ring: RingBuilder) -> None:
+    """The last pop raised; the queue is now broken for good."""
+    assert q.broken is not None
+    # Even a well-formed chain is not served any more.
+    ring.chain([0], [(0x8000, 1, False)])
+    ring.publish(0)
+    with pytest.raises(VirtqueueError):
+        q.pop(ram.mem)
+    with pytest.raises(VirtqueueError):
+        q.pending()
+    with pytest.raises(VirtqueueError):
+        q.push_used(0, 0)
+
+
+def _head_too_big(ring: RingBuilder) -> None:
+    ring.publish(SIZE)
+
+
+def _head_ffff(ring: RingBuilder) -> None:
+    ring.publish(0xFFFF)
+
+
+def _next_too_big(ring: RingBuilder) -> None:
+    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, SIZE)
+    ring.publish(0)
+
+
+def _loop(ring: RingBuilder) -> None:
+    ring.desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2)
+    ring.desc(2, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1)
+    ring.publish(1)
+
+
+def _self_loop(ring: RingBuilder) -> None:
+    ring.desc(3, 0x8000, 1, VIRTQ_DESC_F_NEXT, 3)
+    ring.publish(3)
+
+
+def _longer_than_size(ring: RingBuilder) -> None:
+    # Every descriptor once, then back to the head: SIZE + 1 links.
+    ring.chain(list(range(SIZE)), [(0x8000, 1, False)] * SIZE)
+    ring.desc(SIZE - 1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0)
+    ring.publish(0)
+
+
+def _indirect_in_indirect(ring: RingBuilder) -> None:
+    ring.indirect(0, TABLE, 2)
+    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
+    ring.desc(1, TABLE + 0x100, 16, VIRTQ_DESC_F_INDIRECT, table=TABLE)
+    ring.desc(0, 0x8000, 1, table=TABLE + 0x100)
+    ring.publish(0)
+
+
+def _indirect_and_next(ring: RingBuilder) -> None:
+    ring.indirect(0, TABLE, 1, flags=VIRTQ_DESC_F_NEXT)
+    ring.desc(0, 0x8000, 1, table=TABLE)
+    ring.publish(0)
+
+
+def _indirect_len(length: int) -> object:
+    def build(ring: RingBuilder) -> None:
+        ring.desc(0, TABLE, length, VIRTQ_DESC_F_INDIRECT)
+        ring.desc(0, 0x8000, 1, table=TABLE)
+        ring.publish(0)
+    return build
+
+
+def _indirect_at(addr: int, entries: int = 2) -> object:
+    def build(ring: RingBuilder) -> None:
+        ring.indirect(0, addr, entries)
+        ring.publish(0)
+    return build
+
+
+def _indirect_loop(ring: RingBuilder) -> None:
+    ring.indirect(0, TABLE, 4)
+    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
+    ring.desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0, table=TABLE)
+    ring.publish(0)
+
+
+def _indirect_next_past_table(ring: RingBuilder) -> None:
+    ring.indirect(0, TABLE, 2)
+    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2, table=TABLE)  # only 0 and 1 exist
+    ring.desc(2, 0x8000, 1, table=TABLE)
+    ring.publish(0)
+
+
+def _buffer(addr: int, length: int, writable: bool = False) -> object:
+    def build(ring: RingBuilder) -> None:
+        ring.publish(ring.chain([0], [(addr, length, writable)]))
+    return build
+
+
+def _readable_after_writable(ring: RingBuilder) -> None:
+    ring.publish(ring.chain([0, 1], [(0x8000, 1, True), (0x8001, 1, False)]))
+
+
+def _readable_after_writable_indirect(ring: RingBuilder) -> None:
+    ring.chain([0, 1, 2], [(0x8000, 1, False), (0x8001, 1, True), (0x8002, 1, False)],
+               table=TABLE)
+    ring.indirect(0, TABLE, 3)
+    ring.publish(0)
+
+
+def _avail_jump(ring: RingBuilder) -> None:
+    ring.set_avail_idx(SIZE + 1)
+
+
+def _avail_backwards(ring: RingBuilder) -> None:
+    ring.set_avail_idx(0xFFFF)
+
+
+HOSTILE = {
+    "head-eq-size": _head_too_big,
+    "head-ffff": _head_ffff,
+    "next-eq-size": _next_too_big,
+    "loop-1-2-1": _loop,
+    "self-loop": _self_loop,
+    "chain-longer-than-size": _longer_than_size,
+    "indirect-in-indirect": _indirect_in_indirect,
+    "indirect-and-next": _indirect_and_next,
+    "indirect-len-0": _indirect_len(0),
+    "indirect-len-8": _indirect_len(8),
+    "indirect-len-24": _indirect_len(24),
+    "indirect-table-outside-memory": _indirect_at(END + 0x1000),
+    "indirect-table-straddles-end": _indirect_at(END - 16),
+    "indirect-table-near-2-64": _indirect_at((1 << 64) - 16, 2),
+    "indirect-loop": _indirect_loop,
+    "indirect-next-past-table": _indirect_next_past_table,
+    "buffer-outside-memory": _buffer(END + 0x100, 4),
+    "buffer-at-end": _buffer(END, 1, True),
+    "buffer-straddles-end": _buffer(END - 4, 8),
+    "buffer-near-2-64": _buffer((1 << 64) - 4, 8, True),
+    "buffer-4-GiB": _buffer(0, 0xFFFF_FFFF, True),
+    "readable-after-writable": _readable_after_writable,
+    "readable-after-writable-indirect": _readable_after_writable_indirect,
+    "avail-idx-jump": _avail_jump,
+    "avail-idx-backwards": _avail_backwards,
+}
+
+
+@pytest.mark.parametrize("build", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_ring_breaks_the_queue(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder],
+                                       build: object) -> None:
+    q, ring = qr
+    assert callable(build)
+    before = q.last_avail_idx
+    build(ring)
+    with pytest.raises(VirtqueueError):
+        q.pop(ram.mem)
+    assert q.last_avail_idx == before
+    assert_broken(q, ram, ring)
+
+
+def test_loop_is_caught_by_the_queue_size_bound(ram: GuestRam,
+                                                qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    _loop(ring)
+    with pytest.raises(VirtqueueError, match="a loop"):
+        q.pop(ram.mem)
+
+
+def test_pending_reports_an_avail_idx_jump(qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, ring = qr
+    ring.set_avail_idx(SIZE)
+    assert q.pending() == SIZE  # a full ring is fine
+    ring.set_avail_idx(SIZE + 1)
+    with pytest.raises(VirtqueueError):
+        q.pending()
+    assert q.broken is not None
+
+
+def test_queue_not_attached_does_not_pop(ram: GuestRam) -> None:
+    q = SplitQueue(1)
+    q.set_size(SIZE)
+    with pytest.raises(VirtqueueError):
+        q.pop(ram.mem)
+    q.set_addresses(*RingBuilder(ram, SIZE).vas)
+    assert not q.attached
+    with pytest.raises(VirtqueueError):
+        q.pop(ram.mem)
+
+
+@pytest.mark.parametrize("where", ["desc", "avail", "used"])
+@pytest.mark.parametrize("va", [
+    0x1000,                                         # no region at all
+    GuestRam.LOW.userspace_addr + 0x10000 - 0x10,   # straddles the end of a region
+    GuestRam.HIGH.userspace_addr + 0x10000 - 0x10,  # straddles the end of memory
+    GuestRam.LOW.userspace_addr + 0x10000,          # first byte past a region
+    GuestRam.HIGH.userspace_addr - 0x10,            # starts before a region
+    (1 << 64) - 0x10,
+])
+def test_ring_outside_memory_at_attach(ram: GuestRam, where: str, va: int) -> None:
+    ring = RingBuilder(ram, SIZE)
+    vas = dict(zip(("desc", "avail", "used"), ring.vas, strict=True))
+    vas[where] = va
+    q = SplitQueue(0)
+    q.set_size(SIZE)
+    q.set_addresses(vas["desc"], vas["avail"], vas["used"])
+    with pytest.raises(VirtqueueError):
+        q.attach(ram.mem)
+    assert not q.attached
+
+
+def test_rings_given_as_gpa_instead_of_va_are_refused(ram: GuestRam) -> None:
+    ring = RingBuilder(ram, SIZE)
+    q = SplitQueue(0)
+    q.set_size(SIZE)
+    q.set_addresses(ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
+    with pytest.raises(VirtqueueError):
+        q.attach(ram.mem)
+
+
+def test_attach_translates_vas_to_the_right_gpas(ram: GuestRam) -> None:
+    # Rings in the HIGH region, whose VA is below LOW's: a slip between spaces shows.
+    ring = RingBuilder(ram, SIZE, desc=0x1_1000, avail=0x1_3000, used=0x1_4000)
+    q = SplitQueue(0)
+    q.set_size(SIZE)
+    q.set_addresses(*ring.vas)
+    q.attach(ram.mem)
+    ring.publish(ring.chain([2], [(0x8000, 4, True)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.head == 2
+    q.push_used(2, 4)
+    assert ring.used_idx() == 1 and ring.used_elem(0) == (2, 4)
+
+
+def test_attach_after_the_ring_region_is_removed(ram: GuestRam,
+                                                 qr: tuple[SplitQueue, RingBuilder]) -> None:
+    q, _ = qr
+    ram.manager.remove_region(GuestRam.LOW)
+    with pytest.raises(VirtqueueError):
+        q.attach(ram.mem)
+    assert not q.attached
+    # Back again (as a front-end re-adding it would): the queue attaches.
+    with FdBag([os.dup(ram.fd)]) as bag:
+        ram.manager.add_region(GuestRam.LOW, bag.peek(0))
+    q.attach(ram.mem)
+    assert q.attached
+
+
+@pytest.mark.parametrize("num", [0, 3, 6, 100, 32767, 32769, 65536, 1 << 20])
+def test_set_size_refuses(num: int) -> None:
+    q = SplitQueue(0)
+    with pytest.raises(VirtqueueError):
+        q.set_size(num)
+    assert q.size == 0
+
+
+@pytest.mark.parametrize("num", [1, 2, 256, 1024, 32768])
+def test_set_size_accepts_powers_of_two(num: int) -> None:
+    q = SplitQueue(0)
+    q.set_size(num)
+    assert q.size == num
+    assert q.ring_sizes() == (16 * num, 6 + 2 * num, 6 + 8 * num)
+
+
+# ---------------------------------------------------------------------------------------
+# Random rings: only VirtqueueError, and every chain served lies in guest memory
+# ---------------------------------------------------------------------------------------
+
+ADDRS = st.one_of(st.integers(0, END + 0x100), st.sampled_from([END - 8, 0xFFF8, TABLE]),
+                  st.integers(0, (1 << 64) - 1))
+LENS = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 48, 0xFFFF_FFFF]),
+                 st.integers(0, 0xFFFF_FFFF))
+DESCS = st.tuples(ADDRS, LENS, st.integers(0, 7), st.integers(0, SIZE + 1))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.lists(DESCS, min_size=SIZE, max_size=SIZE),
+       indirect=st.lists(DESCS, min_size=SIZE, max_size=SIZE),
+       heads=st.lists(st.integers(0, SIZE), min_size=SIZE, max_size=SIZE),
+       avail_idx=st.one_of(st.integers(0, SIZE), st.integers(0, 0xFFFF)))
+def test_random_rings(ram: GuestRam, table: list[tuple[int, int, int, int]],
+                      indirect: list[tuple[int, int, int, int]], heads: list[int],
+                      avail_idx: int) -> None:
+    q, ring = make_queue(ram)
+    for i, d in enumerate(table):
+        ring.ram.write(ring.desc_gpa + 16 * i, DESC.pack(*d))
+    for i, d in enumerate(indirect):
+        ring.ram.write(TABLE + 16 * i, DESC.pack(*d))
+    for i, h in enumerate(heads):
+        ring.ram.write(ring.avail_gpa + 4 + 2 * i, h.to_bytes(2, "little"))
+    ring.set_avail_idx(avail_idx)
+    for served in range(SIZE + 1):  # chains served so far
+        try:
+            chain = q.pop(ram.mem)
+        except VirtqueueError:
+            assert q.broken is not None
+            with pytest.raises(VirtqueueError):
+                q.pop(ram.mem)
+            break
+        if chain is None:
+            assert served == avail_idx
+            break
+        assert 0 <= chain.head < SIZE
+        for gpa, n in chain.readable + chain.writable:
+            assert gpa >= 0 and gpa + n <= END
+            try:
+                list(ram.mem.segments(gpa, n))
+            except GuestAddressError:  # pragma: no cover - the assertion's message
+                pytest.fail(f"chain buffer {gpa:#x}+{n:#x} outside guest memory")
+        # At most the ring's table and one indirect table, each walked at most once.
+        assert len(chain.readable) + len(chain.writable) <= 2 * SIZE
+        chain.read(ram.mem, limit=256)
