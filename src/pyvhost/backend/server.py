@@ -91,14 +91,20 @@ class Server(Loop):
         Try it from a shell: ``socat - UNIX-CONNECT:PATH`` or ``pyvhost status PATH``."""
         self.listen(path, control=True)
 
-    def _answer_control(self, path: str) -> None:
-        sock = self.listeners[path]
+    def _accept_one(self, path: str) -> socket.socket | None:
+        """Accept one pending connection on a listener; None if there was none."""
         try:
-            conn, _ = sock.accept()
+            conn, _ = self.listeners[path].accept()
         except BlockingIOError:
-            return
+            return None
         except OSError as e:
-            log.warning("control accept on %s failed: %s", path, e)
+            log.warning("accept on %s failed: %s", path, e)
+            return None
+        return conn
+
+    def _answer_control(self, path: str) -> None:
+        conn = self._accept_one(path)
+        if conn is None:
             return
         with conn:
             conn.settimeout(2)
@@ -108,13 +114,8 @@ class Server(Loop):
                 log.info("control client on %s went away: %s", path, e)
 
     def _accept(self, path: str) -> None:
-        sock = self.listeners[path]
-        try:
-            conn_sock, _ = sock.accept()
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.warning("accept on %s failed: %s", path, e)
+        conn_sock = self._accept_one(path)
+        if conn_sock is None:
             return
         self._count += 1
         self.adopt(conn_sock, f"{os.path.basename(path)}#{self._count}")
