@@ -45,11 +45,13 @@ def _register() -> None:
     from pyvhost.demo import demo
     from pyvhost.devices.net_cli import net
     from pyvhost.frontend.probe_cli import probe
+    from pyvhost.hotplug.cli import mem
 
     main.add_command(net)
     main.add_command(probe)
     main.add_command(status)
     main.add_command(demo)
+    main.add_command(mem)
 
 
 _register()

@@ -1,0 +1,386 @@
+"""``pyvhost mem``: memory hot-plug through QMP with the checks QEMU leaves out.
+
+Subcommands ``status``, ``add``, ``remove``. Each prints rich tables for people, or one
+JSON object with ``--json`` (schema: docs/mem-json.md). It parses options, reads the state
+(:mod:`.state`, :mod:`.host`), plans (:mod:`.plan`) and runs (:mod:`.execute`); it
+decides nothing itself.
+
+Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
+(nothing was changed), 2 usage or connection error, 3 QEMU failed a step (what was done
+was undone), 4 the guest did not complete an unplug within --timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pyvhost.errors import PyvhostError
+from pyvhost.frontend.probe_cli import parse_size
+
+from .execute import Outcome, describe_ost, execute_add, execute_remove
+from .host import HostFacts, read_host
+from .plan import AddRequest, Plan, plan_add, plan_remove, region_limit
+from .qmp import Qmp
+from .state import BASELINE_REGIONS, VmState, page_size, read_state, vhost_regions
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_TIMEOUT = 4
+SCHEMA_STATUS = "pyvhost.mem.status/1"
+SCHEMA_ADD = "pyvhost.mem.add/1"
+SCHEMA_REMOVE = "pyvhost.mem.remove/1"
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def _nodes(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """``0``, ``0,1``, ``0-3``, ``0-1,4``."""
+    if not value:
+        return ()
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a node list like 0,1 or 0-3",
+                                 ctx=ctx, param=param) from None
+    return tuple(out)
+
+
+def page_sizes(state: VmState, host: HostFacts) -> dict[str, int]:
+    """Each backend's page size (file backends: from the mount of their mem-path)."""
+    from .host import path_facts
+
+    mounts = ""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+    except OSError:
+        pass
+    out = {}
+    for b in state.backends:
+        mp = (path_facts(b.mem_path, mounts, host.default_hugepage_size).hugetlb_page_size
+              if b.mem_path else None)
+        out[b.id] = page_size(b, host.base_page_size, host.default_hugepage_size, mp)
+    return out
+
+
+def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str, Any]:
+    sizes = page_sizes(state, host)
+    boot = {b.id for b in state.boot_backends}
+    by_memdev = {d.memdev: d.id for d in state.memory_devices}
+    regions = vhost_regions(state, sizes)
+    limit, notes = region_limit(state, assume_limit)
+    return {
+        "schema": SCHEMA_STATUS,
+        "vm": {"status": state.status, "boot_memory": state.boot_memory,
+               "slots": state.slots, "slots_used": state.slots_used,
+               "slots_free": max(0, state.slots - state.slots_used), "maxmem": state.maxmem,
+               "plugged_memory": state.plugged_memory, "maxmem_left": state.maxmem_left,
+               "numa_nodes": state.numa_nodes},
+        "memory_devices": [{"id": d.id, "type": d.kind, "memdev": d.memdev, "addr": d.addr,
+                            "size": d.size, "slot": d.slot, "node": d.node,
+                            "hotplugged": d.hotplugged, "hotpluggable": d.hotpluggable}
+                           for d in state.memory_devices],
+        "backends": [{"id": b.id, "type": b.qom_type, "size": b.size, "share": b.share,
+                      "mem_path": b.mem_path, "page_size": sizes[b.id],
+                      "host_nodes": list(b.host_nodes), "policy": b.policy,
+                      "prealloc": b.prealloc, "fd": b.fd_backed,
+                      "role": "boot" if b.id in boot else (
+                          "device" if b.id in by_memdev else "unused"),
+                      "device": by_memdev.get(b.id)} for b in state.backends],
+        "vhost_user": {
+            "regions_used": len(regions) if state.vhost_user else None,
+            "region_limit": limit,
+            "regions_free": None if limit is None else max(0, limit - len(regions)),
+            "regions": [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
+                         "memdev": r.name} for r in regions] if state.vhost_user else [],
+            "devices": [{"id": d.id, "driver": d.driver, "chardev": d.chardev,
+                         "socket": d.socket, "started": d.started,
+                         "configure_mem_slots": d.configure_mem_slots,
+                         "region_limit": d.region_limit,
+                         "qemu_region_count": d.qemu_region_count}
+                        for d in state.vhost_user],
+            "notes": notes},
+        "host": {"base_page_size": host.base_page_size,
+                 "default_hugepage_size": host.default_hugepage_size,
+                 "numa_nodes": list(host.host_nodes),
+                 "hugepages": [{"page_size": p.page_size, "node": p.node, "total": p.total,
+                                "free": p.free, "available": p.available}
+                               for p in host.pools]},
+    }
+
+
+def plan_json(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
+              outcome: Outcome | None) -> dict[str, Any]:
+    p = plan.prediction
+    return {
+        "schema": schema, "dry_run": dry_run, "device_id": plan.device_id,
+        "backend_id": plan.backend_id,
+        "refusals": [{"code": str(r.code), "message": r.message} for r in plan.refusals],
+        "steps": [s.to_json() for s in plan.steps],
+        "prediction": None if p is None else {
+            "slots_used": p.slots_used, "maxmem_left": p.maxmem_left,
+            "vhost_user_regions": p.vhost_user_regions,
+            "vhost_user_region_limit": p.vhost_user_region_limit},
+        "notes": list(plan.notes), "plan_seconds": plan_seconds,
+        "outcome": None if outcome is None else {
+            "ok": outcome.ok, "done": outcome.done, "failed_step": outcome.failed_step,
+            "error": outcome.error, "rolled_back": outcome.rolled_back,
+            "orphans": outcome.orphans, "acpi_ost": outcome.acpi_ost,
+            "timed_out": outcome.timed_out, "seconds": outcome.seconds,
+            "device": outcome.device},
+    }
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):g} MiB"
+
+
+def _print_status(doc: dict[str, Any], console: Console) -> None:
+    vm = doc["vm"]
+    console.print(f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
+                  f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
+                  f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
+                  f"guest NUMA nodes {vm['numa_nodes']}")
+    t = Table(title="memory backends")
+    for col in ("id", "type", "size", "share", "page", "mem-path", "host-nodes", "policy",
+                "prealloc", "role"):
+        t.add_column(col)
+    for b in doc["backends"]:
+        role = b["role"] + (f" ({b['device']})" if b["device"] else "")
+        t.add_row(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
+                  "on" if b["share"] else "[red]off[/red]", str(b["page_size"]),
+                  b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
+                  b["policy"], "yes" if b["prealloc"] else "no", role)
+    console.print(t)
+    if doc["memory_devices"]:
+        t = Table(title="memory devices")
+        for col in ("id", "type", "memdev", "addr", "size", "slot", "node"):
+            t.add_column(col)
+        for d in doc["memory_devices"]:
+            t.add_row(str(d["id"]), d["type"], str(d["memdev"]),
+                      "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]),
+                      str(d["slot"]), str(d["node"]))
+        console.print(t)
+    vu = doc["vhost_user"]
+    if vu["devices"]:
+        t = Table(title=f"vhost-user devices: {vu['regions_used']} regions used, limit "
+                        f"{vu['region_limit']}, {vu['regions_free']} free")
+        for col in ("id", "driver", "chardev", "socket", "started", "MEM_SLOTS", "limit"):
+            t.add_column(col)
+        for d in vu["devices"]:
+            slots = {None: "unknown", True: "yes", False: "no"}[d["configure_mem_slots"]]
+            t.add_row(d["id"], d["driver"], str(d["chardev"]), str(d["socket"]),
+                      "yes" if d["started"] else "no", slots, str(d["region_limit"] or "-"))
+        console.print(t)
+        for note in vu["notes"]:
+            console.print(f"note: {note}")
+    else:
+        console.print("no vhost-user devices")
+
+
+def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Console) -> None:
+    for r in plan.refusals:
+        console.print(f"[red]refused[/red] {r.code}: {r.message}")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+    if dry_run or plan.refused:
+        t = Table(title="plan" + (" (not run)" if plan.refused else " (dry run)"))
+        t.add_column("#")
+        t.add_column("QMP")
+        t.add_column("undo")
+        for i, s in enumerate(plan.steps, 1):
+            undo = (f"{s.undo.command} {json.dumps(dict(s.undo.arguments))}"
+                    if s.undo else "-")
+            t.add_row(str(i), f"{s.command} {json.dumps(dict(s.arguments))}", undo)
+        console.print(t)
+    if outcome is None:
+        return
+    if outcome.ok:
+        console.print(f"[green]done[/green] {plan.action} {plan.device_id} in "
+                      f"{outcome.seconds:.2f} s")
+    else:
+        console.print(f"[red]failed[/red] at {outcome.failed_step}: {outcome.error}")
+        if outcome.rolled_back:
+            console.print(f"undone: {', '.join(outcome.rolled_back)}")
+        if outcome.orphans:
+            console.print(f"[red]left behind[/red]: {', '.join(outcome.orphans)}")
+    for info in outcome.acpi_ost:
+        console.print(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}")
+
+
+def _emit(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, sort_keys=True))
+
+
+def _fail(message: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": message}))
+    else:
+        Console(stderr=True).print(f"[red]error[/red]: {message}")
+    sys.exit(EXIT_USAGE)
+
+
+qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
+                          help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON object (docs/mem-json.md).")
+limit_option = click.option(
+    "--region-limit", type=click.IntRange(1, 509), default=BASELINE_REGIONS, show_default=True,
+    help="Region limit to assume for vhost-user devices the guest has not started yet "
+         "(QMP cannot tell then whether the back-end has CONFIGURE_MEM_SLOTS).")
+
+
+@click.group()
+def mem() -> None:
+    """Memory hot-plug through QMP, with the checks QEMU leaves out.
+
+    \b
+    pyvhost mem status --qmp /run/vm0.qmp
+    pyvhost mem add --qmp /run/vm0.qmp --size 1G --dry-run
+    pyvhost mem add --qmp /run/vm0.qmp --size 1G --backend file \\
+        --mem-path /dev/hugepages --hugepages --host-nodes 0 --policy bind
+    pyvhost mem remove --qmp /run/vm0.qmp pyvhost-dimm0
+    \b
+    Exit codes: 0 done, 1 refused by the preflight (nothing changed), 2 usage or
+    connection error, 3 QEMU failed a step (undone), 4 guest did not finish an unplug.
+    """
+
+
+@mem.command()
+@qmp_option
+@json_option
+@limit_option
+def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
+    """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
+    try:
+        with Qmp(qmp_path) as qmp:
+            state = read_state(qmp)
+        doc = status_json(state, read_host(), region_limit)
+    except PyvhostError as e:
+        _fail(str(e), as_json)
+        return
+    if as_json:
+        _emit(doc, True)
+    else:
+        _print_status(doc, Console())
+
+
+@mem.command()
+@qmp_option
+@click.option("--size", required=True, callback=_size, metavar="SIZE",
+              help="DIMM size: 128M, 1G, ... (a multiple of 128M and of the page size).")
+@click.option("--backend", type=click.Choice(["memfd", "file", "ram"]), default="memfd",
+              show_default=True, help="Memory backend (ram: not shareable, refused "
+                                      "when vhost-user devices exist).")
+@click.option("--share/--no-share", default=True, show_default=True,
+              help="share=on: required for vhost-user back-ends to see the memory.")
+@click.option("--mem-path", metavar="PATH", help="File or directory (--backend file).")
+@click.option("--hugepages", is_flag=True,
+              help="Back with hugepages (memfd hugetlb=on, or a hugetlbfs --mem-path).")
+@click.option("--node", type=int, help="Guest NUMA node of the DIMM.")
+@click.option("--host-nodes", callback=_nodes, metavar="LIST",
+              help="Host NUMA nodes for the memory (0,1 or 0-3).")
+@click.option("--policy", type=click.Choice(["bind", "preferred", "interleave"]),
+              help="Host NUMA policy for --host-nodes (default bind).")
+@click.option("--prealloc", is_flag=True, help="Allocate all memory at object-add.")
+@click.option("--prealloc-threads", type=click.IntRange(1, 256), help="Threads for prealloc.")
+@click.option("--id", "device_id", metavar="ID",
+              help="DIMM id (its backend is ID-mem); default pyvhost-dimmN.")
+@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@click.option("--force", is_flag=True, hidden=True,
+              help="Run a refused plan anyway (tests use it to see QEMU's own refusal).")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for QEMU and the guest.")
+@json_option
+@limit_option
+def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | None,
+        hugepages: bool, node: int | None, host_nodes: tuple[int, ...], policy: str | None,
+        prealloc: bool, prealloc_threads: int | None, device_id: str | None, dry_run: bool,
+        force: bool, timeout: float, as_json: bool, region_limit: int) -> None:
+    """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure."""
+    req = AddRequest(size=size, backend=backend,  # type: ignore[arg-type]
+                     share=share, mem_path=mem_path, hugepages=hugepages, node=node,
+                     host_nodes=host_nodes, policy=policy,  # type: ignore[arg-type]
+                     prealloc=prealloc, prealloc_threads=prealloc_threads, id=device_id,
+                     assume_region_limit=region_limit)
+    try:
+        with Qmp(qmp_path, timeout=timeout) as qmp:
+            state = read_state(qmp)
+            host = read_host(mem_path)
+            t0 = time.monotonic()
+            plan = plan_add(req, state, host, page_sizes(state, host))
+            plan_seconds = time.monotonic() - t0
+            outcome = None
+            if not dry_run and (force or not plan.refused):
+                running = state.status == "running"
+                outcome = execute_add(qmp, plan, timeout=timeout,
+                                      ost_timeout=min(timeout, 10.0) if running else 0.0,
+                                      force=force)
+    except PyvhostError as e:
+        _fail(str(e), as_json)
+        return
+    if as_json:
+        _emit(plan_json(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome), True)
+    else:
+        _print_plan(plan, dry_run, outcome, Console())
+    if outcome is not None:
+        sys.exit(EXIT_OK if outcome.ok else EXIT_FAILED)
+    sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+
+
+@mem.command()
+@qmp_option
+@click.argument("device_id", metavar="ID")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
+@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@json_option
+def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
+           as_json: bool) -> None:
+    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend."""
+    try:
+        with Qmp(qmp_path, timeout=timeout) as qmp:
+            state = read_state(qmp)
+            t0 = time.monotonic()
+            plan = plan_remove(device_id, state)
+            plan_seconds = time.monotonic() - t0
+            outcome = None
+            if not dry_run and not plan.refused:
+                outcome = execute_remove(qmp, plan, timeout=timeout)
+    except PyvhostError as e:
+        _fail(str(e), as_json)
+        return
+    if as_json:
+        _emit(plan_json(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome), True)
+    else:
+        _print_plan(plan, dry_run, outcome, Console())
+        if outcome is not None and outcome.timed_out:
+            Console().print(
+                "the guest did not release the DIMM: the unplug request stays pending in "
+                "QEMU. Guests must online hot-added memory movable "
+                "(memhp_default_state=online_movable) for it to be removable.")
+    if outcome is None:
+        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+    if outcome.ok:
+        sys.exit(EXIT_OK)
+    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)

@@ -1,0 +1,185 @@
+"""Run a :class:`~.plan.Plan` through QMP, verify it, and undo it on any failure.
+
+Owns the order of QMP commands and the waiting: ``DEVICE_DELETED`` for ``device_del``,
+``ACPI_DEVICE_OST`` for the guest's answer. After a failed step the undo steps of the
+done ones run, last first, and ``qom-list /objects`` is checked so that no backend is left
+behind (QEMU 7.2 keeps an ``object-add``ed backend after a failed ``device_add``).
+
+It must not decide whether a plan is wise (:mod:`.plan` does) and runs a refused plan only
+when forced (tests use that to see QEMU's own verdict past the planner).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvhost.errors import LocalError
+
+from .plan import Plan, Step
+from .qmp import Monitor, QmpCommandError
+
+# ACPI 6.x, _OST status codes for an eject request (source 0x03).
+EJECT_STATUS = {
+    0x00: "success",
+    0x01: "non-specific failure",
+    0x80: "ejection not supported by the guest OS",
+    0x81: "device in use by an application",
+    0x82: "device busy (memory not offlinable: was it onlined movable?)",
+    0x83: "ejection dependency busy or not supported",
+    0x84: "ejection in progress",
+}
+
+
+class PlanRefusedError(LocalError):
+    """The plan has refusals and was not forced."""
+
+
+@dataclass
+class Outcome:
+    """What running a plan did."""
+
+    ok: bool
+    done: list[str] = field(default_factory=list)  # commands that succeeded
+    failed_step: str | None = None
+    error: str | None = None
+    rolled_back: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # backends left in /objects
+    acpi_ost: list[dict[str, Any]] = field(default_factory=list)
+    timed_out: bool = False
+    seconds: float = 0.0
+    device: dict[str, Any] | None = None  # the memory device as QEMU reports it after add
+
+
+def _wait_deleted(monitor: Monitor, device_id: str, timeout: float,
+                  ost: list[dict[str, Any]]) -> bool:
+    """Wait for DEVICE_DELETED of ``device_id``; record its ACPI_DEVICE_OST events."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        event = monitor.next_event(min(left, 1.0))
+        if event is None:
+            continue
+        data = event.get("data", {})
+        if event.get("event") == "ACPI_DEVICE_OST" and data.get("info", {}).get(
+                "device") == device_id:
+            ost.append(dict(data["info"]))
+        elif event.get("event") == "DEVICE_DELETED" and data.get("device") == device_id:
+            return True
+
+
+def _collect_ost(monitor: Monitor, device_id: str, timeout: float,
+                 ost: list[dict[str, Any]]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = monitor.next_event(min(deadline - time.monotonic(), 1.0))
+        if event is None:
+            continue
+        info = event.get("data", {}).get("info", {})
+        if event.get("event") == "ACPI_DEVICE_OST" and info.get("device") == device_id:
+            ost.append(dict(info))
+            return
+
+
+def _run(monitor: Monitor, step: Step, timeout: float, out: Outcome) -> None:
+    monitor.execute(step.command, dict(step.arguments))
+    if step.wait_deleted is not None and not _wait_deleted(monitor, step.wait_deleted,
+                                                           timeout, out.acpi_ost):
+        out.timed_out = True
+        raise TimeoutError(f"no DEVICE_DELETED for {step.wait_deleted} within {timeout} s")
+
+
+def _orphans(monitor: Monitor, plan: Plan) -> list[str]:
+    if plan.backend_id is None:
+        return []
+    objects = monitor.execute("qom-list", {"path": "/objects"})
+    return [plan.backend_id] if any(o["name"] == plan.backend_id for o in objects) else []
+
+
+def _rollback(monitor: Monitor, plan: Plan, done: int, timeout: float, out: Outcome) -> None:
+    for undo in plan.undo_steps(done):
+        try:
+            _run(monitor, undo, timeout, out)
+            out.rolled_back.append(undo.command)
+        except (QmpCommandError, TimeoutError) as e:
+            out.rolled_back.append(f"{undo.command} failed: {e}")
+    out.orphans = _orphans(monitor, plan)
+
+
+def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
+                ost_timeout: float = 0.0, force: bool = False) -> Outcome:
+    """object-add, device_add, verify with query-memory-devices; undo on failure.
+
+    With ``ost_timeout`` > 0 (a running guest) it also waits that long for the guest's
+    ACPI_DEVICE_OST about the new DIMM and records it; no answer is not a failure.
+    """
+    if plan.refused and not force:
+        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+    start = time.monotonic()
+    out = Outcome(ok=False)
+    done = 0
+    for step in plan.steps:
+        try:
+            _run(monitor, step, timeout, out)
+        except (QmpCommandError, TimeoutError) as e:
+            out.failed_step, out.error = step.command, str(e)
+            _rollback(monitor, plan, done, timeout, out)
+            out.seconds = time.monotonic() - start
+            return out
+        done += 1
+        out.done.append(step.command)
+    devices = monitor.execute("query-memory-devices")
+    mine = [d for d in devices if d.get("data", {}).get("id") == plan.device_id]
+    expected = plan.steps[0].arguments.get("size")
+    if len(mine) != 1 or mine[0]["data"].get("size") != expected:
+        out.failed_step, out.error = "verify", (
+            f"query-memory-devices does not show {plan.device_id} with size {expected}")
+        _rollback(monitor, plan, done, timeout, out)
+        out.seconds = time.monotonic() - start
+        return out
+    out.device = dict(mine[0]["data"])
+    if ost_timeout > 0:
+        _collect_ost(monitor, plan.device_id, ost_timeout, out.acpi_ost)
+    out.ok = True
+    out.seconds = time.monotonic() - start
+    return out
+
+
+def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Outcome:
+    """device_del, wait for DEVICE_DELETED, object-del the backend, verify.
+
+    When the guest refuses or never answers, nothing else is done (the backend is still in
+    use); the guest's ACPI _OST statuses are in :attr:`Outcome.acpi_ost`.
+    """
+    if plan.refused:
+        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+    start = time.monotonic()
+    out = Outcome(ok=False)
+    for step in plan.steps:
+        try:
+            _run(monitor, step, timeout, out)
+        except (QmpCommandError, TimeoutError) as e:
+            out.failed_step, out.error = step.command, str(e)
+            out.seconds = time.monotonic() - start
+            return out
+        out.done.append(step.command)
+    devices = monitor.execute("query-memory-devices")
+    if any(d.get("data", {}).get("id") == plan.device_id for d in devices):
+        out.failed_step, out.error = "verify", f"{plan.device_id} is still a memory device"
+    else:
+        out.orphans = _orphans(monitor, plan)
+        out.ok = not out.orphans
+        if out.orphans:
+            out.failed_step, out.error = "verify", f"backend {plan.backend_id} still exists"
+    out.seconds = time.monotonic() - start
+    return out
+
+
+def describe_ost(info: dict[str, Any]) -> str:
+    status = int(info.get("status", -1))
+    text = EJECT_STATUS.get(status, "unknown status") if info.get("source") == 3 else (
+        "success" if status == 0 else "failure")
+    return f"source {info.get('source')} status {status:#x}: {text}"

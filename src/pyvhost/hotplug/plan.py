@@ -1,0 +1,338 @@
+"""The hot-plug planner: request + QEMU's state + host facts -> steps, or refusals. Pure.
+
+No I/O here: :mod:`.state` and :mod:`.host` read, :mod:`.execute` acts. A plan lists its
+QMP steps in order, each with the step that undoes it; the executor runs the undo steps of
+the done ones, last first, when anything fails. A refused plan still carries the steps it
+would run (``--dry-run`` shows them; tests force them past the planner to see QEMU's own
+verdict), but the executor runs it only when forced.
+
+Every refusal has a stable code (:class:`Code`) and a message that says what to change.
+The checks are the ones QEMU 7.2 does late, badly worded, or not at all (TESTBED.md):
+a DIMM QEMU does not share with vhost-user back-ends is accepted and onlined by the guest,
+yet the back-ends never see it; the vhost-user region limit counts flat-view regions, not
+DIMMs; hugepages short fail ``object-add`` with "Cannot allocate memory".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from .host import HostFacts
+from .state import BASELINE_REGIONS, MAX_RAM_SLOTS, VmState, vhost_regions
+
+MiB = 1 << 20
+# Linux x86-64 onlines hot-added memory in 128 MiB blocks (memory_block_size_bytes);
+# the rest of a DIMM that is not a whole number of blocks is never used by the guest.
+GUEST_BLOCK = 128 * MiB
+
+BackendKind = Literal["memfd", "file", "ram"]
+Policy = Literal["default", "preferred", "bind", "interleave"]
+
+
+class Code(StrEnum):
+    NO_SLOTS_CONFIGURED = "NO_SLOTS_CONFIGURED"
+    NO_FREE_SLOT = "NO_FREE_SLOT"
+    MAXMEM_EXCEEDED = "MAXMEM_EXCEEDED"
+    SIZE_ALIGNMENT = "SIZE_ALIGNMENT"
+    ID_IN_USE = "ID_IN_USE"
+    NOT_SHARED_WITH_VHOST_USER = "NOT_SHARED_WITH_VHOST_USER"
+    BOOT_RAM_NOT_SHARED = "BOOT_RAM_NOT_SHARED"
+    VHOST_USER_REGION_LIMIT = "VHOST_USER_REGION_LIMIT"
+    HUGEPAGES_SHORT = "HUGEPAGES_SHORT"
+    MEM_PATH_MISSING = "MEM_PATH_MISSING"
+    MEM_PATH_NOT_HUGETLBFS = "MEM_PATH_NOT_HUGETLBFS"
+    NUMA_NODE_OUT_OF_RANGE = "NUMA_NODE_OUT_OF_RANGE"
+    HOST_NODE_MISSING = "HOST_NODE_MISSING"
+    BAD_REQUEST = "BAD_REQUEST"
+    DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: Code
+    message: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One QMP command; ``wait_deleted`` names the device whose DEVICE_DELETED ends it."""
+
+    command: str
+    arguments: Mapping[str, Any]
+    undo: Step | None = None
+    wait_deleted: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"command": self.command, "arguments": dict(self.arguments),
+                "undo": self.undo.to_json() if self.undo else None}
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    size: int
+    backend: BackendKind = "memfd"
+    share: bool = True
+    mem_path: str | None = None
+    hugepages: bool = False
+    node: int | None = None
+    host_nodes: tuple[int, ...] = ()
+    policy: Policy | None = None
+    prealloc: bool = False
+    prealloc_threads: int | None = None
+    id: str | None = None
+    # The limit to assume for a vhost-user device whose limit QMP cannot tell (not started
+    # by the guest yet): 8 is right for back-ends without CONFIGURE_MEM_SLOTS (DPDK 22.11).
+    assume_region_limit: int = BASELINE_REGIONS
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the VM will look like after the plan (what status would show)."""
+
+    slots_used: int
+    maxmem_left: int
+    vhost_user_regions: int | None  # None without vhost-user devices
+    vhost_user_region_limit: int | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    action: Literal["add", "remove"]
+    device_id: str
+    backend_id: str | None
+    steps: tuple[Step, ...]
+    refusals: tuple[Refusal, ...] = ()
+    prediction: Prediction | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
+    def undo_steps(self, done: int | None = None) -> tuple[Step, ...]:
+        """The undo steps of the first ``done`` steps (all by default), last first."""
+        n = len(self.steps) if done is None else done
+        return tuple(s.undo for s in reversed(self.steps[:n]) if s.undo is not None)
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _free_id(taken: set[str], prefix: str) -> str:
+    i = 0
+    while f"{prefix}{i}" in taken or f"{prefix}{i}-mem" in taken:
+        i += 1
+    return f"{prefix}{i}"
+
+
+def backend_page_size(req: AddRequest, host: HostFacts) -> int:
+    """The page size the new backend will have."""
+    if req.backend == "memfd" and req.hugepages:
+        return host.default_hugepage_size or host.base_page_size
+    if req.backend == "file" and host.mem_path and host.mem_path.hugetlb_page_size:
+        return host.mem_path.hugetlb_page_size
+    return host.base_page_size
+
+
+def region_limit(state: VmState, assume: int) -> tuple[int | None, list[str]]:
+    """QEMU's vhost-user region limit (the minimum over devices), and notes on guesses."""
+    limits: list[int] = []
+    notes: list[str] = []
+    for dev in state.vhost_user:
+        if dev.configure_mem_slots is False:
+            limits.append(BASELINE_REGIONS)
+        elif dev.configure_mem_slots:
+            # The back-end's GET_MAX_MEM_SLOTS answer is not visible through QMP;
+            # QEMU caps it at 256 on x86.
+            limits.append(MAX_RAM_SLOTS)
+            notes.append(f"{dev.id}: back-end negotiated CONFIGURE_MEM_SLOTS; its own limit "
+                         f"(GET_MAX_MEM_SLOTS) is not visible through QMP, QEMU caps it at "
+                         f"{MAX_RAM_SLOTS}")
+        else:
+            limits.append(assume)
+            notes.append(f"{dev.id}: the guest has not started this device, so QMP cannot "
+                         f"tell whether its back-end has CONFIGURE_MEM_SLOTS; assuming a "
+                         f"limit of {assume} regions (--region-limit changes it)")
+    return (min(limits) if limits else None), notes
+
+
+def plan_add(req: AddRequest, state: VmState, host: HostFacts,
+             page_sizes: Mapping[str, int] | None = None) -> Plan:
+    """Plan ``object-add`` + ``device_add pc-dimm`` for ``req``; refuse what would go wrong.
+
+    ``page_sizes`` maps existing backend ids to their page sizes (for region counting of
+    hugepage-backed memory); 4 KiB is assumed for those missing.
+    """
+    r: list[Refusal] = []
+    taken = set(state.object_ids) | set(state.device_ids)
+    device_id = req.id or _free_id(taken, "pyvhost-dimm")
+    backend_id = f"{device_id}-mem"
+
+    if req.size <= 0:
+        r.append(Refusal(Code.BAD_REQUEST, "--size must be positive"))
+    if req.backend != "file" and req.mem_path is not None:
+        r.append(Refusal(Code.BAD_REQUEST, "--mem-path needs --backend file"))
+    if req.backend == "file" and req.mem_path is None:
+        r.append(Refusal(Code.BAD_REQUEST, "--backend file needs --mem-path PATH"))
+    if req.backend == "ram" and req.hugepages:
+        r.append(Refusal(Code.BAD_REQUEST,
+                         "--hugepages needs --backend memfd or --backend file"))
+    if req.policy not in (None, "default") and not req.host_nodes:
+        r.append(Refusal(Code.BAD_REQUEST, f"--policy {req.policy} needs --host-nodes"))
+
+    # Slots and maxmem: QEMU refuses these itself, with less guidance.
+    if state.slots == 0:
+        r.append(Refusal(Code.NO_SLOTS_CONFIGURED,
+                         "QEMU was started without memory hot-plug slots: restart it with "
+                         "-m SIZE,slots=N,maxmem=MAX (hot-plug cannot be enabled later)"))
+    elif state.slots_used >= state.slots:
+        r.append(Refusal(Code.NO_FREE_SLOT,
+                         f"all {state.slots} memory slots are in use: remove a DIMM "
+                         f"(pyvhost mem remove ID) or restart QEMU with more slots="))
+    if state.slots and req.size > state.maxmem_left:
+        r.append(Refusal(Code.MAXMEM_EXCEEDED,
+                         f"{_size_text(req.size)} exceeds what maxmem leaves: "
+                         f"{_size_text(state.maxmem_left)} of maxmem="
+                         f"{_size_text(state.maxmem)} (boot {_size_text(state.boot_memory)}"
+                         f" + plugged {_size_text(state.plugged_memory)}); ask for at most "
+                         f"{_size_text(state.maxmem_left)} or restart QEMU with a larger "
+                         f"maxmem"))
+
+    page = backend_page_size(req, host)
+    if req.size > 0 and req.size % page:
+        r.append(Refusal(Code.SIZE_ALIGNMENT,
+                         f"{req.size} bytes is not a multiple of the backend's page size "
+                         f"{_size_text(page)}"))
+    elif req.size > 0 and req.size % GUEST_BLOCK:
+        rounded = max(GUEST_BLOCK, req.size // GUEST_BLOCK * GUEST_BLOCK)
+        r.append(Refusal(Code.SIZE_ALIGNMENT,
+                         f"{_size_text(req.size)} is not a multiple of 128M: the guest "
+                         f"(Linux x86-64) onlines memory in 128 MiB blocks and would never "
+                         f"use the rest; round to {_size_text(rounded)}"))
+
+    if req.id is not None:
+        for kind, oid in (("device", device_id), ("object", backend_id)):
+            if oid in taken:
+                r.append(Refusal(Code.ID_IN_USE,
+                                 f"a QEMU {kind} named {oid!r} already exists: choose "
+                                 f"another --id"))
+
+    # vhost-user: every piece of guest RAM must reach the back-ends.
+    notes: list[str] = []
+    regions: int | None = None
+    limit: int | None = None
+    if state.vhost_user:
+        names = ", ".join(d.id for d in state.vhost_user)
+        if req.backend == "ram" or not req.share:
+            r.append(Refusal(Code.NOT_SHARED_WITH_VHOST_USER,
+                             f"vhost-user devices ({names}) cannot reach memory that is not "
+                             f"an fd shared with them: QEMU would accept the DIMM and the "
+                             f"guest would put packet buffers where the back-end never sees "
+                             f"them; use --backend memfd or file, with share on"))
+        for b in state.boot_backends:
+            if not (b.fd_backed and b.share):
+                r.append(Refusal(Code.BOOT_RAM_NOT_SHARED,
+                                 f"boot RAM backend {b.id!r} is {b.qom_type} share="
+                                 f"{'on' if b.share else 'off'}: vhost-user devices ({names}) "
+                                 f"cannot work on this VM, hot-added memory or not; restart "
+                                 f"QEMU with -object memory-backend-memfd,id={b.id},...,"
+                                 f"share=on"))
+        regions = len(vhost_regions(state, dict(page_sizes or {})))
+        limit, notes = region_limit(state, req.assume_region_limit)
+        if limit is not None and regions >= limit:
+            r.append(Refusal(Code.VHOST_USER_REGION_LIMIT,
+                             f"vhost-user devices ({names}) already get {regions} memory "
+                             f"regions, their limit is {limit}: QEMU refuses another memory "
+                             f"device. Remove a DIMM, use fewer larger DIMMs, or use a "
+                             f"back-end with CONFIGURE_MEM_SLOTS"))
+
+    # Host side: NUMA nodes, hugepages, mem-path.
+    if req.node is not None and req.node >= max(state.numa_nodes, 1):
+        r.append(Refusal(Code.NUMA_NODE_OUT_OF_RANGE,
+                         f"guest NUMA node {req.node} does not exist: the guest has "
+                         f"{state.numa_nodes} node(s) (0..{max(state.numa_nodes, 1) - 1})"))
+    missing = [n for n in req.host_nodes if n not in host.host_nodes]
+    if missing:
+        r.append(Refusal(Code.HOST_NODE_MISSING,
+                         f"host NUMA node(s) {missing} do not exist; the host has "
+                         f"{list(host.host_nodes)}"))
+    mp = host.mem_path
+    if req.backend == "file" and mp is not None and not mp.exists:
+        r.append(Refusal(Code.MEM_PATH_MISSING,
+                         f"--mem-path {mp.path} does not exist on the host: create it "
+                         f"(a directory on hugetlbfs or tmpfs) or mount hugetlbfs there"))
+    if req.backend == "file" and req.hugepages and mp is not None and mp.fstype != "hugetlbfs":
+        r.append(Refusal(Code.MEM_PATH_NOT_HUGETLBFS,
+                         f"--hugepages asked, but {mp.path} is on {mp.fstype or 'no mount'}, "
+                         f"not hugetlbfs: mount -t hugetlbfs none DIR and pass that DIR"))
+    # Hugepages are used by memfd hugetlb=on, or by a file on hugetlbfs (asked or not).
+    uses_hugepages = (req.backend == "memfd" and req.hugepages) or bool(
+        req.backend == "file" and mp is not None and mp.hugetlb_page_size)
+    if uses_hugepages and req.size > 0:
+        needed = -(-req.size // page)
+        nodes: list[int | None] = list(req.host_nodes) if req.policy == "bind" else [None]
+        have = 0
+        for n in nodes:
+            pool = host.pool(page, n)
+            have += pool.available if pool else 0
+        where = f"host node(s) {req.host_nodes}" if req.policy == "bind" else "the host"
+        if have < needed:
+            r.append(Refusal(Code.HUGEPAGES_SHORT,
+                             f"{needed} hugepages of {_size_text(page)} needed, {have} free "
+                             f"on {where}: raise nr_hugepages (/sys/kernel/mm/hugepages/"
+                             f"hugepages-{page // 1024}kB/nr_hugepages, or per node under "
+                             f"/sys/devices/system/node/nodeN/hugepages) or ask for less"))
+
+    obj: dict[str, Any] = {"qom-type": f"memory-backend-{req.backend}", "id": backend_id,
+                           "size": req.size}
+    if req.backend != "ram":
+        obj["share"] = req.share
+    if req.backend == "file":
+        obj["mem-path"] = req.mem_path
+    if req.backend == "memfd" and req.hugepages:
+        obj["hugetlb"] = True
+        obj["hugetlbsize"] = page
+    if req.host_nodes:
+        obj["host-nodes"] = list(req.host_nodes)
+        obj["policy"] = req.policy or "bind"
+    if req.prealloc:
+        obj["prealloc"] = True
+        if req.prealloc_threads:
+            obj["prealloc-threads"] = req.prealloc_threads
+    dimm: dict[str, Any] = {"driver": "pc-dimm", "id": device_id, "memdev": backend_id}
+    if req.node is not None:
+        dimm["node"] = req.node
+    steps = (
+        Step("object-add", obj, undo=Step("object-del", {"id": backend_id})),
+        Step("device_add", dimm,
+             undo=Step("device_del", {"id": device_id}, wait_deleted=device_id)),
+    )
+    adds_region = req.backend != "ram"
+    prediction = Prediction(
+        slots_used=state.slots_used + 1, maxmem_left=state.maxmem_left - req.size,
+        vhost_user_regions=None if regions is None else regions + int(adds_region),
+        vhost_user_region_limit=limit)
+    return Plan("add", device_id, backend_id, steps, tuple(r), prediction, tuple(notes))
+
+
+def plan_remove(device_id: str, state: VmState) -> Plan:
+    """Plan ``device_del`` (wait for DEVICE_DELETED) then ``object-del`` of its backend."""
+    dev = state.device(device_id)
+    if dev is None:
+        known = ", ".join(d.id for d in state.memory_devices if d.id) or "none"
+        return Plan("remove", device_id, None, (), (Refusal(
+            Code.DEVICE_NOT_FOUND,
+            f"no memory device {device_id!r} (memory devices: {known})"),))
+    steps = [Step("device_del", {"id": device_id}, wait_deleted=device_id)]
+    if dev.memdev is not None:
+        steps.append(Step("object-del", {"id": dev.memdev}))
+    prediction = Prediction(state.slots_used - (dev.slot is not None),
+                            state.maxmem_left + dev.size, None, None)
+    return Plan("remove", device_id, dev.memdev, tuple(steps), (), prediction)

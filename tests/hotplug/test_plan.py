@@ -1,0 +1,164 @@
+"""The planner without QEMU: every refusal code from hand-built states, steps and undo."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyvhost.hotplug.host import PathFacts
+from pyvhost.hotplug.plan import AddRequest, Code, plan_add, plan_remove
+
+from .states import GiB, MiB, backend, host, vhost, vm
+
+M128 = 128 * MiB
+
+
+def codes(req: AddRequest, **kw: object) -> list[Code]:
+    state = kw.pop("state", None) or vm()
+    h = kw.pop("host_facts", None) or host()
+    assert not kw
+    return [r.code for r in plan_add(req, state, h).refusals]  # type: ignore[arg-type]
+
+
+def test_a_good_request_has_two_steps_each_with_its_undo() -> None:
+    plan = plan_add(AddRequest(M128), vm(), host())
+    assert not plan.refused
+    assert [s.command for s in plan.steps] == ["object-add", "device_add"]
+    obj, dev = plan.steps
+    assert obj.arguments == {"qom-type": "memory-backend-memfd", "id": "pyvhost-dimm0-mem",
+                             "size": M128, "share": True}
+    assert dev.arguments == {"driver": "pc-dimm", "id": "pyvhost-dimm0",
+                             "memdev": "pyvhost-dimm0-mem"}
+    # Undo runs last step first: device_del (waiting for DEVICE_DELETED), then object-del.
+    assert [(u.command, dict(u.arguments)) for u in plan.undo_steps()] == [
+        ("device_del", {"id": "pyvhost-dimm0"}), ("object-del", {"id": "pyvhost-dimm0-mem"})]
+    assert plan.undo_steps()[0].wait_deleted == "pyvhost-dimm0"
+    # After a failed device_add only object-add is undone.
+    assert [u.command for u in plan.undo_steps(1)] == ["object-del"]
+
+
+def test_ids_avoid_existing_ones() -> None:
+    plan = plan_add(AddRequest(M128), vm(dimms=0), host())
+    assert plan.device_id == "pyvhost-dimm0"
+    state = vm()
+    taken = state.__class__(**{**state.__dict__, "object_ids": ("pyvhost-dimm0-mem",)})
+    assert plan_add(AddRequest(M128), taken, host()).device_id == "pyvhost-dimm1"
+
+
+def test_no_slots_configured() -> None:
+    assert codes(AddRequest(M128), state=vm(slots=0)) == [Code.NO_SLOTS_CONFIGURED]
+
+
+def test_no_free_slot() -> None:
+    assert codes(AddRequest(M128), state=vm(dimms=2, slots=2)) == [Code.NO_FREE_SLOT]
+
+
+def test_maxmem_exceeded() -> None:
+    state = vm(maxmem=512 * MiB)
+    assert codes(AddRequest(384 * MiB), state=state) == [Code.MAXMEM_EXCEEDED]
+    assert codes(AddRequest(256 * MiB), state=state) == []
+
+
+@pytest.mark.parametrize("size", [100 * MiB, M128 + 4096, 129 * MiB])
+def test_size_alignment(size: int) -> None:
+    assert codes(AddRequest(size)) == [Code.SIZE_ALIGNMENT]
+
+
+def test_size_alignment_to_hugepages() -> None:
+    big = host(free_2m=1024)
+    req = AddRequest(M128 + 1024 * 1024, hugepages=True)
+    assert codes(req, host_facts=big) == [Code.SIZE_ALIGNMENT]
+
+
+def test_id_in_use() -> None:
+    assert codes(AddRequest(M128, id="d0"), state=vm(dimms=1)) == [Code.ID_IN_USE,
+                                                                   Code.ID_IN_USE]
+
+
+@pytest.mark.parametrize("req", [AddRequest(M128, backend="ram"), AddRequest(M128, share=False)])
+def test_not_shared_with_vhost_user(req: AddRequest) -> None:
+    assert codes(req, state=vm(vhost_user=(vhost(),))) == [Code.NOT_SHARED_WITH_VHOST_USER]
+    assert codes(req) == []  # no vhost-user device: nobody needs to see it
+
+
+@pytest.mark.parametrize("boot", [backend("ram0", 256 * MiB, "memory-backend-ram"),
+                                  backend("ram0", 256 * MiB, share=False)])
+def test_boot_ram_not_shared(boot: object) -> None:
+    state = vm(vhost_user=(vhost(),), boot=boot)  # type: ignore[arg-type]
+    assert codes(AddRequest(M128), state=state) == [Code.BOOT_RAM_NOT_SHARED]
+
+
+def test_region_limit_counts_regions_not_dimms() -> None:
+    # q35 boot RAM is 2 regions: 6 DIMMs reach DPDK's 8.
+    assert codes(AddRequest(M128), state=vm(dimms=5, vhost_user=(vhost(False),))) == []
+    refused = codes(AddRequest(M128), state=vm(dimms=6, vhost_user=(vhost(False),)))
+    assert refused == [Code.VHOST_USER_REGION_LIMIT]
+
+
+def test_region_limit_unknown_is_assumed_and_noted() -> None:
+    state = vm(dimms=6, vhost_user=(vhost(None),))
+    plan = plan_add(AddRequest(M128), state, host())
+    assert [r.code for r in plan.refusals] == [Code.VHOST_USER_REGION_LIMIT]
+    assert "has not started" in plan.notes[0]
+    assert not plan_add(AddRequest(M128, assume_region_limit=256), state, host()).refused
+    assert not plan_add(AddRequest(M128), vm(dimms=6, vhost_user=(vhost(True),)),
+                        host()).refused
+
+
+def test_hugepages_short_global_and_per_node() -> None:
+    assert codes(AddRequest(M128, hugepages=True)) == [Code.HUGEPAGES_SHORT]
+    assert codes(AddRequest(M128, hugepages=True), host_facts=host(free_2m=64)) == []
+    bind = AddRequest(M128, hugepages=True, host_nodes=(0,), policy="bind")
+    assert codes(bind, host_facts=host(free_2m=64, node_free=10)) == [Code.HUGEPAGES_SHORT]
+    assert codes(bind, host_facts=host(free_2m=64, node_free=64)) == []
+
+
+def test_mem_path_missing_and_not_hugetlbfs() -> None:
+    missing = host(mem_path=PathFacts("/x/y", False, "ext4", None))
+    req = AddRequest(M128, backend="file", mem_path="/x/y")
+    assert codes(req, host_facts=missing) == [Code.MEM_PATH_MISSING]
+    tmpfs = host(mem_path=PathFacts("/dev/shm", True, "tmpfs", None), free_2m=64)
+    huge = AddRequest(M128, backend="file", mem_path="/dev/shm", hugepages=True)
+    assert codes(huge, host_facts=tmpfs) == [Code.MEM_PATH_NOT_HUGETLBFS]
+    hugetlbfs = host(mem_path=PathFacts("/dev/hugepages", True, "hugetlbfs", 2 * MiB))
+    on_huge = AddRequest(M128, backend="file", mem_path="/dev/hugepages")
+    assert codes(on_huge, host_facts=hugetlbfs) == [Code.HUGEPAGES_SHORT]
+
+
+def test_numa_node_out_of_range() -> None:
+    assert codes(AddRequest(M128, node=1)) == [Code.NUMA_NODE_OUT_OF_RANGE]
+    assert codes(AddRequest(M128, node=0)) == []
+    assert codes(AddRequest(M128, node=1), state=vm(numa_nodes=2)) == []
+    assert codes(AddRequest(M128, node=2), state=vm(numa_nodes=2)) == [
+        Code.NUMA_NODE_OUT_OF_RANGE]
+
+
+def test_host_node_missing() -> None:
+    req = AddRequest(M128, host_nodes=(3,), policy="bind")
+    assert codes(req) == [Code.HOST_NODE_MISSING]
+
+
+def test_remove_plan() -> None:
+    plan = plan_remove("d1", vm(dimms=2))
+    assert [(s.command, dict(s.arguments)) for s in plan.steps] == [
+        ("device_del", {"id": "d1"}), ("object-del", {"id": "d1-mem"})]
+    assert plan.steps[0].wait_deleted == "d1"
+    assert [r.code for r in plan_remove("zz", vm()).refusals] == [Code.DEVICE_NOT_FOUND]
+
+
+@given(dimms=st.integers(0, 8), slots=st.integers(0, 8), size_blocks=st.integers(1, 40),
+       maxmem_gib=st.integers(1, 8))
+def test_slot_and_maxmem_refusals_match_arithmetic(dimms: int, slots: int, size_blocks: int,
+                                                   maxmem_gib: int) -> None:
+    dimms = min(dimms, slots)
+    state = vm(dimms=dimms, slots=slots, maxmem=maxmem_gib * GiB)
+    size = size_blocks * M128
+    got = set(codes(AddRequest(size), state=state))
+    left = maxmem_gib * GiB - state.boot_memory - dimms * M128
+    assert (Code.NO_SLOTS_CONFIGURED in got) == (slots == 0)
+    assert (Code.NO_FREE_SLOT in got) == (slots > 0 and dimms >= slots)
+    assert (Code.MAXMEM_EXCEEDED in got) == (slots > 0 and size > max(left, 0))
+    plan = plan_add(AddRequest(size), state, host())
+    # Whatever the verdict, the steps and their undo are the same shape.
+    assert [u.command for u in plan.undo_steps()] == ["device_del", "object-del"]
