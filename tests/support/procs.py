@@ -92,13 +92,14 @@ class Procs:
         return self.start(argv, name, stop_signal=signal.SIGINT)
 
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
-                stdin_pipe: bool = True) -> Started:
-        """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core."""
+                stdin_pipe: bool = True, eal_args: Sequence[str] = ()) -> Started:
+        """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core.
+        ``eal_args`` go before ``--vdev`` (e.g. ``--main-lcore 1`` to forward on core 0)."""
         binary = need("dpdk-testpmd", "dpdk-dev")
         prefix = f"pyvhost-{name}-{uuid.uuid4().hex[:8]}"
         # stdbuf: testpmd's stdout to a file is fully buffered, and tests wait for lines.
         argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--no-huge", "-m", "512", "--no-pci",
-                "--file-prefix", prefix, "--vdev", vdev, "--",
+                "--file-prefix", prefix, *eal_args, "--vdev", vdev, "--",
                 "--nb-cores=1", "--total-num-mbufs=2048", *app_args]
         return self.start(argv, name, stdin_pipe=stdin_pipe, stop_signal=signal.SIGINT,
                           dpdk_prefix=prefix)

@@ -48,7 +48,7 @@ from pyvhost.protocol.constants import (
 from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, send_message
 from pyvhost.virtq import VirtqueueError
 
-from .device import DeviceConfigError, QueueContext, VirtioDevice
+from .device import DeviceConfigError, DeviceHost, QueueContext, VirtioDevice
 from .vring import Vring
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,12 @@ class Loop:
     def unwatch(self, fd: int) -> None:
         raise NotImplementedError
 
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the next turn of the loop, after the fds ready now."""
+        raise NotImplementedError
 
-class Connection:
+
+class Connection(DeviceHost):
     """The back-end side of one vhost-user socket."""
 
     def __init__(self, sock: socket.socket, device: VirtioDevice, loop: Loop,
@@ -147,7 +151,9 @@ class Connection:
         self.status = 0
         self.close_reason: str | None = None
         self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0}
+        self._again: set[int] = set()
         sock.setblocking(False)
+        device.attach(self)
 
     @property
     def closed(self) -> bool:
@@ -280,14 +286,19 @@ class Connection:
 
     def serve_queue(self, index: int) -> None:
         """Hand queue ``index`` to the device with the current memory held."""
-        vring = self.vrings[index]
-        if not vring.ready:
+        if not self.vrings[index].ready:
+            return
+        device = self.device
+        self.run_device(index, lambda ctx: device.handle_kick(ctx, index))
+
+    def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
+        if self.phase is Phase.CLOSED:
             return
         with self.memory.hold() as mem:
             ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
             ctx = QueueContext(mem, ready, self._notify)
             try:
-                self.device.handle_kick(ctx, index)
+                fn(ctx)
             except (VirtqueueError, GuestAddressError, PeerError) as e:
                 # A device may serve other queues than the one kicked (ReflectNet serves
                 # its tx queue on an rx kick): report the queue that broke, not the kicked.
@@ -297,6 +308,17 @@ class Connection:
             except Exception as e:  # a device bug breaks this queue, not the process
                 log.exception("%s: device failed on queue %d", self.name, index)
                 self._break_queue(index, f"device error: {e!r}")
+
+    def serve_again(self, index: int) -> None:
+        if index in self._again or self.phase is Phase.CLOSED:
+            return
+        self._again.add(index)
+
+        def again() -> None:
+            self._again.discard(index)
+            self.serve_queue(index)
+
+        self.loop.call_soon(again)
 
     def _notify(self, index: int) -> None:
         vring = self.vrings[index]

@@ -40,6 +40,29 @@ class QueueContext:
         self._notify(index)
 
 
+class DeviceHost(ABC):
+    """What serves a device (its connection), as the device may use it outside a kick: a
+    switch port receives frames from other ports and must write them into its own receive
+    queue. The host holds its memory snapshot around the call and owns error handling: a
+    guest error raised inside ``fn`` breaks the queue that broke (SET_VRING_ERR,
+    DEVICE_NEEDS_RESET), never the caller."""
+
+    #: Shown in logs and status output (the connection's name).
+    name: str
+
+    @abstractmethod
+    def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
+        """Call ``fn`` with a context of the ready queues; ``index`` is the queue blamed
+        for an error no queue claims. Does nothing once the connection is closed."""
+
+    @abstractmethod
+    def serve_again(self, index: int) -> None:
+        """Call the device's ``handle_kick(ctx, index)`` again on the loop's next turn,
+        after the other fds that are ready: a device that stops serving a busy queue to
+        let other ports run asks for this instead of waiting for a kick that a driver
+        with a full ring never sends."""
+
+
 class VirtioDevice(ABC):
     """Base class of devices. Override what your device has."""
 
@@ -65,6 +88,9 @@ class VirtioDevice(ABC):
     def set_config(self, offset: int, data: bytes) -> None:
         """SET_CONFIG from the driver. Raise DeviceConfigError to refuse."""
         raise DeviceConfigError("config space is read-only")
+
+    def attach(self, host: DeviceHost) -> None:  # noqa: B027 - optional hook
+        """The connection that serves this device, given once, before any other call."""
 
     def features_acked(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end's SET_FEATURES (already checked against what was offered)."""

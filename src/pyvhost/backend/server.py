@@ -41,6 +41,9 @@ class Server(Loop):
         self._stopping = False
         self._count = 0
         self._control: set[str] = set()
+        self._soon: list[Callable[[], None]] = []
+        #: Extra top-level keys of describe(): name -> function returning the value.
+        self.describers: dict[str, Callable[[], object]] = {}
         # A self-pipe so that stop() from a signal handler or another thread wakes select.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.watch(self._wake_r, self._drain_wake)
@@ -54,6 +57,9 @@ class Server(Loop):
         if self._callbacks.pop(fd, None) is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(fd)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self._soon.append(callback)
 
     # -- sockets -------------------------------------------------------------------------
     def listen(self, path: str, *, control: bool = False) -> None:
@@ -138,9 +144,13 @@ class Server(Loop):
 
     # -- running -------------------------------------------------------------------------
     def run_once(self, timeout: float | None = None) -> None:
-        for key, _ in self.sel.select(timeout):
+        for key, _ in self.sel.select(0 if self._soon else timeout):
             callback = self._callbacks.get(key.data)
             if callback is not None:
+                callback()
+        if self._soon:
+            soon, self._soon = self._soon, []
+            for callback in soon:
                 callback()
 
     def run(self, until: Callable[[], bool] | None = None, tick: float = 0.5) -> None:
@@ -177,9 +187,13 @@ class Server(Loop):
         self.sel.close()
 
     def describe(self) -> dict[str, object]:
-        return {"pid": os.getpid(),
-                "listening": sorted(p for p in self.listeners if p not in self._control),
-                "connections": [c.describe() for c in self.connections]}
+        state: dict[str, object] = {
+            "pid": os.getpid(),
+            "listening": sorted(p for p in self.listeners if p not in self._control),
+            "connections": [c.describe() for c in self.connections]}
+        for key, describe in self.describers.items():
+            state[key] = describe()
+        return state
 
 
 def _socket_in_use(path: str) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 
 from pyvhost.backend.device import QueueContext, VirtioDevice
+from pyvhost.memory import GuestMemory
 from pyvhost.protocol.constants import VirtioFeature
 from pyvhost.virtq import DescriptorChain, SplitQueue
 
@@ -30,6 +31,7 @@ MAX_FRAME = 65550
 HDR_LEGACY, HDR_V1 = 10, 12
 BATCH = 64
 _NUM_BUFFERS = struct.Struct("<H")
+_ONE_BUFFER = b"\x01\x00"
 
 
 class ReflectNet(VirtioDevice):
@@ -110,9 +112,10 @@ class ReflectNet(VirtioDevice):
             data[h:h + 6], data[h + 6:h + 12] = data[h + 6:h + 12], data[h:h + 6]
             # The header goes back as a plain "no offload" header.
             data[0:hdr_len] = bytes(hdr_len)
-            drop = "drop_no_rx_buffer" if rx is None else self._deliver(ctx, rx, data, used)
+            drop = "no_rx_buffer" if rx is None else write_rx_frame(
+                ctx.mem, rx, data, hdr_len=hdr_len, mrg_rxbuf=self.mrg_rxbuf, used=used)
             if drop is not None:
-                self.stats[drop] += 1
+                self.stats["drop_" + drop] += 1
                 continue
             self.stats["rx_frames"] += 1
             self.stats["rx_bytes"] += frame_len
@@ -120,36 +123,53 @@ class ReflectNet(VirtioDevice):
             rx.push_used_batch(used)
             ctx.notify(RX)
 
-    def _deliver(self, ctx: QueueContext, rx: SplitQueue, data: bytearray,
-                 used: list[tuple[int, int]]) -> str | None:
-        """Write one frame into receive buffers; None on success, else the drop reason."""
-        first = rx.pop(ctx.mem)
-        if first is None:
-            return "drop_no_rx_buffer"
-        room = first.writable_len
-        if room >= len(data):
-            if self.hdr_len == HDR_V1:
-                _NUM_BUFFERS.pack_into(data, 10, 1)
-            used.append((first.head, first.write(ctx.mem, data)))
-            return None
-        if not self.mrg_rxbuf:
-            # Without MRG_RXBUF a frame must fit one chain; never truncate. The chain goes
-            # back to the ring untouched.
-            rx.unpop(1)
-            return "drop_too_big"
-        chains = [first]
-        while room < len(data):
-            nxt = rx.pop(ctx.mem)
-            if nxt is None:
-                # Not enough buffers: put back what we took, for the next frame.
-                rx.unpop(len(chains))
-                return "drop_no_rx_buffer"
-            chains.append(nxt)
-            room += nxt.writable_len
-        _NUM_BUFFERS.pack_into(data, 10, len(chains))
-        pos = 0
-        for c in chains:
-            n = c.write(ctx.mem, memoryview(data)[pos:])
-            used.append((c.head, n))
-            pos += n
+
+def write_rx_frame(mem: GuestMemory, rx: SplitQueue, data: bytes | bytearray, *,
+                   hdr_len: int, mrg_rxbuf: bool, used: list[tuple[int, int]]) -> str | None:
+    """Write one frame (``hdr_len`` bytes of virtio-net header, then the Ethernet frame)
+    into the receive queue's buffers. Appends the chains used to ``used`` (the caller
+    returns them in one batch); returns None on success, else the drop reason:
+    ``no_rx_buffer`` or ``too_big``. A frame is never truncated: a dropped frame leaves
+    the chains it looked at in the ring, untouched.
+
+    With a 12-byte header, ``num_buffers`` is set to the number of chains used ("the
+    device MUST set num_buffers to the number of descriptors used ..."; 1 without
+    MRG_RXBUF). A ``bytearray`` is patched in place, ``bytes`` are copied only when the
+    field differs.
+    """
+    first = rx.pop(mem)
+    if first is None:
+        return "no_rx_buffer"
+    room = first.writable_len
+    size = len(data)
+    if room >= size:
+        if hdr_len == HDR_V1 and data[10:12] != _ONE_BUFFER:
+            data = _with_num_buffers(data, 1)
+        used.append((first.head, first.write(mem, data)))
         return None
+    if not mrg_rxbuf:
+        # Without MRG_RXBUF a frame must fit one chain; the chain goes back untouched.
+        rx.unpop(1)
+        return "too_big"
+    chains = [first]
+    while room < size:
+        nxt = rx.pop(mem)
+        if nxt is None:
+            # Not enough buffers: put back what we took, for the next frame.
+            rx.unpop(len(chains))
+            return "no_rx_buffer"
+        chains.append(nxt)
+        room += nxt.writable_len
+    view = memoryview(_with_num_buffers(data, len(chains)))
+    pos = 0
+    for c in chains:
+        n = c.write(mem, view[pos:])
+        used.append((c.head, n))
+        pos += n
+    return None
+
+
+def _with_num_buffers(data: bytes | bytearray, n: int) -> bytearray:
+    buf = data if isinstance(data, bytearray) else bytearray(data)
+    _NUM_BUFFERS.pack_into(buf, 10, n)
+    return buf

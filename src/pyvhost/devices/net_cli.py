@@ -1,4 +1,4 @@
-"""``pyvhost net``: serve virtio-net over vhost-user sockets until Ctrl-C."""
+"""``pyvhost net``: a learning switch (or reflectors) over vhost-user sockets and taps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from types import FrameType
 
 import click
 
-from pyvhost.backend import Server
+from pyvhost.backend import Server, VirtioDevice
 from pyvhost.errors import LocalError
+from pyvhost.switch import Switch, SwitchPort, TapPort
+from pyvhost.switch.table import DEFAULT_AGING
 
 from .net import ReflectNet
 
@@ -29,48 +31,67 @@ def _parse_mac(value: str) -> bytes:
 
 
 @click.command()
-@click.option("--socket", "sockets", metavar="PATH", multiple=True, required=True,
+@click.option("--socket", "sockets", metavar="PATH", multiple=True,
               help="Unix socket to listen on for a front-end (QEMU, DPDK virtio_user). "
-                   "Repeat for several ports.")
+                   "Repeat for several ports; each connection is one switch port.")
+@click.option("--tap", "taps", metavar="NAME", multiple=True,
+              help="Create a tap interface NAME (removed at exit) as a switch port. Repeat "
+                   "for several.")
 @click.option("--reflect", is_flag=True,
-              help="Send every frame a port transmits back to it with the MAC addresses "
-                   "swapped (like testpmd's macswap): a traffic sink that counts.")
+              help="Instead of switching: send every frame a port transmits back to it "
+                   "with the MAC addresses swapped (like testpmd's macswap).")
 @click.option("--mac", default="52:54:00:12:34:56", show_default=True,
-              help="MAC address in the device's config space.")
+              help="MAC address in the device's config space; with the switch, the n-th "
+                   "connection gets this address plus n-1.")
+@click.option("--mac-aging", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_AGING, show_default=True,
+              help="Forget a learned MAC address after this long without a frame from it.")
 @click.option("--control", metavar="PATH",
               help="Also listen on this Unix socket for status requests: each connection "
-                   "gets the ports, their memory tables and counters as one JSON line "
-                   "(see `pyvhost status`).")
+                   "gets the ports, MAC table, memory tables and counters as one JSON "
+                   "line (see `pyvhost status`).")
 @click.option("--stats/--no-stats", default=True, show_default=True,
-              help="Print each connection's counters as JSON on stderr when it closes "
-                   "and at exit.")
-def net(sockets: tuple[str, ...], reflect: bool, mac: str, control: str | None,
-        stats: bool) -> None:
-    """Serve a virtio-net device on vhost-user sockets (server mode) until Ctrl-C.
+              help="Print the counters as JSON on stderr at exit.")
+def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str,
+        mac_aging: float, control: str | None, stats: bool) -> None:
+    """Serve virtio-net ports on vhost-user sockets (server mode) and taps: an L2 learning
+    switch between all of them, until Ctrl-C.
 
     \b
-    Example, with DPDK testpmd as the front-end generating traffic:
-        pyvhost net --socket /tmp/vh0.sock --reflect &
-        dpdk-testpmd -l 0-1 --no-huge -m 512 --no-pci --file-prefix fe \\
+    Two DPDK testpmd front-ends and the host, switched:
+        pyvhost net --socket /tmp/vh0.sock --socket /tmp/vh1.sock --tap pv0 \\
+            --control /tmp/pyvhost.ctl &
+        dpdk-testpmd -l 0-1 --no-huge -m 512 --no-pci --file-prefix a \\
             --vdev 'net_virtio_user0,path=/tmp/vh0.sock,queues=1' -- \\
-            --nb-cores=1 --total-num-mbufs=2048 --forward-mode=io --tx-first
+            --nb-cores=1 --total-num-mbufs=2048 --forward-mode=txonly
+        pyvhost status /tmp/pyvhost.ctl
     \b
     With QEMU (the socket must exist before QEMU starts):
         -chardev socket,id=c0,path=/tmp/vh0.sock -netdev vhost-user,id=n0,chardev=c0 \\
         -device virtio-net-pci,netdev=n0
     """
-    if not reflect:
-        raise click.UsageError("only reflector ports exist so far: pass --reflect "
-                               "(the learning switch comes next)")
+    if not sockets and not taps:
+        raise click.UsageError("give at least one --socket or --tap")
+    if reflect and taps:
+        raise click.UsageError("--reflect serves vhost-user sockets only, not --tap")
     mac_bytes = _parse_mac(mac)
-    devices: list[ReflectNet] = []
+    switch = Switch(mac_aging)
+    reflectors: list[ReflectNet] = []
+    count = 0
 
-    def factory() -> ReflectNet:
-        dev = ReflectNet(mac_bytes)
-        devices.append(dev)
-        return dev
+    def factory() -> VirtioDevice:
+        nonlocal count
+        count += 1
+        if reflect:
+            dev = ReflectNet(mac_bytes)
+            reflectors.append(dev)
+            return dev
+        return SwitchPort(switch, _nth_mac(mac_bytes, count - 1))
 
     server = Server(factory)
+    if not reflect:
+        server.describers["switch"] = switch.describe
+    tap_ports: list[TapPort] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop()
@@ -80,20 +101,35 @@ def net(sockets: tuple[str, ...], reflect: bool, mac: str, control: str | None,
     try:
         for path in sockets:
             server.listen(path)
+        for name in taps:
+            tap_ports.append(TapPort(name, switch, server).open())
         if control:
             server.listen_control(control)
-        click.echo(f"pyvhost net: serving {', '.join(sockets)} (reflect); Ctrl-C to stop",
-                   err=True)
+        ports = [*sockets, *(f"tap {t}" for t in taps)]
+        click.echo(f"pyvhost net: serving {', '.join(ports)} "
+                   f"({'reflect' if reflect else 'switch'}); Ctrl-C to stop", err=True)
         server.run()
     except LocalError as e:
         raise click.ClickException(str(e)) from e
     finally:
+        for tap in tap_ports:
+            tap.close()
         server.close()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
-        if stats:
+        if stats and reflect:
             totals: dict[str, int] = {}
-            for dev in devices:
+            for dev in reflectors:
                 for k, v in dev.stats.items():
                     totals[k] = totals.get(k, 0) + v
-            print(json.dumps({"connections": len(devices), "stats": totals}), file=sys.stderr)
+            print(json.dumps({"connections": len(reflectors), "stats": totals}),
+                  file=sys.stderr)
+        elif stats:
+            print(json.dumps({"connections": count, "switch": switch.describe()}),
+                  file=sys.stderr)
+
+
+def _nth_mac(base: bytes, n: int) -> bytes:
+    """``base`` plus ``n`` in its last three octets (the NIC-specific part)."""
+    low = (int.from_bytes(base[3:], "big") + n) & 0xFFFFFF
+    return base[:3] + low.to_bytes(3, "big")

@@ -150,6 +150,11 @@ class GuestMemory:
         A buffer may straddle adjacent regions. Every piece is checked before the first is
         returned, so a caller never touches part of an invalid range.
         """
+        # Fast path: the whole range in one region (almost every buffer).
+        i = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0 and length > 0 and gpa + length <= self._gpa_ends[i]:
+            hit = self.regions[i]
+            return iter(((hit.mm, hit.base + (gpa - hit.gpa_start), length),))
         pieces: list[tuple[mmap.mmap, int, int]] = []
         if length < 0:
             raise GuestAddressError(f"negative length {length}")
@@ -165,11 +170,23 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory starting at ``gpa``."""
+        i = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0 and length >= 0 and gpa + length <= self._gpa_ends[i]:
+            region = self.regions[i]
+            off = region.base + (gpa - region.gpa_start)
+            return region.mm[off:off + length]
         parts = [mm[off:off + n] for mm, off, n in self.segments(gpa, length)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into guest memory at ``gpa``."""
+        n = len(data)
+        i = bisect.bisect_right(self._gpa_starts, gpa) - 1
+        if i >= 0 and gpa + n <= self._gpa_ends[i]:
+            region = self.regions[i]
+            off = region.base + (gpa - region.gpa_start)
+            region.mm[off:off + n] = data
+            return
         view = memoryview(data)
         pos = 0
         for mm, off, n in self.segments(gpa, len(view)):

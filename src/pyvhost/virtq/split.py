@@ -54,14 +54,19 @@ class DescriptorChain:
 
     @property
     def readable_len(self) -> int:
-        return sum(n for _, n in self.readable)
+        r = self.readable
+        return r[0][1] if len(r) == 1 else sum(n for _, n in r)
 
     @property
     def writable_len(self) -> int:
-        return sum(n for _, n in self.writable)
+        w = self.writable
+        return w[0][1] if len(w) == 1 else sum(n for _, n in w)
 
     def read(self, mem: GuestMemory, limit: int | None = None) -> bytes:
         """The readable buffers' bytes, concatenated (at most ``limit`` bytes)."""
+        if len(self.readable) == 1:
+            gpa, n = self.readable[0]
+            return mem.read(gpa, n if limit is None else max(0, min(n, limit)))
         parts: list[bytes] = []
         left = self.readable_len if limit is None else limit
         for gpa, n in self.readable:
@@ -74,6 +79,9 @@ class DescriptorChain:
 
     def write(self, mem: GuestMemory, data: bytes | bytearray | memoryview) -> int:
         """Scatter ``data`` over the writable buffers; returns bytes written (may be short)."""
+        if len(self.writable) == 1 and self.writable[0][1] >= len(data):
+            mem.write(self.writable[0][0], data)
+            return len(data)
         view = memoryview(data)
         pos = 0
         for gpa, n in self.writable:
@@ -103,6 +111,10 @@ class SplitQueue:
         self._avail: tuple[mmap.mmap, int] | None = None
         self._used: tuple[mmap.mmap, int] | None = None
         self._signalled_used: int | None = None
+        #: The avail idx as last read: chains up to it are known available, so pop() reads
+        #: the index again only when it has caught up (always a value the driver wrote,
+        #: checked against the size when read).
+        self._shadow_avail = 0
         self.broken: str | None = None
 
     # -- configuration -------------------------------------------------------------------
@@ -116,6 +128,7 @@ class SplitQueue:
     def set_base(self, base: int) -> None:
         self.last_avail_idx = base & 0xFFFF
         self.used_idx = base & 0xFFFF
+        self._shadow_avail = self.last_avail_idx
         self._signalled_used = None
 
     def set_addresses(self, desc_va: int, avail_va: int, used_va: int) -> None:
@@ -180,11 +193,12 @@ class SplitQueue:
         if n > self.size:
             raise self.break_(f"avail idx moved {n} past last seen, more than the queue "
                               f"size {self.size}")
+        self._shadow_avail = (self.last_avail_idx + n) & 0xFFFF
         return n
 
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain, or None when the ring is empty."""
-        if self.pending() == 0:
+        if self.last_avail_idx == self._shadow_avail and self.pending() == 0:
             return None
         mm, off = self._ring(self._avail)
         slot = self.last_avail_idx % self.size

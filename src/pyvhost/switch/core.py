@@ -1,0 +1,169 @@
+"""The learning switch: ports, forwarding decisions and per-port counters.
+
+A :class:`Switch` is shared by every port of one ``pyvhost net`` process. A port hands it
+a batch of frames it received (:meth:`Switch.receive`); the switch learns each source MAC,
+picks the egress ports (the one port a known unicast address lives on, or every other port
+for broadcast, multicast and unknown unicast; never the ingress port) and gives each egress
+port its frames as one batch (:meth:`Port.deliver`), so a port signals its driver once per
+batch, not once per frame.
+
+Frames are ``bytes``-like: a 12-byte virtio-net header (``struct virtio_net_hdr`` with
+``num_buffers``, as VERSION_1 and MRG_RXBUF lay it out) followed by the Ethernet frame. The
+header travels between ports unchanged. Ports validate what they receive before handing it
+over (at least a header and an Ethernet header; see :data:`MIN_FRAME`), so the switch
+reads addresses without checks.
+
+This module owns no fd and knows nothing of vhost-user or taps: the ports do
+(:mod:`.vhost`, :mod:`.tap`). Everything runs on the server's one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+from .table import DEFAULT_AGING, MacTable
+
+#: Bytes of the virtio-net header every frame starts with inside the switch.
+NET_HDR = 12
+#: The smallest frame a port may hand over: a header and an Ethernet header (dst, src, type).
+MIN_FRAME = NET_HDR + 14
+#: Largest Ethernet frame carried (64 KiB of payload plus Ethernet and VLAN headers).
+MAX_ETHERNET = 65550
+#: Ports that left are kept for status output, this many, newest last.
+DEPARTED_KEPT = 32
+#: How often (seconds of the switch's clock) receive() sweeps aged entries out.
+SWEEP_EVERY = 1.0
+
+
+class PortCounters:
+    """What one port did, from the switch's side: ``rx`` is what the switch received from
+    the port (the port's guest or tap transmitted it), ``tx`` what the switch sent out of
+    the port. Bytes count Ethernet frames, without the virtio-net header. Drops are counted
+    by reason, on the port where they happened: ``rx_drops`` for frames refused on the way
+    in (malformed, too_big, bad_descriptor), ``tx_drops`` for frames the port could not
+    take (no_rx_buffer, too_big, port_down, error)."""
+
+    __slots__ = ("rx_bytes", "rx_drops", "rx_frames", "tx_bytes", "tx_drops", "tx_frames")
+
+    def __init__(self) -> None:
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.rx_drops: dict[str, int] = {}
+        self.tx_drops: dict[str, int] = {}
+
+    def drop_rx(self, reason: str, n: int = 1) -> None:
+        self.rx_drops[reason] = self.rx_drops.get(reason, 0) + n
+
+    def drop_tx(self, reason: str, n: int = 1) -> None:
+        self.tx_drops[reason] = self.tx_drops.get(reason, 0) + n
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+                "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
+                "rx_drops": dict(self.rx_drops), "tx_drops": dict(self.tx_drops)}
+
+
+class Port(ABC):
+    """One port of a switch. A port counts its own tx side (in :meth:`deliver`) and its rx
+    drops; the switch counts accepted rx frames."""
+
+    #: "vhost-user" or "tap"; shown in status output.
+    kind = "port"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.counters = PortCounters()
+
+    @abstractmethod
+    def deliver(self, frames: Sequence[bytes | bytearray]) -> None:
+        """Send ``frames`` out of this port; count what went (tx) and what was dropped
+        (tx_drops). Must never raise because of what the port's peer did, and must not
+        block."""
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "kind": self.kind, **self.counters.as_dict()}
+
+
+class Switch:
+    """An L2 learning switch over any number of :class:`Port` objects."""
+
+    def __init__(self, aging: float = DEFAULT_AGING, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.table: MacTable[Port] = MacTable(aging, clock=clock)
+        self.clock = clock
+        self.ports: list[Port] = []
+        self.departed: list[dict[str, object]] = []
+        self._next_sweep = clock() + SWEEP_EVERY
+
+    # -- membership ----------------------------------------------------------------------
+    def add_port(self, port: Port) -> None:
+        if port not in self.ports:
+            self.ports.append(port)
+
+    def remove_port(self, port: Port) -> None:
+        """The port left: forget the addresses learned on it; keep its final counters."""
+        if port not in self.ports:
+            return
+        self.ports.remove(port)
+        self.table.flush(port)
+        self.departed.append(port.describe())
+        del self.departed[:-DEPARTED_KEPT]
+
+    # -- forwarding ----------------------------------------------------------------------
+    def receive(self, ingress: Port, frames: Sequence[bytes | bytearray]) -> None:
+        """Forward frames that ``ingress`` received (each at least :data:`MIN_FRAME` long)."""
+        if not frames:
+            return
+        now = self.clock()
+        if now >= self._next_sweep:
+            self.table.expire(now)
+            self._next_sweep = now + SWEEP_EVERY
+        table = self.table
+        c = ingress.counters
+        c.rx_frames += len(frames)
+        nbytes = 0
+        out: dict[Port, list[bytes | bytearray]] = {}
+        others: list[Port] | None = None
+        for frame in frames:
+            nbytes += len(frame)
+            table.learn(bytes(frame[18:24]), ingress, now)
+            dst = bytes(frame[12:18])
+            port = None if dst[0] & 1 else table.lookup(dst, now)
+            if port is None:
+                # Broadcast, multicast or unknown unicast: every port but the ingress one.
+                if others is None:
+                    others = [p for p in self.ports if p is not ingress]
+                for p in others:
+                    batch = out.get(p)
+                    if batch is None:
+                        out[p] = [frame]
+                    else:
+                        batch.append(frame)
+            elif port is ingress:
+                # The destination lives behind the port the frame came from: a switch
+                # filters it (802.1D), it never goes back.
+                c.drop_rx("same_port")
+            else:
+                batch = out.get(port)
+                if batch is None:
+                    out[port] = [frame]
+                else:
+                    batch.append(frame)
+        c.rx_bytes += nbytes - NET_HDR * len(frames)
+        for port, batch in out.items():
+            port.deliver(batch)
+
+    # -- status --------------------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        now = self.clock()
+        return {
+            "mac_aging": self.table.aging,
+            "mac_table": [{"mac": mac.hex(":"), "port": port.name, "age": round(age, 3)}
+                          for mac, port, age in self.table.entries(now)],
+            "ports": [p.describe() for p in self.ports],
+            "departed": list(self.departed),
+        }

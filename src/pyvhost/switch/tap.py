@@ -1,0 +1,138 @@
+"""A Linux tap device as a port of the switch, so that VMs reach the host and namespaces.
+
+The tap is created when the port opens (``/dev/net/tun``, TUNSETIFF with
+IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, then TUNSETVNETHDRSZ 12 so that every frame read or
+written starts with the same 12-byte virtio-net header the vhost-user ports carry) and
+brought up (SIOCSIFFLAGS IFF_UP). It is not made persistent, so the kernel removes it
+when its fd closes: on :meth:`TapPort.close`, or whenever the process ends.
+
+No offload is enabled (no TUNSETOFFLOAD), so the kernel hands us neither partial
+checksums nor GSO frames; it may mark a frame DATA_VALID, which is cleared here because no
+vhost-user port negotiates GUEST_CSUM yet. Reads are non-blocking, at most :data:`BATCH`
+per wake-up (the selector is level-triggered: what is left wakes it again).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+from collections.abc import Sequence
+
+from pyvhost.backend.connection import Loop
+from pyvhost.errors import LocalError
+
+from .core import MAX_ETHERNET, MIN_FRAME, NET_HDR, Port, Switch
+
+log = logging.getLogger(__name__)
+
+# linux/if_tun.h and linux/sockios.h
+TUNSETIFF = 0x400454CA
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFNAMSIZ = 16
+#: struct ifreq is 40 bytes on x86_64: the name, then a 24-byte union.
+_IFREQ = struct.Struct("16sH22x")
+#: virtio_net_hdr flags
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+
+BATCH = 64
+READ_SIZE = NET_HDR + MAX_ETHERNET
+
+
+class TapPort(Port):
+    """One tap interface, owned by this process."""
+
+    kind = "tap"
+
+    def __init__(self, ifname: str, switch: Switch, loop: Loop) -> None:
+        if not ifname or len(ifname.encode()) >= IFNAMSIZ or "/" in ifname:
+            raise LocalError(f"{ifname!r} is not a valid interface name "
+                             f"(1 to {IFNAMSIZ - 1} bytes)")
+        super().__init__(ifname)
+        self.switch = switch
+        self.loop = loop
+        self.fd = -1
+
+    def open(self) -> TapPort:
+        """Create the tap, bring it up, join the switch and start reading."""
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            ifr = _IFREQ.pack(self.name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", NET_HDR))
+            _set_up(self.name)
+        except OSError as e:
+            os.close(fd)
+            raise LocalError(f"can not create tap {self.name}: {e.strerror}"
+                             + (" (an interface of another kind has this name?)"
+                                if e.errno == errno.EINVAL else "")) from e
+        self.fd = fd
+        self.loop.watch(fd, self._readable)
+        self.switch.add_port(self)
+        log.info("tap %s: created", self.name)
+        return self
+
+    def close(self) -> None:
+        """Leave the switch and close the fd (the kernel removes the tap). Idempotent."""
+        if self.fd < 0:
+            return
+        self.loop.unwatch(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.switch.remove_port(self)
+
+    # -- from the tap into the switch ------------------------------------------------------
+    def _readable(self) -> None:
+        counters = self.counters
+        frames: list[bytes | bytearray] = []
+        for _ in range(BATCH):
+            try:
+                data: bytes | bytearray = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                log.warning("tap %s: read failed: %s", self.name, e)
+                break
+            if len(data) < MIN_FRAME or data[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM or data[1]:
+                counters.drop_rx("malformed")
+                continue
+            if data[0]:
+                data = bytearray(data)
+                data[0] = 0  # DATA_VALID: no port takes GUEST_CSUM yet
+            frames.append(data)
+        self.switch.receive(self, frames)
+
+    # -- from the switch out of the tap ----------------------------------------------------
+    def deliver(self, frames: Sequence[bytes | bytearray]) -> None:
+        counters = self.counters
+        sent = nbytes = 0
+        for data in frames:
+            try:
+                os.write(self.fd, data)
+            except BlockingIOError:
+                counters.drop_tx("no_rx_buffer")
+            except OSError as e:
+                # EIO: the interface is down (e.g. just moved into another namespace).
+                counters.drop_tx("port_down" if e.errno == errno.EIO else "error")
+            else:
+                sent += 1
+                nbytes += len(data)
+        counters.tx_frames += sent
+        counters.tx_bytes += nbytes - NET_HDR * sent
+
+
+def _set_up(ifname: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        got = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, _IFREQ.pack(ifname.encode(), 0))
+        flags = _IFREQ.unpack(got)[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, _IFREQ.pack(ifname.encode(), flags | IFF_UP))
