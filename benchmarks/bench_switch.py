@@ -11,6 +11,12 @@ back-end it starts:
 - a source: testpmd's virtio_user on A in ``txonly`` mode, frames addressed to the sink's
   MAC (so the switch forwards, not floods).
 
+Known problem (2026-11-25): testpmd's txonly source segfaults inside librte_net_virtio
+within seconds when the back-end is slower than it and keeps its transmit ring full (seen
+against pyvhost, not against testpmd's own net_vhost); whose bug it is has not been
+settled, so this benchmark has no figures in BENCHMARKS.md yet. The switch's tests use a
+closed macswap loop instead (tests/switch).
+
 It reports frames/s and Gbit/s delivered to the sink, and the back-end's CPU seconds per
 million frames (from /proc/PID/stat). The machine has 2 cores for three busy-polling
 processes: absolute figures are low and noisy; the ratio is the point.

@@ -1,8 +1,11 @@
-"""Fixtures: real QEMU 7.2 guests (paused, TCG) started through pyvhost.lab.qemu."""
+"""Fixtures: real QEMU 7.2 guests started through pyvhost.lab.qemu (TCG): paused ones with
+no kernel (``start_qemu``), and booted test guests (``boot_vm``, the image built once per
+session with virtio_mem among its modules)."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -11,10 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from pyvhost.hotplug.cli import mem
-from pyvhost.lab.qemu import Qemu, QemuConfig
+from pyvhost.lab.image import DEFAULT_MODULES, GuestImage, ImageBuildError, build_image
+from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Qemu, QemuConfig, guest_config
 from support.procs import need
 
 StartQemu = Callable[[QemuConfig], Qemu]
+BootVm = Callable[..., Qemu]
+# The lab image plus the virtio-mem driver (CONFIG_VIRTIO_MEM=m in Debian's cloud kernel).
+HOTPLUG_MODULES = (*DEFAULT_MODULES, "virtio_mem")
 
 
 @pytest.fixture
@@ -30,6 +37,41 @@ def start_qemu(tmp_path: Path) -> Iterator[StartQemu]:
 
     try:
         yield start
+    finally:
+        for q in reversed(started):
+            q.stop()
+
+
+@pytest.fixture(scope="session")
+def hotplug_image() -> GuestImage:
+    """The test guest (tests/lab's image, with virtio_mem), from the cache or built once."""
+    need("apt-get", "apt")
+    need("dpkg-deb", "dpkg")
+    try:
+        return build_image(modules=HOTPLUG_MODULES, update_lists=os.geteuid() == 0)
+    except ImageBuildError as e:
+        pytest.skip(f"cannot build the guest image: {e}")
+
+
+@pytest.fixture
+def boot_vm(hotplug_image: GuestImage, tmp_path: Path) -> Iterator[BootVm]:
+    """``boot_vm(ip=..., **QemuConfig fields)``: a booted guest at its ready marker;
+    ``q.console`` is its command channel, ``q.qmp_path`` the monitor for ``pyvhost mem``."""
+    need("qemu-system-x86_64", "qemu-system-x86")
+    if not QBOOT.is_file():
+        pytest.skip(f"{QBOOT} missing (Debian package qemu-system-data)")
+    started: list[Qemu] = []
+
+    def boot(**kwargs: Any) -> Qemu:
+        n = len(started)
+        q = Qemu(guest_config(hotplug_image, **kwargs), log=tmp_path / f"qemu{n}.log",
+                 console_log=tmp_path / f"console{n}.log")
+        started.append(q)
+        q.boot(BOOT_TIMEOUT)
+        return q
+
+    try:
+        yield boot
     finally:
         for q in reversed(started):
             q.stop()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvhost.hotplug.host import PathFacts
-from pyvhost.hotplug.plan import AddRequest, Code, plan_add, plan_remove
+from pyvhost.hotplug.plan import AddRequest, Code, plan_add, plan_remove, plan_resize
+from pyvhost.hotplug.state import MemoryDevice, VmState
 
-from .states import GiB, MiB, backend, host, vhost, vm
+from .states import GiB, MiB, backend, dimm, host, vhost, vm
 
 M128 = 128 * MiB
 
@@ -162,3 +165,44 @@ def test_slot_and_maxmem_refusals_match_arithmetic(dimms: int, slots: int, size_
     plan = plan_add(AddRequest(size), state, host())
     # Whatever the verdict, the steps and their undo are the same shape.
     assert [u.command for u in plan.undo_steps()] == ["device_del", "object-del"]
+
+
+def _with_virtio_mem(share: bool = True, requested: int = 0,
+                     vhost_user: bool = True) -> VmState:
+    state = vm(vhost_user=(vhost(True),) if vhost_user else ())
+    dev = MemoryDevice("vmem0", "virtio-mem", "vmem0-mem", 4 * GiB, requested, None, 0,
+                       False, False, requested_size=requested, block_size=2 * MiB,
+                       max_size=1 * GiB)
+    return replace(state, memory_devices=(dev,),
+                   backends=(*state.backends, backend("vmem0-mem", GiB, share=share)))
+
+
+def test_resize_plans_one_qom_set_undone_by_the_old_size() -> None:
+    plan = plan_resize("vmem0", 256 * MiB, _with_virtio_mem(requested=128 * MiB))
+    assert not plan.refused
+    (step,) = plan.steps
+    assert step.command == "qom-set" and step.wait_size == ("vmem0", 256 * MiB)
+    assert step.arguments == {"path": "/machine/peripheral/vmem0",
+                              "property": "requested-size", "value": 256 * MiB}
+    assert step.undo is not None and step.undo.arguments["value"] == 128 * MiB
+    assert any("prelaunch" in n for n in plan.notes)  # the guest must run to resize
+
+
+@pytest.mark.parametrize(("device", "size", "share", "code"), [
+    ("nope", M128, True, Code.DEVICE_NOT_FOUND),
+    ("d0", M128, True, Code.NOT_VIRTIO_MEM),
+    ("vmem0", 3 * MiB, True, Code.SIZE_ALIGNMENT),
+    ("vmem0", 2 * GiB, True, Code.VIRTIO_MEM_SIZE_EXCEEDED),
+    ("vmem0", M128, False, Code.NOT_SHARED_WITH_VHOST_USER),
+])
+def test_resize_refusals(device: str, size: int, share: bool, code: Code) -> None:
+    state = _with_virtio_mem(share=share)
+    if device == "d0":
+        state = replace(state, memory_devices=(dimm("d0", 0),))
+    assert [r.code for r in plan_resize(device, size, state).refusals] == [code]
+
+
+def test_virtio_mem_is_not_removed_but_shrunk() -> None:
+    plan = plan_remove("vmem0", _with_virtio_mem())
+    assert [r.code for r in plan.refusals] == [Code.BAD_REQUEST]
+    assert "resize" in plan.refusals[0].message

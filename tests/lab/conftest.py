@@ -1,17 +1,15 @@
 """Fixtures of the lab tests: the guest image (built once per session) and booted guests.
 
-Each guest is a real ``qemu-system-x86_64`` (TCG, q35, memfd boot RAM, qboot; TESTBED.md),
-started paused (``-S``) so the console is connected before the guest prints anything, then
-resumed over QMP. QEMU is started through ``procs``, so it is ended by pid when the test ends,
-pass or fail; the sockets' directory is removed after it.
+Each guest is a real ``qemu-system-x86_64`` (TCG, q35, memfd boot RAM, qboot; TESTBED.md)
+started by :class:`pyvhost.lab.qemu.Qemu`: paused (``-S``) so the console is connected before
+the guest prints anything, then resumed over QMP. It is ended by pid when the test ends, pass
+or fail, and its sockets' directory is removed after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.image import GuestImage, ImageBuildError, build_image
-from support.procs import Procs, Started, need, wait_for_socket
-
-QBOOT = Path("/usr/share/qemu/qboot.rom")
-BOOT_TIMEOUT = 300  # seconds to the ready marker: TCG on a busy 2-core machine
+from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Channel, Qemu, VhostUserNet, guest_config
+from support.procs import need
 
 
 @pytest.fixture(scope="session")
@@ -41,77 +37,38 @@ def guest_image() -> GuestImage:
 
 @dataclass
 class Vm:
-    qemu: Started
-    qmp: QEMUMonitorProtocol
+    qemu: Qemu
+    qmp: QEMUMonitorProtocol  # the monitor left free for tests (Qemu.qmp_path)
     console: GuestConsole
-    sockets: Path
 
 
 BootGuest = Callable[..., Vm]
 
 
 @pytest.fixture
-def boot_guest(guest_image: GuestImage, procs: Procs,
-               tmp_path: Path) -> Iterator[BootGuest]:
+def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuest]:
     """``boot_guest(ip=..., net_socket=..., channel="serial"|"virtio")``: a guest at its
     ready marker, with its QMP monitor connected."""
-    qemu_binary = need("qemu-system-x86_64", "qemu-system-x86")
+    need("qemu-system-x86_64", "qemu-system-x86")
     if not QBOOT.is_file():
         pytest.skip(f"{QBOOT} missing (Debian package qemu-system-data)")
     vms: list[Vm] = []
-    dirs: list[Path] = []
+    started: list[Qemu] = []
 
     def boot(*, ip: str | None = None, mac: str = "52:54:00:12:34:56",
-             net_socket: Path | None = None, channel: str = "serial",
+             net_socket: Path | None = None, channel: Channel = "serial",
              extra_args: Sequence[str] = ()) -> Vm:
-        # Unix socket paths have at most 107 bytes: tmp_path can be longer.
-        sockets = Path(tempfile.mkdtemp(prefix="pvlab-"))
-        dirs.append(sockets)
-        serial, port, qmp_path = sockets / "serial", sockets / "port", sockets / "qmp"
-        argv = [qemu_binary, "-machine", "q35,memory-backend=ram0",
-                "-object", "memory-backend-memfd,id=ram0,size=256M,share=on",
-                "-m", "256M,slots=8,maxmem=4G", "-accel", "tcg", "-bios", str(QBOOT),
-                "-nodefaults", "-nographic", "-no-reboot", "-S",
-                "-kernel", str(guest_image.kernel), "-initrd", str(guest_image.initrd),
-                "-chardev", f"socket,id=ser0,path={serial},server=on,wait=off",
-                "-serial", "chardev:ser0",
-                "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-        if channel == "virtio":
-            argv += ["-device", "virtio-serial-pci",
-                     "-chardev", f"socket,id=port0,path={port},server=on,wait=off",
-                     "-device", "virtserialport,chardev=port0,name=pyvhost.0"]
-            cmdline_channel: str | None = "port:pyvhost.0"
-        elif channel == "serial":
-            cmdline_channel = None
-        else:
-            raise ValueError(f"channel {channel!r}")
-        if net_socket is not None:
-            # vectors=0: QEMU 7.2 + TCG + vhost-user + MSI-X crashes (TESTBED.md).
-            argv += ["-chardev", f"socket,id=c0,path={net_socket}",
-                     "-netdev", "vhost-user,id=n0,chardev=c0",
-                     "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}"]
-        argv += ["-append", guest_image.cmdline(ip=ip, mac=mac, channel=cmdline_channel)]
-        argv += list(extra_args)
-        qemu = procs.start(argv, f"qemu{len(vms)}")
-        chardev = port if channel == "virtio" else serial
-        try:
-            wait_for_socket(chardev, qemu.proc, timeout=60)
-            wait_for_socket(qmp_path, qemu.proc, timeout=60)
-        except (RuntimeError, TimeoutError) as e:
-            raise RuntimeError(f"{e}; QEMU said:\n{qemu.output()}") from e
-        console = GuestConsole.connect(chardev, timeout=60,
-                                       name=f"guest{len(vms)}",
-                                       log=tmp_path / f"console{len(vms)}.log")
-        qmp = QEMUMonitorProtocol(str(qmp_path))
-        try:
-            qmp.connect()
-        except Exception:
-            console.close()
-            raise
-        vm = Vm(qemu, qmp, console, sockets)
+        nets = (VhostUserNet(net_socket, mac=mac),) if net_socket is not None else ()
+        n = len(started)
+        qemu = Qemu(guest_config(guest_image, ip=ip, channel=channel, vhost_user_net=nets,
+                                 extra_args=tuple(extra_args)),
+                    log=tmp_path / f"qemu{n}.log", console_log=tmp_path / f"console{n}.log")
+        started.append(qemu)
+        console = qemu.boot(BOOT_TIMEOUT)
+        qmp = QEMUMonitorProtocol(str(qemu.qmp_path))
+        qmp.connect()
+        vm = Vm(qemu, qmp, console)
         vms.append(vm)
-        qmp.cmd("cont")
-        console.wait_ready(BOOT_TIMEOUT)
         return vm
 
     try:
@@ -120,7 +77,5 @@ def boot_guest(guest_image: GuestImage, procs: Procs,
         for vm in vms:
             with contextlib.suppress(Exception):
                 vm.qmp.close()
-            vm.console.close()
-        procs.close()  # QEMU by pid, before its sockets' directory goes
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        for q in reversed(started):
+            q.stop()  # by pid; removes its sockets' directory

@@ -1,13 +1,14 @@
 """``pyvhost mem``: memory hot-plug through QMP with the checks QEMU leaves out.
 
-Subcommands ``status``, ``add``, ``remove``. Each prints rich tables for people, or one
-JSON object with ``--json`` (schema: docs/mem-json.md). It parses options, reads the state
-(:mod:`.state`, :mod:`.host`), plans (:mod:`.plan`) and runs (:mod:`.execute`); it
-decides nothing itself.
+Subcommands ``status``, ``add``, ``remove``, ``resize`` (virtio-mem). Each prints rich
+tables for people, or one JSON object with ``--json`` (schema: docs/mem-json.md). It
+parses options, reads the state (:mod:`.state`, :mod:`.host`), plans (:mod:`.plan`) and
+runs (:mod:`.execute`); it decides nothing itself.
 
 Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
 (nothing was changed), 2 usage or connection error, 3 QEMU failed a step (what was done
-was undone), 4 the guest did not complete an unplug within --timeout.
+was undone), 4 the guest did not complete an unplug or resize within --timeout (or
+refused the unplug).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from rich.table import Table
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend.probe_cli import parse_size
 
-from .execute import Outcome, describe_ost, execute_add, execute_remove
+from .execute import Outcome, describe_ost, execute_add, execute_remove, execute_resize
 from .host import HostFacts, read_host
-from .plan import AddRequest, Plan, plan_add, plan_remove, region_limit
+from .plan import AddRequest, Plan, plan_add, plan_remove, plan_resize, region_limit
 from .qmp import Qmp
 from .state import BASELINE_REGIONS, VmState, page_size, read_state, vhost_regions
 
@@ -38,6 +39,7 @@ EXIT_TIMEOUT = 4
 SCHEMA_STATUS = "pyvhost.mem.status/1"
 SCHEMA_ADD = "pyvhost.mem.add/1"
 SCHEMA_REMOVE = "pyvhost.mem.remove/1"
+SCHEMA_RESIZE = "pyvhost.mem.resize/1"
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -97,7 +99,9 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
                "numa_nodes": state.numa_nodes},
         "memory_devices": [{"id": d.id, "type": d.kind, "memdev": d.memdev, "addr": d.addr,
                             "size": d.size, "slot": d.slot, "node": d.node,
-                            "hotplugged": d.hotplugged, "hotpluggable": d.hotpluggable}
+                            "hotplugged": d.hotplugged, "hotpluggable": d.hotpluggable,
+                            "requested_size": d.requested_size, "block_size": d.block_size,
+                            "max_size": d.max_size}
                            for d in state.memory_devices],
         "backends": [{"id": b.id, "type": b.qom_type, "size": b.size, "share": b.share,
                       "mem_path": b.mem_path, "page_size": sizes[b.id],
@@ -260,9 +264,15 @@ def mem() -> None:
     pyvhost mem add --qmp /run/vm0.qmp --size 1G --backend file \\
         --mem-path /dev/hugepages --hugepages --host-nodes 0 --policy bind
     pyvhost mem remove --qmp /run/vm0.qmp pyvhost-dimm0
+    pyvhost mem resize --qmp /run/vm0.qmp vmem0 --size 512M
+    \b
+    resize is for virtio-mem devices (QEMU 7.2 runs them beside vhost-user devices;
+    they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
+    on a share=on memfd or file backend, with -m ...,maxmem=; see docs/virtio-mem.md).
     \b
     Exit codes: 0 done, 1 refused by the preflight (nothing changed), 2 usage or
-    connection error, 3 QEMU failed a step (undone), 4 guest did not finish an unplug.
+    connection error, 3 QEMU failed a step (undone), 4 guest did not finish an unplug
+    or resize (or refused the unplug: its ACPI _OST status is reported).
     """
 
 
@@ -377,8 +387,48 @@ def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
         if outcome is not None and outcome.timed_out:
             Console().print(
                 "the guest did not release the DIMM: the unplug request stays pending in "
-                "QEMU. Guests must online hot-added memory movable "
-                "(memhp_default_state=online_movable) for it to be removable.")
+                "QEMU and the backend stays in use. Guests must online hot-added memory "
+                "movable (memhp_default_state=online_movable) for it to be removable.")
+    if outcome is None:
+        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+    if outcome.ok:
+        sys.exit(EXIT_OK)
+    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+
+
+@mem.command()
+@qmp_option
+@click.argument("device_id", metavar="ID")
+@click.option("--size", required=True, callback=_size, metavar="SIZE",
+              help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "
+                   "at most its memdev's size).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the guest to plug or unplug the memory.")
+@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@json_option
+def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bool,
+           as_json: bool) -> None:
+    """Resize a virtio-mem device: qom-set requested-size, wait for the guest to get there
+    (MEMORY_DEVICE_SIZE_CHANGE)."""
+    try:
+        with Qmp(qmp_path, timeout=timeout) as qmp:
+            state = read_state(qmp)
+            t0 = time.monotonic()
+            plan = plan_resize(device_id, size, state)
+            plan_seconds = time.monotonic() - t0
+            outcome = None
+            if not dry_run and not plan.refused:
+                outcome = execute_resize(qmp, plan, timeout=timeout)
+    except PyvhostError as e:
+        _fail(str(e), as_json)
+        return
+    if as_json:
+        _emit(plan_json(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome), True)
+    else:
+        _print_plan(plan, dry_run, outcome, Console())
+        if outcome is not None and outcome.device is not None:
+            Console().print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
+                            f"{_mib(outcome.device.get('requested-size'))} requested")
     if outcome is None:
         sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
     if outcome.ok:

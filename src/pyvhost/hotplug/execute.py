@@ -1,7 +1,8 @@
 """Run a :class:`~.plan.Plan` through QMP, verify it, and undo it on any failure.
 
 Owns the order of QMP commands and the waiting: ``DEVICE_DELETED`` for ``device_del``,
-``ACPI_DEVICE_OST`` for the guest's answer. After a failed step the undo steps of the
+``ACPI_DEVICE_OST`` for the guest's answer, ``MEMORY_DEVICE_SIZE_CHANGE`` for a virtio-mem
+resize. After a failed step the undo steps of the
 done ones run, last first, and ``qom-list /objects`` is checked so that no backend is left
 behind (QEMU 7.2 keeps an ``object-add``ed backend after a failed ``device_add``).
 
@@ -30,6 +31,10 @@ EJECT_STATUS = {
     0x83: "ejection dependency busy or not supported",
     0x84: "ejection in progress",
 }
+EJECT = 3  # _OST source: eject request
+# Final answers: the guest will not eject (QEMU 7.2 + Linux 6.1, memory onlined non-movable:
+# status 0x84 "in progress", then 0x82 "busy"; the request then stays pending in QEMU).
+EJECT_REFUSED = frozenset({0x01, 0x80, 0x81, 0x82, 0x83})
 
 
 class PlanRefusedError(LocalError):
@@ -54,7 +59,11 @@ class Outcome:
 
 def _wait_deleted(monitor: Monitor, device_id: str, timeout: float,
                   ost: list[dict[str, Any]]) -> bool:
-    """Wait for DEVICE_DELETED of ``device_id``; record its ACPI_DEVICE_OST events."""
+    """Wait for DEVICE_DELETED of ``device_id``; record its ACPI_DEVICE_OST events.
+
+    Stops early (False) when the guest answers the eject with a failure status: Linux does
+    not try again, so waiting longer would only delay the report.
+    """
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -64,11 +73,34 @@ def _wait_deleted(monitor: Monitor, device_id: str, timeout: float,
         if event is None:
             continue
         data = event.get("data", {})
-        if event.get("event") == "ACPI_DEVICE_OST" and data.get("info", {}).get(
-                "device") == device_id:
-            ost.append(dict(data["info"]))
+        info = data.get("info", {})
+        if event.get("event") == "ACPI_DEVICE_OST" and info.get("device") == device_id:
+            ost.append(dict(info))
+            if info.get("source") == EJECT and info.get("status") in EJECT_REFUSED:
+                return False
         elif event.get("event") == "DEVICE_DELETED" and data.get("device") == device_id:
             return True
+
+
+def _plugged_size(monitor: Monitor, device_id: str) -> int | None:
+    for d in monitor.execute("query-memory-devices"):
+        data = d.get("data", {})
+        if data.get("id") == device_id:
+            return int(data.get("size", 0))
+    return None
+
+
+def _wait_size(monitor: Monitor, device_id: str, size: int, timeout: float) -> bool:
+    """Wait until virtio-mem ``device_id`` has ``size`` plugged (MEMORY_DEVICE_SIZE_CHANGE
+    events come for each step; the size is read again after each, and once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if _plugged_size(monitor, device_id) == size:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        monitor.next_event(min(left, 1.0))
 
 
 def _collect_ost(monitor: Monitor, device_id: str, timeout: float,
@@ -89,7 +121,16 @@ def _run(monitor: Monitor, step: Step, timeout: float, out: Outcome) -> None:
     if step.wait_deleted is not None and not _wait_deleted(monitor, step.wait_deleted,
                                                            timeout, out.acpi_ost):
         out.timed_out = True
+        refused = [o for o in out.acpi_ost if o.get("source") == EJECT
+                   and o.get("status") in EJECT_REFUSED]
+        if refused:
+            raise TimeoutError(f"the guest refused to eject {step.wait_deleted}: "
+                               f"{describe_ost(refused[-1])}")
         raise TimeoutError(f"no DEVICE_DELETED for {step.wait_deleted} within {timeout} s")
+    if step.wait_size is not None and not _wait_size(monitor, *step.wait_size, timeout):
+        out.timed_out = True
+        raise TimeoutError(f"{step.wait_size[0]} did not reach {step.wait_size[1]} bytes "
+                           f"plugged within {timeout} s")
 
 
 def _orphans(monitor: Monitor, plan: Plan) -> list[str]:
@@ -178,8 +219,39 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
     return out
 
 
+def execute_resize(monitor: Monitor, plan: Plan, *, timeout: float = 60.0) -> Outcome:
+    """qom-set requested-size, wait until the guest has plugged that much.
+
+    On a QEMU error nothing changed. On a timeout nothing is undone: the request stays set
+    and the guest's driver keeps working towards it (``outcome.device`` has the size
+    plugged so far).
+    """
+    if plan.refused:
+        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+    start = time.monotonic()
+    out = Outcome(ok=False)
+    for step in plan.steps:
+        try:
+            _run(monitor, step, timeout, out)
+        except QmpCommandError as e:
+            out.failed_step, out.error = step.command, str(e)
+            break
+        except TimeoutError as e:
+            out.done.append(step.command)
+            out.failed_step, out.error = step.command, str(e)
+            break
+        out.done.append(step.command)
+    else:
+        out.ok = True
+    mine = [d for d in monitor.execute("query-memory-devices")
+            if d.get("data", {}).get("id") == plan.device_id]
+    out.device = dict(mine[0]["data"]) if mine else None
+    out.seconds = time.monotonic() - start
+    return out
+
+
 def describe_ost(info: dict[str, Any]) -> str:
     status = int(info.get("status", -1))
-    text = EJECT_STATUS.get(status, "unknown status") if info.get("source") == 3 else (
+    text = EJECT_STATUS.get(status, "unknown status") if info.get("source") == EJECT else (
         "success" if status == 0 else "failure")
     return f"source {info.get('source')} status {status:#x}: {text}"

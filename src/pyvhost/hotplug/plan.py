@@ -48,6 +48,8 @@ class Code(StrEnum):
     HOST_NODE_MISSING = "HOST_NODE_MISSING"
     BAD_REQUEST = "BAD_REQUEST"
     DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
+    NOT_VIRTIO_MEM = "NOT_VIRTIO_MEM"
+    VIRTIO_MEM_SIZE_EXCEEDED = "VIRTIO_MEM_SIZE_EXCEEDED"
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,14 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Step:
-    """One QMP command; ``wait_deleted`` names the device whose DEVICE_DELETED ends it."""
+    """One QMP command; ``wait_deleted`` names the device whose DEVICE_DELETED ends it,
+    ``wait_size`` the (device id, size) a virtio-mem device must reach to end it."""
 
     command: str
     arguments: Mapping[str, Any]
     undo: Step | None = None
     wait_deleted: str | None = None
+    wait_size: tuple[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"command": self.command, "arguments": dict(self.arguments),
@@ -100,7 +104,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Plan:
-    action: Literal["add", "remove"]
+    action: Literal["add", "remove", "resize"]
     device_id: str
     backend_id: str | None
     steps: tuple[Step, ...]
@@ -326,13 +330,77 @@ def plan_remove(device_id: str, state: VmState) -> Plan:
     """Plan ``device_del`` (wait for DEVICE_DELETED) then ``object-del`` of its backend."""
     dev = state.device(device_id)
     if dev is None:
-        known = ", ".join(d.id for d in state.memory_devices if d.id) or "none"
-        return Plan("remove", device_id, None, (), (Refusal(
-            Code.DEVICE_NOT_FOUND,
-            f"no memory device {device_id!r} (memory devices: {known})"),))
+        return Plan("remove", device_id, None, (), (_not_found(device_id, state),))
+    if dev.kind == "virtio-mem":
+        # QEMU 7.2 cannot unplug a virtio-mem device; the guest gives its memory back
+        # when asked for a smaller requested-size.
+        return Plan("remove", device_id, dev.memdev, (), (Refusal(
+            Code.BAD_REQUEST,
+            f"{device_id} is a virtio-mem device: QEMU 7.2 cannot unplug it; shrink it "
+            f"instead (pyvhost mem resize --qmp SOCK {device_id} --size 0)"),))
     steps = [Step("device_del", {"id": device_id}, wait_deleted=device_id)]
     if dev.memdev is not None:
         steps.append(Step("object-del", {"id": dev.memdev}))
     prediction = Prediction(state.slots_used - (dev.slot is not None),
                             state.maxmem_left + dev.size, None, None)
     return Plan("remove", device_id, dev.memdev, tuple(steps), (), prediction)
+
+
+def _not_found(device_id: str, state: VmState) -> Refusal:
+    known = ", ".join(d.id for d in state.memory_devices if d.id) or "none"
+    return Refusal(Code.DEVICE_NOT_FOUND,
+                   f"no memory device {device_id!r} (memory devices: {known})")
+
+
+def plan_resize(device_id: str, size: int, state: VmState) -> Plan:
+    """Plan ``qom-set requested-size`` of a virtio-mem device, ended by its
+    MEMORY_DEVICE_SIZE_CHANGE to ``size``; undone by setting the old requested size.
+
+    QEMU checks alignment and the maximum itself (a ``qom-set`` error); the planner says
+    what to ask for instead, and refuses growing memory that vhost-user back-ends could
+    not reach.
+    """
+    dev = state.device(device_id)
+    if dev is None:
+        return Plan("resize", device_id, None, (), (_not_found(device_id, state),))
+    if dev.kind != "virtio-mem":
+        return Plan("resize", device_id, dev.memdev, (), (Refusal(
+            Code.NOT_VIRTIO_MEM,
+            f"{device_id} is a {dev.kind} device: only virtio-mem devices are resized; "
+            f"add or remove DIMMs with pyvhost mem add / remove"),))
+    r: list[Refusal] = []
+    notes: list[str] = []
+    block = dev.block_size or 0
+    max_size = dev.max_size if dev.max_size is not None else dev.size
+    if size < 0:
+        r.append(Refusal(Code.BAD_REQUEST, "--size must not be negative"))
+    elif block and size % block:
+        lo = size // block * block
+        r.append(Refusal(Code.SIZE_ALIGNMENT,
+                         f"{_size_text(size)} is not a multiple of {device_id}'s block size "
+                         f"{_size_text(block)}: ask for {_size_text(lo)} or "
+                         f"{_size_text(lo + block)}"))
+    if size > max_size:
+        r.append(Refusal(Code.VIRTIO_MEM_SIZE_EXCEEDED,
+                         f"{_size_text(size)} exceeds {device_id}'s maximum "
+                         f"{_size_text(max_size)} (the size of its memdev, fixed when QEMU "
+                         f"started): ask for at most {_size_text(max_size)}"))
+    current = dev.requested_size if dev.requested_size is not None else dev.size
+    backend = state.backend(dev.memdev) if dev.memdev else None
+    if (state.vhost_user and size > current and backend is not None
+            and not (backend.fd_backed and backend.share)):
+        names = ", ".join(d.id for d in state.vhost_user)
+        r.append(Refusal(Code.NOT_SHARED_WITH_VHOST_USER,
+                         f"{device_id}'s memdev {backend.id} is not an fd shared with the "
+                         f"vhost-user devices ({names}): memory the guest gets from it is "
+                         f"unreachable for their back-ends; do not grow it"))
+    if state.status != "running":
+        notes.append(f"the VM is {state.status}: the guest's virtio-mem driver changes the "
+                     f"plugged size only while it runs")
+    path = f"/machine/peripheral/{device_id}"
+    step = Step("qom-set", {"path": path, "property": "requested-size", "value": size},
+                undo=Step("qom-set", {"path": path, "property": "requested-size",
+                                      "value": current}),
+                wait_size=(device_id, size))
+    prediction = Prediction(state.slots_used, state.maxmem_left, None, None)
+    return Plan("resize", device_id, dev.memdev, (step,), tuple(r), prediction, tuple(notes))

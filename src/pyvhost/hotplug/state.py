@@ -66,6 +66,10 @@ class MemoryDevice:
     node: int | None
     hotplugged: bool
     hotpluggable: bool
+    # virtio-mem only (None for DIMMs): ``size`` is what the guest has plugged now.
+    requested_size: int | None = None
+    block_size: int | None = None
+    max_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,15 @@ class VhostUserDevice:
 
     @property
     def region_limit(self) -> int | None:
-        """QEMU's limit for this device, when known; None when unknown."""
+        """QEMU's limit for this device, when known; None when unknown.
+
+        With CONFIGURE_MEM_SLOTS QEMU takes min(GET_MAX_MEM_SLOTS, 256); the back-end's
+        answer is not visible through QMP, so this is QEMU's cap, an upper bound.
+        """
         if self.configure_mem_slots is False:
             return BASELINE_REGIONS
+        if self.configure_mem_slots:
+            return MAX_RAM_SLOTS
         return None
 
 
@@ -181,10 +191,18 @@ def _memory_device(entry: dict[str, Any]) -> MemoryDevice:
     if isinstance(memdev, str) and memdev.startswith("/objects/"):
         memdev = memdev.removeprefix("/objects/")
     size = data.get("size", data.get("max-size", 0))
+
+    def opt(key: str) -> int | None:
+        value = data.get(key)
+        return None if value is None else int(value)
+
     return MemoryDevice(id=data.get("id"), kind=str(entry.get("type")), memdev=memdev,
-                        addr=data.get("addr"), size=int(size), slot=data.get("slot"),
-                        node=data.get("node"), hotplugged=bool(data.get("hotplugged")),
-                        hotpluggable=bool(data.get("hotpluggable")))
+                        addr=data.get("addr", data.get("memaddr")), size=int(size),
+                        slot=data.get("slot"), node=data.get("node"),
+                        hotplugged=bool(data.get("hotplugged")),
+                        hotpluggable=bool(data.get("hotpluggable")),
+                        requested_size=opt("requested-size"), block_size=opt("block-size"),
+                        max_size=opt("max-size"))
 
 
 def _netdevs(info_network: str) -> dict[str, tuple[str, str | None]]:

@@ -1,4 +1,6 @@
 """Labs: real QEMU guests started by pyvhost for tests and demonstrations.
 
-:mod:`pyvhost.lab.qemu` starts QEMU 7.2 and connects to its QMP monitors.
+:mod:`pyvhost.lab.qemu` starts QEMU 7.2, connects to its QMP monitors and boots the test
+guest; :mod:`pyvhost.lab.image` builds that guest's kernel and initramfs;
+:mod:`pyvhost.lab.guest` talks to it over its console.
 """

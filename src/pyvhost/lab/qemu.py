@@ -5,11 +5,18 @@ the run directory holding its sockets, which it removes on :meth:`Qemu.stop`. Gu
 memory is memfd or anonymous memory owned by that process, so ending the process frees
 it: nothing is left behind even when a test fails half-way.
 
-QEMU gets two QMP monitors: ``control`` for this module (start-up, ``quit``) and
-``qmp_path`` for the tool under test (``pyvhost mem --qmp``), because a QMP monitor
+QEMU gets two QMP monitors: ``control`` for this module (start-up, ``cont``, ``quit``)
+and ``qmp_path`` for the tool under test (``pyvhost mem --qmp``), because a QMP monitor
 serves one client at a time.
 
-It must not decide hot-plug policy (:mod:`pyvhost.hotplug`) nor build guest images.
+Booting the test guest (:func:`guest_config`, :meth:`Qemu.boot`): the image's kernel and
+initramfs with qboot, the guest's command channel on a chardev Unix socket in the run
+directory (``-serial chardev:`` or a virtio-serial port), started paused so the
+:class:`~pyvhost.lab.guest.GuestConsole` is connected before the guest prints anything,
+then ``cont`` and a wait for ``/init``'s ready marker.
+
+It must not decide hot-plug policy (:mod:`pyvhost.hotplug`), build guest images
+(:mod:`.image`) or speak the guest's command protocol (:mod:`.guest`).
 Facts it follows (TESTBED.md): TCG only; ``vectors=0`` on vhost-user devices (QEMU 7.2 +
 TCG + MSI-X crashes when the guest starts the device); qboot instead of SeaBIOS when a
 kernel is booted; the vhost-user back-end must listen before QEMU starts.
@@ -26,18 +33,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pyvhost.errors import LocalError
 
+from .guest import GuestConsole, GuestError
+from .image import GuestImage
+
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 MiB = 1 << 20
 GiB = 1 << 30
+BOOT_TIMEOUT = 300  # seconds to the ready marker: TCG on a busy 2-core machine
+VIRTIO_PORT = "pyvhost.0"  # the virtio-serial port's name (pyvhost.channel=port:NAME)
 
 RamBackend = Literal["memfd", "ram", "file"]
+Channel = Literal["serial", "virtio"]
 
 
 class QemuError(LocalError):
@@ -50,6 +63,22 @@ class VhostUserNet:
 
     socket: Path
     id: str = "net0"
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class VirtioMem:
+    """A virtio-mem-pci device, cold-plugged, on a memfd backend ``ID-mem`` of ``max_size``.
+
+    ``requested_size`` is what the guest is asked to plug at start (resized later with
+    ``qom-set requested-size``). The backend is shared (``share=on``) unless ``share`` is
+    False, so that vhost-user back-ends can map it.
+    """
+
+    id: str = "vmem0"
+    max_size: int = 1 * GiB
+    requested_size: int = 0
+    share: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,11 @@ class QemuConfig:
     ``slots=0`` gives ``-m SIZE`` alone: no memory hot-plug at all. With ``numa_nodes``
     > 0 boot RAM goes to node 0 (``-numa node,memdev=``) and the other nodes have no
     boot memory. ``ram_backend="file"`` puts boot RAM in ``ram_mem_path``.
+
+    ``console`` puts the guest's command channel on a chardev socket in the run directory
+    (:attr:`Qemu.console_path`): ``"serial"`` on the first UART (ttyS0), ``"virtio"`` on a
+    virtio-serial port named :data:`VIRTIO_PORT`. ``serial`` (a file) is for a guest
+    whose serial output is only kept, not talked to.
     """
 
     memory: int = 256 * MiB
@@ -73,8 +107,26 @@ class QemuConfig:
     initrd: Path | None = None
     append: str | None = None
     serial: Path | None = None
+    console: Channel | None = None
+    virtio_mem: tuple[VirtioMem, ...] = ()
     paused: bool = True
     extra_args: tuple[str, ...] = ()
+
+
+def guest_config(image: GuestImage, *, ip: str | None = None, channel: Channel = "serial",
+                 cmdline_extra: tuple[str, ...] = (), **config: Any) -> QemuConfig:
+    """A :class:`QemuConfig` that boots ``image`` with its command channel on ``channel``.
+
+    ``ip`` is eth0's address (``10.99.0.1/24``); eth0's MAC is the first vhost-user NIC's
+    ``mac``, if set. Other keyword arguments are :class:`QemuConfig` fields.
+    """
+    nets: tuple[VhostUserNet, ...] = config.get("vhost_user_net", ())
+    mac = nets[0].mac if nets else None
+    append = image.cmdline(ip=ip, mac=mac,
+                           channel=f"port:{VIRTIO_PORT}" if channel == "virtio" else None,
+                           extra=cmdline_extra)
+    return QemuConfig(kernel=image.kernel, initrd=image.initrd, append=append,
+                      console=channel, paused=True, **config)
 
 
 def _mib(size: int) -> str:
@@ -84,8 +136,9 @@ def _mib(size: int) -> str:
 
 
 def command_line(config: QemuConfig, control: Path, qmp: Path,
-                 binary: str = QEMU_BINARY) -> list[str]:
-    """The argv that starts ``config`` with QMP monitors on ``control`` and ``qmp``."""
+                 binary: str = QEMU_BINARY, console: Path | None = None) -> list[str]:
+    """The argv that starts ``config`` with QMP monitors on ``control`` and ``qmp``, and
+    the guest's command channel (``config.console``) listening on ``console``."""
     argv = [binary, "-accel", "tcg", "-nodefaults", "-nographic",
             "-qmp", f"unix:{control},server=on,wait=off",
             "-qmp", f"unix:{qmp},server=on,wait=off"]
@@ -110,15 +163,34 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
     for i, net in enumerate(config.vhost_user_net):
         argv += ["-chardev", f"socket,id=vhu{i},path={net.socket}",
                  "-netdev", f"vhost-user,id=vhun{i},chardev=vhu{i}",
-                 "-device", f"virtio-net-pci,netdev=vhun{i},id={net.id},vectors=0"]
+                 "-device", f"virtio-net-pci,netdev=vhun{i},id={net.id},vectors=0"
+                 + (f",mac={net.mac}" if net.mac else "")]
+    for vmem in config.virtio_mem:
+        share = "on" if vmem.share else "off"
+        argv += ["-object", f"memory-backend-memfd,id={vmem.id}-mem,"
+                            f"size={_mib(vmem.max_size)},share={share}",
+                 "-device", f"virtio-mem-pci,id={vmem.id},memdev={vmem.id}-mem,"
+                            f"requested-size={_mib(vmem.requested_size)}"]
     if config.kernel is not None:
-        argv += ["-bios", str(QBOOT), "-kernel", str(config.kernel)]
+        # -no-reboot: with the guest's panic=-1 a dead guest ends QEMU instead of looping.
+        argv += ["-bios", str(QBOOT), "-no-reboot", "-kernel", str(config.kernel)]
         if config.initrd is not None:
             argv += ["-initrd", str(config.initrd)]
         if config.append is not None:
             argv += ["-append", config.append]
-    if config.serial is not None:
+    if config.console is not None:
+        if console is None:
+            raise ValueError("config.console needs a console socket path")
+        chardev = f"socket,id=console0,path={console},server=on,wait=off"
+        if config.console == "serial":
+            argv += ["-chardev", chardev, "-serial", "chardev:console0"]
+        else:
+            argv += ["-device", "virtio-serial-pci", "-chardev", chardev,
+                     "-device", f"virtserialport,chardev=console0,name={VIRTIO_PORT}"]
+    if config.serial is not None and config.console != "serial":
         argv += ["-serial", f"file:{config.serial}"]
+    elif config.console == "virtio":
+        argv += ["-serial", "null"]  # the guest's console=ttyS0 still has its UART
     if config.paused:
         argv.append("-S")
     argv += list(config.extra_args)
@@ -131,10 +203,12 @@ class Qemu:
 
     config: QemuConfig
     log: Path | None = None
+    console_log: Path | None = None  # everything the guest printed on its channel
     binary: str = QEMU_BINARY
     rundir: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _control: QEMUMonitorProtocol | None = field(default=None, init=False)
+    _console: GuestConsole | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         # Short paths: a Unix socket path has at most 107 bytes, pytest's tmp_path can be longer.
@@ -150,6 +224,18 @@ class Qemu:
         return self.rundir / "qmp.sock"
 
     @property
+    def console_path(self) -> Path:
+        """The guest's command channel (``config.console``): a chardev socket."""
+        return self.rundir / "console.sock"
+
+    @property
+    def console(self) -> GuestConsole:
+        """The guest's command channel, once :meth:`boot` connected it."""
+        if self._console is None:
+            raise QemuError("the guest console is not connected: call boot()")
+        return self._console
+
+    @property
     def pid(self) -> int:
         if self.proc is None:
             raise QemuError("QEMU is not started")
@@ -162,7 +248,8 @@ class Qemu:
         return self._control
 
     def argv(self) -> list[str]:
-        return command_line(self.config, self.control_path, self.qmp_path, self.binary)
+        return command_line(self.config, self.control_path, self.qmp_path, self.binary,
+                            self.console_path)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log is not None else ""
@@ -205,6 +292,32 @@ class Qemu:
                 raise QemuError(f"QEMU's QMP socket did not answer within {timeout} s")
             time.sleep(0.05)
 
+    def boot(self, timeout: float = BOOT_TIMEOUT) -> GuestConsole:
+        """Start QEMU paused (unless started), connect the console, ``cont``, wait for the
+        guest's ready marker. Returns the console (also :attr:`console`)."""
+        if self.config.console is None or self.config.kernel is None:
+            raise QemuError("boot() needs a kernel and a console (see guest_config())")
+        if not self.config.paused:
+            raise QemuError("boot() needs paused=True: the console must be connected "
+                            "before the guest prints its first line")
+        if self.proc is None:
+            self.start()
+        self._console = GuestConsole.connect(self.console_path, timeout=60,
+                                             name=f"guest-{self.pid}", log=self.console_log)
+        self.control.cmd("cont")
+        self.wait_ready(timeout)
+        return self._console
+
+    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> str:
+        """Wait for ``/init``'s ready marker; a QEMU that exited is reported with its output."""
+        try:
+            return self.console.wait_ready(timeout)
+        except GuestError as e:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise QemuError(f"QEMU exited with {self.proc.returncode} while booting: "
+                                f"{e}\nQEMU said:\n{self.output()[-3000:]}") from e
+            raise
+
     def stop(self, timeout: float = 20) -> None:
         """``quit`` through QMP, then SIGKILL by pid if needed; remove the run directory."""
         control, self._control = self._control, None
@@ -222,6 +335,9 @@ class Qemu:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout)
+        console, self._console = self._console, None
+        if console is not None:
+            console.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
     def __enter__(self) -> Qemu:
