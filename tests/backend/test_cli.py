@@ -91,7 +91,11 @@ def test_serves_traffic_and_exits_0_on_sigint(cli: list[Cli], tmp_path: Path,
     port = NetPort(str(path), tag="cli")
     try:
         port.start()
-        port.check_traffic(32)
+        try:
+            port.check_traffic(32)
+        except AssertionError as e:
+            # Keep the back-end's own log with the failure (it is gone with tmp_path).
+            raise AssertionError(f"{e}\n--- pyvhost net stderr ---\n{c.output()}") from e
     finally:
         port.close()
     os.kill(c.proc.pid, signal.SIGINT)
