@@ -22,6 +22,20 @@ MAC = b"\x52\x54\x00\xab\xcd\xef"
 _MAX_SOCKET_PATH = 100
 
 
+def start_loop(server: Server, errors: list[BaseException], name: str) -> threading.Thread:
+    """Run ``server``'s loop in a daemon thread; an exception there lands in ``errors``."""
+    def run() -> None:
+        try:
+            server.run(tick=0.2)
+        except BaseException as e:
+            errors.append(e)
+            raise
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass
 class Backend:
     """A running server: its socket path, and every device it created."""
@@ -42,15 +56,7 @@ class Backend:
 
     def start(self) -> None:
         """Run the loop in a background thread; an exception there fails the test."""
-        def run() -> None:
-            try:
-                self.server.run(tick=0.2)
-            except BaseException as e:
-                self.errors.append(e)
-                raise
-
-        self.thread = threading.Thread(target=run, name="pyvhost-backend", daemon=True)
-        self.thread.start()
+        self.thread = start_loop(self.server, self.errors, "pyvhost-backend")
 
     def stop(self) -> None:
         self.server.stop()

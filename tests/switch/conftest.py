@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.conftest import socket_dir  # noqa: F401 - fixture
+from backend.conftest import (
+    socket_dir,  # noqa: F401 - fixture
+    start_loop,
+)
 from backend.harness import HDR, MAX_FRAME, NET_FEATURES, NetPort
 from backend.rawclient import TIMEOUT, Buffer, wait_until
 from pyvhost.backend import Server
@@ -47,15 +50,7 @@ class Switched:
         return dev
 
     def start(self) -> None:
-        def run() -> None:
-            try:
-                self.server.run(tick=0.2)
-            except BaseException as e:
-                self.errors.append(e)
-                raise
-
-        self.thread = threading.Thread(target=run, name="pyvhost-switch", daemon=True)
-        self.thread.start()
+        self.thread = start_loop(self.server, self.errors, "pyvhost-switch")
 
     def learned(self) -> dict[bytes, str]:
         return {mac: port.name for mac, port, _ in self.switch.table.entries(self.clock())}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -358,6 +358,16 @@ def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | Non
     sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
 
 
+def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
+    """The exit code of remove and resize: refused, done, the guest did not finish, or
+    QEMU failed a step."""
+    if outcome is None:
+        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+    if outcome.ok:
+        sys.exit(EXIT_OK)
+    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+
+
 @mem.command()
 @qmp_option
 @click.argument("device_id", metavar="ID")
@@ -389,11 +399,7 @@ def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
                 "the guest did not release the DIMM: the unplug request stays pending in "
                 "QEMU and the backend stays in use. Guests must online hot-added memory "
                 "movable (memhp_default_state=online_movable) for it to be removable.")
-    if outcome is None:
-        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
-    if outcome.ok:
-        sys.exit(EXIT_OK)
-    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+    _exit_for(plan, outcome)
 
 
 @mem.command()
@@ -429,8 +435,4 @@ def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bo
         if outcome is not None and outcome.device is not None:
             Console().print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
                             f"{_mib(outcome.device.get('requested-size'))} requested")
-    if outcome is None:
-        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
-    if outcome.ok:
-        sys.exit(EXIT_OK)
-    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+    _exit_for(plan, outcome)

@@ -150,6 +150,11 @@ def _rollback(monitor: Monitor, plan: Plan, done: int, timeout: float, out: Outc
     out.orphans = _orphans(monitor, plan)
 
 
+def _refused(plan: Plan) -> PlanRefusedError:
+    """The error for running a plan the preflight refused: every refusal, code first."""
+    return PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+
+
 def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
                 ost_timeout: float = 0.0, force: bool = False) -> Outcome:
     """object-add, device_add, verify with query-memory-devices; undo on failure.
@@ -158,7 +163,7 @@ def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
     ACPI_DEVICE_OST about the new DIMM and records it; no answer is not a failure.
     """
     if plan.refused and not force:
-        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+        raise _refused(plan)
     start = time.monotonic()
     out = Outcome(ok=False)
     done = 0
@@ -196,7 +201,7 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
     use); the guest's ACPI _OST statuses are in :attr:`Outcome.acpi_ost`.
     """
     if plan.refused:
-        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+        raise _refused(plan)
     start = time.monotonic()
     out = Outcome(ok=False)
     for step in plan.steps:
@@ -227,7 +232,7 @@ def execute_resize(monitor: Monitor, plan: Plan, *, timeout: float = 60.0) -> Ou
     plugged so far).
     """
     if plan.refused:
-        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+        raise _refused(plan)
     start = time.monotonic()
     out = Outcome(ok=False)
     for step in plan.steps:
