@@ -1,25 +1,35 @@
 """Forwarding throughput: pyvhost's switch beside DPDK 22.11 testpmd's net_vhost, one run.
 
 One command: ``python benchmarks/bench_switch.py`` (``--seconds N`` per measurement,
-``--json FILE`` to keep the figures). For each frame size (64 and 1500 bytes) and each
-back-end it starts:
+``--repeat N`` measurements of each back-end, alternating, ``--json FILE`` to keep the
+figures). For each frame size (64 and 1500 bytes) and each back-end it starts:
 
 - the back-end with two vhost-user ports: ``pyvhost net --socket A --socket B`` (the L2
   switch), or ``dpdk-testpmd --vdev net_vhost0,iface=A --vdev net_vhost1,iface=B`` in
-  ``io`` mode (port 0 <-> port 1, the C peer doing the same forwarding);
+  ``io`` mode (port 0 <-> port 1, the C peer doing the same forwarding without a MAC
+  table);
 - a sink: testpmd's virtio_user on B in ``rxonly`` mode;
 - a source: testpmd's virtio_user on A in ``txonly`` mode, frames addressed to the sink's
-  MAC (so the switch forwards, not floods).
+  MAC. The sink never transmits, so the switch never learns its MAC: each frame is
+  unknown unicast, flooded to the one other port (the same work as a known unicast
+  here, one output port).
 
-Known problem (2026-11-25): testpmd's txonly source segfaults inside librte_net_virtio
-within seconds when the back-end is slower than it and keeps its transmit ring full (seen
-against pyvhost, not against testpmd's own net_vhost); whose bug it is has not been
-settled, so this benchmark has no figures in BENCHMARKS.md yet. The switch's tests use a
-closed macswap loop instead (tests/switch).
+Cores (the machine has 2): the back-end runs on CPU 0 (pyvhost under ``taskset -c 0``;
+the DPDK back-end forwards on lcore 0 with its main lcore on 1), and the source and the
+sink both forward on CPU 1 (main lcore 0). Three busy processes on two cores: the source
+and sink share CPU 1 and run in turns, which caps the rate the C back-end can show. Their
+rings have 4096 entries (``--queue-size``; DPDK's default is 256) so that the back-end
+still finds frames and buffers while one of them waits for its turn.
 
-It reports frames/s and Gbit/s delivered to the sink, and the back-end's CPU seconds per
-million frames (from /proc/PID/stat). The machine has 2 cores for three busy-polling
-processes: absolute figures are low and noisy; the ratio is the point.
+It reports frames/s and Gbit/s delivered to the sink (the median of the sink's per-second
+``Rx-pps``; Gbit/s counts the Ethernet frame without FCS, preamble or gap), and the
+back-end process's CPU seconds per million frames delivered (utime + stime from
+/proc/PID/stat over the timed window, all threads). DPDK's back-end busy-polls, so its
+CPU time is about one core-second per second whatever the rate.
+
+Before 2026-11-25 the source crashed within seconds against pyvhost (SIGSEGV in
+librte_net_virtio): pyvhost published the used ring's index with ``struct.pack_into``,
+which stores 0 first; see ``pyvhost.virtq.split.store_le16``.
 """
 
 from __future__ import annotations
@@ -38,14 +48,17 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_MAC = "02:00:00:00:00:02"
 SOURCE_MAC = "02:00:00:00:00:01"
+#: The back-end's CPU; the source and the sink forward on the other one.
+BACKEND_CPU, TRAFFIC_CPU = 0, 1
 _RX_PPS = re.compile(r"Rx-pps:\s+(\d+)")
+KINDS = ("pyvhost", "dpdk")
 
 
 @dataclass
@@ -74,17 +87,18 @@ class Run:
         self.procs.append(proc)
         return proc
 
-    def testpmd(self, name: str, vdevs: list[str], app: list[str],
-                main_lcore: int = 0) -> Proc:
+    def testpmd(self, name: str, vdevs: list[str], app: list[str], forward_cpu: int) -> Proc:
+        """testpmd on CPUs 0-1, forwarding on ``forward_cpu`` (its main lcore is the
+        other CPU and mostly sleeps)."""
         binary = shutil.which("dpdk-testpmd")
         if binary is None:
             raise SystemExit("dpdk-testpmd not found (Debian package dpdk-dev)")
         prefix = f"pyvhost-bsw-{name}-{uuid.uuid4().hex[:6]}"
-        argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--main-lcore", str(main_lcore),
+        argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--main-lcore", str(1 - forward_cpu),
                 "--no-huge", "-m", "512", "--no-pci", "--file-prefix", prefix]
         for v in vdevs:
             argv += ["--vdev", v]
-        argv += ["--", "--nb-cores=1", "--total-num-mbufs=4096", *app]
+        argv += ["--", "--nb-cores=1", "--total-num-mbufs=16384", *app]
         return self.start(argv, name, prefix)
 
     def stop(self, proc: Proc, how: str = "enter") -> None:
@@ -95,11 +109,13 @@ class Run:
                     p.stdin.write(b"\n")
                     p.stdin.flush()
             else:
-                os.kill(p.pid, signal.SIGINT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGINT)
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
                 p.wait()
         if proc.prefix:
             shutil.rmtree(Path("/var/run/dpdk") / proc.prefix, ignore_errors=True)
@@ -109,10 +125,12 @@ class Run:
             self.stop(proc, "signal")
 
 
-def _wait(cond: object, what: str, timeout: float = 60) -> None:
-    assert callable(cond)
+def _wait(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
+        if proc.popen.poll() is not None:
+            raise SystemExit(f"{proc.log.stem} exited ({proc.popen.returncode}) while "
+                             f"waiting for {what}:\n{proc.text()[-2000:]}")
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -123,77 +141,113 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-@contextlib.contextmanager
-def backend(run: Run, kind: str, a: Path, b: Path) -> Iterator[Proc]:
+def backend(run: Run, kind: str, a: Path, b: Path) -> Proc:
     if kind == "pyvhost":
-        proc = run.start([sys.executable, "-c", "from pyvhost.cli import main; main()", "net",
-                          "--socket", str(a), "--socket", str(b), "--no-stats"], "pyvhost")
+        proc = run.start(["taskset", "-c", str(BACKEND_CPU), sys.executable, "-c",
+                          "from pyvhost.cli import main; main()", "net", "--socket", str(a),
+                          "--socket", str(b), "--no-stats"], "pyvhost")
     else:
         proc = run.testpmd("dpdk-backend", [f"net_vhost0,iface={a},queues=1",
                                             f"net_vhost1,iface={b},queues=1"],
-                           ["--forward-mode=io"])
-    _wait(lambda: a.exists() and b.exists(), f"{kind} sockets")
-    yield proc
+                           ["--forward-mode=io"], forward_cpu=BACKEND_CPU)
+    _wait(lambda: a.exists() and b.exists(), f"{kind} sockets", proc)
+    return proc
 
 
-def measure(kind: str, size: int, seconds: float, work: Path) -> dict[str, float]:
+def measure(kind: str, size: int, seconds: float, work: Path,
+            queue_size: int) -> dict[str, float]:
     run = Run(work)
     a, b = work / f"{kind}-a.sock", work / f"{kind}-b.sock"
     try:
-        with backend(run, kind, a, b) as be:
-            sink = run.testpmd("sink", [f"net_virtio_user0,path={b},queues=1,mac={SINK_MAC}"],
-                               ["--forward-mode=rxonly", "--stats-period=1"], main_lcore=1)
-            _wait(lambda: "Rx-pps" in sink.text(), "the sink")
-            source = run.testpmd(
-                "source", [f"net_virtio_user0,path={a},queues=1,mac={SOURCE_MAC}"],
-                ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{SINK_MAC}"])
-            _wait(lambda: "Press enter to exit" in source.text(), "the source")
-            time.sleep(2)  # let the flow settle
-            cpu0, t0, off0 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
-            time.sleep(seconds)
-            cpu1, t1, off1 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
-            run.stop(source)
-            run.stop(sink, "signal")
-            # The sink prints its receive rate every second (--stats-period=1): take the
-            # samples printed inside the timed window.
-            samples = [int(v) for v in _RX_PPS.findall(sink.text()[off0:off1])]
-            if not samples:
-                raise SystemExit(f"the sink printed no rates:\n{sink.text()[-2000:]}")
+        be = backend(run, kind, a, b)
+        sink = run.testpmd(
+            "sink",
+            [f"net_virtio_user0,path={b},queues=1,queue_size={queue_size},mac={SINK_MAC}"],
+            ["--forward-mode=rxonly", "--stats-period=1"], forward_cpu=TRAFFIC_CPU)
+        _wait(lambda: "Rx-pps" in sink.text(), "the sink", sink)
+        source = run.testpmd(
+            "source",
+            [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
+            ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{SINK_MAC}"],
+            forward_cpu=TRAFFIC_CPU)
+        _wait(lambda: "Press enter to exit" in source.text(), "the source", source)
+        time.sleep(2)  # let the flow settle
+        cpu0, t0, off0 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        time.sleep(seconds)
+        cpu1, t1, off1 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        for p in (source, sink, be):
+            if p.popen.poll() is not None:
+                raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
+                                 f"measurement:\n{p.text()[-2000:]}")
+        run.stop(source)
+        run.stop(sink, "signal")
+        # The sink prints its receive rate every second (--stats-period=1): take the
+        # samples printed inside the timed window.
+        samples = [int(v) for v in _RX_PPS.findall(sink.text()[off0:off1])]
+        if not samples:
+            raise SystemExit(f"the sink printed no rates:\n{sink.text()[-2000:]}")
     finally:
         run.close()
     fps = statistics.median(samples)
     frames = fps * (t1 - t0)
     return {"samples": len(samples), "frames_per_s": fps,
             "gbit_per_s": fps * size * 8 / 1e9,
-            "cpu_s_per_mframe": (cpu1 - cpu0) / max(frames, 1) * 1e6}
+            "cpu_s_per_mframe": (cpu1 - cpu0) / max(frames, 1) * 1e6,
+            "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
+
+
+def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per figure, the median over repeated measurements."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measurements per back-end and size (alternating); medians shown")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
+    ap.add_argument("--queue-size", type=int, default=4096,
+                    help="virtio_user ring size of source and sink (DPDK's default is 256)")
     args = ap.parse_args()
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs (one for the back-end, one for source and sink)")
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            for kind in ("pyvhost", "dpdk"):
-                r = measure(kind, size, args.seconds, Path(tmp))
-                results.setdefault(str(size), {})[kind] = r
-                print(f"  {size} B {kind}: {r}", file=sys.stderr)
-    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python "
+            for i in range(args.repeat):
+                for kind in KINDS:
+                    r = measure(kind, size, args.seconds, Path(tmp), args.queue_size)
+                    runs.setdefault(str(size), {}).setdefault(kind, []).append(r)
+                    print(f"  {size} B {kind} #{i + 1}: {r}", file=sys.stderr)
+    load_after = os.getloadavg()[0]
+    results = {size: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
+               for size, row in runs.items()}
+    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, kernel {platform.release()}; "
-          f"date {time.strftime('%Y-%m-%d')}\n")
-    print("| frame | back-end | frames/s | Gbit/s | CPU s / M frames | DPDK / pyvhost (frames/s) |")
-    print("|---:|---|---:|---:|---:|---:|")
+          f"date {time.strftime('%Y-%m-%d')}; {args.repeat} x {args.seconds:g} s each; "
+          f"1-min load average {load_before:.1f} before, {load_after:.1f} after (other "
+          "processes on the machine compete for the same 2 CPUs)\n")
+    print("| frame | back-end | frames/s | Gbit/s | back-end CPU s / M frames "
+          "| back-end CPU s / s | DPDK / pyvhost frames/s | pyvhost / DPDK CPU per frame |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for label, row in results.items():
-        ratio = row["dpdk"]["frames_per_s"] / max(row["pyvhost"]["frames_per_s"], 1e-9)
-        for kind in ("pyvhost", "dpdk"):
+        py, c = row["pyvhost"], row["dpdk"]
+        fps_ratio = c["frames_per_s"] / max(py["frames_per_s"], 1e-9)
+        cpu_ratio = py["cpu_s_per_mframe"] / max(c["cpu_s_per_mframe"], 1e-9)
+        for kind in KINDS:
             r = row[kind]
-            print(f"| {label} B | {kind} | {r['frames_per_s']:,.0f} | {r['gbit_per_s']:.3f} | "
-                  f"{r['cpu_s_per_mframe']:.1f} | {f'{ratio:.1f}x' if kind == 'dpdk' else ''} |")
+            extra = f"{fps_ratio:.1f}x | {cpu_ratio:.1f}x" if kind == "dpdk" else " | "
+            print(f"| {label} B | {kind} | {r['frames_per_s']:,.0f} | "
+                  f"{r['gbit_per_s']:.3f} | {r['cpu_s_per_mframe']:.2f} | "
+                  f"{r['cpu_s_per_s']:.2f} | {extra} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
+                                               "seconds": args.seconds,
+                                               "loadavg": [load_before, load_after],
+                                               "results": results}, indent=2))
 
 
 if __name__ == "__main__":

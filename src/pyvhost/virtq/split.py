@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from pyvhost.errors import PeerError
@@ -33,6 +34,27 @@ MAX_QUEUE_SIZE = 32768
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def store_le16(mm: mmap.mmap, off: int, value: int) -> None:
+    """Write a 16-bit little-endian field the driver reads while we write it, in one store.
+
+    ``struct.pack_into`` must not be used for such a field: CPython's ``s_pack_internal``
+    first zeroes the destination (``memset(buf, '\\0', soself->s_size)``) and then
+    writes the value, so a driver polling the field from another CPU can read 0 in
+    between. For the used ring's ``idx`` that 0 is fatal: DPDK 22.11's virtio_user reads
+    ``used->idx - vq_used_cons_idx`` as a huge count of used entries, frees chains it
+    never gave us, and its descriptor free list breaks (it then crashes on
+    ``vq_desc_head_idx == VQ_RING_DESC_CHAIN_END``). An item assignment through a
+    ``memoryview`` cast to ``H`` is one native ``unsigned short`` copy of constant size,
+    a single 2-byte store, atomic when aligned (the fields written here are, for a driver
+    that follows the spec: "Used Ring ... Alignment 4"). The view is a temporary, so no
+    buffer export outlives the call and the region can still be unmapped.
+    """
+    if not _LITTLE_ENDIAN_HOST:
+        value = ((value & 0xFF) << 8) | (value >> 8)
+    memoryview(mm)[off:off + 2].cast("H")[0] = value
 
 
 class VirtqueueError(PeerError):
@@ -130,6 +152,28 @@ class SplitQueue:
         self.used_idx = base & 0xFFFF
         self._shadow_avail = self.last_avail_idx
         self._signalled_used = None
+
+    def resume_from_used_ring(self) -> int | None:
+        """Take the used ring's idx as where the queue stands, if SET_VRING_BASE said
+        otherwise; returns the base it replaced (None if they agreed). Call it once the
+        ring is attached and before it starts.
+
+        A front-end that reconnects to a new back-end may not know where the old one
+        stopped: DPDK's virtio_user (server=1) sends SET_VRING_BASE 0 while its rings
+        carry on from where they were. libvhost-user and DPDK's vhost library then trust
+        the used ring: "used_idx = used->idx", and for a device that uses buffers in order
+        "last_avail_idx = used_idx", so the chains made available but never used are
+        served again. pyvhost's devices use chains in order.
+        Guest-controlled: ``used->idx`` is any 16-bit value; pending() still bounds the
+        distance to the avail idx by the queue size, and slots are taken modulo the size.
+        """
+        mm, off = self._ring(self._used)
+        used = int(_U16.unpack_from(mm, off + 2)[0])
+        if used == self.last_avail_idx == self.used_idx:
+            return None
+        replaced = self.last_avail_idx
+        self.set_base(used)
+        return replaced
 
     def set_addresses(self, desc_va: int, avail_va: int, used_va: int) -> None:
         self.desc_va, self.avail_va, self.used_va = desc_va, avail_va, used_va
@@ -289,10 +333,13 @@ class SplitQueue:
         """Return a chain: "the device writes the used element, then the used idx"."""
         mm, off = self._ring(self._used)
         slot = self.used_idx % self.size
+        # pack_into may write the element in several stores (zeroes first): harmless, the
+        # driver reads no element at or past used->idx.
         _USED_ELEM.pack_into(mm, off + 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # x86 is TSO: the element's stores are visible before the index store below.
-        _U16.pack_into(mm, off + 2, self.used_idx)
+        # x86 is TSO: the element's stores are visible before the index store below, and
+        # the index is one store (store_le16), never a transient value.
+        store_le16(mm, off + 2, self.used_idx)
 
     def push_used_batch(self, elems: list[tuple[int, int]]) -> None:
         """Return several chains with one index update."""
@@ -304,7 +351,7 @@ class SplitQueue:
             _USED_ELEM.pack_into(mm, off + 4 + 8 * (idx % self.size), head, written)
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
-        _U16.pack_into(mm, off + 2, idx)
+        store_le16(mm, off + 2, idx)
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was just used.
@@ -333,6 +380,8 @@ class SplitQueue:
         mm, off = self._ring(self._used)
         if self.event_idx:
             if enabled:
-                _U16.pack_into(mm, off + 4 + 8 * self.size, self.last_avail_idx)
+                # One store: a transient 0 read by the driver could make it skip the
+                # kick we are about to wait for.
+                store_le16(mm, off + 4 + 8 * self.size, self.last_avail_idx)
         else:
-            _U16.pack_into(mm, off, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+            store_le16(mm, off, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
