@@ -87,7 +87,8 @@ class NetPort:
     """One vhost-user-net connection, driven like QEMU 7.2 plus a guest driver."""
 
     def __init__(self, path: str, *, tag: str = "port", protocol: int = QEMU_PROTOCOL,
-                 features: int = NET_FEATURES, queue_size: int = 64) -> None:
+                 features: int = NET_FEATURES, queue_size: int = 64,
+                 queue_pairs: int = 1) -> None:
         self.client = RawClient.connect(path)
         self.protocol = protocol
         self.wanted_features = features
@@ -99,6 +100,14 @@ class NetPort:
         self.pool = Pool(self.ram, RAM_SIZE // SLOT)
         self.rx = Ring(RX, queue_size, self.ring_mem, 0)
         self.tx = Ring(TX, queue_size, self.ring_mem, RING_SIZE // 2)
+        #: Every ring: queue 2k is receiveq(k+1), 2k+1 transmitq(k+1). Pairs after the
+        #: first sit in the first half (receive) and second half (transmit) of ring_mem.
+        self.rings = [self.rx, self.tx]
+        for k in range(1, queue_pairs):
+            step = RING_SIZE // 2 // queue_pairs
+            self.rings.append(Ring(2 * k, queue_size, self.ring_mem, k * step))
+            self.rings.append(Ring(2 * k + 1, queue_size, self.ring_mem,
+                                   RING_SIZE // 2 + k * step))
         self.extra: list[MemfdRegion] = []
         self.closed = False
 
@@ -115,7 +124,7 @@ class NetPort:
             return
         self.closed = True
         self.client.close()
-        for ring in (self.rx, self.tx):
+        for ring in self.rings:
             ring.close()
         for region in (self.ram, self.ring_mem, *self.extra):
             region.close()
@@ -176,8 +185,8 @@ class NetPort:
         """Negotiate, send memory, start both rings, set DRIVER_OK."""
         self.negotiate()
         self.setup_memory()
-        self.setup_ring(self.rx)
-        self.setup_ring(self.tx)
+        for ring in self.rings:
+            self.setup_ring(ring)
         if self.protocol & PF.STATUS:
             self.ok(Request.SET_STATUS, m.U64(DRIVER_OK))
         return self

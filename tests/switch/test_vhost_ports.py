@@ -3,15 +3,25 @@ learning, flooding and aging as guests see it, and bad input from one port."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 import pytest
 
 from backend.harness import HDR, NET_FEATURES
 from backend.rawclient import Buffer, read_eventfd, wait_until
-from pyvhost.devices.net import VIRTIO_NET_F_MRG_RXBUF
+from pyvhost.devices.net import (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MRG_RXBUF,
+)
 
 from .conftest import Guest, Switched
+from .test_offload import DST4, DST6, SRC4, SRC6, check_segments, tcp_frame, verifies
 
 BROADCAST = b"\xff" * 6
 
@@ -147,4 +157,136 @@ def test_receive_side_drops_no_buffer_too_big_and_mrg_rxbuf(switched: Switched) 
         assert mrg.counters["tx_frames"] == 1
     finally:
         for g in (a, small, mrg):
+            g.close()
+
+
+# -- offloads: CSUM / GUEST_CSUM, HOST_TSO4/6 / GUEST_TSO4/6 -------------------------------
+
+CSUM_TSO_TX = NET_FEATURES | VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6
+GUEST_TSO = NET_FEATURES | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 \
+    | VIRTIO_NET_F_GUEST_TSO6
+#: A receive buffer as large as the harness's buffer slots.
+SLOT_RX = 4096
+
+
+def recv_whole(g: Guest, count: int) -> list[bytes]:
+    """``count`` frames with their virtio-net header (Guest.recv strips it)."""
+    out = []
+    for head, written in g.port.rx.wait_used(count):
+        gpa = g.rx_bufs.pop(head)
+        out.append(g.port.guest.read(gpa, written))
+        g.port.pool.release(gpa)
+    return out
+
+
+@pytest.fixture
+def offload_guests(switched: Switched) -> Iterator[tuple[Guest, Guest, Guest]]:
+    """A sends with CSUM and HOST_TSO4/6; P takes no offload; T takes GUEST_CSUM/TSO4/6."""
+    made: list[Guest] = []
+    try:
+        for tag, features in (("a", CSUM_TSO_TX), ("p", NET_FEATURES), ("t", GUEST_TSO)):
+            g = Guest(switched, tag, features=features, rx_size=SLOT_RX)
+            g.post_rx(48)
+            made.append(g)
+        yield made[0], made[1], made[2]
+    finally:
+        for g in made:
+            g.close()
+
+
+def _send_whole(g: Guest, frame: bytes) -> None:
+    g.send([frame[HDR:]], hdr=frame[:HDR])
+
+
+def test_needs_csum_frame_is_completed_for_a_port_without_guest_csum(
+        offload_guests: tuple[Guest, Guest, Guest]) -> None:
+    a, p, t = offload_guests
+    for ipv6 in (False, True):
+        built = tcp_frame(bytes(range(256)) * 4, ipv6=ipv6, gso=False)
+        _send_whole(a, built.frame)
+        (plain,) = recv_whole(p, 1)
+        (kept,) = recv_whole(t, 1)
+        # P: flags zero, a full checksum that verifies with the pseudo-header.
+        assert plain[:10] == bytes(10)
+        eth = plain[HDR:]
+        tcp_len = len(eth) - built.l4
+        pseudo = (SRC6 + DST6 + struct.pack(">IxxxB", tcp_len, 6) if ipv6
+                  else SRC4 + DST4 + struct.pack(">xBH", 6, tcp_len))
+        assert verifies(pseudo + eth[built.l4:])
+        # T negotiated GUEST_CSUM: the partial checksum and its header, as sent.
+        assert kept[:10] == built.frame[:10] and kept[HDR:] == built.frame[HDR:]
+    assert a.counters["rx_drops"] == {} and p.counters["tx_drops"] == {}
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["tso4", "tso6"])
+def test_tso_frame_is_segmented_for_a_port_without_guest_tso(
+        offload_guests: tuple[Guest, Guest, Guest], ipv6: bool) -> None:
+    a, p, t = offload_guests
+    payload = bytes(i * 7 & 0xFF for i in range(3000))
+    built = tcp_frame(payload, ipv6=ipv6, mss=1000, flags=0x18 | 0x01, seq=2**32 - 1500)
+    _send_whole(a, built.frame)
+    segments = recv_whole(p, 3)
+    check_segments(built, [bytearray(s) for s in segments], 1000, ipv6=ipv6,
+                   seq=2**32 - 1500, flags=0x19, ip_id=7)
+    # T negotiated GUEST_TSO4/6: one frame, the header kept.
+    (whole,) = recv_whole(t, 1)
+    assert whole[:10] == built.frame[:10] and whole[HDR:] == built.frame[HDR:]
+    assert p.counters["tx_frames"] == 3 and t.counters["tx_frames"] == 1
+    assert a.counters["rx_frames"] == 1
+
+
+def test_malformed_offload_headers_are_dropped_and_counted_for_that_port(
+        offload_guests: tuple[Guest, Guest, Guest]) -> None:
+    a, p, t = offload_guests
+    good = tcp_frame(bytes(2000), mss=1000)
+    bad = [
+        bytearray(good.frame),  # gso_size 0
+        bytearray(good.frame),  # csum_start past the end
+        bytearray(good.frame),  # UDP GSO (never offered)
+        bytearray(good.frame),  # IPv4 protocol not TCP
+    ]
+    struct.pack_into("<H", bad[0], 4, 0)
+    struct.pack_into("<H", bad[1], 6, 4000)
+    bad[2][1] = 3
+    bad[3][HDR + good.l3 + 9] = 17
+    for b in bad:
+        _send_whole(a, bytes(b))
+    _send_whole(a, good.frame)  # and one that is fine, after them
+    assert len(recv_whole(p, 2)) == 2 and len(recv_whole(t, 1)) == 1
+    assert a.counters["rx_drops"] == {"malformed": 4}
+    assert a.counters["rx_frames"] == 1
+    # P (no CSUM negotiated) may not send NEEDS_CSUM: dropped on P only.
+    _send_whole(p, good.frame)
+    assert p.counters["rx_drops"] == {"malformed": 1}
+    assert a.counters["rx_drops"] == {"malformed": 4}
+    plain = frame(BROADCAST, mac(9), fill=3)
+    p.send([plain])
+    assert recv_whole(t, 1)[0][HDR:] == plain
+
+
+def test_frames_larger_than_the_receiver_takes_are_dropped_not_cut(
+        switched: Switched) -> None:
+    a = Guest(switched, "a", features=CSUM_TSO_TX)
+    t = Guest(switched, "t", features=GUEST_TSO, rx_size=SLOT_RX)
+    p = Guest(switched, "p", rx_size=SLOT_RX)
+    try:
+        t.post_rx(8)
+        p.post_rx(16)
+        # A 20000-byte GSO frame: T takes TSO but has 4 KiB buffers and no MRG_RXBUF.
+        big = tcp_frame(bytes(20000), mss=1448)
+        gpa = 0  # below the pool's slots (the pool hands out the top of RAM first)
+        a.port.guest.write(gpa, big.frame)
+        a.port.tx.add([Buffer(gpa, len(big.frame))])
+        # A non-GSO frame longer than the MTU (1500) plus Ethernet header and VLAN tag.
+        jumbo = frame(BROADCAST, mac(1), size=1600)
+        a.port.guest.write(gpa + 32768, bytes(HDR) + jumbo)
+        a.port.tx.add([Buffer(gpa + 32768, HDR + len(jumbo))])
+        a.port.tx.kick()
+        a.port.tx.wait_used(2)
+        assert len(recv_whole(p, 14)) == 14  # segmented for P: 14 segments of <= 1448
+        wait_until(lambda: t.counters["tx_drops"] == {"too_big": 2}, "drops counted on T")
+        assert t.port.rx.used_idx() == 0  # nothing cut
+        assert p.counters["tx_drops"] == {"too_big": 1}  # the jumbo frame
+    finally:
+        for g in (a, t, p):
             g.close()

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -134,13 +135,19 @@ class Connection(DeviceHost):
     """The back-end side of one vhost-user socket."""
 
     def __init__(self, sock: socket.socket, device: VirtioDevice, loop: Loop,
-                 name: str = "conn") -> None:
+                 name: str = "conn", *, owner_implied: bool = False) -> None:
         self.sock = sock
         self.device = device
         self.loop = loop
         self.name = name
         self.peer_pid = peer_pid(sock)
         self.phase = Phase.CONNECTED
+        #: A connection the back-end made (client mode) may resume a session the
+        #: front-end started with an earlier back-end: DPDK's virtio_user (server=1) never
+        #: sends SET_OWNER again after a reconnect, and first stops its old device on the
+        #: new socket (SET_VRING_ENABLE 0, GET_VRING_BASE). Such a connection counts as
+        #: owned from the start; a SET_OWNER that does come (QEMU's) is accepted once.
+        self.owner_implied = owner_implied
         self.decoder = Decoder()
         self.memory = MemoryManager()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
@@ -148,6 +155,14 @@ class Connection(DeviceHost):
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
+        #: What GET_PROTOCOL_FEATURES answers: the library's, less what the device withholds.
+        self.offered_protocol_features = (OFFERED_PROTOCOL_FEATURES
+                                          & ~device.withheld_protocol_features)
+        #: The last request that changed the memory table: its name, the new generation,
+        #: and when (time.monotonic(), CLOCK_MONOTONIC: comparable across processes on
+        #: Linux) it was taken off the socket and when the new table was in force (fds
+        #: closed, reply not yet sent). ``pyvhost lab`` times hot-plug with it.
+        self.last_memory_update: dict[str, object] | None = None
         self.status = 0
         self.close_reason: str | None = None
         self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0}
@@ -200,6 +215,7 @@ class Connection(DeviceHost):
     # -- dispatch ------------------------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
         self.counters["requests"] += 1
+        received, generation = time.monotonic(), self.memory.current.generation
         with msg.fds:
             try:
                 self._check_allowed(msg.request)
@@ -214,6 +230,10 @@ class Connection(DeviceHost):
                 return
         if self.closed:
             return
+        if self.memory.current.generation != generation:
+            self.last_memory_update = {
+                "request": msg.name, "generation": self.memory.current.generation,
+                "received": received, "in_force": time.monotonic()}
         if reply is not None:
             self._send(encode_reply(msg.request, reply))
         elif msg.need_reply and self.reply_ack:
@@ -223,7 +243,7 @@ class Connection(DeviceHost):
         rule = RULES.get(request)
         if rule is None:
             raise RequestError(f"{request_name(request)} is not supported by this back-end")
-        if rule.needs_owner and self.phase is not Phase.OWNED:
+        if rule.needs_owner and self.phase is not Phase.OWNED and not self.owner_implied:
             raise RequestError(f"{request_name(request)} before SET_OWNER")
         if rule.needs is not None and not self.protocol_features & rule.needs:
             raise RequestError(f"{request_name(request)} needs protocol feature "
@@ -367,6 +387,7 @@ class Connection(DeviceHost):
             "status": self.status,
             "memory_generation": self.memory.current.generation,
             "memory": self.memory.current.describe(),
+            "last_memory_update": self.last_memory_update,
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken} for v in self.vrings],
             "counters": dict(self.counters),
@@ -405,12 +426,12 @@ def _set_features(c: Connection, msg: Message) -> None:
 
 
 def _get_protocol_features(c: Connection, msg: Message) -> m.Payload:
-    return m.U64(int(OFFERED_PROTOCOL_FEATURES))
+    return m.U64(int(c.offered_protocol_features))
 
 
 def _set_protocol_features(c: Connection, msg: Message) -> None:
     features = _u64(msg)
-    extra = features & ~int(OFFERED_PROTOCOL_FEATURES)
+    extra = features & ~int(c.offered_protocol_features)
     if extra:
         raise RequestError(f"front-end set protocol features the back-end did not offer: "
                            f"{extra:#x}")
@@ -492,6 +513,13 @@ def _set_vring_addr(c: Connection, msg: Message) -> None:
             queue.attach(c.memory.current)
         raise
     queue.broken = None
+    if not vring.started:
+        # A ring about to start (SET_VRING_KICK comes next) resumes where its used ring
+        # says, if the front-end's SET_VRING_BASE disagrees (see resume_from_used_ring).
+        replaced = queue.resume_from_used_ring()
+        if replaced is not None:
+            log.info("%s: queue %d: SET_VRING_BASE %d, but the used ring is at %d: "
+                     "resuming there", c.name, p.index, replaced, queue.last_avail_idx)
 
 
 def _set_vring_base(c: Connection, msg: Message) -> None:

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from pyvhost.memory import GuestMemory
+from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.virtq import SplitQueue
 
 
@@ -72,6 +73,11 @@ class VirtioDevice(ABC):
     num_queues = 2
     #: Largest queue size the device accepts in SET_VRING_NUM.
     max_queue_size = 1024
+    #: Protocol features the connection must not offer for this device, although the
+    #: library implements them: CONFIGURE_MEM_SLOTS here makes QEMU re-send the whole
+    #: table with SET_MEM_TABLE on every hot-plug, as with DPDK 22.11 (``pyvhost net
+    #: --no-mem-slots``).
+    withheld_protocol_features = ProtocolFeature(0)
 
     @abstractmethod
     def device_features(self) -> int:

@@ -5,19 +5,33 @@ Listening sockets accept front-ends; each accepted socket becomes a
 are watched by the same selector. Nothing a peer does blocks the loop: sockets are
 non-blocking and partial messages wait in the connection's decoder. Connections are
 independent: one that fails is closed alone.
+
+The other way round, a :class:`ClientPort` (:meth:`Server.connect`) connects to a socket
+the front-end listens on (QEMU ``-chardev socket,server=on``, DPDK virtio_user
+``server=1``) and keeps doing so: when the socket is missing or refuses, and when a
+connection hangs up, it retries on the loop's timers with a bounded backoff. Every
+connection starts from nothing (a fresh device, no memory, no vrings); the old one was
+closed, which unmapped its memory and closed its fds, before the retry is armed.
+
+This module owns the selector, the timers, the listening and the client sockets; it
+never reads a vhost-user message (the connection does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
+import itertools
 import json
 import logging
 import os
 import selectors
 import socket
 import stat
+import time
 from collections.abc import Callable
+from enum import Enum
 
 from pyvhost.errors import LocalError
 
@@ -27,6 +41,125 @@ from .device import VirtioDevice
 log = logging.getLogger(__name__)
 
 DeviceFactory = Callable[[], VirtioDevice]
+
+#: sun_path is 108 bytes, with the terminating NUL.
+_SUN_PATH_MAX = 107
+#: First retry of a client port after a failed connect or a hang-up, in seconds; each
+#: further failure doubles it, up to the port's ``max_interval``.
+RECONNECT_FIRST = 0.1
+#: Default upper bound of the retry interval, in seconds.
+RECONNECT_MAX = 1.0
+
+
+class Timer:
+    """A callback the loop runs once, at or after ``when`` (monotonic seconds)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ClientState(Enum):
+    """Where a :class:`ClientPort` stands (``state`` in ``pyvhost status``)."""
+
+    WAITING = "waiting"  # no connection; a retry timer is armed
+    CONNECTED = "connected"
+    STOPPED = "stopped"  # the server closed
+
+
+class ClientPort:
+    """One socket the back-end connects to (client mode), and its retry state.
+
+    Every state change is logged once; the retries in between are not (they are counted
+    in :meth:`describe`). A failure reason that changes while waiting (socket missing,
+    then present but refusing) is a state change.
+    """
+
+    def __init__(self, server: Server, path: str, factory: DeviceFactory,
+                 first: float, max_interval: float) -> None:
+        self.server = server
+        self.path = path
+        self.factory = factory
+        self.first = first
+        self.max_interval = max_interval
+        self.state = ClientState.WAITING
+        self.connection: Connection | None = None
+        #: Successful connects so far, and failed attempts since the last change of state.
+        self.connects = 0
+        self.failures = 0
+        self.reason: str | None = "not tried yet"
+        self.delay = first
+        self.timer: Timer | None = None
+        self._connected_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path) or self.path
+
+    def describe(self) -> dict[str, object]:
+        retry_in = None
+        if self.timer is not None and not self.timer.cancelled:
+            retry_in = round(max(0.0, self.timer.when - time.monotonic()), 3)
+        return {"path": self.path, "state": self.state.value,
+                "connection": self.connection.name if self.connection else None,
+                "connects": self.connects, "failed_attempts": self.failures,
+                "reason": self.reason, "retry_in": retry_in}
+
+    # -- transitions (called by the server) ----------------------------------------------
+    def _wait(self, reason: str, delay: float, *, hung_up: bool = False) -> None:
+        """No connection now: retry in ``delay`` s (then back off). ``hung_up``: a
+        connection ended (already logged), no attempt failed."""
+        if self.state is ClientState.STOPPED:
+            return
+        changed = self.state is not ClientState.WAITING or reason != self.reason
+        self.state = ClientState.WAITING
+        self.connection = None
+        if changed:
+            self.failures = 0
+            if not hung_up:
+                log.info("%s: waiting for the front-end (%s); retrying with backoff up "
+                         "to every %g s", self.path, reason, self.max_interval)
+        else:
+            log.debug("%s: still waiting (%s)", self.path, reason)
+        self.reason = reason
+        if not hung_up:
+            self.failures += 1
+        self.timer = self.server.call_later(delay, lambda: self.server._dial(self))
+        self.delay = min(max(delay, self.first) * 2, self.max_interval)
+
+    def _connected(self, conn: Connection) -> None:
+        self.state = ClientState.CONNECTED
+        self.connection = conn
+        self.connects += 1
+        self.failures = 0
+        self.reason = None
+        self.timer = None
+        self._connected_at = time.monotonic()
+        log.info("%s: connected as %s (front-end pid %s)", self.path, conn.name,
+                 conn.peer_pid)
+
+    def _hung_up(self, conn: Connection) -> None:
+        reason = conn.close_reason or "connection closed"
+        log.warning("%s: %s lost: %s; reconnecting", self.path, conn.name, reason)
+        # A connection that lived longer than the longest interval starts the backoff
+        # afresh; one closed right after it was made (a front-end that accepts and hangs
+        # up, or that we refused) keeps backing off, so it is not hammered.
+        if time.monotonic() - self._connected_at >= self.max_interval:
+            self.delay = self.first
+        self._wait(f"hung up: {reason}", self.delay, hung_up=True)
+
+    def _stop(self) -> None:
+        self.state = ClientState.STOPPED
+        self.connection = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Server(Loop):
@@ -39,9 +172,14 @@ class Server(Loop):
         self.connections: list[Connection] = []
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._stopping = False
+        self._closed = False
         self._count = 0
         self._control: set[str] = set()
         self._soon: list[Callable[[], None]] = []
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._timer_seq = itertools.count()
+        #: Client-mode ports by path (:meth:`connect`).
+        self.clients: dict[str, ClientPort] = {}
         #: Extra top-level keys of describe(): name -> function returning the value.
         self.describers: dict[str, Callable[[], object]] = {}
         # A self-pipe so that stop() from a signal handler or another thread wakes select.
@@ -61,10 +199,36 @@ class Server(Loop):
     def call_soon(self, callback: Callable[[], None]) -> None:
         self._soon.append(callback)
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Run ``callback`` once, ``delay`` seconds from now (on the loop's thread)."""
+        timer = Timer(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.when, next(self._timer_seq), timer))
+        return timer
+
+    def _next_timeout(self, timeout: float | None) -> float | None:
+        """``timeout`` shortened to the first live timer's deadline."""
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return timeout
+        wait = max(0.0, self._timers[0][0] - time.monotonic())
+        return wait if timeout is None else min(timeout, wait)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.cancelled = True  # ran: describe() shows no pending retry
+                timer.callback()
+
     # -- sockets -------------------------------------------------------------------------
     def listen(self, path: str, *, control: bool = False) -> None:
         """Listen on a Unix socket path. A stale socket file is replaced; any other file
         at that path is an error (we never delete what is not a socket)."""
+        if path in self.clients:
+            raise LocalError(f"{path} is already a client port (--client); can not also "
+                             "listen on it")
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -126,9 +290,13 @@ class Server(Loop):
         self._count += 1
         self.adopt(conn_sock, f"{os.path.basename(path)}#{self._count}")
 
-    def adopt(self, sock: socket.socket, name: str) -> Connection:
-        """Serve an already-connected socket (accepted, or a socketpair in tests)."""
-        conn = Connection(sock, self.factory(), self, name)
+    def adopt(self, sock: socket.socket, name: str, factory: DeviceFactory | None = None,
+              *, owner_implied: bool = False) -> Connection:
+        """Serve an already-connected socket (accepted, connected, or a socketpair in
+        tests), with a device from ``factory`` (the server's by default). See
+        :class:`Connection` for ``owner_implied``."""
+        conn = Connection(sock, (factory or self.factory)(), self, name,
+                          owner_implied=owner_implied)
         self.connections.append(conn)
         self.watch(sock.fileno(), lambda: self._readable(conn))
         log.info("%s: front-end connected (pid %s)", name, conn.peer_pid)
@@ -141,13 +309,66 @@ class Server(Loop):
             self.unwatch(fileno)
             self.connections.remove(conn)
             log.info("%s: gone: %s", conn.name, conn.close_reason)
+            # Only now, with the old connection's memory unmapped and its fds closed, may
+            # a client port dial again.
+            for client in self.clients.values():
+                if client.connection is conn:
+                    client._hung_up(conn)
+
+    # -- client mode ---------------------------------------------------------------------
+    def connect(self, path: str, *, factory: DeviceFactory | None = None,
+                first: float = RECONNECT_FIRST,
+                max_interval: float = RECONNECT_MAX) -> ClientPort:
+        """Connect to a front-end listening on ``path`` (client mode), now and after every
+        hang-up, until :meth:`close`. While the socket is missing or refuses, retry after
+        ``first`` seconds, doubling up to ``max_interval``. The first attempt runs on the
+        loop's next turn; a failure never raises, it is a state (see :meth:`describe`)."""
+        if not 0 < first <= max_interval:
+            raise LocalError(f"reconnect intervals must satisfy 0 < first ({first}) <= "
+                             f"max ({max_interval})")
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise LocalError(f"{path} is longer than a Unix socket path may be "
+                             f"({_SUN_PATH_MAX} bytes)")
+        if path in self.clients or path in self.listeners:
+            raise LocalError(f"{path} is given twice")
+        client = ClientPort(self, path, factory or self.factory, first, max_interval)
+        self.clients[path] = client
+        client.timer = self.call_later(0, lambda: self._dial(client))
+        return client
+
+    def _dial(self, client: ClientPort) -> None:
+        """One connect attempt. Unix stream sockets connect at once or fail at once (a
+        full backlog is EAGAIN, not EINPROGRESS), so the loop is never blocked."""
+        if client.state is ClientState.STOPPED or self._stopping:
+            return
+        sock = socket.socket(socket.AF_UNIX,
+                             socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            sock.connect(client.path)
+        except OSError as e:
+            sock.close()
+            client._wait(_connect_failure(e), client.delay)
+            return
+        self._count += 1
+        try:
+            # The front-end may be resuming its session without a new SET_OWNER.
+            conn = self.adopt(sock, f"{client.name}#{self._count}", client.factory,
+                              owner_implied=True)
+        except Exception as e:  # a device factory bug: keep the process, retry later
+            log.exception("%s: can not serve the new connection", client.path)
+            sock.close()
+            client._wait(f"internal error: {e!r}", client.max_interval)
+            return
+        client._connected(conn)
 
     # -- running -------------------------------------------------------------------------
     def run_once(self, timeout: float | None = None) -> None:
-        for key, _ in self.sel.select(0 if self._soon else timeout):
+        for key, _ in self.sel.select(0 if self._soon else self._next_timeout(timeout)):
             callback = self._callbacks.get(key.data)
             if callback is not None:
                 callback()
+        if self._timers:
+            self._run_timers()
         if self._soon:
             soon, self._soon = self._soon, []
             for callback in soon:
@@ -169,7 +390,14 @@ class Server(Loop):
             os.read(self._wake_r, 64)
 
     def close(self) -> None:
-        """Close every connection and listener, unlink our socket files."""
+        """Close every connection and listener, unlink our socket files (never a client
+        port's: the front-end owns that one). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for client in self.clients.values():
+            client._stop()
+        self._timers.clear()
         for conn in list(self.connections):
             fileno = conn.sock.fileno()
             conn.close("back-end shutting down")
@@ -190,10 +418,22 @@ class Server(Loop):
         state: dict[str, object] = {
             "pid": os.getpid(),
             "listening": sorted(p for p in self.listeners if p not in self._control),
+            "clients": [c.describe() for c in self.clients.values()],
             "connections": [c.describe() for c in self.connections]}
         for key, describe in self.describers.items():
             state[key] = describe()
         return state
+
+
+def _connect_failure(e: OSError) -> str:
+    """Why a connect to a front-end's socket failed, in words for the log and status."""
+    if e.errno == errno.ENOENT:
+        return "socket does not exist yet"
+    if e.errno == errno.ECONNREFUSED:
+        return "nothing listens on the socket"
+    if e.errno == errno.EAGAIN:
+        return "the front-end's listen backlog is full"
+    return f"connect failed: {e.strerror or e}"
 
 
 def _socket_in_use(path: str) -> bool:

@@ -50,8 +50,17 @@ def status(control: str, as_json: bool) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     console = Console()
-    console.print(f"back-end pid {state.get('pid')}, listening on "
-                  f"{', '.join(map(str, state.get('listening', [])))}")  # type: ignore[call-overload]
+    listening = state.get("listening") or []
+    assert isinstance(listening, list)
+    console.print(f"back-end pid {state.get('pid')}"
+                  + (f", listening on {', '.join(map(str, listening))}" if listening else ""))
+    clients = state.get("clients", [])
+    assert isinstance(clients, list)
+    for client in clients:  # client mode (pyvhost net --client): connected or waiting
+        detail = client.get("connection") or (
+            f"{client.get('reason')}, {client.get('failed_attempts')} attempts")
+        console.print(f"connecting to {client.get('path')}: {client.get('state')} "
+                      f"({detail}; {client.get('connects')} connects so far)")
     connections = state.get("connections", [])
     assert isinstance(connections, list)
     if not connections:

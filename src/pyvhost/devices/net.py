@@ -19,9 +19,23 @@ from pyvhost.memory import GuestMemory
 from pyvhost.protocol.constants import VirtioFeature
 from pyvhost.virtq import DescriptorChain, SplitQueue
 
+# virtio 1.2, 5.1.3 "Feature bits".
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MTU = 1 << 3
 VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_GUEST_ECN = 1 << 9
+VIRTIO_NET_F_GUEST_UFO = 1 << 10
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_HOST_ECN = 1 << 13
+VIRTIO_NET_F_HOST_UFO = 1 << 14
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_F_CTRL_VQ = 1 << 17
+VIRTIO_NET_F_MQ = 1 << 22
 VIRTIO_NET_S_LINK_UP = 1
 
 RX, TX = 0, 1

@@ -6,14 +6,18 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import click
 
 from pyvhost.backend import Server, VirtioDevice
+from pyvhost.backend.server import RECONNECT_FIRST, RECONNECT_MAX
 from pyvhost.errors import LocalError
+from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.switch import Switch, SwitchPort, TapPort
 from pyvhost.switch.table import DEFAULT_AGING
+from pyvhost.switch.vhost import MAX_QUEUE_PAIRS
 
 from .net import ReflectNet
 
@@ -32,8 +36,20 @@ def _parse_mac(value: str) -> bytes:
 
 @click.command()
 @click.option("--socket", "sockets", metavar="PATH", multiple=True,
-              help="Unix socket to listen on for a front-end (QEMU, DPDK virtio_user). "
-                   "Repeat for several ports; each connection is one switch port.")
+              help="Unix socket to listen on for a front-end (QEMU, DPDK virtio_user); "
+                   "with --client, the front-end's socket to connect to. Repeat for "
+                   "several ports; each connection is one switch port.")
+@click.option("--client", is_flag=True,
+              help="Connect to every --socket instead of listening on it: the front-end "
+                   "listens (QEMU: -chardev socket,path=PATH,server=on; DPDK: "
+                   "--vdev net_virtio_user0,path=PATH,server=1). A missing socket and a "
+                   "hang-up are retried until Ctrl-C, so pyvhost can start before the "
+                   "front-end, and be restarted under a running VM.")
+@click.option("--reconnect", "reconnect_max", metavar="SECONDS",
+              type=click.FloatRange(min=RECONNECT_FIRST), default=RECONNECT_MAX,
+              show_default=True,
+              help=f"With --client: the longest wait between two connect attempts "
+                   f"(the first retry comes after {RECONNECT_FIRST:g} s, then doubling).")
 @click.option("--tap", "taps", metavar="NAME", multiple=True,
               help="Create a tap interface NAME (removed at exit) as a switch port. Repeat "
                    "for several.")
@@ -42,7 +58,8 @@ def _parse_mac(value: str) -> bytes:
                    "with the MAC addresses swapped (like testpmd's macswap).")
 @click.option("--mac", default="52:54:00:12:34:56", show_default=True,
               help="MAC address in the device's config space; with the switch, the n-th "
-                   "connection gets this address plus n-1.")
+                   "connection gets this address plus n-1 (with --client: the n-th "
+                   "--socket, on every reconnect).")
 @click.option("--mac-aging", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_AGING, show_default=True,
               help="Forget a learned MAC address after this long without a frame from it.")
@@ -52,10 +69,22 @@ def _parse_mac(value: str) -> bytes:
                    "line (see `pyvhost status`).")
 @click.option("--stats/--no-stats", default=True, show_default=True,
               help="Print the counters as JSON on stderr at exit.")
-def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str,
-        mac_aging: float, control: str | None, stats: bool) -> None:
-    """Serve virtio-net ports on vhost-user sockets (server mode) and taps: an L2 learning
-    switch between all of them, until Ctrl-C.
+@click.option("--mem-slots/--no-mem-slots", default=True, show_default=True,
+              help="Offer the CONFIGURE_MEM_SLOTS protocol feature (ADD_MEM_REG / "
+                   "REM_MEM_REG, up to 509 regions). Without it, QEMU re-sends the whole "
+                   "table (SET_MEM_TABLE, at most 8 regions) on every hot-plug, as it does "
+                   "to DPDK 22.11.")
+@click.option("--queue-pairs", metavar="N", type=click.IntRange(1, MAX_QUEUE_PAIRS),
+              default=1, show_default=True,
+              help="Receive/transmit queue pairs of each switch port (VIRTIO_NET_F_MQ when "
+                   "N > 1): QEMU -device virtio-net-pci,mq=on with -netdev "
+                   "vhost-user,queues=N; DPDK net_virtio_user0,queues=N.")
+def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
+        taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
+        control: str | None, stats: bool, mem_slots: bool = True,
+        queue_pairs: int = 1) -> None:
+    """Serve virtio-net ports on vhost-user sockets (listening, or connecting with
+    --client) and taps: an L2 learning switch between all of them, until Ctrl-C.
 
     \b
     Two DPDK testpmd front-ends and the host, switched:
@@ -69,11 +98,26 @@ def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str
     With QEMU (the socket must exist before QEMU starts):
         -chardev socket,id=c0,path=/tmp/vh0.sock -netdev vhost-user,id=n0,chardev=c0 \\
         -device virtio-net-pci,netdev=n0
+    \b
+    Client mode (--client): the front-ends listen and pyvhost connects; it reconnects
+    when a front-end goes away and comes back, and after pyvhost itself is restarted.
+    QEMU (server=on; QEMU waits at start until pyvhost connects):
+        -chardev socket,id=c0,path=/tmp/vh0.sock,server=on \\
+        -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
+    DPDK testpmd (server=1; it too waits at start until pyvhost connects):
+        dpdk-testpmd ... --vdev 'net_virtio_user0,path=/tmp/vh1.sock,server=1' ...
+    then, in any order:
+        pyvhost -v net --client --socket /tmp/vh0.sock --socket /tmp/vh1.sock \\
+            --control /tmp/pyvhost.ctl
     """
     if not sockets and not taps:
         raise click.UsageError("give at least one --socket or --tap")
     if reflect and taps:
         raise click.UsageError("--reflect serves vhost-user sockets only, not --tap")
+    if client and not sockets:
+        raise click.UsageError("--client connects to the --socket paths: give at least one")
+    if len(set(sockets)) != len(sockets):
+        raise click.UsageError("a --socket path is given twice")
     mac_bytes = _parse_mac(mac)
     switch = Switch(mac_aging)
     reflectors: list[ReflectNet] = []
@@ -86,9 +130,22 @@ def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str
             dev = ReflectNet(mac_bytes)
             reflectors.append(dev)
             return dev
-        return SwitchPort(switch, _nth_mac(mac_bytes, count - 1))
+        return SwitchPort(switch, _nth_mac(mac_bytes, count - 1), queue_pairs=queue_pairs)
 
-    server = Server(factory)
+    def port_factory(index: int) -> Callable[[], VirtioDevice]:
+        """A client port's devices: every reconnect of the ``index``-th --socket gets the
+        same MAC address (its guest's NIC is the same one)."""
+        def make() -> VirtioDevice:
+            nonlocal count
+            count += 1
+            if reflect:
+                dev = ReflectNet(mac_bytes)
+                reflectors.append(dev)
+                return dev
+            return SwitchPort(switch, _nth_mac(mac_bytes, index), queue_pairs=queue_pairs)
+        return make
+
+    server = Server(_offering(factory, mem_slots))
     if not reflect:
         server.describers["switch"] = switch.describe
     tap_ports: list[TapPort] = []
@@ -99,13 +156,18 @@ def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
-        for path in sockets:
-            server.listen(path)
+        for index, path in enumerate(sockets):
+            if client:
+                server.connect(path, factory=_offering(port_factory(index), mem_slots),
+                               max_interval=reconnect_max)
+            else:
+                server.listen(path)
         for name in taps:
             tap_ports.append(TapPort(name, switch, server).open())
         if control:
             server.listen_control(control)
-        ports = [*sockets, *(f"tap {t}" for t in taps)]
+        ports = [*(f"{'client ' if client else ''}{s}" for s in sockets),
+                 *(f"tap {t}" for t in taps)]
         click.echo(f"pyvhost net: serving {', '.join(ports)} "
                    f"({'reflect' if reflect else 'switch'}); Ctrl-C to stop", err=True)
         server.run()
@@ -127,6 +189,17 @@ def net(sockets: tuple[str, ...], taps: tuple[str, ...], reflect: bool, mac: str
         elif stats:
             print(json.dumps({"connections": count, "switch": switch.describe()}),
                   file=sys.stderr)
+
+
+def _offering(make: Callable[[], VirtioDevice],
+              mem_slots: bool) -> Callable[[], VirtioDevice]:
+    """``make``, with CONFIGURE_MEM_SLOTS withheld from its devices unless ``mem_slots``."""
+    def wrapped() -> VirtioDevice:
+        dev = make()
+        if not mem_slots:
+            dev.withheld_protocol_features |= ProtocolFeature.CONFIGURE_MEM_SLOTS
+        return dev
+    return wrapped
 
 
 def _nth_mac(base: bytes, n: int) -> bytes:

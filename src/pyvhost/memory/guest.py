@@ -186,11 +186,17 @@ class GuestMemory:
             region = self.regions[i]
             off = region.base + (gpa - region.gpa_start)
             region.mm[off:off + n] = data
+            region.writes += 1
+            region.bytes_written += n
             return
         view = memoryview(data)
         pos = 0
         for mm, off, n in self.segments(gpa, len(view)):
             mm[off:off + n] = view[pos:pos + n]
+            piece = self.region_at(gpa + pos)  # a piece lies in one region (segments)
+            if piece is not None:
+                piece.writes += 1
+                piece.bytes_written += n
             pos += n
 
     def va_to_gpa(self, va: int, length: int) -> int:
@@ -208,7 +214,9 @@ class GuestMemory:
 
     def describe(self) -> list[dict[str, int]]:
         """The table as plain data, for status output. Each region holds one fd (the dup
-        CPython's mmap keeps) and one mapping."""
+        CPython's mmap keeps) and one mapping. ``writes`` / ``bytes_written`` count what
+        the device wrote into the region so far (:meth:`write`)."""
         return [{"guest_phys_addr": r.gpa_start, "memory_size": r.desc.memory_size,
                  "userspace_addr": r.uva_start, "mmap_offset": r.desc.mmap_offset,
-                 "fds_held": 0 if r.closed else 1} for r in self.regions]
+                 "fds_held": 0 if r.closed else 1, "writes": r.writes,
+                 "bytes_written": r.bytes_written} for r in self.regions]

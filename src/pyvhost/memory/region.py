@@ -45,8 +45,8 @@ class MappedRegion:
     against ``fstat`` before mapping, so reading it can not fault on a short file).
     """
 
-    __slots__ = ("added_gen", "base", "closed", "desc", "file_id", "mm", "page_size",
-                 "removed_gen")
+    __slots__ = ("added_gen", "base", "bytes_written", "closed", "desc", "file_id", "mm",
+                 "page_size", "removed_gen", "writes")
 
     def __init__(self, desc: MemoryRegion, mm: mmap.mmap, base: int, file_id: FileId,
                  page_size: int) -> None:
@@ -61,6 +61,13 @@ class MappedRegion:
         #: snapshots are contiguous and this range says exactly which ones hold it.
         self.added_gen = 0
         self.removed_gen: int | None = None
+        #: Device writes into this region through :meth:`GuestMemory.write` (for a net
+        #: device: received frames written into the driver's RX buffers) and their bytes.
+        #: Status output only: they show where in guest memory the driver put its buffers
+        #: (e.g. in a hot-added DIMM). Two integer additions per write; not locked, so
+        #: writers on several threads may lose an increment now and then.
+        self.writes = 0
+        self.bytes_written = 0
 
     @classmethod
     def map(cls, desc: MemoryRegion, fd: int) -> MappedRegion:

@@ -2,6 +2,7 @@
 
 - :mod:`.table` the MAC address table with aging (no frames, no fds)
 - :mod:`.core`  the switch: ports, forwarding decisions, per-port counters
+- :mod:`.offload` virtio-net header checks, checksum completion and TCP segmentation
 - :mod:`.vhost` a vhost-user connection as a port (the ``SwitchPort`` virtio-net device)
 - :mod:`.tap`   a Linux tap device as a port
 """

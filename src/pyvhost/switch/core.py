@@ -9,7 +9,9 @@ batch, not once per frame.
 
 Frames are ``bytes``-like: a 12-byte virtio-net header (``struct virtio_net_hdr`` with
 ``num_buffers``, as VERSION_1 and MRG_RXBUF lay it out) followed by the Ethernet frame. The
-header travels between ports unchanged. Ports validate what they receive before handing it
+header travels between ports unchanged; a port that receives a frame checks its offload
+fields, and a port that sends one does in software what its peer did not negotiate
+(:mod:`.offload`). Ports validate what they receive before handing it
 over (at least a header and an Ethernet header; see :data:`MIN_FRAME`), so the switch
 reads addresses without checks.
 
@@ -43,7 +45,7 @@ class PortCounters:
     the port. Bytes count Ethernet frames, without the virtio-net header. Drops are counted
     by reason, on the port where they happened: ``rx_drops`` for frames refused on the way
     in (malformed, too_big, bad_descriptor), ``tx_drops`` for frames the port could not
-    take (no_rx_buffer, too_big, port_down, error)."""
+    take (no_rx_buffer, too_big, port_down, error, malformed)."""
 
     __slots__ = ("rx_bytes", "rx_drops", "rx_frames", "tx_bytes", "tx_drops", "tx_frames")
 

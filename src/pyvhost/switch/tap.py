@@ -6,10 +6,14 @@ written starts with the same 12-byte virtio-net header the vhost-user ports carr
 brought up (SIOCSIFFLAGS IFF_UP). It is not made persistent, so the kernel removes it
 when its fd closes: on :meth:`TapPort.close`, or whenever the process ends.
 
-No offload is enabled (no TUNSETOFFLOAD), so the kernel hands us neither partial
-checksums nor GSO frames; it may mark a frame DATA_VALID, which is cleared here because no
-vhost-user port negotiates GUEST_CSUM yet. Reads are non-blocking, at most :data:`BATCH`
-per wake-up (the selector is level-triggered: what is left wakes it again).
+Offloads are on (TUNSETOFFLOAD with TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6): the kernel
+hands us frames with partial checksums (NEEDS_CSUM) and TCP GSO frames of up to 64 KiB,
+and takes the same from us; their headers are checked like a guest's
+(:func:`~.offload.check_ingress`, with the kernel's extra liberties: DATA_VALID, GSO
+without NEEDS_CSUM) and travel through the switch, to be completed or segmented for a
+vhost-user port that did not negotiate them. Without TUN_F_TSO_ECN and TUN_F_UFO the
+kernel segments ECN and UDP GSO itself. Reads are non-blocking, at most :data:`BATCH` per
+wake-up (the selector is level-triggered: what is left wakes it again).
 """
 
 from __future__ import annotations
@@ -26,12 +30,21 @@ from pyvhost.backend.connection import Loop
 from pyvhost.errors import LocalError
 
 from .core import MAX_ETHERNET, MIN_FRAME, NET_HDR, Port, Switch
+from .offload import (
+    ALL,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    HeaderError,
+    adapt_egress,
+    check_ingress,
+)
 
 log = logging.getLogger(__name__)
 
 # linux/if_tun.h and linux/sockios.h
 TUNSETIFF = 0x400454CA
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -41,12 +54,11 @@ IFF_UP = 0x1
 IFNAMSIZ = 16
 #: struct ifreq is 40 bytes on x86_64: the name, then a 24-byte union.
 _IFREQ = struct.Struct("16sH22x")
-#: virtio_net_hdr flags
-VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_F_DATA_VALID = 2
 
 BATCH = 64
-READ_SIZE = NET_HDR + MAX_ETHERNET
+#: The largest frame taken from the tap; reads ask for one byte more, so that a longer
+#: frame is seen (and dropped) rather than taken cut.
+LARGEST = NET_HDR + MAX_ETHERNET
 
 
 class TapPort(Port):
@@ -70,6 +82,7 @@ class TapPort(Port):
             ifr = _IFREQ.pack(self.name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             fcntl.ioctl(fd, TUNSETIFF, ifr)
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", NET_HDR))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
             _set_up(self.name)
         except OSError as e:
             os.close(fd)
@@ -97,18 +110,25 @@ class TapPort(Port):
         frames: list[bytes | bytearray] = []
         for _ in range(BATCH):
             try:
-                data: bytes | bytearray = os.read(self.fd, READ_SIZE)
+                data: bytes | bytearray = os.read(self.fd, LARGEST + 1)
             except BlockingIOError:
                 break
             except OSError as e:
                 log.warning("tap %s: read failed: %s", self.name, e)
                 break
-            if len(data) < MIN_FRAME or data[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM or data[1]:
+            if len(data) < MIN_FRAME:
                 counters.drop_rx("malformed")
                 continue
-            if data[0]:
-                data = bytearray(data)
-                data[0] = 0  # DATA_VALID: no port takes GUEST_CSUM yet
+            if len(data) > LARGEST:
+                counters.drop_rx("too_big")
+                continue
+            if data[0] or data[1]:
+                try:
+                    data = check_ingress(data, ALL, kernel=True)
+                except HeaderError as e:
+                    counters.drop_rx("malformed")
+                    log.debug("tap %s: malformed header: %s", self.name, e)
+                    continue
             frames.append(data)
         self.switch.receive(self, frames)
 
@@ -116,17 +136,28 @@ class TapPort(Port):
     def deliver(self, frames: Sequence[bytes | bytearray]) -> None:
         counters = self.counters
         sent = nbytes = 0
-        for data in frames:
-            try:
-                os.write(self.fd, data)
-            except BlockingIOError:
-                counters.drop_tx("no_rx_buffer")
-            except OSError as e:
-                # EIO: the interface is down (e.g. just moved into another namespace).
-                counters.drop_tx("port_down" if e.errno == errno.EIO else "error")
+        for frame in frames:
+            if frame[1] and not frame[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                # GSO without NEEDS_CSUM (from another tap): segmented, as for a guest.
+                try:
+                    out: Sequence[bytes | bytearray] = adapt_egress(frame, ALL)
+                except HeaderError:
+                    counters.drop_tx("malformed")
+                    continue
             else:
-                sent += 1
-                nbytes += len(data)
+                out = (frame,)
+            for data in out:
+                try:
+                    os.write(self.fd, data)
+                except BlockingIOError:
+                    counters.drop_tx("no_rx_buffer")
+                except OSError as e:
+                    # EIO: the interface is down (e.g. just moved into another namespace);
+                    # EINVAL: the kernel refused the header (counted, never fatal).
+                    counters.drop_tx("port_down" if e.errno == errno.EIO else "error")
+                else:
+                    sent += 1
+                    nbytes += len(data)
         counters.tx_frames += sent
         counters.tx_bytes += nbytes - NET_HDR * sent
 
