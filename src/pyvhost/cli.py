@@ -7,8 +7,12 @@ Subcommands:
   (:mod:`pyvhost.frontend.probe_cli`)
 - ``pyvhost status`` ask a running back-end for its ports and memory tables
   (:mod:`pyvhost.backend.status_cli`)
-- ``pyvhost demo``   the README's main job: a back-end watched across memory hot-plug
-  (:mod:`pyvhost.demo`)
+- ``pyvhost lab``    the README's main job: real VMs on a pyvhost switch, memory
+  hot-added under a continuous ping (:mod:`pyvhost.lab.cli`)
+- ``pyvhost demo``   a quicker one: a back-end watched across memory hot-plug played by
+  pyvhost's own front-end (:mod:`pyvhost.demo`)
+- ``pyvhost mem``    memory hot-plug through QMP with the checks QEMU leaves out
+  (:mod:`pyvhost.hotplug.cli`)
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ def main(verbose: int) -> None:
     """Memory hot-plug that stays safe for QEMU VMs served by vhost-user back-ends.
 
     \b
-    See it work (a back-end watched across hot-plug, then probed):
+    See it work (real VMs on a pyvhost switch, memory hot-added under traffic):
+        pyvhost lab
+    Quicker (a back-end watched across hot-plug, then probed):
         pyvhost demo
     Serve a virtio-net device on a vhost-user socket:
         pyvhost net --socket /tmp/vhost0.sock --reflect
@@ -46,12 +52,14 @@ def _register() -> None:
     from pyvhost.devices.net_cli import net
     from pyvhost.frontend.probe_cli import probe
     from pyvhost.hotplug.cli import mem
+    from pyvhost.lab.cli import lab
 
     main.add_command(net)
     main.add_command(probe)
     main.add_command(status)
     main.add_command(demo)
     main.add_command(mem)
+    main.add_command(lab)
 
 
 _register()

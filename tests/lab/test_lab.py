@@ -1,0 +1,251 @@
+"""``pyvhost lab`` against real QEMU 7.2 (TCG) guests on a real ``pyvhost net`` process.
+
+Each test runs the lab's own code (:mod:`pyvhost.lab.scenario`) or its command, and checks
+what it measured: pings answered by the other guest, the back-end's memory table beside
+QEMU's, the fds and mappings of the back-end process read from /proc, and QEMU's own
+refusal past the 8-region limit. Everything the lab starts it ends by pid (its context
+manager), pass or fail; the command is stopped with SIGINT, which the lab tears down on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from pyvhost.backend.status_cli import fetch_status
+from pyvhost.lab.cli import _Printer, lab
+from pyvhost.lab.image import GuestImage
+from pyvhost.lab.qemu import QBOOT
+from pyvhost.lab.scenario import Lab, LabConfig, run_lab
+from support.procs import Procs, need
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(guest_image: GuestImage) -> GuestImage:
+    need("qemu-system-x86_64", "qemu-system-x86")
+    if not QBOOT.is_file():
+        pytest.skip(f"{QBOOT} missing (Debian package qemu-system-data)")
+    return guest_image
+
+
+def _adds(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in report["steps"] if s["action"] == "add" and s["qemu"]
+            and s["qemu"]["ok"]]
+
+
+def _check_step_usage(report: dict[str, Any], step: dict[str, Any]) -> None:
+    """The back-end holds one fd and one mapping per region of all its tables, and its
+    other fds are what they were with the VMs up before any hot-plug."""
+    b = step["backend"]
+    regions = len(b["regions"]) + sum(b["other_vms_regions"].values())
+    base = report["backend"]["baseline"]
+    assert b["guest_ram_mappings"] == regions, step
+    assert b["guest_ram_fds"] == regions, step
+    assert b["fds"] - b["guest_ram_fds"] == base["fds"] - base["guest_ram_fds"], step
+    # Every region the back-end holds is one QEMU sends (its flat view), and no other.
+    sent = {(r["guest_phys_addr"], r["memory_size"])
+            for r in step["qemu_memory"]["vhost_user_regions"]}
+    held = {(r["guest_phys_addr"], r["memory_size"]) for r in b["regions"]}
+    assert held == sent, step
+    assert all(r["fds_held"] == 1 for r in b["regions"]), step
+
+
+def _check_hot_adds(report: dict[str, Any], dimms: int, request: str) -> None:
+    adds = _adds(report)
+    assert len(adds) >= dimms
+    for n, step in enumerate(adds, 1):
+        assert step["ok"], [c for c in step["checks"] if not c["ok"]]
+        _check_step_usage(report, step)
+        # Boot RAM (one region on a booted q35 guest) plus one region per DIMM.
+        assert len(step["backend"]["regions"]) == 1 + n
+        assert step["guest"]["mem_total_delta_kib"] == 128 * 1024
+        assert step["timing"]["backend_request"] == request
+        # QEMU waits for the back-end's ack: the update happens inside device_add.
+        assert step["timing"]["backend_inside_command"] is True
+        # VM 2's table is untouched by VM 1's hot-plug.
+        assert step["backend"]["other_vms_regions"] == {"2": 1}
+    ping = report["continuous_ping"]
+    assert ping["lost"] == 0 and ping["sent"] == ping["received"]
+    # At least pings_per_step answers after each step went through the new tables.
+    assert ping["received"] >= 3 * len(adds)
+    assert all(p["received"] == p["sent"] == 3 for p in report["pings"])
+    after = report["backend"]["after_vms"]
+    assert after["fds"] == report["backend"]["before_vms"]["fds"]
+    assert after["guest_ram_fds"] == after["guest_ram_mappings"] == 0
+    assert report["summary"]["frames_dropped"] == 0
+
+
+def test_two_guests_ping_each_other_through_pyvhost_net(image: GuestImage) -> None:
+    config = LabConfig(vms=2, dimms=0)
+    with Lab(config, image=image) as lab:
+        lab.start_net()
+        lab.boot()
+        before = lab.switch_counters()
+        results = lab.ping_all()
+        assert [(r["from"], r["to"]) for r in results] == [(1, 2), (2, 1)]
+        for r in results:
+            assert (r["exit_code"], r["sent"], r["received"]) == (0, 3, 3), r
+        # The frames went through the switch: it learned each guest's MAC on that guest's
+        # connection, and each port carried the echo requests and replies both ways.
+        state: dict[str, Any] = fetch_status(lab.control)
+        conns = {c["peer_pid"]: c["name"] for c in state["connections"]}
+        names = [conns[vm.qemu.pid] for vm in lab.vms]
+        table = {e["mac"]: e["port"] for e in state["switch"]["mac_table"]}
+        assert table[config.mac(0)] == names[0]
+        assert table[config.mac(1)] == names[1]
+        ports = {p["name"]: p for p in state["switch"]["ports"]}
+        for name in names:
+            assert ports[name]["rx_frames"] >= 6 and ports[name]["tx_frames"] >= 6
+        # Nothing dropped from the first ping on (a frame flooded to a guest whose NIC
+        # was not started yet is dropped at boot: that is not the ping's).
+        dropped = {p["vm"]: (p["rx_drops"], p["tx_drops"]) for p in before}
+        assert {p["vm"]: (p["rx_drops"], p["tx_drops"])
+                for p in lab.switch_counters()} == dropped
+
+
+def test_six_dimms_without_mem_slots_then_qemu_refuses_the_ninth_region(
+        image: GuestImage) -> None:
+    report = run_lab(LabConfig(vms=2, dimms=6, mem_slots=False, probe_limit=True),
+                     image=image)
+    for features in report["protocol_features"].values():
+        assert "CONFIGURE_MEM_SLOTS" not in features
+    # Six DIMMs, then the probe: a 7th fits (8 regions: QEMU's limit without
+    # CONFIGURE_MEM_SLOTS), an 8th would be the 9th region.
+    _check_hot_adds(report, 6, "SET_MEM_TABLE")
+    adds = _adds(report)
+    assert len(adds) == 7
+    refused, forced = report["steps"][-2:]
+    assert refused["qemu"] is None
+    assert [r["code"] for r in refused["planner"]["refusals"]] == ["VHOST_USER_REGION_LIMIT"]
+    assert refused["planner"]["region_limit"] == 8
+    assert forced["action"] == "add (forced past the planner)"
+    assert forced["qemu"]["ok"] is False
+    assert forced["qemu"]["failed_step"] == "device_add"
+    assert "no free memory slots" in forced["qemu"]["error"]
+    assert forced["qemu"]["orphans"] == []  # the executor's undo removed the backend
+    # pyvhost was not touched: same table (generation), fds and mappings as after the 7th.
+    last = adds[-1]["backend"]
+    now = forced["backend"]
+    assert now["table_generation"] == last["table_generation"]
+    assert now["regions"] == last["regions"] and len(now["regions"]) == 8
+    for key in ("fds", "guest_ram_fds", "mappings", "guest_ram_mappings"):
+        assert now[key] == last[key], key
+    assert forced["guest"]["mem_total_delta_kib"] == 0
+    assert forced["ok"], [c for c in forced["checks"] if not c["ok"]]
+    assert report["ok"], report["problems"]
+
+
+def test_sixteen_dimms_with_mem_slots(image: GuestImage) -> None:
+    report = run_lab(LabConfig(vms=2, dimms=16, mem_slots=True), image=image)
+    for features in report["protocol_features"].values():
+        assert "CONFIGURE_MEM_SLOTS" in features
+    _check_hot_adds(report, 16, "ADD_MEM_REG")
+    last = _adds(report)[-1]
+    assert len(last["backend"]["regions"]) == 17  # past DPDK's limit of 8
+    assert report["config"]["slots"] >= 16
+    assert report["ok"], report["problems"]
+
+
+def test_pyvhost_lab_json_end_to_end(image: GuestImage, procs: Procs) -> None:
+    lab = procs.pyvhost("lab", "--json", "--vms", "2", "--hotplug", "2x128M", "--unplug",
+                        name="lab")
+    try:
+        code = lab.proc.wait(600)
+    except subprocess.TimeoutExpired:
+        pytest.fail("pyvhost lab did not finish within 600 s:\n" + lab.output()[-3000:])
+    out = lab.output()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, out[-3000:]
+    doc = json.loads(lines[-1])
+    assert code == 0, doc.get("problems") or out[-3000:]
+    assert doc["schema"] == "pyvhost.lab/1" and doc["ok"] is True and doc["problems"] == []
+    assert doc["config"]["dimms"] == 2 and doc["config"]["dimm_size"] == 128 * MiB
+    assert [s["action"] for s in doc["steps"]] == ["baseline", "add", "add", "remove",
+                                                   "remove"]
+    assert [len(s["backend"]["regions"]) for s in doc["steps"]] == [1, 2, 3, 2, 1]
+    for step in doc["steps"]:
+        _check_step_usage(doc, step)
+    s = doc["summary"]
+    assert (s["dimms_added"], s["dimms_removed"], s["pings_lost"]) == (2, 2, 0)
+    assert s["pings_sent"] > 0 and s["released_after_vms"] is True
+    # After the unplugs the back-end holds what it held before the first hot-add.
+    for key in ("fds", "guest_ram_fds", "guest_ram_mappings"):
+        assert doc["backend"]["after"][key] == doc["backend"]["baseline"][key], key
+    # The same report, as people see it.
+    text = io.StringIO()
+    printer = _Printer(Console(file=text, width=120), tables=True)
+    for step in doc["steps"]:
+        printer.step(step)
+    printer.summary(doc)
+    shown = text.getvalue()
+    assert "pyvhost-dimm1 (slot 1)" in shown and "boot RAM (ram0)" in shown
+    assert "OK: no ping lost" in shown and "FAILED" not in shown
+    # The lab removed its run directory and every process it started is gone.
+    survivors = []
+    for pid in [doc["pids"]["pyvhost_net"], *doc["pids"]["qemu"]]:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        survivors.append(pid)
+        os.kill(pid, signal.SIGKILL)  # started by the lab this test started: clean up
+    leftover = os.path.exists(doc["run_directory"])
+    shutil.rmtree(doc["run_directory"], ignore_errors=True)
+    assert survivors == [] and not leftover
+
+
+def test_pyvhost_lab_interrupted_tears_everything_down(image: GuestImage,
+                                                       procs: Procs) -> None:
+    """Ctrl-C in the middle of hot-plug: exit 130, QEMU and pyvhost net gone (by the pids
+    the lab printed), its run directory removed."""
+    lab = procs.pyvhost("lab", "--hotplug", "3x128M", name="lab")
+    out = ""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and lab.proc.poll() is None:
+        out = lab.output()
+        if "hot-adding DIMM 1/3" in out:
+            break
+        time.sleep(0.1)
+    assert "hot-adding DIMM 1/3" in out, lab.output()[-3000:]
+    os.kill(lab.pid, signal.SIGINT)
+    code = lab.proc.wait(120)
+    out = lab.output()
+    rundir = next(line.split("run directory ", 1)[1].strip() for line in out.splitlines()
+                  if "run directory " in line)
+    pids = [int(p) for line in out.splitlines() if "QEMU pids " in line
+            for p in line.split("QEMU pids ", 1)[1].replace(",", " ").split()]
+    pids += [int(line.split("pyvhost net (pid ", 1)[1].split(")")[0])
+             for line in out.splitlines() if "pyvhost net (pid " in line]
+    survivors = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        survivors.append(pid)
+        os.kill(pid, signal.SIGKILL)  # started by the lab this test started: clean up
+    leftover = os.path.exists(rundir)
+    shutil.rmtree(rundir, ignore_errors=True)
+    assert code == 130, out[-3000:]
+    assert len(pids) == 3, out[-3000:]  # two QEMUs and pyvhost net
+    assert survivors == [] and not leftover, out[-3000:]
+
+@pytest.mark.parametrize("args", [["--hotplug", "6x100M"], ["--hotplug", "six"],
+                                  ["--vms", "1"], ["--hotplug", "2x0"]])
+def test_pyvhost_lab_refuses_bad_options_before_starting_anything(args: list[str]) -> None:
+    result = CliRunner().invoke(lab, args)
+    assert result.exit_code == 2, result.output
+    assert "run directory" not in result.output

@@ -1,0 +1,63 @@
+"""What ``pyvhost lab`` relies on in ``pyvhost net``, without VMs (fast): ``--no-mem-slots``
+withholds CONFIGURE_MEM_SLOTS, and the control socket reports when the last memory-table
+update was taken off the socket and when it was in force, on the shared monotonic clock.
+
+A real ``pyvhost net`` process, driven by pyvhost's own front-end the way QEMU 7.2 does.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvhost.backend.status_cli import fetch_status
+from pyvhost.frontend.frontend import Frontend
+from pyvhost.frontend.memory import FrontendMemory, MiB
+from pyvhost.protocol.constants import ProtocolFeature
+from support.procs import Procs, wait_for_socket
+
+
+@pytest.mark.parametrize("mem_slots", [True, False], ids=["mem-slots", "no-mem-slots"])
+def test_net_mem_slots_option_and_memory_update_times(procs: Procs, tmp_path: Path,
+                                                      mem_slots: bool) -> None:
+    sock, ctl = tmp_path / "vh.sock", tmp_path / "ctl.sock"
+    net = procs.pyvhost("net", "--socket", str(sock), "--control", str(ctl), "--no-stats",
+                        "--mem-slots" if mem_slots else "--no-mem-slots")
+    wait_for_socket(sock, net.proc)
+    wait_for_socket(ctl, net.proc)
+    memory = FrontendMemory()
+    fe = Frontend()
+    try:
+        fe.connect(sock)
+        negotiated = fe.negotiate()
+        offered = bool(negotiated.protocol_features_offered
+                       & ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        assert offered is mem_slots
+        # The rest of the library's protocol features are still offered.
+        for feature in (ProtocolFeature.REPLY_ACK, ProtocolFeature.STATUS):
+            assert negotiated.protocol_features_offered & feature
+        state: dict[str, Any] = fetch_status(str(ctl))
+        assert state["connections"][0]["last_memory_update"] is None
+        memory.add_boot_ram(256 * MiB)
+        for n in range(1, 4):
+            if n > 1:
+                memory.add_dimm(128 * MiB)
+            before = time.monotonic()
+            sent = fe.update_memory(memory.regions)
+            after = time.monotonic()
+            status: dict[str, Any] = fetch_status(str(ctl))
+            conn = status["connections"][0]
+            update = conn["last_memory_update"]
+            expected = "ADD_MEM_REG" if mem_slots else "SET_MEM_TABLE"
+            assert sent[-1].startswith(expected) and update["request"] == expected
+            assert update["generation"] == conn["memory_generation"]
+            assert len(conn["memory"]) == n
+            # Both timestamps are on CLOCK_MONOTONIC, which every process shares: the
+            # update lies inside the front-end's request-to-ack window.
+            assert before <= update["received"] <= update["in_force"] <= after
+    finally:
+        fe.close()
+        memory.close()
