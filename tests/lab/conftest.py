@@ -56,7 +56,7 @@ def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuest]:
     started: list[Qemu] = []
 
     def boot(*, ip: str | None = None, mac: str = "52:54:00:12:34:56",
-             net_socket: Path | None = None, channel: Channel = "virtio",
+             net_socket: Path | None = None, channel: Channel = "serial",
              extra_args: Sequence[str] = ()) -> Vm:
         nets = (VhostUserNet(net_socket, mac=mac),) if net_socket is not None else ()
         n = len(started)

@@ -34,7 +34,7 @@ def _wait_memtotal(console: GuestConsole, above_kb: int, timeout: float = 120) -
 
 
 def test_guest_boots_and_answers_commands(boot_guest: BootGuest) -> None:
-    vm = boot_guest(channel="serial")  # the UART channel; the others use virtio-serial
+    vm = boot_guest()
     c = vm.console
     assert "PYVHOST-MODULES" in c.transcript()
     assert "failed: none" in c.transcript(), c.transcript()
