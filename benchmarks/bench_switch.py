@@ -27,6 +27,14 @@ back-end process's CPU seconds per million frames delivered (utime + stime from
 /proc/PID/stat over the timed window, all threads). DPDK's back-end busy-polls, so its
 CPU time is about one core-second per second whatever the rate.
 
+``--topology loop`` measures the data path alone, with nothing sharing a CPU: one
+testpmd virtio_user in ``io`` mode (``start tx_first 64``: 64 bursts circulate) against a
+back-end that sends every frame straight back, ``pyvhost net --reflect`` or testpmd
+``net_vhost0`` in ``macswap`` mode; the back-end on CPU 0, the front-end on CPU 1. Its
+frames/s is the front-end's ``Rx-pps`` over the timed window (``show port stats``). This
+is the "what a C back-end reaches on this machine" figure the switch topology can not
+show, because its source and sink share a CPU.
+
 Before 2026-11-25 the source crashed within seconds against pyvhost (SIGSEGV in
 librte_net_virtio): pyvhost published the used ring's index with ``struct.pack_into``,
 which stores 0 first; see ``pyvhost.virtq.split.store_le16``.
@@ -196,6 +204,57 @@ def measure(kind: str, size: int, seconds: float, work: Path,
             "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
 
 
+def _command(proc: Proc, line: str) -> int:
+    """Send one interactive command; returns the output offset before it."""
+    offset = len(proc.text())
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write(line.encode() + b"\n")
+    proc.popen.stdin.flush()
+    return offset
+
+
+def measure_loop(kind: str, size: int, seconds: float, work: Path,
+                 queue_size: int) -> dict[str, float]:
+    """One front-end and a reflecting back-end, each on its own CPU (``--topology loop``)."""
+    run = Run(work)
+    a = work / f"{kind}-loop.sock"
+    try:
+        if kind == "pyvhost":
+            be = run.start(["taskset", "-c", str(BACKEND_CPU), sys.executable, "-c",
+                            "from pyvhost.cli import main; main()", "net", "--socket",
+                            str(a), "--reflect", "--no-stats"], "pyvhost-loop")
+        else:
+            be = run.testpmd("dpdk-loop", [f"net_vhost0,iface={a},queues=1"],
+                             ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)
+        _wait(a.exists, f"{kind} socket", be)
+        fe = run.testpmd(
+            "frontend",
+            [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
+            ["-i", "--forward-mode=io", f"--txpkts={size}"], forward_cpu=TRAFFIC_CPU)
+        _wait(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
+        _command(fe, "start tx_first 64")
+        time.sleep(2)  # let the loop fill
+        _command(fe, "show port stats 0")  # "Throughput (since last show)" starts here
+        cpu0, t0 = _cpu_seconds(be.popen.pid), time.monotonic()
+        time.sleep(seconds)
+        off = _command(fe, "show port stats 0")
+        cpu1, t1 = _cpu_seconds(be.popen.pid), time.monotonic()
+        _wait(lambda: bool(_RX_PPS.search(fe.text()[off:])), "the front-end's stats", fe)
+        fps = int(_RX_PPS.findall(fe.text()[off:])[0])
+        for p in (fe, be):
+            if p.popen.poll() is not None:
+                raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
+                                 f"measurement:\n{p.text()[-2000:]}")
+        _command(fe, "stop")
+        _command(fe, "quit")
+    finally:
+        run.close()
+    frames = fps * (t1 - t0)
+    return {"samples": 1, "frames_per_s": fps, "gbit_per_s": fps * size * 8 / 1e9,
+            "cpu_s_per_mframe": (cpu1 - cpu0) / max(frames, 1) * 1e6,
+            "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
+
+
 def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     """Per figure, the median over repeated measurements."""
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -210,7 +269,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
     ap.add_argument("--queue-size", type=int, default=4096,
                     help="virtio_user ring size of source and sink (DPDK's default is 256)")
+    ap.add_argument("--topology", choices=("switch", "loop"), default="switch",
+                    help="switch: txonly -> back-end (2 ports) -> rxonly; loop: one "
+                         "front-end and a reflecting back-end, each on its own CPU")
     args = ap.parse_args()
+    measure_one = measure if args.topology == "switch" else measure_loop
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 CPUs (one for the back-end, one for source and sink)")
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -219,7 +282,7 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             for i in range(args.repeat):
                 for kind in KINDS:
-                    r = measure(kind, size, args.seconds, Path(tmp), args.queue_size)
+                    r = measure_one(kind, size, args.seconds, Path(tmp), args.queue_size)
                     runs.setdefault(str(size), {}).setdefault(kind, []).append(r)
                     print(f"  {size} B {kind} #{i + 1}: {r}", file=sys.stderr)
     load_after = os.getloadavg()[0]
@@ -227,7 +290,8 @@ def main() -> None:
                for size, row in runs.items()}
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, kernel {platform.release()}; "
-          f"date {time.strftime('%Y-%m-%d')}; {args.repeat} x {args.seconds:g} s each; "
+          f"date {time.strftime('%Y-%m-%d')}; topology {args.topology}; "
+          f"{args.repeat} x {args.seconds:g} s each; "
           f"1-min load average {load_before:.1f} before, {load_after:.1f} after (other "
           "processes on the machine compete for the same 2 CPUs)\n")
     print("| frame | back-end | frames/s | Gbit/s | back-end CPU s / M frames "
@@ -245,6 +309,7 @@ def main() -> None:
                   f"{r['cpu_s_per_s']:.2f} | {extra} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
+                                               "topology": args.topology,
                                                "seconds": args.seconds,
                                                "loadavg": [load_before, load_after],
                                                "results": results}, indent=2))
