@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,17 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A fresh directory for Unix sockets, removed after the test: a socket path has at
+    most 107 bytes, and tmp_path can be longer."""
+    d = Path(tempfile.mkdtemp(prefix="pyvhost-t-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

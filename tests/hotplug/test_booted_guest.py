@@ -9,10 +9,7 @@ the same two cores. Durations are printed (``pytest -s``) for the record.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,16 +49,6 @@ def add(q: Qemu, *args: str) -> dict[str, Any]:
     assert doc["outcome"]["ok"], doc
     return doc
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory for Unix sockets (a socket path has at most 107 bytes; tmp_path can be
-    longer)."""
-    d = Path(tempfile.mkdtemp(prefix="pvhp-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_add_then_remove_follows_memtotal(boot_vm: BootVm) -> None:

@@ -16,11 +16,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,14 +39,6 @@ from .memfds import Holdings, holding_errors, holdings, memfd_inodes, table_file
 DIMM = 128 * MiB
 KB = 1024
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvdh-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _listening(path: Path) -> bool:

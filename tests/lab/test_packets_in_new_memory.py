@@ -20,10 +20,7 @@ DIMM's region, and none into the boot RAM's.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +49,6 @@ SIZES = (56, 200, 512, 1000, 1400, 1472)  # 1472: a full 1500-byte IP packet
 PINGS_PER_SIZE = 25
 _SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) packets received")
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvpk-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def regions_of(ctl: Path, peer_pid: int) -> dict[int, dict[str, Any]]:

@@ -6,12 +6,9 @@ and ends a connection pair on a message it can not frame without harming the bac
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +21,6 @@ from support.procs import Procs, Started, wait_for_socket
 
 PF = ProtocolFeature
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvrl-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _backend(procs: Procs, sock: Path) -> Started:

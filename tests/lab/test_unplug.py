@@ -13,8 +13,6 @@ are read from /proc (by inode: every QEMU memfd has the same name).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,14 +40,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 DIMM = 128 * MiB
 KB = 1024
 
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pvun-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
