@@ -27,6 +27,7 @@ from rich.table import Table
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend.probe_cli import parse_size
 
+from .accel import AccelRequest
 from .scenario import SCHEMA, LabConfig, run_lab
 
 EXIT_OK = 0
@@ -229,15 +230,19 @@ class _Printer:
               help="After the DIMMs, add more until the planner refuses; then force that "
                    "one through to show QEMU's own refusal, and that the back-end was not "
                    "touched.")
+@click.option("--accel", type=click.Choice(["auto", "tcg", "kvm"]), default="auto",
+              show_default=True,
+              help="auto: KVM only where a guest really boots with it (tried once per host "
+                   "kernel with a 20 s deadline, the verdict cached), else TCG.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (schema pyvhost.lab/1); progress goes to stderr.")
 def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_limit: bool,
-        as_json: bool) -> None:
+        accel: AccelRequest, as_json: bool) -> None:
     """Real VMs on a pyvhost switch, memory hot-added under a continuous ping.
 
     \b
     Builds (or loads) the guest image, starts `pyvhost net` with one vhost-user socket
-    per VM, boots the VMs (QEMU 7.2, TCG; 10.99.0.1, .2, ...), pings between them,
+    per VM, boots the VMs (QEMU 7.2; 10.99.0.1, .2, ...), pings between them,
     starts a continuous ping to VM 1, then hot-adds DIMMs into VM 1 one at a time with
     pyvhost's planner (what `pyvhost mem add` does). After every step it shows QEMU's
     memory devices, VM 1's MemTotal, the back-end's memory table for VM 1 and the fds
@@ -252,7 +257,7 @@ def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_l
     """
     count, size = dimms
     config = LabConfig(vms=vms, dimms=count, dimm_size=size, unplug=unplug,
-                       mem_slots=mem_slots, probe_limit=probe_limit)
+                       mem_slots=mem_slots, probe_limit=probe_limit, accel=accel)
     printer = _Printer(Console(stderr=as_json), tables=not as_json)
 
     def on_term(signum: int, frame: FrameType | None) -> None:

@@ -17,7 +17,8 @@ then ``cont`` and a wait for ``/init``'s ready marker.
 
 It must not decide hot-plug policy (:mod:`pyvhost.hotplug`), build guest images
 (:mod:`.image`) or speak the guest's command protocol (:mod:`.guest`).
-Facts it follows (TESTBED.md): TCG only; ``vectors=0`` on vhost-user devices (QEMU 7.2 +
+Facts it follows (TESTBED.md): TCG unless asked for KVM (:mod:`.accel` asks only where a
+guest really boots with it); ``vectors=0`` on vhost-user devices (QEMU 7.2 +
 TCG + MSI-X crashes when the guest starts the device); qboot instead of SeaBIOS when a
 kernel is booted; the vhost-user back-end must listen before QEMU starts.
 """
@@ -51,6 +52,10 @@ VIRTIO_PORT = "pyvhost.0"  # the virtio-serial port's name (pyvhost.channel=port
 
 RamBackend = Literal["memfd", "ram", "file"]
 Channel = Literal["serial", "virtio"]
+#: TCG everywhere the lab has run; KVM where a guest really boots with it (:mod:`.accel`
+#: decides). Under KVM the CPU model stays QEMU's default: ``-cpu host`` aborted QEMU
+#: on a nested KVM layer (TESTBED.md, MSR 0x10a).
+Accel = Literal["tcg", "kvm"]
 
 
 class QemuError(LocalError):
@@ -110,6 +115,7 @@ class QemuConfig:
     console: Channel | None = None
     virtio_mem: tuple[VirtioMem, ...] = ()
     paused: bool = True
+    accel: Accel = "tcg"
     extra_args: tuple[str, ...] = ()
 
 
@@ -143,7 +149,7 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
                  binary: str = QEMU_BINARY, console: Path | None = None) -> list[str]:
     """The argv that starts ``config`` with QMP monitors on ``control`` and ``qmp``, and
     the guest's command channel (``config.console``) listening on ``console``."""
-    argv = [binary, "-accel", "tcg", "-nodefaults", "-nographic",
+    argv = [binary, "-accel", config.accel, "-nodefaults", "-nographic",
             "-qmp", f"unix:{control},server=on,wait=off",
             "-qmp", f"unix:{qmp},server=on,wait=off"]
     backend = f"memory-backend-{config.ram_backend}"

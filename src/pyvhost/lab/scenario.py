@@ -53,6 +53,7 @@ from pyvhost.hotplug.plan import AddRequest, Plan, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import VmState, read_state, vhost_regions
 
+from .accel import AccelRequest, choose_accel
 from .guest import GuestConsole
 from .image import GuestImage, build_image
 from .qemu import BOOT_TIMEOUT, QBOOT, GiB, MiB, Qemu, VhostUserNet, guest_config
@@ -108,6 +109,9 @@ class LabConfig:
     pings_per_step: int = 3
     boot_timeout: float = BOOT_TIMEOUT
     step_timeout: float = 60.0
+    #: ``auto``: KVM where a guest really boots with it (a trial once per host kernel,
+    #: cached), else TCG (:mod:`.accel`).
+    accel: AccelRequest = "auto"
 
     def __post_init__(self) -> None:
         if not 2 <= self.vms <= 8:
@@ -140,7 +144,8 @@ class LabConfig:
                 "unplug": self.unplug, "mem_slots": self.mem_slots,
                 "probe_limit": self.probe_limit, "slots": self.slot_count,
                 "maxmem": self.maxmem_bytes, "boot_memory": BOOT_MEMORY,
-                "addresses": [self.ip(i) for i in range(self.vms)], "hotplug_vm": 1}
+                "addresses": [self.ip(i) for i in range(self.vms)], "hotplug_vm": 1,
+                "accel": self.accel}
 
 
 @dataclass
@@ -339,6 +344,10 @@ class Lab:
         c = self.config
         if not QBOOT.is_file():
             raise LabError(f"{QBOOT} is missing (Debian package qemu-system-data)")
+        choice = choose_accel(c.accel, image, say=self.say)
+        self.report["accel"] = {"requested": c.accel, "used": choice.accel,
+                                "reason": choice.reason,
+                                "trial_seconds": choice.trial_seconds}
         for i in range(c.vms):
             # The command channel on virtio-serial, not the UART: the lab sends many
             # commands (ping counters, MemTotal) and, on a loaded host, lines sent to the
@@ -346,11 +355,13 @@ class Lab:
             cfg = guest_config(image, ip=f"{c.ip(i)}/24", channel="virtio",
                                vhost_user_net=(VhostUserNet(Path(self.socket(i)),
                                                             mac=c.mac(i)),),
-                               slots=c.slot_count, maxmem=c.maxmem_bytes)
+                               slots=c.slot_count, maxmem=c.maxmem_bytes,
+                               accel=choice.accel)
             qemu = Qemu(cfg, log=self.rundir / f"qemu{i + 1}.log",
                         console_log=self.rundir / f"console{i + 1}.log")
             self.vms.append(_Vm(i, qemu))
-        self.say(f"booting {c.vms} VMs (QEMU 7.2, TCG)")
+        self.say(f"booting {c.vms} VMs (QEMU 7.2, {choice.accel.upper()}: "
+                 f"{choice.reason})")
         errors: list[BaseException] = []
 
         def boot_one(vm: _Vm) -> None:
