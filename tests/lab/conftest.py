@@ -57,11 +57,12 @@ def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuest]:
 
     def boot(*, ip: str | None = None, mac: str = "52:54:00:12:34:56",
              net_socket: Path | None = None, channel: Channel = "serial",
-             extra_args: Sequence[str] = ()) -> Vm:
-        nets = (VhostUserNet(net_socket, mac=mac),) if net_socket is not None else ()
+             queues: int = 1, smp: int = 1, extra_args: Sequence[str] = ()) -> Vm:
+        nets = ((VhostUserNet(net_socket, mac=mac, queues=queues),)
+                if net_socket is not None else ())
         n = len(started)
         qemu = Qemu(guest_config(guest_image, ip=ip, channel=channel, vhost_user_net=nets,
-                                 extra_args=tuple(extra_args)),
+                                 smp=smp, extra_args=tuple(extra_args)),
                     log=tmp_path / f"qemu{n}.log", console_log=tmp_path / f"console{n}.log")
         started.append(qemu)
         console = qemu.boot(BOOT_TIMEOUT)

@@ -380,6 +380,15 @@ def _set_with_second_unmappable(mgr: MemoryManager, fd: int) -> None:
     set_table(mgr, [FREE, past_eof], [fd, fd])
 
 
+def _add_c_from_another_file(mgr: MemoryManager, fd: int) -> None:
+    """C again, same description, but another file: an overlap, not a repeat."""
+    other = new_memfd(16)
+    try:
+        mgr.add_region(C, other)
+    finally:
+        os.close(other)
+
+
 REFUSALS: dict[str, tuple[Callable[[MemoryManager, int], object], type[PeerError]]] = {
     "set-gpa-overlap": (lambda mg, fd: set_table(mg, [A, MemoryRegion(
         A.guest_phys_addr + PAGE, PAGE, 0x7F00_2000_0000, 0)], [fd, fd]), MemoryTableError),
@@ -403,7 +412,7 @@ REFUSALS: dict[str, tuple[Callable[[MemoryManager, int], object], type[PeerError
         A.guest_phys_addr - PAGE, PAGE + 1, 0x7F00_2000_0000, 0), fd), MemoryTableError),
     "add-gpa-covering-a-region": (lambda mg, fd: mg.add_region(MemoryRegion(
         C.guest_phys_addr - PAGE, 4 * PAGE, 0x7F00_2000_0000, 0), fd), MemoryTableError),
-    "add-duplicate": (lambda mg, fd: mg.add_region(C, fd), MemoryTableError),
+    "add-same-range-other-file": (_add_c_from_another_file, MemoryTableError),
     "add-gpa-overflow": (lambda mg, fd: mg.add_region(MemoryRegion(
         U64_END - PAGE, 2 * PAGE, 0x7F00_2000_0000, 0), fd), PayloadError),
     "add-va-overflow": (lambda mg, fd: mg.add_region(MemoryRegion(
@@ -738,3 +747,27 @@ def test_generation_increases_by_one_per_update(ram: Ram) -> None:
     mgr.clear()
     gens.append(mgr.current.generation)
     assert gens == list(range(gens[0], gens[0] + 7))
+
+
+def test_repeated_add_and_rem_mem_reg_change_nothing(mgr: MemoryManager, ram: Ram) -> None:
+    """QEMU 7.2 with several queue pairs sends each ADD_MEM_REG / REM_MEM_REG once per
+    pair: an exact repeat (same description, same file under a new fd) is not an error
+    and maps nothing; the repeat of a removal is acknowledged; a region that was never
+    there is still refused."""
+    snap = mgr.current
+    fds_before = open_fd_count()
+    again = reopen(ram.fd)  # the same file under another fd number, as SCM_RIGHTS gives
+    try:
+        assert mgr.add_region(C, again).added == 0
+    finally:
+        os.close(again)
+    assert mgr.current is snap and open_fd_count() == fds_before
+    assert mgr.remove_region(C).removed == 1
+    after = mgr.current
+    assert mgr.remove_region(C).removed == 0
+    assert mgr.current is after
+    with pytest.raises(MemoryTableError):
+        mgr.remove_region(FREE)
+    # Once C is back, its removal is a real one again.
+    assert mgr.add_region(C, ram.fd).added == 1
+    assert mgr.remove_region(C).removed == 1

@@ -389,7 +389,9 @@ class Connection(DeviceHost):
             "memory": self.memory.current.describe(),
             "last_memory_update": self.last_memory_update,
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
-                        "enabled": v.enabled, "broken": v.queue.broken} for v in self.vrings],
+                        "enabled": v.enabled, "broken": v.queue.broken,
+                        "last_avail_idx": v.queue.last_avail_idx,
+                        "used_idx": v.queue.used_idx} for v in self.vrings],
             "counters": dict(self.counters),
             "device": self.device.describe(),
         }
@@ -474,13 +476,18 @@ def _set_mem_table(c: Connection, msg: Message) -> None:
 
 def _add_mem_reg(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.SingleMemoryRegion)
-    c.memory.add_region(msg.payload.region, msg.fds.peek(0))
+    if not c.memory.add_region(msg.payload.region, msg.fds.peek(0)).added:
+        # QEMU 7.2 sends ADD_MEM_REG once per queue pair; the repeat changes nothing.
+        log.debug("%s: ADD_MEM_REG repeats a region of the table", c.name)
+        return
     c._memory_changed()
 
 
 def _rem_mem_reg(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.SingleMemoryRegion)
-    c.memory.remove_region(msg.payload.region)
+    if not c.memory.remove_region(msg.payload.region).removed:
+        log.debug("%s: REM_MEM_REG repeats a removal", c.name)
+        return
     c._memory_changed()
 
 

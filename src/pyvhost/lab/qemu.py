@@ -69,6 +69,9 @@ class VhostUserNet:
     socket: Path
     id: str = "net0"
     mac: str | None = None
+    #: Queue pairs (``-netdev vhost-user,queues=N`` and ``mq=on``); the back-end must
+    #: offer the MQ protocol feature and answer GET_QUEUE_NUM >= N.
+    queues: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class QemuConfig:
     virtio_mem: tuple[VirtioMem, ...] = ()
     paused: bool = True
     accel: Accel = "tcg"
+    smp: int = 1
     extra_args: tuple[str, ...] = ()
 
 
@@ -164,6 +168,8 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
     if config.slots:
         memory += f",slots={config.slots},maxmem={_mib(config.maxmem)}"
     argv += ["-m", memory]
+    if config.smp > 1:
+        argv += ["-smp", str(config.smp)]
     if config.numa_nodes:
         argv += ["-machine", "q35", "-numa", "node,nodeid=0,memdev=ram0"]
         for node in range(1, config.numa_nodes):
@@ -171,10 +177,11 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
     else:
         argv += ["-machine", "q35,memory-backend=ram0"]
     for i, net in enumerate(config.vhost_user_net):
+        mq = f",queues={net.queues}" if net.queues > 1 else ""
         argv += ["-chardev", f"socket,id=vhu{i},path={net.socket}",
-                 "-netdev", f"vhost-user,id=vhun{i},chardev=vhu{i}",
+                 "-netdev", f"vhost-user,id=vhun{i},chardev=vhu{i}{mq}",
                  "-device", f"virtio-net-pci,netdev=vhun{i},id={net.id},vectors=0"
-                 + (f",mac={net.mac}" if net.mac else "")]
+                 + (",mq=on" if mq else "") + (f",mac={net.mac}" if net.mac else "")]
     for vmem in config.virtio_mem:
         share = "on" if vmem.share else "off"
         argv += ["-object", f"memory-backend-memfd,id={vmem.id}-mem,"

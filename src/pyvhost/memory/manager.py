@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ from pyvhost.protocol.messages import MemoryRegion
 
 from .guest import GuestMemory
 from .region import MappedRegion, file_id_of
+
+#: Removals remembered so that a repeated REM_MEM_REG is recognised. QEMU repeats them
+#: within one memory commit (once per queue pair), so a few would do; 64 bounds the memory.
+REMOVED_MEMORY = 64
 
 
 class MemoryTableError(PeerError):
@@ -76,6 +81,9 @@ class MemoryManager:
         self._current = GuestMemory((), 0, on_idle=self._idle)
         self._live: dict[int, GuestMemory] = {}  # retired snapshots still being read
         self._pending: list[MappedRegion] = []  # removed, maybe still read
+        #: (GPA, size, VA) of the regions REM_MEM_REG removed lately, so that a repeat is
+        #: recognised (see :meth:`remove_region`). Bounded: a repeat follows at once.
+        self._removed: deque[tuple[int, int, int]] = deque(maxlen=REMOVED_MEMORY)
 
     @property
     def current(self) -> GuestMemory:
@@ -166,10 +174,19 @@ class MemoryManager:
 
     # -- ADD_MEM_REG ---------------------------------------------------------------------
     def add_region(self, desc: MemoryRegion, fd: int) -> MemoryUpdate:
-        """Map one more region. ``fd`` stays the caller's. O(log n) checks."""
+        """Map one more region. ``fd`` stays the caller's. O(log n) checks.
+
+        A region already in the table with the same description and the same file is a
+        repeat, not an overlap: QEMU 7.2 with several queue pairs sends every ADD_MEM_REG
+        once per pair (one vhost_dev each, on one socket). It changes nothing
+        (``added=0``); the caller closes ``fd``.
+        """
         desc.check()
         with self._lock:
             old = self._current
+            same = old.region_at(desc.guest_phys_addr)
+            if same is not None and same.same_as(desc, file_id_of(fd)):
+                return MemoryUpdate(added=0, kept=len(old), removed=0)
             if len(old) >= self.max_slots:
                 raise MemoryTableError(f"no free memory slot: all {self.max_slots} are used")
             clash = old.neighbours_overlap(None, desc.guest_phys_addr, desc.userspace_addr,
@@ -188,19 +205,26 @@ class MemoryManager:
         """Drop the region with this GPA, VA and size. "The mmap offset is ignored"."""
         with self._lock:
             old = self._current
+            key = (desc.guest_phys_addr, desc.memory_size, desc.userspace_addr)
             region = old.region_at(desc.guest_phys_addr)
             if (region is None or region.gpa_start != desc.guest_phys_addr
                     or region.uva_start != desc.userspace_addr
                     or region.desc.memory_size != desc.memory_size):
+                if key in self._removed:
+                    # The repeat of a removal (one per queue pair from QEMU 7.2, as for
+                    # ADD_MEM_REG): the region is already gone, nothing changes.
+                    return MemoryUpdate(added=0, kept=len(old), removed=0)
                 raise MemoryTableError(f"no region [{desc.describe()}] to remove")
             i, j = old.gpa_index(region), old.va_index(region)
             regions = old.regions[:i] + old.regions[i + 1:]
             va_order = old.va_order[:j] + old.va_order[j + 1:]
             self._swap(self._next(regions, va_order), [], [region])
+            self._removed.append(key)
         return MemoryUpdate(added=0, kept=len(old) - 1, removed=1)
 
     def clear(self) -> None:
         """Drop every region (RESET_OWNER, disconnect)."""
         with self._lock:
+            self._removed.clear()
             if len(self._current):
                 self._swap(self._next(()), [], self._current.regions)
