@@ -16,8 +16,8 @@ from typing import Any, cast
 import pytest
 
 from pyvhost.backend.status_cli import fetch_status
-from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.qemu import MiB, Qemu, VhostUserNet, VirtioMem
+from support.guestmem import wait_memtotal
 from support.procs import Procs, wait_for_socket
 
 from .conftest import BootVm, objects, run_json
@@ -27,15 +27,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 KB = 1024  # /proc/meminfo counts kB
 DIMM = 128 * MiB
 
-
-def wait_memtotal(c: GuestConsole, want_kb: int, timeout: float = 120) -> int:
-    """Poll MemTotal until it equals ``want_kb`` (or the deadline passes): returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        total = c.meminfo()["MemTotal"]
-        if total == want_kb or time.monotonic() > deadline:
-            return total
-        time.sleep(0.5)
 
 
 def memory_devices(q: Qemu) -> list[str]:

@@ -27,10 +27,10 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, Code, plan_add
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.qemu import MiB
 from pyvhost.lab.relay import MemoryUpdate, Relay
 from pyvhost.protocol.constants import VHOST_MEMORY_BASELINE_NREGIONS, Request
+from support.guestmem import wait_memtotal
 from support.procs import Procs, Started
 
 from .conftest import BootGuest
@@ -59,14 +59,6 @@ def _wait_listening(pmd: Started, *paths: Path) -> None:
         assert time.monotonic() < deadline, f"testpmd not listening:\n{pmd.output()[-3000:]}"
         time.sleep(0.1)
 
-
-def _wait_memtotal(c: GuestConsole, want_kb: int, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        total = c.meminfo()["MemTotal"]
-        if total == want_kb or time.monotonic() > deadline:
-            return total
-        time.sleep(0.5)
 
 
 def _last_table(relay: Relay) -> MemoryUpdate:
@@ -132,7 +124,7 @@ def test_dpdk_holds_exactly_the_current_table_through_hot_adds(
                     break
                 assert Code.VHOST_USER_REGION_LIMIT not in codes, (i, plan.refusals)
                 mem += DIMM // KB
-                assert _wait_memtotal(ca, mem) == mem
+                assert wait_memtotal(ca, mem) == mem
                 regions = check(f"d{i}")
                 assert regions == boot_regions + i
         # QEMU's limit: 8 regions in all (VHOST_MEMORY_BASELINE_NREGIONS, DPDK's too).

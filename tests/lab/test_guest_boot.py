@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from pyvhost.lab.guest import GuestConsole, GuestTimeoutError
+from pyvhost.lab.guest import GuestTimeoutError
 from support.procs import Procs, wait_for_socket
 
 from .conftest import BootGuest
@@ -23,14 +22,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 MIB_KB = 1024  # /proc/meminfo counts kB
 
-
-def _wait_memtotal(console: GuestConsole, above_kb: int, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        total = console.meminfo()["MemTotal"]
-        if total > above_kb or time.monotonic() > deadline:
-            return total
-        time.sleep(0.5)
 
 
 def test_guest_boots_and_answers_commands(boot_guest: BootGuest) -> None:
@@ -77,7 +68,7 @@ def test_dimm_hot_add_grows_memtotal_and_the_memory_is_usable(
                                 "size": 128 << 20, "share": True})
     vm.qmp.cmd("device_add", driver="pc-dimm", id="dimm1", memdev="mem1")
 
-    total = _wait_memtotal(c, before["MemTotal"] + 120 * MIB_KB)
+    total, _ = c.wait_mem_total(lambda kb: kb > before["MemTotal"] + 120 * MIB_KB)
     assert total >= before["MemTotal"] + 128 * MIB_KB, c.transcript()
     _, blocks_after = c.memory_blocks()
     new = [b for b in blocks_after if b.index not in {o.index for o in blocks_before}]

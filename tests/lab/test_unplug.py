@@ -13,7 +13,6 @@ are read from /proc (by inode: every QEMU memfd has the same name).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.qemu import MiB
 from pyvhost.lab.relay import Relay
 from pyvhost.protocol.constants import ProtocolFeature, Request
+from support.guestmem import wait_memtotal
 from support.procs import Procs, need, wait_for_socket
 
 from .conftest import BootGuest
@@ -50,14 +49,6 @@ def netns() -> Iterator[NetNs]:
     finally:
         remove_netns(ns)
 
-
-def wait_memtotal(c: GuestConsole, want_kb: int, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        total = c.meminfo()["MemTotal"]
-        if total == want_kb or time.monotonic() > deadline:
-            return total
-        time.sleep(0.5)
 
 
 def table(ctl: Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -226,6 +227,19 @@ class GuestConsole:
         if "MemTotal" not in values:
             raise self._fail(GuestError, "/proc/meminfo has no MemTotal")
         return values
+
+    def wait_mem_total(self, done: Callable[[int], bool], timeout: float = 120,
+                       interval: float = 0.5) -> tuple[int, float | None]:
+        """Poll MemTotal (kB) until ``done(MemTotal)``: (the last value, when it was seen
+        (``time.monotonic()``), or None if the deadline passed first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            total = self.meminfo()["MemTotal"]
+            if done(total):
+                return total, time.monotonic()
+            if time.monotonic() > deadline:
+                return total, None
+            time.sleep(interval)
 
     def memory_blocks(self) -> tuple[int, list[MemoryBlock]]:
         """The guest's memory block size in bytes, and its blocks by index."""

@@ -527,14 +527,9 @@ class Lab:
     def _wait_mem_total(self, want_kib: int, grow: bool) -> tuple[int, float | None]:
         """Poll VM 1's MemTotal until it reaches ``want_kib``: (the last value, when it
         was seen (time.monotonic()), or None if it did not within the step timeout)."""
-        start = time.monotonic()
-        while True:
-            total = self.mem_total()
-            if (total >= want_kib) if grow else (total <= want_kib):
-                return total, time.monotonic()
-            if time.monotonic() - start > self.config.step_timeout:
-                return total, None
-            time.sleep(0.1)
+        return self.console(0).wait_mem_total(
+            (lambda kb: kb >= want_kib) if grow else (lambda kb: kb <= want_kib),
+            timeout=self.config.step_timeout, interval=0.1)
 
     def baseline(self) -> None:
         """What the back-end holds with every VM up, before the first hot-plug."""
