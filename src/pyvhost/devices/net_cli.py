@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 
 import click
@@ -121,31 +122,26 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     mac_bytes = _parse_mac(mac)
     switch = Switch(mac_aging)
     reflectors: list[ReflectNet] = []
-    count = 0
+    count = 0  # connections served, for the exit statistics
 
-    def factory() -> VirtioDevice:
+    def make_device(mac_index: int) -> VirtioDevice:
+        """A device for a new connection, its MAC the base plus ``mac_index``: the n-th
+        accepted connection, or (client mode) the --socket's index, so that every
+        reconnect of one front-end gets the same address (its guest's NIC is the same)."""
         nonlocal count
         count += 1
+        dev: VirtioDevice
         if reflect:
             dev = ReflectNet(mac_bytes)
             reflectors.append(dev)
-            return dev
-        return SwitchPort(switch, _nth_mac(mac_bytes, count - 1), queue_pairs=queue_pairs)
+        else:
+            dev = SwitchPort(switch, _nth_mac(mac_bytes, mac_index), queue_pairs=queue_pairs)
+        if not mem_slots:
+            dev.withheld_protocol_features |= ProtocolFeature.CONFIGURE_MEM_SLOTS
+        return dev
 
-    def port_factory(index: int) -> Callable[[], VirtioDevice]:
-        """A client port's devices: every reconnect of the ``index``-th --socket gets the
-        same MAC address (its guest's NIC is the same one)."""
-        def make() -> VirtioDevice:
-            nonlocal count
-            count += 1
-            if reflect:
-                dev = ReflectNet(mac_bytes)
-                reflectors.append(dev)
-                return dev
-            return SwitchPort(switch, _nth_mac(mac_bytes, index), queue_pairs=queue_pairs)
-        return make
-
-    server = Server(_offering(factory, mem_slots))
+    accepted = itertools.count()
+    server = Server(lambda: make_device(next(accepted)))
     if not reflect:
         server.describers["switch"] = switch.describe
     tap_ports: list[TapPort] = []
@@ -158,7 +154,7 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     try:
         for index, path in enumerate(sockets):
             if client:
-                server.connect(path, factory=_offering(port_factory(index), mem_slots),
+                server.connect(path, factory=functools.partial(make_device, index),
                                max_interval=reconnect_max)
             else:
                 server.listen(path)
@@ -189,17 +185,6 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         elif stats:
             print(json.dumps({"connections": count, "switch": switch.describe()}),
                   file=sys.stderr)
-
-
-def _offering(make: Callable[[], VirtioDevice],
-              mem_slots: bool) -> Callable[[], VirtioDevice]:
-    """``make``, with CONFIGURE_MEM_SLOTS withheld from its devices unless ``mem_slots``."""
-    def wrapped() -> VirtioDevice:
-        dev = make()
-        if not mem_slots:
-            dev.withheld_protocol_features |= ProtocolFeature.CONFIGURE_MEM_SLOTS
-        return dev
-    return wrapped
 
 
 def _nth_mac(base: bytes, n: int) -> bytes:
