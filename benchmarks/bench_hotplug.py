@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
+from pyvhost.lab.process import end_process, unix_listening
 from pyvhost.lab.qemu import BOOT_TIMEOUT, MiB, Qemu, VhostUserNet, guest_config
 from pyvhost.lab.relay import MemoryUpdate, Relay
 from pyvhost.protocol.constants import ProtocolFeature
@@ -97,17 +97,6 @@ class Target:
 
 # -- processes ---------------------------------------------------------------------------
 
-def _listening(path: Path) -> bool:
-    """Whether a Unix socket listens at ``path`` (from /proc/net/unix: a probing connect
-    would look like a front-end to DPDK)."""
-    with open("/proc/net/unix", encoding="utf-8") as f:
-        for line in f.read().splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-                return True
-    return False
-
-
 def start_backend(t: Target, kind: str) -> None:
     if kind == "pyvhost":
         argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", "net",
@@ -125,7 +114,7 @@ def start_backend(t: Target, kind: str) -> None:
     t.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not _listening(t.backend_sock):
+    while not unix_listening(t.backend_sock):
         if t.proc.poll() is not None:
             raise SystemExit(f"{t.name}: back-end exited with {t.proc.returncode}")
         if time.monotonic() > deadline:
@@ -141,13 +130,8 @@ def stop_target(t: Target) -> None:
     if t.relay is not None:
         t.relay.stop()
     proc = t.proc
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+    if proc is not None:
+        end_process(proc)
     if proc is not None and proc.stdin is not None:
         with contextlib.suppress(OSError):
             proc.stdin.close()

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory
+from pyvhost.lab.process import end_process
 from pyvhost.memory import MemoryManager
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.protocol.messages import MemoryRegion
@@ -83,13 +83,7 @@ def backend(kind: str, workdir: Path) -> Iterator[Path]:
         time.sleep(0.5)
         yield sock
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_process(proc)
         if prefix:
             shutil.rmtree(Path("/var/run/dpdk") / prefix, ignore_errors=True)
 

@@ -60,6 +60,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvhost.lab.process import end_process
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_MAC = "02:00:00:00:00:02"
 SOURCE_MAC = "02:00:00:00:00:01"
@@ -111,20 +113,13 @@ class Run:
 
     def stop(self, proc: Proc, how: str = "enter") -> None:
         p = proc.popen
-        if p.poll() is None:
-            if how == "enter" and p.stdin is not None:
-                with contextlib.suppress(OSError):
-                    p.stdin.write(b"\n")
-                    p.stdin.flush()
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-                p.wait()
+        asked = False
+        if p.poll() is None and how == "enter" and p.stdin is not None:
+            with contextlib.suppress(OSError):
+                p.stdin.write(b"\n")  # testpmd's "Press enter to exit"
+                p.stdin.flush()
+                asked = True
+        end_process(p, None if asked else signal.SIGINT, timeout=30)
         if proc.prefix:
             shutil.rmtree(Path("/var/run/dpdk") / proc.prefix, ignore_errors=True)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pyvhost.frontend import procfs
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory, MiB
 from pyvhost.frontend.probe import ProbeConfig, run_probe
+from pyvhost.lab.process import end_process
 from pyvhost.protocol.constants import ProtocolFeature
 
 
@@ -48,13 +48,7 @@ def _backend(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]
             time.sleep(0.05)
         yield proc, sock, ctl
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        end_process(proc, timeout=10)
 
 
 def _snapshot(ctl: str, pid: int, needle: str) -> dict[str, object]:

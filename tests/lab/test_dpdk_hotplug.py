@@ -27,6 +27,7 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, Code, plan_add
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
+from pyvhost.lab.process import unix_listening
 from pyvhost.lab.qemu import MiB
 from pyvhost.lab.relay import MemoryUpdate, Relay
 from pyvhost.protocol.constants import VHOST_MEMORY_BASELINE_NREGIONS, Request
@@ -41,20 +42,9 @@ KB = 1024
 
 
 
-def _listening(path: Path) -> bool:
-    """Whether a Unix socket at ``path`` is listening (/proc/net/unix: no connect, which
-    DPDK would take for a front-end)."""
-    with open("/proc/net/unix", encoding="utf-8") as f:
-        for line in f.read().splitlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-                return True
-    return False
-
-
 def _wait_listening(pmd: Started, *paths: Path) -> None:
     deadline = time.monotonic() + 120
-    while not all(_listening(p) for p in paths):
+    while not all(unix_listening(p) for p in paths):
         assert pmd.proc.poll() is None, f"testpmd exited:\n{pmd.output()[-3000:]}"
         assert time.monotonic() < deadline, f"testpmd not listening:\n{pmd.output()[-3000:]}"
         time.sleep(0.1)

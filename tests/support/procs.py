@@ -8,7 +8,6 @@ DPDK's runtime directory (``/var/run/dpdk/<file-prefix>``) is removed after its 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from pyvhost.lab.process import end_process
 
 DPDK_RUNTIME = Path("/var/run/dpdk")
 
@@ -106,15 +107,7 @@ class Procs:
 
     def stop(self, s: Started, timeout: float = 15) -> int:
         """End one process: its stop signal, then SIGKILL. Returns its exit code."""
-        if s.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(s.pid, s.stop_signal)
-            try:
-                s.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(s.pid, signal.SIGKILL)
-                s.proc.wait(timeout)
+        end_process(s.proc, s.stop_signal, timeout)
         if s.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 s.proc.stdin.close()

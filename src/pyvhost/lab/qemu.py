@@ -26,9 +26,7 @@ kernel is booted; the vhost-user back-end must listen before QEMU starts.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -42,6 +40,7 @@ from pyvhost.errors import LocalError
 
 from .guest import GuestConsole, GuestError
 from .image import GuestImage
+from .process import end_process
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -344,14 +343,8 @@ class Qemu:
                 control.cmd_raw("quit")
             with contextlib.suppress(Exception):
                 control.close()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout)
+        if self.proc is not None:
+            end_process(self.proc, None, timeout)  # asked to quit over QMP above
         console, self._console = self._console, None
         if console is not None:
             console.close()

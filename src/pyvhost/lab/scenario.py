@@ -56,6 +56,7 @@ from pyvhost.hotplug.state import VmState, read_state, vhost_regions
 from .accel import AccelRequest, choose_accel
 from .guest import GuestConsole
 from .image import GuestImage, build_image
+from .process import end_process
 from .qemu import BOOT_TIMEOUT, QBOOT, GiB, MiB, Qemu, VhostUserNet, guest_config
 
 SCHEMA = "pyvhost.lab/1"
@@ -263,16 +264,8 @@ class Lab:
 
     def _stop_net(self) -> None:
         proc, self.net = self.net, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if proc is not None:
+            end_process(proc, timeout=10)
 
     # -- set-up ----------------------------------------------------------------------------
     def socket(self, vm: int) -> str:
