@@ -22,6 +22,8 @@ from pyvhost.lab.image import GuestImage, ImageBuildError, build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Channel, Qemu, VhostUserNet, guest_config
 from support.procs import need
 
+from .memfds import NetNs, make_netns, remove_netns
+
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
@@ -80,3 +82,13 @@ def boot_guest(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuest]:
                 vm.qmp.close()
         for q in reversed(started):
             q.stop()  # by pid; removes its sockets' directory
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNs]:
+    """A fresh network namespace and a unique tap name for it; removed after the test."""
+    ns = make_netns()
+    try:
+        yield ns
+    finally:
+        remove_netns(ns)

@@ -106,7 +106,8 @@ def wait_holdings(pid: int, ok: Callable[[Holdings], bool], timeout: float = 30)
         time.sleep(0.2)
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``ip ARGS`` (iproute2), failing on an error unless ``check`` is False."""
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
                           timeout=60)
 
@@ -117,10 +118,10 @@ class NetNs:
     tap: str  # the tap pyvhost net creates; moved into the namespace by move_tap()
 
     def move_tap(self, address: str) -> None:
-        _ip("link", "set", self.tap, "netns", self.name)
-        _ip("-n", self.name, "addr", "add", address, "dev", self.tap)
-        _ip("-n", self.name, "link", "set", self.tap, "up")
-        _ip("-n", self.name, "link", "set", "lo", "up")
+        ip("link", "set", self.tap, "netns", self.name)
+        ip("-n", self.name, "addr", "add", address, "dev", self.tap)
+        ip("-n", self.name, "link", "set", self.tap, "up")
+        ip("-n", self.name, "link", "set", "lo", "up")
 
 
 def make_netns() -> NetNs:
@@ -130,9 +131,9 @@ def make_netns() -> NetNs:
     need("ip", "iproute2")
     tag = uuid.uuid4().hex[:6]
     ns = NetNs(f"pyvhost-lab-{tag}", f"pvl{tag}")
-    _ip("netns", "add", ns.name)
+    ip("netns", "add", ns.name)
     return ns
 
 
 def remove_netns(ns: NetNs) -> None:
-    _ip("netns", "del", ns.name, check=False)
+    ip("netns", "del", ns.name, check=False)

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import shutil
 import struct
-import subprocess
 import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +33,10 @@ from pyvhost.hotplug.state import read_state
 from pyvhost.lab.qemu import MiB
 from pyvhost.switch.core import NET_HDR
 from pyvhost.switch.vhost import flow_hash
-from support.procs import Procs, need, wait_for_socket
+from support.procs import Procs, wait_for_socket
 
 from .conftest import BootGuest
+from .memfds import NetNs, ip
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -46,10 +44,6 @@ GUEST_IP = "10.197.0.1"
 GUEST_MAC = "52:54:00:00:97:01"
 TAP_MAC = "02:00:00:00:97:02"
 PAIRS = 2
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=60)
 
 
 def _reply_queue(src_ip: str) -> int:
@@ -66,21 +60,11 @@ def _addresses() -> list[str]:
     """Peer addresses whose replies land on each receive pair (at least two per pair)."""
     by_queue: dict[int, list[str]] = {}
     for host in range(2, 60):
-        ip = f"10.197.0.{host}"
-        by_queue.setdefault(_reply_queue(ip), []).append(ip)
+        peer = f"10.197.0.{host}"
+        by_queue.setdefault(_reply_queue(peer), []).append(peer)
     assert all(len(by_queue.get(q, [])) >= 2 for q in range(PAIRS)), by_queue
-    return [ip for q in range(PAIRS) for ip in by_queue[q][:2]]
+    return [peer for q in range(PAIRS) for peer in by_queue[q][:2]]
 
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    need("ip", "iproute2")
-    name = f"pyvhost-{uuid.uuid4().hex[:6]}"
-    _ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=60)
 
 
 def _connection(ctl: Path) -> dict[str, Any]:
@@ -102,20 +86,20 @@ def _table(ctl: Path) -> list[int]:
 
 
 def test_two_queue_pairs_carry_traffic_both_ways(boot_guest: BootGuest, procs: Procs,
-                                                 netns: str) -> None:
+                                                 netns: NetNs) -> None:
     sockets = Path(tempfile.mkdtemp(prefix="pvmq-"))  # short: a socket path <= 107 bytes
     try:
         sock, ctl = sockets / "net.sock", sockets / "ctl.sock"
-        tap = f"pvq{uuid.uuid4().hex[:6]}"
+        tap, ns = netns.tap, netns.name
         sw = procs.pyvhost("net", "--socket", str(sock), "--queue-pairs", str(PAIRS),
                            "--tap", tap, "--control", str(ctl))
         wait_for_socket(ctl, sw.proc)
         peers = _addresses()
-        _ip("link", "set", tap, "netns", netns)
-        _ip("-n", netns, "link", "set", tap, "address", TAP_MAC)
-        for ip in peers:
-            _ip("-n", netns, "addr", "add", f"{ip}/24", "dev", tap)
-        _ip("-n", netns, "link", "set", tap, "up")
+        ip("link", "set", tap, "netns", ns)
+        ip("-n", ns, "link", "set", tap, "address", TAP_MAC)
+        for peer in peers:
+            ip("-n", ns, "addr", "add", f"{peer}/24", "dev", tap)
+        ip("-n", ns, "link", "set", tap, "up")
 
         vm = boot_guest(ip=f"{GUEST_IP}/24", mac=GUEST_MAC, net_socket=sock,
                         queues=PAIRS, smp=2)
@@ -130,8 +114,8 @@ def test_two_queue_pairs_carry_traffic_both_ways(boot_guest: BootGuest, procs: P
         assert c.check("cat /sys/class/net/eth0/queues/tx-1/xps_cpus").strip() != ""
 
         # Each vCPU pings every peer: vCPU n transmits on queue pair n (XPS).
-        cmd = " & ".join(f"busybox taskset {1 << cpu} ping -c 10 -i 0.1 -W 5 {ip} "
-                         f"> /tmp/ping.{cpu}.{ip}" for cpu in range(2) for ip in peers)
+        cmd = " & ".join(f"busybox taskset {1 << cpu} ping -c 10 -i 0.1 -W 5 {peer} "
+                         f"> /tmp/ping.{cpu}.{peer}" for cpu in range(2) for peer in peers)
         code, out = c.run(f"{cmd} & wait; cat /tmp/ping.*", timeout=180)
         assert code == 0, out
         sent = out.count(" packets transmitted")

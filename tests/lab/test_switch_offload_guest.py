@@ -9,22 +9,19 @@ ways with their virtio-net header, and every byte must arrive (hashed at both en
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from backend.rawclient import wait_until
 from pyvhost.backend.status_cli import fetch_status
-from support.procs import Procs, need, wait_for_socket
+from support.procs import Procs, wait_for_socket
 
 from .conftest import BootGuest
+from .memfds import NetNs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -67,38 +64,19 @@ print("sent", flush=True)
 """
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces and taps need root")
-    need("ip", "iproute2")
-    name = f"pyvhost-{uuid.uuid4().hex[:6]}"
-    _ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=60)
-
 
 def test_guest_tcp_with_offloads_through_the_switch(boot_guest: BootGuest, procs: Procs,
-                                                    netns: str) -> None:
+                                                    netns: NetNs) -> None:
     import hashlib
     import random
 
     sockets = Path(tempfile.mkdtemp(prefix="pvoff-"))  # short: a socket path <= 107 bytes
     try:
         sock, ctl = sockets / "net.sock", sockets / "ctl.sock"
-        tap = f"pvo{uuid.uuid4().hex[:6]}"
-        sw = procs.pyvhost("net", "--socket", str(sock), "--tap", tap, "--control", str(ctl))
+        sw = procs.pyvhost("net", "--socket", str(sock), "--tap", netns.tap,
+                           "--control", str(ctl))
         wait_for_socket(ctl, sw.proc)
-        _ip("link", "set", tap, "netns", netns)
-        _ip("-n", netns, "addr", "add", f"{NS_IP}/24", "dev", tap)
-        _ip("-n", netns, "link", "set", tap, "up")
-        _ip("-n", netns, "link", "set", "lo", "up")
+        netns.move_tap(f"{NS_IP}/24")
 
         vm = boot_guest(ip=f"{GUEST_IP}/24", mac="52:54:00:00:98:01", net_socket=sock)
         c = vm.console
@@ -106,7 +84,7 @@ def test_guest_tcp_with_offloads_through_the_switch(boot_guest: BootGuest, procs
         assert code == 0, out + sw.output()
 
         # Guest -> namespace: the guest's TSO frames go out of the tap whole.
-        server = procs.start(["ip", "netns", "exec", netns, sys.executable, "-c", _SERVER,
+        server = procs.start(["ip", "netns", "exec", netns.name, sys.executable, "-c", _SERVER,
                               str(SIZE), NS_IP], "tcp-server")
         wait_until(lambda: "listening" in server.output(), "server listening", timeout=60)
         code, out = c.run(f"dd if=/dev/urandom of=/tmp/out bs=65536 count={SIZE >> 16} "
@@ -118,7 +96,7 @@ def test_guest_tcp_with_offloads_through_the_switch(boot_guest: BootGuest, procs
         assert server.output().split()[-2:] == [str(SIZE), sent_hash], server.output()
 
         # Namespace -> guest: the kernel's GSO frames from the tap reach the guest whole.
-        client = procs.start(["ip", "netns", "exec", netns, sys.executable, "-c", _CLIENT,
+        client = procs.start(["ip", "netns", "exec", netns.name, sys.executable, "-c", _CLIENT,
                               str(SIZE), GUEST_IP], "tcp-client")
         code, out = c.run("nc -l -p 5002 > /tmp/in; wc -c < /tmp/in; sha256sum /tmp/in",
                           timeout=300)

@@ -13,7 +13,6 @@ are read from /proc (by inode: every QEMU memfd has the same name).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from support.guestmem import wait_memtotal
 from support.procs import Procs, need, wait_for_socket
 
 from .conftest import BootGuest
-from .memfds import NetNs, make_netns, memfd_inodes, region_at, remove_netns, wait_holdings
+from .memfds import NetNs, memfd_inodes, region_at, wait_holdings
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -40,14 +39,6 @@ DIMM = 128 * MiB
 KB = 1024
 
 
-
-@pytest.fixture
-def netns() -> Iterator[NetNs]:
-    ns = make_netns()
-    try:
-        yield ns
-    finally:
-        remove_netns(ns)
 
 
 
