@@ -26,7 +26,7 @@ from backend.harness import HDR, NET_FEATURES, NetPort
 from backend.rawclient import Buffer
 from pyvhost.backend.status_cli import fetch_status
 from support.procs import Procs, Started, wait_for_socket
-from support.testpmd import accumulated_stats
+from support.testpmd import ForwardStats, accumulated_stats
 
 from .test_offload import ACK, PSH, tcp_frame, verifies
 from .test_vhost_ports import CSUM_TSO_TX, GUEST_TSO
@@ -58,6 +58,21 @@ def _switch_state(ctl: Path) -> dict[str, Any]:
     return state
 
 
+def _macswap_for_5s(a: Started, b: Started) -> tuple[ForwardStats, ForwardStats]:
+    """B forwards, A sends two bursts first: frames circulate A -> switch -> B -> switch
+    -> A for 5 s. Returns both testpmds' accumulated statistics after ``stop``."""
+    for p in (a, b):
+        _wait_output(p, "testpmd> ")
+    _command(b, "start")
+    _command(a, "start tx_first 2")
+    time.sleep(5)
+    for p in (a, b):
+        _command(p, "stop")
+    for p in (a, b):
+        _wait_output(p, "Accumulated forward statistics")
+    return accumulated_stats(a.output()), accumulated_stats(b.output())
+
+
 def test_two_testpmds_through_the_switch(procs: Procs, tmp_path: Path) -> None:
     sock_a, sock_b, ctl = tmp_path / "a.sock", tmp_path / "b.sock", tmp_path / "ctl.sock"
     sw = procs.pyvhost("net", "--socket", str(sock_a), "--socket", str(sock_b),
@@ -70,16 +85,7 @@ def test_two_testpmds_through_the_switch(procs: Procs, tmp_path: Path) -> None:
     a = procs.testpmd(f"net_virtio_user0,path={sock_a},queues=1,mac={MAC_A}",
                       "-i", "--forward-mode=macswap", f"--eth-peer=0,{MAC_B}",
                       name="testpmd-a")
-    for p in (a, b):
-        _wait_output(p, "testpmd> ")
-    _command(b, "start")
-    _command(a, "start tx_first 2")
-    time.sleep(5)
-    for p in (a, b):
-        _command(p, "stop")
-    for p in (a, b):
-        _wait_output(p, "Accumulated forward statistics")
-    stats_a, stats_b = accumulated_stats(a.output()), accumulated_stats(b.output())
+    stats_a, stats_b = _macswap_for_5s(a, b)
 
     # The switch drains what testpmd queued before it stopped; then its counters settle.
     previous: object = None
@@ -144,16 +150,7 @@ def test_two_testpmds_with_two_queue_pairs(procs: Procs, tmp_path: Path) -> None
     a = procs.testpmd(f"net_virtio_user0,path={sock_a},queues=2,mac={MAC_A}",
                       "-i", "--forward-mode=macswap", *queues, "--txonly-multi-flow",
                       f"--eth-peer=0,{MAC_B}", name="testpmd-a")
-    for p in (a, b):
-        _wait_output(p, "testpmd> ")
-    _command(b, "start")
-    _command(a, "start tx_first 2")
-    time.sleep(5)
-    for p in (a, b):
-        _command(p, "stop")
-    for p in (a, b):
-        _wait_output(p, "Accumulated forward statistics")
-    stats_a, stats_b = accumulated_stats(a.output()), accumulated_stats(b.output())
+    stats_a, stats_b = _macswap_for_5s(a, b)
     per_queue_b = _rx_per_queue(b.output())
 
     previous: object = None

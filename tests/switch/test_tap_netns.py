@@ -17,7 +17,7 @@ import pytest
 
 from backend.rawclient import wait_until
 from pyvhost.backend.status_cli import fetch_status
-from support.procs import Procs, need, wait_for_socket
+from support.procs import Procs, Started, need, wait_for_socket
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -43,9 +43,10 @@ def netns() -> Iterator[list[str]]:
             _ip("netns", "del", name, check=False)
 
 
-def test_two_namespaces_ping_through_the_switch(procs: Procs, tmp_path: Path,
-                                                netns: list[str]) -> None:
-    need("ping", "iputils-ping")
+def _switch_between(procs: Procs, tmp_path: Path,
+                    netns: list[str]) -> tuple[Started, Path, list[str]]:
+    """``pyvhost net`` with two tap ports, one moved into each namespace as 10.199.0.1
+    and .2; returns the switch, its control socket and the taps' names."""
     tag = uuid.uuid4().hex[:4]
     taps = [f"pvt{tag}0", f"pvt{tag}1"]
     ctl = tmp_path / "ctl.sock"
@@ -56,6 +57,13 @@ def test_two_namespaces_ping_through_the_switch(procs: Procs, tmp_path: Path,
         _ip("-n", ns, "addr", "add", f"10.199.0.{i + 1}/24", "dev", tap)
         _ip("-n", ns, "link", "set", tap, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
+    return sw, ctl, taps
+
+
+def test_two_namespaces_ping_through_the_switch(procs: Procs, tmp_path: Path,
+                                                netns: list[str]) -> None:
+    need("ping", "iputils-ping")
+    sw, ctl, taps = _switch_between(procs, tmp_path, netns)
     ping = subprocess.run(["ip", "netns", "exec", netns[0], "ping", "-c", "3", "-W", "2",
                            "10.199.0.2"], capture_output=True, text=True, timeout=120)
     assert ping.returncode == 0, ping.stdout + ping.stderr + sw.output()
@@ -118,16 +126,7 @@ def test_tcp_through_the_switch_with_tso(procs: Procs, tmp_path: Path,
     import random
 
     size = 8 << 20
-    tag = uuid.uuid4().hex[:4]
-    taps = [f"pvt{tag}0", f"pvt{tag}1"]
-    ctl = tmp_path / "ctl.sock"
-    sw = procs.pyvhost("net", "--tap", taps[0], "--tap", taps[1], "--control", str(ctl))
-    wait_for_socket(ctl, sw.proc)
-    for i, (tap, ns) in enumerate(zip(taps, netns, strict=True)):
-        _ip("link", "set", tap, "netns", ns)
-        _ip("-n", ns, "addr", "add", f"10.199.0.{i + 1}/24", "dev", tap)
-        _ip("-n", ns, "link", "set", tap, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
+    sw, ctl, taps = _switch_between(procs, tmp_path, netns)
     server = procs.start(["ip", "netns", "exec", netns[1], sys.executable, "-c", _SERVER],
                          "tcp-server")
     wait_until(lambda: "listening" in server.output(), "server listening", timeout=60)
