@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import Procs, Started, wait_for_socket
+from support.procs import Procs, wait_for_socket
 from support.testpmd import accumulated_stats
 
 pytestmark = pytest.mark.dpdk
@@ -47,15 +47,9 @@ def test_testpmd_virtio_user_traffic_through_reflector(procs: Procs, tmp_path: P
     fe = procs.testpmd(f"net_virtio_user0,path={sock},queues=1",
                        "--forward-mode=io", "--tx-first", name="testpmd-fe")
     # Let frames circulate, then stop testpmd the way an operator does (Enter).
-    deadline = time.monotonic() + 60
-    while "Press enter to exit" not in fe.output():
-        assert fe.proc.poll() is None, fe.output()
-        assert time.monotonic() < deadline, fe.output()
-        time.sleep(0.2)
+    fe.wait_output("Press enter to exit", timeout=60)
     time.sleep(4)
-    assert fe.proc.stdin is not None
-    fe.proc.stdin.write(b"\n")
-    fe.proc.stdin.flush()
+    fe.send("")
     assert fe.proc.wait(60) == 0, fe.output()
     stats = accumulated_stats(fe.output())
     assert procs.stop(backend) == 0, backend.output()
@@ -73,13 +67,6 @@ def test_testpmd_virtio_user_traffic_through_reflector(procs: Procs, tmp_path: P
     assert ours["tx_bytes"] == 64 * ours["tx_frames"]  # testpmd's default txonly/io frames
 
 
-def _wait_for(p: Started, text: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in p.output():
-        assert p.proc.poll() is None, p.output()[-3000:]
-        assert time.monotonic() < deadline, p.output()[-3000:]
-        time.sleep(0.2)
-
 
 @pytest.mark.parametrize("segments", ["64", "32,32"], ids=["one-segment", "two-segments"])
 def test_testpmd_txonly_against_a_slower_reflector(procs: Procs, tmp_path: Path,
@@ -93,15 +80,13 @@ def test_testpmd_txonly_against_a_slower_reflector(procs: Procs, tmp_path: Path,
     wait_for_socket(sock, backend.proc)
     fe = procs.testpmd(f"net_virtio_user0,path={sock},queues=1",
                        "--forward-mode=txonly", f"--txpkts={segments}", name="testpmd-tx")
-    _wait_for(fe, "Press enter to exit")
+    fe.wait_output("Press enter to exit")
     for _ in range(TXONLY_SECONDS * 5):
         # A crash shows as an exit (SIGSEGV: -11) while it should still be sending.
         assert fe.proc.poll() is None, (f"testpmd exited with {fe.proc.returncode}:\n"
                                         + fe.output()[-3000:])
         time.sleep(0.2)
-    assert fe.proc.stdin is not None
-    fe.proc.stdin.write(b"\n")
-    fe.proc.stdin.flush()
+    fe.send("")
     assert fe.proc.wait(60) == 0, fe.output()[-3000:]
     stats = accumulated_stats(fe.output())
     assert procs.stop(backend) == 0, backend.output()

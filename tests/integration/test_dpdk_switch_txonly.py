@@ -29,18 +29,9 @@ SECONDS = 15
 MAX_RING = 1024
 
 
-def _wait_for(p: Started, text: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in p.output():
-        assert p.proc.poll() is None, p.output()[-3000:]
-        assert time.monotonic() < deadline, p.output()[-3000:]
-        time.sleep(0.2)
-
 
 def _enter(p: Started) -> None:
-    assert p.proc.stdin is not None
-    p.proc.stdin.write(b"\n")
-    p.proc.stdin.flush()
+    p.send("")
     assert p.proc.wait(60) == 0, p.output()[-3000:]
 
 
@@ -62,11 +53,11 @@ def test_txonly_through_the_switch_to_rxonly(procs: Procs, tmp_path: Path) -> No
     sink = procs.testpmd(f"net_virtio_user0,path={sock_b},queues=1,mac={SINK_MAC}",
                          "--forward-mode=rxonly", name="sink",
                          eal_args=("--main-lcore", "1"))
-    _wait_for(sink, "Press enter to exit")
+    sink.wait_output("Press enter to exit")
     source = procs.testpmd(f"net_virtio_user0,path={sock_a},queues=1,mac={SOURCE_MAC}",
                            "--forward-mode=txonly", f"--eth-peer=0,{SINK_MAC}",
                            name="source")
-    _wait_for(source, "Press enter to exit")
+    source.wait_output("Press enter to exit")
     for _ in range(SECONDS * 5):
         for p in (source, sink):
             assert p.proc.poll() is None, (f"{p.log.name} exited with {p.proc.returncode}"

@@ -67,6 +67,23 @@ class Started:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_output(self, text: str, count: int = 1, timeout: float = 90) -> None:
+        """Until ``text`` has appeared ``count`` times in the output; fails at the deadline,
+        or at once if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            assert self.proc.poll() is None, (f"pid {self.pid} exited with "
+                                              f"{self.proc.returncode}:\n{self.output()[-3000:]}")
+            assert time.monotonic() < deadline, (f"no {count}x {text!r} from pid {self.pid}:"
+                                                 f"\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+
+    def send(self, line: str) -> None:
+        """One line on the process's stdin: a testpmd command ("" is Enter)."""
+        assert self.proc.stdin is not None, "started without stdin_pipe"
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
 
 @dataclass
 class Procs:

@@ -38,18 +38,6 @@ MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 RING = 256
 
 
-def _wait_output(p: Started, text: str, count: int = 1, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while p.output().count(text) < count:
-        assert p.proc.poll() is None, p.output()[-3000:]
-        assert time.monotonic() < deadline, f"no {text!r}:\n{p.output()[-3000:]}"
-        time.sleep(0.2)
-
-
-def _command(p: Started, line: str) -> None:
-    assert p.proc.stdin is not None
-    p.proc.stdin.write(line.encode() + b"\n")
-    p.proc.stdin.flush()
 
 
 def _switch_state(ctl: Path) -> dict[str, Any]:
@@ -62,14 +50,14 @@ def _macswap_for_5s(a: Started, b: Started) -> tuple[ForwardStats, ForwardStats]
     """B forwards, A sends two bursts first: frames circulate A -> switch -> B -> switch
     -> A for 5 s. Returns both testpmds' accumulated statistics after ``stop``."""
     for p in (a, b):
-        _wait_output(p, "testpmd> ")
-    _command(b, "start")
-    _command(a, "start tx_first 2")
+        p.wait_output("testpmd> ")
+    b.send("start")
+    a.send("start tx_first 2")
     time.sleep(5)
     for p in (a, b):
-        _command(p, "stop")
+        p.send("stop")
     for p in (a, b):
-        _wait_output(p, "Accumulated forward statistics")
+        p.wait_output("Accumulated forward statistics")
     return accumulated_stats(a.output()), accumulated_stats(b.output())
 
 
@@ -100,7 +88,7 @@ def test_two_testpmds_through_the_switch(procs: Procs, tmp_path: Path) -> None:
     ports = {str(p["name"]).split("#")[0]: p for p in state["ports"]}
     pa, pb = ports["a.sock"], ports["b.sock"]
     for p in (a, b):
-        _command(p, "quit")
+        p.send("quit")
         assert p.proc.wait(60) == 0, p.output()[-3000:]
 
     assert stats_a.rx_packets > 1000, a.output()[-3000:]
@@ -168,7 +156,7 @@ def test_two_testpmds_with_two_queue_pairs(procs: Procs, tmp_path: Path) -> None
     pa, pb = ports["a.sock"], ports["b.sock"]
     conns = state.get("connections")
     for p in (a, b):
-        _command(p, "quit")
+        p.send("quit")
         assert p.proc.wait(60) == 0, p.output()[-3000:]
 
     assert stats_a.rx_packets > 1000, a.output()[-3000:]
@@ -218,13 +206,13 @@ def test_testpmd_offload_headers_are_carried(procs: Procs, tmp_path: Path) -> No
     a = procs.testpmd(f"net_virtio_user0,path={sock_a},queues=1,mac={MAC_A}",
                       "-i", "--forward-mode=csum", "--eth-peer=0,ff:ff:ff:ff:ff:ff",
                       name="testpmd-csum")
-    _wait_output(a, "testpmd> ")
+    a.wait_output("testpmd> ")
     # Offloads change only on a stopped port; testpmd then renegotiates the features.
     for line in ("port stop 0", "csum set ip sw 0", "csum set tcp hw 0", "tso set 800 0",
                  "port start 0", "start"):
-        _command(a, line)
-    _wait_output(a, "csum packet forwarding")
-    _wait_output(a, "Tx offloads=0x28")  # TCP_CKSUM | TCP_TSO
+        a.send(line)
+    a.wait_output("csum packet forwarding")
+    a.wait_output("Tx offloads=0x28")  # TCP_CKSUM | TCP_TSO
     t = NetPort(str(sock_t), tag="t", features=GUEST_TSO | CSUM_TSO_TX).start()
     p = NetPort(str(sock_p), tag="p", features=NET_FEATURES).start()
     try:
@@ -246,13 +234,13 @@ def test_testpmd_offload_headers_are_carried(procs: Procs, tmp_path: Path) -> No
 
         got_t = [t.guest.read(rx["t", h], n) for h, n in t.rx.wait_used(2, timeout=60)]
         got_p = [p.guest.read(rx["p", h], n) for h, n in p.rx.wait_used(5, timeout=60)]
-        _command(a, "stop")
-        _wait_output(a, "Accumulated forward statistics")
+        a.send("stop")
+        a.wait_output("Accumulated forward statistics")
         state = fetch_status(str(ctl))
     finally:
         t.close()
         p.close()
-    _command(a, "quit")
+    a.send("quit")
     assert a.proc.wait(60) == 0, a.output()[-3000:]
     assert procs.stop(sw) == 0, sw.output()
 

@@ -62,13 +62,6 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = SLOW,
         time.sleep(0.2)
 
 
-def _wait_output(p: Started, text: str, count: int = 1) -> None:
-    def seen() -> bool:
-        assert p.proc.poll() is None, f"exited {p.proc.returncode}:\n{p.output()[-3000:]}"
-        return p.output().count(text) >= count
-
-    _wait(seen, f"{count}x {text!r} from pid {p.pid}", dump=lambda: p.output()[-3000:])
-
 
 def _wait_socket_file(path: Path, p: Started) -> None:
     """The file appears when testpmd listens; connecting to test it would be taken as
@@ -82,11 +75,6 @@ def _wait_socket_file(path: Path, p: Started) -> None:
 
     _wait(there, f"{path} to be created", dump=lambda: p.output()[-3000:])
 
-
-def _command(p: Started, line: str) -> None:
-    assert p.proc.stdin is not None
-    p.proc.stdin.write(line.encode() + b"\n")
-    p.proc.stdin.flush()
 
 
 def _testpmd(procs: Procs, path: Path, mac: str, name: str, *extra: str,
@@ -151,18 +139,18 @@ def _start_pair(procs: Procs, d: Path) -> tuple[Started, Started, Path, Path]:
 
 def _start_traffic(a: Started, b: Started) -> None:
     for p in (a, b):
-        _wait_output(p, "testpmd> ")
-    _command(b, "start")
+        p.wait_output("testpmd> ", timeout=SLOW)
+    b.send("start")
     # 4 bursts of 32 frames go round: pyvhost holds at most one batch of 64 at a time, so
     # frames are still in the rings whenever it is killed.
-    _command(a, "start tx_first 4")
+    a.send("start tx_first 4")
 
 
 def _stop_traffic(a: Started, b: Started) -> None:
     for p in (a, b):
         count = p.output().count("Accumulated forward statistics")
-        _command(p, "stop")
-        _wait_output(p, "Accumulated forward statistics", count + 1)
+        p.send("stop")
+        p.wait_output("Accumulated forward statistics", count + 1, timeout=SLOW)
     stats = accumulated_stats(a.output())
     # The switch counters (the callers wait for them) are the measure; here only that
     # testpmd saw frames too.
@@ -171,7 +159,7 @@ def _stop_traffic(a: Started, b: Started) -> None:
 
 def _quit(*ps: Started) -> None:
     for p in ps:
-        _command(p, "quit")
+        p.send("quit")
     for p in ps:
         assert p.proc.wait(60) == 0, p.output()[-3000:]
 
@@ -211,12 +199,12 @@ def test_pyvhost_restart_under_running_testpmds(procs: Procs, tmp_path: Path,
     else:
         assert code == -signal.SIGKILL
     for p in (a, b):
-        _wait_output(p, "virtio-user port 0 is down")
+        p.wait_output("virtio-user port 0 is down", timeout=SLOW)
         assert p.proc.poll() is None, p.output()[-3000:]
 
     sw2 = _pyvhost(procs, "pyvhost-2", ctl, sock_a, sock_b)
     for p in (a, b):
-        _wait_output(p, "server mode virtio-user reconnection succeeds")
+        p.wait_output("server mode virtio-user reconnection succeeds", timeout=SLOW)
     _wait(lambda: _queues_ready(ctl), "both ports' queues running again", dump=sw2.output)
     # DPDK carries on with its rings (SET_VRING_BASE 0 notwithstanding); pyvhost resumes
     # from their used rings.
