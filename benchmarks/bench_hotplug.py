@@ -10,7 +10,7 @@ online_movable``), each with a virtio-net NIC on a different back-end:
   re-sends the whole table (fresh fds) on every change;
 - ``DPDK testpmd``: DPDK 22.11 ``net_vhost`` (SET_MEM_TABLE only).
 
-Every NIC's socket goes through the lab's relay (:mod:`pyvhost.lab.relay`), the same for
+Every NIC's socket goes through the lab's relay (:mod:`pyvhost.tools.relay`), the same for
 the three, which stamps the memory messages. One repetition on a guest: ``object-add``
 a 128 MiB shared memfd, then ``device_add pc-dimm`` and
 
@@ -45,10 +45,10 @@ from typing import Any
 
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
-from pyvhost.lab.process import end_process, unix_listening
 from pyvhost.lab.qemu import BOOT_TIMEOUT, MiB, Qemu, VhostUserNet, guest_config
-from pyvhost.lab.relay import MemoryUpdate, Relay
 from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.tools.process import end_process, unix_listening
+from pyvhost.tools.relay import MemoryUpdate, Relay
 
 DIMM = 128 * MiB
 ACPI_INSERT = 1  # _OST source of a device-check (insert) notification

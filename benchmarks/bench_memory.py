@@ -37,10 +37,10 @@ from pathlib import Path
 
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory
-from pyvhost.lab.process import end_process
 from pyvhost.memory import MemoryManager
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.protocol.messages import MemoryRegion
+from pyvhost.tools.process import end_process
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -60,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvhost.lab.process import end_process
+from pyvhost.tools.process import end_process
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_MAC = "02:00:00:00:00:02"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyvhost.backend import Server
-from pyvhost.devices.net import ReflectNet
+from pyvhost.devices.reflect import ReflectNet
 
 from .harness import NetPort
 from .rawclient import TIMEOUT

@@ -13,7 +13,7 @@ import random
 import uuid
 from collections.abc import Sequence
 
-from pyvhost.devices.net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
+from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,

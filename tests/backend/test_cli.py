@@ -28,7 +28,7 @@ def _launcher() -> list[str]:
                            check=False)
     if probe.returncode == 0:
         return [sys.executable, "-c", "from pyvhost.cli import main; main()", "net"]
-    return [sys.executable, "-c", "from pyvhost.devices.net_cli import net; net()"]
+    return [sys.executable, "-c", "from pyvhost.cli.net import net; net()"]
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyvhost.devices.net import VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP
+from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     FLAG_NEED_REPLY,

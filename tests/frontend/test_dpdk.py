@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 
+from pyvhost.cli.probe import probe
 from pyvhost.frontend import Frontend, FrontendMemory, ProbeConfig, ProbeError, run_probe
 from pyvhost.frontend.memory import MiB
-from pyvhost.frontend.probe_cli import probe
 from support.procs import Procs, Started
 
 pytestmark = pytest.mark.dpdk

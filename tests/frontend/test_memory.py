@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from pyvhost.frontend import procfs
 from pyvhost.frontend.memory import (
     HOTPLUG_BASE,
     FrontendMemory,
@@ -17,6 +16,7 @@ from pyvhost.frontend.memory import (
     MiB,
     name_prefix,
 )
+from pyvhost.tools import procfs
 
 PID = os.getpid()
 

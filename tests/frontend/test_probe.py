@@ -18,11 +18,13 @@ from collections.abc import Callable
 import pytest
 from click.testing import CliRunner
 
-from pyvhost.frontend import ProbeConfig, ProbeError, procfs, run_probe
+from pyvhost.cli.probe import probe
+from pyvhost.frontend import ProbeConfig, ProbeError, run_probe
 from pyvhost.frontend.memory import MiB, name_prefix
 from pyvhost.frontend.probe import LatencyStats
-from pyvhost.frontend.probe_cli import parse_size, probe
 from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.tools import procfs
+from pyvhost.units import parse_size
 
 from .fake_backend import FakeBackend
 
@@ -200,7 +202,7 @@ def test_cli_interrupt_exits_130(make_backend: MakeBackend,
     def interrupted(config: ProbeConfig, **_: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pyvhost.frontend.probe_cli.run_probe", interrupted)
+    monkeypatch.setattr("pyvhost.cli.probe.run_probe", interrupted)
     result = CliRunner().invoke(probe, ["--socket", be.path, "--json"])
     assert result.exit_code == 130
     assert json.loads(result.stdout)["error"] == "interrupted"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pyvhost.frontend import procfs
 from pyvhost.frontend.memory import GuestRam, MiB
+from pyvhost.tools import procfs
 
 PID = os.getpid()
 

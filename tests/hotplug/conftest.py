@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from click.testing import CliRunner
 
-from pyvhost.hotplug.cli import mem
+from pyvhost.cli.mem import mem
 from pyvhost.lab.image import DEFAULT_MODULES, GuestImage, ImageBuildError, build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Qemu, QemuConfig, guest_config
 from support.procs import need

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.lab.qemu import MiB, Qemu, VhostUserNet, VirtioMem
 from support.guestmem import wait_memtotal
 from support.procs import Procs, wait_for_socket

@@ -21,7 +21,7 @@ import pytest
 
 from pyvhost.backend import Server
 from pyvhost.backend.connection import OFFERED_PROTOCOL_FEATURES
-from pyvhost.devices.net import ReflectNet
+from pyvhost.devices.reflect import ReflectNet
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import Decoder, Message, encode, has_explicit_reply
 from pyvhost.protocol.constants import (

@@ -3,7 +3,7 @@
 QEMU names every ``memory-backend-memfd`` file the same (``memory-backend-memfd``), so
 names can not tell the boot RAM from a DIMM: files are told apart by inode. The fds come
 from ``/proc/PID/fd`` (``stat`` through the link gives the file's inode), the mappings
-from ``/proc/PID/maps`` (its inode column), both read with :mod:`pyvhost.frontend.procfs`.
+from ``/proc/PID/maps`` (its inode column), both read with :mod:`pyvhost.tools.procfs`.
 
 :func:`holding_errors` is the assertion the lab tests make after every hot-plug step: for
 each guest file, the back-end holds exactly as many fds and mappings as the memory table it
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pyvhost.frontend import procfs
-from pyvhost.lab.relay import MemoryUpdate, RegionInfo
+from pyvhost.tools import procfs
+from pyvhost.tools.relay import MemoryUpdate, RegionInfo
 from support.procs import need
 
 

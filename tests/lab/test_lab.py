@@ -22,8 +22,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from pyvhost.backend.status_cli import fetch_status
-from pyvhost.lab.cli import _Printer, lab
+from pyvhost.backend.control import fetch_status
+from pyvhost.cli.lab import _Printer, lab
 from pyvhost.lab.image import GuestImage
 from pyvhost.lab.qemu import QBOOT
 from pyvhost.lab.scenario import Lab, LabConfig, run_lab

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory, MiB
 from pyvhost.protocol.constants import ProtocolFeature

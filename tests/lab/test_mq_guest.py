@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from backend.rawclient import wait_until
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.hotplug.execute import execute_add, execute_remove
 from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove

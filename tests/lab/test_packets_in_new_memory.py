@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.hotplug.execute import execute_add
 from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add

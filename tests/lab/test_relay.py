@@ -1,4 +1,4 @@
-"""The timestamping relay (pyvhost.lab.relay) between pyvhost's own front-end and a real
+"""The timestamping relay (pyvhost.tools.relay) between pyvhost's own front-end and a real
 ``pyvhost net --reflect`` process: it forwards messages and fds unchanged, pairs each
 memory-table request with the back-end's ack, can hide CONFIGURE_MEM_SLOTS, keeps no fd,
 and ends a connection pair on a message it can not frame without harming the back-end."""
@@ -15,8 +15,8 @@ import pytest
 
 from pyvhost.frontend import Frontend, FrontendMemory
 from pyvhost.frontend.memory import MiB
-from pyvhost.lab.relay import Relay
 from pyvhost.protocol.constants import ProtocolFeature, Request
+from pyvhost.tools.relay import Relay
 from support.procs import Procs, Started, wait_for_socket
 
 PF = ProtocolFeature

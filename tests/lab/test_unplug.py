@@ -5,7 +5,7 @@ guest's network keeps working.
 The guest (``memhp_default_state=online_movable``, so its DIMMs can be offlined again) has
 a vhost-user NIC on ``pyvhost net``, whose second port is a tap in a network namespace the
 test creates. Between QEMU and the back-end sits the lab's relay
-(:class:`pyvhost.lab.relay.Relay`): it records which files each memory message carried and,
+(:class:`pyvhost.tools.relay.Relay`): it records which files each memory message carried and,
 for the ``set-mem-table`` case, hides CONFIGURE_MEM_SLOTS so that QEMU re-sends the whole
 table (fresh fds every time) instead of ADD_MEM_REG / REM_MEM_REG. The back-end's holdings
 are read from /proc (by inode: every QEMU memfd has the same name).
@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.hotplug.execute import execute_add, execute_remove
 from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.lab.qemu import MiB
-from pyvhost.lab.relay import Relay
 from pyvhost.protocol.constants import ProtocolFeature, Request
+from pyvhost.tools.relay import Relay
 from support.guestmem import wait_memtotal
 from support.procs import Procs, need, wait_for_socket
 

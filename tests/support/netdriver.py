@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from pyvhost.devices.net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
+from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
 from pyvhost.frontend import Frontend, FrontendMemory, GuestRam, Vring
 from pyvhost.frontend.frontend import SUPPORTED_PROTOCOL_FEATURES, split_ring_layout
 from pyvhost.frontend.memory import MiB

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvhost.lab.process import end_process
+from pyvhost.tools.process import end_process
 
 DPDK_RUNTIME = Path("/var/run/dpdk")
 

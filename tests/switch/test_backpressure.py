@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.frontend.memory import MiB
 from pyvhost.switch.table import DEFAULT_MAX_ENTRIES, MacTable
 from pyvhost.switch.vhost import TX_BUDGET

@@ -24,7 +24,7 @@ import pytest
 
 from backend.harness import HDR, NET_FEATURES, NetPort
 from backend.rawclient import Buffer
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from support.procs import Procs, Started, wait_for_socket
 from support.testpmd import ForwardStats, accumulated_stats
 

@@ -37,9 +37,10 @@ from typing import Any
 
 import pytest
 
-from pyvhost.backend.status_cli import fetch_status
-from pyvhost.frontend import GuestRam, procfs
+from pyvhost.backend.control import fetch_status
+from pyvhost.frontend import GuestRam
 from pyvhost.frontend.memory import MiB, name_prefix
+from pyvhost.tools import procfs
 from support.netdriver import TIMEOUT, Duplex, Flow, NetDriver, mac
 from support.procs import Procs, wait_for_socket
 

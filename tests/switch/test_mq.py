@@ -11,7 +11,7 @@ import pytest
 
 from backend.harness import HDR, NET_FEATURES, NetPort
 from backend.rawclient import Buffer, Ring, wait_until
-from pyvhost.devices.net import VIRTIO_NET_F_MQ
+from pyvhost.devices.virtio_net import VIRTIO_NET_F_MQ
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request, VirtioFeature
 from pyvhost.switch import Switch, SwitchPort

@@ -34,13 +34,13 @@ import pytest
 from backend.conftest import socket_dir  # noqa: F401 - fixture
 from backend.rawclient import TIMEOUT, MemfdRegion, RawClient, fd_count, maps_count
 from pyvhost.backend import Server
+from pyvhost.backend.control import fetch_status
 from pyvhost.backend.server import ClientState
-from pyvhost.backend.status_cli import fetch_status
-from pyvhost.devices.net import ReflectNet
+from pyvhost.devices.reflect import ReflectNet
 from pyvhost.errors import LocalError
-from pyvhost.frontend.procfs import count_fds, mappings
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request
+from pyvhost.tools.procfs import count_fds, mappings
 from support.procs import Procs, Started, need, wait_for_socket
 from support.testpmd import accumulated_stats
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from backend.rawclient import wait_until
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from support.procs import Procs, Started, need, wait_for_socket
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from backend.harness import HDR, NET_FEATURES
 from backend.rawclient import Buffer, read_eventfd, wait_until
-from pyvhost.devices.net import (
+from pyvhost.devices.virtio_net import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4,

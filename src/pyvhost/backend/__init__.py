@@ -3,7 +3,9 @@
 - :mod:`.device`      what a device implements (it never sees a raw message)
 - :mod:`.vring`       per-queue state the connection keeps (eventfds, enable, started)
 - :mod:`.connection`  one front-end connection: negotiation, memory, vrings, REPLY_ACK
-- :mod:`.server`      a single-threaded selector loop serving many sockets at once
+- :mod:`.loop`        the single-threaded event loop: watched fds, soon-callbacks, timers
+- :mod:`.server`      listening, accepting and client sockets on that loop
+- :mod:`.control`     the client side of a back-end's control socket
 """
 
 from .connection import Connection

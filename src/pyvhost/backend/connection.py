@@ -50,6 +50,7 @@ from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, sen
 from pyvhost.virtq import VirtqueueError
 
 from .device import DeviceConfigError, DeviceHost, QueueContext, VirtioDevice
+from .loop import Loop
 from .vring import Vring
 
 log = logging.getLogger(__name__)
@@ -115,20 +116,6 @@ RULES: dict[int, Rule] = {
     Request.SET_STATUS: Rule(needs=ProtocolFeature.STATUS),
     Request.GET_STATUS: Rule(needs=ProtocolFeature.STATUS),
 }
-
-
-class Loop:
-    """What a connection needs from its event loop: watching its eventfds."""
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    def unwatch(self, fd: int) -> None:
-        raise NotImplementedError
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the next turn of the loop, after the fds ready now."""
-        raise NotImplementedError
 
 
 class Connection(DeviceHost):

@@ -1,4 +1,4 @@
-"""A single-threaded loop that serves many vhost-user sockets and their eventfds at once.
+"""Serving many vhost-user sockets and their eventfds at once, on one :mod:`.loop`.
 
 Listening sockets accept front-ends; each accepted socket becomes a
 :class:`~pyvhost.backend.connection.Connection` with its own device instance. Kick eventfds
@@ -13,20 +13,17 @@ connection hangs up, it retries on the loop's timers with a bounded backoff. Eve
 connection starts from nothing (a fresh device, no memory, no vrings); the old one was
 closed, which unmapped its memory and closed its fds, before the retry is armed.
 
-This module owns the selector, the timers, the listening and the client sockets; it
-never reads a vhost-user message (the connection does).
+This module owns the listening and the client sockets (the selector and the timers are
+:mod:`.loop`'s); it never reads a vhost-user message (the connection does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
-import itertools
 import json
 import logging
 import os
-import selectors
 import socket
 import stat
 import time
@@ -35,8 +32,9 @@ from enum import Enum
 
 from pyvhost.errors import LocalError
 
-from .connection import Connection, Loop, Phase
+from .connection import Connection, Phase
 from .device import VirtioDevice
+from .loop import SelectorLoop, Timer
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +47,6 @@ _SUN_PATH_MAX = 107
 RECONNECT_FIRST = 0.1
 #: Default upper bound of the retry interval, in seconds.
 RECONNECT_MAX = 1.0
-
-
-class Timer:
-    """A callback the loop runs once, at or after ``when`` (monotonic seconds)."""
-
-    __slots__ = ("callback", "cancelled", "when")
-
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class ClientState(Enum):
@@ -162,65 +146,21 @@ class ClientPort:
             self.timer = None
 
 
-class Server(Loop):
+class Server(SelectorLoop):
     """Serves vhost-user sockets (server mode: we listen, the front-end connects)."""
 
     def __init__(self, factory: DeviceFactory) -> None:
+        super().__init__()
         self.factory = factory
-        self.sel = selectors.DefaultSelector()
         self.listeners: dict[str, socket.socket] = {}
         self.connections: list[Connection] = []
-        self._callbacks: dict[int, Callable[[], None]] = {}
-        self._stopping = False
         self._closed = False
         self._count = 0
         self._control: set[str] = set()
-        self._soon: list[Callable[[], None]] = []
-        self._timers: list[tuple[float, int, Timer]] = []
-        self._timer_seq = itertools.count()
         #: Client-mode ports by path (:meth:`connect`).
         self.clients: dict[str, ClientPort] = {}
         #: Extra top-level keys of describe(): name -> function returning the value.
         self.describers: dict[str, Callable[[], object]] = {}
-        # A self-pipe so that stop() from a signal handler or another thread wakes select.
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.watch(self._wake_r, self._drain_wake)
-
-    # -- Loop ----------------------------------------------------------------------------
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        self._callbacks[fd] = callback
-        self.sel.register(fd, selectors.EVENT_READ, fd)
-
-    def unwatch(self, fd: int) -> None:
-        if self._callbacks.pop(fd, None) is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(fd)
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self._soon.append(callback)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        """Run ``callback`` once, ``delay`` seconds from now (on the loop's thread)."""
-        timer = Timer(time.monotonic() + max(0.0, delay), callback)
-        heapq.heappush(self._timers, (timer.when, next(self._timer_seq), timer))
-        return timer
-
-    def _next_timeout(self, timeout: float | None) -> float | None:
-        """``timeout`` shortened to the first live timer's deadline."""
-        while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
-        if not self._timers:
-            return timeout
-        wait = max(0.0, self._timers[0][0] - time.monotonic())
-        return wait if timeout is None else min(timeout, wait)
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                timer.cancelled = True  # ran: describe() shows no pending retry
-                timer.callback()
 
     # -- sockets -------------------------------------------------------------------------
     def listen(self, path: str, *, control: bool = False) -> None:
@@ -361,34 +301,6 @@ class Server(Loop):
             return
         client._connected(conn)
 
-    # -- running -------------------------------------------------------------------------
-    def run_once(self, timeout: float | None = None) -> None:
-        for key, _ in self.sel.select(0 if self._soon else self._next_timeout(timeout)):
-            callback = self._callbacks.get(key.data)
-            if callback is not None:
-                callback()
-        if self._timers:
-            self._run_timers()
-        if self._soon:
-            soon, self._soon = self._soon, []
-            for callback in soon:
-                callback()
-
-    def run(self, until: Callable[[], bool] | None = None, tick: float = 0.5) -> None:
-        """Serve until stop() (or ``until()`` is true)."""
-        while not self._stopping and not (until and until()):
-            self.run_once(tick)
-
-    def stop(self) -> None:
-        """Ask run() to return. Safe from a signal handler."""
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.read(self._wake_r, 64)
-
     def close(self) -> None:
         """Close every connection and listener, unlink our socket files (never a client
         port's: the front-end owns that one). Idempotent."""
@@ -409,10 +321,7 @@ class Server(Loop):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.listeners.clear()
-        self.unwatch(self._wake_r)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self.sel.close()
+        self.close_loop()
 
     def describe(self) -> dict[str, object]:
         state: dict[str, object] = {

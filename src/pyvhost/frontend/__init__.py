@@ -2,9 +2,10 @@
 
 - :mod:`.memory`     guest RAM: memfd (or file) backed shared mappings placed at GPAs
 - :mod:`.frontend`   :class:`Frontend`, a blocking vhost-user client sending what QEMU 7.2 sends
-- :mod:`.procfs`     what a process holds by pid: fds and mappings of our region files
 - :mod:`.probe`      hot-plug cycles against a back-end, measured before and after
-- :mod:`.probe_cli`  ``pyvhost probe``
+
+The command ``pyvhost probe`` is :mod:`pyvhost.cli.probe`; the process meter it reads
+(fds and mappings by pid) is :mod:`pyvhost.tools.procfs`.
 """
 
 from .errors import (

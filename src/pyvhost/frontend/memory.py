@@ -15,7 +15,7 @@ the memory it maps: no prefaulting, so a region costs no RAM until someone write
 
 Every region's file is named ``pyvhost-fe-<pid>-<n>``, unique in this process, so that
 the back-end's ``/proc/<pid>/fd`` and ``/proc/<pid>/maps`` can be searched for what it
-still holds of ours (:mod:`pyvhost.frontend.procfs`).
+still holds of ours (:mod:`pyvhost.tools.procfs`).
 """
 
 from __future__ import annotations

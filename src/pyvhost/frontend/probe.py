@@ -7,7 +7,7 @@ remove them one at a time, each step through ``Frontend.update_memory`` (exactly
 messages QEMU 7.2 sends), and measures again. A leak is any growth in the back-end's fd
 count, in its fds on our region files, or in its mappings of them.
 
-It measures, it does not judge the output format: :mod:`pyvhost.frontend.probe_cli` prints.
+It measures, it does not judge the output format: :mod:`pyvhost.cli.probe` prints.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from pyvhost.errors import LocalError
 from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.tools import procfs
 
-from . import procfs
 from .frontend import (
     MEMORY_REQUESTS,
     SUPPORTED_PROTOCOL_FEATURES,

@@ -6,5 +6,6 @@
 - :mod:`.host`     hugepages, host NUMA nodes, mem-path facts from sysfs and /proc
 - :mod:`.plan`     the pure planner: request + state + host -> steps with undo, or refusals
 - :mod:`.execute`  runs a plan through QMP, waits for events, undoes on failure
-- :mod:`.cli`      the click group ``mem``
+
+The command ``pyvhost mem`` is :mod:`pyvhost.cli.mem`.
 """

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .state import VmState, page_size
+
 BASE_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _POOL_DIR = re.compile(r"^hugepages-(\d+)kB$")
 _NODE_DIR = re.compile(r"^node(\d+)$")
@@ -158,3 +160,19 @@ def read_host(mem_path: str | None = None, sys_root: Path = Path("/sys"),
             mounts = ""
         facts = path_facts(mem_path, mounts, default)
     return HostFacts(BASE_PAGE_SIZE, default, tuple(sorted(nodes)), tuple(pools), facts)
+
+
+def page_sizes(state: VmState, host: HostFacts) -> dict[str, int]:
+    """Each backend's page size (file backends: from the mount of their mem-path)."""
+    mounts = ""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+    except OSError:
+        pass
+    out = {}
+    for b in state.backends:
+        mp = (path_facts(b.mem_path, mounts, host.default_hugepage_size).hugetlb_page_size
+              if b.mem_path else None)
+        out[b.id] = page_size(b, host.base_page_size, host.default_hugepage_size, mp)
+    return out

@@ -37,10 +37,10 @@ from typing import Any, Literal
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pyvhost.errors import LocalError
+from pyvhost.tools.process import end_process
 
 from .guest import GuestConsole, GuestError
 from .image import GuestImage
-from .process import end_process
 
 QEMU_BINARY = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")

@@ -43,20 +43,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyvhost.backend.status_cli import fetch_status
+from pyvhost.backend.control import fetch_status
 from pyvhost.errors import LocalError, PyvhostError
-from pyvhost.frontend import procfs
-from pyvhost.hotplug.cli import page_sizes
 from pyvhost.hotplug.execute import Outcome, execute_add, execute_remove
-from pyvhost.hotplug.host import read_host
+from pyvhost.hotplug.host import page_sizes, read_host
 from pyvhost.hotplug.plan import AddRequest, Plan, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import VmState, read_state, vhost_regions
+from pyvhost.tools import procfs
+from pyvhost.tools.process import end_process
 
 from .accel import AccelRequest, choose_accel
 from .guest import GuestConsole
 from .image import GuestImage, build_image
-from .process import end_process
 from .qemu import BOOT_TIMEOUT, QBOOT, GiB, MiB, Qemu, VhostUserNet, guest_config
 
 SCHEMA = "pyvhost.lab/1"

@@ -26,7 +26,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from pyvhost.backend.connection import Loop
+from pyvhost.backend.loop import Loop
 from pyvhost.errors import LocalError
 
 from .core import MAX_ETHERNET, MIN_FRAME, NET_HDR, Port, Switch

@@ -31,12 +31,11 @@ chains are dropped and counted, never read (a descriptor may claim 4 GiB).
 from __future__ import annotations
 
 import logging
-import struct
 import zlib
 from collections.abc import Sequence
 
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
-from pyvhost.devices.net import (
+from pyvhost.devices.virtio_net import (
     HDR_LEGACY,
     HDR_V1,
     VIRTIO_NET_F_CSUM,
@@ -49,7 +48,7 @@ from pyvhost.devices.net import (
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    net_config,
     write_rx_frame,
 )
 from pyvhost.memory import GuestMemory
@@ -143,9 +142,7 @@ class SwitchPort(VirtioDevice):
         return self.queue_pairs
 
     def config(self) -> bytes:
-        # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
-        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.queue_pairs,
-                                      self.mtu)
+        return net_config(self.mac, self.queue_pairs, self.mtu)
 
     def attach(self, host: DeviceHost) -> None:
         self.host = host

@@ -24,13 +24,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pyvhost.backend.status_cli import fetch_status
-from pyvhost.frontend import procfs
+from pyvhost.backend.control import fetch_status
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory, MiB
 from pyvhost.frontend.probe import ProbeConfig, run_probe
-from pyvhost.lab.process import end_process
 from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.tools import procfs
+from pyvhost.tools.process import end_process
 
 
 @contextlib.contextmanager
@@ -140,10 +140,3 @@ def demo(mem_slots: bool, dimms: int, cycles: int, as_json: bool) -> None:
                   f"{p['mappings_after']}, median update {report.latency.median:.3f} ms: "
                   f"[bold]{report.verdict}[/bold]")
 
-
-def main() -> None:
-    demo()
-
-
-if __name__ == "__main__":
-    main()

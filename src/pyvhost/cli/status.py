@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-
-def fetch_status(path: str, timeout: float = 5.0) -> dict[str, object]:
-    """The JSON a back-end's control socket answers with."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    state = json.loads(b"".join(chunks))
-    if not isinstance(state, dict):
-        raise ValueError("control socket answered something that is not a JSON object")
-    return state
+from pyvhost.backend.control import fetch_status
 
 
 def _mib(n: object) -> str:

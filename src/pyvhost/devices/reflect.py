@@ -12,40 +12,25 @@ header; longer chains are dropped and counted, never read whole (a descriptor ma
 
 from __future__ import annotations
 
-import struct
-
 from pyvhost.backend.device import QueueContext, VirtioDevice
-from pyvhost.memory import GuestMemory
 from pyvhost.protocol.constants import VirtioFeature
-from pyvhost.virtq import DescriptorChain, SplitQueue
+from pyvhost.virtq import DescriptorChain
 
-# virtio 1.2, 5.1.3 "Feature bits".
-VIRTIO_NET_F_CSUM = 1 << 0
-VIRTIO_NET_F_GUEST_CSUM = 1 << 1
-VIRTIO_NET_F_MTU = 1 << 3
-VIRTIO_NET_F_MAC = 1 << 5
-VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
-VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
-VIRTIO_NET_F_GUEST_ECN = 1 << 9
-VIRTIO_NET_F_GUEST_UFO = 1 << 10
-VIRTIO_NET_F_HOST_TSO4 = 1 << 11
-VIRTIO_NET_F_HOST_TSO6 = 1 << 12
-VIRTIO_NET_F_HOST_ECN = 1 << 13
-VIRTIO_NET_F_HOST_UFO = 1 << 14
-VIRTIO_NET_F_MRG_RXBUF = 1 << 15
-VIRTIO_NET_F_STATUS = 1 << 16
-VIRTIO_NET_F_CTRL_VQ = 1 << 17
-VIRTIO_NET_F_MQ = 1 << 22
-VIRTIO_NET_S_LINK_UP = 1
+from .virtio_net import (
+    HDR_LEGACY,
+    HDR_V1,
+    MAX_FRAME,
+    RX,
+    TX,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    net_config,
+    write_rx_frame,
+)
 
-RX, TX = 0, 1
-#: Largest frame carried: 64 KiB of TSO payload plus Ethernet and VLAN headers.
-MAX_FRAME = 65550
-#: "struct virtio_net_hdr": 10 bytes, 12 with num_buffers (VERSION_1 or MRG_RXBUF).
-HDR_LEGACY, HDR_V1 = 10, 12
+#: Chains taken from the transmit ring per batch.
 BATCH = 64
-_NUM_BUFFERS = struct.Struct("<H")
-_ONE_BUFFER = b"\x01\x00"
 
 
 class ReflectNet(VirtioDevice):
@@ -72,8 +57,7 @@ class ReflectNet(VirtioDevice):
         return self.num_queues // 2
 
     def config(self) -> bytes:
-        # struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu
-        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, 1500)
+        return net_config(self.mac)
 
     def features_acked(self, features: int) -> None:
         self.mrg_rxbuf = bool(features & VIRTIO_NET_F_MRG_RXBUF)
@@ -136,54 +120,3 @@ class ReflectNet(VirtioDevice):
         if rx is not None and used:
             rx.push_used_batch(used)
             ctx.notify(RX)
-
-
-def write_rx_frame(mem: GuestMemory, rx: SplitQueue, data: bytes | bytearray, *,
-                   hdr_len: int, mrg_rxbuf: bool, used: list[tuple[int, int]]) -> str | None:
-    """Write one frame (``hdr_len`` bytes of virtio-net header, then the Ethernet frame)
-    into the receive queue's buffers. Appends the chains used to ``used`` (the caller
-    returns them in one batch); returns None on success, else the drop reason:
-    ``no_rx_buffer`` or ``too_big``. A frame is never truncated: a dropped frame leaves
-    the chains it looked at in the ring, untouched.
-
-    With a 12-byte header, ``num_buffers`` is set to the number of chains used ("the
-    device MUST set num_buffers to the number of descriptors used ..."; 1 without
-    MRG_RXBUF). A ``bytearray`` is patched in place, ``bytes`` are copied only when the
-    field differs.
-    """
-    first = rx.pop(mem)
-    if first is None:
-        return "no_rx_buffer"
-    room = first.writable_len
-    size = len(data)
-    if room >= size:
-        if hdr_len == HDR_V1 and data[10:12] != _ONE_BUFFER:
-            data = _with_num_buffers(data, 1)
-        used.append((first.head, first.write(mem, data)))
-        return None
-    if not mrg_rxbuf:
-        # Without MRG_RXBUF a frame must fit one chain; the chain goes back untouched.
-        rx.unpop(1)
-        return "too_big"
-    chains = [first]
-    while room < size:
-        nxt = rx.pop(mem)
-        if nxt is None:
-            # Not enough buffers: put back what we took, for the next frame.
-            rx.unpop(len(chains))
-            return "no_rx_buffer"
-        chains.append(nxt)
-        room += nxt.writable_len
-    view = memoryview(_with_num_buffers(data, len(chains)))
-    pos = 0
-    for c in chains:
-        n = c.write(mem, view[pos:])
-        used.append((c.head, n))
-        pos += n
-    return None
-
-
-def _with_num_buffers(data: bytes | bytearray, n: int) -> bytearray:
-    buf = data if isinstance(data, bytearray) else bytearray(data)
-    _NUM_BUFFERS.pack_into(buf, 10, n)
-    return buf

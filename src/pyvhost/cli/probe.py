@@ -8,7 +8,6 @@ error (or any other failure to finish the probe), 130 interrupted.
 from __future__ import annotations
 
 import json
-import re
 
 import click
 from rich.console import Console
@@ -16,26 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pyvhost.errors import PyvhostError
-
-from .memory import MiB
-from .probe import ProbeConfig, ProbeReport, run_probe
+from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
+from pyvhost.units import MiB, parse_size
 
 EXIT_OK = 0
 EXIT_LEAK = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``512K``, ``2M``, ``2MiB``, ``1G``: binary units, as QEMU's -m takes them."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a size (examples: 4096, 512K, 2M, 1G)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:

@@ -25,10 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pyvhost.errors import PyvhostError
-from pyvhost.frontend.probe_cli import parse_size
-
-from .accel import AccelRequest
-from .scenario import SCHEMA, LabConfig, run_lab
+from pyvhost.lab.accel import AccelRequest
+from pyvhost.lab.scenario import SCHEMA, LabConfig, run_lab
+from pyvhost.units import parse_size
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1

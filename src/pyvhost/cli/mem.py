@@ -23,13 +23,25 @@ from rich.console import Console
 from rich.table import Table
 
 from pyvhost.errors import PyvhostError
-from pyvhost.frontend.probe_cli import parse_size
-
-from .execute import Outcome, describe_ost, execute_add, execute_remove, execute_resize
-from .host import HostFacts, read_host
-from .plan import AddRequest, Plan, plan_add, plan_remove, plan_resize, region_limit
-from .qmp import Qmp
-from .state import BASELINE_REGIONS, VmState, page_size, read_state, vhost_regions
+from pyvhost.hotplug.execute import (
+    Outcome,
+    describe_ost,
+    execute_add,
+    execute_remove,
+    execute_resize,
+)
+from pyvhost.hotplug.host import HostFacts, page_sizes, read_host
+from pyvhost.hotplug.plan import (
+    AddRequest,
+    Plan,
+    plan_add,
+    plan_remove,
+    plan_resize,
+    region_limit,
+)
+from pyvhost.hotplug.qmp import Qmp
+from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
+from pyvhost.units import parse_size
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -64,24 +76,6 @@ def _nodes(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         raise click.BadParameter(f"{value!r} is not a node list like 0,1 or 0-3",
                                  ctx=ctx, param=param) from None
     return tuple(out)
-
-
-def page_sizes(state: VmState, host: HostFacts) -> dict[str, int]:
-    """Each backend's page size (file backends: from the mount of their mem-path)."""
-    from .host import path_facts
-
-    mounts = ""
-    try:
-        with open("/proc/mounts") as f:
-            mounts = f.read()
-    except OSError:
-        pass
-    out = {}
-    for b in state.backends:
-        mp = (path_facts(b.mem_path, mounts, host.default_hugepage_size).hugetlb_page_size
-              if b.mem_path else None)
-        out[b.id] = page_size(b, host.base_page_size, host.default_hugepage_size, mp)
-    return out
 
 
 def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str, Any]:

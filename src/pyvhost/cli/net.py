@@ -14,13 +14,12 @@ import click
 
 from pyvhost.backend import Server, VirtioDevice
 from pyvhost.backend.server import RECONNECT_FIRST, RECONNECT_MAX
+from pyvhost.devices.reflect import ReflectNet
 from pyvhost.errors import LocalError
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.switch import Switch, SwitchPort, TapPort
 from pyvhost.switch.table import DEFAULT_AGING
 from pyvhost.switch.vhost import MAX_QUEUE_PAIRS
-
-from .net import ReflectNet
 
 log = logging.getLogger(__name__)
 

@@ -2,17 +2,17 @@
 
 Subcommands:
 
-- ``pyvhost net``    serve vhost-user-net sockets (:mod:`pyvhost.devices.net_cli`)
+- ``pyvhost net``    serve vhost-user-net sockets (:mod:`pyvhost.cli.net`)
 - ``pyvhost probe``  check a back-end for fd and mapping leaks across hot-plug
-  (:mod:`pyvhost.frontend.probe_cli`)
+  (:mod:`pyvhost.cli.probe`)
 - ``pyvhost status`` ask a running back-end for its ports and memory tables
-  (:mod:`pyvhost.backend.status_cli`)
+  (:mod:`pyvhost.cli.status`)
 - ``pyvhost lab``    the README's main job: real VMs on a pyvhost switch, memory
-  hot-added under a continuous ping (:mod:`pyvhost.lab.cli`)
+  hot-added under a continuous ping (:mod:`pyvhost.cli.lab`)
 - ``pyvhost demo``   a quicker one: a back-end watched across memory hot-plug played by
-  pyvhost's own front-end (:mod:`pyvhost.demo`)
+  pyvhost's own front-end (:mod:`pyvhost.cli.demo`)
 - ``pyvhost mem``    memory hot-plug through QMP with the checks QEMU leaves out
-  (:mod:`pyvhost.hotplug.cli`)
+  (:mod:`pyvhost.cli.mem`)
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from pyvhost.backend.status_cli import status
-    from pyvhost.demo import demo
-    from pyvhost.devices.net_cli import net
-    from pyvhost.frontend.probe_cli import probe
-    from pyvhost.hotplug.cli import mem
-    from pyvhost.lab.cli import lab
+    from .demo import demo
+    from .lab import lab
+    from .mem import mem
+    from .net import net
+    from .probe import probe
+    from .status import status
 
     main.add_command(net)
     main.add_command(probe)
