@@ -47,7 +47,7 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, MiB, Qemu, VhostUserNet, guest_config
 from pyvhost.protocol.constants import ProtocolFeature
-from pyvhost.tools.process import end_process, unix_listening
+from pyvhost.tools.process import end_process, pyvhost_argv, unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
 
 DIMM = 128 * MiB
@@ -99,8 +99,7 @@ class Target:
 
 def start_backend(t: Target, kind: str) -> None:
     if kind == "pyvhost":
-        argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", "net",
-                "--socket", str(t.backend_sock), "--reflect", "--no-stats"]
+        argv = pyvhost_argv("net", "--socket", str(t.backend_sock), "--reflect", "--no-stats")
     else:
         binary = shutil.which("dpdk-testpmd")
         if binary is None:

@@ -40,7 +40,7 @@ from pyvhost.frontend.memory import FrontendMemory
 from pyvhost.memory import MemoryManager
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.protocol.messages import MemoryRegion
-from pyvhost.tools.process import end_process
+from pyvhost.tools.process import end_process, pyvhost_argv
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -66,8 +66,7 @@ def backend(kind: str, workdir: Path) -> Iterator[Path]:
     sock = workdir / f"{kind}.sock"
     prefix = None
     if kind == "pyvhost":
-        argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", "net",
-                "--socket", str(sock), "--reflect", "--no-stats"]
+        argv = pyvhost_argv("net", "--socket", str(sock), "--reflect", "--no-stats")
     else:
         binary = shutil.which("dpdk-testpmd")
         if binary is None:

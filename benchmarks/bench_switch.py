@@ -60,7 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvhost.tools.process import end_process
+from pyvhost.tools.process import end_process, pyvhost_argv
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_MAC = "02:00:00:00:00:02"
@@ -146,9 +146,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def backend(run: Run, kind: str, a: Path, b: Path) -> Proc:
     if kind == "pyvhost":
-        proc = run.start(["taskset", "-c", str(BACKEND_CPU), sys.executable, "-c",
-                          "from pyvhost.cli import main; main()", "net", "--socket", str(a),
-                          "--socket", str(b), "--no-stats"], "pyvhost")
+        proc = run.start(["taskset", "-c", str(BACKEND_CPU),
+                          *pyvhost_argv("net", "--socket", str(a), "--socket", str(b),
+                                        "--no-stats")], "pyvhost")
     else:
         proc = run.testpmd("dpdk-backend", [f"net_vhost0,iface={a},queues=1",
                                             f"net_vhost1,iface={b},queues=1"],
@@ -215,9 +215,9 @@ def measure_loop(kind: str, size: int, seconds: float, work: Path,
     a = work / f"{kind}-loop.sock"
     try:
         if kind == "pyvhost":
-            be = run.start(["taskset", "-c", str(BACKEND_CPU), sys.executable, "-c",
-                            "from pyvhost.cli import main; main()", "net", "--socket",
-                            str(a), "--reflect", "--no-stats"], "pyvhost-loop")
+            be = run.start(["taskset", "-c", str(BACKEND_CPU),
+                            *pyvhost_argv("net", "--socket", str(a), "--reflect",
+                                          "--no-stats")], "pyvhost-loop")
         else:
             be = run.testpmd("dpdk-loop", [f"net_vhost0,iface={a},queues=1"],
                              ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from click.testing import CliRunner
 from pyvhost.cli.probe import probe
 from pyvhost.frontend import Frontend, FrontendMemory, ProbeConfig, ProbeError, run_probe
 from pyvhost.frontend.memory import MiB
+from pyvhost.tools.process import pyvhost_argv
 from support.procs import Procs, Started
 
 pytestmark = pytest.mark.dpdk
@@ -122,8 +122,8 @@ def test_probe_library_api_against_dpdk(testpmd: Pmd) -> None:
 
 
 def test_probe_cli_json_against_dpdk(testpmd: Pmd) -> None:
-    cmd = [sys.executable, "-c", "import sys; from pyvhost.cli import main; sys.exit(main())",
-           "probe", "--socket", testpmd.socket, "--cycles", "20", "--regions", "3", "--json"]
+    cmd = pyvhost_argv("probe", "--socket", testpmd.socket, "--cycles", "20", "--regions", "3",
+                       "--json")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
     info = f"stdout={done.stdout!r}\nstderr={done.stderr!r}\n{testpmd.log_tail()}"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory
+from pyvhost.tools.process import pyvhost_argv
 from support.procs import Procs, wait_for_socket
 
-PYVHOST = [sys.executable, "-c", "from pyvhost.cli import main; main()"]
+PYVHOST = pyvhost_argv()
 
 
 def test_demo_shows_exact_tables_and_no_leak() -> None:
@@ -64,4 +64,4 @@ def test_status_reports_the_memory_table(procs: Procs, tmp_path: Path) -> None:
         memory.close()
     missing = subprocess.run([*PYVHOST, "status", str(tmp_path / "nope.sock")],
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "nope.sock" in missing.stderr
+    assert missing.returncode == 2 and "nope.sock" in missing.stderr

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvhost.tools.process import end_process
+from pyvhost.tools.process import end_process, pyvhost_argv
 
 DPDK_RUNTIME = Path("/var/run/dpdk")
 
@@ -106,7 +105,7 @@ class Procs:
 
     def pyvhost(self, *args: str, name: str = "pyvhost") -> Started:
         """``pyvhost ARGS`` with this interpreter (no reliance on PATH)."""
-        argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", *args]
+        argv = pyvhost_argv(*args)
         return self.start(argv, name, stop_signal=signal.SIGINT)
 
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from pyvhost.backend.control import fetch_status
 from pyvhost.frontend import GuestRam
 from pyvhost.frontend.memory import MiB, name_prefix
 from pyvhost.tools import procfs
+from pyvhost.tools.process import pyvhost_argv
 from support.netdriver import TIMEOUT, Duplex, Flow, NetDriver, mac
 from support.procs import Procs, wait_for_socket
 
@@ -75,8 +75,7 @@ def _fd_targets(pid: int) -> list[str]:
 
 def _status_cli(ctl: Path) -> dict[str, Any]:
     """``pyvhost status --json`` as a user runs it."""
-    out = subprocess.run([sys.executable, "-c", "from pyvhost.cli import main; main()",
-                          "status", "--json", str(ctl)],
+    out = subprocess.run(pyvhost_argv("status", "--json", str(ctl)),
                          capture_output=True, text=True, timeout=TIMEOUT, check=True)
     state = json.loads(out.stdout)
     assert isinstance(state, dict)

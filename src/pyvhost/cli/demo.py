@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,15 +29,14 @@ from pyvhost.frontend.memory import FrontendMemory, MiB
 from pyvhost.frontend.probe import ProbeConfig, run_probe
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
-from pyvhost.tools.process import end_process
+from pyvhost.tools.process import end_process, pyvhost_argv
 
 
 @contextlib.contextmanager
 def _backend(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
     sock, ctl = str(workdir / "vhost-net.sock"), str(workdir / "pyvhost.ctl")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from pyvhost.cli import main; main()", "net", "--socket",
-         sock, "--control", ctl, "--reflect", "--no-stats"],
+        pyvhost_argv("net", "--socket", sock, "--control", ctl, "--reflect", "--no-stats"),
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20

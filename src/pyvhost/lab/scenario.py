@@ -34,7 +34,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -51,7 +50,7 @@ from pyvhost.hotplug.plan import AddRequest, Plan, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import VmState, read_state, vhost_regions
 from pyvhost.tools import procfs
-from pyvhost.tools.process import end_process
+from pyvhost.tools.process import end_process, pyvhost_argv
 
 from .accel import AccelRequest, choose_accel
 from .guest import GuestConsole
@@ -286,9 +285,8 @@ class Lab:
     def start_net(self) -> None:
         """``pyvhost net``: one socket per VM and a control socket, listening before any
         QEMU starts (QEMU connects as a client and gives up if nothing listens)."""
-        argv = [sys.executable, "-c", "from pyvhost.cli import main; main()", "net",
-                "--control", self.control, "--no-stats",
-                "--mem-slots" if self.config.mem_slots else "--no-mem-slots"]
+        argv = pyvhost_argv("net", "--control", self.control, "--no-stats",
+                "--mem-slots" if self.config.mem_slots else "--no-mem-slots")
         for i in range(self.config.vms):
             argv += ["--socket", self.socket(i)]
         with open(self.rundir / "net.log", "wb") as log:

@@ -10,10 +10,18 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 #: /proc/net/unix "Flags" bit of a listening socket (__SO_ACCEPTCON).
 _SO_ACCEPTCON = 0x10000
+
+
+def pyvhost_argv(*args: str) -> list[str]:
+    """The argv that runs ``pyvhost ARGS`` in a child process: this interpreter with ``-m
+    pyvhost``, so the child runs the same installation (venv or not, console script on
+    PATH or not)."""
+    return [sys.executable, "-m", "pyvhost", *args]
 
 
 def end_process(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGINT,
