@@ -73,6 +73,8 @@ class FakeBackend:
     vring_base: int = 7
     records: list[Record] = field(default_factory=list)
     status: int = 0
+    #: The device config space GET_CONFIG answers from.
+    config: bytes = b""
 
     def __post_init__(self) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -182,6 +184,11 @@ class FakeBackend:
             reply = m.U64(self.max_mem_slots)
         elif req == Request.GET_STATUS:
             reply = m.U64(self.status)
+        elif req == Request.GET_CONFIG:
+            assert isinstance(msg.payload, m.ConfigSpace)
+            size = msg.payload.size
+            reply = m.ConfigSpace(msg.payload.offset, size, 0, self.config[:size].ljust(size,
+                                                                                      b"\0"))
         elif req == Request.SET_STATUS:
             assert isinstance(msg.payload, m.U64)
             self.status = msg.payload.value

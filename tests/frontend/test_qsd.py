@@ -30,7 +30,8 @@ def test_probe_mem_slots_against_qemu_storage_daemon(short_dir: str, procs: Proc
         if qsd.proc.poll() is not None:
             pytest.fail(f"qemu-storage-daemon exited:\n{qsd.output()}")
         try:
-            report = run_probe(ProbeConfig(sock, cycles=10, regions=3, timeout=5))
+            report = run_probe(ProbeConfig(sock, cycles=10, regions=3, timeout=5,
+                                               device="blk"))
             break
         except FrontendConnectError:  # not listening yet
             if time.monotonic() > deadline:
