@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pyvhost.errors import PyvhostError
+from pyvhost.frontend import plot, profiles
 from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
 from pyvhost.units import MiB, parse_size
 
@@ -79,7 +80,8 @@ Examples:
 @click.command("probe", help=HELP, short_help="Check a back-end for fd/mapping leaks "
                "across memory hot-plug.")
 @click.option("--socket", "socket_path", required=True, metavar="PATH",
-              help="The back-end's vhost-user socket (it must be listening).")
+              help="The back-end's vhost-user socket (it must be listening), or with "
+                   "--listen the path to listen on.")
 @click.option("--cycles", type=click.IntRange(min=0), default=10, show_default=True,
               help="Hot-plug cycles (add all regions, then remove them).")
 @click.option("--regions", type=click.IntRange(min=1), default=3, show_default=True,
@@ -91,7 +93,8 @@ Examples:
               callback=_size_option,
               help="Size of the boot RAM region at GPA 0.")
 @click.option("--pid", type=click.IntRange(min=1), default=None,
-              help="The back-end's pid (default: from the socket's SO_PEERCRED).")
+              help="The back-end's pid (default: the process holding the other end of "
+                   "the connection that maps guest memory).")
 @click.option("--mem-slots/--no-mem-slots", default=None,
               help="Use (require) or refuse CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG). "
                    "Default: use it when the back-end offers it.")
@@ -102,19 +105,47 @@ Examples:
               show_default=True, help="Seconds to wait for a connection or a reply.")
 @click.option("--settle", type=click.FloatRange(min=0), default=0.2, show_default=True,
               help="Seconds to wait before each measurement.")
+@click.option("--profile", type=click.Choice(profiles.names()), default="qemu-7.2",
+              show_default=True,
+              help="Whose messages to send: a front-end's sequence as captured from it.")
+@click.option("--device", type=click.Choice(profiles.DEVICES), default="net",
+              show_default=True,
+              help="The device the back-end serves (its rings; GET_CONFIG for blk).")
+@click.option("--queue-pairs", type=click.IntRange(min=1, max=64), default=1,
+              show_default=True,
+              help="net: queue pairs; QEMU sends every memory update once per pair.")
+@click.option("--listen", is_flag=True,
+              help="Listen on --socket and wait for the back-end to connect (client-mode "
+                   "back-ends: OVS dpdkvhostuserclient, DPDK client=1, pyvhost net "
+                   "--client), as QEMU's server=on chardev does.")
+@click.option("--accept-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="With --listen: seconds to wait for the back-end.")
+@click.option("--reconnect", is_flag=True,
+              help="After the run, probe the next connection too (with --listen: the "
+                   "back-end's own reconnect; else a second connect).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.png",
+              help="Draw fds and mappings over the cycles (needs pyvhost[plot]).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print exactly one JSON object on stdout (no table, no progress bar).")
 @click.pass_context
 def probe(ctx: click.Context, socket_path: str, cycles: int, regions: int, region_size: int,
           boot_size: int, pid: int | None, mem_slots: bool | None, memory_dir: str | None,
-          timeout: float, settle: float, as_json: bool) -> None:
+          timeout: float, settle: float, profile: str, device: str, queue_pairs: int,
+          listen: bool, accept_timeout: float, reconnect: bool, plot_path: str | None,
+          as_json: bool) -> None:
     config = ProbeConfig(socket_path=socket_path, cycles=cycles, regions=regions,
                          region_size=region_size, boot_size=boot_size, pid=pid,
                          mem_slots=mem_slots, timeout=timeout, settle=settle,
-                         directory=memory_dir)
+                         directory=memory_dir, profile=profile, device=device,
+                         queue_pairs=queue_pairs, listen=listen,
+                         accept_timeout=accept_timeout, reconnect=reconnect)
     err = Console(stderr=True)
     try:
         report = run_probe(config) if as_json else _run_with_progress(config, err)
+        if plot_path is not None:
+            plot.draw(report.series, plot_path,
+                      f"pyvhost probe: pid {report.pid} on {report.socket}")
     except KeyboardInterrupt:
         _fail(as_json, err, "interrupted", EXIT_INTERRUPTED)
         ctx.exit(EXIT_INTERRUPTED)
@@ -153,7 +184,14 @@ def _size(n: int) -> str:
 
 def _print_report(report: ProbeReport, out: Console) -> None:
     mode = "ADD_MEM_REG / REM_MEM_REG" if report.mem_slots else "SET_MEM_TABLE"
-    out.print(f"back-end pid [bold]{report.pid}[/] on {report.socket}", highlight=False)
+    out.print(f"back-end pid [bold]{report.pid}[/] on {report.socket}"
+              + (" (it connected to us)" if report.listen else ""), highlight=False)
+    m = report.measured
+    if m is not None:
+        extra = "" if m.peercred_pid in (None, m.pid) else (
+            f"; SO_PEERCRED names {m.peercred_pid}, which does not serve it")
+        out.print(f"measured process found by: {m.how}{extra}", highlight=False)
+    out.print(f"front-end profile: {report.profile} ({report.device})", highlight=False)
     out.print(f"{report.cycles} cycles x {report.regions} regions of "
               f"{_size(report.region_size)}; memory updates via {mode}; protocol features: "
               f"{', '.join(report.protocol_features) or 'none'}", highlight=False)
@@ -189,6 +227,18 @@ def _print_report(report: ProbeReport, out: Console) -> None:
     out.print(lat)
     if not report.reply_ack:
         out.print("no REPLY_ACK: round trips are send times only", style="yellow")
+    if report.cycles >= 2:
+        slopes = report.series.per_1000()
+        out.print(f"growth per 1,000 cycles: fds {slopes['fds']:+g}, fds on our regions "
+                  f"{slopes['region_fds']:+g}, mappings {slopes['mappings']:+g}",
+                  highlight=False)
+    if report.stale_files:
+        out.print(f"[red]still held after removal:[/] {', '.join(report.stale_files)}",
+                  highlight=False)
+    again = report.reconnect
+    if again is not None:
+        out.print(f"next connection: after {again.seconds:.2f} s, pid {again.pid}, "
+                  f"{'leak' if again.leak else 'no leak'}", highlight=False)
     gone = report.disconnected
     if gone is not None:
         out.print(f"after hang-up the back-end holds {gone.matching_fds} fds and "
