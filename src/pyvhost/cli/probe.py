@@ -16,6 +16,13 @@ from rich.table import Table
 
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend import plot, profiles
+from pyvhost.frontend.hostile import (
+    CASES,
+    CaseResult,
+    HostileConfig,
+    HostileReport,
+    run_hostile,
+)
 from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
 from pyvhost.units import MiB, parse_size
 
@@ -126,6 +133,22 @@ Examples:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               metavar="FILE.png",
               help="Draw fds and mappings over the cycles (needs pyvhost[plot]).")
+@click.option("--hostile", is_flag=True,
+              help="Instead of hot-plug cycles: run the robustness suite (named hostile "
+                   "cases; exit 1 if any crashed, hung, leaked or harmed the witness).")
+@click.option("--case", "cases", multiple=True, metavar="NAME",
+              help="With --hostile: run only this case (repeatable; see --list-cases).")
+@click.option("--include-destructive", is_flag=True,
+              help="With --hostile: also the cases that may kill a back-end that is not "
+                   "robust (guest memory truncated under a live ring).")
+@click.option("--witness-socket", metavar="PATH", default=None,
+              help="With --hostile: where the witness connects (default --socket); for a "
+                   "back-end that serves one connection per socket.")
+@click.option("--case-timeout", type=click.FloatRange(min=0, min_open=True), default=3.0,
+              show_default=True, help="With --hostile: seconds for every wait of a case.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="With --hostile: seconds for the whole suite.")
+@click.option("--list-cases", is_flag=True, help="List the hostile cases and exit.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print exactly one JSON object on stdout (no table, no progress bar).")
 @click.pass_context
@@ -133,7 +156,15 @@ def probe(ctx: click.Context, socket_path: str, cycles: int, regions: int, regio
           boot_size: int, pid: int | None, mem_slots: bool | None, memory_dir: str | None,
           timeout: float, settle: float, profile: str, device: str, queue_pairs: int,
           listen: bool, accept_timeout: float, reconnect: bool, plot_path: str | None,
-          as_json: bool) -> None:
+          hostile: bool, cases: tuple[str, ...], include_destructive: bool,
+          witness_socket: str | None, case_timeout: float, time_limit: float,
+          list_cases: bool, as_json: bool) -> None:
+    if list_cases:
+        _list_cases(as_json)
+        ctx.exit(EXIT_OK)
+    if hostile:
+        _hostile(ctx, HostileConfig(socket_path, witness_socket, cases, include_destructive,
+                                    device, case_timeout, time_limit, pid), listen, as_json)
     config = ProbeConfig(socket_path=socket_path, cycles=cycles, regions=regions,
                          region_size=region_size, boot_size=boot_size, pid=pid,
                          mem_slots=mem_slots, timeout=timeout, settle=settle,
@@ -247,3 +278,62 @@ def _print_report(report: ProbeReport, out: Console) -> None:
         out.print("[bold red]verdict: leak[/]")
     else:
         out.print("[bold green]verdict: no leak[/]")
+
+
+# -- --hostile ----------------------------------------------------------------------------
+def _list_cases(as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"cases": [{"name": c.name, "group": c.group, "what": c.what,
+                                          "spec": c.spec, "destructive": c.destructive}
+                                         for c in CASES]}))
+        return
+    out = Console()
+    for c in CASES:
+        mark = " (destructive)" if c.destructive else ""
+        out.print(f"[bold]{c.name}[/]{mark}: {c.what}\n    spec: {c.spec}", highlight=False)
+
+
+def _hostile(ctx: click.Context, config: HostileConfig, listen: bool, as_json: bool) -> None:
+    err = Console(stderr=True)
+    if listen:
+        _fail(as_json, err, "--hostile connects to the back-end; it does not take --listen",
+              EXIT_ERROR, "UsageError")
+        ctx.exit(EXIT_ERROR)
+    try:
+        if as_json:
+            report = run_hostile(config)
+        else:
+            def show(result: CaseResult) -> None:
+                style = "red" if result.failed else ""
+                text = f"{result.name:<45} {result.outcome}"
+                err.print(f"[{style}]{text}[/]" if style else text, highlight=False)
+
+            report = run_hostile(config, progress=show)
+    except KeyboardInterrupt:
+        _fail(as_json, err, "interrupted", EXIT_INTERRUPTED)
+        ctx.exit(EXIT_INTERRUPTED)
+    except PyvhostError as e:
+        _fail(as_json, err, str(e), EXIT_ERROR, kind=type(e).__name__)
+        ctx.exit(EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps({"socket": config.socket_path, "mode": "hostile",
+                               "hostile": report.to_json()}))
+    else:
+        _print_hostile(report, Console())
+    ctx.exit(EXIT_LEAK if report.failed else EXIT_OK)
+
+
+def _print_hostile(report: HostileReport, out: Console) -> None:
+    m = report.measured
+    if m is not None:
+        out.print(f"back-end pid [bold]{m.pid}[/] (found by {m.how}); witness on "
+                  f"{report.witness_socket}", highlight=False)
+    table = Table(title="hostile cases", title_justify="left")
+    for col in ("case", "outcome", "response", "detail"):
+        table.add_column(col)
+    for r in report.results:
+        outcome = f"[red]{r.outcome}[/]" if r.failed else r.outcome
+        table.add_row(r.name, outcome, r.response, r.detail)
+    out.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts().items())
+    out.print(f"{'[bold red]' if report.failed else '[bold green]'}{counts}[/]")

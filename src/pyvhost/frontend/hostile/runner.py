@@ -260,8 +260,14 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None
     if gone(pid):
         return "crashed", f"process {pid} exited"
     if ctx.harmed:
+        time.sleep(0.5)
+        if gone(pid):
+            return "crashed", f"process {pid} exited ({'; '.join(ctx.harmed)})"
         return "harmed-others", "; ".join(ctx.harmed)
     if witness is not None and not witness.ok():
+        time.sleep(0.5)  # a process on its way out stops answering first
+        if gone(pid):
+            return "crashed", f"process {pid} exited"
         return "harmed-others", "the witness got no answer after the case"
     if follow is not None and follow.kind == "silent":
         return "hung", ("no reply, and no answer to a GET_FEATURES after it"
