@@ -60,7 +60,7 @@ class Peer:
     """A started back-end: its processes (ended by pid), files to remove, a log."""
 
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    cleanup: list[Callable[[], None]] = field(default_factory=list)
+    cleanup: list[Callable[[], object]] = field(default_factory=list)
     log: Path | None = None
 
     def start(self, argv: list[str], log: Path, stdin_pipe: bool = False,
@@ -131,6 +131,8 @@ class Backend:
     hostile: bool = True
     hostile_note: str = ""
     note: str = ""
+    #: A program the back-end needs; without it the row says so (not run).
+    needs: str = ""
 
 
 def _dpdk_server(peer: Peer, work: Path) -> tuple[str, str | None]:
@@ -183,11 +185,87 @@ def _pyvhost(*extra: str) -> Callable[[Peer, Path], tuple[str, str | None]]:
     return start
 
 
+# -- Open vSwitch 3.1 with DPDK ---------------------------------------------------------------
+OVS_VSWITCHD = "/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk"
+OVS_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def _hugepages(peer: Peer, work: Path, pages: int) -> Path:
+    """Reserve 2 MiB pages and mount a private hugetlbfs; both undone at stop."""
+    before = int(HUGEPAGES.read_text())
+    HUGEPAGES.write_text(str(max(before, pages)))
+    peer.cleanup.append(lambda: HUGEPAGES.write_text(str(before)))
+    mnt = work / "huge"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "hugetlbfs", "none", str(mnt)], check=True)
+    peer.cleanup.append(lambda: subprocess.run(["umount", str(mnt)], check=False))
+    return mnt
+
+
+def ovs(client: bool) -> Callable[[Peer, Path], tuple[str, str | None]]:
+    """ovsdb-server and ovs-vswitchd-dpdk on a private database and run directory
+    (OVS_RUNDIR, OVS_DBDIR, OVS_LOGDIR), never the system's: other_config dpdk-init, no PCI,
+    256 MiB of hugepages and no more (dpdk-socket-limit), one PMD core; a netdev bridge
+    with two vhost-user ports (the second is the hostile suite's witness)."""
+    def start(peer: Peer, work: Path) -> tuple[str, str | None]:
+        for d in ("run", "db", "log"):
+            (work / d).mkdir(exist_ok=True)
+        env = dict(os.environ, OVS_RUNDIR=str(work / "run"), OVS_DBDIR=str(work / "db"),
+                   OVS_LOGDIR=str(work / "log"))
+        db = str(work / "db" / "conf.db")
+        if not Path(db).exists():
+            subprocess.run(["ovsdb-tool", "create", db, OVS_SCHEMA], check=True, env=env)
+        remote = f"unix:{work / 'run' / 'db.sock'}"
+        server = peer.start(["ovsdb-server", db, f"--remote=p{remote}",
+                             f"--unixctl={work / 'run' / 'ovsdb.ctl'}"],
+                            work / "ovsdb.log", env=env)
+        wait_listening(str(work / "run" / "db.sock"), server)
+
+        def vsctl(*args: str) -> None:
+            subprocess.run(["ovs-vsctl", f"--db={remote}", "--timeout=60", *args],
+                           check=True, env=env, stdout=subprocess.DEVNULL)
+
+        huge = _hugepages(peer, work, 256)
+        prefix = f"pyvhost-card-ovs-{uuid.uuid4().hex[:6]}"
+        peer.cleanup.append(lambda: shutil.rmtree(DPDK_RUNTIME / prefix, ignore_errors=True))
+        vsctl("--no-wait", "init")
+        vsctl("--no-wait", "set", "Open_vSwitch", ".", "other_config:dpdk-init=true",
+              f"other_config:dpdk-extra=--no-pci --file-prefix={prefix} --huge-dir={huge}",
+              "other_config:dpdk-socket-mem=256", "other_config:dpdk-socket-limit=256",
+              "other_config:pmd-cpu-mask=0x2")
+        peer.start([OVS_VSWITCHD, remote, f"--unixctl={work / 'run' / 'vswitchd.ctl'}",
+                    f"--log-file={work / 'log' / 'vswitchd.log'}"], work / "vswitchd.out",
+                   env=env)
+        vsctl("add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=netdev")
+        if client:
+            sock = str(work / "ovs-client.sock")
+            vsctl("add-port", "br0", "vhc0", "--", "set", "Interface", "vhc0",
+                  "type=dpdkvhostuserclient", f"options:vhost-server-path={sock}")
+            return sock, None
+        socks = []
+        for port in ("vhu0", "vhu1"):
+            vsctl("add-port", "br0", port, "--", "set", "Interface", port,
+                  "type=dpdkvhostuser")
+            socks.append(str(work / "run" / port))
+        for sock in socks:
+            wait_listening(sock, peer.procs[-1], timeout=120)
+        return socks[0], socks[1]
+    return start
+
+
 BACKENDS = [
     Backend("DPDK 22.11 testpmd net_vhost", "server (it listens)", _dpdk_server),
     Backend("DPDK 22.11 testpmd net_vhost", "client=1 (probe listens)", _dpdk_client,
             listen=True, hostile=False,
             hostile_note="the same vhost library as server mode (see that column)"),
+    Backend("Open vSwitch 3.1 (DPDK 22.11)", "dpdkvhostuser (it listens)", ovs(False),
+            note="witness: a second dpdkvhostuser port of the same ovs-vswitchd",
+            needs=OVS_VSWITCHD),
+    Backend("Open vSwitch 3.1 (DPDK 22.11)", "dpdkvhostuserclient (probe listens)",
+            ovs(True), listen=True, hostile=False,
+            hostile_note="the same vhost library as dpdkvhostuser (see that column)",
+            needs=OVS_VSWITCHD),
     Backend("QEMU 7.2 virtiofsd", "default sandbox (forks after accept)",
             _virtiofsd(), device="fs", hostile=False,
             hostile_note="not run: serves one connection, then exits"),
@@ -204,6 +282,9 @@ BACKENDS = [
 
 def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
     row = Row(b.name, b.mode, hostile_note=b.hostile_note, note=b.note)
+    if b.needs and not os.access(b.needs, os.X_OK):
+        row.probe_error = f"{b.needs} is not installed"
+        return row
     peer = Peer()
     try:
         sock, witness = b.start(peer, work)
@@ -228,7 +309,7 @@ def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
                                                 case_timeout=3),
                                   restart=restart)
             row.hostile = hostile.to_json()
-    except (PyvhostError, RuntimeError) as e:
+    except (PyvhostError, RuntimeError, subprocess.CalledProcessError) as e:
         row.probe_error = row.probe_error or f"{type(e).__name__}: {e}"
     finally:
         peer.stop()

@@ -33,6 +33,7 @@ from pyvhost.protocol.transport import recv_chunk, send_message
 
 CAPTURES = Path(__file__).parent.parent / "data" / "captures"
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
+         "qemu100_dpdk_setmemtable.jsonl", "qemu100_memslots.jsonl",
          "dpdk_virtio_user_handshake.jsonl"]
 
 

@@ -21,7 +21,9 @@ and the values that do not depend on addresses, message by message
   start-up is captured; its hot-plug sequence is not (it needs DPDK to grow its own
   memory at run time): it is DPDK 22.11's ``virtio_user_mem_event_cb`` (pause every queue
   pair with SET_VRING_ENABLE 0, SET_MEM_TABLE, resume), and it is marked as such.
-- ``qemu-10.0`` is registered once a capture of it is in the golden data.
+- ``qemu-10.0``: QEMU 10.0.2 from Debian 12's bookworm-backports, captured the same two
+  ways. What changed since 7.2: every SET_VRING_ENABLE carries need_reply, and a
+  vhost-user-net device is stopped with GET_VRING_BASE before SET_STATUS 0.
 
 What a profile does not replay: the guest driver's feature choice (the features acked are
 the caller's, VERSION_1 by default), and, for queue pairs past the first, QEMU's per-pair
@@ -84,6 +86,9 @@ class Profile:
     pause_rings_on_update: bool = False
     #: Steps that come from the front-end's source, not from a capture (shown in reports).
     uncaptured: tuple[str, ...] = ()
+    #: QEMU 10.0 stops a vhost-user-net device with GET_VRING_BASE first, then
+    #: SET_STATUS 0; QEMU 7.2 the other way round.
+    status_reset_last: bool = False
 
 
 QEMU_72 = Profile(
@@ -109,7 +114,16 @@ DPDK_VIRTIO_USER = Profile(
                 "per ring (DPDK 22.11 virtio_user_mem_event_cb)",),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (QEMU_72, DPDK_VIRTIO_USER)}
+QEMU_100 = Profile(
+    name="qemu-10.0", title="QEMU 10.0.2 (Debian 12 bookworm-backports)",
+    captures=("qemu100_dpdk_setmemtable.jsonl", "qemu100_memslots.jsonl"),
+    protocol_features=QEMU_72.protocol_features,
+    # Captured: 10.0 also asks a REPLY_ACK for every SET_VRING_ENABLE.
+    acked=QEMU_72.acked | {R.SET_VRING_ENABLE},
+    status_reset_last=True,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (QEMU_72, QEMU_100, DPDK_VIRTIO_USER)}
 
 
 def get(name: str) -> Profile:
@@ -319,6 +333,11 @@ class Session:
         fe = self.fe
         if self.profile.qemu_init:
             if self.device == "net":
+                if self.profile.status_reset_last:
+                    bases = [fe.get_vring_base(q) for q in self.queues if q in fe.vrings]
+                    if fe.protocol_features & PF.STATUS:
+                        fe.set_status(0)
+                    return bases
                 if fe.protocol_features & PF.STATUS:
                     fe.set_status(0)
             else:
