@@ -210,12 +210,12 @@ def ovs(client: bool) -> Callable[[Peer, Path], tuple[str, str | None]]:
     with two vhost-user ports (the second is the hostile suite's witness)."""
     def start(peer: Peer, work: Path) -> tuple[str, str | None]:
         for d in ("run", "db", "log"):
-            (work / d).mkdir(exist_ok=True)
+            shutil.rmtree(work / d, ignore_errors=True)  # every start is a fresh switch
+            (work / d).mkdir()
         env = dict(os.environ, OVS_RUNDIR=str(work / "run"), OVS_DBDIR=str(work / "db"),
                    OVS_LOGDIR=str(work / "log"))
         db = str(work / "db" / "conf.db")
-        if not Path(db).exists():
-            subprocess.run(["ovsdb-tool", "create", db, OVS_SCHEMA], check=True, env=env)
+        subprocess.run(["ovsdb-tool", "create", db, OVS_SCHEMA], check=True, env=env)
         remote = f"unix:{work / 'run' / 'db.sock'}"
         server = peer.start(["ovsdb-server", db, f"--remote=p{remote}",
                              f"--unixctl={work / 'run' / 'ovsdb.ctl'}"],
@@ -298,7 +298,12 @@ def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
         except PyvhostError as e:
             row.probe_error = f"{type(e).__name__}: {e}"
         peer.stop()
-        if b.hostile:
+    except (PyvhostError, RuntimeError, subprocess.CalledProcessError) as e:
+        row.probe_error = row.probe_error or f"{type(e).__name__}: {e}"
+    finally:
+        peer.stop()
+    if b.hostile:
+        try:
             sock, witness = b.start(peer, work)
 
             def restart() -> None:
@@ -309,10 +314,10 @@ def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
                                                 case_timeout=3),
                                   restart=restart)
             row.hostile = hostile.to_json()
-    except (PyvhostError, RuntimeError, subprocess.CalledProcessError) as e:
-        row.probe_error = row.probe_error or f"{type(e).__name__}: {e}"
-    finally:
-        peer.stop()
+        except (PyvhostError, RuntimeError, subprocess.CalledProcessError) as e:
+            row.hostile_note = f"could not run: {type(e).__name__}: {e}"
+        finally:
+            peer.stop()
     return row
 
 

@@ -11,7 +11,8 @@ bound, hang up, and judge:
 crashed         the process is gone
 harmed-others   the witness stopped getting answers (during or after the case)
 hung            a reply was owed and neither it nor a later GET_FEATURES came in time
-leaked          the process kept fds or mappings: more fds than before the case, any file
+leaked          the process kept fds or mappings: more eventfds or memfds (the kinds of fd the
+                cases send) than before the case, any file
                 of the case's connection still held, or a file it should have let go
 nack            it refused the input (REPLY_ACK non-zero) and kept serving
 closed          it closed the connection
@@ -220,6 +221,7 @@ def _run_case(case: Case, config: HostileConfig, pid: int,
               witness: _Witness | None) -> CaseResult:
     t0 = time.monotonic()
     baseline = _measure(pid)
+    targets = _targets(pid)
     a = Attacker(config.socket_path, device=config.device, timeout=config.case_timeout)
 
     def holds(name: str) -> bool:
@@ -246,7 +248,7 @@ def _run_case(case: Case, config: HostileConfig, pid: int,
     files = sorted(a.files)
     try:
         outcome, detail = _judge(case, config, pid, witness, ctx, response, follow,
-                                 baseline, files)
+                                 baseline, files, targets)
     finally:
         a.close()
     text = str(response) + ("" if follow is None else f"; then GET_FEATURES: {follow}")
@@ -256,7 +258,8 @@ def _run_case(case: Case, config: HostileConfig, pid: int,
 
 def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None,
            ctx: Context, response: Response, follow: Response | None,
-           baseline: procfs.ProcessUsage | None, files: Sequence[str]) -> tuple[str, str]:
+           baseline: procfs.ProcessUsage | None, files: Sequence[str],
+           targets: list[str]) -> tuple[str, str]:
     if gone(pid):
         return "crashed", f"process {pid} exited"
     if ctx.harmed:
@@ -272,7 +275,7 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None
     if follow is not None and follow.kind == "silent":
         return "hung", ("no reply, and no answer to a GET_FEATURES after it"
                         if response.kind == "silent" else "answered, then went silent")
-    leak = _leak(pid, baseline, files, config.release_timeout)
+    leak = _leak(pid, baseline, files, config.release_timeout, targets)
     if ctx.leaked or leak:
         return "leaked", "; ".join([*ctx.leaked, *([leak] if leak else [])])
     if gone(pid):
@@ -286,8 +289,34 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None
     return "pass", ""
 
 
+#: The kinds of fd a case sends (eventfds, memfds); only these count as a leaked fd, so
+#: that a process serving other sockets (Open vSwitch) is not blamed for its own pipes
+#: and sockets opening and closing meanwhile.
+SENT_KINDS = ("anon_inode:[eventfd]", "/memfd:")
+
+
+def _targets(pid: int) -> list[str]:
+    try:
+        return sorted(t for t in procfs.fd_targets(pid).values()
+                      if t.startswith(SENT_KINDS))
+    except procfs.ProcfsError:
+        return []
+
+
+def _new_targets(pid: int, before: list[str]) -> str:
+    """What the extra fds are (``anon_inode:[eventfd]``, ``/memfd:...``), as evidence."""
+    left = list(before)
+    new: list[str] = []
+    for target in _targets(pid):
+        if target in left:
+            left.remove(target)
+        else:
+            new.append(target)
+    return f" ({', '.join(sorted(set(new))[:4])})" if new else ""
+
+
 def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],
-          timeout: float) -> str:
+          timeout: float, targets: list[str]) -> str:
     """What the process still holds after the case's connection is gone, once it had
     ``timeout`` seconds to let go; "" when it is back to the baseline."""
     deadline = time.monotonic() + timeout
@@ -296,7 +325,7 @@ def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],
         if now is None or baseline is None:
             return ""
         held = [f for f in files if now.holds(f)]
-        extra_fds = now.fds - baseline.fds
+        extra_fds = len(_targets(pid)) - len(targets)
         if not held and extra_fds <= 0:
             return ""
         if time.monotonic() > deadline:
@@ -304,7 +333,8 @@ def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],
             if held:
                 parts.append(f"still holds {len(held)} file(s) of the closed connection")
             if extra_fds > 0:
-                parts.append(f"{extra_fds} more fd(s) than before the case")
+                parts.append(f"{extra_fds} more eventfd/memfd fd(s) than before the case"
+                             + _new_targets(pid, targets))
             return ", ".join(parts)
         time.sleep(0.05)
 
