@@ -44,8 +44,9 @@ def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
 HELP = """Check a vhost-user back-end for fd and mapping leaks across memory hot-plug.
 
 \b
-pyvhost plays QEMU 7.2's part: it connects to the back-end's socket, negotiates
-features, sends a boot memory table (one memfd region at GPA 0), measures the
+pyvhost plays the front-end's part (QEMU 7.2's by default): it connects to the
+back-end's socket, negotiates features, starts the device with a boot memory
+table (one memfd region at GPA 0) and its rings, measures the
 back-end process (/proc/PID/fd and /proc/PID/maps), then runs CYCLES hot-plug
 cycles: hot-add REGIONS regions one at a time, then remove them one at a time.
 Each step sends exactly what QEMU sends when its memory map changes:
@@ -56,16 +57,23 @@ Each step sends exactly what QEMU sends when its memory map changes:
     for each new one.
 Then it measures again. Any growth in the back-end's fds, in its fds on our
 region files (memfds named pyvhost-fe-<pid>-<n>) or in its mappings of them is
-a leak.
+a leak, and so is any removed region's file it still holds. Every cycle is
+measured: the report gives each measure's growth per 1,000 cycles.
 
 \b
-Run as root or as the back-end's user (reading /proc/PID/fd needs that). The
-back-end's pid comes from the socket (SO_PEERCRED) unless --pid is given.
+The messages are those of a real front-end (--profile qemu-7.2, qemu-10.0 or
+dpdk-virtio-user, each checked against captured wire traffic), rings and status
+included. The measured process is the one holding the other end of the
+connection that maps the boot region (a child that a back-end forked after
+accept included); if none does, the probe says "cannot measure" and exits 2,
+never "no leak". --pid names the process instead (checked the same way).
+Run as root or as the back-end's user (reading /proc/PID/fd needs that).
 Without CONFIGURE_MEM_SLOTS the table holds at most 8 regions: boot RAM + up to
-7 hot-plugged ones.
+7 hot-plugged ones; with it, at most what GET_MAX_MEM_SLOTS answered.
 
 \b
-Exit codes: 0 no leak, 1 leak found, 2 usage or connection error, 130 Ctrl-C.
+Exit codes: 0 no leak, 1 leak found (or a hostile case failed), 2 usage or
+connection error or cannot measure, 130 Ctrl-C.
 
 \b
 Examples:
@@ -81,6 +89,18 @@ Examples:
 \b
   Force the SET_MEM_TABLE path even if the back-end offers memory slots:
     pyvhost probe --socket /tmp/vhost0.sock --no-mem-slots --regions 7
+\b
+  A back-end in client mode (OVS dpdkvhostuserclient, DPDK client=1): listen,
+  and probe its reconnect too:
+    pyvhost probe --socket /tmp/fe.sock --listen --reconnect
+\b
+  A slow leak: 10,000 cycles, growth per 1,000 cycles, a picture:
+    pyvhost probe --socket /tmp/vh.sock --cycles 10000 --plot series.png
+\b
+  Robustness: named hostile cases, a witness connection, exit 1 on a crash,
+  hang, leak or harm to the witness:
+    pyvhost probe --socket /tmp/vh.sock --hostile
+    pyvhost probe --list-cases
 """
 
 
