@@ -223,7 +223,7 @@ def ovs(client: bool) -> Callable[[Peer, Path], tuple[str, str | None]]:
         wait_listening(str(work / "run" / "db.sock"), server)
 
         def vsctl(*args: str) -> None:
-            subprocess.run(["ovs-vsctl", f"--db={remote}", "--timeout=60", *args],
+            subprocess.run(["ovs-vsctl", f"--db={remote}", "--timeout=180", *args],
                            check=True, env=env, stdout=subprocess.DEVNULL)
 
         huge = _hugepages(peer, work, 256)
