@@ -353,6 +353,11 @@ def _hostile_summary(row: Row) -> str:
     return ("**" + text + "**" if bad else text) + extra
 
 
+def _short(name: str) -> str:
+    first = name.split()[0]
+    return {"Open": "OVS", "qemu-storage-daemon": "qsd"}.get(first, first)
+
+
 def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: float) -> str:
     lines = [
         "# Back-end report card",
@@ -369,6 +374,9 @@ def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: fl
         f"{platform.release()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; {seconds:.0f} s in all. Leak probe: {cycles} cycles "
         f"x {regions} regions of 2 MiB, boot RAM 64 MiB, profile qemu-7.2.",
+        "",
+        "The machine is shared with other work: round trips are wall-clock medians, and "
+        "DPDK's (CPU work per SET_MEM_TABLE with the rings live) move with the load.",
         "",
         "## Leak probe",
         "",
@@ -407,7 +415,7 @@ def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: fl
     lines += ["", "Per case (pass: answered and kept serving; nack: refused, kept serving; "
               "closed: hung up on that connection; crashed, hung, leaked, harmed-others "
               "fail):", ""]
-    header = "| case | " + " | ".join(f"{r.name.split()[0]} {r.mode.split()[0]}"
+    header = "| case | " + " | ".join(f"{_short(r.name)} {r.mode.split()[0]}"
                                      for r in ran) + " |"
     lines += [header, "|---" * (len(ran) + 1) + "|"]
     by_row = [{c["name"]: c for c in (r.hostile or {}).get("cases", [])} for r in ran]
