@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import struct
 
-from ..frontend import split_ring_layout
-from ..memory import MiB
+from ..frontend import Vring, split_ring_layout
+from ..memory import GuestRam, MiB
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
 
@@ -28,10 +28,9 @@ def _queue(a: Attacker) -> int:
     return 0 if a.device == "blk" else 1
 
 
-def _chain(a: Attacker, descs: list[tuple[int, int, int, int]], heads: list[int] | None = None,
-           avail_idx: int | None = None) -> Response:
-    """Write ``descs`` (addr, len, flags, next) at the table's start, the available entries
-    ``heads`` (default [0]), publish ``avail_idx`` (default len(heads)), kick, then ask."""
+def _ring(a: Attacker) -> tuple[GuestRam, Vring, int, int]:
+    """Start the device (4 MiB of boot RAM); the attacked ring, and the offsets in boot
+    RAM of its descriptor table and available ring."""
     boot = a.start(4 * MiB)
     q = _queue(a)
     vring = a.fe.vrings.get(q)
@@ -39,7 +38,14 @@ def _chain(a: Attacker, descs: list[tuple[int, int, int, int]], heads: list[int]
         raise NotApplicable(f"ring {q} not set up")
     base = vring.desc_addr - boot.userspace_addr
     _, avail_off, _, _ = split_ring_layout(vring.size)
-    avail = base + avail_off
+    return boot, vring, base, base + avail_off
+
+
+def _chain(a: Attacker, descs: list[tuple[int, int, int, int]], heads: list[int] | None = None,
+           avail_idx: int | None = None) -> Response:
+    """Write ``descs`` (addr, len, flags, next) at the table's start, the available entries
+    ``heads`` (default [0]), publish ``avail_idx`` (default len(heads)), kick, then ask."""
+    boot, vring, base, avail = _ring(a)
     for i, (gpa, length, flags, nxt) in enumerate(descs):
         boot.write(base + 16 * i, _DESC.pack(gpa, length, flags, nxt))
     heads = [0] if heads is None else heads
@@ -84,16 +90,10 @@ def indirect_not_negotiated(a: Attacker, ctx: Context) -> Response:
 
 
 def truncated_under_ring(a: Attacker, ctx: Context) -> Response:
-    boot = a.start(4 * MiB)
-    q = _queue(a)
-    vring = a.fe.vrings.get(q)
-    if vring is None:
-        raise NotApplicable(f"ring {q} not set up")
-    base = vring.desc_addr - boot.userspace_addr
-    _, avail_off, _, _ = split_ring_layout(vring.size)
+    boot, vring, base, avail = _ring(a)
     boot.write(base, _DESC.pack(DATA, 64, 0, 0))
-    boot.write(base + avail_off + 4, _U16.pack(0))
-    boot.write(base + avail_off + 2, _U16.pack(1))
+    boot.write(avail + 4, _U16.pack(0))
+    boot.write(avail + 2, _U16.pack(1))
     # The file shrinks under the back-end's mapping: its next access past the end of the
     # file is a SIGBUS (ours too: we do not touch it again).
     os.ftruncate(boot.fd, 0)
