@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from pyvhost.backend.connection import UNSUPPORTED
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     FLAG_NEED_REPLY,
@@ -167,6 +168,38 @@ def test_unknown_request(bad: NetPort, good: NetPort, baseline: int,
     bad.negotiate()
     expect_refused(bad.client, 99, m.Raw(b"\x01" * 8), need_reply=need_reply)
     finish(good, bad, baseline)
+
+
+#: A well-formed message of every request the back-end lists as unsupported: payload, fds.
+UNSUPPORTED_CASES: dict[int, tuple[m.Payload, int]] = {
+    Request.SET_LOG_BASE: (m.Raw(bytes(16)), 1),
+    Request.SET_LOG_FD: (m.Empty(), 1),
+    Request.SEND_RARP: (m.Raw(b"\x52\x54\x00\x12\x34\x56\x00\x00"), 0),
+    Request.NET_SET_MTU: (m.U64(9000), 0),
+    Request.SET_BACKEND_REQ_FD: (m.Empty(), 1),
+    Request.SET_VRING_ENDIAN: (m.VringState(0, 1), 0),
+    Request.RESET_DEVICE: (m.Empty(), 0),
+}
+
+
+def test_every_unsupported_request_has_a_case() -> None:
+    assert set(UNSUPPORTED_CASES) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("request_", UNSUPPORTED_CASES, ids=lambda r: Request(r).name)
+def test_unsupported_request_is_refused_and_its_fds_closed(bad: NetPort, good: NetPort,
+                                                           baseline: int,
+                                                           request_: int) -> None:
+    bad.start()
+    payload, nfds = UNSUPPORTED_CASES[request_]
+    region = MemfdRegion(region_name("unsupported"), 1 << 16, 0)
+    try:
+        expect_refused(bad.client, request_, payload, need_reply=True,
+                       fds=[region.fd] * nfds)
+        bad.check_traffic(4)  # refused, and nothing else changed
+        finish(good, bad, baseline, [region])
+    finally:
+        region.close()
 
 
 # -- state machine ------------------------------------------------------------------------
