@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
 from pyvhost.frontend import Frontend, FrontendMemory, GuestRam, Vring
 from pyvhost.frontend.frontend import SUPPORTED_PROTOCOL_FEATURES, split_ring_layout
-from pyvhost.frontend.memory import MiB
 from pyvhost.protocol.constants import ProtocolFeature, VirtioFeature, VirtioStatus
+from pyvhost.units import MiB
 
 #: Every wait ends by this deadline (seconds); generous for a shared 2-core machine.
 TIMEOUT = 60.0
