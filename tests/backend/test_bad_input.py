@@ -21,11 +21,11 @@ from pyvhost.protocol.constants import (
     Request,
     VirtioStatus,
 )
+from support.memfd import MemfdRegion
 
 from .conftest import Backend
 from .harness import DRIVER_OK, TABLE_PROTOCOL, TX, NetPort, region_name
 from .rawclient import (
-    MemfdRegion,
     RawClient,
     fd_count,
     maps_count,

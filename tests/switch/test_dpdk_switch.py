@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from backend.harness import HDR, NET_FEATURES, NetPort
-from backend.rawclient import Buffer
 from pyvhost.backend.control import fetch_status
 from support.procs import Procs, Started, wait_for_socket
+from support.ring import Buffer
 from support.testpmd import ForwardStats, accumulated_stats
 
 from .test_offload import ACK, PSH, tcp_frame, verifies

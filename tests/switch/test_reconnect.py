@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from backend.conftest import socket_dir  # noqa: F401 - fixture
-from backend.rawclient import TIMEOUT, MemfdRegion, RawClient, fd_count, maps_count
+from backend.rawclient import TIMEOUT, RawClient, fd_count, maps_count
 from pyvhost.backend import Server
 from pyvhost.backend.control import fetch_status
 from pyvhost.backend.server import ClientState
@@ -41,6 +41,7 @@ from pyvhost.errors import LocalError
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request
 from pyvhost.tools.procfs import count_fds, mappings
+from support.memfd import MemfdRegion
 from support.procs import Procs, Started, need, wait_for_socket
 from support.testpmd import accumulated_stats
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from backend.harness import HDR, NET_FEATURES
-from backend.rawclient import Buffer, read_eventfd, wait_until
+from backend.rawclient import read_eventfd, wait_until
 from pyvhost.devices.virtio_net import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -19,6 +19,7 @@ from pyvhost.devices.virtio_net import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 )
+from support.ring import Buffer
 
 from .conftest import Guest, Switched
 from .test_offload import DST4, DST6, SRC4, SRC6, check_segments, tcp_frame, verifies
