@@ -23,10 +23,10 @@ from pyvhost.protocol.constants import (
     VirtioFeature,
     VirtioStatus,
 )
-from support.memfd import MemfdRegion
+from support.memfd import GuestView, MemfdRegion
 from support.ring import Buffer, DriverRing, RingLayout
 
-from .rawclient import EMPTY, Guest, RawClient
+from .rawclient import EMPTY, RawClient
 
 PF = ProtocolFeature
 #: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...).
@@ -99,7 +99,8 @@ class NetPort:
         self.queue_size = queue_size
         self.ram = MemfdRegion(region_name(f"{tag}-ram"), RAM_SIZE, RAM_GPA)
         self.ring_mem = MemfdRegion(region_name(f"{tag}-rings"), RING_SIZE, RING_GPA)
-        self.guest = Guest([self.ram, self.ring_mem])
+        self.regions = [self.ram, self.ring_mem]
+        self.guest = GuestView(self.regions)
         self.pool = Pool(self.ram, RAM_SIZE // SLOT)
         self.rx = self._ring(RX, 0)
         self.tx = self._ring(TX, RING_SIZE // 2)
@@ -124,7 +125,7 @@ class NetPort:
         """One more memfd region of this port (closed with the port)."""
         region = MemfdRegion(region_name(tag), size, gpa)
         self.extra.append(region)
-        self.guest.regions.append(region)
+        self.regions.append(region)
         return region
 
     def close(self) -> None:

@@ -1,10 +1,9 @@
-"""A raw vhost-user front-end for back-end tests, and the test's view of guest memory.
+"""A raw vhost-user front-end for back-end tests.
 
 - :class:`RawClient` sends any request (or any bytes, malformed ones included) over a real
   Unix socket with the codec (:func:`~pyvhost.protocol.codec.encode`) and the transport
   module, and reads replies with a deadline through ``Decoder(replies=True)``.
-- :class:`Guest` is guest memory by GPA over the test's regions
-  (:class:`~support.memfd.MemfdRegion`); rings are :class:`~support.ring.DriverRing`.
+  Its guest memory is :mod:`support.memfd`'s, its rings :class:`~support.ring.DriverRing`.
 
 Only the test side lives here: nothing in this module knows how the back-end works inside.
 """
@@ -22,7 +21,6 @@ from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import Decoder, Message, encode, has_explicit_reply
 from pyvhost.protocol.constants import FLAG_NEED_REPLY, VHOST_USER_VERSION, Request
 from pyvhost.protocol.transport import recv_chunk, send_message
-from support.memfd import MemfdRegion
 
 # Every wait in these tests ends by TIMEOUT, a bound never asserted. Both names stay
 # importable from here for the tests that take them from this module.
@@ -108,20 +106,27 @@ class RawClient:
         send_message(self.sock, data, tuple(fds))
 
     # -- receiving -------------------------------------------------------------------------
+    def _recv(self, timeout: float) -> tuple[bytes, list[int]] | None:
+        """One recvmsg, waiting at most ``timeout``: None if nothing came; ``b""`` at EOF."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        if not readable:
+            return None
+        try:
+            return recv_chunk(self.sock)
+        except BlockingIOError:
+            return None
+        except ConnectionResetError as e:
+            raise ClosedByPeerError("connection reset") from e
+
     def _fill(self, deadline: float) -> None:
         """One recvmsg into the decoder, waiting at most until ``deadline``."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("no reply from the back-end")
-        readable, _, _ = select.select([self.sock], [], [], remaining)
-        if not readable:
+        chunk = self._recv(remaining)
+        if chunk is None:
             return
-        try:
-            data, fds = recv_chunk(self.sock)
-        except BlockingIOError:
-            return
-        except ConnectionResetError as e:
-            raise ClosedByPeerError("connection reset") from e
+        data, fds = chunk
         if not data:
             raise ClosedByPeerError("EOF")
         self.decoder.feed(data, fds)
@@ -146,15 +151,13 @@ class RawClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError("the back-end did not close the connection")
-            readable, _, _ = select.select([self.sock], [], [], remaining)
-            if not readable:
-                continue
             try:
-                data, fds = recv_chunk(self.sock)
-            except BlockingIOError:
-                continue
-            except ConnectionResetError:
+                chunk = self._recv(remaining)
+            except ClosedByPeerError:
                 return bytes(got)
+            if chunk is None:
+                continue
+            data, fds = chunk
             for fd in fds:
                 os.close(fd)
             if not data:
@@ -196,31 +199,6 @@ class RawClient:
         reply = self.request(request, payload, fds=fds, need_reply=True)
         assert isinstance(reply, m.U64), reply
         return reply.value
-
-
-# ---------------------------------------------------------------------------------------
-# Guest memory by GPA
-# ---------------------------------------------------------------------------------------
-
-class Guest:
-    """The test's view of guest memory: its regions, addressed by GPA."""
-
-    def __init__(self, regions: Sequence[MemfdRegion] = ()) -> None:
-        self.regions = list(regions)
-
-    def _find(self, gpa: int, length: int) -> tuple[MemfdRegion, int]:
-        for r in self.regions:
-            if r.contains(gpa, length):
-                return r, gpa - r.gpa
-        raise ValueError(f"test bug: GPA {gpa:#x}+{length} is in none of our regions")
-
-    def read(self, gpa: int, length: int) -> bytes:
-        r, off = self._find(gpa, length)
-        return r.read(off, length)
-
-    def write(self, gpa: int, data: bytes) -> None:
-        r, off = self._find(gpa, len(data))
-        r.write(off, data)
 
 
 def read_eventfd(fd: int | None) -> int:

@@ -88,6 +88,14 @@ def finish(good: NetPort, bad: NetPort | RawClient, baseline: int,
     good.check_traffic(16, seed=3)
 
 
+def comes_up(port: NetPort) -> None:
+    """After a NACKed request (which changed nothing) the port still comes up."""
+    port.setup_memory()
+    port.setup_ring(port.rx)
+    port.setup_ring(port.tx)
+    port.check_traffic(8)
+
+
 def negotiate_only(port: NetPort) -> None:
     """Features and protocol features (REPLY_ACK on), no SET_OWNER yet."""
     c = port.client
@@ -112,11 +120,8 @@ def test_payload_size_does_not_fit_request(bad: NetPort, good: NetPort, baseline
     flags = VHOST_USER_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
     bad.client.send_raw(raw_header(Request.SET_FEATURES, 4, flags) + bytes(4))
     expect_reaction(bad.client, Request.SET_FEATURES, need_reply)
-    if need_reply:  # a NACKed request changed nothing: the port still comes up
-        bad.setup_memory()
-        bad.setup_ring(bad.rx)
-        bad.setup_ring(bad.tx)
-        bad.check_traffic(8)
+    if need_reply:
+        comes_up(bad)
     finish(good, bad, baseline)
 
 
@@ -239,10 +244,7 @@ def test_overlapping_regions_in_mem_table(bad: NetPort, good: NetPort, baseline:
                    fds=[bad.ram.fd, bad.ring_mem.fd])
     assert maps_count(bad.ram.name) == maps_count(bad.ring_mem.name) == 1
     if need_reply:
-        bad.setup_memory()
-        bad.setup_ring(bad.rx)
-        bad.setup_ring(bad.tx)
-        bad.check_traffic(8)
+        comes_up(bad)
     finish(good, bad, baseline)
 
 

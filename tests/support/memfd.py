@@ -5,6 +5,8 @@
   here; its ``userspace_addr`` is the address of our own mapping, as QEMU's is. Addressed
   by offset from its start, so a ring laid out in it stays put when the test moves the
   region in guest-physical space.
+- :class:`GuestView`  guest memory by GPA over a test's regions (these, or the front-end's
+  :class:`~pyvhost.frontend.GuestRam`): where a buffer's bytes are.
 - :class:`SharedRam`  guest memory in two adjacent regions of one memfd, known to a
   :class:`~pyvhost.memory.MemoryManager` (the device's view) and read and written by GPA
   with ``os.pread``/``os.pwrite`` (the driver's view), never through the code under test.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Iterable
+from typing import Protocol
 
 from pyvhost.memory import GuestMemory, MemoryManager
 from pyvhost.protocol.fds import FdBag
@@ -66,8 +70,13 @@ class MemfdRegion:
                             userspace_addr=self.userspace_addr + mmap_offset,
                             mmap_offset=mmap_offset)
 
-    def contains(self, gpa: int, length: int) -> bool:
-        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+    @property
+    def guest_phys_addr(self) -> int:
+        return self.gpa
+
+    @property
+    def memory_size(self) -> int:
+        return self.size
 
     # -- by offset (what a ring in this region sees) --------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -86,6 +95,42 @@ class MemfdRegion:
         self.mm.close()
         os.close(self.fd)
         self.fd = -1
+
+
+class Region(Protocol):
+    """One region of guest memory: where it is, and its bytes by offset from its start."""
+
+    @property
+    def guest_phys_addr(self) -> int: ...
+
+    @property
+    def memory_size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+class GuestView:
+    """The test's view of guest memory: ``regions`` (looked at anew on every access, so
+    a list the test grows or a front-end's memory works), addressed by GPA."""
+
+    def __init__(self, regions: Iterable[Region]) -> None:
+        self.regions = regions
+
+    def _find(self, gpa: int, length: int) -> tuple[Region, int]:
+        for r in self.regions:
+            if r.guest_phys_addr <= gpa and gpa + length <= r.guest_phys_addr + r.memory_size:
+                return r, gpa - r.guest_phys_addr
+        raise AssertionError(f"test bug: GPA {gpa:#x}+{length} is in none of our regions")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r, off = self._find(gpa, length)
+        return r.read(off, length)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        r, off = self._find(gpa, len(data))
+        r.write(off, data)
 
 
 REGION_SIZE = 0x10000

@@ -38,6 +38,7 @@ from pyvhost.frontend.frontend import SUPPORTED_PROTOCOL_FEATURES, split_ring_la
 from pyvhost.protocol.constants import ProtocolFeature, VirtioFeature, VirtioStatus
 from pyvhost.units import MiB
 
+from .memfd import GuestView
 from .ring import Buffer, DriverRing, RingLayout
 
 #: Every wait ends by this deadline (seconds); generous for a shared 2-core machine.
@@ -241,6 +242,8 @@ class NetDriver:
         self.rx_size, self.tx_size, self.boot_size = rx_size, tx_size, boot_size
         self.fe = Frontend()
         self.memory = FrontendMemory()
+        #: Guest memory by GPA, as the driver sees it.
+        self.guest = GuestView(self.memory)
         self.slots = SlotAllocator()
         self.rx: DriverRing | None = None
         self.tx: DriverRing | None = None
@@ -374,7 +377,7 @@ class NetDriver:
         gpa = self.slots.alloc()
         if gpa is None:
             return False
-        self.memory_write(gpa, bytes(HDR) + frame)
+        self.guest.write(gpa, bytes(HDR) + frame)
         self._k += 1
         layout = self._k % 3
         n = len(frame)
@@ -398,7 +401,7 @@ class NetDriver:
         if gpa is None:
             gpa = self.slots.alloc()
             assert gpa is not None, "no buffer slot for a flood frame"
-            self.memory_write(gpa, bytes(HDR) + frame)
+            self.guest.write(gpa, bytes(HDR) + frame)
             self._shared[frame] = gpa
         n = min(count, tx.room)
         chain = [Buffer(gpa, HDR + len(frame))]
@@ -430,28 +433,13 @@ class NetDriver:
         for head, written in rx.take_used():
             gpa = self._rx_bufs.pop(head)
             assert HDR + 14 <= written <= SLOT, f"receive chain {head}: {written} bytes written"
-            data = self.memory_read(gpa, written)
+            data = self.guest.read(gpa, written)
             self.slots.release(gpa)
             # VERSION_1 without offloads: flags 0, gso_type 0; num_buffers is 1 without
             # MRG_RXBUF ("the device MUST set num_buffers to 1" then).
             assert data[:2] == b"\0\0" and data[10:12] == b"\x01\x00", data[:HDR].hex()
             frames.append(data[HDR:])
         return frames
-
-    # -- guest memory by GPA --------------------------------------------------------------
-    def _find(self, gpa: int, length: int) -> tuple[GuestRam, int]:
-        for ram in self.memory.regions:
-            if ram.guest_phys_addr <= gpa and gpa + length <= ram.end:
-                return ram, gpa - ram.guest_phys_addr
-        raise AssertionError(f"test bug: GPA {gpa:#x}+{length} is in no region")
-
-    def memory_read(self, gpa: int, length: int) -> bytes:
-        ram, off = self._find(gpa, length)
-        return ram.read(off, length)
-
-    def memory_write(self, gpa: int, data: bytes) -> None:
-        ram, off = self._find(gpa, len(data))
-        ram.write(off, data)
 
 
 # ---------------------------------------------------------------------------------------
