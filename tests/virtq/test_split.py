@@ -16,9 +16,11 @@ from support.ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     Buffer,
+    Desc,
     DriverRing,
     RingImage,
     RingLayout,
+    indirect_table,
     ring_images,
 )
 
@@ -191,6 +193,26 @@ def test_indirect_table_of_queue_size_entries(ram: SharedRam,
     chain = q.pop(ram.mem)
     assert chain is not None
     assert chain.readable == [(0x8000 + 16 * i, 16) for i in range(SIZE)]
+
+
+def test_a_ring_given_as_data(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
+    """A ring described as data and laid out whole, as a differential test of two
+    device-side implementations feeds both: a direct descriptor, then an indirect table."""
+    q, ring = qr
+    ring.lay_out(RingImage(
+        descs={5: Desc(0x8000, 5, VIRTQ_DESC_F_NEXT, 2),
+               2: Desc(TABLE, 32, VIRTQ_DESC_F_INDIRECT)},
+        tables={TABLE: indirect_table([Buffer(0x9000, 3), Buffer(0xA000, 8, True)])},
+        avail=[5], avail_idx=1, avail_flags=1,  # VIRTQ_AVAIL_F_NO_INTERRUPT
+        data={0x8000: b"hello", 0x9000: b"abc"}))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.head == 5
+    assert chain.readable == [(0x8000, 5), (0x9000, 3)]
+    assert chain.writable == [(0xA000, 8)]
+    assert chain.read(ram.mem) == b"helloabc"
+    assert q.pop(ram.mem) is None
+    q.push_used(5, 8)
+    assert ring.used_elem(0) == (5, 8) and not q.should_notify()
 
 
 def test_direct_chain_of_queue_size_descriptors(ram: SharedRam,
