@@ -312,6 +312,7 @@ class DriverRing:
             self.memory.write(addr, pack_table(descs))
         for addr, data in image.data.items():
             self.memory.write(addr, data)
+        assert len(image.avail) <= self.size, "more avail entries than slots (test bug)"
         for slot, head in enumerate(image.avail):
             self.set_avail_entry(slot, head)
         self.set_avail_flags(image.avail_flags)
