@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from pyvhost.cli.probe import probe
 from pyvhost.frontend import Frontend, FrontendMemory, ProbeConfig, ProbeError, run_probe
-from pyvhost.frontend.memory import MiB
 from pyvhost.tools.process import pyvhost_argv
+from pyvhost.units import MiB
 from support.procs import Procs, Started
 
 pytestmark = pytest.mark.dpdk

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 
 from pyvhost.cli.probe import probe
 from pyvhost.frontend import ProbeConfig, ProbeError, run_probe
-from pyvhost.frontend.memory import MiB, name_prefix
+from pyvhost.frontend.memory import name_prefix
 from pyvhost.frontend.probe import LatencyStats
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
-from pyvhost.units import parse_size
+from pyvhost.units import MiB, parse_size
 
 from .fake_backend import FakeBackend
 

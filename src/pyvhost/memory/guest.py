@@ -82,14 +82,6 @@ class GuestMemory:
             self._on_idle(self)
 
     @property
-    def readers(self) -> int:
-        return self._readers
-
-    @property
-    def retired(self) -> bool:
-        return self._retired
-
-    @property
     def va_order(self) -> tuple[MappedRegion, ...]:
         """The regions sorted by front-end virtual address."""
         return self._va_order
