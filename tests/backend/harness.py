@@ -27,9 +27,12 @@ from .rawclient import EMPTY, Buffer, Guest, MemfdRegion, RawClient, Ring
 
 PF = ProtocolFeature
 #: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...).
-QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ | PF.CONFIG
+#: Never CONFIG: QEMU's vhost-user-net serves the config space itself, and acks CONFIG
+#: only for devices such as vhost-user-blk; a net back-end
+#: offers none.
+QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ
 #: What QEMU 7.2 asks when the back-end lacks CONFIGURE_MEM_SLOTS (and DPDK 22.11 asks).
-TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ | PF.CONFIG
+TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ
 #: The driver's features: the virtio-net header is 12 bytes (VERSION_1), no MRG_RXBUF.
 NET_FEATURES = (int(VirtioFeature.VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES
                 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS)
