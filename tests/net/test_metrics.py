@@ -34,7 +34,8 @@ def _status(ctl: Path) -> dict[str, Any]:
 
 
 def _conn(state: dict[str, Any], socket_name: str) -> dict[str, Any]:
-    found = [c for c in state["connections"] if c["name"].startswith(socket_name + "#")]
+    found: list[dict[str, Any]] = [c for c in state["connections"]
+                                   if c["name"].startswith(socket_name + "#")]
     assert len(found) == 1, state["connections"]
     return found[0]
 
