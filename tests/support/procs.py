@@ -109,7 +109,8 @@ class Procs:
         is stopped as a service is, with SIGTERM (exit 0); the other commands with
         SIGINT, as by Ctrl-C."""
         argv = pyvhost_argv(*args)
-        stop = signal.SIGTERM if args[:1] == ("net",) else signal.SIGINT
+        command = next((a for a in args if not a.startswith("-")), None)
+        stop = signal.SIGTERM if command == "net" else signal.SIGINT
         return self.start(argv, name, stop_signal=stop, env=env)
 
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
