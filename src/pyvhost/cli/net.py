@@ -87,9 +87,12 @@ def _metrics_address(ctx: click.Context, param: click.Parameter,
               help="Instead of switching: send every frame a port transmits back to it "
                    "with the MAC addresses swapped (like testpmd's macswap).")
 @click.option("--mac", default="52:54:00:12:34:56", show_default=True,
-              help="MAC address in the device's config space; with the switch, the n-th "
-                   "connection gets this address plus n-1 (with --client: the n-th "
-                   "--socket, on every reconnect).")
+              help="MAC address in the device's config space, shown in status output; "
+                   "with the switch, the n-th connection gets this address plus n-1 (with "
+                   "--client: the n-th --socket, on every reconnect). The guest's MAC is "
+                   "the front-end's own (QEMU -device virtio-net-pci,mac=; DPDK "
+                   "net_virtio_user0,mac=): a virtio-net front-end builds the config "
+                   "space itself, so pyvhost does not offer it over vhost-user.")
 @click.option("--mac-aging", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_AGING, show_default=True,
               help="Forget a learned MAC address after this long without a frame from it.")
