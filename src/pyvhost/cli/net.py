@@ -229,10 +229,11 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
                    if metrics is not None and metrics.address else ""))
         log.info("%s; ready", what)
         sdnotify.ready(what)
-        _follow_connections(server, what)
+        unfollow = _follow_connections(server, what)
         served = True
         if not stopped_by:
             server.run()
+        unfollow()  # the connections closed at exit do not overwrite "stopping"
         signame = signal.Signals(stopped_by[0]).name if stopped_by else "stop"
         log.info("%s: stopping", signame)
         sdnotify.stopping(f"stopping ({signame})")
@@ -262,7 +263,8 @@ class _ReflectTotals:
     at exit), so nothing of a closed connection is kept."""
 
     def __init__(self) -> None:
-        self.stats: dict[str, int] = dict.fromkeys(ReflectNet(b"\0" * 6).stats, 0)
+        # Every counter a reflector has, also when no front-end ever connected.
+        self.stats: dict[str, int] = dict.fromkeys(ReflectNet().stats, 0)
 
     def fold(self, conn: Connection) -> None:
         if isinstance(conn.device, ReflectNet):
@@ -282,14 +284,20 @@ def _port_source(server: Server, switch: Switch,
     return reflectors
 
 
-def _follow_connections(server: Server, what: str) -> None:
-    """Keep the service manager's status line current (``systemctl status``)."""
+def _follow_connections(server: Server, what: str) -> Callable[[], None]:
+    """Keep the service manager's status line current (``systemctl status``) as
+    front-ends come and go; returns what stops it."""
     def update(conn: Connection) -> None:
         n = len(server.connections)
         sdnotify.status(f"{what}; {n} front-end{'' if n == 1 else 's'} connected")
 
+    def unfollow() -> None:
+        server.on_connect.remove(update)
+        server.on_disconnect.remove(update)
+
     server.on_connect.append(update)
     server.on_disconnect.append(update)
+    return unfollow
 
 
 def _host(host: str) -> str:
