@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pyvhost import __version__
 from pyvhost.backend.metrics import families, parse_address
 from pyvhost.tools.process import pyvhost_argv
+from pyvhost.tools.procfs import count_fds, mappings
 from support.procs import Procs, Started
 
 from .conftest import TIMEOUT, Samples, fetch, metrics_url, samples, scrape, start_net, value
@@ -50,6 +51,20 @@ def _queue_metrics(got: Samples, conn: str, queue: int) -> tuple[float, float]:
             value(got, "pyvhost_queue_bytes_total", connection=conn, queue=str(queue)))
 
 
+def _settled_fds(pid: int, expected: int | None) -> int:
+    """The process's fd count once a scrape's connection is closed: the count seen twice
+    in a row (or until it is ``expected``; fails at the deadline)."""
+    deadline = time.monotonic() + TIMEOUT
+    last = -1
+    while True:
+        n = count_fds(pid)
+        if n == expected or (expected is None and n == last):
+            return n
+        assert time.monotonic() < deadline, f"{n} fds, expected {expected}"
+        last = n
+        time.sleep(0.2)
+
+
 def _enter(p: Started) -> None:
     p.send("")
     assert p.proc.wait(TIMEOUT) == 0, p.output()[-3000:]
@@ -75,6 +90,8 @@ def test_scrape_during_traffic_grows_and_matches_status(procs: Procs, short_dir:
                    "--metrics", "127.0.0.1:0")
     wait_net(sw, a, b, ctl)
     url = metrics_url(sw)
+    scrape(url)
+    base_fds = _settled_fds(sw.pid, None)  # listeners, loop, log: before any front-end
     sink = procs.testpmd(f"net_virtio_user0,path={b},queues=1,mac={SINK_MAC}",
                          "--forward-mode=rxonly", name="sink", eal_args=("--main-lcore", "1"))
     sink.wait_output("Press enter to exit")
@@ -133,6 +150,11 @@ def test_scrape_during_traffic_grows_and_matches_status(procs: Procs, short_dir:
     for key in ("regions", "mappings", "fds"):
         name = f"pyvhost_memory_{key}" if key != "fds" else "pyvhost_fds"
         assert value(again, name, connection=pb) == conn_b["held"][key] > 0, key
+    # What the connection says it holds is what the process holds, from /proc: the
+    # mappings of DPDK's memory (memfds), and the fds beyond those it had before.
+    memfd_maps = [mp for mp in mappings(sw.pid) if mp.path.startswith("/memfd:")]
+    assert len(memfd_maps) == conn_b["held"]["mappings"], memfd_maps
+    _settled_fds(sw.pid, base_fds + conn_b["held"]["fds"])
     assert value(again, "pyvhost_memory_updates_total", connection=pb) == \
         conn_b["counters"]["memory_updates"] >= 1
     assert value(again, "pyvhost_requests_total", connection=pb) == \
