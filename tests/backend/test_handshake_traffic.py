@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from pyvhost.backend import VirtioDevice
 from pyvhost.devices.reflect import ReflectNet
 from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP
 from pyvhost.protocol import messages as m
@@ -26,11 +28,14 @@ from .rawclient import RawClient, read_eventfd
 S = VirtioStatus
 
 
-@pytest.fixture
-def adopted(socket_dir: object) -> Iterator[RawClient]:
-    """A back-end serving one end of a socketpair (Server.adopt); we hold the other."""
+@contextlib.contextmanager
+def _adopted(factory: Callable[[], VirtioDevice] | None = None) -> Iterator[RawClient]:
+    """A back-end serving one end of a socketpair (Server.adopt), with devices from
+    ``factory`` (reflectors by default); we hold the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     backend = Backend("(socketpair)")
+    if factory is not None:
+        backend.server.factory = factory
     client = RawClient(ours)
     try:
         backend.server.adopt(theirs, "pair")
@@ -43,6 +48,12 @@ def adopted(socket_dir: object) -> Iterator[RawClient]:
         if backend.thread is not None:
             backend.thread.join()
         backend.server.close()
+
+
+@pytest.fixture
+def adopted(socket_dir: object) -> Iterator[RawClient]:
+    with _adopted() as client:
+        yield client
 
 
 def test_qemu_72_handshake(adopted: RawClient) -> None:
@@ -89,17 +100,11 @@ def test_config_space_still_describes_the_device() -> None:
     assert int.from_bytes(space[6:8], "little") == VIRTIO_NET_S_LINK_UP
 
 
-def test_config_is_offered_when_the_device_serves_it(socket_dir: object) -> None:
+def test_config_is_offered_when_the_device_serves_it() -> None:
     class ServedConfig(ReflectNet):
         serves_config = True
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    backend = Backend("(socketpair)")
-    backend.server.factory = lambda: ServedConfig(MAC)
-    c = RawClient(ours)
-    try:
-        backend.server.adopt(theirs, "pair")
-        backend.start()
+    with _adopted(lambda: ServedConfig(MAC)) as c:
         assert c.get_u64(Request.GET_PROTOCOL_FEATURES) & ProtocolFeature.CONFIG
         c.send(Request.SET_PROTOCOL_FEATURES, m.U64(int(QEMU_PROTOCOL | ProtocolFeature.CONFIG)))
         c.reply_ack = True
@@ -107,13 +112,6 @@ def test_config_is_offered_when_the_device_serves_it(socket_dir: object) -> None
         reply = c.request(Request.GET_CONFIG, m.ConfigSpace(0, 12, 0, bytes(12)))
         assert isinstance(reply, m.ConfigSpace)
         assert reply.payload[:6] == MAC
-        backend.stop()
-    finally:
-        c.close()
-        backend.server.stop()
-        if backend.thread is not None:
-            backend.thread.join()
-        backend.server.close()
 
 
 def test_need_reply_is_ignored_until_reply_ack_is_negotiated(adopted: RawClient) -> None:

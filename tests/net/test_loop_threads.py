@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.conftest import start_loop
+from backend.conftest import Backend
 from pyvhost.backend import Server
 from pyvhost.backend.loop import LoopUnavailableError
 from pyvhost.backend.metrics import BackendCollector
@@ -18,16 +18,17 @@ from pyvhost.devices.reflect import ReflectNet
 
 @pytest.fixture
 def running() -> Iterator[tuple[Server, threading.Thread]]:
-    server = Server(ReflectNet)
-    errors: list[BaseException] = []
-    thread = start_loop(server, errors, "loop-under-test")
+    """A server loop running in a thread of its own (no sockets needed)."""
+    backend = Backend("(no socket)")
+    backend.start()
+    assert backend.thread is not None
     try:
-        yield server, thread
+        yield backend.server, backend.thread
+        backend.stop()
     finally:
-        server.stop()
-        thread.join(10)
-        server.close()
-        assert not errors, errors
+        backend.server.stop()
+        backend.thread.join(10)
+        backend.server.close()
 
 
 def test_runs_on_the_loop_thread_and_returns(running: tuple[Server, threading.Thread]) -> None:
