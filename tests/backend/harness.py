@@ -26,9 +26,8 @@ from pyvhost.protocol.constants import (
 from .rawclient import EMPTY, Buffer, Guest, MemfdRegion, RawClient, Ring
 
 PF = ProtocolFeature
-#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...).
-#: Never CONFIG: QEMU's vhost-user-net serves the config space itself (it acks CONFIG
-#: only for devices such as vhost-user-blk), and a net back-end offers none.
+#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...),
+#: never CONFIG (acked only for devices such as vhost-user-blk; net offers none).
 QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ
 #: What QEMU 7.2 asks when the back-end lacks CONFIGURE_MEM_SLOTS (and DPDK 22.11 asks).
 TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ
