@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 
 from backend.harness import NetPort
-from backend.rawclient import Buffer
 from pyvhost import schemas
 from support.procs import Procs, Started
 
@@ -22,21 +21,16 @@ from .conftest import TIMEOUT, start_net, wait_listening
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
-def _break_tx(port: NetPort) -> None:
-    """A guest error: a transmit descriptor far outside guest memory."""
-    port.tx.add([Buffer(0x7FFF_0000_0000, 64)])
-    port.tx.kick()
-
-
 def _serve_one_port(net: Started, path: Path, *, broken: bool = False) -> None:
-    """One QEMU-like connection (two ADD_MEM_REG), four frames reflected, optionally a
-    broken transmit queue, then a hang-up."""
+    """One QEMU-like connection (two ADD_MEM_REG), four frames reflected, optionally
+    broken queues (the region holding the rings removed under them: REM_MEM_REG), then
+    a hang-up."""
     port = NetPort(str(path), tag="log").start()
     try:
         port.check_traffic(4)
         if broken:
-            _break_tx(port)
-            net.wait_output("broken", timeout=TIMEOUT)
+            port.remove_region(port.ring_mem)
+            net.wait_output("queue 1 broken", timeout=TIMEOUT)
     finally:
         port.close()
 
@@ -60,6 +54,7 @@ def test_logs_connections_tables_and_queue_errors_at_info_by_default(
     assert re.search(r"net\.sock#1: ADD_MEM_REG: 1 region in the table \(1 mapped, 0 kept, "
                      r"0 dropped\), in force after [\d.]+ ms", out), out
     assert re.search(r"ADD_MEM_REG: 2 regions in the table \(1 mapped, 1 kept", out), out
+    assert "REM_MEM_REG: 1 region in the table (0 mapped, 1 kept, 1 dropped)" in out, out
     assert "net.sock#1: queue 1 broken: " in out, out
     assert (f"net.sock#1: front-end disconnected (pid {pid}): front-end closed the "
             "connection") in out, out
