@@ -29,10 +29,11 @@ from support.ring import Buffer, DriverRing, RingLayout
 from .rawclient import EMPTY, RawClient
 
 PF = ProtocolFeature
-#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...).
-QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ | PF.CONFIG
+#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...),
+#: never CONFIG (acked only for devices such as vhost-user-blk; net offers none).
+QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ
 #: What QEMU 7.2 asks when the back-end lacks CONFIGURE_MEM_SLOTS (and DPDK 22.11 asks).
-TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ | PF.CONFIG
+TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ
 #: The driver's features: the virtio-net header is 12 bytes (VERSION_1), no MRG_RXBUF.
 NET_FEATURES = (int(VirtioFeature.VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES
                 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS)

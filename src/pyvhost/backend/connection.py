@@ -25,7 +25,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, MemoryManager
+from pyvhost.memory import GuestAddressError, GuestMemory, MemoryManager
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import (
     REQUESTS,
@@ -51,7 +51,7 @@ from pyvhost.protocol.constants import (
 from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, send_message
 from pyvhost.virtq import VirtqueueError
 
-from .device import DeviceConfigError, DeviceHost, QueueContext, VirtioDevice
+from .device import DeviceConfigError, DeviceHost, QueueContext, QueueCounters, VirtioDevice
 from .loop import Loop
 from .registry import RequestTable
 from .vring import Vring
@@ -98,17 +98,25 @@ class Connection(DeviceHost):
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
-        #: What GET_PROTOCOL_FEATURES answers: the library's, less what the device withholds.
-        self.offered_protocol_features = (OFFERED_PROTOCOL_FEATURES
-                                          & ~device.withheld_protocol_features)
+        #: What GET_PROTOCOL_FEATURES answers: the library's, less what the device withholds,
+        #: and CONFIG only for a device whose front-end reads its config through us.
+        offered = OFFERED_PROTOCOL_FEATURES & ~device.withheld_protocol_features
+        if not device.serves_config:
+            offered &= ~ProtocolFeature.CONFIG
+        self.offered_protocol_features = offered
         #: The last request that changed the memory table: its name, the new generation,
         #: and when (time.monotonic(), CLOCK_MONOTONIC: comparable across processes on
         #: Linux) it was taken off the socket and when the new table was in force (fds
-        #: closed, reply not yet sent). ``pyvhost lab`` times hot-plug with it.
+        #: closed, reply not yet sent), and the regions mapped, kept and dropped.
+        #: ``pyvhost lab`` times hot-plug with it.
         self.last_memory_update: dict[str, object] | None = None
+        #: Told of every memory table change (the server's metrics and hooks).
+        self.memory_observer: Callable[[Connection, dict[str, object]], None] | None = None
         self.status = 0
         self.close_reason: str | None = None
-        self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0}
+        self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0,
+                                         "memory_updates": 0}
+        self.queue_counters = [QueueCounters() for _ in range(device.num_queues)]
         self._again: set[int] = set()
         sock.setblocking(False)
         device.attach(self)
@@ -158,7 +166,7 @@ class Connection(DeviceHost):
     # -- dispatch ------------------------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
         self.counters["requests"] += 1
-        received, generation = time.monotonic(), self.memory.current.generation
+        received, before = time.monotonic(), self.memory.current
         with msg.fds:
             try:
                 handler = self._check_allowed(msg.request)
@@ -172,14 +180,31 @@ class Connection(DeviceHost):
                 return
         if self.closed:
             return
-        if self.memory.current.generation != generation:
-            self.last_memory_update = {
-                "request": msg.name, "generation": self.memory.current.generation,
-                "received": received, "in_force": time.monotonic()}
+        if self.memory.current is not before:
+            self._memory_updated(msg.name, before, received)
         if reply is not None:
             self._send(encode_reply(msg.request, reply))
         elif msg.need_reply and self.reply_ack:
             self._send(encode_ack(msg.request, True))
+
+    def _memory_updated(self, request: str, before: GuestMemory, received: float) -> None:
+        """Record, log and report a table change (one INFO line per change)."""
+        in_force = time.monotonic()
+        after = self.memory.current
+        old = {id(r) for r in before.regions}
+        kept = sum(1 for r in after.regions if id(r) in old)
+        record: dict[str, object] = {
+            "request": request, "generation": after.generation, "received": received,
+            "in_force": in_force, "regions": len(after), "mapped": len(after) - kept,
+            "kept": kept, "dropped": len(before) - kept}
+        self.last_memory_update = record
+        self.counters["memory_updates"] += 1
+        log.info("%s: %s: %d region%s in the table (%d mapped, %d kept, %d dropped), "
+                 "in force after %.3f ms", self.name, request, len(after),
+                 "" if len(after) == 1 else "s", len(after) - kept, kept,
+                 len(before) - kept, (in_force - received) * 1e3)
+        if self.memory_observer is not None:
+            self.memory_observer(self, record)
 
     def _check_allowed(self, request: int) -> Callable[[Connection, Message], m.Payload | None]:
         """The handler of ``request`` if it is allowed now; else RequestError."""
@@ -218,7 +243,7 @@ class Connection(DeviceHost):
             return
         self.phase = Phase.CLOSED
         self.close_reason = reason
-        log.info("%s: closed: %s", self.name, reason)
+        log.debug("%s: closed: %s", self.name, reason)  # the server logs the disconnect
         self._stop_all_rings()
         self.memory.clear()
         self.decoder.close()
@@ -261,7 +286,7 @@ class Connection(DeviceHost):
             return
         with self.memory.hold() as mem:
             ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
-            ctx = QueueContext(mem, ready, self._notify)
+            ctx = QueueContext(mem, ready, self._notify, self.queue_counters)
             try:
                 fn(ctx)
             except (VirtqueueError, GuestAddressError, PeerError) as e:
@@ -298,6 +323,7 @@ class Connection(DeviceHost):
         vring = self.vrings[index]
         if vring.queue.broken is None:
             vring.queue.broken = reason
+        self.queue_counters[index].errors += 1
         log.warning("%s: queue %d broken: %s", self.name, index, reason)
         # virtio: "The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state
         # that a reset is needed." vhost-user reports it with SET_VRING_ERR's eventfd.
@@ -322,6 +348,17 @@ class Connection(DeviceHost):
         self.device.memory_changed(mem)
 
     # -- state for status output ---------------------------------------------------------
+    def held(self) -> dict[str, int]:
+        """What this connection holds now: regions in its table, mappings (those and the
+        ones a reader still keeps), and fds (the socket, eventfds, one per mapping: the
+        dup CPython's mmap keeps)."""
+        mappings = len(self.memory.current) + self.memory.pending_unmap
+        eventfds = sum((v.kick_fd is not None) + (v.call_fd is not None)
+                       + (v.err_fd is not None) for v in self.vrings)
+        sock = 0 if self.phase is Phase.CLOSED else 1
+        return {"regions": len(self.memory.current), "mappings": mappings,
+                "fds": sock + eventfds + mappings}
+
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -336,7 +373,10 @@ class Connection(DeviceHost):
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken,
                         "last_avail_idx": v.queue.last_avail_idx,
-                        "used_idx": v.queue.used_idx} for v in self.vrings],
+                        "used_idx": v.queue.used_idx, "frames": q.frames,
+                        "bytes": q.bytes, "errors": q.errors}
+                       for v, q in zip(self.vrings, self.queue_counters, strict=True)],
+            "held": self.held(),
             "counters": dict(self.counters),
             "device": self.device.describe(),
         }
@@ -429,9 +469,7 @@ def _reset_owner(c: Connection, msg: Message) -> None:
 @REQUEST_TABLE.handles(Request.SET_MEM_TABLE)
 def _set_mem_table(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.MemoryTable)
-    update = c.memory.set_table(msg.payload.regions, msg.fds)
-    log.info("%s: SET_MEM_TABLE %d regions: %d mapped, %d kept, %d dropped", c.name,
-             len(msg.payload.regions), update.added, update.kept, update.removed)
+    c.memory.set_table(msg.payload.regions, msg.fds)
     c._memory_changed()
 
 

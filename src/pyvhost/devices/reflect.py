@@ -67,6 +67,17 @@ class ReflectNet(VirtioDevice):
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "mac": self.mac.hex(":"), "stats": dict(self.stats)}
 
+    def port_counters(self) -> dict[str, object]:
+        """:attr:`stats` as a switch counts a port (pyvhost's side: ``rx`` what the
+        driver transmitted, ``tx`` what was written back to it), for metrics."""
+        st = self.stats
+        return {"rx_frames": st["tx_frames"], "rx_bytes": st["tx_bytes"],
+                "tx_frames": st["rx_frames"], "tx_bytes": st["rx_bytes"],
+                "rx_drops": {r: st["drop_" + r] for r in ("too_big", "malformed")
+                             if st["drop_" + r]},
+                "tx_drops": {"no_rx_buffer": st["drop_no_rx_buffer"]}
+                if st["drop_no_rx_buffer"] else {}}
+
     def reset(self) -> None:
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False
@@ -85,14 +96,18 @@ class ReflectNet(VirtioDevice):
                 if tx.pending() == 0:
                     return
                 continue
-            self._reflect(ctx, chains)
+            taken, nbytes = self._reflect(ctx, chains)
             tx.push_used_batch([(c.head, 0) for c in chains])
             ctx.notify(TX)
+            ctx.account(TX, taken, nbytes)
 
-    def _reflect(self, ctx: QueueContext, chains: list[DescriptorChain]) -> None:
+    def _reflect(self, ctx: QueueContext, chains: list[DescriptorChain]) -> tuple[int, int]:
+        """Reflect the frames of ``chains``; returns the frames taken and their bytes
+        (the receive queue's share is accounted here)."""
         rx = ctx.queue(RX)
         used: list[tuple[int, int]] = []
         hdr_len = self.hdr_len
+        taken = taken_bytes = written = written_bytes = 0
         for chain in chains:
             total = chain.readable_len
             if total < hdr_len + 14:
@@ -105,6 +120,8 @@ class ReflectNet(VirtioDevice):
             frame_len = total - hdr_len
             self.stats["tx_frames"] += 1
             self.stats["tx_bytes"] += frame_len
+            taken += 1
+            taken_bytes += frame_len
             # Swap destination and source MAC (bytes 0-5 and 6-11 of the frame).
             h = hdr_len
             data[h:h + 6], data[h + 6:h + 12] = data[h + 6:h + 12], data[h:h + 6]
@@ -117,6 +134,11 @@ class ReflectNet(VirtioDevice):
                 continue
             self.stats["rx_frames"] += 1
             self.stats["rx_bytes"] += frame_len
+            written += 1
+            written_bytes += frame_len
         if rx is not None and used:
             rx.push_used_batch(used)
             ctx.notify(RX)
+        if written:
+            ctx.account(RX, written, written_bytes)
+        return taken, taken_bytes
