@@ -173,10 +173,10 @@ def verbosity(f: F) -> F:
     does. Counts add up across the group and the subcommand."""
     f = click.option("-q", "--quiet", count=True, expose_value=False,
                      callback=_count("pyvhost.quiet"),
-                     help="Less log output (-q: errors only).")(f)
+                     help="Less log output, one level per -q (-q drops INFO).")(f)
     f = click.option("-v", "--verbose", count=True, expose_value=False,
                      callback=_count("pyvhost.verbose"),
-                     help="More log output (-v info, -vv debug).")(f)
+                     help="More log output, one level per -v (-vv: debug, and the QMP library's own).")(f)
     return f
 
 
