@@ -79,9 +79,14 @@ class CommandError(click.ClickException):
             raise ValueError(f"unknown error kind {kind!r}")
         self.kind = kind
         self.code = int(ERROR_KINDS[kind])
+        # What click's standalone mode (CliRunner in the tests) exits with; click types
+        # it as a class variable, this class gives each instance its kind's code.
+        self.exit_code = self.code  # type: ignore[misc]
+        # Shown after the command's context is gone: remember whose error it is now.
+        self.command = command_name()
 
     def show(self, file: Any = None) -> None:
-        report_error(self.kind, self.message)
+        report_error(self.kind, self.message, self.command)
 
 
 # -- output --------------------------------------------------------------------------
@@ -131,11 +136,11 @@ def error_doc(kind: str, message: str, command: str = "") -> dict[str, Any]:
             "error": {"kind": kind, "message": message}}
 
 
-def report_error(kind: str, message: str) -> None:
+def report_error(kind: str, message: str, command: str | None = None) -> None:
     """Tell the user: the error document on stdout with ``--json``, and always one line
-    on stderr (never wrapped)."""
+    on stderr (never wrapped). ``command``: the subcommand (default: the current one)."""
     if json_wanted():
-        emit_json(error_doc(kind, message, command_name()))
+        emit_json(error_doc(kind, message, command_name() if command is None else command))
     console(stderr=True).print(f"[red]error[/red]: {message}", soft_wrap=True,
                                highlight=False, markup=True)
 
@@ -226,6 +231,6 @@ def configure_logging(ctx: click.Context | None = None, default: int = logging.W
     root.setLevel(level)
     # qemu.qmp logs its own protocol errors (and tracebacks) at ERROR; pyvhost reports
     # them translated, so the library's own lines show only at -vv.
-    logging.getLogger("qemu").setLevel(logging.DEBUG if verbose >= 2 else
+    logging.getLogger("qemu").setLevel(logging.DEBUG if level <= logging.DEBUG else
                                        logging.CRITICAL + 1)
     return level

@@ -1,21 +1,26 @@
 """``pyvhost mem``: memory hot-plug through QMP with the checks QEMU leaves out.
 
 Subcommands ``status``, ``add``, ``remove``, ``resize`` (virtio-mem). Each prints rich
-tables for people, or one JSON object with ``--json`` (schema: docs/mem-json.md). It
-parses options, reads the state (:mod:`.state`, :mod:`.host`), plans (:mod:`.plan`) and
-runs (:mod:`.execute`); it decides nothing itself.
+tables for people, or one JSON object with ``--json`` (``pyvhost.mem.status/1``,
+``pyvhost.mem.add/1``, ...; the JSON Schema files are in :mod:`pyvhost.schemas`, the
+fields explained in docs/mem-json.md). It parses options, reads the state
+(:mod:`pyvhost.hotplug.state`, :mod:`pyvhost.hotplug.host`), plans
+(:mod:`pyvhost.hotplug.plan`) and runs (:mod:`pyvhost.hotplug.execute`); it decides
+nothing itself.
 
 Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
-(nothing was changed), 2 usage or connection error, 3 QEMU failed a step (what was done
-was undone), 4 the guest did not complete an unplug or resize within --timeout (or
-refused the unplug).
+(nothing was changed), 2 usage error, cannot connect to QMP or lost the connection,
+3 QEMU failed a step (what was done was undone) or answered a query with an error,
+4 the guest did not complete an unplug or resize within --timeout (or refused the
+unplug), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import time
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import click
@@ -39,15 +44,14 @@ from pyvhost.hotplug.plan import (
     plan_resize,
     region_limit,
 )
-from pyvhost.hotplug.qmp import Qmp
+from pyvhost.hotplug.qmp import Qmp, QmpCommandError, QmpConnectError
 from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
 from pyvhost.units import parse_size
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
-EXIT_TIMEOUT = 4
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
+from .sockets import connect_failure
+
+QMP_HINT = "is QEMU running with -qmp unix:{path},server=on,wait=off?"
 SCHEMA_STATUS = "pyvhost.mem.status/1"
 SCHEMA_ADD = "pyvhost.mem.add/1"
 SCHEMA_REMOVE = "pyvhost.mem.remove/1"
@@ -225,23 +229,38 @@ def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Con
         console.print(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}")
 
 
-def _emit(doc: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(doc, sort_keys=True))
+@contextlib.contextmanager
+def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
+    """A QMP session for one subcommand, with its failures turned into the exit-code
+    rule: cannot connect or lost the connection (2), QEMU answered an error outside a
+    plan's steps (3), anything else pyvhost could not do (2). Failures of a plan's
+    steps are not errors here: the executor's outcome reports them (and their undo)."""
+    qmp = Qmp(path, timeout=timeout)
+    try:
+        # qemu.qmp's connect has no timeout: a socket that accepts and never greets
+        # (another client holds the monitor) blocks here (issue 9).
+        qmp.connect()
+    except QmpConnectError as e:
+        fail(connect_failure(path, "QMP socket", QMP_HINT.format(path=path), e), "connect")
+    try:
+        yield qmp
+    except QmpConnectError as e:
+        fail(f"lost the QMP connection to {path}: {e}", "connect")
+    except QmpCommandError as e:
+        fail(f"QEMU answered with an error: {e}", "peer")
+    except PyvhostError as e:
+        fail(str(e), "run")
+    finally:
+        qmp.close()
 
 
-def _fail(message: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"error": message}))
-    else:
-        Console(stderr=True).print(f"[red]error[/red]: {message}")
-    sys.exit(EXIT_USAGE)
-
+EXIT_HELP = ("\b\nExit codes: 0 done (or a dry run that would be done), 1 refused by the "
+             "preflight\n(nothing changed), 2 usage error or cannot connect, 3 QEMU failed "
+             "a step\n(undone), 4 the guest did not finish in --timeout (or refused), "
+             "130 interrupted.")
 
 qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
                           help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print one JSON object (docs/mem-json.md).")
 limit_option = click.option(
     "--region-limit", type=click.IntRange(1, 509), default=BASELINE_REGIONS, show_default=True,
     help="Region limit to assume for vhost-user devices the guest has not started yet "
@@ -249,6 +268,7 @@ limit_option = click.option(
 
 
 @click.group()
+@verbosity
 def mem() -> None:
     """Memory hot-plug through QMP, with the checks QEMU leaves out.
 
@@ -264,32 +284,35 @@ def mem() -> None:
     they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
     on a share=on memfd or file backend, with -m ...,maxmem=; see docs/virtio-mem.md).
     \b
-    Exit codes: 0 done, 1 refused by the preflight (nothing changed), 2 usage or
-    connection error, 3 QEMU failed a step (undone), 4 guest did not finish an unplug
-    or resize (or refused the unplug: its ACPI _OST status is reported).
+    Every subcommand takes --json: one object, its schema named in its schema field
+    (pyvhost.mem.status/1, pyvhost.mem.add/1, ...; errors pyvhost.error/1).
+    \b
+    Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
+    (nothing changed), 2 usage error, cannot connect to QMP or lost the connection,
+    3 QEMU failed a step (undone) or answered a query with an error, 4 the guest did
+    not finish an unplug or resize in --timeout (or refused the unplug: its ACPI _OST
+    status is reported), 130 interrupted (Ctrl-C, SIGTERM).
     """
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
-@json_option
+@json_option(help="Print one JSON object (schema pyvhost.mem.status/1).")
 @limit_option
+@verbosity
 def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
     """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
-    try:
-        with Qmp(qmp_path) as qmp:
-            state = read_state(qmp)
-        doc = status_json(state, read_host(), region_limit)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
+    configure_logging()
+    with _qmp(qmp_path) as qmp:
+        state = read_state(qmp)
+    doc = status_json(state, read_host(), region_limit)
     if as_json:
-        _emit(doc, True)
+        emit_json(doc)
     else:
-        _print_status(doc, Console())
+        _print_status(doc, console())
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="DIMM size: 128M, 1G, ... (a multiple of 128M and of the page size).")
@@ -313,120 +336,118 @@ def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
 @click.option("--force", is_flag=True, hidden=True,
               help="Run a refused plan anyway (tests use it to see QEMU's own refusal).")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for QEMU and the guest.")
-@json_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds to wait for QEMU and the guest.")
+@json_option(help="Print one JSON object (schema pyvhost.mem.add/1).")
 @limit_option
+@verbosity
 def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | None,
         hugepages: bool, node: int | None, host_nodes: tuple[int, ...], policy: str | None,
         prealloc: bool, prealloc_threads: int | None, device_id: str | None, dry_run: bool,
         force: bool, timeout: float, as_json: bool, region_limit: int) -> None:
     """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure."""
+    configure_logging()
     req = AddRequest(size=size, backend=backend,  # type: ignore[arg-type]
                      share=share, mem_path=mem_path, hugepages=hugepages, node=node,
                      host_nodes=host_nodes, policy=policy,  # type: ignore[arg-type]
                      prealloc=prealloc, prealloc_threads=prealloc_threads, id=device_id,
                      assume_region_limit=region_limit)
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            host = read_host(mem_path)
-            t0 = time.monotonic()
-            plan = plan_add(req, state, host, page_sizes(state, host))
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and (force or not plan.refused):
-                running = state.status == "running"
-                outcome = execute_add(qmp, plan, timeout=timeout,
-                                      ost_timeout=min(timeout, 10.0) if running else 0.0,
-                                      force=force)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
+    with _qmp(qmp_path, timeout) as qmp:
+        state = read_state(qmp)
+        host = read_host(mem_path)
+        t0 = time.monotonic()
+        plan = plan_add(req, state, host, page_sizes(state, host))
+        plan_seconds = time.monotonic() - t0
+        outcome = None
+        if not dry_run and (force or not plan.refused):
+            running = state.status == "running"
+            outcome = execute_add(qmp, plan, timeout=timeout,
+                                  ost_timeout=min(timeout, 10.0) if running else 0.0,
+                                  force=force)
     if as_json:
-        _emit(plan_json(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome), True)
+        emit_json(plan_json(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome))
     else:
-        _print_plan(plan, dry_run, outcome, Console())
-    if outcome is not None:
-        sys.exit(EXIT_OK if outcome.ok else EXIT_FAILED)
-    sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+        _print_plan(plan, dry_run, outcome, console())
+    _exit_for(plan, outcome)
 
 
 def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
-    """The exit code of remove and resize: refused, done, the guest did not finish, or
-    QEMU failed a step."""
+    """The exit code of add, remove and resize: refused (1), done (0), the guest did not
+    finish (4), or QEMU failed a step (3)."""
     if outcome is None:
-        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
-    if outcome.ok:
-        sys.exit(EXIT_OK)
-    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+        code = Exit.PROBLEM if plan.refused else Exit.OK
+    elif outcome.ok:
+        code = Exit.OK
+    else:
+        code = Exit.GUEST if outcome.timed_out else Exit.PEER_FAILED
+    raise click.exceptions.Exit(code)
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @click.argument("device_id", metavar="ID")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True,
               help="Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
-@json_option
+@json_option(help="Print one JSON object (schema pyvhost.mem.remove/1).")
+@verbosity
 def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
     """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend."""
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            t0 = time.monotonic()
-            plan = plan_remove(device_id, state)
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and not plan.refused:
-                outcome = execute_remove(qmp, plan, timeout=timeout)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
+    configure_logging()
+    with _qmp(qmp_path, timeout) as qmp:
+        state = read_state(qmp)
+        t0 = time.monotonic()
+        plan = plan_remove(device_id, state)
+        plan_seconds = time.monotonic() - t0
+        outcome = None
+        if not dry_run and not plan.refused:
+            outcome = execute_remove(qmp, plan, timeout=timeout)
     if as_json:
-        _emit(plan_json(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome), True)
+        emit_json(plan_json(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome))
     else:
-        _print_plan(plan, dry_run, outcome, Console())
+        out = console()
+        _print_plan(plan, dry_run, outcome, out)
         if outcome is not None and outcome.timed_out:
-            Console().print(
+            out.print(
                 "the guest did not release the DIMM: the unplug request stays pending in "
                 "QEMU and the backend stays in use. Guests must online hot-added memory "
                 "movable (memhp_default_state=online_movable) for it to be removable.")
     _exit_for(plan, outcome)
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @click.argument("device_id", metavar="ID")
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "
                    "at most its memdev's size).")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True,
               help="Seconds to wait for the guest to plug or unplug the memory.")
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
-@json_option
+@json_option(help="Print one JSON object (schema pyvhost.mem.resize/1).")
+@verbosity
 def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bool,
            as_json: bool) -> None:
     """Resize a virtio-mem device: qom-set requested-size, wait for the guest to get there
     (MEMORY_DEVICE_SIZE_CHANGE)."""
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            t0 = time.monotonic()
-            plan = plan_resize(device_id, size, state)
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and not plan.refused:
-                outcome = execute_resize(qmp, plan, timeout=timeout)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
+    configure_logging()
+    with _qmp(qmp_path, timeout) as qmp:
+        state = read_state(qmp)
+        t0 = time.monotonic()
+        plan = plan_resize(device_id, size, state)
+        plan_seconds = time.monotonic() - t0
+        outcome = None
+        if not dry_run and not plan.refused:
+            outcome = execute_resize(qmp, plan, timeout=timeout)
     if as_json:
-        _emit(plan_json(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome), True)
+        emit_json(plan_json(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome))
     else:
-        _print_plan(plan, dry_run, outcome, Console())
+        out = console()
+        _print_plan(plan, dry_run, outcome, out)
         if outcome is not None and outcome.device is not None:
-            Console().print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
+            out.print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
                             f"{_mib(outcome.device.get('requested-size'))} requested")
     _exit_for(plan, outcome)
