@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     """The ``pyvhost`` console script: runs the command and applies the exit-code rule
     to what escapes it (usage errors, Ctrl-C and SIGTERM, bugs)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args  # for errors raised before (or after) any command's context
     # SIGTERM ends a command the way Ctrl-C does (cleanup, exit 130). A daemon such as
     # pyvhost net installs its own handler for both while it serves.
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -99,16 +100,18 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(e.format_message(), err=True)
         sys.exit(Exit.USAGE)
     except click.UsageError as e:
-        if e.ctx is not None and not json_wanted(e.ctx):
+        as_json = as_json or json_wanted(e.ctx)
+        if e.ctx is not None and not as_json:
             click.echo(e.ctx.get_usage(), err=True)
             click.echo(f"Try '{e.ctx.command_path} --help' for help.", err=True)
-        report_error("usage", e.format_message(), command_name(e.ctx) if e.ctx else "")
+        report_error("usage", e.format_message(), command_name(e.ctx) if e.ctx else "",
+                     as_json)
         sys.exit(Exit.USAGE)
     except click.ClickException as e:
-        report_error("usage", e.format_message(), _command_in(args))
+        report_error("usage", e.format_message(), _command_in(args), as_json)
         sys.exit(Exit.USAGE)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        report_error("interrupted", "interrupted", _command_in(args))
+        report_error("interrupted", "interrupted", _command_in(args), as_json)
         sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         # -vv shows where.
         logging.getLogger(__name__).debug("internal error", exc_info=True)
         report_error("internal", f"internal error: {type(e).__name__}: {e} (run with -vv "
-                                 "for the traceback)", _command_in(args))
+                                 "for the traceback)", _command_in(args), as_json)
         sys.exit(Exit.USAGE)
     sys.exit(code if isinstance(code, int) else Exit.OK)
 
