@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 from types import FrameType
+from typing import NoReturn
 
 import click
 
@@ -115,19 +117,35 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except BrokenPipeError:
+    except BrokenPipeError as e:
+        if not _stdout_gone():
+            _internal(e, args, as_json)
         # `pyvhost ... | head`: the reader left; nothing more to say to it.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(Exit.USAGE)
     except Exception as e:
-        # A bug in pyvhost (or an input it failed to check): one line, not a traceback;
-        # -vv shows where.
-        logging.getLogger(__name__).debug("internal error", exc_info=True)
-        report_error("internal", f"internal error: {type(e).__name__}: {e} (run with -vv "
-                                 "for the traceback)", _command_in(args), as_json)
-        sys.exit(Exit.USAGE)
+        _internal(e, args, as_json)
     sys.exit(code if isinstance(code, int) else Exit.OK)
+
+
+def _internal(e: Exception, args: list[str], as_json: bool) -> NoReturn:
+    """A bug in pyvhost (or an input it failed to check): one line, not a traceback;
+    -vv shows where."""
+    logging.getLogger(__name__).debug("internal error", exc_info=e)
+    report_error("internal", f"internal error: {type(e).__name__}: {e} (run with -vv for "
+                             "the traceback)", _command_in(args), as_json)
+    sys.exit(Exit.USAGE)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _register() -> None:
