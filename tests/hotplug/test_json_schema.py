@@ -24,16 +24,16 @@ def test_status_add_remove_hold_the_schema(start_qemu: StartQemu, procs: Procs,
     wait_for_socket(sock, p.proc, timeout=60)
     q = start_qemu(QemuConfig(numa_nodes=2, vhost_user_net=(VhostUserNet(sock),)))
     qmp = str(q.qmp_path)
-    runs = [
-        (0, "add", "--qmp", qmp, "--size", "128M", "--id", "a", "--node", "1"),
-        (0, "add", "--qmp", qmp, "--size", "128M", "--dry-run"),
-        (1, "add", "--qmp", qmp, "--size", "128M", "--backend", "ram"),
-        (3, "add", "--qmp", qmp, "--size", "384M", "--node", "5", "--force"),
-        (4, "remove", "--qmp", qmp, "a", "--timeout", "2"),
-        (1, "remove", "--qmp", qmp, "nope"),
-        (1, "resize", "--qmp", qmp, "a", "--size", "0"),
+    runs: list[tuple[int, tuple[str, ...]]] = [
+        (0, ("add", "--qmp", qmp, "--size", "128M", "--id", "a", "--node", "1")),
+        (0, ("add", "--qmp", qmp, "--size", "128M", "--dry-run")),
+        (1, ("add", "--qmp", qmp, "--size", "128M", "--backend", "ram")),
+        (3, ("add", "--qmp", qmp, "--size", "384M", "--node", "5", "--force")),
+        (4, ("remove", "--qmp", qmp, "a", "--timeout", "2")),
+        (1, ("remove", "--qmp", qmp, "nope")),
+        (1, ("resize", "--qmp", qmp, "a", "--size", "0")),
     ]
-    for expected, *args in runs:
+    for expected, args in runs:
         code, doc = run_json(*args)
         assert code == expected, (args, doc)
         validate(doc, f"pyvhost.mem.{args[0]}/1")
