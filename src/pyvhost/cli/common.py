@@ -251,7 +251,10 @@ def configure_logging(ctx: click.Context | None = None, default: int = logging.W
     root.addHandler(handler)
     root.setLevel(level)
     # qemu.qmp logs its own protocol errors (and tracebacks) at ERROR; pyvhost reports
-    # them translated, so the library's own lines show only at -vv.
-    logging.getLogger("qemu").setLevel(logging.DEBUG if level <= logging.DEBUG else
-                                       logging.CRITICAL + 1)
+    # them translated, so the library's own lines show only at -vv. The same for asyncio,
+    # which only qemu.qmp runs here: a connect cut short by Ctrl-C leaves a task whose
+    # exception asyncio logs, traceback and all, as the interpreter exits.
+    for name in ("qemu", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else
+                                         logging.CRITICAL + 1)
     return level

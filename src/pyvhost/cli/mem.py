@@ -241,7 +241,8 @@ def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
         # (another client holds the monitor) blocks here (issue 9).
         qmp.connect()
     except QmpConnectError as e:
-        fail(connect_failure(path, "QMP socket", QMP_HINT.format(path=path), e), "connect")
+        fail(connect_failure(path, "QMP socket", QMP_HINT.format(path=path), e,
+                             answered="not as QEMU's QMP monitor"), "connect")
     try:
         yield qmp
     except QmpConnectError as e:

@@ -42,9 +42,12 @@ def path_problem(path: str, what: str, hint: str) -> str | None:
     return None
 
 
-def connect_failure(path: str, what: str, hint: str, error: BaseException) -> str:
+def connect_failure(path: str, what: str, hint: str, error: BaseException,
+                    answered: str | None = None) -> str:
     """The line for a failed connect to ``path``: what is wrong at the path, else what
-    the connect call saw (``error`` and its causes)."""
+    the connect call saw (``error`` and its causes). ``answered``: what to say when the
+    connection was made and what answered was not the expected protocol (no OSError
+    behind ``error``), e.g. "not as QEMU's QMP monitor"."""
     problem = path_problem(path, what, hint)
     if problem is not None:
         return problem
@@ -54,6 +57,8 @@ def connect_failure(path: str, what: str, hint: str, error: BaseException) -> st
                 f"by a process that exited?); {hint}")
     if cause is not None and cause.errno == errno.EACCES:
         return f"{path}: permission denied (run as root or as the socket's owner)"
+    if cause is None and answered is not None:
+        return f"{path} answered, but {answered}: {error.__cause__ or error}"
     return str(error)
 
 
