@@ -43,22 +43,33 @@ SCHEMA = "pyvhost.demo/1"
 
 @contextlib.contextmanager
 def _backend(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """``pyvhost net --reflect`` on a socket in ``workdir``, its log kept in a file there
+    (the demo's own output stays the demo's); ended by pid on the way out."""
     sock, ctl = str(workdir / "vhost-net.sock"), str(workdir / "pyvhost.ctl")
-    proc = subprocess.Popen(
-        pyvhost_argv("net", "--socket", sock, "--control", ctl, "--reflect", "--no-stats"),
-        stdin=subprocess.DEVNULL, start_new_session=True)
+    log = workdir / "pyvhost-net.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            pyvhost_argv("net", "--socket", sock, "--control", ctl, "--reflect", "--no-stats"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(ctl):
             if proc.poll() is not None:
-                fail(f"the pyvhost back-end did not start (pyvhost net exited with "
-                     f"{proc.returncode}; its error is above)", "run")
+                fail(f"the pyvhost back-end did not start: {_last_line(log)} (pyvhost net "
+                     f"exited with {proc.returncode})", "run")
             if time.monotonic() > deadline:
                 fail("the pyvhost back-end did not start within 20 s", "run")
             time.sleep(0.05)
         yield proc, sock, ctl
     finally:
         end_process(proc, timeout=10)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), "no message")
+    return last.removeprefix("error: ")
 
 
 def _snapshot(ctl: str, pid: int, needle: str) -> dict[str, object]:
