@@ -3,6 +3,7 @@ return, its tables, its JSON (schema pyvhost.status/1) and output a pipe does no
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,13 @@ from support.schemas import validate
 from .conftest import LONG
 
 MiB = 1 << 20
+#: What a hostile or broken control socket might answer: every field of the wrong type.
+HOSTILE = {"pid": "x", "listening": 7, "clients": [1, {"path": None}],
+           "connections": [{"name": 5, "memory": "x", "queues": [None, {"index": "a"}],
+                            "counters": [], "device": {"counters": {"x": {"y": 1}}},
+                            "last_memory_update": 3, "features": -1},
+                           {"memory": [{"guest_phys_addr": "zero", "memory_size": None}]}],
+           "switch": {"ports": [1, {"name": []}], "mac_table": {}, "departed": None}}
 
 
 @pytest.fixture
@@ -128,6 +136,14 @@ def test_not_a_backend_exits_2_and_ctrl_c_exits_130(short_dir: Path) -> None:
             done = asking.wait()
         assert done.code == 2 and "not a pyvhost back-end" in done.stderr, done
         validate(done.json(), "pyvhost.error/1")
+        # JSON of the wrong shape everywhere: shown as found, no traceback.
+        with started("status", path) as asking:
+            conn, _ = silent.accept()
+            conn.sendall(json.dumps(HOSTILE).encode())
+            conn.close()
+            done = asking.wait()
+        assert done.code == 0 and "Traceback" not in done.stderr, done
+        assert "no front-end connected" not in done.stdout and "switch ports" in done.stdout
         # Ctrl-C while it waits for the answer.
         with started("status", path, "--json", "--timeout", "120") as asking:
             conn, _ = silent.accept()
