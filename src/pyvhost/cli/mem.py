@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
@@ -260,6 +260,13 @@ EXIT_HELP = ("\b\nExit codes: 0 done (or a dry run that would be done), 1 refuse
              "a step\n(undone), 4 the guest did not finish in --timeout (or refused), "
              "130 interrupted.")
 
+def timeout_option(default: float, help: str) -> Callable[[Any], Any]:
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                        default=default, show_default=True, help=help)
+
+
+dry_run_option = click.option("--dry-run", is_flag=True,
+                              help="Check and show the plan; change nothing.")
 qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
                           help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
 limit_option = click.option(
@@ -334,11 +341,10 @@ def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
 @click.option("--prealloc-threads", type=click.IntRange(1, 256), help="Threads for prealloc.")
 @click.option("--id", "device_id", metavar="ID",
               help="DIMM id (its backend is ID-mem); default pyvhost-dimmN.")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@dry_run_option
 @click.option("--force", is_flag=True, hidden=True,
               help="Run a refused plan anyway (tests use it to see QEMU's own refusal).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True, help="Seconds to wait for QEMU and the guest.")
+@timeout_option(30.0, "Seconds to wait for QEMU and the guest.")
 @json_option(help="Print one JSON object (schema pyvhost.mem.add/1).")
 @limit_option
 @verbosity
@@ -353,23 +359,45 @@ def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | Non
                      host_nodes=host_nodes, policy=policy,  # type: ignore[arg-type]
                      prealloc=prealloc, prealloc_threads=prealloc_threads, id=device_id,
                      assume_region_limit=region_limit)
+    host = read_host(mem_path)
+
+    def run(qmp: Qmp, plan: Plan, state: VmState) -> Outcome:
+        running = state.status == "running"
+        return execute_add(qmp, plan, timeout=timeout,
+                           ost_timeout=min(timeout, 10.0) if running else 0.0, force=force)
+
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_add(req, state, host, page_sizes(state, host)),
+        run, dry_run=dry_run, force=force)
+    _show(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome, as_json)
+    _exit_for(plan, outcome)
+
+
+def _plan_and_run(qmp_path: str, timeout: float, make_plan: Callable[[VmState], Plan],
+                  run: Callable[[Qmp, Plan, VmState], Outcome], *, dry_run: bool,
+                  force: bool = False) -> tuple[Plan, float, Outcome | None]:
+    """Read the VM's state, plan (timed), and run the plan unless it is a dry run or
+    refused (and not forced): the plan, the planner's seconds and what running did."""
     with _qmp(qmp_path, timeout) as qmp:
         state = read_state(qmp)
-        host = read_host(mem_path)
         t0 = time.monotonic()
-        plan = plan_add(req, state, host, page_sizes(state, host))
+        plan = make_plan(state)
         plan_seconds = time.monotonic() - t0
         outcome = None
         if not dry_run and (force or not plan.refused):
-            running = state.status == "running"
-            outcome = execute_add(qmp, plan, timeout=timeout,
-                                  ost_timeout=min(timeout, 10.0) if running else 0.0,
-                                  force=force)
+            outcome = run(qmp, plan, state)
+    return plan, plan_seconds, outcome
+
+
+def _show(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
+          outcome: Outcome | None, as_json: bool) -> Console | None:
+    """The plan and its outcome: the JSON document, or tables on the console returned."""
     if as_json:
-        emit_json(plan_json(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome))
-    else:
-        _print_plan(plan, dry_run, outcome, console())
-    _exit_for(plan, outcome)
+        emit_json(plan_json(plan, schema, dry_run, plan_seconds, outcome))
+        return None
+    out = console()
+    _print_plan(plan, dry_run, outcome, out)
+    return out
 
 
 def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
@@ -387,34 +415,23 @@ def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
 @mem.command(epilog=EXIT_HELP)
 @qmp_option
 @click.argument("device_id", metavar="ID")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
-              show_default=True,
-              help="Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@timeout_option(30.0, "Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
+@dry_run_option
 @json_option(help="Print one JSON object (schema pyvhost.mem.remove/1).")
 @verbosity
 def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
     """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend."""
     configure_logging()
-    with _qmp(qmp_path, timeout) as qmp:
-        state = read_state(qmp)
-        t0 = time.monotonic()
-        plan = plan_remove(device_id, state)
-        plan_seconds = time.monotonic() - t0
-        outcome = None
-        if not dry_run and not plan.refused:
-            outcome = execute_remove(qmp, plan, timeout=timeout)
-    if as_json:
-        emit_json(plan_json(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome))
-    else:
-        out = console()
-        _print_plan(plan, dry_run, outcome, out)
-        if outcome is not None and outcome.timed_out:
-            out.print(
-                "the guest did not release the DIMM: the unplug request stays pending in "
-                "QEMU and the backend stays in use. Guests must online hot-added memory "
-                "movable (memhp_default_state=online_movable) for it to be removable.")
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_remove(device_id, state),
+        lambda qmp, plan, state: execute_remove(qmp, plan, timeout=timeout), dry_run=dry_run)
+    out = _show(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome, as_json)
+    if out is not None and outcome is not None and outcome.timed_out:
+        out.print(
+            "the guest did not release the DIMM: the unplug request stays pending in "
+            "QEMU and the backend stays in use. Guests must online hot-added memory "
+            "movable (memhp_default_state=online_movable) for it to be removable.")
     _exit_for(plan, outcome)
 
 
@@ -424,10 +441,8 @@ def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "
                    "at most its memdev's size).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
-              show_default=True,
-              help="Seconds to wait for the guest to plug or unplug the memory.")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@timeout_option(60.0, "Seconds to wait for the guest to plug or unplug the memory.")
+@dry_run_option
 @json_option(help="Print one JSON object (schema pyvhost.mem.resize/1).")
 @verbosity
 def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bool,
@@ -435,20 +450,11 @@ def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bo
     """Resize a virtio-mem device: qom-set requested-size, wait for the guest to get there
     (MEMORY_DEVICE_SIZE_CHANGE)."""
     configure_logging()
-    with _qmp(qmp_path, timeout) as qmp:
-        state = read_state(qmp)
-        t0 = time.monotonic()
-        plan = plan_resize(device_id, size, state)
-        plan_seconds = time.monotonic() - t0
-        outcome = None
-        if not dry_run and not plan.refused:
-            outcome = execute_resize(qmp, plan, timeout=timeout)
-    if as_json:
-        emit_json(plan_json(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome))
-    else:
-        out = console()
-        _print_plan(plan, dry_run, outcome, out)
-        if outcome is not None and outcome.device is not None:
-            out.print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
-                            f"{_mib(outcome.device.get('requested-size'))} requested")
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_resize(device_id, size, state),
+        lambda qmp, plan, state: execute_resize(qmp, plan, timeout=timeout), dry_run=dry_run)
+    out = _show(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome, as_json)
+    if out is not None and outcome is not None and outcome.device is not None:
+        out.print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
+                  f"{_mib(outcome.device.get('requested-size'))} requested")
     _exit_for(plan, outcome)
