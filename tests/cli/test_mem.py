@@ -71,6 +71,14 @@ def test_every_exit_code_against_qemu(start_qemu: StartQemu, procs: Procs, short
     human = run_pyvhost("mem", "add", "--qmp", str(qmp), "--size", "128M", "--backend", "ram")
     assert human.code == 1 and "refused" in human.stdout, human
 
+    # A path with what rich would take for markup is printed as it is.
+    odd = short_dir / "[/odd] [bold]"
+    odd.mkdir(parents=True)  # "[" holding "odd] [bold]"
+    human = run_pyvhost("mem", "add", "--qmp", str(qmp), "--size", "128M", "--backend", "file",
+                        "--mem-path", str(odd), "--dry-run")
+    assert human.code in (0, 1) and str(odd) in human.stdout, human
+    assert "Traceback" not in human.stderr
+
     # 3: QEMU refuses a step the planner would have refused; undone, nothing left behind.
     done, plan = _mem(qmp, "add", "--size", "128M", "--node", "5", "--force", "--id", "bad")
     assert done.code == 3, done

@@ -20,12 +20,13 @@ from .conftest import LONG
 
 MiB = 1 << 20
 #: What a hostile or broken control socket might answer: every field of the wrong type.
-HOSTILE = {"pid": "x", "listening": 7, "clients": [1, {"path": None}],
+HOSTILE = {"pid": "x", "listening": 7, "clients": [1, {"path": "[/x] [bold]"}],
            "connections": [{"name": 5, "memory": "x", "queues": [None, {"index": "a"}],
                             "counters": [], "device": {"counters": {"x": {"y": 1}}},
                             "last_memory_update": 3, "features": -1},
                            {"memory": [{"guest_phys_addr": "zero", "memory_size": None}]}],
-           "switch": {"ports": [1, {"name": []}], "mac_table": {}, "departed": None}}
+           "switch": {"ports": [1, {"name": []}, {"name": "[/port]", "kind": "[red]"}],
+                      "mac_table": {}, "departed": None}}
 
 
 @pytest.fixture
@@ -100,7 +101,8 @@ def test_reflector_and_client_mode_hold_the_schema(procs: Procs, short_dir: Path
 
 
 def test_cannot_connect_exits_2(short_dir: Path) -> None:
-    missing, regular, stale = short_dir / "nope.ctl", short_dir / "file", short_dir / "stale"
+    missing, regular = short_dir / "[/nope].ctl", short_dir / "file"
+    stale = short_dir / "stale"
     regular.write_text("not a socket\n")
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(stale))  # bound, never listened: what a killed process leaves
@@ -144,6 +146,7 @@ def test_not_a_backend_exits_2_and_ctrl_c_exits_130(short_dir: Path) -> None:
             done = asking.wait()
         assert done.code == 0 and "Traceback" not in done.stderr, done
         assert "no front-end connected" not in done.stdout and "switch ports" in done.stdout
+        assert "[/x] [bold]" in done.stdout and "[/port]" in done.stdout, done  # not markup
         # Ctrl-C while it waits for the answer.
         with started("status", path, "--json", "--timeout", "120") as asking:
             conn, _ = silent.accept()

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 ERROR_SCHEMA = "pyvhost.error/1"
 
@@ -145,8 +146,9 @@ def report_error(kind: str, message: str, command: str | None = None,
     command's."""
     if json_wanted() if as_json is None else as_json:
         emit_json(error_doc(kind, message, command_name() if command is None else command))
-    console(stderr=True).print(f"[red]error[/red]: {message}", soft_wrap=True,
-                               highlight=False, markup=True)
+    # The message quotes paths, QEMU's and the back-end's words: plain text, not markup.
+    console(stderr=True).print(Text.assemble(("error", "red"), f": {message}"),
+                               soft_wrap=True, highlight=False)
 
 
 def fail(message: str, kind: str = "usage") -> NoReturn:

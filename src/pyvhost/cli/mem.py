@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import (
@@ -156,77 +157,88 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / (1 << 20):g} MiB"
 
 
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: ids, paths and messages come from QEMU and the command
+    line, and a ``[`` in them must not be read as rich markup."""
+    return [v if isinstance(v, Text) else Text(str(v)) for v in values]
+
+
+def _line(*parts: str | tuple[str, str]) -> Text:
+    """A line of plain text with styled parts, e.g. ``_line(("refused", "red"), " ...")``."""
+    return Text.assemble(*parts)
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[Text]]) -> Table:
+    t = Table(title=Text(title))
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def _print_status(doc: dict[str, Any], console: Console) -> None:
     vm = doc["vm"]
-    console.print(f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
-                  f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
-                  f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
-                  f"guest NUMA nodes {vm['numa_nodes']}")
-    t = Table(title="memory backends")
-    for col in ("id", "type", "size", "share", "page", "mem-path", "host-nodes", "policy",
-                "prealloc", "role"):
-        t.add_column(col)
-    for b in doc["backends"]:
-        role = b["role"] + (f" ({b['device']})" if b["device"] else "")
-        t.add_row(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
-                  "on" if b["share"] else "[red]off[/red]", str(b["page_size"]),
-                  b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
-                  b["policy"], "yes" if b["prealloc"] else "no", role)
-    console.print(t)
+    console.print(_line(
+        f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
+        f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
+        f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
+        f"guest NUMA nodes {vm['numa_nodes']}"))
+    console.print(_table(
+        "memory backends", ("id", "type", "size", "share", "page", "mem-path", "host-nodes",
+                            "policy", "prealloc", "role"),
+        [_cells(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
+                Text("on") if b["share"] else Text("off", style="red"), b["page_size"],
+                b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
+                b["policy"], "yes" if b["prealloc"] else "no",
+                b["role"] + (f" ({b['device']})" if b["device"] else ""))
+         for b in doc["backends"]]))
     if doc["memory_devices"]:
-        t = Table(title="memory devices")
-        for col in ("id", "type", "memdev", "addr", "size", "slot", "node"):
-            t.add_column(col)
-        for d in doc["memory_devices"]:
-            t.add_row(str(d["id"]), d["type"], str(d["memdev"]),
-                      "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]),
-                      str(d["slot"]), str(d["node"]))
-        console.print(t)
+        console.print(_table(
+            "memory devices", ("id", "type", "memdev", "addr", "size", "slot", "node"),
+            [_cells(d["id"], d["type"], d["memdev"],
+                    "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]), d["slot"],
+                    d["node"]) for d in doc["memory_devices"]]))
     vu = doc["vhost_user"]
-    if vu["devices"]:
-        t = Table(title=f"vhost-user devices: {vu['regions_used']} regions used, limit "
-                        f"{vu['region_limit']}, {vu['regions_free']} free")
-        for col in ("id", "driver", "chardev", "socket", "started", "MEM_SLOTS", "limit"):
-            t.add_column(col)
-        for d in vu["devices"]:
-            slots = {None: "unknown", True: "yes", False: "no"}[d["configure_mem_slots"]]
-            t.add_row(d["id"], d["driver"], str(d["chardev"]), str(d["socket"]),
-                      "yes" if d["started"] else "no", slots, str(d["region_limit"] or "-"))
-        console.print(t)
-        for note in vu["notes"]:
-            console.print(f"note: {note}")
-    else:
+    if not vu["devices"]:
         console.print("no vhost-user devices")
+        return
+    slots = {None: "unknown", True: "yes", False: "no"}
+    console.print(_table(
+        f"vhost-user devices: {vu['regions_used']} regions used, limit "
+        f"{vu['region_limit']}, {vu['regions_free']} free",
+        ("id", "driver", "chardev", "socket", "started", "MEM_SLOTS", "limit"),
+        [_cells(d["id"], d["driver"], d["chardev"], d["socket"],
+                "yes" if d["started"] else "no", slots[d["configure_mem_slots"]],
+                d["region_limit"] or "-") for d in vu["devices"]]))
+    for note in vu["notes"]:
+        console.print(_line(f"note: {note}"))
 
 
 def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Console) -> None:
     for r in plan.refusals:
-        console.print(f"[red]refused[/red] {r.code}: {r.message}")
+        console.print(_line(("refused", "red"), f" {r.code}: {r.message}"))
     for note in plan.notes:
-        console.print(f"note: {note}")
+        console.print(_line(f"note: {note}"))
     if dry_run or plan.refused:
-        t = Table(title="plan" + (" (not run)" if plan.refused else " (dry run)"))
-        t.add_column("#")
-        t.add_column("QMP")
-        t.add_column("undo")
-        for i, s in enumerate(plan.steps, 1):
-            undo = (f"{s.undo.command} {json.dumps(dict(s.undo.arguments))}"
-                    if s.undo else "-")
-            t.add_row(str(i), f"{s.command} {json.dumps(dict(s.arguments))}", undo)
-        console.print(t)
+        console.print(_table(
+            "plan" + (" (not run)" if plan.refused else " (dry run)"), ("#", "QMP", "undo"),
+            [_cells(i, f"{s.command} {json.dumps(dict(s.arguments))}",
+                    f"{s.undo.command} {json.dumps(dict(s.undo.arguments))}" if s.undo
+                    else "-") for i, s in enumerate(plan.steps, 1)]))
     if outcome is None:
         return
     if outcome.ok:
-        console.print(f"[green]done[/green] {plan.action} {plan.device_id} in "
-                      f"{outcome.seconds:.2f} s")
+        console.print(_line(("done", "green"), f" {plan.action} {plan.device_id} in "
+                                               f"{outcome.seconds:.2f} s"))
     else:
-        console.print(f"[red]failed[/red] at {outcome.failed_step}: {outcome.error}")
+        console.print(_line(("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"))
         if outcome.rolled_back:
-            console.print(f"undone: {', '.join(outcome.rolled_back)}")
+            console.print(_line(f"undone: {', '.join(outcome.rolled_back)}"))
         if outcome.orphans:
-            console.print(f"[red]left behind[/red]: {', '.join(outcome.orphans)}")
+            console.print(_line(("left behind", "red"), f": {', '.join(outcome.orphans)}"))
     for info in outcome.acpi_ost:
-        console.print(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}")
+        console.print(_line(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}"))
 
 
 @contextlib.contextmanager
@@ -455,6 +467,6 @@ def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bo
         lambda qmp, plan, state: execute_resize(qmp, plan, timeout=timeout), dry_run=dry_run)
     out = _show(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome, as_json)
     if out is not None and outcome is not None and outcome.device is not None:
-        out.print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
-                  f"{_mib(outcome.device.get('requested-size'))} requested")
+        out.print(_line(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
+                        f"{_mib(outcome.device.get('requested-size'))} requested"))
     _exit_for(plan, outcome)

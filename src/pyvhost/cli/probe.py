@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pyvhost.errors import PeerError, PyvhostError
 from pyvhost.frontend.errors import FrontendConnectError
@@ -164,7 +165,8 @@ def _size(n: int) -> str:
 
 def _print_report(report: ProbeReport, out: Console) -> None:
     mode = "ADD_MEM_REG / REM_MEM_REG" if report.mem_slots else "SET_MEM_TABLE"
-    out.print(f"back-end pid [bold]{report.pid}[/] on {report.socket}", highlight=False)
+    out.print(Text.assemble("back-end pid ", (str(report.pid), "bold"),
+                            f" on {report.socket}"))
     out.print(f"{report.cycles} cycles x {report.regions} regions of "
               f"{_size(report.region_size)}; memory updates via {mode}; protocol features: "
               f"{', '.join(report.protocol_features) or 'none'}", highlight=False)

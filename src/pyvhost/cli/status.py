@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pyvhost.backend.control import fetch_status
 from pyvhost.units import MiB
@@ -97,25 +98,28 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
 
 def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[str]],
            right: Iterable[str] = ()) -> Table:
-    table = Table(title=title, title_justify="left")
+    """A table whose title, headers and cells are plain text: a ``[`` in a name the
+    back-end sent must not be read as rich markup."""
+    table = Table(title=Text(title), title_justify="left")
     right = set(right)
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left")
+        table.add_column(Text(col), justify="right" if col in right else "left")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     return table
 
 
 def _counter_table(title: str, counters: dict[str, Any]) -> Table:
     """One row of counters, a column each (new counters show up as new columns)."""
-    return _table(title, counters, [[_cell(v) for v in counters.values()]], right=counters)
+    names = [str(k) for k in counters]
+    return _table(title, names, [[_cell(v) for v in counters.values()]], right=names)
 
 
 def print_status(state: dict[str, Any], out: Console) -> None:
     """The human view of a control socket's answer."""
     listening = state.get("listening")
-    out.print(f"back-end pid {_cell(state.get('pid'))}"
-              + (f", listening on {_cell(listening)}" if listening else ""))
+    out.print(Text(f"back-end pid {_cell(state.get('pid'))}"
+                   + (f", listening on {_cell(listening)}" if listening else "")))
     clients = _dicts(state.get("clients"))
     if clients:  # client mode (pyvhost net --client): connected or waiting
         out.print(_table(
@@ -177,7 +181,8 @@ def _print_connection(conn: dict[str, Any], out: Console) -> None:
     if isinstance(device, dict):
         tables = ("counters", "stats")
         plain = {k: v for k, v in device.items() if k not in tables}
-        out.print(f"{name}: device " + ", ".join(f"{k} {_cell(v)}" for k, v in plain.items()))
+        out.print(Text(f"{name}: device "
+                       + ", ".join(f"{k} {_cell(v)}" for k, v in plain.items())))
         for key in tables:
             inner = device.get(key)
             if isinstance(inner, dict) and inner:
