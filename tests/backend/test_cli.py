@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pyvhost.tools.process import pyvhost_argv
+
 from .harness import NetPort
 from .rawclient import TIMEOUT, RawClient, wait_until
-
-
-@functools.cache
-def _launcher() -> list[str]:
-    """``pyvhost`` itself, or its ``net`` command alone while the full CLI can not be
-    imported (it also loads the front-end's commands, written elsewhere)."""
-    probe = subprocess.run([sys.executable, "-c", "import pyvhost.cli"], capture_output=True,
-                           check=False)
-    if probe.returncode == 0:
-        return [sys.executable, "-c", "from pyvhost.cli import main; main()", "net"]
-    return [sys.executable, "-c", "from pyvhost.cli.net import net; net()"]
 
 
 @dataclass
@@ -58,7 +47,7 @@ def cli(tmp_path: Path) -> Iterator[list[Cli]]:
 def start(started: list[Cli], tmp_path: Path, path: Path) -> Cli:
     log = tmp_path / f"net-{len(started)}.stderr"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([*_launcher(), "--socket", str(path), "--reflect"],
+        proc = subprocess.Popen(pyvhost_argv("net", "--socket", str(path), "--reflect"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     c = Cli(proc, log)
