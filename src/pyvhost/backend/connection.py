@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, MemoryManager
+from pyvhost.memory import GuestAddressError, MemoryFaultError, MemoryManager
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import (
     Decoder,
@@ -306,6 +306,12 @@ class Connection(DeviceHost):
             ctx = QueueContext(mem, ready, self._notify)
             try:
                 fn(ctx)
+            except MemoryFaultError as e:
+                # Guest memory faulted under its mapping (a region's file shrank): no
+                # access to this memory is safe any more. Drop the connection, and with
+                # it the mappings, once this hold ends; the others are unharmed.
+                log.error("%s: %s", self.name, e)
+                self.close(f"guest memory fault: {e}")
             except (VirtqueueError, GuestAddressError, PeerError) as e:
                 # A device may serve other queues than the one kicked (ReflectNet serves
                 # its tx queue on an rx kick): report the queue that broke, not the kicked.
