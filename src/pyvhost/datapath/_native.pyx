@@ -254,6 +254,7 @@ cdef struct Burst:
     uint32_t limit
     Pieces txp              # the readable pieces of the transmitted chain
     Pieces rxp              # the writable pieces of the receive chains of one frame
+    uint8_t *bounce         # hdr_len + MAX_FRAME bytes, for overlapping buffers
     RxChain *rxc
     size_t rxc_len, rxc_cap
     Used *rx_used
@@ -518,51 +519,79 @@ cdef int rx_pop(Burst *b, uint64_t want) noexcept nogil:
     return 0
 
 
+cdef size_t gather(const Pieces *src, uint8_t *dst, uint64_t count, uint64_t *soff) noexcept nogil:
+    """Copy the first ``count`` bytes of ``src`` to ``dst``; returns where it stopped
+    (piece index, and offset in ``soff``)."""
+    cdef size_t si = 0
+    cdef uint64_t k = 0, n
+    soff[0] = 0
+    while k < count and si < src.len:
+        n = min(<uint64_t>src.v[si].n, count - k)
+        memcpy(dst + k, src.v[si].p, n)
+        k += n
+        if n == src.v[si].n:
+            si += 1
+        else:
+            soff[0] = n
+    return si
+
+
+cdef int overlapping(const Pieces *a, const Pieces *b) noexcept nogil:
+    """Whether a piece of ``a`` and one of ``b`` share a byte (answers yes past 64 pairs:
+    then the caller copies through its bounce buffer, which is always right)."""
+    cdef size_t i, j
+    if a.len * b.len > 64:
+        return 1
+    for i in range(a.len):
+        for j in range(b.len):
+            if a.v[i].p < b.v[j].p + b.v[j].n and b.v[j].p < a.v[i].p + a.v[i].n:
+                return 1
+    return 0
+
+
 cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept nogil:
     """Copy the transmitted frame (``size`` bytes of ``txp``) into the receive pieces,
-    header zeroed, MACs swapped, num_buffers set: one copy, guest to guest.
+    header zeroed, MACs swapped, num_buffers set.
 
-    ``txp`` holds at least ``size`` bytes (pieces were stored up to more than the largest
-    frame), ``rxp`` at least ``size`` (each chain's pieces up to what the frame needed of
-    it); the loops also stop at the arrays' ends.
+    One copy, guest to guest, unless the receive buffers overlap the transmitted ones
+    (a driver may post such): then the frame goes through ``bounce`` first, so the
+    result is the reference's, which reads the whole frame before writing. ``txp`` holds
+    at least ``size`` bytes (pieces were stored up to more than the largest frame),
+    ``rxp`` at least ``size`` (each chain's pieces up to what the frame needs of it), and
+    ``size <= hdr_len + MAX_FRAME`` fits ``bounce``; the loops also stop at the arrays'
+    ends.
     """
     cdef uint8_t prefix[24]
     cdef uint8_t mac[6]
-    cdef uint32_t h = b.hdr_len, plen = b.hdr_len + 12, k = 0, n
-    cdef size_t si = 0, di = 0
-    cdef uint64_t soff = 0, doff = 0, left, m
+    cdef const uint8_t *head = prefix
+    cdef uint32_t h = b.hdr_len
+    cdef uint64_t plen = b.hdr_len + 12, soff, doff = 0, left = size, k = 0, m
+    cdef size_t si, di = 0
     cdef Piece *s
     cdef Piece *d
-    # Header and both MACs: the first plen bytes (size >= hdr_len + 14 > plen).
-    while k < plen and si < b.txp.len:
-        n = b.txp.v[si].n - <uint32_t>soff
-        if n > plen - k:
-            n = plen - k
-        memcpy(prefix + k, b.txp.v[si].p + soff, n)
-        k += n
-        soff += n
-        if soff == b.txp.v[si].n:
-            si += 1
-            soff = 0
-    memcpy(mac, prefix + h, 6)
-    memcpy(prefix + h, prefix + h + 6, 6)
-    memcpy(prefix + h + 6, mac, 6)
-    memset(prefix, 0, h)                     # a plain "no offload" header
+    if overlapping(&b.txp, &b.rxp):
+        si = gather(&b.txp, b.bounce, size, &soff)
+        head = b.bounce
+        plen = size                          # all of it comes from the bounce buffer
+        si = b.txp.len
+    else:
+        si = gather(&b.txp, prefix, plen, &soff)   # header and both MACs (size > plen)
+    memcpy(mac, <uint8_t *>head + h, 6)
+    memcpy(<uint8_t *>head + h, head + h + 6, 6)
+    memcpy(<uint8_t *>head + h + 6, mac, 6)
+    memset(<uint8_t *>head, 0, h)            # a plain "no offload" header
     if set_nb:                               # num_buffers, at offset 10 (le16)
-        prefix[10] = nb & 0xFF
-        prefix[11] = (nb >> 8) & 0xFF
-    left = size
-    k = 0
+        (<uint8_t *>head)[10] = nb & 0xFF
+        (<uint8_t *>head)[11] = (nb >> 8) & 0xFF
     while left and di < b.rxp.len:
         d = &b.rxp.v[di]
-        if k < plen:                         # the rewritten prefix first
-            m = min(<uint64_t>(plen - k), d.n - doff)
-            memcpy(d.p + doff, prefix + k, m)
-            k += <uint32_t>m
+        if k < plen:                         # the rewritten head (or all) first
+            m = min(plen - k, d.n - doff)
+            memcpy(d.p + doff, head + k, m)
+            k += m
         elif si < b.txp.len:                 # then the rest, straight from the guest
             s = &b.txp.v[si]
-            m = min(s.n - soff, d.n - doff)
-            m = min(m, left)
+            m = min(min(s.n - soff, d.n - doff), left)
             memcpy(d.p + doff, s.p + soff, m)
             soff += m
             if soff == s.n:
@@ -570,8 +599,6 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
                 soff = 0
         else:
             break
-        if m > left:
-            m = left
         left -= m
         doff += m
         if doff == d.n or not left:
@@ -828,6 +855,9 @@ cdef class Reflector:
 
     def __cinit__(self) -> None:
         memset(&self.b, 0, sizeof(Burst))
+        self.b.bounce = <uint8_t *>calloc(12 + MAX_FRAME, 1)
+        if self.b.bounce == NULL:
+            raise MemoryError()
         install_guard()
 
     def __dealloc__(self) -> None:
@@ -836,6 +866,7 @@ cdef class Reflector:
         free(self.b.rxc)
         free(self.b.rx_used)
         free(self.b.tx_used)
+        free(self.b.bounce)
 
     def burst(self, mem: object, tx: object, rx: object, int hdr_len, bint mrg_rxbuf,
               int limit, dict stats) -> int:

@@ -1,0 +1,86 @@
+"""The one adapter between the data-path tests and the test-side ring driver.
+
+Everything these tests need of a driver goes through here, so that the day the test
+support's driver rings are merged into one, only this module changes. Today it builds on
+:mod:`virtq.ringbuilder` (``GuestRam``, ``RingBuilder``).
+
+:class:`Ram` is guest memory of three regions of one memfd, GPA equal to the file offset:
+LOW and HIGH adjacent (a buffer may straddle them), then a gap, then FAR. Nothing here
+reads or writes it through the code under test (``os.pread``/``os.pwrite`` only).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyvhost.memory import MemoryManager
+from pyvhost.protocol.fds import FdBag
+from pyvhost.protocol.messages import MemoryRegion
+from pyvhost.virtq import SplitQueue
+from virtq.ringbuilder import DESC, U16, GuestRam, RingBuilder
+
+REGION = 0x10000
+#: The gap: [GAP, FAR) is not guest memory.
+GAP, FAR = 0x20000, 0x30000
+
+
+class Ram(GuestRam):
+    LOW = MemoryRegion(0x0, REGION, 0x7F00_0020_0000, 0x0)
+    HIGH = MemoryRegion(REGION, REGION, 0x7F00_0010_0000, REGION)
+    FARR = MemoryRegion(FAR, REGION, 0x7F00_0040_0000, FAR)
+    END = FAR + REGION  # file size; [GAP, FAR) of the file is never mapped
+
+    def __init__(self, content: bytes = b"") -> None:
+        self.fd = os.memfd_create("pyvhost-dp", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.END)
+        if content:
+            self.write(0, content[:self.END])
+        self.manager = MemoryManager()
+        with FdBag([os.dup(self.fd) for _ in range(3)]) as bag:
+            self.manager.set_table([self.LOW, self.HIGH, self.FARR], bag)
+
+    def va(self, gpa: int) -> int:
+        for r in (self.LOW, self.HIGH, self.FARR):
+            if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
+                return r.userspace_addr + gpa - r.guest_phys_addr
+        raise ValueError(f"GPA {gpa:#x} is not guest memory")
+
+    def image(self) -> bytes:
+        """Every byte of guest memory (the three regions)."""
+        return self.read(0, GAP) + self.read(FAR, REGION)
+
+
+def desc(ram: Ram, table_gpa: int, index: int, addr: int, length: int, flags: int,
+         next_: int) -> None:
+    """Write one descriptor (addr and length may be any 64/32-bit values)."""
+    ram.write(table_gpa + 16 * index, DESC.pack(addr, length, flags, next_))
+
+
+def make_queue(ram: Ram, index: int, size: int, gpas: tuple[int, int, int], *,
+               event_idx: bool, base: int) -> tuple[SplitQueue, RingBuilder]:
+    """A device-side queue attached to ``ram`` and its driver, both at ``base``."""
+    ring = RingBuilder(ram, size, *gpas)
+    q = SplitQueue(index)
+    q.set_size(size)
+    q.event_idx = event_idx
+    q.set_base(base)
+    ring.avail_idx = base
+    ring.set_avail_idx(base)
+    q.set_addresses(*ring.vas)
+    q.attach(ram.mem)
+    return q, ring
+
+
+def publish_raw(ram: Ram, ring: RingBuilder, heads: list[int], avail_idx: int) -> None:
+    """Put ``heads`` in the available ring from ``ring.avail_idx`` on, then set the avail
+    idx to any value (a jump past the size included)."""
+    for k, head in enumerate(heads):
+        slot = (ring.avail_idx + k) % ring.size
+        ram.write(ring.avail_gpa + 4 + 2 * slot, U16.pack(head & 0xFFFF))
+    ring.set_avail_idx(avail_idx)
+
+
+def queue_state(q: SplitQueue) -> tuple[object, ...]:
+    """What the data path may change in a queue, all of it."""
+    return (q.last_avail_idx, q.used_idx, q._shadow_avail, q._signalled_used,
+            q.notify_decided, q.broken)
