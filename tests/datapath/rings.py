@@ -7,16 +7,22 @@ support's driver rings are merged into one, only this module changes. Today it b
 :class:`Ram` is guest memory of three regions of one memfd, GPA equal to the file offset:
 LOW and HIGH adjacent (a buffer may straddle them), then a gap, then FAR. Nothing here
 reads or writes it through the code under test (``os.pread``/``os.pwrite`` only).
+
+For tests against a real back-end process, a guest is :class:`support.netdriver.NetDriver`
+(pyvhost's own front-end playing QEMU, and a virtio-net driver).
 """
 
 from __future__ import annotations
 
 import os
+import random
+import time
 
 from pyvhost.memory import MemoryManager
 from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import MemoryRegion
 from pyvhost.virtq import SplitQueue
+from support.netdriver import TIMEOUT, NetDriver, frame_tag, make_frame, wait_any
 from virtq.ringbuilder import DESC, U16, GuestRam, RingBuilder
 
 REGION = 0x10000
@@ -84,3 +90,51 @@ def queue_state(q: SplitQueue) -> tuple[object, ...]:
     """What the data path may change in a queue, all of it."""
     return (q.last_avail_idx, q.used_idx, q._shadow_avail, q._signalled_used,
             q.notify_decided, q.broken)
+
+
+# -- a guest on a real back-end process ----------------------------------------------------
+
+def reflected_guest(path: str, address: bytes) -> NetDriver:
+    """A guest driver connected to ``path`` (a reflector), rings in boot RAM, buffers in a
+    1 MiB DIMM."""
+    drv = NetDriver(path, address).start()
+    drv.plug(1 << 20)
+    return drv
+
+
+def boot_ram_fd(drv: NetDriver) -> int:
+    """The fd of the file behind the guest's boot RAM (where its rings are)."""
+    assert drv.rx is not None
+    return drv.rx.ram.fd
+
+
+def region_names(drv: NetDriver) -> list[str]:
+    """The memfd names of the guest's regions (as /proc/PID/maps and fd links show them)."""
+    return [ram.name for ram in drv.memory.regions]
+
+
+def kick_tx(drv: NetDriver) -> None:
+    assert drv.tx is not None
+    drv.tx.kick()
+
+
+def reflect_round(drv: NetDriver, peer: bytes, count: int, seq: int,
+                  rng: random.Random, timeout: float = TIMEOUT) -> None:
+    """Send ``count`` frames to a reflector and check each comes back once, MACs swapped,
+    intact (crc)."""
+    drv.post_rx()
+    for i in range(count):
+        assert drv.send(make_frame(peer, drv.mac, 1, seq + i, rng, size=rng.randint(60, 1514)))
+    drv.flush_tx()
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        assert time.monotonic() < deadline, f"{len(got)} of {count} frames came back"
+        drv.reap_tx()
+        got += drv.reap_rx()
+        drv.post_rx()
+        if len(got) < count:
+            wait_any(drv.call_fds, 0.05)
+    for k, frame in enumerate(got):
+        assert frame[:6] == drv.mac and frame[6:12] == peer, frame[:12].hex()
+        assert frame_tag(frame) == (1, seq + k)

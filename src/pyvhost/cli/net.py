@@ -12,6 +12,7 @@ from types import FrameType
 
 import click
 
+from pyvhost import datapath
 from pyvhost.backend import Server, VirtioDevice
 from pyvhost.backend.server import RECONNECT_FIRST, RECONNECT_MAX
 from pyvhost.devices.reflect import ReflectNet
@@ -164,7 +165,8 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         ports = [*(f"{'client ' if client else ''}{s}" for s in sockets),
                  *(f"tap {t}" for t in taps)]
         click.echo(f"pyvhost net: serving {', '.join(ports)} "
-                   f"({'reflect' if reflect else 'switch'}); Ctrl-C to stop", err=True)
+                   f"({'reflect' if reflect else 'switch'}, {datapath.name()} data path); "
+                   "Ctrl-C to stop", err=True)
         server.run()
     except LocalError as e:
         raise click.ClickException(str(e)) from e

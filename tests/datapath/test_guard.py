@@ -1,0 +1,85 @@
+"""The compiled burst survives guest memory that shrinks under its mapping (SIGBUS), in
+this process: a region's memfd is truncated, the burst faults, the guard turns the fault
+into MemoryFaultError, and the process (this test) goes on. Also: the guard stays first
+after faulthandler is enabled again (pytest enables it before any test runs)."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from pyvhost.datapath import reference
+from pyvhost.memory import MemoryFaultError
+
+from .rings import Ram, make_queue
+
+native = pytest.importorskip("pyvhost.datapath._native",
+                             reason="the compiled data path is not built")
+
+TX_RING = (0x1000, 0x1400, 0x1600)
+RX_RING = (0x2000, 0x2400, 0x2600)
+
+
+@pytest.fixture
+def ram() -> Iterator[Ram]:
+    r = Ram()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def one_frame(ram: Ram) -> tuple[object, object]:
+    tx, txr = make_queue(ram, 1, 8, TX_RING, event_idx=False, base=0)
+    rx, rxr = make_queue(ram, 0, 8, RX_RING, event_idx=False, base=0)
+    ram.write(0x8000, bytes(12) + bytes(range(64)))
+    txr.publish(txr.chain([0], [(0x8000, 76, False)]))
+    rxr.publish(rxr.chain([0], [(0x9000, 2048, True)]))
+    return tx, rx
+
+
+def test_truncated_region_raises_instead_of_killing(ram: Ram) -> None:
+    tx, rx = one_frame(ram)
+    stats = dict.fromkeys(reference.STATS, 0)
+    path = native.Reflector()
+    os.ftruncate(ram.fd, 0)  # every page of every region is now past the end of the file
+    with ram.manager.hold() as mem, pytest.raises(MemoryFaultError, match="SIGBUS"):
+        path.burst(mem, tx, rx, 12, False, 64, stats)  # type: ignore[arg-type]
+    # Nothing was written back: the connection that owns this memory is closed for it.
+    assert (tx.last_avail_idx, tx.used_idx, stats["tx_frames"]) == (0, 0, 0)  # type: ignore[attr-defined]
+
+
+def test_the_guard_stays_first_after_faulthandler_is_enabled_again(ram: Ram) -> None:
+    native.Reflector()
+    assert native.guard_installed()
+    # Enabled again after a disable(), faulthandler installs its handler over ours.
+    faulthandler.disable()
+    faulthandler.enable(file=sys.stderr)
+    try:
+        assert not native.guard_installed()
+        path = native.Reflector()  # a new device checks, and puts the guard first again
+        assert native.guard_installed()
+        tx, rx = one_frame(ram)
+        os.ftruncate(ram.fd, 0)
+        with ram.manager.hold() as mem, pytest.raises(MemoryFaultError):
+            path.burst(mem, tx, rx, 12, False, 64, dict.fromkeys(reference.STATS, 0))  # type: ignore[arg-type]
+        assert native.guard_installed()
+    finally:
+        faulthandler.enable(file=sys.stderr)
+        native.install_guard()
+
+
+def test_a_burst_that_does_not_fault_is_unaffected(ram: Ram) -> None:
+    tx, rx = one_frame(ram)
+    stats = dict.fromkeys(reference.STATS, 0)
+    with ram.manager.hold() as mem:
+        assert native.Reflector().burst(mem, tx, rx, 12, False, 64, stats) == 1  # type: ignore[arg-type]
+    assert stats["rx_frames"] == 1
+    got = ram.read(0x9000, 76)
+    assert got[:12] == bytes(10) + b"\x01\x00"
+    assert got[12:24] == bytes(range(6, 12)) + bytes(range(6))
+    assert got[24:] == bytes(range(12, 64))
