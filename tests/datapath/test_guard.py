@@ -14,6 +14,7 @@ import pytest
 
 from pyvhost.datapath import reference
 from pyvhost.memory import MemoryFaultError
+from pyvhost.virtq import SplitQueue
 
 from .rings import Ram, make_queue
 
@@ -33,7 +34,7 @@ def ram() -> Iterator[Ram]:
         r.close()
 
 
-def one_frame(ram: Ram) -> tuple[object, object]:
+def one_frame(ram: Ram) -> tuple[SplitQueue, SplitQueue]:
     tx, txr = make_queue(ram, 1, 8, TX_RING, event_idx=False, base=0)
     rx, rxr = make_queue(ram, 0, 8, RX_RING, event_idx=False, base=0)
     ram.write(0x8000, bytes(12) + bytes(range(64)))
@@ -48,9 +49,9 @@ def test_truncated_region_raises_instead_of_killing(ram: Ram) -> None:
     path = native.Reflector()
     os.ftruncate(ram.fd, 0)  # every page of every region is now past the end of the file
     with ram.manager.hold() as mem, pytest.raises(MemoryFaultError, match="SIGBUS"):
-        path.burst(mem, tx, rx, 12, False, 64, stats)  # type: ignore[arg-type]
+        path.burst(mem, tx, rx, 12, False, 64, stats)
     # Nothing was written back: the connection that owns this memory is closed for it.
-    assert (tx.last_avail_idx, tx.used_idx, stats["tx_frames"]) == (0, 0, 0)  # type: ignore[attr-defined]
+    assert (tx.last_avail_idx, tx.used_idx, stats["tx_frames"]) == (0, 0, 0)
 
 
 def test_the_guard_stays_first_after_faulthandler_is_enabled_again(ram: Ram) -> None:
@@ -66,7 +67,7 @@ def test_the_guard_stays_first_after_faulthandler_is_enabled_again(ram: Ram) -> 
         tx, rx = one_frame(ram)
         os.ftruncate(ram.fd, 0)
         with ram.manager.hold() as mem, pytest.raises(MemoryFaultError):
-            path.burst(mem, tx, rx, 12, False, 64, dict.fromkeys(reference.STATS, 0))  # type: ignore[arg-type]
+            path.burst(mem, tx, rx, 12, False, 64, dict.fromkeys(reference.STATS, 0))
         assert native.guard_installed()
     finally:
         faulthandler.enable(file=sys.stderr)
@@ -77,7 +78,7 @@ def test_a_burst_that_does_not_fault_is_unaffected(ram: Ram) -> None:
     tx, rx = one_frame(ram)
     stats = dict.fromkeys(reference.STATS, 0)
     with ram.manager.hold() as mem:
-        assert native.Reflector().burst(mem, tx, rx, 12, False, 64, stats) == 1  # type: ignore[arg-type]
+        assert native.Reflector().burst(mem, tx, rx, 12, False, 64, stats) == 1
     assert stats["rx_frames"] == 1
     got = ram.read(0x9000, 76)
     assert got[:12] == bytes(10) + b"\x01\x00"
