@@ -538,7 +538,10 @@ cdef size_t gather(const Pieces *src, uint8_t *dst, uint64_t count, uint64_t *so
 
 cdef int overlapping(const Pieces *a, const Pieces *b) noexcept nogil:
     """Whether a piece of ``a`` and one of ``b`` share a byte (answers yes past 64 pairs:
-    then the caller copies through its bounce buffer, which is always right)."""
+    then the caller copies through its bounce buffer, which is always right). Host
+    addresses are compared: two regions that map the same file range at two addresses
+    (aliases) are not seen as overlapping; a driver that posts such buffers gets
+    whatever the copy order gives, in its own memory only."""
     cdef size_t i, j
     if a.len * b.len > 64:
         return 1
@@ -641,6 +644,8 @@ cdef int write_frame(Burst *b, uint64_t size, int *drop) noexcept nogil:
             if rc:
                 return rc
             room += b.rxc[b.rxc_len - 1].wlen
+        # num_buffers is 16 bits: more chains than that takes a driver that keeps moving
+        # its avail idx during the burst (the reference then fails packing it).
         nb = <uint32_t>b.rxc_len
         copy_frame(b, size, nb, 1)
     if reserve(<void **>&b.rx_used, &b.rx_used_cap, b.rx_used_len + b.rxc_len, sizeof(Used)):
@@ -849,7 +854,13 @@ def install_guard() -> None:
 
 
 cdef class Reflector:
-    """One reflecting device's data path, with its scratch arrays (reused every burst)."""
+    """One reflecting device's data path, with its scratch arrays (reused every burst).
+
+    Not re-entrant: one burst at a time per instance (one device serves its queues on
+    one thread; workers will own one per queue). The region table's write counters are
+    per snapshot and not atomic: bursts of one connection on several threads would lose
+    counts (status output only).
+    """
 
     cdef Burst b
 
