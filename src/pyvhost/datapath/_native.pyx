@@ -64,6 +64,15 @@ cdef extern from *:
     static inline uint16_t pv_load16(const uint8_t *p) {
         return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED);
     }
+    /* Descriptor fields: each read exactly once (the guest may rewrite them meanwhile; a
+       plain load could be repeated by the compiler, a check and a use then seeing two
+       values), like Linux's READ_ONCE. */
+    static inline uint32_t pv_load32(const uint8_t *p) {
+        return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+    }
+    static inline uint64_t pv_load64(const uint8_t *p) {
+        return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+    }
     static inline void pv_store16(uint8_t *p, uint16_t v) {
         __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
     }
@@ -165,6 +174,8 @@ cdef extern from *:
     uint16_t pv_load_acquire16(const uint8_t *p) noexcept nogil
     void pv_store_release16(uint8_t *p, uint16_t v) noexcept nogil
     uint16_t pv_load16(const uint8_t *p) noexcept nogil
+    uint32_t pv_load32(const uint8_t *p) noexcept nogil
+    uint64_t pv_load64(const uint8_t *p) noexcept nogil
     void pv_store16(uint8_t *p, uint16_t v) noexcept nogil
     void pv_fence() noexcept nogil
     int PV_FAULT
@@ -379,10 +390,10 @@ cdef int walk(Burst *b, Ring *q, uint16_t head, int writable_part, Pieces *out,
         # index < tlen: the descriptor lies inside the table (16 * tlen bytes, located).
         # Each field is read once into a local: the guest may rewrite it meanwhile.
         d = table + 16 * <size_t>index
-        memcpy(&addr, d, 8)
-        memcpy(&length, d + 8, 4)
-        memcpy(&flags, d + 12, 2)
-        memcpy(&nxt, d + 14, 2)
+        addr = pv_load64(d)
+        length = pv_load32(d + 8)
+        flags = pv_load16(d + 12)
+        nxt = pv_load16(d + 14)
         if flags & F_INDIRECT:
             if indirect:
                 return E_NESTED_INDIRECT
