@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -84,3 +86,31 @@ def test_a_burst_that_does_not_fault_is_unaffected(ram: Ram) -> None:
     assert got[:12] == bytes(10) + b"\x01\x00"
     assert got[12:24] == bytes(range(6, 12)) + bytes(range(6))
     assert got[24:] == bytes(range(12, 64))
+
+
+OUTSIDE_A_BURST = """
+import faulthandler, mmap, os, sys
+if sys.argv[1] == "faulthandler":
+    faulthandler.enable()
+from pyvhost.datapath import _native
+_native.Reflector()  # installs the guard (chaining to faulthandler, if enabled)
+assert _native.guard_installed()
+fd = os.memfd_create("outside")
+os.ftruncate(fd, 4096)
+mm = mmap.mmap(fd, 4096)
+os.ftruncate(fd, 0)
+print("faulting", flush=True)
+mm[0]  # SIGBUS here, outside any burst
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("before", ["default", "faulthandler"])
+def test_a_fault_outside_a_burst_still_kills(before: str) -> None:
+    """Outside a burst the guard hands SIGBUS on: to faulthandler (which prints the
+    Python traceback) or to the default action. The process dies of SIGBUS either way."""
+    p = subprocess.run([sys.executable, "-c", OUTSIDE_A_BURST, before], capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, p.stdout, p.stderr)
+    assert "faulting" in p.stdout and "survived" not in p.stdout
+    assert ("Bus error" in p.stderr) == (before == "faulthandler"), p.stderr
