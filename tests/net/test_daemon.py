@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from backend.harness import NetPort
-from pyvhost import schemas
+from pyvhost import datapath, schemas
 from support.procs import Procs, Started
 
 from .conftest import TIMEOUT, start_net, wait_listening
@@ -49,7 +49,7 @@ def test_logs_connections_tables_and_queue_errors_at_info_by_default(
     net.wait_output("front-end disconnected")
     out = _stop(procs, net)
     pid = os.getpid()
-    assert "data path: python" in out
+    assert f"data path: {datapath.name()}" in out
     assert f"net.sock#1: front-end connected (pid {pid})" in out, out
     assert re.search(r"net\.sock#1: ADD_MEM_REG: 1 region in the table \(1 mapped, 0 kept, "
                      r"0 dropped\), in force after [\d.]+ ms", out), out

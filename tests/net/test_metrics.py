@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyvhost import __version__
+from pyvhost import __version__, datapath
 from pyvhost.backend.metrics import families, parse_address
 from pyvhost.tools.process import pyvhost_argv
 from pyvhost.tools.procfs import count_fds, mappings
@@ -167,7 +167,8 @@ def test_scrape_during_traffic_grows_and_matches_status(procs: Procs, short_dir:
     # Both connections' SET_MEM_TABLE are in the latency histogram (DPDK sends no
     # ADD_MEM_REG), the closed one's too.
     assert value(again, "pyvhost_memory_update_seconds_count", request="SET_MEM_TABLE") >= 2
-    assert value(again, "pyvhost_build_info", version=__version__, datapath="python") == 1
+    assert value(again, "pyvhost_build_info", version=__version__,
+                 datapath=datapath.name()) == 1
     assert value(again, "process_open_fds") > 0
     print("\nscraped during traffic:\n" + "\n".join(
         line for line in during.splitlines()

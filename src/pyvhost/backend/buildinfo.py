@@ -2,23 +2,19 @@
 the queues.
 
 ``pyvhost net`` logs both when it starts, and ``--metrics`` exports them as
-``pyvhost_build_info``. Today there is one data path, the reference one in Python
-(:mod:`pyvhost.virtq`, the devices). A compiled data path reports itself here, in
-:func:`datapath_name`, and nowhere else: every place that shows the data path asks this
-module.
+``pyvhost_build_info``. The data path is :mod:`pyvhost.datapath`'s choice, made once at
+import: ``compiled`` (the Cython extension) or ``python`` (the reference, also forced by
+PYVHOST_PURE=1). Every place that shows the data path asks this module.
 """
 
 from __future__ import annotations
 
-from pyvhost import __version__
-
-#: The reference data path: split virtqueues and devices in pure Python.
-PYTHON = "python"
+from pyvhost import __version__, datapath
 
 
 def datapath_name() -> str:
     """The name of the data path that serves the queues in this process."""
-    return PYTHON
+    return datapath.name()
 
 
 def build_info() -> dict[str, str]:

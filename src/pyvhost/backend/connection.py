@@ -25,7 +25,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, GuestMemory, MemoryManager
+from pyvhost.memory import GuestAddressError, GuestMemory, MemoryFaultError, MemoryManager
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import (
     REQUESTS,
@@ -289,6 +289,12 @@ class Connection(DeviceHost):
             ctx = QueueContext(mem, ready, self._notify, self.queue_counters)
             try:
                 fn(ctx)
+            except MemoryFaultError as e:
+                # Guest memory faulted under its mapping (a region's file shrank): no
+                # access to this memory is safe any more. Drop the connection, and with
+                # it the mappings, once this hold ends; the others are unharmed.
+                log.error("%s: %s", self.name, e)
+                self.close(f"guest memory fault: {e}")
             except (VirtqueueError, GuestAddressError, PeerError) as e:
                 # A device may serve other queues than the one kicked (ReflectNet serves
                 # its tx queue on an rx kick): report the queue that broke, not the kicked.
