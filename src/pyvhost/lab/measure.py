@@ -14,7 +14,7 @@ It decides nothing (:mod:`.checks` does) and starts nothing (:mod:`.machines` do
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,9 @@ class BackendMeter:
 def _connections(state: Mapping[str, Any], vm_by_pid: Mapping[int, int]) -> dict[int, Connection]:
     out = {}
     for conn in _list(state.get("connections", []), "connections"):
-        pid = conn.get("peer_pid") if isinstance(conn, dict) else None
+        if not isinstance(conn, dict):
+            raise LabError(f"pyvhost net's status has a connection = {conn!r}")
+        pid = conn.get("peer_pid")  # None until the peer is known
         vm = vm_by_pid.get(pid) if isinstance(pid, int) else None
         if vm is not None:
             out[vm] = _connection(conn)
@@ -100,45 +102,39 @@ def _connections(state: Mapping[str, Any], vm_by_pid: Mapping[int, int]) -> dict
 
 def _connection(c: Mapping[str, Any]) -> Connection:
     update = c.get("last_memory_update")
+    features = _list(c.get("protocol_features"), "protocol_features")
+    if not all(isinstance(f, str) for f in features):
+        raise LabError(f"pyvhost net's status has protocol_features = {features!r}")
     return Connection(
-        name=_typed(c, "name", str), peer_pid=_typed(c, "peer_pid", int),
-        protocol_features=tuple(_typed(f, "", str) for f in _list(
-            c.get("protocol_features"), "protocol_features")),
-        generation=_typed(c, "memory_generation", int),
-        regions=tuple(Region(_typed(r, "guest_phys_addr", int), _typed(r, "memory_size", int),
-                             _typed(r, "fds_held", int))
+        name=_field(c, "name", str), peer_pid=_field(c, "peer_pid", int),
+        protocol_features=tuple(features), generation=_field(c, "memory_generation", int),
+        regions=tuple(Region(_field(r, "guest_phys_addr", int), _field(r, "memory_size", int),
+                             _field(r, "fds_held", int))
                       for r in _list(c.get("memory"), "memory")),
         last_update=None if update is None else MemoryUpdate(
-            _typed(update, "request", str), _typed(update, "generation", int),
-            _number(update, "received"), _number(update, "in_force")))
+            _field(update, "request", str), _field(update, "generation", int),
+            float(_field(update, "received", (int, float))),
+            float(_field(update, "in_force", (int, float)))))
 
 
 def _port(p: Any, vm_by_name: Mapping[str, int]) -> PortCounters:
-    vm = vm_by_name.get(_typed(p, "name", str))
+    vm = vm_by_name.get(_field(p, "name", str))
 
     def drops(key: str) -> dict[str, int]:
-        d = _typed(p, key, dict)
-        return {str(k): _typed(d, k, int) for k in d}
+        d = _field(p, key, dict)
+        return {str(k): _field(d, k, int) for k in d}
 
-    return PortCounters(None if vm is None else vm + 1, _typed(p, "rx_frames", int),
-                        _typed(p, "tx_frames", int), drops("rx_drops"), drops("tx_drops"))
-
-
-def _typed(obj: Any, key: str, kind: type[Any]) -> Any:
-    """``obj[key]`` (``obj`` itself with an empty key), which must be a ``kind``: the status
-    comes from another process and is checked before the lab relies on it."""
-    value = obj if key == "" else obj.get(key) if isinstance(obj, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise LabError(f"pyvhost net's status has {key or 'a value'} = {value!r}, not "
-                       f"{kind.__name__}")
-    return value
+    return PortCounters(None if vm is None else vm + 1, _field(p, "rx_frames", int),
+                        _field(p, "tx_frames", int), drops("rx_drops"), drops("tx_drops"))
 
 
-def _number(obj: Any, key: str) -> float:
+def _field(obj: Any, key: str, kind: type[Any] | tuple[type[Any], ...]) -> Any:
+    """``obj[key]``, which must be a ``kind`` (not a bool where a number is wanted): the
+    status comes from another process and is checked before the lab relies on it."""
     value = obj.get(key) if isinstance(obj, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise LabError(f"pyvhost net's status has {key} = {value!r}, not a number")
-    return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise LabError(f"pyvhost net's status has {key} = {value!r}, not {kind!r}")
+    return value
 
 
 def _list(value: Any, what: str) -> list[Any]:
@@ -213,18 +209,17 @@ class TimedMonitor:
         self.calls.clear()
         self.events.clear()
 
-    def last(self, command: str) -> Call | None:
-        return next((c for c in reversed(self.calls) if c.command == command), None)
 
-
-def step_timing(monitor: TimedMonitor, action: str, device_id: str,
-                update: MemoryUpdate | None, previous: MemoryUpdate | None,
-                mem_seen: float | None) -> Timing:
-    """Split a step's time: QEMU's command, the back-end's table update inside it (QEMU
-    waits for the back-end's REPLY_ACK before it answers device_add / device_del), the
-    guest's ACPI _OST answer, and MemTotal (``mem_seen``, monotonic, when it changed)."""
+def step_timing(action: str, device_id: str, calls: Sequence[Call],
+                events: Sequence[dict[str, Any]], update: MemoryUpdate | None,
+                previous: MemoryUpdate | None, mem_seen: float | None) -> Timing:
+    """Split a step's time: QEMU's command (the last in ``calls``), the back-end's table
+    update inside it (QEMU waits for the back-end's REPLY_ACK before it answers device_add /
+    device_del; ``update`` is the connection's last one, ``previous`` the one before the
+    step), the guest's ACPI _OST answer (``events``), and MemTotal (``mem_seen``,
+    monotonic, when it changed)."""
     command = "device_add" if action == "add" else "device_del"
-    call = monitor.last(command)
+    call = next((c for c in reversed(calls) if c.command == command), None)
     if call is None:
         return Timing(command)
     qmp_seconds = round(call.answered - call.sent, 6)
@@ -239,11 +234,12 @@ def step_timing(monitor: TimedMonitor, action: str, device_id: str,
         if inside:
             qemu_seconds = round(qmp_seconds - seconds, 6)
     return Timing(command, qmp_seconds, request, received_after, seconds, inside, qemu_seconds,
-                  acpi_ost_after=_ost_after(monitor.events, device_id, call.wall),
+                  acpi_ost_after=_ost_after(events, device_id, call.wall),
                   mem_total_after=None if mem_seen is None else round(mem_seen - call.sent, 6))
 
 
-def _ost_after(events: list[dict[str, Any]], device_id: str, wall: float) -> float | None:
+def _ost_after(events: Sequence[dict[str, Any]], device_id: str,
+               wall: float) -> float | None:
     """Seconds from ``wall`` to the guest's first ACPI _OST answer about ``device_id``."""
     for ev in events:
         data = ev.get("data")

@@ -275,8 +275,8 @@ class Lab:
         guest, mem_seen = self._guest_after(outcome.ok, grow=plan.action == "add")
         backend = self.meter.backend(self._vm_by_pid)
         memory = qemu_memory(read_state(self.qmp))
-        timing = step_timing(self.qmp, plan.action, plan.device_id, _update(backend),
-                             _update(before.backend), mem_seen)
+        timing = step_timing(plan.action, plan.device_id, self.qmp.calls, self.qmp.events,
+                             _update(backend), _update(before.backend), mem_seen)
         wait = (self._loops.wait_for_more(self.config.pings_per_step)
                 if self._loops is not None and self._loops.running else None)
         step = Step(len(self.steps), action, plan.device_id, planner=planner_verdict(plan),
