@@ -48,7 +48,8 @@ from typing import Any
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend import ProbeConfig, run_probe
 from pyvhost.frontend.hostile import CASES, FAILING, HostileConfig, run_hostile
-from pyvhost.tools.process import end_process, pyvhost_argv, unix_listening
+from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.procfs import unix_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 DPDK_RUNTIME = Path("/var/run/dpdk")

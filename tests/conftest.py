@@ -45,3 +45,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter is not None:
             reporter.write_line(f"CI=true: {skipped} test(s) skipped; a skip fails CI",
                                 red=True)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    # Which data path the in-process tests and every pyvhost child process run: the
+    # compiled one unless PYVHOST_PURE=1 (CI runs the data-path tests both ways).
+    from pyvhost import datapath
+    return f"pyvhost data path: {datapath.name()}"

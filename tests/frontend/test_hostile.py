@@ -23,7 +23,8 @@ from pyvhost.frontend.hostile import (
     HostileError,
     run_hostile,
 )
-from pyvhost.tools.process import pyvhost_argv, unix_listening
+from pyvhost.tools.process import pyvhost_argv
+from pyvhost.tools.procfs import unix_listening
 from support.procs import Procs, Started
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from pyvhost.frontend import FrontendConnectError, ProbeConfig, run_probe
 from pyvhost.frontend.hostile import HostileConfig, run_hostile
-from pyvhost.tools.process import unix_listening
+from pyvhost.tools.procfs import unix_listening
 from support.procs import Procs, need
 
 pytestmark = pytest.mark.qemu

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from pyvhost.frontend import CannotMeasureError, ProbeConfig, run_probe
-from pyvhost.tools.process import pyvhost_argv, unix_listening
+from pyvhost.tools.process import pyvhost_argv
+from pyvhost.tools.procfs import unix_listening
 from support.procs import Procs, Started
 
 pytestmark = pytest.mark.qemu

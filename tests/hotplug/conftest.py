@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from click.testing import CliRunner
 
-from pyvhost.cli.mem import mem
+from pyvhost.cli.main import cli
 from pyvhost.lab.image import DEFAULT_MODULES, GuestImage, ImageBuildError, build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Qemu, QemuConfig, guest_config
 from support.procs import need
@@ -79,7 +79,7 @@ def boot_vm(hotplug_image: GuestImage, tmp_path: Path) -> Iterator[BootVm]:
 
 def run_mem(*args: str) -> tuple[int, str]:
     """``pyvhost mem ARGS`` in this process: (exit code, stdout)."""
-    result = CliRunner().invoke(mem, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["mem", *args], catch_exceptions=False)
     return result.exit_code, result.stdout
 
 

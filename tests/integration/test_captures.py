@@ -30,6 +30,7 @@ from pyvhost.protocol.constants import (
     Request,
 )
 from pyvhost.protocol.transport import recv_chunk, send_message
+from support.memfd import memfd
 
 CAPTURES = Path(__file__).parent.parent / "data" / "captures"
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
@@ -141,9 +142,9 @@ class RamFiles:
 
     def fd_for(self, region: m.MemoryRegion) -> int:
         if region.userspace_addr not in self.fds:
-            fd = os.memfd_create(f"pyvhost-replay-{region.userspace_addr:x}", os.MFD_CLOEXEC)
-            os.ftruncate(fd, region.mmap_offset + region.memory_size)
-            self.fds[region.userspace_addr] = fd
+            self.fds[region.userspace_addr] = memfd(
+                region.mmap_offset + region.memory_size,
+                name=f"pyvhost-replay-{region.userspace_addr:x}")
         return self.fds[region.userspace_addr]
 
     def close(self) -> None:

@@ -1,21 +1,31 @@
-"""``pyvhost probe``: the command line of the leak probe (:mod:`pyvhost.frontend.probe`).
+"""``pyvhost probe``: the command line of the leak probe (:mod:`pyvhost.frontend.probe`) and
+of its robustness suite (:mod:`pyvhost.frontend.hostile`).
 
-It parses options, shows progress and prints the report (a rich table, or one JSON
-object with ``--json``). Exit codes: 0 no leak, 1 leak found, 2 usage or connection
-error (or any other failure to finish the probe), 130 interrupted.
+It parses options, shows progress and prints the report: a rich table, or with ``--json``
+one ``pyvhost.probe/1`` object (hot-plug cycles) or one ``pyvhost.probe.hostile/1`` object
+(``--hostile``); errors are the one ``pyvhost.error/1`` document. Exit codes: 0 no leak
+(no hostile case failed), 1 leak found (a hostile case crashed, hung, leaked or harmed the
+witness), 2 usage error, cannot connect, or the probe cannot run as asked or cannot
+measure, 3 the back-end failed a step (a NACK, a wrong reply, no reply, it hung up or
+exited mid-probe), 130 interrupted.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from pyvhost.errors import PyvhostError
+from pyvhost.errors import PeerError, PyvhostError
 from pyvhost.frontend import plot, profiles
+from pyvhost.frontend.errors import FrontendConnectError
 from pyvhost.frontend.hostile import (
     CASES,
     CaseResult,
@@ -23,13 +33,19 @@ from pyvhost.frontend.hostile import (
     HostileReport,
     run_hostile,
 )
+from pyvhost.frontend.peer import CannotMeasureError
 from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
+from pyvhost.tools.procfs import ProcessGoneError
 from pyvhost.units import MiB, parse_size
 
-EXIT_OK = 0
-EXIT_LEAK = 1
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
+from .sockets import connect_failure
+
+SCHEMA = "pyvhost.probe/1"
+HOSTILE_SCHEMA = "pyvhost.probe.hostile/1"
+CASES_SCHEMA = "pyvhost.probe.cases/1"
+HINT = "is the back-end running, and is this the path it listens on?"
+
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
@@ -72,8 +88,12 @@ Without CONFIGURE_MEM_SLOTS the table holds at most 8 regions: boot RAM + up to
 7 hot-plugged ones; with it, at most what GET_MAX_MEM_SLOTS answered.
 
 \b
-Exit codes: 0 no leak, 1 leak found (or a hostile case failed), 2 usage or
-connection error or cannot measure, 130 Ctrl-C.
+Exit codes: 0 no leak, 1 leak found (with --hostile: a case crashed, hung,
+leaked or harmed the witness), 2 usage error or cannot connect (or the probe
+cannot run as asked: too many regions, --mem-slots not offered, no access to
+/proc/PID; or cannot measure: no process maps the back-end's memory), 3 the
+back-end failed a step (NACK, wrong or no reply, hung up or exited mid-probe),
+130 interrupted (Ctrl-C, SIGTERM).
 
 \b
 Examples:
@@ -106,7 +126,7 @@ Examples:
 
 @click.command("probe", help=HELP, short_help="Check a back-end for fd/mapping leaks "
                "across memory hot-plug.")
-@click.option("--socket", "socket_path", required=True, metavar="PATH",
+@click.option("--socket", "socket_path", metavar="PATH",
               help="The back-end's vhost-user socket (it must be listening), or with "
                    "--listen the path to listen on.")
 @click.option("--cycles", type=click.IntRange(min=0), default=10, show_default=True,
@@ -169,45 +189,77 @@ Examples:
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=600.0,
               show_default=True, help="With --hostile: seconds for the whole suite.")
 @click.option("--list-cases", is_flag=True, help="List the hostile cases and exit.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print exactly one JSON object on stdout (no table, no progress bar).")
-@click.pass_context
-def probe(ctx: click.Context, socket_path: str, cycles: int, regions: int, region_size: int,
+@json_option(help="Print exactly one JSON object on stdout (schema pyvhost.probe/1, or "
+                 "pyvhost.probe.hostile/1 with --hostile; no table, no progress bar).")
+@verbosity
+def probe(socket_path: str | None, cycles: int, regions: int, region_size: int,
           boot_size: int, pid: int | None, mem_slots: bool | None, memory_dir: str | None,
           timeout: float, settle: float, profile: str, device: str, queue_pairs: int,
           listen: bool, accept_timeout: float, reconnect: bool, plot_path: str | None,
           hostile: bool, cases: tuple[str, ...], include_destructive: bool,
           witness_socket: str | None, case_timeout: float, time_limit: float,
           list_cases: bool, as_json: bool) -> None:
+    configure_logging()
     if list_cases:
         _list_cases(as_json)
-        ctx.exit(EXIT_OK)
+        raise click.exceptions.Exit(Exit.OK)
+    if socket_path is None:
+        raise click.UsageError("Missing option '--socket'.")
+    if pid is not None and not os.path.exists(f"/proc/{pid}"):
+        fail(f"--pid {pid}: no such process", "usage")
     if hostile:
-        _hostile(ctx, HostileConfig(socket_path, witness_socket, cases, include_destructive,
-                                    device, case_timeout, time_limit, pid), listen, as_json)
+        if listen:
+            fail("--hostile connects to the back-end; it does not take --listen", "usage")
+        _hostile(HostileConfig(socket_path, witness_socket, cases, include_destructive,
+                               device, case_timeout, time_limit, pid), as_json)
     config = ProbeConfig(socket_path=socket_path, cycles=cycles, regions=regions,
                          region_size=region_size, boot_size=boot_size, pid=pid,
                          mem_slots=mem_slots, timeout=timeout, settle=settle,
                          directory=memory_dir, profile=profile, device=device,
                          queue_pairs=queue_pairs, listen=listen,
                          accept_timeout=accept_timeout, reconnect=reconnect)
-    err = Console(stderr=True)
-    try:
-        report = run_probe(config) if as_json else _run_with_progress(config, err)
-        if plot_path is not None:
+    with _errors(socket_path):
+        report = (run_probe(config) if as_json
+                  else _run_with_progress(config, console(stderr=True)))
+    if plot_path is not None:
+        try:
             plot.draw(report.series, plot_path,
                       f"pyvhost probe: pid {report.pid} on {report.socket}")
-    except KeyboardInterrupt:
-        _fail(as_json, err, "interrupted", EXIT_INTERRUPTED)
-        ctx.exit(EXIT_INTERRUPTED)
-    except PyvhostError as e:
-        _fail(as_json, err, str(e), EXIT_ERROR, kind=type(e).__name__)
-        ctx.exit(EXIT_ERROR)
+        except PyvhostError as e:
+            fail(str(e), "run")
     if as_json:
-        click.echo(json.dumps(report.to_json(), sort_keys=False))
+        emit_json(json_doc(report))
     else:
-        _print_report(report, Console())
-    ctx.exit(EXIT_LEAK if report.leak else EXIT_OK)
+        _print_report(report, console())
+    raise click.exceptions.Exit(Exit.PROBLEM if report.leak else Exit.OK)
+
+
+@contextlib.contextmanager
+def _errors(socket_path: str) -> Iterator[None]:
+    """The probe's and the suite's exceptions as the common rule's error kinds
+    (KeyboardInterrupt goes on to :func:`pyvhost.cli.main`: 130)."""
+    try:
+        yield
+    except FrontendConnectError as e:
+        fail(connect_failure(socket_path, "vhost-user socket", HINT, e), "connect")
+    except CannotMeasureError as e:
+        # Never "no leak" for a process the probe did not see.
+        fail(f"cannot measure: {e}", "run")
+    except (PeerError, ProcessGoneError) as e:
+        # The back-end broke the protocol, hung up, stopped answering or exited.
+        fail(f"the back-end failed: {e}", "peer")
+    except PyvhostError as e:
+        fail(str(e), "usage")
+
+
+def json_doc(report: ProbeReport) -> dict[str, Any]:
+    """The ``pyvhost.probe/1`` document: the report's fields and its schema."""
+    return {"schema": SCHEMA, **report.to_json()}
+
+
+def hostile_doc(report: HostileReport) -> dict[str, Any]:
+    """The ``pyvhost.probe.hostile/1`` document."""
+    return {"schema": HOSTILE_SCHEMA, **report.to_json()}
 
 
 def _run_with_progress(config: ProbeConfig, err: Console) -> ProbeReport:
@@ -222,30 +274,25 @@ def _run_with_progress(config: ProbeConfig, err: Console) -> ProbeReport:
         return run_probe(config, progress=advance)
 
 
-def _fail(as_json: bool, err: Console, message: str, code: int, kind: str = "") -> None:
-    if as_json:
-        click.echo(json.dumps({"error": message, "error_type": kind or None,
-                               "exit_code": code}))
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-
-
 def _size(n: int) -> str:
     return f"{n // MiB} MiB" if n % MiB == 0 else f"{n} bytes"
 
 
 def _print_report(report: ProbeReport, out: Console) -> None:
+    # Paths, file names and the back-end's words print as plain text (Text), never markup.
     mode = "ADD_MEM_REG / REM_MEM_REG" if report.mem_slots else "SET_MEM_TABLE"
-    out.print(f"back-end pid [bold]{report.pid}[/] on {report.socket}"
-              + (" (it connected to us)" if report.listen else ""), highlight=False)
+    out.print(Text.assemble("back-end pid ", (str(report.pid), "bold"),
+                            f" on {report.socket}",
+                            " (it connected to us)" if report.listen else ""))
     m = report.measured
     if m is not None:
         extra = "" if m.peercred_pid in (None, m.pid) else (
             f"; SO_PEERCRED names {m.peercred_pid}, which does not serve it")
-        out.print(f"measured process found by: {m.how}{extra}", highlight=False)
-    out.print(f"front-end profile: {report.profile} ({report.device})", highlight=False)
-    out.print(f"{report.cycles} cycles x {report.regions} regions of "
-              f"{_size(report.region_size)}; memory updates via {mode}; protocol features: "
-              f"{', '.join(report.protocol_features) or 'none'}", highlight=False)
+        out.print(Text(f"measured process found by: {m.how}{extra}"))
+    out.print(Text(f"front-end profile: {report.profile} ({report.device})"))
+    out.print(Text(f"{report.cycles} cycles x {report.regions} regions of "
+                   f"{_size(report.region_size)}; memory updates via {mode}; protocol "
+                   f"features: {', '.join(report.protocol_features) or 'none'}"))
 
     table = Table(title="back-end process", title_justify="left")
     table.add_column("measure")
@@ -261,9 +308,8 @@ def _print_report(report: ProbeReport, out: Console) -> None:
                               ("bytes mapped of our regions", b.mapped_bytes, p.mapped_bytes,
                                a.mapped_bytes)):
         delta = va - vb
-        style = "red" if delta > 0 else ""
         table.add_row(label, str(vb), str(vp), str(va),
-                      f"[{style}]{delta:+d}[/]" if style else f"{delta:+d}")
+                      Text(f"{delta:+d}", style="red" if delta > 0 else ""))
     out.print(table)
 
     lat = Table(title="memory update round trips (ms)", title_justify="left")
@@ -273,87 +319,73 @@ def _print_report(report: ProbeReport, out: Console) -> None:
         lat.add_row(name, str(stats.count), f"{stats.median:.3f}", f"{stats.p99:.3f}",
                     f"{stats.max:.3f}")
     s = report.latency
-    lat.add_row("[bold]all[/]", str(s.count), f"{s.median:.3f}", f"{s.p99:.3f}",
+    lat.add_row(Text("all", style="bold"), str(s.count), f"{s.median:.3f}", f"{s.p99:.3f}",
                 f"{s.max:.3f}")
     out.print(lat)
     if not report.reply_ack:
         out.print("no REPLY_ACK: round trips are send times only", style="yellow")
     if report.cycles >= 2:
         slopes = report.series.per_1000()
-        out.print(f"growth per 1,000 cycles: fds {slopes['fds']:+g}, fds on our regions "
-                  f"{slopes['region_fds']:+g}, mappings {slopes['mappings']:+g}",
-                  highlight=False)
+        out.print(Text(f"growth per 1,000 cycles: fds {slopes['fds']:+g}, fds on our regions "
+                       f"{slopes['region_fds']:+g}, mappings {slopes['mappings']:+g}"))
     if report.stale_files:
-        out.print(f"[red]still held after removal:[/] {', '.join(report.stale_files)}",
-                  highlight=False)
+        out.print(Text.assemble(("still held after removal:", "red"),
+                                f" {', '.join(report.stale_files)}"))
     again = report.reconnect
     if again is not None:
-        out.print(f"next connection: after {again.seconds:.2f} s, pid {again.pid}, "
-                  f"{'leak' if again.leak else 'no leak'}", highlight=False)
+        out.print(Text(f"next connection: after {again.seconds:.2f} s, pid {again.pid}, "
+                       f"{'leak' if again.leak else 'no leak'}"))
     gone = report.disconnected
     if gone is not None:
-        out.print(f"after hang-up the back-end holds {gone.matching_fds} fds and "
-                  f"{gone.mappings} mappings of our regions", highlight=False)
+        out.print(Text(f"after hang-up the back-end holds {gone.matching_fds} fds and "
+                       f"{gone.mappings} mappings of our regions"))
     if report.leak:
-        out.print("[bold red]verdict: leak[/]")
+        out.print(Text("verdict: leak", style="bold red"))
     else:
-        out.print("[bold green]verdict: no leak[/]")
+        out.print(Text("verdict: no leak", style="bold green"))
 
 
 # -- --hostile ----------------------------------------------------------------------------
 def _list_cases(as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"cases": [{"name": c.name, "group": c.group, "what": c.what,
-                                          "spec": c.spec, "destructive": c.destructive}
-                                         for c in CASES]}))
+        emit_json({"schema": CASES_SCHEMA,
+                   "cases": [{"name": c.name, "group": c.group, "what": c.what,
+                              "spec": c.spec, "destructive": c.destructive} for c in CASES]})
         return
-    out = Console()
+    out = console()
     for c in CASES:
         mark = " (destructive)" if c.destructive else ""
-        out.print(f"[bold]{c.name}[/]{mark}: {c.what}\n    spec: {c.spec}", highlight=False)
+        out.print(Text.assemble((c.name, "bold"), f"{mark}: {c.what}\n    spec: {c.spec}"))
 
 
-def _hostile(ctx: click.Context, config: HostileConfig, listen: bool, as_json: bool) -> None:
-    err = Console(stderr=True)
-    if listen:
-        _fail(as_json, err, "--hostile connects to the back-end; it does not take --listen",
-              EXIT_ERROR, "UsageError")
-        ctx.exit(EXIT_ERROR)
-    try:
-        if as_json:
-            report = run_hostile(config)
-        else:
-            def show(result: CaseResult) -> None:
-                style = "red" if result.failed else ""
-                text = f"{result.name:<45} {result.outcome}"
-                err.print(f"[{style}]{text}[/]" if style else text, highlight=False)
+def _hostile(config: HostileConfig, as_json: bool) -> None:
+    """Run the suite, print its report, and end the command with its exit code."""
+    err = console(stderr=True)
 
-            report = run_hostile(config, progress=show)
-    except KeyboardInterrupt:
-        _fail(as_json, err, "interrupted", EXIT_INTERRUPTED)
-        ctx.exit(EXIT_INTERRUPTED)
-    except PyvhostError as e:
-        _fail(as_json, err, str(e), EXIT_ERROR, kind=type(e).__name__)
-        ctx.exit(EXIT_ERROR)
+    def show(result: CaseResult) -> None:
+        err.print(Text(f"{result.name:<45} {result.outcome}",
+                       style="red" if result.failed else ""))
+
+    with _errors(config.socket_path):
+        report = run_hostile(config, progress=None if as_json else show)
     if as_json:
-        click.echo(json.dumps({"socket": config.socket_path, "mode": "hostile",
-                               "hostile": report.to_json()}))
+        emit_json(hostile_doc(report))
     else:
-        _print_hostile(report, Console())
-    ctx.exit(EXIT_LEAK if report.failed else EXIT_OK)
+        _print_hostile(report, console())
+    raise click.exceptions.Exit(Exit.PROBLEM if report.failed else Exit.OK)
 
 
 def _print_hostile(report: HostileReport, out: Console) -> None:
     m = report.measured
     if m is not None:
-        out.print(f"back-end pid [bold]{m.pid}[/] (found by {m.how}); witness on "
-                  f"{report.witness_socket}", highlight=False)
+        out.print(Text.assemble("back-end pid ", (str(m.pid), "bold"),
+                                f" (found by {m.how}); witness on {report.witness_socket}"))
     table = Table(title="hostile cases", title_justify="left")
     for col in ("case", "outcome", "response", "detail"):
         table.add_column(col)
     for r in report.results:
-        outcome = f"[red]{r.outcome}[/]" if r.failed else r.outcome
-        table.add_row(r.name, outcome, r.response, r.detail)
+        table.add_row(r.name, Text(r.outcome, style="red" if r.failed else ""),
+                      Text(r.response), Text(r.detail))
     out.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts().items())
-    out.print(f"{'[bold red]' if report.failed else '[bold green]'}{counts}[/]")
+    out.print(Text(counts, style="bold red" if report.failed else "bold green"))

@@ -19,6 +19,8 @@ import stat
 import time
 from types import TracebackType
 
+from pyvhost.tools.procfs import unix_listening
+
 from .errors import FrontendConnectError
 
 
@@ -74,22 +76,24 @@ class Listener:
 
 
 def _remove_stale(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse anything else at ``path``."""
+    """Remove a socket file nobody listens on; refuse anything else at ``path``.
+
+    Whether something listens is read from /proc/net/unix, not tried with a connect: a
+    probing connect to a vhost-user back-end's socket is a front-end to it."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise FrontendConnectError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale: refused
-        return
-    finally:
-        probe.close()
-    raise FrontendConnectError(f"something already listens on {path}")
+        in_use = unix_listening(path)
+    except OSError as e:
+        raise FrontendConnectError(f"can not tell whether something listens on {path}: "
+                                   f"{e.strerror or e}") from e
+    if in_use:
+        raise FrontendConnectError(f"something already listens on {path}")
+    os.unlink(path)
 
 
 __all__ = ["Listener"]

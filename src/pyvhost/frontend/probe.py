@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from pyvhost.errors import LocalError, PyvhostError
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 
 from . import profiles
 from .frontend import MEMORY_REQUESTS, Frontend, describe_protocol_features
 from .listen import Listener
-from .memory import FrontendMemory, GuestRam, MiB
+from .memory import FrontendMemory, GuestRam
 from .peer import Candidates, CannotMeasureError, PeerProcess, choose
 from .slope import Series
 

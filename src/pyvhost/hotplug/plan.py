@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from pyvhost.units import MiB
+
 from .host import HostFacts
 from .state import BASELINE_REGIONS, MAX_RAM_SLOTS, VmState, vhost_regions
 
-MiB = 1 << 20
 # Linux x86-64 onlines hot-added memory in 128 MiB blocks (memory_block_size_bytes);
 # the rest of a DIMM that is not a whole number of blocks is never used by the guest.
 GUEST_BLOCK = 128 * MiB

@@ -31,10 +31,11 @@ from pyvhost.protocol.constants import (
 )
 from pyvhost.protocol.fds import close_all
 from pyvhost.protocol.transport import recv_chunk
+from pyvhost.units import MiB
 
 from .. import profiles
 from ..frontend import Frontend, Negotiated
-from ..memory import FrontendMemory, GuestRam, MiB
+from ..memory import FrontendMemory, GuestRam
 
 _HEADER = struct.Struct("<III")
 _REGION = struct.Struct("<QQQQ")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import struct
 
+from pyvhost.units import MiB
+
 from ..frontend import Vring, split_ring_layout
-from ..memory import GuestRam, MiB
+from ..memory import GuestRam
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 from pyvhost.protocol.constants import ProtocolFeature, Request
+from pyvhost.units import MiB
 
-from ..memory import GuestRam, MiB
+from ..memory import GuestRam
 from .attacker import Attacker, Response, memfd, message, region, single, state, table
 from .attacker import vring_addr as addr
 from .case import Case, Context, NotApplicable

@@ -15,8 +15,8 @@ from pyvhost.protocol.constants import (
     ProtocolFeature,
     Request,
 )
+from pyvhost.units import MiB
 
-from ..memory import MiB
 from .attacker import Attacker, Response, header, memfd, message, region, table
 from .case import Case, Context, NotApplicable
 
