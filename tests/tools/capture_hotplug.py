@@ -30,7 +30,8 @@ from pathlib import Path
 
 from pyvhost.lab.image import build_image
 from pyvhost.lab.qemu import Qemu, guest_config
-from pyvhost.tools.process import end_process, unix_listening
+from pyvhost.tools.process import end_process
+from pyvhost.tools.procfs import unix_listening
 
 HERE = Path(__file__).resolve().parent
 
