@@ -380,6 +380,12 @@ def _print_hostile(report: HostileReport, out: Console) -> None:
     if m is not None:
         out.print(Text.assemble("back-end pid ", (str(m.pid), "bold"),
                                 f" (found by {m.how}); witness on {report.witness_socket}"))
+    f = report.frames
+    if f is not None:
+        seen = ("its frames are used and come back: both checked after every case" if f.back
+                else "its frames are used: checked after every case" if f.used
+                else "control messages only")
+        out.print(Text(f"witness: {seen}" + (f" ({f.detail})" if f.detail else "")))
     table = Table(title="hostile cases", title_justify="left")
     for col in ("case", "outcome", "response", "detail"):
         table.add_column(col)

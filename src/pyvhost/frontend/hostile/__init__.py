@@ -5,7 +5,8 @@
 - :mod:`.wire`      framing and fd cases
 - :mod:`.state`     memory-table and vring set-up cases
 - :mod:`.rings`     hostile descriptor chains, and the destructive case
-- :mod:`.runner`    the witness connection, the per-case verdicts, the time bound
+- :mod:`.witness`   the other VM: a started device that must keep getting answers and frames
+- :mod:`.runner`    the per-case verdicts, the time bound
 """
 
 from .case import GROUPS, Case, NotApplicable
@@ -18,8 +19,11 @@ from .runner import (
     HostileConfig,
     HostileError,
     HostileReport,
+    WitnessError,
     run_hostile,
 )
+from .witness import FrameCheck, Witness
 
 __all__ = ["BY_NAME", "CASES", "FAILING", "GROUPS", "OUTCOMES", "Case", "CaseResult",
-           "HostileConfig", "HostileError", "HostileReport", "NotApplicable", "run_hostile"]
+           "FrameCheck", "HostileConfig", "HostileError", "HostileReport", "NotApplicable",
+           "Witness", "WitnessError", "run_hostile"]

@@ -24,8 +24,9 @@ class NotApplicable(Exception):  # noqa: N818 - a verdict, not an error
 class Context:
     """What a case may ask the runner while it runs."""
 
-    #: Does the witness connection still answer (and pass frames)? Within the case timeout.
-    witness_ok: Callable[[], bool]
+    #: "" when the witness connection still answers (and, on net, moves frames) within
+    #: the case timeout; else what went wrong.
+    witness: Callable[[], str]
     #: Whether the measured process holds (an fd on, or a mapping of) a file of ours.
     holds: Callable[[str], bool]
     #: Let the back-end catch up before looking at what it holds.

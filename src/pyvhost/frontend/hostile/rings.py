@@ -3,26 +3,26 @@
 
 The attacked queue is one the device reads from: virtio-net's transmit queue (1), the
 only virtio-blk request queue (0), virtiofs's request queue (1). The chain is written
-into the ring the QEMU 7.2 profile set up in boot RAM, published with the available idx,
-and kicked.
+into the ring the QEMU 7.2 profile set up in boot RAM, through a
+:class:`~pyvhost.frontend.driver.DriverQueue` (any value goes), published with the
+available idx, and kicked.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 
 from pyvhost.units import MiB
 
-from ..frontend import Vring, split_ring_layout
+from ..driver import VIRTQ_DESC_F_INDIRECT as F_INDIRECT
+from ..driver import VIRTQ_DESC_F_NEXT as F_NEXT
+from ..driver import DriverQueue
 from ..memory import GuestRam
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-#: Where in boot RAM a "good" buffer goes (past the rings).
+#: Where in boot RAM a "good" buffer goes (past the rings). Boot RAM is at GPA 0, so
+#: offsets in it and the GPAs below are the same numbers.
 DATA = 1 * MiB
 
 
@@ -30,32 +30,28 @@ def _queue(a: Attacker) -> int:
     return 0 if a.device == "blk" else 1
 
 
-def _ring(a: Attacker) -> tuple[GuestRam, Vring, int, int]:
-    """Start the device (4 MiB of boot RAM); the attacked ring, and the offsets in boot
-    RAM of its descriptor table and available ring."""
+def _ring(a: Attacker) -> tuple[GuestRam, DriverQueue]:
+    """Start the device (4 MiB of boot RAM); the attacked ring, driven from boot RAM."""
     boot = a.start(4 * MiB)
     q = _queue(a)
     vring = a.fe.vrings.get(q)
     if vring is None:
         raise NotApplicable(f"ring {q} not set up")
-    base = vring.desc_addr - boot.userspace_addr
-    _, avail_off, _, _ = split_ring_layout(vring.size)
-    return boot, vring, base, base + avail_off
+    return boot, DriverQueue(boot, vring)
 
 
 def _chain(a: Attacker, descs: list[tuple[int, int, int, int]], heads: list[int] | None = None,
            avail_idx: int | None = None) -> Response:
     """Write ``descs`` (addr, len, flags, next) at the table's start, the available entries
     ``heads`` (default [0]), publish ``avail_idx`` (default len(heads)), kick, then ask."""
-    boot, vring, base, avail = _ring(a)
+    _, ring = _ring(a)
     for i, (gpa, length, flags, nxt) in enumerate(descs):
-        boot.write(base + 16 * i, _DESC.pack(gpa, length, flags, nxt))
+        ring.write_desc(i, gpa, length, flags, nxt)
     heads = [0] if heads is None else heads
     for i, head in enumerate(heads):
-        boot.write(avail + 4 + 2 * (i % vring.size), _U16.pack(head & 0xFFFF))
-    boot.write(avail + 2, _U16.pack((len(heads) if avail_idx is None else avail_idx)
-                                    & 0xFFFF))
-    os.eventfd_write(vring.kick_fd, 1)
+        ring.set_avail(i, head)
+    ring.publish(len(heads) if avail_idx is None else avail_idx)
+    ring.kick()
     return a.ping()
 
 
@@ -92,14 +88,14 @@ def indirect_not_negotiated(a: Attacker, ctx: Context) -> Response:
 
 
 def truncated_under_ring(a: Attacker, ctx: Context) -> Response:
-    boot, vring, base, avail = _ring(a)
-    boot.write(base, _DESC.pack(DATA, 64, 0, 0))
-    boot.write(avail + 4, _U16.pack(0))
-    boot.write(avail + 2, _U16.pack(1))
+    boot, ring = _ring(a)
+    ring.write_desc(0, DATA, 64)
+    ring.set_avail(0, 0)
+    ring.publish(1)
     # The file shrinks under the back-end's mapping: its next access past the end of the
     # file is a SIGBUS (ours too: we do not touch it again).
     os.ftruncate(boot.fd, 0)
-    os.eventfd_write(vring.kick_fd, 1)
+    ring.kick()
     return a.ping()
 
 

@@ -1,15 +1,17 @@
 """Run the hostile cases against a back-end and judge each one.
 
 Before the first case a **witness** connection is opened and started the way QEMU 7.2
-starts a device (boot RAM, rings, DRIVER_OK): it stands for every other VM the back-end
-serves, and it also tells which process to measure (the one that maps the witness's boot
-region, :mod:`pyvhost.frontend.peer`). Then, for each case: measure the process (its fds,
+starts a device (boot RAM, rings, DRIVER_OK, :mod:`.witness`): it stands for every other
+VM the back-end serves (it must keep getting answers and, on a net device, keep moving
+frames), and it also tells which process to measure (the one that maps the witness's
+boot region, :mod:`pyvhost.frontend.peer`). Then, for each case: measure the process (its fds,
 and what it holds of our files), open a fresh connection, run the case within its time
 bound, hang up, and judge:
 
 ==============  ==============================================================================
 crashed         the process is gone
-harmed-others   the witness stopped getting answers (during or after the case)
+harmed-others   the witness stopped getting answers, or its frames stopped flowing (during
+                or after the case)
 hung            a reply was owed and neither it nor a later GET_FEATURES came in time
 leaked          the process kept fds or mappings: more eventfds or memfds (the kinds of fd the
                 cases send) than before the case, any file
@@ -31,15 +33,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyvhost.errors import LocalError, PyvhostError
+from pyvhost.errors import LocalError, PeerError, PyvhostError
 from pyvhost.tools import procfs
 
-from ..errors import FrontendConnectError
 from ..memory import name_prefix
 from ..peer import Candidates, PeerProcess, choose, gone
 from . import rings, state, wire
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
+from .witness import FrameCheck, Witness
 
 #: Every case, by group: framing, fds, memory, vring, descriptors, destructive.
 CASES: tuple[Case, ...] = (*wire.CASES, *state.CASES, *rings.CASES)
@@ -50,7 +52,11 @@ OUTCOMES = ("pass", "nack", "closed", "crashed", "hung", "leaked", "harmed-other
 
 
 class HostileError(LocalError):
-    """The suite can not run as asked (unknown case, no witness, no process to measure)."""
+    """The suite can not run as asked (unknown case, no process to measure)."""
+
+
+class WitnessError(PeerError):
+    """The back-end refused or broke the well-formed start of the witness's device."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,8 @@ class HostileReport:
     measured: PeerProcess | None
     results: list[CaseResult] = field(default_factory=list)
     restarts: int = 0
+    #: What the witness's frames did before the first case (net), or why none are checked.
+    frames: FrameCheck | None = None
 
     @property
     def failed(self) -> bool:
@@ -121,26 +129,9 @@ class HostileReport:
         return {"socket": self.socket, "witness_socket": self.witness_socket,
                 "measured_process": None if self.measured is None
                 else self.measured.as_dict(),
+                "witness_frames": None if self.frames is None else self.frames.to_json(),
                 "restarts": self.restarts, "counts": self.counts(), "failed": self.failed,
                 "cases": [r.to_json() for r in self.results]}
-
-
-class _Witness:
-    """The other VM: a started device on its own connection."""
-
-    def __init__(self, path: str, device: str, timeout: float) -> None:
-        self.a = Attacker(path, device=device, timeout=timeout)
-        try:
-            self.boot = self.a.start()
-        except BaseException:
-            self.a.close()
-            raise
-
-    def ok(self) -> bool:
-        return self.a.ping().kind == "reply"
-
-    def close(self) -> None:
-        self.a.close()
 
 
 Restart = Callable[[], None]
@@ -154,9 +145,10 @@ def run_hostile(config: HostileConfig, *, restart: Restart | None = None,
     witness_path = config.witness_socket or config.socket_path
     report = HostileReport(config.socket_path, witness_path, None)
     start = time.monotonic()
-    witness: _Witness | None = None
+    witness: Witness | None = None
     try:
         witness = _open_witness(witness_path, config)
+        report.frames = witness.before
         measured = choose(Candidates.of(witness.a.sock), name_prefix(), witness.boot.name,
                           config.pid)
         report.measured = measured
@@ -196,13 +188,11 @@ def run_hostile(config: HostileConfig, *, restart: Restart | None = None,
             witness.close()
 
 
-def _open_witness(path: str, config: HostileConfig) -> _Witness:
+def _open_witness(path: str, config: HostileConfig) -> Witness:
     try:
-        return _Witness(path, config.device, config.case_timeout)
-    except FrontendConnectError:
-        raise
-    except PyvhostError as e:
-        raise HostileError(f"the witness connection could not start a device on {path}: "
+        return Witness(path, config.device, config.case_timeout)
+    except PeerError as e:
+        raise WitnessError(f"the witness connection could not start a device on {path}: "
                            f"{e}") from e
 
 
@@ -218,7 +208,7 @@ def _measure(pid: int) -> procfs.ProcessUsage | None:
 
 
 def _run_case(case: Case, config: HostileConfig, pid: int,
-              witness: _Witness | None) -> CaseResult:
+              witness: Witness | None) -> CaseResult:
     t0 = time.monotonic()
     baseline = _measure(pid)
     targets = _targets(pid)
@@ -228,7 +218,7 @@ def _run_case(case: Case, config: HostileConfig, pid: int,
         usage = _measure(pid)
         return usage is not None and usage.holds(name)
 
-    ctx = Context(witness_ok=witness.ok if witness is not None else (lambda: True),
+    ctx = Context(witness=witness.check if witness is not None else (lambda: ""),
                   holds=holds, settle=lambda: time.sleep(0.2))
     follow: Response | None = None
     try:
@@ -256,7 +246,7 @@ def _run_case(case: Case, config: HostileConfig, pid: int,
                       time.monotonic() - t0)
 
 
-def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None,
+def _judge(case: Case, config: HostileConfig, pid: int, witness: Witness | None,
            ctx: Context, response: Response, follow: Response | None,
            baseline: procfs.ProcessUsage | None, files: Sequence[str],
            targets: list[str]) -> tuple[str, str]:
@@ -267,11 +257,12 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: _Witness | None
         if gone(pid):
             return "crashed", f"process {pid} exited ({'; '.join(ctx.harmed)})"
         return "harmed-others", "; ".join(ctx.harmed)
-    if witness is not None and not witness.ok():
+    harm = witness.check() if witness is not None else ""
+    if harm:
         time.sleep(0.5)  # a process on its way out stops answering first
         if gone(pid):
             return "crashed", f"process {pid} exited"
-        return "harmed-others", "the witness got no answer after the case"
+        return "harmed-others", f"after the case: {harm}"
     if follow is not None and follow.kind == "silent":
         return "hung", ("no reply, and no answer to a GET_FEATURES after it"
                         if response.kind == "silent" else "answered, then went silent")
@@ -340,4 +331,4 @@ def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],
 
 
 __all__ = ["BY_NAME", "CASES", "FAILING", "OUTCOMES", "CaseResult", "HostileConfig",
-           "HostileError", "HostileReport", "run_hostile"]
+           "HostileError", "HostileReport", "WitnessError", "run_hostile"]

@@ -102,9 +102,10 @@ def slow_sender(a: Attacker, ctx: Context) -> Response:
     data = header(R.GET_FEATURES, 0, V)
     for i, byte in enumerate(data):
         a.send(bytes([byte]))
-        if i == len(data) // 2 and not ctx.witness_ok():
-            ctx.harmed.append("the witness got no answer while this connection sent a "
-                              "message one byte at a time")
+        harm = ctx.witness() if i == len(data) // 2 else ""
+        if harm:
+            ctx.harmed.append(f"while this connection sent a message one byte at a time: "
+                              f"{harm}")
         time.sleep(0.1)
     return a.response()
 
@@ -132,9 +133,9 @@ def replies_never_read(a: Attacker, ctx: Context) -> Response:
     finally:
         sock.setblocking(True)
         sock.settimeout(a.timeout)
-    if not ctx.witness_ok():
-        ctx.harmed.append(f"the witness got no answer while this connection left "
-                          f"{sent} replies unread")
+    harm = ctx.witness()
+    if harm:
+        ctx.harmed.append(f"while this connection left {sent} replies unread: {harm}")
     return Response("silent", detail=f"{sent} requests sent, no reply read")
 
 
