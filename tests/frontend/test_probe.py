@@ -278,3 +278,15 @@ def test_cli_plot_draws_a_png(make_backend: MakeBackend, short_dir: str) -> None
     assert found is not None and 90 <= float(found.group(1)) <= 110, result.stdout
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_without_matplotlib_fails_before_the_run(
+        make_backend: MakeBackend, short_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    be = make_backend(protocol_features=TABLE_ONLY)
+    monkeypatch.setattr("pyvhost.frontend.plot.importlib.util.find_spec", lambda name: None)
+    result = CliRunner().invoke(probe, ["--socket", be.path, "--cycles", "1000", "--plot",
+                                        f"{short_dir}/x.png", "--json"])
+    assert result.exit_code == 2, result.output
+    doc = validate(json.loads(result.stdout), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "run" and "pyvhost[plot]" in doc["error"]["message"]
+    assert be.names == []  # nothing was sent: it failed before connecting

@@ -218,6 +218,11 @@ def probe(socket_path: str | None, cycles: int, regions: int, region_size: int,
                          directory=memory_dir, profile=profile, device=device,
                          queue_pairs=queue_pairs, listen=listen,
                          accept_timeout=accept_timeout, reconnect=reconnect)
+    if plot_path is not None:
+        try:
+            plot.require()
+        except PyvhostError as e:
+            fail(str(e), "run")
     with _errors(socket_path):
         report = (run_probe(config) if as_json
                   else _run_with_progress(config, console(stderr=True)))

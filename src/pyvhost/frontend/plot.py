@@ -6,6 +6,7 @@ raises :class:`PlotUnavailableError` with that advice, and nothing else of pyvho
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -16,6 +17,13 @@ from .slope import Series
 
 class PlotUnavailableError(LocalError):
     """matplotlib is not installed, or the file can not be written."""
+
+
+def require() -> None:
+    """Raise :class:`PlotUnavailableError` now if matplotlib is missing: a long run should
+    not end in that error."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise PlotUnavailableError("--plot needs matplotlib: pip install 'pyvhost[plot]'")
 
 
 def draw(series: Series, path: str | os.PathLike[str], title: str) -> None:
@@ -51,4 +59,4 @@ def draw(series: Series, path: str | os.PathLike[str], title: str) -> None:
         plt.close(fig)
 
 
-__all__ = ["PlotUnavailableError", "draw"]
+__all__ = ["PlotUnavailableError", "draw", "require"]
