@@ -10,19 +10,24 @@ the command line's output.
 
 Back-ends (each started here, ended by pid, its runtime files removed):
 
-- DPDK 22.11 testpmd ``net_vhost``, server mode (it listens) and client mode (``client=1``,
-  the probe listens; reconnect probed);
+- DPDK 22.11 testpmd ``net_vhost``, server mode (it listens; a second ``net_vhost`` port
+  on a second socket is the hostile suite's witness: one port serves one device at a
+  time) and client mode (``client=1``, the probe listens; reconnect probed);
 - QEMU 7.2's virtiofsd, default sandbox (it forks after accept) and ``-o sandbox=chroot``;
 - qemu-storage-daemon's vhost-user-blk export (a second export of the same process on a
   second socket is the witness: it serves one client per socket);
-- ``pyvhost net --reflect`` with CONFIGURE_MEM_SLOTS, and with ``--no-mem-slots``;
+- ``pyvhost net --reflect`` with CONFIGURE_MEM_SLOTS, and with ``--no-mem-slots``, on
+  the compiled data path, and with CONFIGURE_MEM_SLOTS on the pure-Python one
+  (``PYVHOST_PURE=1``);
 - Open vSwitch 3.1 with DPDK (``dpdkvhostuser`` and ``dpdkvhostuserclient``) when
   ``ovs-vswitchd-dpdk`` is installed: a private database and run directory, ended by pid,
   hugepages given back (see :func:`ovs`).
 
 The hostile suite runs its non-destructive cases against every back-end that serves more
 than one connection (virtiofsd serves one, then exits); a back-end that crashes is started
-again and the suite goes on (the restart is counted).
+again and the suite goes on (the restart is counted). Then, on a fresh start, the
+destructive case (guest memory truncated under a live ring) and one ordinary case after
+it: does the back-end survive, and does it serve the next connection?
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyvhost import datapath
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend import ProbeConfig, run_probe
 from pyvhost.frontend.hostile import CASES, FAILING, HostileConfig, run_hostile
@@ -98,11 +104,12 @@ def wait_listening(path: str, proc: subprocess.Popen[bytes], timeout: float = 60
         time.sleep(0.05)
 
 
-def testpmd(peer: Peer, work: Path, vdev: str, name: str) -> subprocess.Popen[bytes]:
+def testpmd(peer: Peer, work: Path, vdevs: list[str], name: str) -> subprocess.Popen[bytes]:
     prefix = f"pyvhost-card-{name}-{uuid.uuid4().hex[:6]}"
     peer.cleanup.append(lambda: shutil.rmtree(DPDK_RUNTIME / prefix, ignore_errors=True))
     return peer.start(["stdbuf", "-oL", "dpdk-testpmd", "-l", "0-1", "--no-huge", "-m", "512",
-                       "--no-pci", "--file-prefix", prefix, "--vdev", vdev, "--",
+                       "--no-pci", "--file-prefix", prefix,
+                       *(a for v in vdevs for a in ("--vdev", v)), "--",
                        "--nb-cores=1", "--total-num-mbufs=2048"],
                       work / f"{name}.log", stdin_pipe=True)
 
@@ -117,6 +124,9 @@ class Row:
     hostile: dict[str, Any] | None = None
     hostile_note: str = ""
     note: str = ""
+    #: The destructive case and the case after it, or why they did not run.
+    destructive: dict[str, Any] | None = None
+    destructive_note: str = ""
 
 
 @dataclass
@@ -134,20 +144,26 @@ class Backend:
     note: str = ""
     #: A program the back-end needs; without it the row says so (not run).
     needs: str = ""
+    #: Run the destructive case too (only where the hostile suite runs), else say why not.
+    destructive: bool = True
+    destructive_note: str = ""
 
 
 def _dpdk_server(peer: Peer, work: Path) -> tuple[str, str | None]:
-    sock = str(work / "dpdk.sock")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock)
-    proc = testpmd(peer, work, f"net_vhost0,iface={sock},queues=1", "dpdk")
-    wait_listening(sock, proc)
-    return sock, None
+    socks = [str(work / "dpdk.sock"), str(work / "dpdk-witness.sock")]
+    for sock in socks:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+    proc = testpmd(peer, work, [f"net_vhost{i},iface={sock},queues=1"
+                                for i, sock in enumerate(socks)], "dpdk")
+    for sock in socks:
+        wait_listening(sock, proc)
+    return socks[0], socks[1]
 
 
 def _dpdk_client(peer: Peer, work: Path) -> tuple[str, str | None]:
     sock = str(work / "dpdk-client.sock")
-    testpmd(peer, work, f"net_vhost0,iface={sock},client=1,queues=1", "dpdk-client")
+    testpmd(peer, work, [f"net_vhost0,iface={sock},client=1,queues=1"], "dpdk-client")
     return sock, None
 
 
@@ -176,11 +192,16 @@ def _qsd(peer: Peer, work: Path) -> tuple[str, str | None]:
     return socks[0], socks[1]
 
 
-def _pyvhost(*extra: str) -> Callable[[Peer, Path], tuple[str, str | None]]:
+def _pyvhost(*extra: str, pure: bool = False) -> Callable[[Peer, Path],
+                                                          tuple[str, str | None]]:
+    env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
+    if pure:
+        env["PYVHOST_PURE"] = "1"
+
     def start(peer: Peer, work: Path) -> tuple[str, str | None]:
         sock = str(work / "pv.sock")
         proc = peer.start(pyvhost_argv("net", "--socket", sock, "--reflect", *extra),
-                          work / "pyvhost.log")
+                          work / "pyvhost.log", env=env)
         wait_listening(sock, proc)
         return sock, None
     return start
@@ -256,7 +277,8 @@ def ovs(client: bool) -> Callable[[Peer, Path], tuple[str, str | None]]:
 
 
 BACKENDS = [
-    Backend("DPDK 22.11 testpmd net_vhost", "server (it listens)", _dpdk_server),
+    Backend("DPDK 22.11 testpmd net_vhost", "server (it listens)", _dpdk_server,
+            note="witness: a second net_vhost port of the same testpmd"),
     Backend("DPDK 22.11 testpmd net_vhost", "client=1 (probe listens)", _dpdk_client,
             listen=True, hostile=False,
             hostile_note="the same vhost library as server mode (see that column)"),
@@ -275,14 +297,24 @@ BACKENDS = [
             hostile_note="not run: serves one connection, then exits"),
     Backend("qemu-storage-daemon 7.2 vhost-user-blk", "server", _qsd, device="blk",
             note="witness: a second export of the same process"),
-    Backend("pyvhost net --reflect", "CONFIGURE_MEM_SLOTS", _pyvhost()),
+    Backend("pyvhost net --reflect", "CONFIGURE_MEM_SLOTS", _pyvhost(),
+            note="compiled data path (the default where it is built)"),
     Backend("pyvhost net --reflect", "--no-mem-slots (SET_MEM_TABLE)",
-            _pyvhost("--no-mem-slots")),
+            _pyvhost("--no-mem-slots"), destructive=False,
+            destructive_note="not run: the same data path as CONFIGURE_MEM_SLOTS",
+            note="compiled data path"),
+    Backend("pyvhost net --reflect", "PYVHOST_PURE=1 (pure-Python data path)",
+            _pyvhost(pure=True), note="CONFIGURE_MEM_SLOTS, the pure-Python data path"),
 ]
+
+DESTRUCTIVE = next(c.name for c in CASES if c.destructive)
+#: The ordinary case run after the destructive one: is the next connection served?
+AFTER = "framing-unknown-request"
 
 
 def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
-    row = Row(b.name, b.mode, hostile_note=b.hostile_note, note=b.note)
+    row = Row(b.name, b.mode, hostile_note=b.hostile_note, note=b.note,
+              destructive_note=b.destructive_note)
     if b.needs and not os.access(b.needs, os.X_OK):
         row.probe_error = f"{b.needs} is not installed"
         return row
@@ -319,7 +351,29 @@ def run_backend(b: Backend, cycles: int, regions: int, work: Path) -> Row:
             row.hostile_note = f"could not run: {type(e).__name__}: {e}"
         finally:
             peer.stop()
+    if b.hostile and b.destructive:
+        try:
+            sock, witness = b.start(peer, work)
+            proc = peer.procs[-1]
+            bus = run_hostile(HostileConfig(sock, witness, cases=(DESTRUCTIVE, AFTER),
+                                            device=b.device, case_timeout=3))
+            row.destructive = bus.to_json()
+            time.sleep(0.5)
+            if proc.poll() is not None:
+                row.destructive_note = _exit_status(proc.returncode)
+        except (PyvhostError, RuntimeError, subprocess.CalledProcessError) as e:
+            row.destructive_note = f"could not run: {type(e).__name__}: {e}"
+        finally:
+            peer.stop()
     return row
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with {code}"
 
 
 # -- the page -------------------------------------------------------------------------------
@@ -354,6 +408,34 @@ def _hostile_summary(row: Row) -> str:
     return ("**" + text + "**" if bad else text) + extra
 
 
+def _witness(row: Row) -> str:
+    frames = (row.hostile or {}).get("witness_frames")
+    if not frames:
+        return ""
+    if frames["frames_back"]:
+        return "answers; frames used and sent back"
+    if frames["checked"]:
+        return "answers; frames used"
+    return "answers only" + (f" ({frames['detail']})" if frames["detail"] else "")
+
+
+def _destructive(row: Row) -> str:
+    d = row.destructive
+    if d is None:
+        return row.destructive_note or "n/a"
+    cases = {c["name"]: c for c in d["cases"]}
+    first, after = cases.get(DESTRUCTIVE), cases.get(AFTER)
+    if first is None:
+        return "n/a"
+    text = first["outcome"]
+    text = f"**{text}**" if text in FAILING else text
+    if row.destructive_note and first["outcome"] == "crashed":
+        text += f" ({row.destructive_note})"
+    if after is not None:
+        text += f"; next connection: {after['outcome']}"
+    return text
+
+
 def _short(name: str) -> str:
     first = name.split()[0]
     return {"Open": "OVS", "qemu-storage-daemon": "qsd"}.get(first, first)
@@ -373,11 +455,16 @@ def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: fl
         "",
         f"Run {started} on {platform.node() and 'this machine'}: {platform.system()} "
         f"{platform.release()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; {seconds:.0f} s in all. Leak probe: {cycles} cycles "
-        f"x {regions} regions of 2 MiB, boot RAM 64 MiB, profile qemu-7.2.",
+        f"{platform.python_version()}, pyvhost's data path {datapath.name()}; {seconds:.0f} s "
+        f"in all. Leak probe: {cycles} cycles x {regions} regions of 2 MiB, boot RAM 64 "
+        "MiB, profile qemu-7.2.",
         "",
-        "The machine is shared with other work: round trips are wall-clock medians, and "
-        "DPDK's (CPU work per SET_MEM_TABLE with the rings live) move with the load.",
+        "The machine is shared with other work and noisy (other test runs on the same 2 "
+        "cores): round trips are wall-clock medians that move with the load, DPDK's (CPU "
+        "work per SET_MEM_TABLE with the rings live) most. A few hostile outcomes vary "
+        "from run to run (a back-end that dies in one run leaks in the next; an fd let go "
+        "just before or after the 3 s bound of every wait): compare two runs before you "
+        "rely on one cell.",
         "",
         "## Leak probe",
         "",
@@ -407,11 +494,19 @@ def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: fl
         "",
         "## Hostile cases",
         "",
-        "| back-end | mode | outcomes |",
-        "|---|---|---|",
+        "The witness (another VM's device, started before the first case) must still get "
+        "answers after every case and, on a net device whose frames it saw used before "
+        "the cases, still have them used (and sent back, if they were). The destructive "
+        "case truncates the file of a connection's boot RAM (its rings) to 0 bytes and "
+        "kicks; it runs on a fresh start of the back-end, followed by one ordinary case "
+        "on a new connection.",
+        "",
+        "| back-end | mode | witness | outcomes | memory truncated under a live ring |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.mode} | {_hostile_summary(r)} |")
+        lines.append(f"| {r.name} | {r.mode} | {_witness(r)} | {_hostile_summary(r)} | "
+                     f"{_destructive(r)} |")
     ran = [r for r in rows if r.hostile is not None]
     lines += ["", "Per case (pass: answered and kept serving; nack: refused, kept serving; "
               "closed: hung up on that connection; crashed, hung, leaked, harmed-others "
@@ -438,6 +533,26 @@ def render(rows: list[Row], cycles: int, regions: int, started: str, seconds: fl
             if c["outcome"] in FAILING:
                 lines.append(f"- {r.name} ({r.mode}), `{c['name']}`: {c['outcome']}: "
                              f"{c['detail'] or c['response']}")
+    lines += ["", f"The destructive case (`{DESTRUCTIVE}`), then `{AFTER}` on a new "
+              "connection:", ""]
+    for r in rows:
+        cases = {c["name"]: c for c in (r.destructive or {}).get("cases", [])}
+        c, after = cases.get(DESTRUCTIVE), cases.get(AFTER)
+        if c is None:
+            continue
+        text = f"- {r.name} ({r.mode}): {c['outcome']}"
+        if c["outcome"] == "crashed":
+            text += f" ({r.destructive_note or c['detail']})"
+        else:
+            frames = (r.destructive or {}).get("witness_frames") or {}
+            text += (f" (the case's connection: {c['response']})"
+                     + ("; the witness's frames kept coming back" if frames.get("frames_back")
+                        else "; the witness unharmed"))
+        if after is not None:
+            text += f"; then `{AFTER}`: {after['outcome']}"
+            if after["outcome"] == "not run":
+                text += f" ({after['detail']})"
+        lines.append(text)
     lines += ["", "The spec sentence each case relies on: `pyvhost probe --list-cases`.", ""]
     notes = [f"- {r.name} ({r.mode}): {r.note}" for r in rows if r.note]
     if notes:
@@ -473,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {b.name} ({b.mode})", file=sys.stderr, flush=True)
         with workdir() as work:
             row = run_backend(b, args.cycles, args.regions, work)
-        print(f"   {_verdict(row)}; hostile: {_hostile_summary(row)}", file=sys.stderr,
-              flush=True)
+        print(f"   {_verdict(row)}; hostile: {_hostile_summary(row)}; destructive: "
+              f"{_destructive(row)}", file=sys.stderr, flush=True)
         rows.append(row)
     page = render(rows, args.cycles, args.regions, started, time.monotonic() - t0)
     Path(args.out).write_text(page)
