@@ -64,6 +64,17 @@ OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                              | ProtocolFeature.CONFIGURE_MEM_SLOTS)
 
 
+def protocol_features_for(device: VirtioDevice) -> ProtocolFeature:
+    """The protocol features offered to the front-end of ``device``: the library's, less
+    what the device withholds, and CONFIG only for a device whose front-end reads its
+    config space through the back-end (QEMU's vhost-user-net serves its own and warns
+    about an offered CONFIG at every start)."""
+    offered = OFFERED_PROTOCOL_FEATURES & ~device.withheld_protocol_features
+    if not device.serves_config:
+        offered &= ~ProtocolFeature.CONFIG
+    return offered
+
+
 class RequestError(PeerError):
     """A request that is valid on the wire but not allowed now or not supported."""
 
@@ -98,12 +109,8 @@ class Connection(DeviceHost):
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
-        #: What GET_PROTOCOL_FEATURES answers: the library's, less what the device withholds,
-        #: and CONFIG only for a device whose front-end reads its config through us.
-        offered = OFFERED_PROTOCOL_FEATURES & ~device.withheld_protocol_features
-        if not device.serves_config:
-            offered &= ~ProtocolFeature.CONFIG
-        self.offered_protocol_features = offered
+        #: What GET_PROTOCOL_FEATURES answers (:func:`protocol_features_for`).
+        self.offered_protocol_features = protocol_features_for(device)
         #: The last request that changed the memory table: its name, the new generation,
         #: and when (time.monotonic(), CLOCK_MONOTONIC: comparable across processes on
         #: Linux) it was taken off the socket and when the new table was in force (fds
