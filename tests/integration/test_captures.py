@@ -35,6 +35,7 @@ from support.memfd import memfd
 
 CAPTURES = Path(__file__).parent.parent / "data" / "captures"
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
+         "qemu100_dpdk_setmemtable.jsonl", "qemu100_memslots.jsonl",
          "dpdk_virtio_user_handshake.jsonl"]
 
 
