@@ -144,7 +144,11 @@ def test_cli_hostile_exits_1_on_dpdk_and_0_on_pyvhost(short_dir: str, procs: Pro
     assert done.returncode == 1, (done.stdout, done.stderr)
     doc = validate(json.loads(done.stdout), "pyvhost.probe.hostile/1")
     (case,) = doc["cases"]
-    assert case["outcome"] in ("leaked", "crashed") and case["spec"] == BY_NAME[case["name"]].spec
+    # DPDK 22.11 keeps the refused table's eventfd (leaked), and sometimes crashes on the
+    # hang-up that follows, which can also take the witness's port down with it
+    # (harmed-others): any of the three fails the case, and the run exits 1.
+    assert case["outcome"] in ("leaked", "crashed", "harmed-others"), case
+    assert case["spec"] == BY_NAME[case["name"]].spec
     psock = f"{short_dir}/pv.sock"
     net = procs.pyvhost("net", "--socket", psock, "--reflect", name="pyvhost-net-cli")
     _wait_listening(psock, net)
