@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pyvhost.cli.common import console, fail
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import (
     Outcome,
@@ -234,7 +235,7 @@ def _fail(message: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"error": message}))
     else:
-        Console(stderr=True).print(f"[red]error[/red]: {message}")
+        console(stderr=True).print(f"[red]error[/red]: {message}", soft_wrap=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -248,7 +249,18 @@ limit_option = click.option(
          "(QMP cannot tell then whether the back-end has CONFIGURE_MEM_SLOTS).")
 
 
-@click.group()
+class _MemGroup(click.Group):
+    """Ctrl-C during any ``pyvhost mem`` step is one line and exit 130: turned into the
+    command error here, before click's own handler prints an empty line for it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            fail("interrupted", "interrupted")
+
+
+@click.group(cls=_MemGroup)
 def mem() -> None:
     """Memory hot-plug through QMP, with the checks QEMU leaves out.
 
@@ -274,10 +286,12 @@ def mem() -> None:
 @qmp_option
 @json_option
 @limit_option
-def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for QEMU (connect included).")
+def status(qmp_path: str, as_json: bool, region_limit: int, timeout: float) -> None:
     """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
     try:
-        with Qmp(qmp_path) as qmp:
+        with Qmp(qmp_path, timeout=timeout) as qmp:
             state = read_state(qmp)
         doc = status_json(state, read_host(), region_limit)
     except PyvhostError as e:
