@@ -38,9 +38,11 @@ from pyvhost.hotplug.plan import (
     plan_add,
     plan_remove,
     plan_resize,
-    region_limit,
 )
+from pyvhost.hotplug.qemu_rules import version_text
 from pyvhost.hotplug.qmp import Qmp
+from pyvhost.hotplug.regions import region_limit_info
+from pyvhost.hotplug.sharing import memory_problems
 from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
 from pyvhost.units import parse_size
 
@@ -84,10 +86,14 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
     boot = {b.id for b in state.boot_backends}
     by_memdev = {d.memdev: d.id for d in state.memory_devices}
     regions = vhost_regions(state, sizes)
-    limit, notes = region_limit(state, assume_limit)
+    info = region_limit_info(state, assume_limit)
+    limit, notes = info.limit, list(info.notes)
     return {
         "schema": SCHEMA_STATUS,
-        "vm": {"status": state.status, "boot_memory": state.boot_memory,
+        "problems": [{"code": p.code, "id": p.id, "device": p.device, "message": p.message}
+                     for p in memory_problems(state)],
+        "vm": {"status": state.status, "qemu_version": version_text(state.qemu_version)
+               if state.qemu_version else None, "boot_memory": state.boot_memory,
                "slots": state.slots, "slots_used": state.slots_used,
                "slots_free": max(0, state.slots - state.slots_used), "maxmem": state.maxmem,
                "plugged_memory": state.plugged_memory, "maxmem_left": state.maxmem_left,
@@ -108,6 +114,7 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
         "vhost_user": {
             "regions_used": len(regions) if state.vhost_user else None,
             "region_limit": limit,
+            "region_limit_assumed": info.assumed,
             "regions_free": None if limit is None else max(0, limit - len(regions)),
             "regions": [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
                          "memdev": r.name} for r in regions] if state.vhost_user else [],
@@ -122,7 +129,8 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
                  "default_hugepage_size": host.default_hugepage_size,
                  "numa_nodes": list(host.host_nodes),
                  "hugepages": [{"page_size": p.page_size, "node": p.node, "total": p.total,
-                                "free": p.free, "available": p.available}
+                                "free": p.free, "reserved": p.reserved,
+                                "available": p.available}
                                for p in host.pools]},
     }
 
@@ -138,7 +146,8 @@ def plan_json(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
         "prediction": None if p is None else {
             "slots_used": p.slots_used, "maxmem_left": p.maxmem_left,
             "vhost_user_regions": p.vhost_user_regions,
-            "vhost_user_region_limit": p.vhost_user_region_limit},
+            "vhost_user_region_limit": p.vhost_user_region_limit,
+            "vhost_user_region_limit_assumed": p.vhost_user_region_limit_assumed},
         "notes": list(plan.notes), "plan_seconds": plan_seconds,
         "outcome": None if outcome is None else {
             "ok": outcome.ok, "done": outcome.done, "failed_step": outcome.failed_step,
@@ -155,7 +164,8 @@ def _mib(n: int | None) -> str:
 
 def _print_status(doc: dict[str, Any], console: Console) -> None:
     vm = doc["vm"]
-    console.print(f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
+    console.print(f"QEMU {vm['qemu_version'] or '(version unknown)'}, "
+                  f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
                   f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
                   f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
                   f"guest NUMA nodes {vm['numa_nodes']}")
@@ -194,6 +204,14 @@ def _print_status(doc: dict[str, Any], console: Console) -> None:
             console.print(f"note: {note}")
     else:
         console.print("no vhost-user devices")
+    for pool in doc["host"]["hugepages"]:
+        if pool["node"] is None and pool["total"]:
+            console.print(f"host hugepages {pool['page_size'] // 1024} kB: "
+                          f"{pool['available']} available ({pool['free']} free, "
+                          f"{pool['reserved']} reserved) of {pool['total']}")
+    for problem in doc["problems"]:
+        console.print(f"[red]error[/red] {problem['code']} {problem['id']}: "
+                      f"{problem['message']}")
 
 
 def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Console) -> None:
@@ -244,9 +262,10 @@ qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object (docs/mem-json.md).")
 limit_option = click.option(
-    "--region-limit", type=click.IntRange(1, 509), default=BASELINE_REGIONS, show_default=True,
-    help="Region limit to assume for vhost-user devices the guest has not started yet "
-         "(QMP cannot tell then whether the back-end has CONFIGURE_MEM_SLOTS).")
+    "--region-limit", type=click.IntRange(1, 512), default=BASELINE_REGIONS, show_default=True,
+    help="Region limit to assume for vhost-user devices whose limit QEMU does not show: "
+         "not started by the guest yet, or started with CONFIGURE_MEM_SLOTS (QEMU keeps "
+         "the back-end's GET_MAX_MEM_SLOTS answer). Capped by QEMU's own cap.")
 
 
 class _MemGroup(click.Group):
@@ -301,6 +320,8 @@ def status(qmp_path: str, as_json: bool, region_limit: int, timeout: float) -> N
         _emit(doc, True)
     else:
         _print_status(doc, Console())
+    if doc["problems"]:
+        sys.exit(EXIT_REFUSED)  # the check found a problem: memory the back-ends miss
 
 
 @mem.command()
