@@ -34,6 +34,18 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which QEMU the QEMU tests start (PYVHOST_QEMU selects another one than 7.2)."""
+    from pyvhost.lab.qemu import QEMU_ENV, qemu_binary, qemu_version
+
+    binary = qemu_binary()
+    try:
+        version = ".".join(map(str, qemu_version(binary)))
+    except Exception as e:  # reported, not fatal: the QEMU tests say more
+        version = f"not runnable ({e})"
+    return f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Under CI=true a skipped test is not a pass: the run fails.
     if os.environ.get("CI") != "true":
