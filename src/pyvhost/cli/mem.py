@@ -81,8 +81,9 @@ def _nodes(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return tuple(out)
 
 
-def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str, Any]:
-    sizes = page_sizes(state, host)
+def status_json(state: VmState, host: HostFacts, assume_limit: int,
+                sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    sizes = sizes if sizes is not None else page_sizes(state, host)
     boot = {b.id for b in state.boot_backends}
     by_memdev = {d.memdev: d.id for d in state.memory_devices}
     regions = vhost_regions(state, sizes)
@@ -257,8 +258,30 @@ def _fail(message: str, as_json: bool) -> None:
     sys.exit(EXIT_USAGE)
 
 
-qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
+qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK",
                           help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
+
+
+def libvirt_options(f: Any) -> Any:
+    """``--libvirt DOMAIN [--connect URI]``: a libvirt domain instead of ``--qmp``
+    (:mod:`.mem_libvirt`)."""
+    f = click.option("--connect", "connect_uri", metavar="URI",
+                     help="libvirt URI for --libvirt (default: libvirt's; "
+                          "qemu+ssh://HOST/system for another host).")(f)
+    return click.option("--libvirt", "libvirt_domain", metavar="DOMAIN",
+                        help="A libvirt domain instead of --qmp: state from its live XML, "
+                             "changes through libvirt (pip install 'pyvhost[libvirt]').")(f)
+
+
+qemu_monitor_option = click.option(
+    "--qemu-monitor", is_flag=True,
+    help="With --libvirt: read QEMU's own memory view through qemu-monitor-command (exact "
+         "vhost-user region count); TAINTS the domain (libvirt: custom-monitor).")
+
+
+def _source(qmp_path: str | None, libvirt_domain: str | None) -> None:
+    if (qmp_path is None) == (libvirt_domain is None):
+        fail("give one of --qmp SOCK or --libvirt DOMAIN", "usage")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object (docs/mem-json.md).")
 limit_option = click.option(
@@ -303,12 +326,22 @@ def mem() -> None:
 
 @mem.command()
 @qmp_option
+@libvirt_options
+@qemu_monitor_option
 @json_option
 @limit_option
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for QEMU (connect included).")
-def status(qmp_path: str, as_json: bool, region_limit: int, timeout: float) -> None:
+def status(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+           qemu_monitor: bool, as_json: bool, region_limit: int, timeout: float) -> None:
     """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.status(libvirt_domain, connect_uri, as_json, region_limit, timeout,
+                           qemu_monitor)
+    assert qmp_path is not None
     try:
         with Qmp(qmp_path, timeout=timeout) as qmp:
             state = read_state(qmp)
@@ -326,6 +359,10 @@ def status(qmp_path: str, as_json: bool, region_limit: int, timeout: float) -> N
 
 @mem.command()
 @qmp_option
+@libvirt_options
+@qemu_monitor_option
+@click.option("--persistent", is_flag=True,
+              help="With --libvirt: also add the DIMM to the domain's persistent config.")
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="DIMM size: 128M, 1G, ... (a multiple of 128M and of the page size).")
 @click.option("--backend", type=click.Choice(["memfd", "file", "ram"]), default="memfd",
@@ -352,16 +389,27 @@ def status(qmp_path: str, as_json: bool, region_limit: int, timeout: float) -> N
               help="Seconds to wait for QEMU and the guest.")
 @json_option
 @limit_option
-def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | None,
-        hugepages: bool, node: int | None, host_nodes: tuple[int, ...], policy: str | None,
-        prealloc: bool, prealloc_threads: int | None, device_id: str | None, dry_run: bool,
-        force: bool, timeout: float, as_json: bool, region_limit: int) -> None:
-    """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure."""
+def add(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+        qemu_monitor: bool, persistent: bool, size: int, backend: str, share: bool,
+        mem_path: str | None, hugepages: bool, node: int | None, host_nodes: tuple[int, ...],
+        policy: str | None, prealloc: bool, prealloc_threads: int | None,
+        device_id: str | None, dry_run: bool, force: bool, timeout: float, as_json: bool,
+        region_limit: int) -> None:
+    """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure.
+    With --libvirt: attach <memory model='dimm' access='shared'> live, verify, undo."""
+    _source(qmp_path, libvirt_domain)
     req = AddRequest(size=size, backend=backend,  # type: ignore[arg-type]
                      share=share, mem_path=mem_path, hugepages=hugepages, node=node,
                      host_nodes=host_nodes, policy=policy,  # type: ignore[arg-type]
                      prealloc=prealloc, prealloc_threads=prealloc_threads, id=device_id,
                      assume_region_limit=region_limit)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.add(libvirt_domain, connect_uri, req, dry_run=dry_run, force=force,
+                        persistent=persistent, qemu_monitor=qemu_monitor, timeout=timeout,
+                        as_json=as_json)
+    assert qmp_path is not None
     try:
         with Qmp(qmp_path, timeout=timeout) as qmp:
             state = read_state(qmp)
@@ -399,14 +447,26 @@ def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
 
 @mem.command()
 @qmp_option
+@libvirt_options
+@click.option("--persistent", is_flag=True,
+              help="With --libvirt: also remove the DIMM from the persistent config.")
 @click.argument("device_id", metavar="ID")
 @click.option("--timeout", type=float, default=30.0, show_default=True,
               help="Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
 @click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
 @json_option
-def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
+def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+           persistent: bool, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
-    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend."""
+    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend.
+    With --libvirt: detach the DIMM, wait until it leaves the domain."""
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.remove(libvirt_domain, connect_uri, device_id, dry_run=dry_run,
+                           persistent=persistent, timeout=timeout, as_json=as_json)
+    assert qmp_path is not None
     try:
         with Qmp(qmp_path, timeout=timeout) as qmp:
             state = read_state(qmp)
@@ -432,7 +492,9 @@ def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
 
 
 @mem.command()
-@qmp_option
+@click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
+              help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off); under "
+                   "libvirt: virsh update-memory-device.")
 @click.argument("device_id", metavar="ID")
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "
