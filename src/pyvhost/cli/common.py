@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 ERROR_SCHEMA = "pyvhost.error/1"
 
@@ -136,7 +137,8 @@ def report_error(kind: str, message: str) -> None:
     on stderr (never wrapped)."""
     if json_wanted():
         emit_json(error_doc(kind, message, command_name()))
-    console(stderr=True).print(f"[red]error[/red]: {message}", soft_wrap=True,
+    # The message is text, not markup: "pip install 'pyvhost[libvirt]'" must survive.
+    console(stderr=True).print(f"[red]error[/red]: {escape(message)}", soft_wrap=True,
                                highlight=False, markup=True)
 
 

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pyvhost.cli.common import console, fail
@@ -254,7 +255,7 @@ def _fail(message: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"error": message}))
     else:
-        console(stderr=True).print(f"[red]error[/red]: {message}", soft_wrap=True)
+        console(stderr=True).print(f"[red]error[/red]: {escape(message)}", soft_wrap=True)
     sys.exit(EXIT_USAGE)
 
 
