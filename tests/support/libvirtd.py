@@ -39,7 +39,7 @@ import pytest
 
 from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.image import GuestImage
-from pyvhost.lab.qemu import BOOT_TIMEOUT, firmware_dirs, qboot_path, qemu_binary
+from pyvhost.lab.qemu import BOOT_TIMEOUT, QEMU_BINARY, firmware_dirs, qboot_path
 
 #: libvirt's system directories; each is ROOT + the same path inside the namespace.
 SYSTEM_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt",
@@ -216,9 +216,8 @@ class DomainSpec:
 
 def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
                emulator: str | None = None) -> str:
-    """The domain XML for ``spec``; ``emulator`` defaults to the QEMU under test (a
-    private-prefix QEMU gets a wrapper that adds its ``-L`` directories)."""
-    emulator = emulator or qemu_binary()
+    """The domain XML for ``spec``; ``emulator`` defaults to Debian's QEMU."""
+    emulator = emulator or QEMU_BINARY
     exe = shutil.which(emulator) or emulator
     cells = max(spec.numa_cells, 1)
     per_cell = spec.memory // cells
@@ -275,10 +274,13 @@ def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
 </domain>"""
 
 
-def emulator_for(lv: Libvirtd) -> str:
-    """The QEMU under test as libvirt's ``<emulator>``: a private-prefix QEMU (QEMU 10.0
-    from bookworm-backports) gets a wrapper script that adds its -L directories."""
-    binary = qemu_binary()
+def emulator_for(lv: Libvirtd, binary: str = QEMU_BINARY) -> str:
+    """A QEMU as libvirt's ``<emulator>``: a private-prefix QEMU gets a wrapper script that
+    adds its -L directories.
+
+    Debian 12's libvirt 9.0 drives Debian 12's QEMU 7.2, whatever ``PYVHOST_QEMU`` says:
+    it cannot drive QEMU 10.0 (its capability probe of QEMU 10.0.2 fails, "Unable to read
+    from monitor: Connection reset by peer"); QEMU 10.0 goes with libvirt 11.3."""
     dirs = firmware_dirs(binary)
     if not dirs:
         return binary
