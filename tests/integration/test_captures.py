@@ -33,7 +33,10 @@ from pyvhost.protocol.transport import recv_chunk, send_message
 
 CAPTURES = Path(__file__).parent.parent / "data" / "captures"
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
-         "dpdk_virtio_user_handshake.jsonl"]
+         "dpdk_virtio_user_handshake.jsonl", "qemu100_dpdk_setmemtable.jsonl",
+         "qemu100_pyvhost_memslots.jsonl", "qemu100_pyvhost_mq2.jsonl",
+         "qemu72_pyvhost_mq2.jsonl", "qemu100_pyvhost_virtio_mem.jsonl",
+         "qemu72_pyvhost_virtio_mem.jsonl"]
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,9 @@ def _reply(sock: socket.socket, request: int, ack: bool) -> m.Payload:
         dec.feed(data, fds)
 
 
-@pytest.mark.parametrize("name", ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl"])
+@pytest.mark.parametrize("name", ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
+                                  "qemu100_dpdk_setmemtable.jsonl",
+                                  "qemu100_pyvhost_memslots.jsonl"])
 def test_pyvhost_accepts_qemu72_sequence(served: tuple[Server, socket.socket],
                                           name: str) -> None:
     server, sock = served
