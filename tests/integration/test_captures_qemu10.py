@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import struct
 
-from pyvhost.protocol.constants import FLAG_NEED_REPLY, Request
-
 from integration.test_captures import Captured, load
+from pyvhost.protocol.constants import FLAG_NEED_REPLY, Request
 
 
 def sent(name: str) -> list[Captured]:
