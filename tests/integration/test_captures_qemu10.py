@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import struct
 
-from integration.test_captures import Captured, load
 from pyvhost.protocol.constants import FLAG_NEED_REPLY, Request
+from support.captures import Captured, load
 
 
 def sent(name: str) -> list[Captured]:

@@ -49,7 +49,7 @@ def wait_listening(path: Path, proc: subprocess.Popen[bytes], timeout: float = 1
     deadline = time.monotonic() + timeout
     while not unix_listening(path):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{proc.args} did not listen on {path}")
+            raise SystemExit(f"{proc.args!r} did not listen on {path}")
         time.sleep(0.1)
 
 
