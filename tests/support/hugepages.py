@@ -1,11 +1,12 @@
-"""2 MiB hugepages and a private hugetlbfs mount for tests, given back afterwards.
+"""2 MiB hugepages and a hugetlbfs directory for tests, given back afterwards.
 
-``.ci/run`` reserves a pool for the run (and releases it after, also on failure); when
-this test needs more than is free (a developer's machine, or other tests holding pages),
-it raises ``/proc/sys/vm/nr_hugepages`` by the shortfall, as root, and lowers it by the
-same amount at the end. The hugetlbfs mount is the test's own, in a temporary directory,
-unmounted at the end. Without root it fails with what to do (a skip would pass for a
-pass: CI=true counts skips as failures anyway).
+``.ci/run`` reserves a pool for the run and mounts hugetlbfs (``PYVHOST_HUGETLBFS``), and
+releases both after, also on failure; a test then works in a directory of its own on that
+mount. Elsewhere (a developer's machine) the test mounts its own hugetlbfs in a temporary
+directory, unmounted at the end. When fewer pages are free than it needs (other tests or
+programs hold some), it raises ``nr_hugepages`` by the shortfall, as root, and lowers it by
+the same amount at the end. Without root it fails with what to do (a skip would pass for
+a pass: CI=true counts skips as failures anyway).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pyvhost.hotplug.host import read_host
 
 PAGE = 2 << 20
 NR = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+#: A hugetlbfs mount (2 MiB pages) prepared by .ci/run.
+MOUNT_ENV = "PYVHOST_HUGETLBFS"
 
 
 @contextlib.contextmanager
@@ -37,7 +40,11 @@ def hugetlbfs(pages: int) -> Iterator[Path]:
         pytest.fail(f"{pages} free 2 MiB hugepages needed, {pages - short} free: run as "
                     f"root, or reserve them (echo N > {NR})")
     raised = 0
-    mount = Path(tempfile.mkdtemp(prefix="pyvhost-huge-"))
+    shared = os.environ.get(MOUNT_ENV)
+    if shared:
+        mount = Path(tempfile.mkdtemp(prefix="pyvhost-huge-", dir=shared))
+    else:
+        mount = Path(tempfile.mkdtemp(prefix="pyvhost-huge-"))
     mounted = False
     try:
         if short:
@@ -47,9 +54,10 @@ def hugetlbfs(pages: int) -> Iterator[Path]:
             if raised < short:
                 pytest.fail(f"the kernel gave {raised} of {short} more 2 MiB hugepages "
                             f"(memory too fragmented?)")
-        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)],
-                       check=True, capture_output=True)
-        mounted = True
+        if not shared:
+            subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none",
+                            str(mount)], check=True, capture_output=True)
+            mounted = True
         yield mount
     finally:
         if mounted:

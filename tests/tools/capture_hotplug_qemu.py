@@ -27,11 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: support.*
-
-from pyvhost.lab.image import DEFAULT_MODULES, build_image  # noqa: E402
-from pyvhost.lab.qemu import (  # noqa: E402
+from pyvhost.lab.image import DEFAULT_MODULES, build_image
+from pyvhost.lab.qemu import (
     MiB,
     Qemu,
     VhostUserNet,
@@ -40,7 +37,9 @@ from pyvhost.lab.qemu import (  # noqa: E402
     qemu_binary,
     qemu_version,
 )
-from pyvhost.tools.process import end_process, pyvhost_argv  # noqa: E402
+from pyvhost.tools.process import end_process, pyvhost_argv
+
+HERE = Path(__file__).resolve().parent
 
 
 def wait_listening(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
