@@ -47,9 +47,9 @@ def domains(libvirtd: Libvirtd, hotplug_image: GuestImage, tmp_path: Path) -> It
     """``domains(spec, boot=True)``: a transient domain, destroyed at the end."""
     made: list[Domain] = []
 
-    def make(spec: DomainSpec, boot: bool = True) -> Domain:
+    def make(spec: DomainSpec, boot: bool = True, persistent: bool = False) -> Domain:
         d = create_domain(libvirtd, hotplug_image, spec, boot=boot,
-                          log=tmp_path / f"{spec.name}.console.log")
+                          log=tmp_path / f"{spec.name}.console.log", persistent=persistent)
         made.append(d)
         return d
 
@@ -59,10 +59,11 @@ def domains(libvirtd: Libvirtd, hotplug_image: GuestImage, tmp_path: Path) -> It
         for d in reversed(made):
             if d.console is not None:
                 d.console.close()
-            try:
-                d.dom.destroy()
-            except Exception as e:  # already gone is fine; anything else is shown
-                print(f"destroy {d.dom.name()}: {e}")
+            for end in (d.dom.destroy, d.dom.undefine):
+                try:
+                    end()
+                except Exception as e:  # already gone (or transient) is fine
+                    print(f"{end.__name__} {d.dom.name()}: {e}")
 
 
 def lv_json(lv: Libvirtd, *args: str) -> tuple[int, dict[str, Any]]:
@@ -149,6 +150,35 @@ def test_status_add_remove_follow_memtotal(libvirtd: Libvirtd, domains: Any, pro
     assert doc["outcome"]["ok"] and live_dimms(d) == []
     assert wait_memtotal(d.console, before) == before
     assert "memua-pyvhost-dimm0" not in qemu_objects(d)
+
+
+def test_persistent_add_and_remove_change_the_config_too(libvirtd: Libvirtd, domains: Any,
+                                                         procs: Procs,
+                                                         short_dir: Path) -> None:
+    import libvirt
+
+    sock = pyvhost_net(procs, short_dir)
+    d = domains(DomainSpec("pv-persist", vhost_user=(sock,)), persistent=True)
+    assert d.console is not None
+    before = d.console.meminfo()["MemTotal"]
+
+    def config_dimms() -> list[str]:
+        root = ET.fromstring(d.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return [a.get("name", "") for a in root.iterfind("devices/memory/alias")]
+
+    code, doc = lv_json(libvirtd, "add", "--libvirt", "pv-persist", "--size", "128M",
+                        "--id", "keep")
+    assert code == 0 and live_dimms(d) == ["ua-keep"] and config_dimms() == [], doc
+    code, doc = lv_json(libvirtd, "add", "--libvirt", "pv-persist", "--size", "128M",
+                        "--persistent")
+    assert code == 0 and doc["steps"][0]["arguments"]["config"] is True, doc
+    assert live_dimms(d) == ["ua-keep", "ua-pyvhost-dimm0"]
+    assert config_dimms() == ["ua-pyvhost-dimm0"]
+    assert wait_memtotal(d.console, before + 2 * DIMM // KB) == before + 2 * DIMM // KB
+    code, doc = lv_json(libvirtd, "remove", "--libvirt", "pv-persist", "ua-pyvhost-dimm0",
+                        "--persistent", "--timeout", "120")
+    assert code == 0, doc["outcome"]
+    assert live_dimms(d) == ["ua-keep"] and config_dimms() == []
 
 
 def test_refusals_on_a_paused_domain(libvirtd: Libvirtd, domains: Any, procs: Procs,

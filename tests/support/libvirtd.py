@@ -299,9 +299,10 @@ class Domain:
 
 
 def create_domain(lv: Libvirtd, image: GuestImage, spec: DomainSpec, *,
-                  boot: bool = True, log: Path | None = None) -> Domain:
-    """Create (transient) ``spec`` paused; with ``boot``, connect its console, resume and
-    wait for the guest's ready marker."""
+                  boot: bool = True, log: Path | None = None,
+                  persistent: bool = False) -> Domain:
+    """Create ``spec`` (transient, or defined first with ``persistent``) paused; with
+    ``boot``, connect its console, resume and wait for the guest's ready marker."""
     import libvirt
 
     image_dir = lv.root / "img"
@@ -312,7 +313,11 @@ def create_domain(lv: Libvirtd, image: GuestImage, spec: DomainSpec, *,
     console = lv.root / f"{spec.name}.console"
     xml = domain_xml(spec, image_dir, console, emulator_for(lv))
     try:
-        dom = lv.connection().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        if persistent:
+            dom = lv.connection().defineXML(xml)
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        else:
+            dom = lv.connection().createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as e:
         raise RuntimeError(f"libvirt did not start {spec.name}: {e}\n"
                            f"{lv.qemu_log(spec.name)[-3000:]}") from e

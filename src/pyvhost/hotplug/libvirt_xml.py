@@ -371,7 +371,11 @@ def dimm_xml(alias: str, size: int, node: int | None, share: bool,
 
 
 def device_element(xml: str, alias: str) -> str | None:
-    """The live XML of memory device ``alias`` (what ``detach-device`` wants), or None."""
+    """Memory device ``alias`` of the live XML as ``detach-device`` wants it, or None.
+
+    Its ``<address>`` is left out: libvirt matches the persistent config's copy of the
+    device too (``--persistent``), which has a slot but no base ("matching memory device
+    was not found" otherwise, measured with libvirt 9.0)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -379,5 +383,7 @@ def device_element(xml: str, alias: str) -> str | None:
     for el in root.iterfind("devices/memory"):
         a = el.find("alias")
         if a is not None and a.get("name") == alias:
+            for address in el.findall("address"):
+                el.remove(address)
             return ET.tostring(el, encoding="unicode")
     return None
