@@ -111,6 +111,8 @@ def refused_then_forced(lv: Libvirtd, d: Domain, *args: str) -> tuple[dict[str, 
     assert code == 1, doc
     assert doc["outcome"] is None and live_dimms(d) == before
     _, forced = lv_json(lv, "add", "--libvirt", name, *args, "--force")
+    out = forced["outcome"]
+    print(f"\n{codes(doc)} forced: ok={out['ok']} {out['error']}")  # pytest -s: the table
     return doc, forced
 
 
