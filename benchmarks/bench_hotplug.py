@@ -47,7 +47,8 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, MiB, Qemu, VhostUserNet, guest_config
 from pyvhost.protocol.constants import ProtocolFeature
-from pyvhost.tools.process import end_process, pyvhost_argv, unix_listening
+from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
 
 DIMM = 128 * MiB

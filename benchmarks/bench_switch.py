@@ -27,6 +27,9 @@ back-end process's CPU seconds per million frames delivered (utime + stime from
 /proc/PID/stat over the timed window, all threads). DPDK's back-end busy-polls, so its
 CPU time is about one core-second per second whatever the rate.
 
+pyvhost runs twice, on its compiled data path and forced onto the pure-Python one
+(``PYVHOST_PURE=1``, kind ``pyvhost-pure``); ``--kinds`` picks back-ends.
+
 ``--topology loop`` measures the data path alone, with nothing sharing a CPU: one
 testpmd virtio_user in ``io`` mode (``start tx_first 64``: 64 bursts circulate) against a
 back-end that sends every frame straight back, ``pyvhost net --reflect`` or testpmd
@@ -68,7 +71,9 @@ SOURCE_MAC = "02:00:00:00:00:01"
 #: The back-end's CPU; the source and the sink forward on the other one.
 BACKEND_CPU, TRAFFIC_CPU = 0, 1
 _RX_PPS = re.compile(r"Rx-pps:\s+(\d+)")
-KINDS = ("pyvhost", "dpdk")
+#: pyvhost on its compiled data path, pyvhost forced onto the pure-Python one
+#: (PYVHOST_PURE=1), and DPDK 22.11.
+KINDS = ("pyvhost", "pyvhost-pure", "dpdk")
 
 
 @dataclass
@@ -88,11 +93,12 @@ class Run:
         self.work = work
         self.procs: list[Proc] = []
 
-    def start(self, argv: list[str], name: str, prefix: str | None = None) -> Proc:
+    def start(self, argv: list[str], name: str, prefix: str | None = None,
+              env: dict[str, str] | None = None) -> Proc:
         log = self.work / f"{name}.log"
         with open(log, "wb") as out:
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
         proc = Proc(p, log, prefix)
         self.procs.append(proc)
         return proc
@@ -144,11 +150,19 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+def _pyvhost_env(kind: str) -> dict[str, str]:
+    """The environment of a pyvhost back-end: PYVHOST_PURE=1 for ``pyvhost-pure``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
+    if kind == "pyvhost-pure":
+        env["PYVHOST_PURE"] = "1"
+    return env
+
+
 def backend(run: Run, kind: str, a: Path, b: Path) -> Proc:
-    if kind == "pyvhost":
+    if kind.startswith("pyvhost"):
         proc = run.start(["taskset", "-c", str(BACKEND_CPU),
                           *pyvhost_argv("net", "--socket", str(a), "--socket", str(b),
-                                        "--no-stats")], "pyvhost")
+                                        "--no-stats")], kind, env=_pyvhost_env(kind))
     else:
         proc = run.testpmd("dpdk-backend", [f"net_vhost0,iface={a},queues=1",
                                             f"net_vhost1,iface={b},queues=1"],
@@ -214,10 +228,11 @@ def measure_loop(kind: str, size: int, seconds: float, work: Path,
     run = Run(work)
     a = work / f"{kind}-loop.sock"
     try:
-        if kind == "pyvhost":
+        if kind.startswith("pyvhost"):
             be = run.start(["taskset", "-c", str(BACKEND_CPU),
                             *pyvhost_argv("net", "--socket", str(a), "--reflect",
-                                          "--no-stats")], "pyvhost-loop")
+                                          "--no-stats")], f"{kind}-loop",
+                           env=_pyvhost_env(kind))
         else:
             be = run.testpmd("dpdk-loop", [f"net_vhost0,iface={a},queues=1"],
                              ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)
@@ -264,6 +279,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
     ap.add_argument("--queue-size", type=int, default=4096,
                     help="virtio_user ring size of source and sink (DPDK's default is 256)")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"back-ends to measure, comma-separated (of {', '.join(KINDS)})")
     ap.add_argument("--topology", choices=("switch", "loop"), default="switch",
                     help="switch: txonly -> back-end (2 ports) -> rxonly; loop: one "
                          "front-end and a reflecting back-end, each on its own CPU")
@@ -271,12 +288,15 @@ def main() -> None:
     measure_one = measure if args.topology == "switch" else measure_loop
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 CPUs (one for the back-end, one for source and sink)")
+    kinds = [k for k in args.kinds.split(",") if k]
+    if "dpdk" not in kinds or set(kinds) - set(KINDS):
+        raise SystemExit(f"--kinds: some of {', '.join(KINDS)}, dpdk included (the ratios)")
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
             for i in range(args.repeat):
-                for kind in KINDS:
+                for kind in kinds:
                     r = measure_one(kind, size, args.seconds, Path(tmp), args.queue_size)
                     runs.setdefault(str(size), {}).setdefault(kind, []).append(r)
                     print(f"  {size} B {kind} #{i + 1}: {r}", file=sys.stderr)
@@ -290,15 +310,16 @@ def main() -> None:
           f"1-min load average {load_before:.1f} before, {load_after:.1f} after (other "
           "processes on the machine compete for the same 2 CPUs)\n")
     print("| frame | back-end | frames/s | Gbit/s | back-end CPU s / M frames "
-          "| back-end CPU s / s | DPDK / pyvhost frames/s | pyvhost / DPDK CPU per frame |")
+          "| back-end CPU s / s | DPDK / this frames/s | this / DPDK CPU per frame |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for label, row in results.items():
-        py, c = row["pyvhost"], row["dpdk"]
-        fps_ratio = c["frames_per_s"] / max(py["frames_per_s"], 1e-9)
-        cpu_ratio = py["cpu_s_per_mframe"] / max(c["cpu_s_per_mframe"], 1e-9)
-        for kind in KINDS:
+        c = row["dpdk"]
+        for kind in kinds:
             r = row[kind]
-            extra = f"{fps_ratio:.1f}x | {cpu_ratio:.1f}x" if kind == "dpdk" else " | "
+            extra = " | "
+            if kind != "dpdk":
+                extra = (f"{c['frames_per_s'] / max(r['frames_per_s'], 1e-9):.1f}x | "
+                         f"{r['cpu_s_per_mframe'] / max(c['cpu_s_per_mframe'], 1e-9):.1f}x")
             print(f"| {label} B | {kind} | {r['frames_per_s']:,.0f} | "
                   f"{r['gbit_per_s']:.3f} | {r['cpu_s_per_mframe']:.2f} | "
                   f"{r['cpu_s_per_s']:.2f} | {extra} |")

@@ -34,18 +34,6 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Which QEMU the QEMU tests start (PYVHOST_QEMU selects another one than 7.2)."""
-    from pyvhost.lab.qemu import QEMU_ENV, qemu_binary, qemu_version
-
-    binary = qemu_binary()
-    try:
-        version = ".".join(map(str, qemu_version(binary)))
-    except Exception as e:  # reported, not fatal: the QEMU tests say more
-        version = f"not runnable ({e})"
-    return f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Under CI=true a skipped test is not a pass: the run fails.
     if os.environ.get("CI") != "true":
@@ -57,3 +45,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter is not None:
             reporter.write_line(f"CI=true: {skipped} test(s) skipped; a skip fails CI",
                                 red=True)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    # Which data path the in-process tests and every pyvhost child process run: the
+    # compiled one unless PYVHOST_PURE=1 (CI runs the data-path tests both ways); and which
+    # QEMU the QEMU tests start (PYVHOST_QEMU selects another one than Debian's 7.2).
+    from pyvhost import datapath
+    from pyvhost.lab.qemu import QEMU_ENV, qemu_binary, qemu_version
+
+    binary = qemu_binary()
+    try:
+        version = ".".join(map(str, qemu_version(binary)))
+    except Exception as e:  # reported, not fatal: the QEMU tests say more
+        version = f"not runnable ({e})"
+    return [f"pyvhost data path: {datapath.name()}",
+            f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"]

@@ -1,4 +1,5 @@
-"""A virtio-net front-end and driver for back-end tests, built on :mod:`.rawclient`.
+"""A virtio-net front-end and driver for back-end tests, built on :mod:`.rawclient` and
+:class:`~support.ring.DriverRing`.
 
 :class:`NetPort` plays QEMU 7.2's part on one connection (negotiation, memory table,
 vrings) and a guest driver's (receive buffers on queue 0, frames on queue 1), so that
@@ -22,14 +23,17 @@ from pyvhost.protocol.constants import (
     VirtioFeature,
     VirtioStatus,
 )
+from support.memfd import GuestView, MemfdRegion
+from support.ring import Buffer, DriverRing, RingLayout
 
-from .rawclient import EMPTY, Buffer, Guest, MemfdRegion, RawClient, Ring
+from .rawclient import EMPTY, RawClient
 
 PF = ProtocolFeature
-#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...).
-QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ | PF.CONFIG
+#: What QEMU 7.2 asks of a vhost-user-net back-end (REPLY_ACK, memory slots, status...),
+#: never CONFIG (acked only for devices such as vhost-user-blk; net offers none).
+QEMU_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.MQ
 #: What QEMU 7.2 asks when the back-end lacks CONFIGURE_MEM_SLOTS (and DPDK 22.11 asks).
-TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ | PF.CONFIG
+TABLE_PROTOCOL = PF.REPLY_ACK | PF.STATUS | PF.MQ
 #: The driver's features: the virtio-net header is 12 bytes (VERSION_1), no MRG_RXBUF.
 NET_FEATURES = (int(VirtioFeature.VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES
                 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS)
@@ -96,26 +100,33 @@ class NetPort:
         self.queue_size = queue_size
         self.ram = MemfdRegion(region_name(f"{tag}-ram"), RAM_SIZE, RAM_GPA)
         self.ring_mem = MemfdRegion(region_name(f"{tag}-rings"), RING_SIZE, RING_GPA)
-        self.guest = Guest([self.ram, self.ring_mem])
+        self.regions = [self.ram, self.ring_mem]
+        self.guest = GuestView(self.regions)
         self.pool = Pool(self.ram, RAM_SIZE // SLOT)
-        self.rx = Ring(RX, queue_size, self.ring_mem, 0)
-        self.tx = Ring(TX, queue_size, self.ring_mem, RING_SIZE // 2)
+        self.rx = self._ring(RX, 0)
+        self.tx = self._ring(TX, RING_SIZE // 2)
         #: Every ring: queue 2k is receiveq(k+1), 2k+1 transmitq(k+1). Pairs after the
         #: first sit in the first half (receive) and second half (transmit) of ring_mem.
         self.rings = [self.rx, self.tx]
         for k in range(1, queue_pairs):
             step = RING_SIZE // 2 // queue_pairs
-            self.rings.append(Ring(2 * k, queue_size, self.ring_mem, k * step))
-            self.rings.append(Ring(2 * k + 1, queue_size, self.ring_mem,
-                                   RING_SIZE // 2 + k * step))
+            self.rings.append(self._ring(2 * k, k * step))
+            self.rings.append(self._ring(2 * k + 1, RING_SIZE // 2 + k * step))
         self.extra: list[MemfdRegion] = []
         self.closed = False
+
+    def _ring(self, index: int, offset: int) -> DriverRing:
+        """Queue ``index`` at ``offset`` of ring_mem, with its kick, call and err eventfds.
+        Its addresses are offsets in ring_mem, which a test may move in GPA space."""
+        layout = RingLayout.contiguous(self.queue_size, offset, used_align=64)
+        assert layout.end <= RING_SIZE, "ring does not fit its region"
+        return DriverRing.with_eventfds(self.ring_mem, layout, index=index)
 
     def extra_region(self, tag: str, gpa: int, size: int = RAM_SIZE) -> MemfdRegion:
         """One more memfd region of this port (closed with the port)."""
         region = MemfdRegion(region_name(tag), size, gpa)
         self.extra.append(region)
-        self.guest.regions.append(region)
+        self.regions.append(region)
         return region
 
     def close(self) -> None:
@@ -170,11 +181,13 @@ class NetPort:
         else:
             self.set_mem_table([self.ram, self.ring_mem])
 
-    def setup_ring(self, ring: Ring) -> None:
+    def setup_ring(self, ring: DriverRing) -> None:
         i = ring.index
         self.ok(Request.SET_VRING_NUM, m.VringState(i, ring.size))
         self.ok(Request.SET_VRING_BASE, m.VringState(i, 0))
         self.ok(Request.SET_VRING_ADDR, ring.addr())
+        assert ring.kick_fd is not None and ring.call_fd is not None
+        assert ring.err_fd is not None
         self.ok(Request.SET_VRING_KICK, m.VringFd(i, False), fds=[ring.kick_fd])
         self.ok(Request.SET_VRING_CALL, m.VringFd(i, False), fds=[ring.call_fd])
         self.ok(Request.SET_VRING_ERR, m.VringFd(i, False), fds=[ring.err_fd])
@@ -217,7 +230,7 @@ class NetPort:
             head = self.tx.add([hdr, Buffer(gpa + HDR, half),
                                 Buffer(gpa + HDR + half, len(frame) - half)])
         elif self.features & VirtioFeature.RING_INDIRECT_DESC:
-            head = self.tx.add_indirect(self.guest, gpa + INDIRECT_AT, [hdr, body])
+            head = self.tx.add_indirect(gpa + INDIRECT_AT, [hdr, body], memory=self.guest)
         else:
             head = self.tx.add([hdr, body])
         return head, gpa

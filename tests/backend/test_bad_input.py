@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from pyvhost.backend.connection import UNSUPPORTED
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     FLAG_NEED_REPLY,
@@ -20,11 +21,11 @@ from pyvhost.protocol.constants import (
     Request,
     VirtioStatus,
 )
+from support.memfd import MemfdRegion
 
 from .conftest import Backend
 from .harness import DRIVER_OK, TABLE_PROTOCOL, TX, NetPort, region_name
 from .rawclient import (
-    MemfdRegion,
     RawClient,
     fd_count,
     maps_count,
@@ -87,6 +88,14 @@ def finish(good: NetPort, bad: NetPort | RawClient, baseline: int,
     good.check_traffic(16, seed=3)
 
 
+def comes_up(port: NetPort) -> None:
+    """After a NACKed request (which changed nothing) the port still comes up."""
+    port.setup_memory()
+    port.setup_ring(port.rx)
+    port.setup_ring(port.tx)
+    port.check_traffic(8)
+
+
 def negotiate_only(port: NetPort) -> None:
     """Features and protocol features (REPLY_ACK on), no SET_OWNER yet."""
     c = port.client
@@ -111,11 +120,8 @@ def test_payload_size_does_not_fit_request(bad: NetPort, good: NetPort, baseline
     flags = VHOST_USER_VERSION | (FLAG_NEED_REPLY if need_reply else 0)
     bad.client.send_raw(raw_header(Request.SET_FEATURES, 4, flags) + bytes(4))
     expect_reaction(bad.client, Request.SET_FEATURES, need_reply)
-    if need_reply:  # a NACKed request changed nothing: the port still comes up
-        bad.setup_memory()
-        bad.setup_ring(bad.rx)
-        bad.setup_ring(bad.tx)
-        bad.check_traffic(8)
+    if need_reply:
+        comes_up(bad)
     finish(good, bad, baseline)
 
 
@@ -169,6 +175,38 @@ def test_unknown_request(bad: NetPort, good: NetPort, baseline: int,
     finish(good, bad, baseline)
 
 
+#: A well-formed message of every request the back-end lists as unsupported: payload, fds.
+UNSUPPORTED_CASES: dict[int, tuple[m.Payload, int]] = {
+    Request.SET_LOG_BASE: (m.Raw(bytes(16)), 1),
+    Request.SET_LOG_FD: (m.Empty(), 1),
+    Request.SEND_RARP: (m.Raw(b"\x52\x54\x00\x12\x34\x56\x00\x00"), 0),
+    Request.NET_SET_MTU: (m.U64(9000), 0),
+    Request.SET_BACKEND_REQ_FD: (m.Empty(), 1),
+    Request.SET_VRING_ENDIAN: (m.VringState(0, 1), 0),
+    Request.RESET_DEVICE: (m.Empty(), 0),
+}
+
+
+def test_every_unsupported_request_has_a_case() -> None:
+    assert set(UNSUPPORTED_CASES) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("request_", UNSUPPORTED_CASES, ids=lambda r: Request(r).name)
+def test_unsupported_request_is_refused_and_its_fds_closed(bad: NetPort, good: NetPort,
+                                                           baseline: int,
+                                                           request_: int) -> None:
+    bad.start()
+    payload, nfds = UNSUPPORTED_CASES[request_]
+    region = MemfdRegion(region_name("unsupported"), 1 << 16, 0)
+    try:
+        expect_refused(bad.client, request_, payload, need_reply=True,
+                       fds=[region.fd] * nfds)
+        bad.check_traffic(4)  # refused, and nothing else changed
+        finish(good, bad, baseline, [region])
+    finally:
+        region.close()
+
+
 # -- state machine ------------------------------------------------------------------------
 
 @reaction
@@ -206,10 +244,7 @@ def test_overlapping_regions_in_mem_table(bad: NetPort, good: NetPort, baseline:
                    fds=[bad.ram.fd, bad.ring_mem.fd])
     assert maps_count(bad.ram.name) == maps_count(bad.ring_mem.name) == 1
     if need_reply:
-        bad.setup_memory()
-        bad.setup_ring(bad.rx)
-        bad.setup_ring(bad.tx)
-        bad.check_traffic(8)
+        comes_up(bad)
     finish(good, bad, baseline)
 
 

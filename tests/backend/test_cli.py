@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pyvhost.tools.process import pyvhost_argv
+
 from .harness import NetPort
 from .rawclient import TIMEOUT, RawClient, wait_until
-
-
-@functools.cache
-def _launcher() -> list[str]:
-    """``pyvhost`` itself, or its ``net`` command alone while the full CLI can not be
-    imported (it also loads the front-end's commands, written elsewhere)."""
-    probe = subprocess.run([sys.executable, "-c", "import pyvhost.cli"], capture_output=True,
-                           check=False)
-    if probe.returncode == 0:
-        return [sys.executable, "-c", "from pyvhost.cli import main; main()", "net"]
-    return [sys.executable, "-c", "from pyvhost.cli.net import net; net()"]
 
 
 @dataclass
@@ -58,7 +47,7 @@ def cli(tmp_path: Path) -> Iterator[list[Cli]]:
 def start(started: list[Cli], tmp_path: Path, path: Path) -> Cli:
     log = tmp_path / f"net-{len(started)}.stderr"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([*_launcher(), "--socket", str(path), "--reflect"],
+        proc = subprocess.Popen(pyvhost_argv("net", "--socket", str(path), "--reflect"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     c = Cli(proc, log)
@@ -83,8 +72,11 @@ def wait_serving(c: Cli, path: Path) -> None:
     wait_until(up, f"pyvhost listening on {path}")
 
 
-def test_serves_traffic_and_exits_0_on_sigint(cli: list[Cli], tmp_path: Path,
-                                              socket_dir: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)],
+                         ids=["SIGTERM-0", "SIGINT-130"])
+def test_serves_traffic_and_exits_on_a_signal(cli: list[Cli], tmp_path: Path,
+                                              socket_dir: Path, sig: int, code: int) -> None:
+    # SIGTERM is a service's normal stop (exit 0); Ctrl-C is an interruption (130).
     path = socket_dir / "net.sock"
     c = start(cli, tmp_path, path)
     wait_serving(c, path)
@@ -98,11 +90,12 @@ def test_serves_traffic_and_exits_0_on_sigint(cli: list[Cli], tmp_path: Path,
             raise AssertionError(f"{e}\n--- pyvhost net stderr ---\n{c.output()}") from e
     finally:
         port.close()
-    os.kill(c.proc.pid, signal.SIGINT)
-    assert c.wait() == 0, c.output()
+    os.kill(c.proc.pid, sig)
+    assert c.wait() == code, c.output()
     assert not path.exists(), "socket file left behind"
     stats = next(json.loads(line) for line in c.output().splitlines()
                  if line.startswith("{"))
+    assert stats["schema"] == "pyvhost.net.stats/1"
     assert stats["stats"]["tx_frames"] == stats["stats"]["rx_frames"] == 32
 
 
@@ -112,7 +105,7 @@ def test_second_instance_on_the_same_path_is_refused(cli: list[Cli], tmp_path: P
     first = start(cli, tmp_path, path)
     wait_serving(first, path)
     second = start(cli, tmp_path, path)
-    assert second.wait() != 0
+    assert second.wait() == 2
     assert "in use" in second.output() and str(path) in second.output(), second.output()
     # The first instance keeps its socket and still serves.
     assert path.is_socket()
@@ -121,7 +114,7 @@ def test_second_instance_on_the_same_path_is_refused(cli: list[Cli], tmp_path: P
         client.sync()
     finally:
         client.close()
-    os.kill(first.proc.pid, signal.SIGINT)
+    os.kill(first.proc.pid, signal.SIGTERM)
     assert first.wait() == 0, first.output()
     assert not path.exists()
 
@@ -131,7 +124,7 @@ def test_regular_file_at_the_path_is_refused_and_kept(cli: list[Cli], tmp_path: 
     path = socket_dir / "not-a-socket"
     path.write_bytes(b"precious\n")
     c = start(cli, tmp_path, path)
-    assert c.wait() != 0
+    assert c.wait() == 2
     assert "not a socket" in c.output() and str(path) in c.output(), c.output()
     assert path.read_bytes() == b"precious\n"
 
@@ -144,6 +137,6 @@ def test_stale_socket_file_is_replaced(cli: list[Cli], tmp_path: Path,
     assert path.is_socket() and not accepts(path)
     c = start(cli, tmp_path, path)
     wait_serving(c, path)
-    os.kill(c.proc.pid, signal.SIGINT)
+    os.kill(c.proc.pid, signal.SIGTERM)
     assert c.wait() == 0, c.output()
     assert not path.exists()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from pyvhost.backend import VirtioDevice
+from pyvhost.devices.reflect import ReflectNet
 from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_S_LINK_UP
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     FLAG_NEED_REPLY,
     VHOST_USER_MAX_MEM_SLOTS,
+    ProtocolFeature,
     Request,
     VirtioFeature,
     VirtioStatus,
@@ -24,11 +28,14 @@ from .rawclient import RawClient, read_eventfd
 S = VirtioStatus
 
 
-@pytest.fixture
-def adopted(socket_dir: object) -> Iterator[RawClient]:
-    """A back-end serving one end of a socketpair (Server.adopt); we hold the other."""
+@contextlib.contextmanager
+def _adopted(factory: Callable[[], VirtioDevice] | None = None) -> Iterator[RawClient]:
+    """A back-end serving one end of a socketpair (Server.adopt), with devices from
+    ``factory`` (reflectors by default); we hold the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     backend = Backend("(socketpair)")
+    if factory is not None:
+        backend.server.factory = factory
     client = RawClient(ours)
     try:
         backend.server.adopt(theirs, "pair")
@@ -41,6 +48,12 @@ def adopted(socket_dir: object) -> Iterator[RawClient]:
         if backend.thread is not None:
             backend.thread.join()
         backend.server.close()
+
+
+@pytest.fixture
+def adopted(socket_dir: object) -> Iterator[RawClient]:
+    with _adopted() as client:
+        yield client
 
 
 def test_qemu_72_handshake(adopted: RawClient) -> None:
@@ -62,12 +75,43 @@ def test_qemu_72_handshake(adopted: RawClient) -> None:
         status |= bit
         assert c.ack(Request.SET_STATUS, m.U64(status)) == 0
         assert c.get_u64(Request.GET_STATUS) == status
-    reply = c.request(Request.GET_CONFIG, m.ConfigSpace(0, 12, 0, bytes(12)))
-    assert isinstance(reply, m.ConfigSpace)
-    assert reply.payload[:6] == MAC
-    assert int.from_bytes(reply.payload[6:8], "little") == VIRTIO_NET_S_LINK_UP
     # Nothing was sent that we did not ask for.
     c.sync()
+
+
+def test_config_is_not_offered_for_a_net_device(adopted: RawClient) -> None:
+    # QEMU 7.2's vhost-user-net builds the config space itself and logs "vhost-user
+    # backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" at every start
+    # when a net back-end offers it; DPDK 22.11's virtio_user never negotiates it.
+    c = adopted
+    offered = c.get_u64(Request.GET_PROTOCOL_FEATURES)
+    assert not offered & ProtocolFeature.CONFIG
+    assert offered & QEMU_PROTOCOL == QEMU_PROTOCOL
+    # A front-end that sets it anyway is refused (not offered), and told so.
+    c.send(Request.SET_PROTOCOL_FEATURES, m.U64(int(QEMU_PROTOCOL | ProtocolFeature.CONFIG)))
+    assert c.wait_closed() == b""
+
+
+def test_config_space_still_describes_the_device() -> None:
+    # The reflector's config space (what a front-end that asked would read) holds its MAC
+    # and the link status.
+    space = ReflectNet(MAC).config()
+    assert space[:6] == MAC
+    assert int.from_bytes(space[6:8], "little") == VIRTIO_NET_S_LINK_UP
+
+
+def test_config_is_offered_when_the_device_serves_it() -> None:
+    class ServedConfig(ReflectNet):
+        serves_config = True
+
+    with _adopted(lambda: ServedConfig(MAC)) as c:
+        assert c.get_u64(Request.GET_PROTOCOL_FEATURES) & ProtocolFeature.CONFIG
+        c.send(Request.SET_PROTOCOL_FEATURES, m.U64(int(QEMU_PROTOCOL | ProtocolFeature.CONFIG)))
+        c.reply_ack = True
+        assert c.ack(Request.SET_OWNER) == 0
+        reply = c.request(Request.GET_CONFIG, m.ConfigSpace(0, 12, 0, bytes(12)))
+        assert isinstance(reply, m.ConfigSpace)
+        assert reply.payload[:6] == MAC
 
 
 def test_need_reply_is_ignored_until_reply_ack_is_negotiated(adopted: RawClient) -> None:

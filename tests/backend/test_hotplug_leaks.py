@@ -16,10 +16,11 @@ import pytest
 
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request
+from support.memfd import MemfdRegion
 
 from .conftest import Backend
 from .harness import QEMU_PROTOCOL, RING_GPA, TABLE_PROTOCOL, NetPort, Pool
-from .rawclient import MemfdRegion, fd_count, maps_count
+from .rawclient import fd_count, maps_count
 
 CYCLES = 200
 HOT_GPA = 0x1_0000_0000

@@ -19,7 +19,7 @@ from pyvhost.frontend import (
     NackError,
 )
 from pyvhost.frontend.frontend import split_ring_layout
-from pyvhost.frontend.memory import HOTPLUG_BASE, MiB
+from pyvhost.frontend.memory import HOTPLUG_BASE
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -28,6 +28,7 @@ from pyvhost.protocol.constants import (
     VirtioFeature,
     VirtioStatus,
 )
+from pyvhost.units import MiB
 
 from .fake_backend import FakeBackend
 

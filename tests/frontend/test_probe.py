@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
 
+from pyvhost.cli import main
 from pyvhost.cli.probe import probe
 from pyvhost.frontend import ProbeConfig, ProbeError, run_probe
-from pyvhost.frontend.memory import MiB, name_prefix
+from pyvhost.frontend.memory import name_prefix
 from pyvhost.frontend.probe import LatencyStats
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
-from pyvhost.units import parse_size
+from pyvhost.units import MiB, parse_size
+from support.cli import started
+from support.schemas import validate
 
 from .fake_backend import FakeBackend
 
@@ -148,7 +147,7 @@ def test_cli_json_no_leak(make_backend: MakeBackend) -> None:
     result = CliRunner().invoke(probe, ["--socket", be.path, "--cycles", "2", "--regions",
                                         "3", "--boot-size", "4M", "--settle", "0", "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    doc = validate(json.loads(result.stdout), "pyvhost.probe/1")
     assert doc["verdict"] == "no leak"
     assert doc["cycles"] == 2 and doc["regions"] == 3 and doc["region_size"] == 2 * MiB
 
@@ -158,7 +157,7 @@ def test_cli_leak_exits_1(make_backend: MakeBackend) -> None:
     result = CliRunner().invoke(probe, ["--socket", be.path, "--cycles", "1", "--timeout",
                                         "0.5", "--boot-size", "4M", "--settle", "0", "--json"])
     assert result.exit_code == 1, result.output
-    assert json.loads(result.stdout)["verdict"] == "leak"
+    assert validate(json.loads(result.stdout), "pyvhost.probe/1")["verdict"] == "leak"
 
 
 def test_cli_table_output(make_backend: MakeBackend) -> None:
@@ -175,9 +174,9 @@ def test_cli_missing_socket_exits_2(short_dir: str) -> None:
     path = f"{short_dir}/nobody.sock"
     result = CliRunner().invoke(probe, ["--socket", path, "--json"])
     assert result.exit_code == 2
-    doc = json.loads(result.stdout)
-    assert doc["exit_code"] == 2 and doc["error_type"] == "FrontendConnectError"
-    assert "no vhost-user socket at" in doc["error"]
+    doc = validate(json.loads(result.stdout), "pyvhost.error/1")
+    assert doc["exit_code"] == 2 and doc["error"]["kind"] == "connect"
+    assert "no vhost-user socket at" in doc["error"]["message"]
     human = CliRunner().invoke(probe, ["--socket", path])
     assert human.exit_code == 2
     assert "no vhost-user socket at" in human.stderr
@@ -195,41 +194,33 @@ def test_cli_usage_errors_exit_2(make_backend: MakeBackend) -> None:
         assert result.exit_code == 2, (args, result.output)
 
 
-def test_cli_interrupt_exits_130(make_backend: MakeBackend,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_interrupt_exits_130(make_backend: MakeBackend, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
     be = make_backend()
 
     def interrupted(config: ProbeConfig, **_: object) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pyvhost.cli.probe.run_probe", interrupted)
-    result = CliRunner().invoke(probe, ["--socket", be.path, "--json"])
-    assert result.exit_code == 130
-    assert json.loads(result.stdout)["error"] == "interrupted"
+    with pytest.raises(SystemExit) as exited:
+        main(["probe", "--socket", be.path, "--json"])
+    assert exited.value.code == 130
+    out, err = capsys.readouterr()
+    doc = validate(json.loads(out), "pyvhost.error/1")
+    assert (doc["command"], doc["error"]["kind"], doc["exit_code"]) == (
+        "probe", "interrupted", 130)
+    assert err.strip() == "error: interrupted"
 
 
 def test_cli_ctrl_c_exits_130_and_hangs_up(make_backend: MakeBackend) -> None:
     be = make_backend(protocol_features=TABLE_ONLY)
-    # SIGINT raises KeyboardInterrupt even if whoever started the tests ignores SIGINT.
-    main = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "from pyvhost.cli import main; sys.exit(main())")
-    proc = subprocess.Popen([sys.executable, "-c", main, "probe", "--socket", be.path,
-                             "--cycles", "1000000", "--boot-size", "4M", "--settle", "0",
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while be.names.count("SET_MEM_TABLE") < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, (out, err)
-    assert json.loads(out) == {"error": "interrupted", "error_type": None, "exit_code": 130}
-    assert "Traceback" not in err
+    with started("probe", "--socket", be.path, "--cycles", "1000000", "--boot-size", "4M",
+                 "--settle", "0", "--json") as probing:
+        probing.wait_until(lambda: be.names.count("SET_MEM_TABLE") >= 20, "20 SET_MEM_TABLE")
+        done = probing.interrupt()
+    assert done.code == 130, done
+    assert validate(done.json(), "pyvhost.error/1")["error"]["kind"] == "interrupted"
+    assert "Traceback" not in done.stderr and done.stderr.strip() == "error: interrupted"
     assert be.wait_done()  # the probe hung up
 
 

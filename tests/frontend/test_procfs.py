@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from pyvhost.frontend.memory import GuestRam, MiB
+from pyvhost.frontend.memory import GuestRam
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 
 PID = os.getpid()
 

@@ -15,7 +15,7 @@ from typing import Any, cast
 import pytest
 from click.testing import CliRunner
 
-from pyvhost.cli.mem import mem
+from pyvhost.cli.main import cli
 from pyvhost.lab.image import DEFAULT_MODULES, GuestImage, ImageBuildError, build_image
 from pyvhost.lab.qemu import (
     BOOT_TIMEOUT,
@@ -101,7 +101,7 @@ def boot_vm(hotplug_image: GuestImage, tmp_path: Path,
 
 def run_mem(*args: str) -> tuple[int, str]:
     """``pyvhost mem ARGS`` in this process: (exit code, stdout)."""
-    result = CliRunner().invoke(mem, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["mem", *args], catch_exceptions=False)
     return result.exit_code, result.stdout
 
 

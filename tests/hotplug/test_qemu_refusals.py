@@ -238,4 +238,4 @@ def test_status_table_and_dry_run(start_qemu: StartQemu, procs: Procs, tmp_path:
 
 def test_unreachable_qmp_is_a_usage_error(tmp_path: Path) -> None:
     code, doc = run_json("status", "--qmp", str(tmp_path / "nothing.sock"))
-    assert code == 2 and "cannot connect" in doc["error"]
+    assert code == 2 and "no QMP socket at" in doc["error"]["message"], doc

@@ -11,6 +11,7 @@ from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory
 from pyvhost.tools.process import pyvhost_argv
 from support.procs import Procs, wait_for_socket
+from support.schemas import validate
 
 PYVHOST = pyvhost_argv()
 
@@ -19,7 +20,7 @@ def test_demo_shows_exact_tables_and_no_leak() -> None:
     result = subprocess.run([*PYVHOST, "demo", "--json", "--dimms", "3", "--cycles", "30"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = validate(json.loads(result.stdout), "pyvhost.demo/1")
     steps = out["steps"]
     # boot, three hot-adds, one removal: the back-end's table follows exactly.
     assert [len(s["memory"]) for s in steps] == [1, 2, 3, 4, 3]
@@ -51,7 +52,7 @@ def test_status_reports_the_memory_table(procs: Procs, tmp_path: Path) -> None:
         result = subprocess.run([*PYVHOST, "status", "--json", str(ctl)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-        state = json.loads(result.stdout)
+        state = validate(json.loads(result.stdout), "pyvhost.status/1")
         assert state["pid"] == backend.pid
         (conn,) = state["connections"]
         assert [(r["guest_phys_addr"], r["memory_size"]) for r in conn["memory"]] == [

@@ -9,7 +9,9 @@ or fail, and its sockets' directory is removed after it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,37 @@ from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Channel, Qemu, VhostUserNet, g
 from support.procs import need
 
 from .memfds import NetNs, make_netns, remove_netns
+
+
+class GuestChannelWarning(UserWarning):
+    """A guest console had to send a command again (a lost or garbled line)."""
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def report_console_resends(request: pytest.FixtureRequest) -> Iterator[None]:
+    """When a real guest's console sent a command again, say so in the test run's output
+    (its warnings summary), pass or fail: a captured log line shows only on failure."""
+    if request.node.get_closest_marker("qemu") is None:
+        yield
+        return
+    keep = _Keep()
+    logger = logging.getLogger("pyvhost.lab.guest")
+    logger.addHandler(keep)
+    try:
+        yield
+    finally:
+        logger.removeHandler(keep)
+        for message in keep.messages:
+            warnings.warn(GuestChannelWarning(message), stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.lab.qemu import MiB
 from pyvhost.protocol.constants import VHOST_MEMORY_BASELINE_NREGIONS, Request
-from pyvhost.tools.process import unix_listening
+from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
 from support.guestmem import wait_memtotal
 from support.procs import Procs, Started

@@ -3,8 +3,10 @@
 Each test runs the lab's own code (:mod:`pyvhost.lab.scenario`) or its command, and checks
 what it measured: pings answered by the other guest, the back-end's memory table beside
 QEMU's, the fds and mappings of the back-end process read from /proc, and QEMU's own
-refusal past the 8-region limit. Everything the lab starts it ends by pid (its context
-manager), pass or fail; the command is stopped with SIGINT, which the lab tears down on.
+refusal past the 8-region limit. Every report is validated against the ``pyvhost.lab/1``
+JSON Schema, and every error against ``pyvhost.error/1``. Everything the lab starts it
+ends by pid (its context manager), pass or fail; the command is stopped with SIGINT or
+SIGTERM, which the lab tears down on.
 """
 
 from __future__ import annotations
@@ -16,17 +18,23 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from pyvhost import schemas
 from pyvhost.backend.control import fetch_status
 from pyvhost.cli.lab import _Printer, lab
+from pyvhost.lab.config import LabConfig
+from pyvhost.lab.document import report_json
 from pyvhost.lab.image import GuestImage
 from pyvhost.lab.qemu import QBOOT
-from pyvhost.lab.scenario import Lab, LabConfig, run_lab
+from pyvhost.lab.scenario import Lab, run_lab
+from pyvhost.tools.process import pyvhost_argv
 from support.procs import Procs, need
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -39,6 +47,54 @@ def image(guest_image: GuestImage) -> GuestImage:
     if not QBOOT.is_file():
         pytest.skip(f"{QBOOT} missing (Debian package qemu-system-data)")
     return guest_image
+
+
+def valid(doc: dict[str, Any], schema_id: str = "pyvhost.lab/1") -> dict[str, Any]:
+    """``doc``, after checking it against its JSON Schema."""
+    jsonschema.Draft202012Validator(schemas.load(schema_id)).validate(doc)
+    assert doc["schema"] == schema_id
+    return doc
+
+
+def run_report(config: LabConfig, image: GuestImage) -> dict[str, Any]:
+    """The lab's JSON document of a run of ``config``."""
+    return valid(report_json(run_lab(config, image=image)))
+
+
+def _gone(pids: list[int], rundir: str) -> list[int]:
+    """The pids still alive (killed now: the lab this test started left them) and, as -1,
+    a run directory left behind (removed now)."""
+    survivors = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        survivors.append(pid)
+        os.kill(pid, signal.SIGKILL)
+    if os.path.exists(rundir):
+        shutil.rmtree(rundir, ignore_errors=True)
+        survivors.append(-1)
+    return survivors
+
+
+def _started(out: str) -> tuple[str, list[int]]:
+    """The run directory and the pids (QEMUs, then pyvhost net) the lab's progress named."""
+    lines = out.splitlines()
+    rundir = next(line.split("run directory ", 1)[1].strip() for line in lines
+                  if "run directory " in line)
+    pids = [int(p) for line in lines if "QEMU pids " in line
+            for p in line.split("QEMU pids ", 1)[1].replace(",", " ").split()]
+    pids += [int(line.split("pyvhost net (pid ", 1)[1].split(")")[0])
+             for line in lines if "pyvhost net (pid " in line]
+    return rundir, pids
+
+
+def _last_json(out: str) -> dict[str, Any]:
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, out[-3000:]
+    doc: dict[str, Any] = json.loads(lines[-1])
+    return doc
 
 
 def _adds(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -95,9 +151,9 @@ def test_two_guests_ping_each_other_through_pyvhost_net(image: GuestImage) -> No
         lab.boot()
         before = lab.switch_counters()
         results = lab.ping_all()
-        assert [(r["from"], r["to"]) for r in results] == [(1, 2), (2, 1)]
+        assert [(r.from_vm_number, r.to_vm_number) for r in results] == [(1, 2), (2, 1)]
         for r in results:
-            assert (r["exit_code"], r["sent"], r["received"]) == (0, 3, 3), r
+            assert (r.exit_code, r.sent, r.received) == (0, 3, 3), r
         # The frames went through the switch: it learned each guest's MAC on that guest's
         # connection, and each port carried the echo requests and replies both ways.
         state: dict[str, Any] = fetch_status(lab.control)
@@ -111,15 +167,14 @@ def test_two_guests_ping_each_other_through_pyvhost_net(image: GuestImage) -> No
             assert ports[name]["rx_frames"] >= 6 and ports[name]["tx_frames"] >= 6
         # Nothing dropped from the first ping on (a frame flooded to a guest whose NIC
         # was not started yet is dropped at boot: that is not the ping's).
-        dropped = {p["vm"]: (p["rx_drops"], p["tx_drops"]) for p in before}
-        assert {p["vm"]: (p["rx_drops"], p["tx_drops"])
+        dropped = {p.vm_number: (p.rx_drops, p.tx_drops) for p in before}
+        assert {p.vm_number: (p.rx_drops, p.tx_drops)
                 for p in lab.switch_counters()} == dropped
 
 
 def test_six_dimms_without_mem_slots_then_qemu_refuses_the_ninth_region(
         image: GuestImage) -> None:
-    report = run_lab(LabConfig(vms=2, dimms=6, mem_slots=False, probe_limit=True),
-                     image=image)
+    report = run_report(LabConfig(vms=2, dimms=6, mem_slots=False, probe_limit=True), image)
     for features in report["protocol_features"].values():
         assert "CONFIGURE_MEM_SLOTS" not in features
     # Six DIMMs, then the probe: a 7th fits (8 regions: QEMU's limit without
@@ -150,7 +205,7 @@ def test_six_dimms_without_mem_slots_then_qemu_refuses_the_ninth_region(
 
 
 def test_sixteen_dimms_with_mem_slots(image: GuestImage) -> None:
-    report = run_lab(LabConfig(vms=2, dimms=16, mem_slots=True), image=image)
+    report = run_report(LabConfig(vms=2, dimms=16, mem_slots=True), image)
     for features in report["protocol_features"].values():
         assert "CONFIGURE_MEM_SLOTS" in features
     _check_hot_adds(report, 16, "ADD_MEM_REG")
@@ -168,11 +223,9 @@ def test_pyvhost_lab_json_end_to_end(image: GuestImage, procs: Procs) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("pyvhost lab did not finish within 600 s:\n" + lab.output()[-3000:])
     out = lab.output()
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    assert lines, out[-3000:]
-    doc = json.loads(lines[-1])
+    doc = valid(_last_json(out))
     assert code == 0, doc.get("problems") or out[-3000:]
-    assert doc["schema"] == "pyvhost.lab/1" and doc["ok"] is True and doc["problems"] == []
+    assert doc["ok"] is True and doc["problems"] == []
     assert doc["config"]["dimms"] == 2 and doc["config"]["dimm_size"] == 128 * MiB
     assert [s["action"] for s in doc["steps"]] == ["baseline", "add", "add", "remove",
                                                    "remove"]
@@ -195,24 +248,18 @@ def test_pyvhost_lab_json_end_to_end(image: GuestImage, procs: Procs) -> None:
     assert "pyvhost-dimm1 (slot 1)" in shown and "boot RAM (ram0)" in shown
     assert "OK: no ping lost" in shown and "FAILED" not in shown
     # The lab removed its run directory and every process it started is gone.
-    survivors = []
-    for pid in [doc["pids"]["pyvhost_net"], *doc["pids"]["qemu"]]:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        survivors.append(pid)
-        os.kill(pid, signal.SIGKILL)  # started by the lab this test started: clean up
-    leftover = os.path.exists(doc["run_directory"])
-    shutil.rmtree(doc["run_directory"], ignore_errors=True)
-    assert survivors == [] and not leftover
+    assert _gone([doc["pids"]["pyvhost_net"], *doc["pids"]["qemu"]],
+                 doc["run_directory"]) == []
 
 
-def test_pyvhost_lab_interrupted_tears_everything_down(image: GuestImage,
-                                                       procs: Procs) -> None:
-    """Ctrl-C in the middle of hot-plug: exit 130, QEMU and pyvhost net gone (by the pids
-    the lab printed), its run directory removed."""
-    lab = procs.pyvhost("lab", "--hotplug", "3x128M", name="lab")
+@pytest.mark.parametrize("sig, args", [(signal.SIGINT, ()), (signal.SIGTERM, ("--json",))],
+                         ids=["ctrl-c", "sigterm-json"])
+def test_pyvhost_lab_interrupted_tears_everything_down(
+        image: GuestImage, procs: Procs, sig: signal.Signals, args: tuple[str, ...]) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of hot-plug: exit 130, QEMU and pyvhost net gone
+    (by the pids the lab printed), its run directory removed; with --json the error
+    document says so."""
+    lab = procs.pyvhost("lab", "--hotplug", "3x128M", *args, name="lab")
     out = ""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and lab.proc.poll() is None:
@@ -221,28 +268,40 @@ def test_pyvhost_lab_interrupted_tears_everything_down(image: GuestImage,
             break
         time.sleep(0.1)
     assert "hot-adding DIMM 1/3" in out, lab.output()[-3000:]
-    os.kill(lab.pid, signal.SIGINT)
+    os.kill(lab.pid, sig)
     code = lab.proc.wait(120)
     out = lab.output()
-    rundir = next(line.split("run directory ", 1)[1].strip() for line in out.splitlines()
-                  if "run directory " in line)
-    pids = [int(p) for line in out.splitlines() if "QEMU pids " in line
-            for p in line.split("QEMU pids ", 1)[1].replace(",", " ").split()]
-    pids += [int(line.split("pyvhost net (pid ", 1)[1].split(")")[0])
-             for line in out.splitlines() if "pyvhost net (pid " in line]
-    survivors = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        survivors.append(pid)
-        os.kill(pid, signal.SIGKILL)  # started by the lab this test started: clean up
-    leftover = os.path.exists(rundir)
-    shutil.rmtree(rundir, ignore_errors=True)
+    rundir, pids = _started(out)
+    survivors = _gone(pids, rundir)
     assert code == 130, out[-3000:]
     assert len(pids) == 3, out[-3000:]  # two QEMUs and pyvhost net
-    assert survivors == [] and not leftover, out[-3000:]
+    assert survivors == [], out[-3000:]
+    assert "interrupted: QEMU and pyvhost net are stopped" in out
+    if args:
+        doc = valid(_last_json(out), "pyvhost.error/1")
+        assert doc["exit_code"] == 130 and doc["error"]["kind"] == "interrupted"
+
+
+def test_pyvhost_lab_without_qemu_exits_2_and_leaves_nothing(
+        image: GuestImage, procs: Procs, tmp_path: Path) -> None:
+    """QEMU missing (not on PATH): the lab could not run, exit 2, the error document names
+    the program; pyvhost net, started before, is ended and the run directory removed."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    apt_cache = shutil.which("apt-cache")  # the guest image's kernel is looked up
+    assert apt_cache is not None
+    (bindir / "apt-cache").symlink_to(apt_cache)
+    started = procs.start(pyvhost_argv("lab", "--json", "--accel", "tcg"), "lab",
+                          env={**os.environ, "PATH": str(bindir)})
+    code = started.proc.wait(300)
+    out = started.output()
+    rundir, pids = _started(out)
+    assert _gone(pids, rundir) == [], out[-3000:]
+    assert code == 2, out[-3000:]
+    doc = valid(_last_json(out), "pyvhost.error/1")
+    assert doc["exit_code"] == 2 and doc["error"]["kind"] == "run"
+    assert "qemu-system-x86_64 not found" in doc["error"]["message"]
+
 
 @pytest.mark.parametrize("args", [["--hotplug", "6x100M"], ["--hotplug", "six"],
                                   ["--vms", "1"], ["--hotplug", "2x0"]])
@@ -250,3 +309,19 @@ def test_pyvhost_lab_refuses_bad_options_before_starting_anything(args: list[str
     result = CliRunner().invoke(lab, args)
     assert result.exit_code == 2, result.output
     assert "run directory" not in result.output
+    # The command as people run it, with --json: the error document, nothing started.
+    done = subprocess.run(pyvhost_argv("lab", "--json", *args), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    doc = valid(json.loads(done.stdout), "pyvhost.error/1")
+    assert doc["exit_code"] == 2 and doc["error"]["kind"] == "usage"
+    assert "run directory" not in done.stderr
+
+
+def test_pyvhost_lab_help_states_the_exit_codes() -> None:
+    result = CliRunner().invoke(lab, ["--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for part in ("Exit codes: 0 all checks passed", "1 a ping was lost or a check failed",
+                 "2 the lab could not run", "130 interrupted", "-v, --verbose", "--json"):
+        assert part in text, part

@@ -27,17 +27,10 @@ from pyvhost.memory.region import RegionMapError
 from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
 from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import MemoryRegion, PayloadError
+from support.memfd import memfd
 
 PAGE = 4096
 U64_END = 1 << 64
-
-
-def new_memfd(pages: int, fill: bytes | None = None) -> int:
-    fd = os.memfd_create("pyvhost-test", os.MFD_CLOEXEC)
-    os.ftruncate(fd, pages * PAGE)
-    if fill is not None:
-        os.pwrite(fd, fill, 0)
-    return fd
 
 
 def reopen(fd: int) -> int:
@@ -72,7 +65,7 @@ class Ram:
 
     def __init__(self) -> None:
         self.content = os.urandom(16 * PAGE)
-        self.fd = new_memfd(16, self.content)
+        self.fd = memfd(16 * PAGE, data=self.content)
 
     def file_offset(self, gpa: int) -> int:
         for r in LAYOUT:
@@ -303,7 +296,7 @@ def brute_va(descs: Sequence[MemoryRegion], va: int, length: int) -> MemoryRegio
 def big_memfd() -> Iterator[int]:
     # A page per slot, and one more for the region that replaces a removed one.
     pages = VHOST_USER_MAX_MEM_SLOTS + 1
-    fd = new_memfd(pages, os.urandom(pages * PAGE))  # every page different
+    fd = memfd(pages * PAGE, data=os.urandom(pages * PAGE))  # every page different
     try:
         yield fd
     finally:
@@ -382,7 +375,7 @@ def _set_with_second_unmappable(mgr: MemoryManager, fd: int) -> None:
 
 def _add_c_from_another_file(mgr: MemoryManager, fd: int) -> None:
     """C again, same description, but another file: an overlap, not a repeat."""
-    other = new_memfd(16)
+    other = memfd(16 * PAGE)
     try:
         mgr.add_region(C, other)
     finally:
@@ -459,7 +452,7 @@ def test_refused_update_leaves_the_table_unchanged(
 
 
 def test_region_ending_exactly_at_2_64_and_at_end_of_file() -> None:
-    fd = new_memfd(2, b"\x01" * PAGE + b"\x02" * PAGE)
+    fd = memfd(2 * PAGE, data=b"\x01" * PAGE + b"\x02" * PAGE)
     mgr = MemoryManager()
     try:
         top = MemoryRegion(U64_END - 2 * PAGE, 2 * PAGE, U64_END - 2 * PAGE, 0)
@@ -479,7 +472,7 @@ def test_region_ending_exactly_at_2_64_and_at_end_of_file() -> None:
 
 
 def test_region_at_an_unaligned_file_offset() -> None:
-    fd = new_memfd(3, bytes(range(256)) * 48)
+    fd = memfd(3 * PAGE, data=bytes(range(256)) * 48)
     mgr = MemoryManager()
     try:
         mgr.add_region(MemoryRegion(0x1000, PAGE, 0x7000_0000, PAGE + 100), fd)
@@ -522,7 +515,7 @@ def test_resent_table_with_one_region_changed(mgr: MemoryManager, ram: Ram) -> N
 
 
 def test_same_description_on_another_file_is_remapped(mgr: MemoryManager, ram: Ram) -> None:
-    other = new_memfd(16, b"\x5a" * (16 * PAGE))
+    other = memfd(16 * PAGE, data=b"\x5a" * (16 * PAGE))
     try:
         old = mgr.current.regions
         update = set_table(mgr, LAYOUT, [ram.fd, other, ram.fd])

@@ -12,6 +12,7 @@ import pytest
 from pyvhost.memory import GuestAddressError, GuestMemory
 from pyvhost.memory.region import MappedRegion
 from pyvhost.protocol.messages import MemoryRegion
+from support.memfd import memfd
 
 SIZE = 1 << 16
 
@@ -20,9 +21,8 @@ SIZE = 1 << 16
 def memory() -> Iterator[GuestMemory]:
     regions = []
     for i in range(2):
-        fd = os.memfd_create(f"counters{i}")
+        fd = memfd(SIZE, name=f"counters{i}")
         try:
-            os.ftruncate(fd, SIZE)
             desc = MemoryRegion(i * SIZE, SIZE, 0x7000_0000 + i * SIZE, 0)
             regions.append(MappedRegion.map(desc, fd))
         finally:

@@ -500,6 +500,17 @@ def assert_sticky(dec: Decoder, err: FramingError) -> None:
         dec.next_message()
 
 
+def assert_framing_error(dec: Decoder, fds: Sequence[int]) -> None:
+    """The next message breaks the stream: ``fds`` are closed, nothing stays buffered, and
+    the error sticks."""
+    with pytest.raises(FramingError) as info:
+        dec.next_message()
+    for fd in fds:
+        assert_closed(fd)
+    assert dec.buffered == 0
+    assert_sticky(dec, info.value)
+
+
 @pytest.mark.parametrize("header", FRAMING.values(), ids=FRAMING.keys())
 def test_framing_error_is_sticky_and_closes_pending_fds(header: bytes) -> None:
     dec = Decoder()
@@ -507,12 +518,7 @@ def test_framing_error_is_sticky_and_closes_pending_fds(header: bytes) -> None:
     # The bad header is detected as soon as it is whole; the fds that came with it are
     # closed then, without waiting for a payload.
     dec.feed(header, fds)
-    with pytest.raises(FramingError) as info:
-        dec.next_message()
-    for fd in fds:
-        assert_closed(fd)
-    assert dec.buffered == 0
-    assert_sticky(dec, info.value)
+    assert_framing_error(dec, fds)
 
 
 @pytest.mark.parametrize("header", FRAMING.values(), ids=FRAMING.keys())
@@ -525,10 +531,7 @@ def test_framing_error_after_a_good_message(header: bytes) -> None:
     assert good is not None and good.request == Request.GET_FEATURES
     assert len(good.fds) == 0
     assert_open(fd)
-    with pytest.raises(FramingError) as info:
-        dec.next_message()
-    assert_closed(fd)
-    assert_sticky(dec, info.value)
+    assert_framing_error(dec, [fd])
 
 
 def test_bad_header_fed_byte_by_byte_fails_at_the_twelfth_byte() -> None:
@@ -565,11 +568,7 @@ def test_more_fds_than_any_message_may_carry_is_a_framing_error() -> None:
     dec = Decoder()
     fds = new_fds(9)
     dec.feed(KICK1, fds)
-    with pytest.raises(FramingError) as info:
-        dec.next_message()
-    for fd in fds:
-        assert_closed(fd)
-    assert_sticky(dec, info.value)
+    assert_framing_error(dec, fds)
 
 
 # ---------------------------------------------------------------------------------------

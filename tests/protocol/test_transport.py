@@ -20,6 +20,7 @@ from pyvhost.protocol.transport import (
     send_message,
     set_cloexec_nonblocking,
 )
+from support.memfd import memfd
 
 
 @pytest.fixture
@@ -51,8 +52,8 @@ def test_message_with_fds_arrives_with_the_same_files(
     a, b = pair
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     rd, wr = os.pipe()
-    memfd = os.memfd_create("pyvhost-transport", os.MFD_CLOEXEC)
-    sent = [efd, rd, memfd]
+    mfd = memfd(name="pyvhost-transport")
+    sent = [efd, rd, mfd]
     data = encode(Request.SET_VRING_KICK, m.VringFd(0, False))
     send_message(a, data, sent)
     got, fds = recv_chunk(b)
@@ -71,7 +72,7 @@ def test_message_with_fds_arrives_with_the_same_files(
         assert os.read(fds[1], 1) == b"x"
     finally:
         close_all(fds)
-        close_all([efd, rd, wr, memfd])
+        close_all([efd, rd, wr, mfd])
 
 
 def test_sender_keeps_its_fds(pair: tuple[socket.socket, socket.socket]) -> None:

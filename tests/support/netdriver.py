@@ -1,8 +1,9 @@
 """A guest's virtio-net driver on pyvhost's own front-end, for traffic through a back-end
 process (``pyvhost net``) while the guest's memory changes.
 
-- :class:`DriverRing`   the driver side of one split virtqueue (virtio 1.2, 2.7), laid out
-  in the front-end's guest RAM where :meth:`Frontend.setup_vring` put it.
+- :func:`driver_ring`  the driver side of one split virtqueue
+  (:class:`~support.ring.DriverRing`), laid out in the front-end's guest RAM where
+  :meth:`Frontend.setup_vring` put it.
 - :class:`SlotAllocator` fixed-size buffer slots in hot-plugged regions. A region about to
   be unplugged is closed to new buffers (``drain``) and tells how many it still has out:
   a guest's unplug guarantees that nothing in a removed DIMM is still handed to a device.
@@ -28,14 +29,17 @@ import select
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyvhost.devices.virtio_net import VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
-from pyvhost.frontend import Frontend, FrontendMemory, GuestRam, Vring
+from pyvhost.frontend import Frontend, FrontendMemory, GuestRam
 from pyvhost.frontend.frontend import SUPPORTED_PROTOCOL_FEATURES, split_ring_layout
-from pyvhost.frontend.memory import MiB
 from pyvhost.protocol.constants import ProtocolFeature, VirtioFeature, VirtioStatus
+from pyvhost.units import MiB
+
+from .memfd import GuestView
+from .ring import Buffer, DriverRing, RingLayout
 
 #: Every wait ends by this deadline (seconds); generous for a shared 2-core machine.
 TIMEOUT = 60.0
@@ -54,11 +58,6 @@ DRIVER_OK = int(VirtioStatus.ACKNOWLEDGE | VirtioStatus.DRIVER | VirtioStatus.FE
 ETHERTYPE = b"\x88\xb5"  # IEEE local experimental
 BROADCAST = b"\xff" * 6
 
-_DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
 
 
 def mac(n: int) -> bytes:
@@ -71,95 +70,34 @@ def mac(n: int) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class Buffer:
-    """One descriptor: guest-physical address, length, device-writable or not."""
+class RamOffsets:
+    """One region of the front-end's guest RAM addressed by offset from its start, as a
+    :class:`~support.ring.RingMemory`."""
 
-    gpa: int
-    length: int
-    writable: bool = False
+    ram: GuestRam
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.ram.read(addr, length)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.ram.write(addr, data)
+
+    def va(self, addr: int) -> int:
+        return self.ram.userspace_addr + addr
 
 
-class DriverRing:
-    """The driver side of one split virtqueue in ``ram`` at ``offset``."""
-
-    def __init__(self, fe: Frontend, index: int, size: int, ram: GuestRam,
-                 offset: int) -> None:
-        desc, avail, used, total = split_ring_layout(size)
-        # The rings must be zero (avail idx 0, no flags) before the back-end sees them.
-        ram.write(offset, bytes(total))
-        self.vring: Vring = fe.setup_vring(index, size, ram, offset)
-        self.ram = ram
-        self.size = size
-        self.desc_off, self.avail_off, self.used_off = offset + desc, offset + avail, \
-            offset + used
-        assert ram.userspace_addr + self.desc_off == self.vring.desc_addr
-        assert ram.userspace_addr + self.used_off == self.vring.used_addr
-        self.avail_idx = 0
-        self.last_used = 0
-        self.free = list(range(size))
-        #: head -> the descriptor indices of its chain, for every chain the device holds.
-        self.chains: dict[int, list[int]] = {}
-
-    @property
-    def room(self) -> int:
-        """Free descriptors."""
-        return len(self.free)
-
-    @property
-    def outstanding(self) -> int:
-        """Chains made available and not yet taken back from the used ring."""
-        return len(self.chains)
-
-    def add(self, buffers: Sequence[Buffer]) -> int:
-        """Put one chain (readable buffers first) in the next available slot; returns its
-        head. Not visible to the device before :meth:`publish`."""
-        assert buffers and len(buffers) <= len(self.free), "ring full (test bug)"
-        idx = [self.free.pop() for _ in buffers]
-        ram = self.ram
-        for k, b in enumerate(buffers):
-            last = k == len(buffers) - 1
-            flags = (VIRTQ_DESC_F_WRITE if b.writable else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
-            ram.write(self.desc_off + 16 * idx[k],
-                      _DESC.pack(b.gpa, b.length, flags, 0 if last else idx[k + 1]))
-        self.chains[idx[0]] = idx
-        ram.write(self.avail_off + 4 + 2 * (self.avail_idx % self.size), _U16.pack(idx[0]))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        return idx[0]
-
-    def publish(self) -> None:
-        """Write the available idx: the device may take what was added (x86 keeps the
-        order of our stores, so the entries are visible first)."""
-        self.ram.write(self.avail_off + 2, _U16.pack(self.avail_idx))
-
-    def kick(self) -> None:
-        # Always kick: more kicks than EVENT_IDX asks for are harmless, fewer would not be.
-        os.eventfd_write(self.vring.kick_fd, 1)
-
-    def used_idx(self) -> int:
-        return int(_U16.unpack(self.ram.read(self.used_off + 2, 2))[0])
-
-    def take_used(self) -> list[tuple[int, int]]:
-        """(head, written length) of every chain the device returned since the last call.
-
-        Then asks for an interrupt at the next one (EVENT_IDX used_event = last used, as
-        Linux's virtio_ring does).
-        """
-        out: list[tuple[int, int]] = []
-        new = self.used_idx()
-        n = (new - self.last_used) & 0xFFFF
-        assert n <= len(self.chains), (f"queue {self.vring.index}: used idx moved {n}, but "
-                                       f"only {len(self.chains)} chains are out")
-        for _ in range(n):
-            slot = self.last_used % self.size
-            head, length = _USED_ELEM.unpack(self.ram.read(self.used_off + 4 + 8 * slot, 8))
-            chain = self.chains.pop(head, None)
-            assert chain is not None, (f"queue {self.vring.index}: the device returned head "
-                                       f"{head}, which it does not hold")
-            self.free.extend(chain)
-            out.append((head, length))
-            self.last_used = (self.last_used + 1) & 0xFFFF
-        self.ram.write(self.avail_off + 4 + 2 * self.size, _U16.pack(self.last_used))
-        return out
+def driver_ring(fe: Frontend, index: int, size: int, ram: GuestRam, offset: int) -> DriverRing:
+    """Queue ``index`` of ``size`` entries in ``ram`` at ``offset``, set up on the back-end
+    by the front-end (which owns its eventfds). The driver negotiated EVENT_IDX."""
+    desc, avail, used, _ = split_ring_layout(size)
+    # The rings must be zero (avail idx 0, no flags) before the back-end sees them.
+    ring = DriverRing(RamOffsets(ram), RingLayout(size, offset + desc, offset + avail,
+                                                  offset + used),
+                      index=index, event_idx=True)
+    vring = fe.setup_vring(index, size, ram, offset)
+    ring.kick_fd, ring.call_fd = vring.kick_fd, vring.call_fd
+    assert ring.vas == (vring.desc_addr, vring.avail_addr, vring.used_addr)
+    return ring
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,6 +242,8 @@ class NetDriver:
         self.rx_size, self.tx_size, self.boot_size = rx_size, tx_size, boot_size
         self.fe = Frontend()
         self.memory = FrontendMemory()
+        #: Guest memory by GPA, as the driver sees it.
+        self.guest = GuestView(self.memory)
         self.slots = SlotAllocator()
         self.rx: DriverRing | None = None
         self.tx: DriverRing | None = None
@@ -332,8 +272,8 @@ class NetDriver:
         self._update()
         _, _, _, rx_total = split_ring_layout(self.rx_size)
         tx_offset = -(-rx_total // 4096) * 4096
-        self.rx = DriverRing(fe, RX, self.rx_size, boot, 0)
-        self.tx = DriverRing(fe, TX, self.tx_size, boot, tx_offset)
+        self.rx = driver_ring(fe, RX, self.rx_size, boot, 0)
+        self.tx = driver_ring(fe, TX, self.tx_size, boot, tx_offset)
         fe.set_status(DRIVER_OK)
         return self
 
@@ -349,7 +289,8 @@ class NetDriver:
     @property
     def call_fds(self) -> list[int]:
         rx, tx = self._rings()
-        return [rx.vring.call_fd, tx.vring.call_fd]
+        assert rx.call_fd is not None and tx.call_fd is not None
+        return [rx.call_fd, tx.call_fd]
 
     # -- memory hot-plug ---------------------------------------------------------------------
     def _update(self) -> list[str]:
@@ -413,9 +354,10 @@ class NetDriver:
                 break
             self._k += 1
             if self._k % 2:
-                head = rx.add([Buffer(gpa, SLOT, True)])
+                head = rx.add([Buffer(gpa, SLOT, True)], publish=False)
             else:  # header and frame in separate descriptors, as Linux's "big packets" do
-                head = rx.add([Buffer(gpa, HDR, True), Buffer(gpa + HDR, SLOT - HDR, True)])
+                head = rx.add([Buffer(gpa, HDR, True), Buffer(gpa + HDR, SLOT - HDR, True)],
+                              publish=False)
             self._rx_bufs[head] = gpa
             posted += 1
         if posted:
@@ -435,18 +377,18 @@ class NetDriver:
         gpa = self.slots.alloc()
         if gpa is None:
             return False
-        self.memory_write(gpa, bytes(HDR) + frame)
+        self.guest.write(gpa, bytes(HDR) + frame)
         self._k += 1
         layout = self._k % 3
         n = len(frame)
         if layout == 0:
-            head = tx.add([Buffer(gpa, HDR + n)])
+            head = tx.add([Buffer(gpa, HDR + n)], publish=False)
         elif layout == 1:
-            head = tx.add([Buffer(gpa, HDR), Buffer(gpa + HDR, n)])
+            head = tx.add([Buffer(gpa, HDR), Buffer(gpa + HDR, n)], publish=False)
         else:
             half = n // 2
             head = tx.add([Buffer(gpa, HDR), Buffer(gpa + HDR, half),
-                           Buffer(gpa + HDR + half, n - half)])
+                           Buffer(gpa + HDR + half, n - half)], publish=False)
         self._tx_bufs[head] = gpa
         return True
 
@@ -459,12 +401,12 @@ class NetDriver:
         if gpa is None:
             gpa = self.slots.alloc()
             assert gpa is not None, "no buffer slot for a flood frame"
-            self.memory_write(gpa, bytes(HDR) + frame)
+            self.guest.write(gpa, bytes(HDR) + frame)
             self._shared[frame] = gpa
         n = min(count, tx.room)
         chain = [Buffer(gpa, HDR + len(frame))]
         for _ in range(n):
-            self._tx_bufs[tx.add(chain)] = None
+            self._tx_bufs[tx.add(chain, publish=False)] = None
         if n:
             self.flush_tx()
         return n
@@ -491,28 +433,13 @@ class NetDriver:
         for head, written in rx.take_used():
             gpa = self._rx_bufs.pop(head)
             assert HDR + 14 <= written <= SLOT, f"receive chain {head}: {written} bytes written"
-            data = self.memory_read(gpa, written)
+            data = self.guest.read(gpa, written)
             self.slots.release(gpa)
             # VERSION_1 without offloads: flags 0, gso_type 0; num_buffers is 1 without
             # MRG_RXBUF ("the device MUST set num_buffers to 1" then).
             assert data[:2] == b"\0\0" and data[10:12] == b"\x01\x00", data[:HDR].hex()
             frames.append(data[HDR:])
         return frames
-
-    # -- guest memory by GPA --------------------------------------------------------------
-    def _find(self, gpa: int, length: int) -> tuple[GuestRam, int]:
-        for ram in self.memory.regions:
-            if ram.guest_phys_addr <= gpa and gpa + length <= ram.end:
-                return ram, gpa - ram.guest_phys_addr
-        raise AssertionError(f"test bug: GPA {gpa:#x}+{length} is in no region")
-
-    def memory_read(self, gpa: int, length: int) -> bytes:
-        ram, off = self._find(gpa, length)
-        return ram.read(off, length)
-
-    def memory_write(self, gpa: int, data: bytes) -> None:
-        ram, off = self._find(gpa, len(data))
-        ram.write(off, data)
 
 
 # ---------------------------------------------------------------------------------------

@@ -103,10 +103,15 @@ class Procs:
         self.started.append(s)
         return s
 
-    def pyvhost(self, *args: str, name: str = "pyvhost") -> Started:
-        """``pyvhost ARGS`` with this interpreter (no reliance on PATH)."""
+    def pyvhost(self, *args: str, name: str = "pyvhost",
+                env: dict[str, str] | None = None) -> Started:
+        """``pyvhost ARGS`` with this interpreter (no reliance on PATH). ``pyvhost net``
+        is stopped as a service is, with SIGTERM (exit 0); the other commands with
+        SIGINT, as by Ctrl-C."""
         argv = pyvhost_argv(*args)
-        return self.start(argv, name, stop_signal=signal.SIGINT)
+        command = next((a for a in args if not a.startswith("-")), None)
+        stop = signal.SIGTERM if command == "net" else signal.SIGINT
+        return self.start(argv, name, stop_signal=stop, env=env)
 
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
                 stdin_pipe: bool = True, eal_args: Sequence[str] = (),

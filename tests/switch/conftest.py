@@ -15,9 +15,10 @@ from backend.conftest import (
     start_loop,
 )
 from backend.harness import HDR, MAX_FRAME, NET_FEATURES, NetPort
-from backend.rawclient import TIMEOUT, Buffer, wait_until
+from backend.rawclient import TIMEOUT, wait_until
 from pyvhost.backend import Server
 from pyvhost.switch import Switch, SwitchPort
+from support.ring import Buffer
 
 
 class Clock:

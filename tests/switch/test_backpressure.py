@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 from pyvhost.backend.control import fetch_status
-from pyvhost.frontend.memory import MiB
 from pyvhost.switch.table import DEFAULT_MAX_ENTRIES, MacTable
 from pyvhost.switch.vhost import TX_BUDGET
+from pyvhost.units import MiB
 from support.netdriver import (
     BROADCAST,
     ETHERTYPE,

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from backend.harness import HDR, NET_FEATURES, NetPort
-from backend.rawclient import Buffer
 from pyvhost.backend.control import fetch_status
 from support.procs import Procs, Started, wait_for_socket
+from support.ring import Buffer
 from support.testpmd import ForwardStats, accumulated_stats
 
 from .test_offload import ACK, PSH, tcp_frame, verifies
@@ -38,12 +38,47 @@ MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 RING = 256
 
 
+def _settled(ctl: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The back-end's status once the switch's port counters stop moving (it drains what
+    testpmd queued before it stopped), and the switch's part of it."""
+    previous: object = None
+    deadline = time.monotonic() + 60
+    while True:
+        state = fetch_status(str(ctl))
+        switch = state["switch"]
+        assert isinstance(switch, dict)
+        if switch["ports"] == previous:
+            return state, switch
+        assert time.monotonic() < deadline, state
+        previous = switch["ports"]
+        time.sleep(0.5)
 
 
-def _switch_state(ctl: Path) -> dict[str, Any]:
-    state = fetch_status(str(ctl))["switch"]
-    assert isinstance(state, dict)
-    return state
+def _quit(*pmds: Started) -> None:
+    for p in pmds:
+        p.send("quit")
+        assert p.proc.wait(60) == 0, p.output()[-3000:]
+
+
+def _check_port_counters(switch: dict[str, Any], stats_a: ForwardStats,
+                         stats_b: ForwardStats, in_rings: int) -> tuple[Any, Any]:
+    """Ports a.sock and b.sock against testpmd A's and B's counts: every frame queued
+    entered the switch, none was dropped, and what went out is what testpmd counted plus
+    at most ``in_rings`` frames it had stopped polling for. Returns both ports."""
+    ports = {str(p["name"]).split("#")[0]: p for p in switch["ports"]}
+    pa, pb = ports["a.sock"], ports["b.sock"]
+    assert stats_a.tx_dropped == 0 and stats_b.tx_dropped == 0
+    # In: every frame a testpmd queued entered the switch.
+    assert pa["rx_frames"] == stats_a.tx_packets
+    assert pb["rx_frames"] == stats_b.tx_packets
+    # Through: known unicast, nothing dropped anywhere.
+    for p in (pa, pb):
+        assert p["rx_drops"] == {} and p["tx_drops"] == {}, p
+    assert pb["tx_frames"] == pa["rx_frames"] and pa["tx_frames"] == pb["rx_frames"]
+    # Out: what testpmd counted, plus at most the frames left in its receive rings.
+    assert 0 <= pa["tx_frames"] - stats_a.rx_packets <= in_rings
+    assert 0 <= pb["tx_frames"] - stats_b.rx_packets <= in_rings
+    return pa, pb
 
 
 def _macswap_for_5s(a: Started, b: Started) -> tuple[ForwardStats, ForwardStats]:
@@ -76,36 +111,14 @@ def test_two_testpmds_through_the_switch(procs: Procs, tmp_path: Path) -> None:
     stats_a, stats_b = _macswap_for_5s(a, b)
 
     # The switch drains what testpmd queued before it stopped; then its counters settle.
-    previous: object = None
-    deadline = time.monotonic() + 60
-    while True:
-        state = _switch_state(ctl)
-        if state["ports"] == previous:
-            break
-        assert time.monotonic() < deadline, state
-        previous = state["ports"]
-        time.sleep(0.5)
-    ports = {str(p["name"]).split("#")[0]: p for p in state["ports"]}
-    pa, pb = ports["a.sock"], ports["b.sock"]
-    for p in (a, b):
-        p.send("quit")
-        assert p.proc.wait(60) == 0, p.output()[-3000:]
+    _, switch = _settled(ctl)
+    _quit(a, b)
 
     assert stats_a.rx_packets > 1000, a.output()[-3000:]
-    assert stats_a.tx_dropped == 0 and stats_b.tx_dropped == 0
-    # In: every frame a testpmd queued entered the switch.
-    assert pa["rx_frames"] == stats_a.tx_packets
-    assert pb["rx_frames"] == stats_b.tx_packets
+    pa, _ = _check_port_counters(switch, stats_a, stats_b, RING)
     assert pa["rx_bytes"] == 64 * stats_a.tx_packets  # testpmd's default 64-byte frames
-    # Through: known unicast, nothing dropped anywhere.
-    for p in (pa, pb):
-        assert p["rx_drops"] == {} and p["tx_drops"] == {}, p
-    assert pb["tx_frames"] == pa["rx_frames"] and pa["tx_frames"] == pb["rx_frames"]
-    # Out: what testpmd counted, plus at most a ring of frames it had stopped polling for.
-    assert 0 <= pa["tx_frames"] - stats_a.rx_packets <= RING
-    assert 0 <= pb["tx_frames"] - stats_b.rx_packets <= RING
     learned = {e["mac"]: e["port"].split("#")[0]
-               for e in state["mac_table"]}
+               for e in switch["mac_table"]}
     assert learned == {MAC_A: "a.sock", MAC_B: "b.sock"}
     assert procs.stop(sw) == 0, sw.output()
 
@@ -141,33 +154,12 @@ def test_two_testpmds_with_two_queue_pairs(procs: Procs, tmp_path: Path) -> None
     stats_a, stats_b = _macswap_for_5s(a, b)
     per_queue_b = _rx_per_queue(b.output())
 
-    previous: object = None
-    deadline = time.monotonic() + 60
-    while True:
-        state = fetch_status(str(ctl))
-        if state["switch"]["ports"] == previous:  # type: ignore[index]
-            break
-        assert time.monotonic() < deadline, state
-        previous = state["switch"]["ports"]  # type: ignore[index]
-        time.sleep(0.5)
-    switch = state["switch"]
-    assert isinstance(switch, dict)
-    ports = {str(p["name"]).split("#")[0]: p for p in switch["ports"]}
-    pa, pb = ports["a.sock"], ports["b.sock"]
+    state, switch = _settled(ctl)
     conns = state.get("connections")
-    for p in (a, b):
-        p.send("quit")
-        assert p.proc.wait(60) == 0, p.output()[-3000:]
+    _quit(a, b)
 
     assert stats_a.rx_packets > 1000, a.output()[-3000:]
-    assert stats_a.tx_dropped == 0 and stats_b.tx_dropped == 0
-    assert pa["rx_frames"] == stats_a.tx_packets
-    assert pb["rx_frames"] == stats_b.tx_packets
-    for p in (pa, pb):
-        assert p["rx_drops"] == {} and p["tx_drops"] == {}, p
-    assert pb["tx_frames"] == pa["rx_frames"] and pa["tx_frames"] == pb["rx_frames"]
-    assert 0 <= pa["tx_frames"] - stats_a.rx_packets <= 2 * RING
-    assert 0 <= pb["tx_frames"] - stats_b.rx_packets <= 2 * RING
+    _check_port_counters(switch, stats_a, stats_b, 2 * RING)
     # Both of B's receive queues got traffic: the flows were spread.
     assert set(per_queue_b) == {0, 1} and min(per_queue_b.values()) > 0, \
         (per_queue_b, b.output()[-3000:], conns)

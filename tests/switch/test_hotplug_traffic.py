@@ -38,9 +38,10 @@ import pytest
 
 from pyvhost.backend.control import fetch_status
 from pyvhost.frontend import GuestRam
-from pyvhost.frontend.memory import MiB, name_prefix
+from pyvhost.frontend.memory import name_prefix
 from pyvhost.tools import procfs
 from pyvhost.tools.process import pyvhost_argv
+from pyvhost.units import MiB
 from support.netdriver import TIMEOUT, Duplex, Flow, NetDriver, mac
 from support.procs import Procs, wait_for_socket
 

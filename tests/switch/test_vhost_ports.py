@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from backend.harness import HDR, NET_FEATURES
-from backend.rawclient import Buffer, read_eventfd, wait_until
+from backend.harness import HDR, MAX_FRAME, NET_FEATURES
+from backend.rawclient import read_eventfd, wait_until
 from pyvhost.devices.virtio_net import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -19,6 +19,7 @@ from pyvhost.devices.virtio_net import (
     VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MRG_RXBUF,
 )
+from support.ring import Buffer
 
 from .conftest import Guest, Switched
 from .test_offload import DST4, DST6, SRC4, SRC6, check_segments, tcp_frame, verifies
@@ -34,18 +35,25 @@ def frame(dst: bytes, src: bytes, size: int = 64, fill: int = 0) -> bytes:
     return dst + src + b"\x88\xb5" + bytes([fill]) * (size - 14)
 
 
-@pytest.fixture
-def guests(switched: Switched) -> Iterator[tuple[Guest, Guest, Guest]]:
+def three_guests(switched: Switched, specs: list[tuple[str, int]], rx_size: int,
+                 posted: int) -> Iterator[tuple[Guest, Guest, Guest]]:
+    """Guests (tag, features) with ``posted`` receive buffers each; closed afterwards."""
     made: list[Guest] = []
     try:
-        for tag in ("a", "b", "c"):
-            g = Guest(switched, tag)
-            g.post_rx(32)
+        for tag, features in specs:
+            g = Guest(switched, tag, features=features, rx_size=rx_size)
+            g.post_rx(posted)
             made.append(g)
         yield made[0], made[1], made[2]
     finally:
         for g in made:
             g.close()
+
+
+@pytest.fixture
+def guests(switched: Switched) -> Iterator[tuple[Guest, Guest, Guest]]:
+    yield from three_guests(switched, [(tag, NET_FEATURES) for tag in "abc"], HDR + MAX_FRAME,
+                            32)
 
 
 def test_unknown_floods_then_learned_unicast_goes_to_one_port(
@@ -182,16 +190,8 @@ def recv_whole(g: Guest, count: int) -> list[bytes]:
 @pytest.fixture
 def offload_guests(switched: Switched) -> Iterator[tuple[Guest, Guest, Guest]]:
     """A sends with CSUM and HOST_TSO4/6; P takes no offload; T takes GUEST_CSUM/TSO4/6."""
-    made: list[Guest] = []
-    try:
-        for tag, features in (("a", CSUM_TSO_TX), ("p", NET_FEATURES), ("t", GUEST_TSO)):
-            g = Guest(switched, tag, features=features, rx_size=SLOT_RX)
-            g.post_rx(48)
-            made.append(g)
-        yield made[0], made[1], made[2]
-    finally:
-        for g in made:
-            g.close()
+    yield from three_guests(switched, [("a", CSUM_TSO_TX), ("p", NET_FEATURES),
+                                       ("t", GUEST_TSO)], SLOT_RX, 48)
 
 
 def _send_whole(g: Guest, frame: bytes) -> None:

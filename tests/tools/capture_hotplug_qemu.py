@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def wait_listening(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    from pyvhost.tools.process import unix_listening
+    from pyvhost.tools.procfs import unix_listening
 
     deadline = time.monotonic() + timeout
     while not unix_listening(path):

@@ -19,13 +19,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from pyvhost.virtq.split import SplitQueue
-
-from .ringbuilder import GuestRam, RingBuilder
+from support.memfd import SharedRam
+from support.ring import DriverRing, RingLayout
 
 SIZE = 256
 #: Changes of the field the poller must see before it reports; each is a moment at which
@@ -60,17 +58,8 @@ print(json.dumps({"reads": reads, "changes": changes, "zeros": zeros}), flush=Tr
 """
 
 
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam()
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-def _queue(ram: GuestRam, event_idx: bool) -> tuple[SplitQueue, RingBuilder]:
-    ring = RingBuilder(ram, SIZE)
+def _queue(ram: SharedRam, event_idx: bool) -> tuple[SplitQueue, DriverRing]:
+    ring = DriverRing(ram, RingLayout(SIZE, 0x1000, 0x3000, 0x4000))
     q = SplitQueue(0)
     q.set_size(SIZE)
     q.event_idx = event_idx
@@ -80,7 +69,7 @@ def _queue(ram: GuestRam, event_idx: bool) -> tuple[SplitQueue, RingBuilder]:
     return q, ring
 
 
-def _watch_while(ram: GuestRam, gpa: int, write_next: Callable[[], None]) -> dict[str, int]:
+def _watch_while(ram: SharedRam, gpa: int, write_next: Callable[[], None]) -> dict[str, int]:
     """Call ``write_next`` until the poller watching ``gpa`` has seen CHANGES changes."""
     poller = subprocess.Popen([sys.executable, "-c", _POLLER, str(ram.fd), str(gpa),
                                str(CHANGES)], pass_fds=[ram.fd], stdout=subprocess.PIPE,
@@ -102,7 +91,7 @@ def _watch_while(ram: GuestRam, gpa: int, write_next: Callable[[], None]) -> dic
             poller.wait()
 
 
-def test_used_idx_of_push_used_batch_is_never_seen_as_zero(ram: GuestRam) -> None:
+def test_used_idx_of_push_used_batch_is_never_seen_as_zero(ram: SharedRam) -> None:
     q, ring = _queue(ram, event_idx=False)
 
     def write_next() -> None:
@@ -110,12 +99,12 @@ def test_used_idx_of_push_used_batch_is_never_seen_as_zero(ram: GuestRam) -> Non
         if q.used_idx >= LAST:
             q.set_base(FIRST)
 
-    report = _watch_while(ram, ring.used_gpa + 2, write_next)
+    report = _watch_while(ram, ring.layout.used + 2, write_next)
     assert report["changes"] == CHANGES
     assert report["zeros"] == 0, report
 
 
-def test_used_idx_of_push_used_is_never_seen_as_zero(ram: GuestRam) -> None:
+def test_used_idx_of_push_used_is_never_seen_as_zero(ram: SharedRam) -> None:
     q, ring = _queue(ram, event_idx=False)
 
     def write_next() -> None:
@@ -123,11 +112,11 @@ def test_used_idx_of_push_used_is_never_seen_as_zero(ram: GuestRam) -> None:
         if q.used_idx >= LAST:
             q.set_base(FIRST)
 
-    report = _watch_while(ram, ring.used_gpa + 2, write_next)
+    report = _watch_while(ram, ring.layout.used + 2, write_next)
     assert report["zeros"] == 0, report
 
 
-def test_avail_event_is_never_seen_as_zero(ram: GuestRam) -> None:
+def test_avail_event_is_never_seen_as_zero(ram: SharedRam) -> None:
     # With EVENT_IDX a transient 0 in avail_event can make the driver skip the kick the
     # device is about to wait for.
     q, ring = _queue(ram, event_idx=True)
@@ -136,11 +125,11 @@ def test_avail_event_is_never_seen_as_zero(ram: GuestRam) -> None:
         q.last_avail_idx = FIRST + (q.last_avail_idx + 1 - FIRST) % (LAST - FIRST)
         q.enable_kicks(True)
 
-    report = _watch_while(ram, ring.used_gpa + 4 + 8 * SIZE, write_next)
+    report = _watch_while(ram, ring.layout.avail_event, write_next)
     assert report["zeros"] == 0, report
 
 
-def test_the_fields_still_carry_the_values(ram: GuestRam) -> None:
+def test_the_fields_still_carry_the_values(ram: SharedRam) -> None:
     """The single-store path writes little-endian values where the driver reads them."""
     q, ring = _queue(ram, event_idx=True)
     q.push_used_batch([(7, 100), (2, 0)])
@@ -149,7 +138,7 @@ def test_the_fields_still_carry_the_values(ram: GuestRam) -> None:
     assert ring.used_elem((FIRST + 1) % SIZE) == (2, 0)
     q.last_avail_idx = 0x1234
     q.enable_kicks(True)
-    assert os.pread(ram.fd, 2, ring.used_gpa + 4 + 8 * SIZE) == b"\x34\x12"
+    assert os.pread(ram.fd, 2, ring.layout.avail_event) == b"\x34\x12"
     q.event_idx = False
     q.enable_kicks(False)
     assert ring.used_flags() == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,44 +11,45 @@ from hypothesis import strategies as st
 from pyvhost.memory import GuestAddressError
 from pyvhost.protocol.fds import FdBag
 from pyvhost.virtq.split import SplitQueue, VirtqueueError
-
-from .ringbuilder import (
-    DESC,
+from support.memfd import SharedRam
+from support.ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
-    GuestRam,
-    RingBuilder,
+    Buffer,
+    Desc,
+    DriverRing,
+    RingImage,
+    RingLayout,
+    indirect_table,
+    ring_images,
 )
 
 SIZE = 8
-END = GuestRam.END
+END = SharedRam.END
 
 
-@pytest.fixture
-def ram() -> Iterator[GuestRam]:
-    r = GuestRam()
-    try:
-        yield r
-    finally:
-        r.close()
+def new_ring(ram: SharedRam, size: int = SIZE, desc: int = 0x1000, avail: int = 0x3000,
+             used: int = 0x4000) -> DriverRing:
+    """A driver's ring of ``size`` entries in ``ram`` (addresses are GPAs)."""
+    return DriverRing(ram, RingLayout(size, desc, avail, used))
 
 
-def make_queue(ram: GuestRam, size: int = SIZE, event_idx: bool = False,
-               base: int = 0) -> tuple[SplitQueue, RingBuilder]:
-    ring = RingBuilder(ram, size)
+def make_queue(ram: SharedRam, size: int = SIZE, event_idx: bool = False,
+               base: int = 0) -> tuple[SplitQueue, DriverRing]:
+    ring = new_ring(ram, size)
     q = SplitQueue(0)
     q.set_size(size)
     q.event_idx = event_idx
     q.set_base(base)
     ring.avail_idx = base
-    ring.set_avail_idx(base)
+    ring.publish()
     q.set_addresses(*ring.vas)
     q.attach(ram.mem)
     return q, ring
 
 
 @pytest.fixture
-def qr(ram: GuestRam) -> tuple[SplitQueue, RingBuilder]:
+def qr(ram: SharedRam) -> tuple[SplitQueue, DriverRing]:
     return make_queue(ram)
 
 
@@ -58,13 +58,13 @@ def qr(ram: GuestRam) -> tuple[SplitQueue, RingBuilder]:
 # ---------------------------------------------------------------------------------------
 
 
-def test_simple_chain(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_simple_chain(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
-    bufs = [(0x8000, 16, False), (0x9000, 32, False), (0x1_2000, 5, False)]
-    data = [os.urandom(n) for _, n, _ in bufs]
-    for (addr, _, _), d in zip(bufs, data, strict=True):
-        ram.write(addr, d)
-    ring.publish(ring.chain([0, 1, 2], bufs))
+    bufs = [Buffer(0x8000, 16, False), Buffer(0x9000, 32, False), Buffer(0x1_2000, 5, False)]
+    data = [os.urandom(b.length) for b in bufs]
+    for b, d in zip(bufs, data, strict=True):
+        ram.write(b.gpa, d)
+    ring.post(ring.write_chain([0, 1, 2], bufs))
     assert q.pending() == 1
     chain = q.pop(ram.mem)
     assert chain is not None
@@ -79,11 +79,12 @@ def test_simple_chain(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None
     assert q.last_avail_idx == 1
 
 
-def test_readable_then_writable(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_readable_then_writable(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     ram.write(0x8000, b"request!")
-    ring.publish(ring.chain([3, 6, 1, 4], [(0x8000, 8, False), (0x8100, 4, False),
-                                           (0xA000, 16, True), (0x1_0000, 32, True)]))
+    ring.post(ring.write_chain([3, 6, 1, 4], [Buffer(0x8000, 8, False), Buffer(0x8100, 4, False),
+                                              Buffer(0xA000, 16, True),
+                                              Buffer(0x1_0000, 32, True)]))
     chain = q.pop(ram.mem)
     assert chain is not None and chain.head == 3
     assert chain.readable == [(0x8000, 8), (0x8100, 4)]
@@ -98,11 +99,12 @@ def test_readable_then_writable(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder
     assert chain.write(ram.mem, bytes(100)) == 48
 
 
-def test_chains_come_in_avail_order(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_chains_come_in_avail_order(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
-    ring.chain([5, 1, 7], [(0x8000, 1, False), (0x8001, 1, False), (0x8002, 1, True)])
-    ring.chain([2], [(0x9000, 64, True)])
-    ring.publish(2, 5)
+    ring.write_chain([5, 1, 7], [Buffer(0x8000, 1, False), Buffer(0x8001, 1, False),
+                                 Buffer(0x8002, 1, True)])
+    ring.write_chain([2], [Buffer(0x9000, 64, True)])
+    ring.post(2, 5)
     assert q.pending() == 2
     chains = q.pop_batch(ram.mem, 10)
     assert [c.head for c in chains] == [2, 5]
@@ -110,29 +112,29 @@ def test_chains_come_in_avail_order(ram: GuestRam, qr: tuple[SplitQueue, RingBui
     assert chains[1].readable == [(0x8000, 1), (0x8001, 1)]
 
 
-def test_buffer_across_adjacent_regions(ram: GuestRam,
-                                        qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_buffer_across_adjacent_regions(ram: SharedRam,
+                                        qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     data = os.urandom(32)
     ram.write(0xFFF0, data)
-    ring.publish(ring.chain([0], [(0xFFF0, 32, False)]))
+    ring.post(ring.write_chain([0], [Buffer(0xFFF0, 32, False)]))
     chain = q.pop(ram.mem)
     assert chain is not None and chain.read(ram.mem) == data
 
 
-def test_buffer_ending_at_the_last_byte_of_memory(ram: GuestRam,
-                                                  qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_buffer_ending_at_the_last_byte_of_memory(ram: SharedRam,
+                                                  qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
-    ring.publish(ring.chain([0], [(END - 8, 8, True)]))
+    ring.post(ring.write_chain([0], [Buffer(END - 8, 8, True)]))
     chain = q.pop(ram.mem)
     assert chain is not None and chain.writable == [(END - 8, 8)]
 
 
-def test_avail_index_wraps_at_16_bits(ram: GuestRam) -> None:
+def test_avail_index_wraps_at_16_bits(ram: SharedRam) -> None:
     q, ring = make_queue(ram, base=0xFFFE)
     for head in (3, 4, 5):
-        ring.chain([head], [(0x8000 + head, 1, True)])
-    ring.publish(3, 4, 5)
+        ring.write_chain([head], [Buffer(0x8000 + head, 1, True)])
+    ring.post(3, 4, 5)
     assert ring.avail_idx == 0x0001
     assert q.pending() == 3
     chains = q.pop_batch(ram.mem, 3)
@@ -152,51 +154,72 @@ def test_avail_index_wraps_at_16_bits(ram: GuestRam) -> None:
 TABLE = 0xC000
 
 
-def test_indirect_chain(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_indirect_chain(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
-    ring.chain([0, 2, 1], [(0x8000, 10, False), (0x8100, 20, False), (0x1_4000, 30, True)],
-               table=TABLE)
-    ring.indirect(4, TABLE, 3)
-    ring.publish(4)
+    ring.write_chain([0, 2, 1], [Buffer(0x8000, 10, False), Buffer(0x8100, 20, False),
+                                 Buffer(0x1_4000, 30, True)], table=TABLE)
+    ring.write_indirect(4, TABLE, 3)
+    ring.post(4)
     chain = q.pop(ram.mem)
     assert chain is not None and chain.head == 4
     assert chain.readable == [(0x8000, 10), (0x8100, 20)]
     assert chain.writable == [(0x1_4000, 30)]
 
 
-def test_direct_descriptors_then_an_indirect_one(ram: GuestRam,
-                                                 qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_direct_descriptors_then_an_indirect_one(ram: SharedRam,
+                                                 qr: tuple[SplitQueue, DriverRing]) -> None:
     # "The device MUST handle the case of zero or more normal chained descriptors followed
     # by a single descriptor with flags&VIRTQ_DESC_F_INDIRECT."
     q, ring = qr
-    ring.desc(0, 0x8000, 12, VIRTQ_DESC_F_NEXT, 1)
-    ring.indirect(1, TABLE, 2)
-    ring.chain([0, 1], [(0x9000, 100, True), (0x9100, 100, True)], table=TABLE)
-    ring.publish(0)
+    ring.write_desc(0, 0x8000, 12, VIRTQ_DESC_F_NEXT, 1)
+    ring.write_indirect(1, TABLE, 2)
+    ring.write_chain([0, 1], [Buffer(0x9000, 100, True), Buffer(0x9100, 100, True)], table=TABLE)
+    ring.post(0)
     chain = q.pop(ram.mem)
     assert chain is not None
     assert chain.readable == [(0x8000, 12)]
     assert chain.writable == [(0x9000, 100), (0x9100, 100)]
 
 
-def test_indirect_table_of_queue_size_entries(ram: GuestRam,
-                                              qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_indirect_table_of_queue_size_entries(ram: SharedRam,
+                                              qr: tuple[SplitQueue, DriverRing]) -> None:
     # A table as long as the queue is accepted (its length is checked against the queue
     # size), so walking all of it must be too.
     q, ring = qr
-    ring.chain(list(range(SIZE)), [(0x8000 + 16 * i, 16, False) for i in range(SIZE)],
-               table=TABLE)
-    ring.indirect(0, TABLE, SIZE)
-    ring.publish(0)
+    ring.write_chain(list(range(SIZE)), [Buffer(0x8000 + 16 * i, 16, False) for i in range(SIZE)],
+                     table=TABLE)
+    ring.write_indirect(0, TABLE, SIZE)
+    ring.post(0)
     chain = q.pop(ram.mem)
     assert chain is not None
     assert chain.readable == [(0x8000 + 16 * i, 16) for i in range(SIZE)]
 
 
-def test_direct_chain_of_queue_size_descriptors(ram: GuestRam,
-                                                qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_a_ring_given_as_data(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
+    """A ring described as data and laid out whole, as a differential test of two
+    device-side implementations feeds both: a direct descriptor, then an indirect table."""
     q, ring = qr
-    ring.publish(ring.chain(list(range(SIZE)), [(0x8000 + i, 1, i >= 4) for i in range(SIZE)]))
+    ring.lay_out(RingImage(
+        descs={5: Desc(0x8000, 5, VIRTQ_DESC_F_NEXT, 2),
+               2: Desc(TABLE, 32, VIRTQ_DESC_F_INDIRECT)},
+        tables={TABLE: indirect_table([Buffer(0x9000, 3), Buffer(0xA000, 8, True)])},
+        avail=[5], avail_idx=1, avail_flags=1,  # VIRTQ_AVAIL_F_NO_INTERRUPT
+        data={0x8000: b"hello", 0x9000: b"abc"}))
+    chain = q.pop(ram.mem)
+    assert chain is not None and chain.head == 5
+    assert chain.readable == [(0x8000, 5), (0x9000, 3)]
+    assert chain.writable == [(0xA000, 8)]
+    assert chain.read(ram.mem) == b"helloabc"
+    assert q.pop(ram.mem) is None
+    q.push_used(5, 8)
+    assert ring.used_elem(0) == (5, 8) and not q.should_notify()
+
+
+def test_direct_chain_of_queue_size_descriptors(ram: SharedRam,
+                                                qr: tuple[SplitQueue, DriverRing]) -> None:
+    q, ring = qr
+    ring.post(ring.write_chain(list(range(SIZE)),
+                               [Buffer(0x8000 + i, 1, i >= 4) for i in range(SIZE)]))
     chain = q.pop(ram.mem)
     assert chain is not None and len(chain.readable) == 4 and len(chain.writable) == 4
 
@@ -206,7 +229,7 @@ def test_direct_chain_of_queue_size_descriptors(ram: GuestRam,
 # ---------------------------------------------------------------------------------------
 
 
-def test_push_used_writes_element_then_index(qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_push_used_writes_element_then_index(qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     q.push_used(5, 1500)
     assert ring.used_elem(0) == (5, 1500)
@@ -217,7 +240,7 @@ def test_push_used_writes_element_then_index(qr: tuple[SplitQueue, RingBuilder])
     assert q.used_idx == 2
 
 
-def test_push_used_batch(qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_push_used_batch(qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     q.push_used(7, 7)
     q.push_used_batch([(1, 10), (3, 30), (0, 0xFFFF_FFFF)])
@@ -227,14 +250,14 @@ def test_push_used_batch(qr: tuple[SplitQueue, RingBuilder]) -> None:
     assert ring.used_idx() == 4 and q.used_idx == 4
 
 
-def test_push_used_batch_wraps_ring_and_index(ram: GuestRam) -> None:
+def test_push_used_batch_wraps_ring_and_index(ram: SharedRam) -> None:
     q, ring = make_queue(ram, base=0xFFFF)
     q.push_used_batch([(i, i * 100) for i in range(3)])
     assert ring.used_idx() == 0x0002
     assert [ring.used_elem(s) for s in (7, 0, 1)] == [(0, 0), (1, 100), (2, 200)]
 
 
-def test_no_interrupt_flag(qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_no_interrupt_flag(qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     q.push_used(0, 0)
     assert q.should_notify()
@@ -244,7 +267,7 @@ def test_no_interrupt_flag(qr: tuple[SplitQueue, RingBuilder]) -> None:
     assert q.should_notify()
 
 
-def test_event_idx_should_notify(ram: GuestRam) -> None:
+def test_event_idx_should_notify(ram: SharedRam) -> None:
     q, ring = make_queue(ram, event_idx=True)
     ring.set_avail_flags(1)  # ignored with EVENT_IDX
     ring.set_used_event(0)
@@ -263,7 +286,7 @@ def test_event_idx_should_notify(ram: GuestRam) -> None:
     assert not q.should_notify()  # nothing new since
 
 
-def test_event_idx_should_notify_across_the_wrap(ram: GuestRam) -> None:
+def test_event_idx_should_notify_across_the_wrap(ram: SharedRam) -> None:
     q, ring = make_queue(ram, event_idx=True, base=0xFFFE)
     assert q.should_notify()  # first: signalled at 0xFFFE
     ring.set_used_event(0xFFFF)
@@ -281,7 +304,7 @@ def test_event_idx_should_notify_across_the_wrap(ram: GuestRam) -> None:
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(start=st.integers(0, 0xFFFF), steps=st.lists(
     st.tuples(st.integers(0, 8), st.integers(0, 0xFFFF)), min_size=1, max_size=10))
-def test_event_idx_matches_the_spec_window(ram: GuestRam, start: int,
+def test_event_idx_matches_the_spec_window(ram: SharedRam, start: int,
                                            steps: list[tuple[int, int]]) -> None:
     """vring_need_event: notify iff used_event lies in [old, new) modulo 2**16, where old is
     the used index at the previous check."""
@@ -297,7 +320,7 @@ def test_event_idx_matches_the_spec_window(ram: GuestRam, start: int,
         old = new
 
 
-def test_enable_kicks_without_event_idx(qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_enable_kicks_without_event_idx(qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     q.enable_kicks(False)
     assert ring.used_flags() == 1  # VIRTQ_USED_F_NO_NOTIFY
@@ -307,11 +330,11 @@ def test_enable_kicks_without_event_idx(qr: tuple[SplitQueue, RingBuilder]) -> N
 
 
 def test_enable_kicks_with_event_idx_publishes_avail_event(
-        ram: GuestRam) -> None:
+        ram: SharedRam) -> None:
     q, ring = make_queue(ram, event_idx=True)
     for head in (0, 1):
-        ring.chain([head], [(0x8000, 1, False)])
-    ring.publish(0, 1)
+        ring.write_chain([head], [Buffer(0x8000, 1, False)])
+    ring.post(0, 1)
     assert len(q.pop_batch(ram.mem, 2)) == 2
     q.enable_kicks(True)
     assert ring.avail_event() == 2
@@ -320,11 +343,11 @@ def test_enable_kicks_with_event_idx_publishes_avail_event(
     assert ring.avail_event() == 2 and ring.used_flags() == 0
 
 
-def test_unpop_gives_chains_back(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_unpop_gives_chains_back(ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     for head in (1, 2, 3):
-        ring.chain([head], [(0x8000 + head, 1, True)])
-    ring.publish(1, 2, 3)
+        ring.write_chain([head], [Buffer(0x8000 + head, 1, True)])
+    ring.post(1, 2, 3)
     assert [c.head for c in q.pop_batch(ram.mem, 2)] == [1, 2]
     q.unpop(1)
     assert q.pending() == 2
@@ -334,11 +357,11 @@ def test_unpop_gives_chains_back(ram: GuestRam, qr: tuple[SplitQueue, RingBuilde
     assert [c.head for c in q.pop_batch(ram.mem, 5)] == [1, 2, 3]
 
 
-def test_unpop_across_the_wrap(ram: GuestRam) -> None:
+def test_unpop_across_the_wrap(ram: SharedRam) -> None:
     q, ring = make_queue(ram, base=0xFFFF)
-    ring.chain([6], [(0x8000, 1, True)])
-    ring.chain([7], [(0x8000, 1, True)])
-    ring.publish(6, 7)
+    ring.write_chain([6], [Buffer(0x8000, 1, True)])
+    ring.write_chain([7], [Buffer(0x8000, 1, True)])
+    ring.post(6, 7)
     assert [c.head for c in q.pop_batch(ram.mem, 2)] == [6, 7]
     q.unpop(2)
     assert q.last_avail_idx == 0xFFFF
@@ -350,12 +373,12 @@ def test_unpop_across_the_wrap(ram: GuestRam) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def assert_broken(q: SplitQueue, ram: GuestRam, ring: RingBuilder) -> None:
+def assert_broken(q: SplitQueue, ram: SharedRam, ring: DriverRing) -> None:
     """The last pop raised; the queue is now broken for good."""
     assert q.broken is not None
     # Even a well-formed chain is not served any more.
-    ring.chain([0], [(0x8000, 1, False)])
-    ring.publish(0)
+    ring.write_chain([0], [Buffer(0x8000, 1, False)])
+    ring.post(0)
     with pytest.raises(VirtqueueError):
         q.pop(ram.mem)
     with pytest.raises(VirtqueueError):
@@ -364,103 +387,103 @@ def assert_broken(q: SplitQueue, ram: GuestRam, ring: RingBuilder) -> None:
         q.push_used(0, 0)
 
 
-def _head_too_big(ring: RingBuilder) -> None:
-    ring.publish(SIZE)
+def _head_too_big(ring: DriverRing) -> None:
+    ring.post(SIZE)
 
 
-def _head_ffff(ring: RingBuilder) -> None:
-    ring.publish(0xFFFF)
+def _head_ffff(ring: DriverRing) -> None:
+    ring.post(0xFFFF)
 
 
-def _next_too_big(ring: RingBuilder) -> None:
-    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, SIZE)
-    ring.publish(0)
+def _next_too_big(ring: DriverRing) -> None:
+    ring.write_desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, SIZE)
+    ring.post(0)
 
 
-def _loop(ring: RingBuilder) -> None:
-    ring.desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2)
-    ring.desc(2, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1)
-    ring.publish(1)
+def _loop(ring: DriverRing) -> None:
+    ring.write_desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2)
+    ring.write_desc(2, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1)
+    ring.post(1)
 
 
-def _self_loop(ring: RingBuilder) -> None:
-    ring.desc(3, 0x8000, 1, VIRTQ_DESC_F_NEXT, 3)
-    ring.publish(3)
+def _self_loop(ring: DriverRing) -> None:
+    ring.write_desc(3, 0x8000, 1, VIRTQ_DESC_F_NEXT, 3)
+    ring.post(3)
 
 
-def _longer_than_size(ring: RingBuilder) -> None:
+def _longer_than_size(ring: DriverRing) -> None:
     # Every descriptor once, then back to the head: SIZE + 1 links.
-    ring.chain(list(range(SIZE)), [(0x8000, 1, False)] * SIZE)
-    ring.desc(SIZE - 1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0)
-    ring.publish(0)
+    ring.write_chain(list(range(SIZE)), [Buffer(0x8000, 1, False)] * SIZE)
+    ring.write_desc(SIZE - 1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0)
+    ring.post(0)
 
 
-def _indirect_in_indirect(ring: RingBuilder) -> None:
-    ring.indirect(0, TABLE, 2)
-    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
-    ring.desc(1, TABLE + 0x100, 16, VIRTQ_DESC_F_INDIRECT, table=TABLE)
-    ring.desc(0, 0x8000, 1, table=TABLE + 0x100)
-    ring.publish(0)
+def _indirect_in_indirect(ring: DriverRing) -> None:
+    ring.write_indirect(0, TABLE, 2)
+    ring.write_desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
+    ring.write_desc(1, TABLE + 0x100, 16, VIRTQ_DESC_F_INDIRECT, table=TABLE)
+    ring.write_desc(0, 0x8000, 1, table=TABLE + 0x100)
+    ring.post(0)
 
 
-def _indirect_and_next(ring: RingBuilder) -> None:
-    ring.indirect(0, TABLE, 1, flags=VIRTQ_DESC_F_NEXT)
-    ring.desc(0, 0x8000, 1, table=TABLE)
-    ring.publish(0)
+def _indirect_and_next(ring: DriverRing) -> None:
+    ring.write_indirect(0, TABLE, 1, flags=VIRTQ_DESC_F_NEXT)
+    ring.write_desc(0, 0x8000, 1, table=TABLE)
+    ring.post(0)
 
 
 def _indirect_len(length: int) -> object:
-    def build(ring: RingBuilder) -> None:
-        ring.desc(0, TABLE, length, VIRTQ_DESC_F_INDIRECT)
-        ring.desc(0, 0x8000, 1, table=TABLE)
-        ring.publish(0)
+    def build(ring: DriverRing) -> None:
+        ring.write_desc(0, TABLE, length, VIRTQ_DESC_F_INDIRECT)
+        ring.write_desc(0, 0x8000, 1, table=TABLE)
+        ring.post(0)
     return build
 
 
 def _indirect_at(addr: int, entries: int = 2) -> object:
-    def build(ring: RingBuilder) -> None:
-        ring.indirect(0, addr, entries)
-        ring.publish(0)
+    def build(ring: DriverRing) -> None:
+        ring.write_indirect(0, addr, entries)
+        ring.post(0)
     return build
 
 
-def _indirect_loop(ring: RingBuilder) -> None:
-    ring.indirect(0, TABLE, 4)
-    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
-    ring.desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0, table=TABLE)
-    ring.publish(0)
+def _indirect_loop(ring: DriverRing) -> None:
+    ring.write_indirect(0, TABLE, 4)
+    ring.write_desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 1, table=TABLE)
+    ring.write_desc(1, 0x8000, 1, VIRTQ_DESC_F_NEXT, 0, table=TABLE)
+    ring.post(0)
 
 
-def _indirect_next_past_table(ring: RingBuilder) -> None:
-    ring.indirect(0, TABLE, 2)
-    ring.desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2, table=TABLE)  # only 0 and 1 exist
-    ring.desc(2, 0x8000, 1, table=TABLE)
-    ring.publish(0)
+def _indirect_next_past_table(ring: DriverRing) -> None:
+    ring.write_indirect(0, TABLE, 2)
+    ring.write_desc(0, 0x8000, 1, VIRTQ_DESC_F_NEXT, 2, table=TABLE)  # only 0 and 1 exist
+    ring.write_desc(2, 0x8000, 1, table=TABLE)
+    ring.post(0)
 
 
 def _buffer(addr: int, length: int, writable: bool = False) -> object:
-    def build(ring: RingBuilder) -> None:
-        ring.publish(ring.chain([0], [(addr, length, writable)]))
+    def build(ring: DriverRing) -> None:
+        ring.post(ring.write_chain([0], [Buffer(addr, length, writable)]))
     return build
 
 
-def _readable_after_writable(ring: RingBuilder) -> None:
-    ring.publish(ring.chain([0, 1], [(0x8000, 1, True), (0x8001, 1, False)]))
+def _readable_after_writable(ring: DriverRing) -> None:
+    ring.post(ring.write_chain([0, 1], [Buffer(0x8000, 1, True), Buffer(0x8001, 1, False)]))
 
 
-def _readable_after_writable_indirect(ring: RingBuilder) -> None:
-    ring.chain([0, 1, 2], [(0x8000, 1, False), (0x8001, 1, True), (0x8002, 1, False)],
-               table=TABLE)
-    ring.indirect(0, TABLE, 3)
-    ring.publish(0)
+def _readable_after_writable_indirect(ring: DriverRing) -> None:
+    ring.write_chain([0, 1, 2], [Buffer(0x8000, 1, False), Buffer(0x8001, 1, True),
+                                 Buffer(0x8002, 1, False)], table=TABLE)
+    ring.write_indirect(0, TABLE, 3)
+    ring.post(0)
 
 
-def _avail_jump(ring: RingBuilder) -> None:
-    ring.set_avail_idx(SIZE + 1)
+def _avail_jump(ring: DriverRing) -> None:
+    ring.publish(SIZE + 1)
 
 
-def _avail_backwards(ring: RingBuilder) -> None:
-    ring.set_avail_idx(0xFFFF)
+def _avail_backwards(ring: DriverRing) -> None:
+    ring.publish(0xFFFF)
 
 
 HOSTILE = {
@@ -493,7 +516,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("build", HOSTILE.values(), ids=HOSTILE.keys())
-def test_hostile_ring_breaks_the_queue(ram: GuestRam, qr: tuple[SplitQueue, RingBuilder],
+def test_hostile_ring_breaks_the_queue(ram: SharedRam, qr: tuple[SplitQueue, DriverRing],
                                        build: object) -> None:
     q, ring = qr
     assert callable(build)
@@ -505,30 +528,30 @@ def test_hostile_ring_breaks_the_queue(ram: GuestRam, qr: tuple[SplitQueue, Ring
     assert_broken(q, ram, ring)
 
 
-def test_loop_is_caught_by_the_queue_size_bound(ram: GuestRam,
-                                                qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_loop_is_caught_by_the_queue_size_bound(ram: SharedRam,
+                                                qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
     _loop(ring)
     with pytest.raises(VirtqueueError, match="a loop"):
         q.pop(ram.mem)
 
 
-def test_pending_reports_an_avail_idx_jump(qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_pending_reports_an_avail_idx_jump(qr: tuple[SplitQueue, DriverRing]) -> None:
     q, ring = qr
-    ring.set_avail_idx(SIZE)
+    ring.publish(SIZE)
     assert q.pending() == SIZE  # a full ring is fine
-    ring.set_avail_idx(SIZE + 1)
+    ring.publish(SIZE + 1)
     with pytest.raises(VirtqueueError):
         q.pending()
     assert q.broken is not None
 
 
-def test_queue_not_attached_does_not_pop(ram: GuestRam) -> None:
+def test_queue_not_attached_does_not_pop(ram: SharedRam) -> None:
     q = SplitQueue(1)
     q.set_size(SIZE)
     with pytest.raises(VirtqueueError):
         q.pop(ram.mem)
-    q.set_addresses(*RingBuilder(ram, SIZE).vas)
+    q.set_addresses(*new_ring(ram).vas)
     assert not q.attached
     with pytest.raises(VirtqueueError):
         q.pop(ram.mem)
@@ -537,14 +560,14 @@ def test_queue_not_attached_does_not_pop(ram: GuestRam) -> None:
 @pytest.mark.parametrize("where", ["desc", "avail", "used"])
 @pytest.mark.parametrize("va", [
     0x1000,                                         # no region at all
-    GuestRam.LOW.userspace_addr + 0x10000 - 0x10,   # straddles the end of a region
-    GuestRam.HIGH.userspace_addr + 0x10000 - 0x10,  # straddles the end of memory
-    GuestRam.LOW.userspace_addr + 0x10000,          # first byte past a region
-    GuestRam.HIGH.userspace_addr - 0x10,            # starts before a region
+    SharedRam.LOW.userspace_addr + 0x10000 - 0x10,   # straddles the end of a region
+    SharedRam.HIGH.userspace_addr + 0x10000 - 0x10,  # straddles the end of memory
+    SharedRam.LOW.userspace_addr + 0x10000,          # first byte past a region
+    SharedRam.HIGH.userspace_addr - 0x10,            # starts before a region
     (1 << 64) - 0x10,
 ])
-def test_ring_outside_memory_at_attach(ram: GuestRam, where: str, va: int) -> None:
-    ring = RingBuilder(ram, SIZE)
+def test_ring_outside_memory_at_attach(ram: SharedRam, where: str, va: int) -> None:
+    ring = new_ring(ram)
     vas = dict(zip(("desc", "avail", "used"), ring.vas, strict=True))
     vas[where] = va
     q = SplitQueue(0)
@@ -555,39 +578,39 @@ def test_ring_outside_memory_at_attach(ram: GuestRam, where: str, va: int) -> No
     assert not q.attached
 
 
-def test_rings_given_as_gpa_instead_of_va_are_refused(ram: GuestRam) -> None:
-    ring = RingBuilder(ram, SIZE)
+def test_rings_given_as_gpa_instead_of_va_are_refused(ram: SharedRam) -> None:
+    ring = new_ring(ram)
     q = SplitQueue(0)
     q.set_size(SIZE)
-    q.set_addresses(ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
+    q.set_addresses(ring.layout.desc, ring.layout.avail, ring.layout.used)
     with pytest.raises(VirtqueueError):
         q.attach(ram.mem)
 
 
-def test_attach_translates_vas_to_the_right_gpas(ram: GuestRam) -> None:
+def test_attach_translates_vas_to_the_right_gpas(ram: SharedRam) -> None:
     # Rings in the HIGH region, whose VA is below LOW's: a slip between spaces shows.
-    ring = RingBuilder(ram, SIZE, desc=0x1_1000, avail=0x1_3000, used=0x1_4000)
+    ring = new_ring(ram, desc=0x1_1000, avail=0x1_3000, used=0x1_4000)
     q = SplitQueue(0)
     q.set_size(SIZE)
     q.set_addresses(*ring.vas)
     q.attach(ram.mem)
-    ring.publish(ring.chain([2], [(0x8000, 4, True)]))
+    ring.post(ring.write_chain([2], [Buffer(0x8000, 4, True)]))
     chain = q.pop(ram.mem)
     assert chain is not None and chain.head == 2
     q.push_used(2, 4)
     assert ring.used_idx() == 1 and ring.used_elem(0) == (2, 4)
 
 
-def test_attach_after_the_ring_region_is_removed(ram: GuestRam,
-                                                 qr: tuple[SplitQueue, RingBuilder]) -> None:
+def test_attach_after_the_ring_region_is_removed(ram: SharedRam,
+                                                 qr: tuple[SplitQueue, DriverRing]) -> None:
     q, _ = qr
-    ram.manager.remove_region(GuestRam.LOW)
+    ram.manager.remove_region(SharedRam.LOW)
     with pytest.raises(VirtqueueError):
         q.attach(ram.mem)
     assert not q.attached
     # Back again (as a front-end re-adding it would): the queue attaches.
     with FdBag([os.dup(ram.fd)]) as bag:
-        ram.manager.add_region(GuestRam.LOW, bag.peek(0))
+        ram.manager.add_region(SharedRam.LOW, bag.peek(0))
     q.attach(ram.mem)
     assert q.attached
 
@@ -616,26 +639,15 @@ ADDRS = st.one_of(st.integers(0, END + 0x100), st.sampled_from([END - 8, 0xFFF8,
                   st.integers(0, (1 << 64) - 1))
 LENS = st.one_of(st.integers(0, 64), st.sampled_from([16, 32, 48, 0xFFFF_FFFF]),
                  st.integers(0, 0xFFFF_FFFF))
-DESCS = st.tuples(ADDRS, LENS, st.integers(0, 7), st.integers(0, SIZE + 1))
 
 
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(table=st.lists(DESCS, min_size=SIZE, max_size=SIZE),
-       indirect=st.lists(DESCS, min_size=SIZE, max_size=SIZE),
-       heads=st.lists(st.integers(0, SIZE), min_size=SIZE, max_size=SIZE),
-       avail_idx=st.one_of(st.integers(0, SIZE), st.integers(0, 0xFFFF)))
-def test_random_rings(ram: GuestRam, table: list[tuple[int, int, int, int]],
-                      indirect: list[tuple[int, int, int, int]], heads: list[int],
-                      avail_idx: int) -> None:
+@given(image=ring_images(SIZE, ADDRS, LENS, tables=[TABLE]))
+def test_random_rings(ram: SharedRam, image: RingImage) -> None:
     q, ring = make_queue(ram)
-    for i, d in enumerate(table):
-        ring.ram.write(ring.desc_gpa + 16 * i, DESC.pack(*d))
-    for i, d in enumerate(indirect):
-        ring.ram.write(TABLE + 16 * i, DESC.pack(*d))
-    for i, h in enumerate(heads):
-        ring.ram.write(ring.avail_gpa + 4 + 2 * i, h.to_bytes(2, "little"))
-    ring.set_avail_idx(avail_idx)
+    ring.lay_out(image)
+    avail_idx = image.avail_idx
     for served in range(SIZE + 1):  # chains served so far
         try:
             chain = q.pop(ram.mem)

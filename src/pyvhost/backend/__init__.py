@@ -6,10 +6,15 @@
 - :mod:`.loop`        the single-threaded event loop: watched fds, soon-callbacks, timers
 - :mod:`.server`      listening, accepting and client sockets on that loop
 - :mod:`.control`     the client side of a back-end's control socket
+- :mod:`.buildinfo`   the version and the data path this process runs
+- :mod:`.sdnotify`    READY=1 / STOPPING=1 to the service manager ($NOTIFY_SOCKET)
+- :mod:`.metrics`     Prometheus / OpenMetrics over the server's state (imported on demand)
 """
 
+from .buildinfo import datapath_name
 from .connection import Connection
-from .device import QueueContext, VirtioDevice
+from .device import QueueContext, QueueCounters, VirtioDevice
 from .server import Server
 
-__all__ = ["Connection", "QueueContext", "Server", "VirtioDevice"]
+__all__ = ["Connection", "QueueContext", "QueueCounters", "Server", "VirtioDevice",
+           "datapath_name"]

@@ -1,6 +1,8 @@
 """One front-end connection of a back-end: negotiation, memory, vrings and replies.
 
-The rules of which request is allowed when live in one table, :data:`RULES`. Handlers
+Every request the back-end handles is declared once, where its handler is, with
+``@REQUEST_TABLE.handles(request, needs_owner=..., needs=...)``: the one table of which
+request is allowed when (:mod:`.registry`), checked against the codec at import. Handlers
 either succeed or raise a :class:`~pyvhost.errors.PeerError`; the dispatcher turns an
 error into a NACK when the front-end asked for a reply and REPLY_ACK was negotiated ("the
 back-end must respond with a u64 payload: zero for success, non-zero otherwise"), and
@@ -20,13 +22,13 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, MemoryManager
+from pyvhost.memory import GuestAddressError, GuestMemory, MemoryFaultError, MemoryManager
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import (
+    REQUESTS,
     Decoder,
     FramingError,
     Message,
@@ -49,8 +51,9 @@ from pyvhost.protocol.constants import (
 from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, send_message
 from pyvhost.virtq import VirtqueueError
 
-from .device import DeviceConfigError, DeviceHost, QueueContext, VirtioDevice
+from .device import DeviceConfigError, DeviceHost, QueueContext, QueueCounters, VirtioDevice
 from .loop import Loop
+from .registry import RequestTable
 from .vring import Vring
 
 log = logging.getLogger(__name__)
@@ -60,12 +63,16 @@ OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                              | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
                              | ProtocolFeature.CONFIGURE_MEM_SLOTS)
 
-#: Virtio transport features the library implements for every device.
-TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
-                      | VirtioFeature.RING_EVENT_IDX)
 
-#: Kicks served per wake-up before yielding to other connections.
-KICK_BUDGET = 256
+def protocol_features_for(device: VirtioDevice) -> ProtocolFeature:
+    """The protocol features offered to the front-end of ``device``: the library's, less
+    what the device withholds, and CONFIG only for a device whose front-end reads its
+    config space through the back-end (QEMU's vhost-user-net serves its own and warns
+    about an offered CONFIG at every start)."""
+    offered = OFFERED_PROTOCOL_FEATURES & ~device.withheld_protocol_features
+    if not device.serves_config:
+        offered &= ~ProtocolFeature.CONFIG
+    return offered
 
 
 class RequestError(PeerError):
@@ -76,46 +83,6 @@ class Phase(Enum):
     CONNECTED = "connected"  # before SET_OWNER
     OWNED = "owned"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """When a request is allowed."""
-
-    needs_owner: bool = True
-    #: Protocol feature that must have been negotiated (SET_PROTOCOL_FEATURES).
-    needs: ProtocolFeature | None = None
-
-
-#: The one table of what is allowed when. Requests missing here are not supported.
-#: QEMU 7.2 sends GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM and
-#: GET_MAX_MEM_SLOTS before SET_OWNER; DPDK sends SET_OWNER first.
-RULES: dict[int, Rule] = {
-    Request.GET_FEATURES: Rule(needs_owner=False),
-    Request.GET_PROTOCOL_FEATURES: Rule(needs_owner=False),
-    Request.SET_PROTOCOL_FEATURES: Rule(needs_owner=False),
-    Request.GET_QUEUE_NUM: Rule(needs_owner=False, needs=ProtocolFeature.MQ),
-    Request.GET_MAX_MEM_SLOTS: Rule(needs_owner=False,
-                                    needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
-    Request.SET_OWNER: Rule(needs_owner=False),
-    Request.RESET_OWNER: Rule(),
-    Request.SET_FEATURES: Rule(),
-    Request.SET_MEM_TABLE: Rule(),
-    Request.ADD_MEM_REG: Rule(needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
-    Request.REM_MEM_REG: Rule(needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
-    Request.SET_VRING_NUM: Rule(),
-    Request.SET_VRING_ADDR: Rule(),
-    Request.SET_VRING_BASE: Rule(),
-    Request.GET_VRING_BASE: Rule(),
-    Request.SET_VRING_KICK: Rule(),
-    Request.SET_VRING_CALL: Rule(),
-    Request.SET_VRING_ERR: Rule(),
-    Request.SET_VRING_ENABLE: Rule(),
-    Request.GET_CONFIG: Rule(needs=ProtocolFeature.CONFIG),
-    Request.SET_CONFIG: Rule(needs=ProtocolFeature.CONFIG),
-    Request.SET_STATUS: Rule(needs=ProtocolFeature.STATUS),
-    Request.GET_STATUS: Rule(needs=ProtocolFeature.STATUS),
-}
 
 
 class Connection(DeviceHost):
@@ -142,17 +109,21 @@ class Connection(DeviceHost):
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
-        #: What GET_PROTOCOL_FEATURES answers: the library's, less what the device withholds.
-        self.offered_protocol_features = (OFFERED_PROTOCOL_FEATURES
-                                          & ~device.withheld_protocol_features)
+        #: What GET_PROTOCOL_FEATURES answers (:func:`protocol_features_for`).
+        self.offered_protocol_features = protocol_features_for(device)
         #: The last request that changed the memory table: its name, the new generation,
         #: and when (time.monotonic(), CLOCK_MONOTONIC: comparable across processes on
         #: Linux) it was taken off the socket and when the new table was in force (fds
-        #: closed, reply not yet sent). ``pyvhost lab`` times hot-plug with it.
+        #: closed, reply not yet sent), and the regions mapped, kept and dropped.
+        #: ``pyvhost lab`` times hot-plug with it.
         self.last_memory_update: dict[str, object] | None = None
+        #: Told of every memory table change (the server's metrics and hooks).
+        self.memory_observer: Callable[[Connection, dict[str, object]], None] | None = None
         self.status = 0
         self.close_reason: str | None = None
-        self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0}
+        self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0,
+                                         "memory_updates": 0}
+        self.queue_counters = [QueueCounters() for _ in range(device.num_queues)]
         self._again: set[int] = set()
         sock.setblocking(False)
         device.attach(self)
@@ -202,11 +173,10 @@ class Connection(DeviceHost):
     # -- dispatch ------------------------------------------------------------------------
     def _dispatch(self, msg: Message) -> None:
         self.counters["requests"] += 1
-        received, generation = time.monotonic(), self.memory.current.generation
+        received, before = time.monotonic(), self.memory.current
         with msg.fds:
             try:
-                self._check_allowed(msg.request)
-                handler = _HANDLERS[msg.request]
+                handler = self._check_allowed(msg.request)
                 reply = handler(self, msg)
             except (PeerError, DeviceConfigError) as e:
                 self._refuse(msg.request, msg.flags, str(e))
@@ -217,24 +187,44 @@ class Connection(DeviceHost):
                 return
         if self.closed:
             return
-        if self.memory.current.generation != generation:
-            self.last_memory_update = {
-                "request": msg.name, "generation": self.memory.current.generation,
-                "received": received, "in_force": time.monotonic()}
+        if self.memory.current is not before:
+            self._memory_updated(msg.name, before, received)
         if reply is not None:
             self._send(encode_reply(msg.request, reply))
         elif msg.need_reply and self.reply_ack:
             self._send(encode_ack(msg.request, True))
 
-    def _check_allowed(self, request: int) -> None:
-        rule = RULES.get(request)
-        if rule is None:
+    def _memory_updated(self, request: str, before: GuestMemory, received: float) -> None:
+        """Record, log and report a table change (one INFO line per change)."""
+        in_force = time.monotonic()
+        after = self.memory.current
+        old = {id(r) for r in before.regions}
+        kept = sum(1 for r in after.regions if id(r) in old)
+        record: dict[str, object] = {
+            "request": request, "generation": after.generation, "received": received,
+            "in_force": in_force, "regions": len(after), "mapped": len(after) - kept,
+            "kept": kept, "dropped": len(before) - kept}
+        self.last_memory_update = record
+        self.counters["memory_updates"] += 1
+        log.info("%s: %s: %d region%s in the table (%d mapped, %d kept, %d dropped), "
+                 "in force after %.3f ms", self.name, request, len(after),
+                 "" if len(after) == 1 else "s", len(after) - kept, kept,
+                 len(before) - kept, (in_force - received) * 1e3)
+        if self.memory_observer is not None:
+            self.memory_observer(self, record)
+
+    def _check_allowed(self, request: int) -> Callable[[Connection, Message], m.Payload | None]:
+        """The handler of ``request`` if it is allowed now; else RequestError."""
+        entry = REQUEST_TABLE.get(request)
+        if entry is None:
             raise RequestError(f"{request_name(request)} is not supported by this back-end")
+        rule = entry.rule
         if rule.needs_owner and self.phase is not Phase.OWNED and not self.owner_implied:
             raise RequestError(f"{request_name(request)} before SET_OWNER")
         if rule.needs is not None and not self.protocol_features & rule.needs:
             raise RequestError(f"{request_name(request)} needs protocol feature "
                                f"{rule.needs.name}, which was not negotiated")
+        return entry.handler
 
     @property
     def reply_ack(self) -> bool:
@@ -260,7 +250,7 @@ class Connection(DeviceHost):
             return
         self.phase = Phase.CLOSED
         self.close_reason = reason
-        log.info("%s: closed: %s", self.name, reason)
+        log.debug("%s: closed: %s", self.name, reason)  # the server logs the disconnect
         self._stop_all_rings()
         self.memory.clear()
         self.decoder.close()
@@ -303,9 +293,15 @@ class Connection(DeviceHost):
             return
         with self.memory.hold() as mem:
             ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
-            ctx = QueueContext(mem, ready, self._notify)
+            ctx = QueueContext(mem, ready, self._notify, self.queue_counters)
             try:
                 fn(ctx)
+            except MemoryFaultError as e:
+                # Guest memory faulted under its mapping (a region's file shrank): no
+                # access to this memory is safe any more. Drop the connection, and with
+                # it the mappings, once this hold ends; the others are unharmed.
+                log.error("%s: %s", self.name, e)
+                self.close(f"guest memory fault: {e}")
             except (VirtqueueError, GuestAddressError, PeerError) as e:
                 # A device may serve other queues than the one kicked (ReflectNet serves
                 # its tx queue on an rx kick): report the queue that broke, not the kicked.
@@ -340,6 +336,7 @@ class Connection(DeviceHost):
         vring = self.vrings[index]
         if vring.queue.broken is None:
             vring.queue.broken = reason
+        self.queue_counters[index].errors += 1
         log.warning("%s: queue %d broken: %s", self.name, index, reason)
         # virtio: "The device SHOULD set DEVICE_NEEDS_RESET when it enters an error state
         # that a reset is needed." vhost-user reports it with SET_VRING_ERR's eventfd.
@@ -364,6 +361,17 @@ class Connection(DeviceHost):
         self.device.memory_changed(mem)
 
     # -- state for status output ---------------------------------------------------------
+    def held(self) -> dict[str, int]:
+        """What this connection holds now: regions in its table, mappings (those and the
+        ones a reader still keeps), and fds (the socket, eventfds, one per mapping: the
+        dup CPython's mmap keeps)."""
+        mappings = len(self.memory.current) + self.memory.pending_unmap
+        eventfds = sum((v.kick_fd is not None) + (v.call_fd is not None)
+                       + (v.err_fd is not None) for v in self.vrings)
+        sock = 0 if self.phase is Phase.CLOSED else 1
+        return {"regions": len(self.memory.current), "mappings": mappings,
+                "fds": sock + eventfds + mappings}
+
     def describe(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -378,7 +386,10 @@ class Connection(DeviceHost):
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken,
                         "last_avail_idx": v.queue.last_avail_idx,
-                        "used_idx": v.queue.used_idx} for v in self.vrings],
+                        "used_idx": v.queue.used_idx, "frames": q.frames,
+                        "bytes": q.bytes, "errors": q.errors}
+                       for v, q in zip(self.vrings, self.queue_counters, strict=True)],
+            "held": self.held(),
             "counters": dict(self.counters),
             "device": self.device.describe(),
         }
@@ -388,15 +399,23 @@ class Connection(DeviceHost):
 # Handlers: (connection, message) -> reply payload or None. They raise PeerError to refuse.
 # ---------------------------------------------------------------------------------------
 
+#: The one table of what is handled and allowed when; requests missing here are refused.
+#: QEMU 7.2 sends GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM and
+#: GET_MAX_MEM_SLOTS before SET_OWNER; DPDK sends SET_OWNER first.
+REQUEST_TABLE: RequestTable[Connection] = RequestTable()
+
+
 def _u64(msg: Message) -> int:
     assert isinstance(msg.payload, m.U64)
     return msg.payload.value
 
 
+@REQUEST_TABLE.handles(Request.GET_FEATURES, needs_owner=False)
 def _get_features(c: Connection, msg: Message) -> m.Payload:
     return m.U64(c.offered_features)
 
 
+@REQUEST_TABLE.handles(Request.SET_FEATURES)
 def _set_features(c: Connection, msg: Message) -> None:
     features = _u64(msg)
     extra = features & ~c.offered_features
@@ -414,10 +433,12 @@ def _set_features(c: Connection, msg: Message) -> None:
     c.device.features_acked(features)
 
 
+@REQUEST_TABLE.handles(Request.GET_PROTOCOL_FEATURES, needs_owner=False)
 def _get_protocol_features(c: Connection, msg: Message) -> m.Payload:
     return m.U64(int(c.offered_protocol_features))
 
 
+@REQUEST_TABLE.handles(Request.SET_PROTOCOL_FEATURES, needs_owner=False)
 def _set_protocol_features(c: Connection, msg: Message) -> None:
     features = _u64(msg)
     extra = features & ~int(c.offered_protocol_features)
@@ -427,14 +448,18 @@ def _set_protocol_features(c: Connection, msg: Message) -> None:
     c.protocol_features = ProtocolFeature(features)
 
 
+@REQUEST_TABLE.handles(Request.GET_QUEUE_NUM, needs_owner=False, needs=ProtocolFeature.MQ)
 def _get_queue_num(c: Connection, msg: Message) -> m.Payload:
     return m.U64(c.device.queue_num())
 
 
+@REQUEST_TABLE.handles(Request.GET_MAX_MEM_SLOTS, needs_owner=False,
+                       needs=ProtocolFeature.CONFIGURE_MEM_SLOTS)
 def _get_max_mem_slots(c: Connection, msg: Message) -> m.Payload:
     return m.U64(c.memory.max_slots)
 
 
+@REQUEST_TABLE.handles(Request.SET_OWNER, needs_owner=False)
 def _set_owner(c: Connection, msg: Message) -> None:
     if c.phase is Phase.OWNED:
         # "This is the first message sent by the front-end ... " - a second one is a bug
@@ -443,6 +468,7 @@ def _set_owner(c: Connection, msg: Message) -> None:
     c.phase = Phase.OWNED
 
 
+@REQUEST_TABLE.handles(Request.RESET_OWNER)
 def _reset_owner(c: Connection, msg: Message) -> None:
     c._stop_all_rings()
     c.vrings = [Vring(i) for i in range(c.device.num_queues)]
@@ -453,14 +479,14 @@ def _reset_owner(c: Connection, msg: Message) -> None:
     c.device.reset()
 
 
+@REQUEST_TABLE.handles(Request.SET_MEM_TABLE)
 def _set_mem_table(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.MemoryTable)
-    update = c.memory.set_table(msg.payload.regions, msg.fds)
-    log.info("%s: SET_MEM_TABLE %d regions: %d mapped, %d kept, %d dropped", c.name,
-             len(msg.payload.regions), update.added, update.kept, update.removed)
+    c.memory.set_table(msg.payload.regions, msg.fds)
     c._memory_changed()
 
 
+@REQUEST_TABLE.handles(Request.ADD_MEM_REG, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS)
 def _add_mem_reg(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.SingleMemoryRegion)
     if not c.memory.add_region(msg.payload.region, msg.fds.peek(0)).added:
@@ -470,6 +496,7 @@ def _add_mem_reg(c: Connection, msg: Message) -> None:
     c._memory_changed()
 
 
+@REQUEST_TABLE.handles(Request.REM_MEM_REG, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS)
 def _rem_mem_reg(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.SingleMemoryRegion)
     if not c.memory.remove_region(msg.payload.region).removed:
@@ -478,6 +505,7 @@ def _rem_mem_reg(c: Connection, msg: Message) -> None:
     c._memory_changed()
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_NUM)
 def _set_vring_num(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.VringState)
     vring = c._vring(msg.payload.index)
@@ -487,6 +515,7 @@ def _set_vring_num(c: Connection, msg: Message) -> None:
     vring.queue.set_size(msg.payload.num)
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_ADDR)
 def _set_vring_addr(c: Connection, msg: Message) -> None:
     p = msg.payload
     assert isinstance(p, m.VringAddr)
@@ -516,11 +545,13 @@ def _set_vring_addr(c: Connection, msg: Message) -> None:
                      "resuming there", c.name, p.index, replaced, queue.last_avail_idx)
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_BASE)
 def _set_vring_base(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.VringState)
     c._vring(msg.payload.index).queue.set_base(msg.payload.num)
 
 
+@REQUEST_TABLE.handles(Request.GET_VRING_BASE)
 def _get_vring_base(c: Connection, msg: Message) -> m.Payload:
     assert isinstance(msg.payload, m.VringState)
     vring = c._vring(msg.payload.index)
@@ -542,6 +573,7 @@ def _vring_fd(c: Connection, msg: Message) -> tuple[Vring, int | None]:
     return vring, fd
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_KICK)
 def _set_vring_kick(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.VringFd)
     if msg.payload.nofd:
@@ -559,16 +591,19 @@ def _set_vring_kick(c: Connection, msg: Message) -> None:
     c.serve_queue(index)
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_CALL)
 def _set_vring_call(c: Connection, msg: Message) -> None:
     vring, fd = _vring_fd(c, msg)
     vring.replace_fd("call_fd", fd)
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_ERR)
 def _set_vring_err(c: Connection, msg: Message) -> None:
     vring, fd = _vring_fd(c, msg)
     vring.replace_fd("err_fd", fd)
 
 
+@REQUEST_TABLE.handles(Request.SET_VRING_ENABLE)
 def _set_vring_enable(c: Connection, msg: Message) -> None:
     assert isinstance(msg.payload, m.VringState)
     if not c.acked_features & VHOST_USER_F_PROTOCOL_FEATURES and c.features_set:
@@ -583,6 +618,7 @@ def _set_vring_enable(c: Connection, msg: Message) -> None:
         c.serve_queue(vring.queue.index)
 
 
+@REQUEST_TABLE.handles(Request.GET_CONFIG, needs=ProtocolFeature.CONFIG)
 def _get_config(c: Connection, msg: Message) -> m.Payload:
     p = msg.payload
     assert isinstance(p, m.ConfigSpace)
@@ -594,12 +630,14 @@ def _get_config(c: Connection, msg: Message) -> m.Payload:
     return m.ConfigSpace(p.offset, p.size, p.flags, data.ljust(p.size, b"\0"))
 
 
+@REQUEST_TABLE.handles(Request.SET_CONFIG, needs=ProtocolFeature.CONFIG)
 def _set_config(c: Connection, msg: Message) -> None:
     p = msg.payload
     assert isinstance(p, m.ConfigSpace)
     c.device.set_config(p.offset, p.payload)
 
 
+@REQUEST_TABLE.handles(Request.SET_STATUS, needs=ProtocolFeature.STATUS)
 def _set_status(c: Connection, msg: Message) -> None:
     status = _u64(msg)
     if status > 0xFF:
@@ -607,35 +645,22 @@ def _set_status(c: Connection, msg: Message) -> None:
     c.status = status
 
 
+@REQUEST_TABLE.handles(Request.GET_STATUS, needs=ProtocolFeature.STATUS)
 def _get_status(c: Connection, msg: Message) -> m.Payload:
     # DPDK's front-end checks that the status it set is echoed back.
     return m.U64(c.status)
 
 
-_Handler = Callable[[Connection, Message], m.Payload | None]
-_HANDLERS: dict[int, _Handler] = {
-    Request.GET_FEATURES: _get_features,
-    Request.SET_FEATURES: _set_features,
-    Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
-    Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
-    Request.GET_QUEUE_NUM: _get_queue_num,
-    Request.GET_MAX_MEM_SLOTS: _get_max_mem_slots,
-    Request.SET_OWNER: _set_owner,
-    Request.RESET_OWNER: _reset_owner,
-    Request.SET_MEM_TABLE: _set_mem_table,
-    Request.ADD_MEM_REG: _add_mem_reg,
-    Request.REM_MEM_REG: _rem_mem_reg,
-    Request.SET_VRING_NUM: _set_vring_num,
-    Request.SET_VRING_ADDR: _set_vring_addr,
-    Request.SET_VRING_BASE: _set_vring_base,
-    Request.GET_VRING_BASE: _get_vring_base,
-    Request.SET_VRING_KICK: _set_vring_kick,
-    Request.SET_VRING_CALL: _set_vring_call,
-    Request.SET_VRING_ERR: _set_vring_err,
-    Request.SET_VRING_ENABLE: _set_vring_enable,
-    Request.GET_CONFIG: _get_config,
-    Request.SET_CONFIG: _set_config,
-    Request.SET_STATUS: _set_status,
-    Request.GET_STATUS: _get_status,
+#: Requests the codec decodes that this back-end refuses ("... is not supported"), and why.
+UNSUPPORTED: dict[int, str] = {
+    Request.SET_LOG_BASE: "dirty-page logging (live migration) is not implemented",
+    Request.SET_LOG_FD: "dirty-page logging (live migration) is not implemented",
+    Request.SEND_RARP: "PROTOCOL_F_RARP is not offered",
+    Request.NET_SET_MTU: "PROTOCOL_F_NET_MTU is not offered",
+    Request.SET_BACKEND_REQ_FD: "PROTOCOL_F_BACKEND_REQ is not offered",
+    Request.SET_VRING_ENDIAN: "PROTOCOL_F_CROSS_ENDIAN is not offered (little-endian only)",
+    Request.RESET_DEVICE: "PROTOCOL_F_RESET_DEVICE is not offered (RESET_OWNER resets)",
 }
-assert set(_HANDLERS) == set(RULES), "every allowed request needs a handler"
+
+# The table is complete: it and the codec must agree, or pyvhost does not import.
+REQUEST_TABLE.check(REQUESTS, UNSUPPORTED)

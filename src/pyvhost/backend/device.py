@@ -9,7 +9,7 @@ instance serves one front-end connection.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pyvhost.memory import GuestMemory
 from pyvhost.protocol.constants import ProtocolFeature
@@ -20,17 +20,33 @@ class DeviceConfigError(Exception):
     """A SET_CONFIG the device refuses (turned into a NACK by the connection)."""
 
 
+class QueueCounters:
+    """What went through one queue of one connection, as the device counted it with
+    :meth:`QueueContext.account` (frames and bytes), and how often a guest broke it
+    (``errors``, counted by the connection). Kept by the connection for its whole life
+    (a RESET_OWNER does not zero them), shown in status output and metrics."""
+
+    __slots__ = ("bytes", "errors", "frames")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bytes = 0
+        self.errors = 0
+
+
 class QueueContext:
     """What a device may touch while handling a kick: the held memory snapshot, the
-    queues that are ready, and a way to interrupt the driver."""
+    queues that are ready, a way to interrupt the driver, and per-queue counters."""
 
-    __slots__ = ("_notify", "_queues", "mem")
+    __slots__ = ("_counters", "_notify", "_queues", "mem")
 
     def __init__(self, mem: GuestMemory, queues: dict[int, SplitQueue],
-                 notify: Callable[[int], None]) -> None:
+                 notify: Callable[[int], None],
+                 counters: Sequence[QueueCounters] = ()) -> None:
         self.mem = mem
         self._queues = queues
         self._notify = notify
+        self._counters = counters
 
     def queue(self, index: int) -> SplitQueue | None:
         """The queue if it is started, enabled and attached to memory; else None."""
@@ -39,6 +55,15 @@ class QueueContext:
     def notify(self, index: int) -> None:
         """Signal the driver for queue ``index`` if it asked to be (EVENT_IDX honoured)."""
         self._notify(index)
+
+    def account(self, index: int, frames: int, nbytes: int) -> None:
+        """Count ``frames`` units of work (for a net device: frames) of ``nbytes`` bytes
+        that went through queue ``index`` (taken from a transmit queue, written into a
+        receive queue). Call it once per batch, not per frame."""
+        if 0 <= index < len(self._counters):
+            c = self._counters[index]
+            c.frames += frames
+            c.bytes += nbytes
 
 
 class DeviceHost(ABC):
@@ -78,6 +103,15 @@ class VirtioDevice(ABC):
     #: table with SET_MEM_TABLE on every hot-plug, as with DPDK 22.11 (``pyvhost net
     #: --no-mem-slots``).
     withheld_protocol_features = ProtocolFeature(0)
+    #: Whether the front-end reads this device's config space through vhost-user
+    #: (GET_CONFIG / SET_CONFIG): only then is the CONFIG protocol feature offered. True
+    #: for devices whose front-end has no config of its own (QEMU's vhost-user-blk and
+    #: -gpio ask for it, and refuse a back-end without it). A virtio-net front-end builds
+    #: the config itself: QEMU's vhost-user-net from ``mac=`` and ``mq=`` (QEMU 7.2 logs
+    #: "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" at
+    #: every start when it is offered), DPDK 22.11's virtio_user from its ``mac=`` (it
+    #: negotiates only MQ, REPLY_ACK and STATUS).
+    serves_config = False
 
     @abstractmethod
     def device_features(self) -> int:
@@ -88,7 +122,8 @@ class VirtioDevice(ABC):
         return self.num_queues
 
     def config(self) -> bytes:
-        """The device's whole config space; GET_CONFIG reads a slice of it."""
+        """The device's whole config space; GET_CONFIG reads a slice of it (when
+        :attr:`serves_config`)."""
         return b""
 
     def set_config(self, offset: int, data: bytes) -> None:

@@ -3,8 +3,11 @@
 :class:`Loop` is what a connection, a tap port or a client port needs from it (watch an fd,
 run something on the next turn or later); :class:`SelectorLoop` is the one
 implementation, a ``selectors`` loop with a self-pipe so that :meth:`SelectorLoop.stop`
-works from a signal handler or another thread. Nothing here reads a vhost-user message or
-knows what a socket is for: :mod:`.server` does.
+works from a signal handler or another thread. Everything runs on the loop's one thread;
+another thread (the metrics server's) asks it for something with
+:meth:`SelectorLoop.call_from_thread`, which runs the function on the loop's thread between
+two turns and waits for its result, so nothing the loop owns is ever read mid-change.
+Nothing here reads a vhost-user message or knows what a socket is for: :mod:`.server` does.
 """
 
 from __future__ import annotations
@@ -14,8 +17,18 @@ import heapq
 import itertools
 import os
 import selectors
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class LoopUnavailableError(RuntimeError):
+    """The loop did not run a function asked of it from another thread: it is closed, or
+    it did not get to it in time (it is not running, or stuck)."""
 
 
 class Timer:
@@ -61,6 +74,11 @@ class SelectorLoop(Loop):
         self._soon: list[Callable[[], None]] = []
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_seq = itertools.count()
+        # Callbacks from other threads (call_from_thread); the lock orders them against
+        # close_loop, so that no thread writes to a wake-up pipe already closed.
+        self._from_threads: deque[Callable[[], None]] = deque()
+        self._threads_lock = threading.Lock()
+        self._loop_closed = False
         # A self-pipe so that stop() from a signal handler or another thread wakes select.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.watch(self._wake_r, self._drain_wake)
@@ -82,6 +100,36 @@ class SelectorLoop(Loop):
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (timer.when, next(self._timer_seq), timer))
         return timer
+
+    def call_from_thread(self, fn: Callable[[], T], timeout: float) -> T:
+        """From another thread: run ``fn`` on the loop's thread (between two turns) and
+        return its result, or raise what it raised. Raises :class:`LoopUnavailableError`
+        if the loop is closed or has not run it within ``timeout`` seconds (a loop that
+        is stopped or stuck). Never call it from the loop's own thread: it would wait for
+        itself."""
+        done = threading.Event()
+        outcome: list[tuple[bool, object]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, fn()))
+            except Exception as e:  # handed to the caller's thread
+                outcome.append((False, e))
+            done.set()
+
+        with self._threads_lock:
+            if self._loop_closed:
+                raise LoopUnavailableError("the server loop is closed")
+            self._from_threads.append(run)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        if not done.wait(timeout):
+            raise LoopUnavailableError(f"the server loop did not answer within {timeout:g} s")
+        ok, value = outcome[0]
+        if not ok:
+            assert isinstance(value, Exception)
+            raise value
+        return value  # type: ignore[return-value]
 
     def _next_timeout(self, timeout: float | None) -> float | None:
         """``timeout`` shortened to the first live timer's deadline."""
@@ -112,6 +160,8 @@ class SelectorLoop(Loop):
             soon, self._soon = self._soon, []
             for callback in soon:
                 callback()
+        while self._from_threads:
+            self._from_threads.popleft()()
 
     def run(self, until: Callable[[], bool] | None = None, tick: float = 0.5) -> None:
         """Serve until stop() (or ``until()`` is true)."""
@@ -129,8 +179,12 @@ class SelectorLoop(Loop):
             os.read(self._wake_r, 64)
 
     def close_loop(self) -> None:
-        """Release the selector and the wake-up pipe (every other fd unwatched first)."""
-        self.unwatch(self._wake_r)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        """Release the selector and the wake-up pipe (every other fd unwatched first).
+        Callers waiting in :meth:`call_from_thread` time out."""
+        with self._threads_lock:
+            self._loop_closed = True
+            self._from_threads.clear()
+            self.unwatch(self._wake_r)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         self.sel.close()

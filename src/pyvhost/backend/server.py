@@ -13,6 +13,17 @@ connection hangs up, it retries on the loop's timers with a bounded backoff. Eve
 connection starts from nothing (a fresh device, no memory, no vrings); the old one was
 closed, which unmapped its memory and closed its fds, before the retry is armed.
 
+A socket file already at a listening path is replaced only when nothing listens on it,
+which is read from /proc/net/unix, never found out by connecting: a probing connect looks
+like a front-end to the back-end that serves it (DPDK logs a new connection and sets up a
+device for it).
+
+Every connection is logged when it starts (the front-end's pid) and when it ends (why);
+:attr:`Server.on_connect` and :attr:`Server.on_disconnect` let the program that runs the
+server follow them (fold a closed connection's counters into totals, tell the service
+manager), and :attr:`Server.on_memory_update` sees every memory table change (metrics).
+A closed connection is forgotten: nothing of it stays in the server.
+
 This module owns the listening and the client sockets (the selector and the timers are
 :mod:`.loop`'s); it never reads a vhost-user message (the connection does).
 """
@@ -31,6 +42,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from pyvhost.errors import LocalError
+from pyvhost.tools.procfs import unix_listening
 
 from .connection import Connection, Phase
 from .device import VirtioDevice
@@ -39,6 +51,8 @@ from .loop import SelectorLoop, Timer
 log = logging.getLogger(__name__)
 
 DeviceFactory = Callable[[], VirtioDevice]
+ConnectionHook = Callable[[Connection], None]
+MemoryUpdateHook = Callable[[Connection, dict[str, object]], None]
 
 #: sun_path is 108 bytes, with the terminating NUL.
 _SUN_PATH_MAX = 107
@@ -156,16 +170,32 @@ class Server(SelectorLoop):
         self.connections: list[Connection] = []
         self._closed = False
         self._count = 0
+        #: Connections that ended (the others are in :attr:`connections`).
+        self.closed_count = 0
         self._control: set[str] = set()
         #: Client-mode ports by path (:meth:`connect`).
         self.clients: dict[str, ClientPort] = {}
         #: Extra top-level keys of describe(): name -> function returning the value.
         self.describers: dict[str, Callable[[], object]] = {}
+        #: Called on the loop's thread with each new connection (its device attached),
+        #: and with each connection that ended (closed: memory unmapped, fds closed),
+        #: also those :meth:`close` ends.
+        self.on_connect: list[ConnectionHook] = []
+        self.on_disconnect: list[ConnectionHook] = []
+        #: Called with the connection and its ``last_memory_update`` record after every
+        #: memory table change.
+        self.on_memory_update: list[MemoryUpdateHook] = []
+
+    @property
+    def opened_count(self) -> int:
+        """Front-end connections served since start (accepted and client-mode)."""
+        return self._count
 
     # -- sockets -------------------------------------------------------------------------
     def listen(self, path: str, *, control: bool = False) -> None:
-        """Listen on a Unix socket path. A stale socket file is replaced; any other file
-        at that path is an error (we never delete what is not a socket)."""
+        """Listen on a Unix socket path. A stale socket file (nothing listens on it) is
+        replaced; a socket another process listens on, and any other file at that path,
+        are errors (we never delete what is not a socket, nor take a live one)."""
         if path in self.clients:
             raise LocalError(f"{path} is already a client port (--client); can not also "
                              "listen on it")
@@ -173,19 +203,31 @@ class Server(SelectorLoop):
             st = os.lstat(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise LocalError(f"can not listen on {path}: {e.strerror or e}") from e
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise LocalError(f"{path} exists and is not a socket; refusing to replace it")
-            if _socket_in_use(path):
-                raise LocalError(f"{path} is in use by another listening process")
-            os.unlink(path)
+            try:
+                in_use = unix_listening(path)
+            except OSError as e:
+                raise LocalError(f"{path} exists and whether a process listens on it can "
+                                 f"not be told (/proc/net/unix: {e.strerror}); remove it "
+                                 "if it is stale") from e
+            if in_use:
+                raise LocalError(f"{path} is in use: another process listens on it")
+            try:
+                os.unlink(path)
+            except OSError as e:
+                raise LocalError(f"can not replace the stale socket {path}: "
+                                 f"{e.strerror}") from e
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
             sock.listen(16)
         except OSError as e:
             sock.close()
-            raise LocalError(f"can not listen on {path}: {e.strerror}") from e
+            raise LocalError(f"can not listen on {path}: {e.strerror or e}") from e
         sock.setblocking(False)
         self.listeners[path] = sock
         if control:
@@ -237,23 +279,38 @@ class Server(SelectorLoop):
         :class:`Connection` for ``owner_implied``."""
         conn = Connection(sock, (factory or self.factory)(), self, name,
                           owner_implied=owner_implied)
+        conn.memory_observer = self._memory_updated
         self.connections.append(conn)
         self.watch(sock.fileno(), lambda: self._readable(conn))
         log.info("%s: front-end connected (pid %s)", name, conn.peer_pid)
+        for hook in self.on_connect:
+            hook(conn)
         return conn
+
+    def _memory_updated(self, conn: Connection, record: dict[str, object]) -> None:
+        for hook in self.on_memory_update:
+            hook(conn, record)
 
     def _readable(self, conn: Connection) -> None:
         fileno = conn.sock.fileno()
         conn.on_readable()
         if conn.phase is Phase.CLOSED:
-            self.unwatch(fileno)
-            self.connections.remove(conn)
-            log.info("%s: gone: %s", conn.name, conn.close_reason)
+            self._forget(conn, fileno)
             # Only now, with the old connection's memory unmapped and its fds closed, may
             # a client port dial again.
             for client in self.clients.values():
                 if client.connection is conn:
                     client._hung_up(conn)
+
+    def _forget(self, conn: Connection, fileno: int) -> None:
+        """A closed connection leaves the server: logged, told to the hooks, dropped."""
+        self.unwatch(fileno)
+        self.connections.remove(conn)
+        self.closed_count += 1
+        log.info("%s: front-end disconnected (pid %s): %s", conn.name, conn.peer_pid,
+                 conn.close_reason)
+        for hook in self.on_disconnect:
+            hook(conn)
 
     # -- client mode ---------------------------------------------------------------------
     def connect(self, path: str, *, factory: DeviceFactory | None = None,
@@ -313,8 +370,7 @@ class Server(SelectorLoop):
         for conn in list(self.connections):
             fileno = conn.sock.fileno()
             conn.close("back-end shutting down")
-            self.unwatch(fileno)
-        self.connections.clear()
+            self._forget(conn, fileno)
         for path, sock in self.listeners.items():
             self.unwatch(sock.fileno())
             sock.close()
@@ -328,7 +384,8 @@ class Server(SelectorLoop):
             "pid": os.getpid(),
             "listening": sorted(p for p in self.listeners if p not in self._control),
             "clients": [c.describe() for c in self.clients.values()],
-            "connections": [c.describe() for c in self.connections]}
+            "connections": [c.describe() for c in self.connections],
+            "connections_opened": self._count, "connections_closed": self.closed_count}
         for key, describe in self.describers.items():
             state[key] = describe()
         return state
@@ -344,14 +401,3 @@ def _connect_failure(e: OSError) -> str:
         return "the front-end's listen backlog is full"
     return f"connect failed: {e.strerror or e}"
 
-
-def _socket_in_use(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError as e:
-        return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-    else:
-        return True
-    finally:
-        probe.close()

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 ERROR_SCHEMA = "pyvhost.error/1"
 
@@ -80,9 +80,16 @@ class CommandError(click.ClickException):
             raise ValueError(f"unknown error kind {kind!r}")
         self.kind = kind
         self.code = int(ERROR_KINDS[kind])
+        # What click's standalone mode (CliRunner in the tests) exits with; click types
+        # it as a class variable, this class gives each instance its kind's code.
+        self.exit_code = self.code  # type: ignore[misc]
+        # Shown after the command's context is gone: remember whose error it is, and
+        # whether it asked for JSON, now.
+        self.command = command_name()
+        self.as_json = json_wanted()
 
     def show(self, file: Any = None) -> None:
-        report_error(self.kind, self.message)
+        report_error(self.kind, self.message, self.command, self.as_json)
 
 
 # -- output --------------------------------------------------------------------------
@@ -132,14 +139,16 @@ def error_doc(kind: str, message: str, command: str = "") -> dict[str, Any]:
             "error": {"kind": kind, "message": message}}
 
 
-def report_error(kind: str, message: str) -> None:
+def report_error(kind: str, message: str, command: str | None = None,
+                 as_json: bool | None = None) -> None:
     """Tell the user: the error document on stdout with ``--json``, and always one line
-    on stderr (never wrapped)."""
-    if json_wanted():
-        emit_json(error_doc(kind, message, command_name()))
-    # The message is text, not markup: "pip install 'pyvhost[libvirt]'" must survive.
-    console(stderr=True).print(f"[red]error[/red]: {escape(message)}", soft_wrap=True,
-                               highlight=False, markup=True)
+    on stderr (never wrapped). ``command`` and ``as_json`` default to the current
+    command's."""
+    if json_wanted() if as_json is None else as_json:
+        emit_json(error_doc(kind, message, command_name() if command is None else command))
+    # The message quotes paths, QEMU's and the back-end's words: plain text, not markup.
+    console(stderr=True).print(Text.assemble(("error", "red"), f": {message}"),
+                               soft_wrap=True, highlight=False)
 
 
 def fail(message: str, kind: str = "usage") -> NoReturn:
@@ -175,10 +184,11 @@ def verbosity(f: F) -> F:
     does. Counts add up across the group and the subcommand."""
     f = click.option("-q", "--quiet", count=True, expose_value=False,
                      callback=_count("pyvhost.quiet"),
-                     help="Less log output (-q: errors only).")(f)
+                     help="Less log output, one level per -q (-q drops INFO).")(f)
     f = click.option("-v", "--verbose", count=True, expose_value=False,
                      callback=_count("pyvhost.verbose"),
-                     help="More log output (-v info, -vv debug).")(f)
+                     help="More log output, one level per -v (-vv: the QMP library's "
+                          "own lines too).")(f)
     return f
 
 
@@ -208,6 +218,22 @@ def under_journald() -> bool:
     return dev.isdigit() and ino.isdigit() and (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (a command run in-process
+    by click's CliRunner gets a stderr that is closed when the run ends)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure_logging(ctx: click.Context | None = None, default: int = logging.WARNING) -> int:
     """Set up logging on stderr for this run; returns the level. ``default`` is the level
     with neither -v nor -q (a daemon such as ``pyvhost net`` logs INFO by default)."""
@@ -215,7 +241,7 @@ def configure_logging(ctx: click.Context | None = None, default: int = logging.W
     meta = ctx.find_root().meta if ctx is not None else {}
     verbose, quiet = int(meta.get("pyvhost.verbose", 0)), int(meta.get("pyvhost.quiet", 0))
     level = min(logging.CRITICAL, max(logging.DEBUG, default - 10 * verbose + 10 * quiet))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if under_journald():
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
@@ -223,11 +249,15 @@ def configure_logging(ctx: click.Context | None = None, default: int = logging.W
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, _StderrHandler):  # an earlier run's (others' stay: pytest's)
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
     # qemu.qmp logs its own protocol errors (and tracebacks) at ERROR; pyvhost reports
-    # them translated, so the library's own lines show only at -vv.
-    logging.getLogger("qemu").setLevel(logging.DEBUG if verbose >= 2 else
-                                       logging.CRITICAL + 1)
+    # them translated, so the library's own lines show only at -vv. The same for asyncio,
+    # which only qemu.qmp runs here: a connect cut short by Ctrl-C leaves a task whose
+    # exception asyncio logs, traceback and all, as the interpreter exits.
+    for name in ("qemu", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG else
+                                         logging.CRITICAL + 1)
     return level

@@ -6,12 +6,15 @@ back-end's memory table (asked from its control socket) and its open fds and map
 (read from /proc/<pid>). Then it runs ``pyvhost probe`` cycles against it and prints
 the verdict. Everything it starts is ended, and every socket and memfd released, on exit
 or Ctrl-C.
+
+Exit codes: 0 no leak, 1 the probe found a leak, 2 the demo could not run (the back-end
+did not start or failed a step), 130 interrupted. ``--json`` prints one
+``pyvhost.demo/1`` document: the steps and the probe's ``pyvhost.probe/1`` report.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import tempfile
@@ -24,29 +27,49 @@ from rich.console import Console
 from rich.table import Table
 
 from pyvhost.backend.control import fetch_status
+from pyvhost.errors import PyvhostError
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory, MiB
-from pyvhost.frontend.probe import ProbeConfig, run_probe
+from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
 from pyvhost.tools.process import end_process, pyvhost_argv
 
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
+from .probe import json_doc as probe_doc
+
+SCHEMA = "pyvhost.demo/1"
+
 
 @contextlib.contextmanager
 def _backend(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """``pyvhost net --reflect`` on a socket in ``workdir``, its log kept in a file there
+    (the demo's own output stays the demo's); ended by pid on the way out."""
     sock, ctl = str(workdir / "vhost-net.sock"), str(workdir / "pyvhost.ctl")
-    proc = subprocess.Popen(
-        pyvhost_argv("net", "--socket", sock, "--control", ctl, "--reflect", "--no-stats"),
-        stdin=subprocess.DEVNULL, start_new_session=True)
+    log = workdir / "pyvhost-net.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            pyvhost_argv("net", "--socket", sock, "--control", ctl, "--reflect", "--no-stats"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(ctl):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException("the pyvhost back-end did not start")
+            if proc.poll() is not None:
+                fail(f"the pyvhost back-end did not start: {_last_line(log)} (pyvhost net "
+                     f"exited with {proc.returncode})", "run")
+            if time.monotonic() > deadline:
+                fail("the pyvhost back-end did not start within 20 s", "run")
             time.sleep(0.05)
         yield proc, sock, ctl
     finally:
         end_process(proc, timeout=10)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    last = next((line for line in reversed(lines) if line), "no message")
+    return last.removeprefix("error: ")
 
 
 def _snapshot(ctl: str, pid: int, needle: str) -> dict[str, object]:
@@ -58,8 +81,8 @@ def _snapshot(ctl: str, pid: int, needle: str) -> dict[str, object]:
             "region_fds": usage.matching_fds, "mappings": usage.mappings}
 
 
-def _show(console: Console, title: str, snap: dict[str, object]) -> None:
-    console.print(f"[bold]{title}[/bold]")
+def _show(out: Console, title: str, snap: dict[str, object]) -> None:
+    out.print(f"[bold]{title}[/bold]")
     table = Table()
     for col in ("GPA start", "GPA end", "size", "fds held"):
         table.add_column(col, justify="right")
@@ -68,9 +91,9 @@ def _show(console: Console, title: str, snap: dict[str, object]) -> None:
     for r in memory:
         gpa, size = r["guest_phys_addr"], r["memory_size"]
         table.add_row(f"{gpa:#x}", f"{gpa + size:#x}", f"{size // MiB} MiB", str(r["fds_held"]))
-    console.print(table)
-    console.print(f"  back-end process: {snap['fds']} open fds, {snap['region_fds']} on guest "
-                  f"RAM files, {snap['mappings']} mappings of guest RAM\n")
+    out.print(table)
+    out.print(f"  back-end process: {snap['fds']} open fds, {snap['region_fds']} on guest "
+              f"RAM files, {snap['mappings']} mappings of guest RAM\n")
 
 
 @click.command()
@@ -81,7 +104,9 @@ def _show(console: Console, title: str, snap: dict[str, object]) -> None:
               help="DIMMs to hot-add one at a time.")
 @click.option("--cycles", default=200, show_default=True, type=click.IntRange(0),
               help="Hot-add/remove cycles of the leak probe at the end.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of tables.")
+@json_option(help="One JSON object instead of tables (schema pyvhost.demo/1); progress "
+                  "goes to stderr.")
+@verbosity
 def demo(mem_slots: bool, dimms: int, cycles: int, as_json: bool) -> None:
     """Watch a pyvhost back-end's memory table across memory hot-plug.
 
@@ -89,8 +114,32 @@ def demo(mem_slots: bool, dimms: int, cycles: int, as_json: bool) -> None:
     (boot RAM, then DIMMs hot-added one at a time, then one removed) and shows after each
     step the back-end's memory table and its fd and mapping counts. Finishes with
     `pyvhost probe` cycles: a correct back-end's counts never grow.
+
+    \b
+    Exit codes: 0 no leak, 1 the probe found a leak, 2 the demo could not run (the
+    back-end did not start or failed a step), 130 interrupted (Ctrl-C, SIGTERM).
     """
-    console = Console(stderr=as_json)
+    configure_logging()
+    out = console(stderr=as_json)
+    try:
+        steps, report = _run(mem_slots, dimms, cycles, None if as_json else out)
+    except (PyvhostError, OSError, ValueError) as e:
+        # The demo's own back-end, its control socket or the host let it down.
+        fail(f"the demo could not run: {e}", "run")
+    if as_json:
+        emit_json({"schema": SCHEMA, "steps": steps, "probe": probe_doc(report)})
+    else:
+        p = report.to_json()
+        out.print(f"probe: {cycles} cycles x 2 regions: fds {p['fds_before']} -> "
+                  f"{p['fds_after']}, mappings {p['mappings_before']} -> "
+                  f"{p['mappings_after']}, median update {report.latency.median:.3f} ms: "
+                  f"[bold]{report.verdict}[/bold]")
+    raise click.exceptions.Exit(Exit.PROBLEM if report.leak else Exit.OK)
+
+
+def _run(mem_slots: bool, dimms: int, cycles: int,
+         out: Console | None) -> tuple[list[dict[str, object]], ProbeReport]:
+    """Start the back-end, play the hot-plug steps (shown on ``out`` unless None), probe."""
     steps: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="pyvhost-demo-") as tmp, \
             _backend(Path(tmp)) as (proc, sock, ctl):
@@ -108,8 +157,8 @@ def demo(mem_slots: bool, dimms: int, cycles: int, as_json: bool) -> None:
                 snap = _snapshot(ctl, proc.pid, memory.name_prefix)
                 snap["step"], snap["sent"] = title, sent
                 steps.append(snap)
-                if not as_json:
-                    _show(console, f"{title}\n  front-end sent: {', '.join(sent) or 'nothing'}",
+                if out is not None:
+                    _show(out, f"{title}\n  front-end sent: {', '.join(sent) or 'nothing'}",
                           snap)
 
             memory.add_boot_ram(256 * MiB)
@@ -128,13 +177,4 @@ def demo(mem_slots: bool, dimms: int, cycles: int, as_json: bool) -> None:
             memory.close()
         report = run_probe(ProbeConfig(sock, cycles=cycles, regions=2, pid=proc.pid,
                                        mem_slots=mem_slots))
-    result = {"steps": steps, "probe": report.to_json()}
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    p = report.to_json()
-    console.print(f"probe: {cycles} cycles x 2 regions: fds {p['fds_before']} -> "
-                  f"{p['fds_after']}, mappings {p['mappings_before']} -> "
-                  f"{p['mappings_after']}, median update {report.latency.median:.3f} ms: "
-                  f"[bold]{report.verdict}[/bold]")
-
+    return steps, report

@@ -2,20 +2,21 @@
 
 Parses options, runs :func:`pyvhost.lab.scenario.run_lab` and shows what it measured:
 progress lines and a table per hot-plug step for people, or one JSON object
-(``--json``, schema ``pyvhost.lab/1``) for machines. It measures and decides nothing
-itself. Ctrl-C (or SIGTERM) tears everything down: the scenario's context manager ends
-QEMU and ``pyvhost net`` by pid and removes the run directory.
+(``--json``, schema ``pyvhost.lab/1``, made by :mod:`pyvhost.lab.document`) for machines.
+It measures and decides nothing itself. Ctrl-C (or SIGTERM) tears everything down: the
+scenario's context manager ends QEMU and ``pyvhost net`` by pid and removes the run
+directory.
 
-Exit codes: 0 every check passed; 1 a ping was lost or the back-end leaked (or another
-check failed); 2 the lab could not run (usage, image, QEMU, guest); 130 interrupted.
+Exit codes (the rule of :mod:`.common`): 0 every check passed; 1 a ping was lost or a check
+failed (a leak); 2 the lab could not run (bad options, no QEMU, the image did not build, a
+guest did not boot); 130 interrupted. Errors are the ``pyvhost.error/1`` document with
+``--json``.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import signal
-import sys
 import time
 from types import FrameType
 from typing import Any
@@ -26,14 +27,12 @@ from rich.table import Table
 
 from pyvhost.errors import PyvhostError
 from pyvhost.lab.accel import AccelRequest
-from pyvhost.lab.scenario import SCHEMA, LabConfig, run_lab
-from pyvhost.units import parse_size
+from pyvhost.lab.config import GUEST_BLOCK, LabConfig
+from pyvhost.lab.document import SCHEMA, report_json, step_json
+from pyvhost.lab.scenario import run_lab
+from pyvhost.units import MiB, parse_size
 
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
-MiB = 1 << 20
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
 
 
 def _hotplug(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -46,7 +45,7 @@ def _hotplug(ctx: click.Context, param: click.Parameter, value: str) -> tuple[in
         size = parse_size(m.group(2))
     except ValueError as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    if size <= 0 or size % (128 * MiB):
+    if size <= 0 or size % GUEST_BLOCK:
         raise click.BadParameter("the DIMM size must be a multiple of 128M (the guest's "
                                  "memory block)", ctx=ctx, param=param)
     return int(m.group(1)), size
@@ -233,8 +232,9 @@ class _Printer:
               show_default=True,
               help="auto: KVM only where a guest really boots with it (tried once per host "
                    "kernel with a 20 s deadline, the verdict cached), else TCG.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object (schema pyvhost.lab/1); progress goes to stderr.")
+@json_option(f"Print one JSON object on stdout (schema {SCHEMA}; errors: pyvhost.error/1); "
+             "progress and logs go to stderr.")
+@verbosity
 def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_limit: bool,
         accel: AccelRequest, as_json: bool) -> None:
     """Real VMs on a pyvhost switch, memory hot-added under a continuous ping.
@@ -248,39 +248,42 @@ def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_l
     and mappings of the back-end process, and checks: one fd and one mapping per
     region, no other fd, the table equal to what QEMU sends. Ends with a summary:
     pings lost, fds and mappings before and after, each step's time split into QEMU's
-    part and the back-end's.
+    part and the back-end's. The first run downloads the Debian cloud kernel with
+    apt-get to build the guest image (cached afterwards).
+
     \b
-    Exit codes: 0 all checks passed, 1 pings lost or a check failed (a leak),
-    2 the lab could not run, 130 interrupted. The first run downloads the Debian
-    cloud kernel with apt-get to build the guest image (cached afterwards).
+    Exit codes: 0 all checks passed; 1 a ping was lost or a check failed (a leak);
+    2 the lab could not run (bad options, no QEMU, the image did not build, a guest
+    did not boot); 130 interrupted (Ctrl-C or SIGTERM: QEMU and pyvhost net are ended,
+    the run directory removed).
     """
+    configure_logging()
     count, size = dimms
-    config = LabConfig(vms=vms, dimms=count, dimm_size=size, unplug=unplug,
-                       mem_slots=mem_slots, probe_limit=probe_limit, accel=accel)
-    printer = _Printer(Console(stderr=as_json), tables=not as_json)
+    try:
+        config = LabConfig(vms=vms, dimms=count, dimm_size=size, unplug=unplug,
+                           mem_slots=mem_slots, probe_limit=probe_limit, accel=accel)
+    except ValueError as e:
+        fail(str(e), "usage")
+    printer = _Printer(console(stderr=as_json), tables=not as_json)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     try:
-        report = run_lab(config, say=printer.say, on_step=printer.step)
+        report = run_lab(config, say=printer.say,
+                         on_step=lambda step: printer.step(step_json(step)))
     except KeyboardInterrupt:
         printer.say("interrupted: QEMU and pyvhost net are stopped, the run directory "
                     "removed")
-        if as_json:
-            click.echo(json.dumps({"schema": SCHEMA, "ok": False, "error": "interrupted"}))
-        sys.exit(EXIT_INTERRUPTED)
+        fail("interrupted", "interrupted")
     except (PyvhostError, OSError) as e:
-        if as_json:
-            click.echo(json.dumps({"schema": SCHEMA, "ok": False, "error": str(e)}))
-        else:
-            Console(stderr=True).print(f"[red]error[/red]: {e}", highlight=False)
-        sys.exit(EXIT_ERROR)
+        fail(str(e), "run")
     finally:
         signal.signal(signal.SIGTERM, old_term)
+    doc = report_json(report)
     if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
+        emit_json(doc)
     else:
-        printer.summary(report)
-    sys.exit(EXIT_OK if report["ok"] else EXIT_PROBLEMS)
+        printer.summary(doc)
+    raise click.exceptions.Exit(Exit.OK if report.ok else Exit.PROBLEM)

@@ -13,16 +13,44 @@ escapes a command (usage errors, Ctrl-C). Each subcommand is a module of this pa
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import select
+import signal
 import sys
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 
 from pyvhost import __version__
 
-from .common import CommandError, Exit, configure_logging, json_wanted, report_error, verbosity
+from .common import (
+    CommandError,
+    Exit,
+    command_name,
+    configure_logging,
+    json_wanted,
+    report_error,
+    verbosity,
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Cli(click.Group):
+    """Ctrl-C (or SIGTERM) while a command runs: one line and exit 130. Turned into
+    click's Abort here, before click's own KeyboardInterrupt handler prints an empty line
+    for it; :func:`main` reports it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+
+
+@click.group(cls=_Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pyvhost")
 @verbosity
 def cli() -> None:
@@ -50,10 +78,36 @@ def cli() -> None:
     configure_logging()
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _command_in(argv: list[str]) -> str:
+    """The subcommand ``argv`` names (``mem add``), for an error raised outside any
+    command's context (Ctrl-C while options are parsed, ...)."""
+    names: list[str] = []
+    group: click.Command = cli
+    for arg in argv:
+        if not isinstance(group, click.Group):
+            break
+        sub = group.commands.get(arg)
+        if sub is not None:
+            names.append(arg)
+            group = sub
+    return " ".join(names)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """The ``pyvhost`` console script."""
+    """The ``pyvhost`` console script: runs the command and applies the exit-code rule
+    to what escapes it (usage errors, Ctrl-C and SIGTERM, bugs)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args  # for errors raised before (or after) any command's context
+    # SIGTERM ends a command the way Ctrl-C does (cleanup, exit 130). A daemon such as
+    # pyvhost net installs its own handler for both while it serves.
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
-        code = cli.main(args=argv, prog_name="pyvhost", standalone_mode=False)
+        code = cli.main(args=args, prog_name="pyvhost", standalone_mode=False)
     except CommandError as e:
         e.show()
         sys.exit(e.code)
@@ -61,20 +115,50 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(e.format_message(), err=True)
         sys.exit(Exit.USAGE)
     except click.UsageError as e:
-        if e.ctx is not None and not json_wanted(e.ctx):
+        as_json = as_json or json_wanted(e.ctx)
+        if e.ctx is not None and not as_json:
             click.echo(e.ctx.get_usage(), err=True)
             click.echo(f"Try '{e.ctx.command_path} --help' for help.", err=True)
-        report_error("usage", e.format_message())
+        report_error("usage", e.format_message(), command_name(e.ctx) if e.ctx else "",
+                     as_json)
         sys.exit(Exit.USAGE)
     except click.ClickException as e:
-        report_error("usage", e.format_message())
+        report_error("usage", e.format_message(), _command_in(args), as_json)
         sys.exit(Exit.USAGE)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        report_error("interrupted", "interrupted")
+        report_error("interrupted", "interrupted", _command_in(args), as_json)
         sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError as e:
+        if not _stdout_gone():
+            _internal(e, args, as_json)
+        # `pyvhost ... | head`: the reader left; nothing more to say to it.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(Exit.USAGE)
+    except Exception as e:
+        _internal(e, args, as_json)
     sys.exit(code if isinstance(code, int) else Exit.OK)
+
+
+def _internal(e: Exception, args: list[str], as_json: bool) -> NoReturn:
+    """A bug in pyvhost (or an input it failed to check): one line, not a traceback;
+    -vv shows where."""
+    logging.getLogger(__name__).debug("internal error", exc_info=e)
+    report_error("internal", f"internal error: {type(e).__name__}: {e} (run with -vv for "
+                             "the traceback)", _command_in(args), as_json)
+    sys.exit(Exit.USAGE)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _register() -> None:

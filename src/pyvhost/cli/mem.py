@@ -1,29 +1,33 @@
 """``pyvhost mem``: memory hot-plug through QMP with the checks QEMU leaves out.
 
 Subcommands ``status``, ``add``, ``remove``, ``resize`` (virtio-mem). Each prints rich
-tables for people, or one JSON object with ``--json`` (schema: docs/mem-json.md). It
-parses options, reads the state (:mod:`.state`, :mod:`.host`), plans (:mod:`.plan`) and
-runs (:mod:`.execute`); it decides nothing itself.
+tables for people, or one JSON object with ``--json`` (``pyvhost.mem.status/1``,
+``pyvhost.mem.add/1``, ...; the JSON Schema files are in :mod:`pyvhost.schemas`, the
+fields explained in docs/mem-json.md). It parses options, reads the state
+(:mod:`pyvhost.hotplug.state`, :mod:`pyvhost.hotplug.host`), plans
+(:mod:`pyvhost.hotplug.plan`) and runs (:mod:`pyvhost.hotplug.execute`); it decides
+nothing itself.
 
 Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
-(nothing was changed), 2 usage or connection error, 3 QEMU failed a step (what was done
-was undone), 4 the guest did not complete an unplug or resize within --timeout (or
-refused the unplug).
+(nothing was changed), 2 usage error, cannot connect to QMP or lost the connection,
+3 QEMU failed a step (what was done was undone) or answered a query with an error,
+4 the guest did not complete an unplug or resize within --timeout (or refused the
+unplug), 130 interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from pyvhost.cli.common import console, fail
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import (
     Outcome,
@@ -41,17 +45,16 @@ from pyvhost.hotplug.plan import (
     plan_resize,
 )
 from pyvhost.hotplug.qemu_rules import version_text
-from pyvhost.hotplug.qmp import Qmp
+from pyvhost.hotplug.qmp import Qmp, QmpCommandError, QmpConnectError, QmpMonitorHeldError
 from pyvhost.hotplug.regions import region_limit_info
 from pyvhost.hotplug.sharing import memory_problems
 from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
 from pyvhost.units import parse_size
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_FAILED = 3
-EXIT_TIMEOUT = 4
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
+from .sockets import connect_failure
+
+QMP_HINT = "is QEMU running with -qmp unix:{path},server=on,wait=off?"
 SCHEMA_STATUS = "pyvhost.mem.status/1"
 SCHEMA_ADD = "pyvhost.mem.add/1"
 SCHEMA_REMOVE = "pyvhost.mem.remove/1"
@@ -84,6 +87,8 @@ def _nodes(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 def status_json(state: VmState, host: HostFacts, assume_limit: int,
                 sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ``pyvhost.mem.status/1`` document. ``sizes``: each backend's page size when the
+    caller knows them (libvirt), else read from the host."""
     sizes = sizes if sizes is not None else page_sizes(state, host)
     boot = {b.id for b in state.boot_backends}
     by_memdev = {d.memdev: d.id for d in state.memory_devices}
@@ -94,8 +99,9 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int,
         "schema": SCHEMA_STATUS,
         "problems": [{"code": p.code, "id": p.id, "device": p.device, "message": p.message}
                      for p in memory_problems(state)],
-        "vm": {"status": state.status, "qemu_version": version_text(state.qemu_version)
-               if state.qemu_version else None, "boot_memory": state.boot_memory,
+        "vm": {"status": state.status,
+               "qemu_version": version_text(state.qemu_version) if state.qemu_version
+               else None, "boot_memory": state.boot_memory,
                "slots": state.slots, "slots_used": state.slots_used,
                "slots_free": max(0, state.slots - state.slots_used), "maxmem": state.maxmem,
                "plugged_memory": state.plugged_memory, "maxmem_left": state.maxmem_left,
@@ -164,103 +170,153 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / (1 << 20):g} MiB"
 
 
+def _cells(*values: object) -> list[Text]:
+    """Table cells as plain text: ids, paths and messages come from QEMU and the command
+    line, and a ``[`` in them must not be read as rich markup."""
+    return [v if isinstance(v, Text) else Text(str(v)) for v in values]
+
+
+def _line(*parts: str | tuple[str, str]) -> Text:
+    """A line of plain text with styled parts, e.g. ``_line(("refused", "red"), " ...")``."""
+    return Text.assemble(*parts)
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[Text]]) -> Table:
+    t = Table(title=Text(title))
+    for col in columns:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
 def _print_status(doc: dict[str, Any], console: Console) -> None:
     vm = doc["vm"]
-    console.print(f"QEMU {vm['qemu_version'] or '(version unknown)'}, "
-                  f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
-                  f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
-                  f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
-                  f"guest NUMA nodes {vm['numa_nodes']}")
-    t = Table(title="memory backends")
-    for col in ("id", "type", "size", "share", "page", "mem-path", "host-nodes", "policy",
-                "prealloc", "role"):
-        t.add_column(col)
-    for b in doc["backends"]:
-        role = b["role"] + (f" ({b['device']})" if b["device"] else "")
-        t.add_row(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
-                  "on" if b["share"] else "[red]off[/red]", str(b["page_size"]),
-                  b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
-                  b["policy"], "yes" if b["prealloc"] else "no", role)
-    console.print(t)
+    console.print(_line(
+        f"QEMU {vm['qemu_version'] or '(version unknown)'}, "
+        f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
+        f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
+        f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
+        f"guest NUMA nodes {vm['numa_nodes']}"))
+    console.print(_table(
+        "memory backends", ("id", "type", "size", "share", "page", "mem-path", "host-nodes",
+                            "policy", "prealloc", "role"),
+        [_cells(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
+                Text("on") if b["share"] else Text("off", style="red"), b["page_size"],
+                b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
+                b["policy"], "yes" if b["prealloc"] else "no",
+                b["role"] + (f" ({b['device']})" if b["device"] else ""))
+         for b in doc["backends"]]))
     if doc["memory_devices"]:
-        t = Table(title="memory devices")
-        for col in ("id", "type", "memdev", "addr", "size", "slot", "node"):
-            t.add_column(col)
-        for d in doc["memory_devices"]:
-            t.add_row(str(d["id"]), d["type"], str(d["memdev"]),
-                      "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]),
-                      str(d["slot"]), str(d["node"]))
-        console.print(t)
-    vu = doc["vhost_user"]
-    if vu["devices"]:
-        t = Table(title=f"vhost-user devices: {vu['regions_used']} regions used, limit "
-                        f"{vu['region_limit']}, {vu['regions_free']} free")
-        for col in ("id", "driver", "chardev", "socket", "started", "MEM_SLOTS", "limit"):
-            t.add_column(col)
-        for d in vu["devices"]:
-            slots = {None: "unknown", True: "yes", False: "no"}[d["configure_mem_slots"]]
-            t.add_row(d["id"], d["driver"], str(d["chardev"]), str(d["socket"]),
-                      "yes" if d["started"] else "no", slots, str(d["region_limit"] or "-"))
-        console.print(t)
-        for note in vu["notes"]:
-            console.print(f"note: {note}")
-    else:
-        console.print("no vhost-user devices")
+        console.print(_table(
+            "memory devices", ("id", "type", "memdev", "addr", "size", "slot", "node"),
+            [_cells(d["id"], d["type"], d["memdev"],
+                    "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]), d["slot"],
+                    d["node"]) for d in doc["memory_devices"]]))
     for pool in doc["host"]["hugepages"]:
         if pool["node"] is None and pool["total"]:
-            console.print(f"host hugepages {pool['page_size'] // 1024} kB: "
-                          f"{pool['available']} available ({pool['free']} free, "
-                          f"{pool['reserved']} reserved) of {pool['total']}")
+            console.print(_line(f"host hugepages {pool['page_size'] // 1024} kB: "
+                                f"{pool['available']} available ({pool['free']} free, "
+                                f"{pool['reserved']} reserved) of {pool['total']}"))
     for problem in doc["problems"]:
-        console.print(f"[red]error[/red] {problem['code']} {problem['id']}: "
-                      f"{problem['message']}")
+        console.print(_line(("error", "red"), f" {problem['code']} {problem['id']}: "
+                                              f"{problem['message']}"))
+    vu = doc["vhost_user"]
+    if not vu["devices"]:
+        console.print("no vhost-user devices")
+        return
+    slots = {None: "unknown", True: "yes", False: "no"}
+    console.print(_table(
+        f"vhost-user devices: {vu['regions_used']} regions used, limit "
+        f"{vu['region_limit']}, {vu['regions_free']} free",
+        ("id", "driver", "chardev", "socket", "started", "MEM_SLOTS", "limit"),
+        [_cells(d["id"], d["driver"], d["chardev"], d["socket"],
+                "yes" if d["started"] else "no", slots[d["configure_mem_slots"]],
+                d["region_limit"] or "-") for d in vu["devices"]]))
+    for note in vu["notes"]:
+        console.print(_line(f"note: {note}"))
 
 
 def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Console) -> None:
     for r in plan.refusals:
-        console.print(f"[red]refused[/red] {r.code}: {r.message}")
+        console.print(_line(("refused", "red"), f" {r.code}: {r.message}"))
     for note in plan.notes:
-        console.print(f"note: {note}")
+        console.print(_line(f"note: {note}"))
     if dry_run or plan.refused:
-        t = Table(title="plan" + (" (not run)" if plan.refused else " (dry run)"))
-        t.add_column("#")
-        t.add_column("QMP")
-        t.add_column("undo")
-        for i, s in enumerate(plan.steps, 1):
-            undo = (f"{s.undo.command} {json.dumps(dict(s.undo.arguments))}"
-                    if s.undo else "-")
-            t.add_row(str(i), f"{s.command} {json.dumps(dict(s.arguments))}", undo)
-        console.print(t)
+        console.print(_table(
+            "plan" + (" (not run)" if plan.refused else " (dry run)"), ("#", "QMP", "undo"),
+            [_cells(i, f"{s.command} {json.dumps(dict(s.arguments))}",
+                    f"{s.undo.command} {json.dumps(dict(s.undo.arguments))}" if s.undo
+                    else "-") for i, s in enumerate(plan.steps, 1)]))
     if outcome is None:
         return
     if outcome.ok:
-        console.print(f"[green]done[/green] {plan.action} {plan.device_id} in "
-                      f"{outcome.seconds:.2f} s")
+        console.print(_line(("done", "green"), f" {plan.action} {plan.device_id} in "
+                                               f"{outcome.seconds:.2f} s"))
     else:
-        console.print(f"[red]failed[/red] at {outcome.failed_step}: {outcome.error}")
+        console.print(_line(("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"))
         if outcome.rolled_back:
-            console.print(f"undone: {', '.join(outcome.rolled_back)}")
+            console.print(_line(f"undone: {', '.join(outcome.rolled_back)}"))
         if outcome.orphans:
-            console.print(f"[red]left behind[/red]: {', '.join(outcome.orphans)}")
+            console.print(_line(("left behind", "red"), f": {', '.join(outcome.orphans)}"))
     for info in outcome.acpi_ost:
-        console.print(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}")
+        console.print(_line(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}"))
 
 
-def _emit(doc: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(doc, sort_keys=True))
+@contextlib.contextmanager
+def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
+    """A QMP session for one subcommand, with its failures turned into the exit-code
+    rule: cannot connect or lost the connection (2), QEMU answered an error outside a
+    plan's steps (3), anything else pyvhost could not do (2). Failures of a plan's
+    steps are not errors here: the executor's outcome reports them (and their undo)."""
+    qmp = Qmp(path, timeout=timeout)
+    try:
+        # Bounded by the timeout, the greeting included: a socket that accepts and never
+        # greets (another client holds the monitor) is named with its owner.
+        qmp.connect()
+    except QmpMonitorHeldError as e:
+        fail(str(e), "connect")
+    except QmpConnectError as e:
+        fail(connect_failure(path, "QMP socket", QMP_HINT.format(path=path), e,
+                             answered="not as QEMU's QMP monitor"), "connect")
+    try:
+        yield qmp
+    except QmpConnectError as e:
+        fail(f"lost the QMP connection to {path}: {e}", "connect")
+    except QmpCommandError as e:
+        fail(f"QEMU answered with an error: {e}", "peer")
+    except PyvhostError as e:
+        fail(str(e), "run")
+    finally:
+        qmp.close()
 
 
-def _fail(message: str, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"error": message}))
-    else:
-        console(stderr=True).print(f"[red]error[/red]: {escape(message)}", soft_wrap=True)
-    sys.exit(EXIT_USAGE)
+EXIT_HELP = ("\b\nExit codes: 0 done (or a dry run that would be done), 1 refused by the "
+             "preflight\n(nothing changed), 2 usage error or cannot connect, 3 QEMU failed "
+             "a step\n(undone), 4 the guest did not finish in --timeout (or refused), "
+             "130 interrupted.")
+
+def timeout_option(default: float, help: str) -> Callable[[Any], Any]:
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                        default=default, show_default=True, help=help)
 
 
+dry_run_option = click.option("--dry-run", is_flag=True,
+                              help="Check and show the plan; change nothing.")
 qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK",
                           help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
+limit_option = click.option(
+    "--region-limit", type=click.IntRange(1, 512), default=BASELINE_REGIONS, show_default=True,
+    help="Region limit to assume for vhost-user devices whose limit QEMU does not show: "
+         "not started by the guest yet, or started with CONFIGURE_MEM_SLOTS (QEMU keeps "
+         "the back-end's GET_MAX_MEM_SLOTS answer). Capped by QEMU's own cap.")
+persistent_option = click.option(
+    "--persistent", is_flag=True,
+    help="With --libvirt: change the domain's persistent config too.")
+qemu_monitor_option = click.option(
+    "--qemu-monitor", is_flag=True,
+    help="With --libvirt: read QEMU's own memory view through qemu-monitor-command (exact "
+         "vhost-user region count); TAINTS the domain (libvirt: custom-monitor).")
 
 
 def libvirt_options(f: Any) -> Any:
@@ -274,36 +330,13 @@ def libvirt_options(f: Any) -> Any:
                              "changes through libvirt (pip install 'pyvhost[libvirt]').")(f)
 
 
-qemu_monitor_option = click.option(
-    "--qemu-monitor", is_flag=True,
-    help="With --libvirt: read QEMU's own memory view through qemu-monitor-command (exact "
-         "vhost-user region count); TAINTS the domain (libvirt: custom-monitor).")
-
-
 def _source(qmp_path: str | None, libvirt_domain: str | None) -> None:
     if (qmp_path is None) == (libvirt_domain is None):
         fail("give one of --qmp SOCK or --libvirt DOMAIN", "usage")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print one JSON object (docs/mem-json.md).")
-limit_option = click.option(
-    "--region-limit", type=click.IntRange(1, 512), default=BASELINE_REGIONS, show_default=True,
-    help="Region limit to assume for vhost-user devices whose limit QEMU does not show: "
-         "not started by the guest yet, or started with CONFIGURE_MEM_SLOTS (QEMU keeps "
-         "the back-end's GET_MAX_MEM_SLOTS answer). Capped by QEMU's own cap.")
 
 
-class _MemGroup(click.Group):
-    """Ctrl-C during any ``pyvhost mem`` step is one line and exit 130: turned into the
-    command error here, before click's own handler prints an empty line for it."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            fail("interrupted", "interrupted")
-
-
-@click.group(cls=_MemGroup)
+@click.group()
+@verbosity
 def mem() -> None:
     """Memory hot-plug through QMP, with the checks QEMU leaves out.
 
@@ -314,56 +347,61 @@ def mem() -> None:
         --mem-path /dev/hugepages --hugepages --host-nodes 0 --policy bind
     pyvhost mem remove --qmp /run/vm0.qmp pyvhost-dimm0
     pyvhost mem resize --qmp /run/vm0.qmp vmem0 --size 512M
+    pyvhost mem add --libvirt web01 --size 1G [--connect qemu+ssh://HOST/system]
     \b
     resize is for virtio-mem devices (QEMU 7.2 runs them beside vhost-user devices;
     they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
     on a share=on memfd or file backend, with -m ...,maxmem=; see docs/virtio-mem.md).
     \b
-    Exit codes: 0 done, 1 refused by the preflight (nothing changed), 2 usage or
-    connection error, 3 QEMU failed a step (undone), 4 guest did not finish an unplug
-    or resize (or refused the unplug: its ACPI _OST status is reported).
+    Every subcommand takes --json: one object, its schema named in its schema field
+    (pyvhost.mem.status/1, pyvhost.mem.add/1, ...; errors pyvhost.error/1).
+    \b
+    Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
+    (nothing changed), 2 usage error, cannot connect to QMP or lost the connection,
+    3 QEMU failed a step (undone) or answered a query with an error, 4 the guest did
+    not finish an unplug or resize in --timeout (or refused the unplug: its ACPI _OST
+    status is reported), 130 interrupted (Ctrl-C, SIGTERM).
     """
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @libvirt_options
 @qemu_monitor_option
-@json_option
+@timeout_option(30.0, "Seconds to wait for QEMU or libvirt (the connect included).")
+@json_option(help="Print one JSON object (schema pyvhost.mem.status/1).")
 @limit_option
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for QEMU (connect included).")
+@verbosity
 def status(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
-           qemu_monitor: bool, as_json: bool, region_limit: int, timeout: float) -> None:
-    """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
+           qemu_monitor: bool, timeout: float, as_json: bool, region_limit: int) -> None:
+    """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes. Exits 1
+    when memory in use cannot be shared with the vhost-user back-ends."""
+    configure_logging()
     _source(qmp_path, libvirt_domain)
     if libvirt_domain is not None:
         from . import mem_libvirt
 
-        mem_libvirt.status(libvirt_domain, connect_uri, as_json, region_limit, timeout,
-                           qemu_monitor)
-    assert qmp_path is not None
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
+        doc = mem_libvirt.status(libvirt_domain, connect_uri, region_limit, timeout,
+                                 qemu_monitor)
+    else:
+        assert qmp_path is not None
+        with _qmp(qmp_path, timeout) as qmp:
             state = read_state(qmp)
         doc = status_json(state, read_host(), region_limit)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
     if as_json:
-        _emit(doc, True)
+        emit_json(doc)
     else:
-        _print_status(doc, Console())
+        _print_status(doc, console())
     if doc["problems"]:
-        sys.exit(EXIT_REFUSED)  # the check found a problem: memory the back-ends miss
+        # The check found a problem: memory in use that the back-ends cannot share.
+        raise click.exceptions.Exit(Exit.PROBLEM)
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @libvirt_options
 @qemu_monitor_option
-@click.option("--persistent", is_flag=True,
-              help="With --libvirt: also add the DIMM to the domain's persistent config.")
+@persistent_option
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="DIMM size: 128M, 1G, ... (a multiple of 128M and of the page size).")
 @click.option("--backend", type=click.Choice(["memfd", "file", "ram"]), default="memfd",
@@ -383,13 +421,13 @@ def status(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | 
 @click.option("--prealloc-threads", type=click.IntRange(1, 256), help="Threads for prealloc.")
 @click.option("--id", "device_id", metavar="ID",
               help="DIMM id (its backend is ID-mem); default pyvhost-dimmN.")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
+@dry_run_option
 @click.option("--force", is_flag=True, hidden=True,
               help="Run a refused plan anyway (tests use it to see QEMU's own refusal).")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for QEMU and the guest.")
-@json_option
+@timeout_option(30.0, "Seconds to wait for QEMU and the guest.")
+@json_option(help="Print one JSON object (schema pyvhost.mem.add/1).")
 @limit_option
+@verbosity
 def add(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
         qemu_monitor: bool, persistent: bool, size: int, backend: str, share: bool,
         mem_path: str | None, hugepages: bool, node: int | None, host_nodes: tuple[int, ...],
@@ -398,6 +436,7 @@ def add(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | Non
         region_limit: int) -> None:
     """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure.
     With --libvirt: attach <memory model='dimm' access='shared'> live, verify, undo."""
+    configure_logging()
     _source(qmp_path, libvirt_domain)
     req = AddRequest(size=size, backend=backend,  # type: ignore[arg-type]
                      share=share, mem_path=mem_path, hugepages=hugepages, node=node,
@@ -411,56 +450,74 @@ def add(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | Non
                         persistent=persistent, qemu_monitor=qemu_monitor, timeout=timeout,
                         as_json=as_json)
     assert qmp_path is not None
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            host = read_host(mem_path)
-            t0 = time.monotonic()
-            plan = plan_add(req, state, host, page_sizes(state, host))
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and (force or not plan.refused):
-                running = state.status == "running"
-                outcome = execute_add(qmp, plan, timeout=timeout,
-                                      ost_timeout=min(timeout, 10.0) if running else 0.0,
-                                      force=force)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
+    host = read_host(mem_path)
+
+    def run(qmp: Qmp, plan: Plan, state: VmState) -> Outcome:
+        running = state.status == "running"
+        return execute_add(qmp, plan, timeout=timeout,
+                           ost_timeout=min(timeout, 10.0) if running else 0.0, force=force)
+
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_add(req, state, host, page_sizes(state, host)),
+        run, dry_run=dry_run, force=force)
+    _show(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome, as_json)
+    _exit_for(plan, outcome)
+
+
+def _plan_and_run(qmp_path: str, timeout: float, make_plan: Callable[[VmState], Plan],
+                  run: Callable[[Qmp, Plan, VmState], Outcome], *, dry_run: bool,
+                  force: bool = False) -> tuple[Plan, float, Outcome | None]:
+    """Read the VM's state, plan (timed), and run the plan unless it is a dry run or
+    refused (and not forced): the plan, the planner's seconds and what running did."""
+    with _qmp(qmp_path, timeout) as qmp:
+        state = read_state(qmp)
+        t0 = time.monotonic()
+        plan = make_plan(state)
+        plan_seconds = time.monotonic() - t0
+        outcome = None
+        if not dry_run and (force or not plan.refused):
+            outcome = run(qmp, plan, state)
+    return plan, plan_seconds, outcome
+
+
+def _show(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
+          outcome: Outcome | None, as_json: bool) -> Console | None:
+    """The plan and its outcome: the JSON document, or tables on the console returned."""
     if as_json:
-        _emit(plan_json(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome), True)
-    else:
-        _print_plan(plan, dry_run, outcome, Console())
-    if outcome is not None:
-        sys.exit(EXIT_OK if outcome.ok else EXIT_FAILED)
-    sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
+        emit_json(plan_json(plan, schema, dry_run, plan_seconds, outcome))
+        return None
+    out = console()
+    _print_plan(plan, dry_run, outcome, out)
+    return out
 
 
 def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
-    """The exit code of remove and resize: refused, done, the guest did not finish, or
-    QEMU failed a step."""
+    """The exit code of add, remove and resize: refused (1), done (0), the guest did not
+    finish (4), or QEMU failed a step (3)."""
     if outcome is None:
-        sys.exit(EXIT_REFUSED if plan.refused else EXIT_OK)
-    if outcome.ok:
-        sys.exit(EXIT_OK)
-    sys.exit(EXIT_TIMEOUT if outcome.timed_out else EXIT_FAILED)
+        code = Exit.PROBLEM if plan.refused else Exit.OK
+    elif outcome.ok:
+        code = Exit.OK
+    else:
+        code = Exit.GUEST if outcome.timed_out else Exit.PEER_FAILED
+    raise click.exceptions.Exit(code)
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @qmp_option
 @libvirt_options
-@click.option("--persistent", is_flag=True,
-              help="With --libvirt: also remove the DIMM from the persistent config.")
+@persistent_option
 @click.argument("device_id", metavar="ID")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
-@json_option
+@timeout_option(30.0, "Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
+@dry_run_option
+@json_option(help="Print one JSON object (schema pyvhost.mem.remove/1).")
+@verbosity
 def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
            persistent: bool, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
     """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend.
     With --libvirt: detach the DIMM, wait until it leaves the domain."""
+    configure_logging()
     _source(qmp_path, libvirt_domain)
     if libvirt_domain is not None:
         from . import mem_libvirt
@@ -468,31 +525,19 @@ def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | 
         mem_libvirt.remove(libvirt_domain, connect_uri, device_id, dry_run=dry_run,
                            persistent=persistent, timeout=timeout, as_json=as_json)
     assert qmp_path is not None
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            t0 = time.monotonic()
-            plan = plan_remove(device_id, state)
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and not plan.refused:
-                outcome = execute_remove(qmp, plan, timeout=timeout)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
-    if as_json:
-        _emit(plan_json(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome), True)
-    else:
-        _print_plan(plan, dry_run, outcome, Console())
-        if outcome is not None and outcome.timed_out:
-            Console().print(
-                "the guest did not release the DIMM: the unplug request stays pending in "
-                "QEMU and the backend stays in use. Guests must online hot-added memory "
-                "movable (memhp_default_state=online_movable) for it to be removable.")
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_remove(device_id, state),
+        lambda qmp, plan, state: execute_remove(qmp, plan, timeout=timeout), dry_run=dry_run)
+    out = _show(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome, as_json)
+    if out is not None and outcome is not None and outcome.timed_out:
+        out.print(
+            "the guest did not release the DIMM: the unplug request stays pending in "
+            "QEMU and the backend stays in use. Guests must online hot-added memory "
+            "movable (memhp_default_state=online_movable) for it to be removable.")
     _exit_for(plan, outcome)
 
 
-@mem.command()
+@mem.command(epilog=EXIT_HELP)
 @click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
               help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off); under "
                    "libvirt: virsh update-memory-device.")
@@ -500,31 +545,20 @@ def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | 
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "
                    "at most its memdev's size).")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for the guest to plug or unplug the memory.")
-@click.option("--dry-run", is_flag=True, help="Check and show the plan; change nothing.")
-@json_option
+@timeout_option(60.0, "Seconds to wait for the guest to plug or unplug the memory.")
+@dry_run_option
+@json_option(help="Print one JSON object (schema pyvhost.mem.resize/1).")
+@verbosity
 def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bool,
            as_json: bool) -> None:
     """Resize a virtio-mem device: qom-set requested-size, wait for the guest to get there
     (MEMORY_DEVICE_SIZE_CHANGE)."""
-    try:
-        with Qmp(qmp_path, timeout=timeout) as qmp:
-            state = read_state(qmp)
-            t0 = time.monotonic()
-            plan = plan_resize(device_id, size, state)
-            plan_seconds = time.monotonic() - t0
-            outcome = None
-            if not dry_run and not plan.refused:
-                outcome = execute_resize(qmp, plan, timeout=timeout)
-    except PyvhostError as e:
-        _fail(str(e), as_json)
-        return
-    if as_json:
-        _emit(plan_json(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome), True)
-    else:
-        _print_plan(plan, dry_run, outcome, Console())
-        if outcome is not None and outcome.device is not None:
-            Console().print(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
-                            f"{_mib(outcome.device.get('requested-size'))} requested")
+    configure_logging()
+    plan, plan_seconds, outcome = _plan_and_run(
+        qmp_path, timeout, lambda state: plan_resize(device_id, size, state),
+        lambda qmp, plan, state: execute_resize(qmp, plan, timeout=timeout), dry_run=dry_run)
+    out = _show(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome, as_json)
+    if out is not None and outcome is not None and outcome.device is not None:
+        out.print(_line(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
+                        f"{_mib(outcome.device.get('requested-size'))} requested"))
     _exit_for(plan, outcome)

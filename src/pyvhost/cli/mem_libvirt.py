@@ -7,15 +7,17 @@ libvirt/QEMU failed a step (undone), 4 the guest did not release a DIMM).
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import time
-from typing import NoReturn
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome
 from pyvhost.hotplug.libvirt import (
     Connection,
     LibvirtError,
+    LibvirtStepError,
     execute_libvirt_add,
     execute_libvirt_remove,
     host_facts,
@@ -25,49 +27,48 @@ from pyvhost.hotplug.libvirt import (
     read_libvirt,
 )
 from pyvhost.hotplug.plan import AddRequest, Plan
+from pyvhost.hotplug.qmp import QmpCommandError
 
-from .common import Exit, console, fail
-from .mem import (
-    SCHEMA_ADD,
-    SCHEMA_REMOVE,
-    _emit,
-    _print_plan,
-    _print_status,
-    plan_json,
-    status_json,
-)
+from .common import console, emit_json, fail
+from .mem import SCHEMA_ADD, SCHEMA_REMOVE, _exit_for, _print_plan, plan_json, status_json
 
 TAINT_NOTE = ("--qemu-monitor: QEMU's state was read through qemu-monitor-command; libvirt "
               "marks the domain tainted (custom-monitor)")
 
 
-def _connect(domain: str, uri: str | None, timeout: float) -> Connection:
+@contextlib.contextmanager
+def _domain(domain: str, uri: str | None, timeout: float) -> Iterator[Connection]:
+    """The libvirt connection for one subcommand, its failures under the exit-code rule:
+    no binding, no libvirt, no such domain (2); libvirt or QEMU answered a query with an
+    error (3)."""
     try:
-        return open_domain(domain, uri, timeout)
+        c = open_domain(domain, uri, timeout)
     except ValueError as e:  # a URI that is not a QEMU driver's
         fail(str(e), "usage")
     except LibvirtError as e:
         fail(str(e), "connect")
-
-
-def status(domain: str, uri: str | None, as_json: bool, region_limit: int, timeout: float,
-           qemu_monitor: bool) -> NoReturn:
-    c = _connect(domain, uri, timeout)
     try:
-        host = host_facts(c)
-        dom = read_libvirt(c, qemu_monitor=qemu_monitor, host=host)
-        doc = status_json(dom.state, host, region_limit, sizes=dom.page_sizes)
-    except PyvhostError as e:
+        yield c
+    except (LibvirtStepError, QmpCommandError) as e:
+        fail(str(e), "peer")
+    except LibvirtError as e:
         fail(str(e), "connect")
+    except PyvhostError as e:
+        fail(str(e), "run")
     finally:
         c.close()
+
+
+def status(domain: str, uri: str | None, region_limit: int, timeout: float,
+           qemu_monitor: bool) -> dict[str, Any]:
+    """The ``pyvhost.mem.status/1`` document of a libvirt domain."""
+    with _domain(domain, uri, timeout) as c:
+        host = host_facts(c)
+        dom = read_libvirt(c, qemu_monitor=qemu_monitor, host=host)
+    doc = status_json(dom.state, host, region_limit, sizes=dom.page_sizes)
     if qemu_monitor:
         doc["vhost_user"]["notes"].append(TAINT_NOTE)
-    if as_json:
-        _emit(doc, True)
-    else:
-        _print_status(doc, console())
-    sys.exit(Exit.PROBLEM if doc["problems"] else Exit.OK)
+    return doc
 
 
 def add(domain: str, uri: str | None, req: AddRequest, *, dry_run: bool, force: bool,
@@ -75,9 +76,8 @@ def add(domain: str, uri: str | None, req: AddRequest, *, dry_run: bool, force: 
     if req.backend != "memfd" or req.mem_path is not None:
         fail("--backend and --mem-path are libvirt's choice under --libvirt (its "
              "<memoryBacking>); use --hugepages, --no-share, --node", "usage")
-    c = _connect(domain, uri, timeout)
     outcome: Outcome | None = None
-    try:
+    with _domain(domain, uri, timeout) as c:
         host = host_facts(c)
         dom = read_libvirt(c, qemu_monitor=qemu_monitor, host=host)
         t0 = time.monotonic()
@@ -85,37 +85,22 @@ def add(domain: str, uri: str | None, req: AddRequest, *, dry_run: bool, force: 
         plan_seconds = time.monotonic() - t0
         if not dry_run and (force or not plan.refused):
             outcome = execute_libvirt_add(c, plan, force=force, qemu_monitor=qemu_monitor)
-    except PyvhostError as e:
-        fail(str(e), "connect")
-    finally:
-        c.close()
     _show(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome, as_json, qemu_monitor)
-    if outcome is not None:
-        sys.exit(Exit.OK if outcome.ok else Exit.PEER_FAILED)
-    sys.exit(Exit.PROBLEM if plan.refused else Exit.OK)
+    _exit_for(plan, outcome)
 
 
 def remove(domain: str, uri: str | None, device_id: str, *, dry_run: bool,
            persistent: bool, timeout: float, as_json: bool) -> NoReturn:
-    c = _connect(domain, uri, timeout)
     outcome: Outcome | None = None
-    try:
+    with _domain(domain, uri, timeout) as c:
         dom = read_libvirt(c)
         t0 = time.monotonic()
         plan = plan_libvirt_remove(device_id, dom, c.dom.XMLDesc(0), persistent=persistent)
         plan_seconds = time.monotonic() - t0
         if not dry_run and not plan.refused:
             outcome = execute_libvirt_remove(c, plan, timeout=timeout)
-    except PyvhostError as e:
-        fail(str(e), "connect")
-    finally:
-        c.close()
     _show(plan, SCHEMA_REMOVE, dry_run, plan_seconds, outcome, as_json, False)
-    if outcome is None:
-        sys.exit(Exit.PROBLEM if plan.refused else Exit.OK)
-    if outcome.ok:
-        sys.exit(Exit.OK)
-    sys.exit(Exit.GUEST if outcome.timed_out else Exit.PEER_FAILED)
+    _exit_for(plan, outcome)
 
 
 def _show(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
@@ -124,8 +109,9 @@ def _show(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
     if qemu_monitor:
         doc["notes"].append(TAINT_NOTE)
     if as_json:
-        _emit(doc, True)
-    else:
-        _print_plan(plan, dry_run, outcome, console())
-        if qemu_monitor:
-            console().print(f"note: {TAINT_NOTE}")
+        emit_json(doc)
+        return
+    out = console()
+    _print_plan(plan, dry_run, outcome, out)
+    if qemu_monitor:
+        out.print(f"note: {TAINT_NOTE}", markup=False)

@@ -1,4 +1,15 @@
-"""``pyvhost net``: a learning switch (or reflectors) over vhost-user sockets and taps."""
+"""``pyvhost net``: a learning switch (or reflectors) over vhost-user sockets and taps,
+run as a daemon.
+
+It logs at INFO by default (``-v`` debug, ``-q`` warnings only; journald gets priority
+prefixes and no timestamps of ours), tells the service manager when every socket listens
+(``READY=1`` over ``$NOTIFY_SOCKET``) and when it stops (``STOPPING=1``), serves metrics
+with ``--metrics HOST:PORT``, and prints what it served as one JSON object
+(``pyvhost.net.stats/1``) on stderr at exit. Exit codes: 0 after SIGTERM (a service's
+normal stop), 130 after SIGINT (Ctrl-C), 2 for usage errors and a socket it can not
+listen on. Per-connection state is dropped when the connection ends: the reflector's
+counters are folded into totals then.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +19,14 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import click
 
-from pyvhost.backend import Server, VirtioDevice
+from pyvhost.backend import Connection, Server, VirtioDevice, sdnotify
+from pyvhost.backend.buildinfo import build_info
 from pyvhost.backend.server import RECONNECT_FIRST, RECONNECT_MAX
 from pyvhost.devices.reflect import ReflectNet
 from pyvhost.errors import LocalError
@@ -21,7 +35,11 @@ from pyvhost.switch import Switch, SwitchPort, TapPort
 from pyvhost.switch.table import DEFAULT_AGING
 from pyvhost.switch.vhost import MAX_QUEUE_PAIRS
 
-log = logging.getLogger(__name__)
+from .common import Exit, configure_logging, fail, verbosity
+
+log = logging.getLogger("pyvhost.net")
+
+STATS_SCHEMA = "pyvhost.net.stats/1"
 
 
 def _parse_mac(value: str) -> bytes:
@@ -32,6 +50,18 @@ def _parse_mac(value: str) -> bytes:
         return bytes(int(p, 16) for p in parts)
     except ValueError as e:
         raise click.BadParameter(f"{value!r} is not a MAC address") from e
+
+
+def _metrics_address(ctx: click.Context, param: click.Parameter,
+                     value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    from pyvhost.backend.metrics import parse_address
+
+    try:
+        return parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from e
 
 
 @click.command()
@@ -57,9 +87,12 @@ def _parse_mac(value: str) -> bytes:
               help="Instead of switching: send every frame a port transmits back to it "
                    "with the MAC addresses swapped (like testpmd's macswap).")
 @click.option("--mac", default="52:54:00:12:34:56", show_default=True,
-              help="MAC address in the device's config space; with the switch, the n-th "
-                   "connection gets this address plus n-1 (with --client: the n-th "
-                   "--socket, on every reconnect).")
+              help="MAC address in the device's config space, shown in status output; "
+                   "with the switch, the n-th connection gets this address plus n-1 (with "
+                   "--client: the n-th --socket, on every reconnect). The guest's MAC is "
+                   "the front-end's own (QEMU -device virtio-net-pci,mac=; DPDK "
+                   "net_virtio_user0,mac=): a virtio-net front-end builds the config "
+                   "space itself, so pyvhost does not offer it over vhost-user.")
 @click.option("--mac-aging", metavar="SECONDS", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_AGING, show_default=True,
               help="Forget a learned MAC address after this long without a frame from it.")
@@ -79,12 +112,19 @@ def _parse_mac(value: str) -> bytes:
               help="Receive/transmit queue pairs of each switch port (VIRTIO_NET_F_MQ when "
                    "N > 1): QEMU -device virtio-net-pci,mq=on with -netdev "
                    "vhost-user,queues=N; DPDK net_virtio_user0,queues=N.")
+@click.option("--metrics", "metrics_at", metavar="HOST:PORT", callback=_metrics_address,
+              help="Serve Prometheus / OpenMetrics metrics on http://HOST:PORT/metrics: "
+                   "per port and queue frames, bytes, drops and errors, memory table "
+                   "updates and their latency, regions, fds and mappings held. "
+                   "127.0.0.1:9478, [::1]:9478, 0.0.0.0:9478 for every address.")
+@verbosity
 def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
         control: str | None, stats: bool, mem_slots: bool = True,
-        queue_pairs: int = 1) -> None:
+        queue_pairs: int = 1, metrics_at: tuple[str, int] | None = None) -> None:
     """Serve virtio-net ports on vhost-user sockets (listening, or connecting with
-    --client) and taps: an L2 learning switch between all of them, until Ctrl-C.
+    --client) and taps: an L2 learning switch between all of them, until SIGTERM or
+    Ctrl-C.
 
     \b
     Two DPDK testpmd front-ends and the host, switched:
@@ -107,9 +147,17 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     DPDK testpmd (server=1; it too waits at start until pyvhost connects):
         dpdk-testpmd ... --vdev 'net_virtio_user0,path=/tmp/vh1.sock,server=1' ...
     then, in any order:
-        pyvhost -v net --client --socket /tmp/vh0.sock --socket /tmp/vh1.sock \\
+        pyvhost net --client --socket /tmp/vh0.sock --socket /tmp/vh1.sock \\
             --control /tmp/pyvhost.ctl
+    \b
+    As a service: logs at INFO (-v debug, -q warnings only; under journald with
+    priorities and without timestamps), READY=1 to $NOTIFY_SOCKET once every socket
+    listens (systemd Type=notify; see docs/net-daemon.md), STOPPING=1 at the end.
+    \b
+    Exit codes: 0 stopped by SIGTERM, 130 by SIGINT (Ctrl-C), 2 usage error or a
+    socket it can not listen on (in use, not a socket, no permission).
     """
+    configure_logging(default=logging.INFO)
     if not sockets and not taps:
         raise click.UsageError("give at least one --socket or --tap")
     if reflect and taps:
@@ -119,20 +167,18 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     if len(set(sockets)) != len(sockets):
         raise click.UsageError("a --socket path is given twice")
     mac_bytes = _parse_mac(mac)
+    info = build_info()
+    log.info("pyvhost %s, data path: %s", info["version"], info["datapath"])
     switch = Switch(mac_aging)
-    reflectors: list[ReflectNet] = []
-    count = 0  # connections served, for the exit statistics
+    totals = _ReflectTotals()
 
     def make_device(mac_index: int) -> VirtioDevice:
         """A device for a new connection, its MAC the base plus ``mac_index``: the n-th
         accepted connection, or (client mode) the --socket's index, so that every
         reconnect of one front-end gets the same address (its guest's NIC is the same)."""
-        nonlocal count
-        count += 1
         dev: VirtioDevice
         if reflect:
             dev = ReflectNet(mac_bytes)
-            reflectors.append(dev)
         else:
             dev = SwitchPort(switch, _nth_mac(mac_bytes, mac_index), queue_pairs=queue_pairs)
         if not mem_slots:
@@ -141,49 +187,121 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
 
     accepted = itertools.count()
     server = Server(lambda: make_device(next(accepted)))
-    if not reflect:
+    if reflect:
+        server.on_disconnect.append(totals.fold)
+    else:
         server.describers["switch"] = switch.describe
     tap_ports: list[TapPort] = []
+    metrics = None
+    stopped_by: list[int] = []
+    served = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopped_by.append(signum)
         server.stop()
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
-        for index, path in enumerate(sockets):
-            if client:
-                server.connect(path, factory=functools.partial(make_device, index),
-                               max_interval=reconnect_max)
-            else:
-                server.listen(path)
-        for name in taps:
-            tap_ports.append(TapPort(name, switch, server).open())
-        if control:
-            server.listen_control(control)
+        try:
+            for index, path in enumerate(sockets):
+                if client:
+                    server.connect(path, factory=functools.partial(make_device, index),
+                                   max_interval=reconnect_max)
+                else:
+                    server.listen(path)
+            for name in taps:
+                tap_ports.append(TapPort(name, switch, server).open())
+            if control:
+                server.listen_control(control)
+            if metrics_at is not None:
+                from pyvhost.backend.metrics import Metrics  # prometheus-client on demand
+
+                metrics = Metrics(server, _port_source(server, switch, reflect))
+                host, port = metrics.serve(*metrics_at)
+                log.info("metrics on http://%s:%d/metrics", _host(host), port)
+        except LocalError as e:
+            fail(str(e), "run")
         ports = [*(f"{'client ' if client else ''}{s}" for s in sockets),
                  *(f"tap {t}" for t in taps)]
-        click.echo(f"pyvhost net: serving {', '.join(ports)} "
-                   f"({'reflect' if reflect else 'switch'}); Ctrl-C to stop", err=True)
-        server.run()
-    except LocalError as e:
-        raise click.ClickException(str(e)) from e
+        what = (f"serving {', '.join(ports)} ({'reflect' if reflect else 'switch'})"
+                + (f"; metrics on {_host(metrics.address[0])}:{metrics.address[1]}"
+                   if metrics is not None and metrics.address else ""))
+        log.info("%s; ready", what)
+        sdnotify.ready(what)
+        unfollow = _follow_connections(server, what)
+        served = True
+        if not stopped_by:
+            server.run()
+        unfollow()  # the connections closed at exit do not overwrite "stopping"
+        signame = signal.Signals(stopped_by[0]).name if stopped_by else "stop"
+        log.info("%s: stopping", signame)
+        sdnotify.stopping(f"stopping ({signame})")
     finally:
+        if metrics is not None:
+            metrics.close()
         for tap in tap_ports:
             tap.close()
         server.close()
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
-        if stats and reflect:
-            totals: dict[str, int] = {}
-            for dev in reflectors:
-                for k, v in dev.stats.items():
-                    totals[k] = totals.get(k, 0) + v
-            print(json.dumps({"connections": len(reflectors), "stats": totals}),
-                  file=sys.stderr)
-        elif stats:
-            print(json.dumps({"connections": count, "switch": switch.describe()}),
-                  file=sys.stderr)
+    if stats and served:
+        doc: dict[str, Any] = {"schema": STATS_SCHEMA, "mode": "reflect" if reflect
+                               else "switch", "datapath": info["datapath"],
+                               "connections": server.opened_count}
+        if reflect:
+            doc["stats"] = totals.stats
+        else:
+            doc["switch"] = switch.describe()
+        print(json.dumps(doc), file=sys.stderr, flush=True)
+    if stopped_by and stopped_by[0] == signal.SIGINT:
+        raise click.exceptions.Exit(Exit.INTERRUPTED)
+
+
+class _ReflectTotals:
+    """The reflectors' counters summed: each connection's are added when it closes (also
+    at exit), so nothing of a closed connection is kept."""
+
+    def __init__(self) -> None:
+        # Every counter a reflector has, also when no front-end ever connected.
+        self.stats: dict[str, int] = dict.fromkeys(ReflectNet().stats, 0)
+
+    def fold(self, conn: Connection) -> None:
+        if isinstance(conn.device, ReflectNet):
+            for k, v in conn.device.stats.items():
+                self.stats[k] = self.stats.get(k, 0) + v
+
+
+def _port_source(server: Server, switch: Switch,
+                 reflect: bool) -> Callable[[], list[dict[str, object]]]:
+    """The ports' counters for metrics, read on the loop's thread."""
+    if not reflect:
+        return lambda: [p.describe() for p in switch.ports]
+
+    def reflectors() -> list[dict[str, object]]:
+        return [{"name": c.name, "kind": "vhost-user", **c.device.port_counters()}
+                for c in server.connections if isinstance(c.device, ReflectNet)]
+    return reflectors
+
+
+def _follow_connections(server: Server, what: str) -> Callable[[], None]:
+    """Keep the service manager's status line current (``systemctl status``) as
+    front-ends come and go; returns what stops it."""
+    def update(conn: Connection) -> None:
+        n = len(server.connections)
+        sdnotify.status(f"{what}; {n} front-end{'' if n == 1 else 's'} connected")
+
+    def unfollow() -> None:
+        server.on_connect.remove(update)
+        server.on_disconnect.remove(update)
+
+    server.on_connect.append(update)
+    server.on_disconnect.append(update)
+    return unfollow
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _nth_mac(base: bytes, n: int) -> bytes:

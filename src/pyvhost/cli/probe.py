@@ -1,27 +1,34 @@
 """``pyvhost probe``: the command line of the leak probe (:mod:`pyvhost.frontend.probe`).
 
-It parses options, shows progress and prints the report (a rich table, or one JSON
-object with ``--json``). Exit codes: 0 no leak, 1 leak found, 2 usage or connection
-error (or any other failure to finish the probe), 130 interrupted.
+It parses options, shows progress and prints the report (a rich table, or one
+``pyvhost.probe/1`` JSON object with ``--json``). Exit codes: 0 no leak, 1 leak found,
+2 usage error or cannot connect (or the probe cannot run as asked), 3 the back-end failed
+a step (a NACK, a wrong reply, no reply, it hung up or exited mid-probe), 130
+interrupted.
 """
 
 from __future__ import annotations
 
-import json
+import os
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from pyvhost.errors import PyvhostError
+from pyvhost.errors import PeerError, PyvhostError
+from pyvhost.frontend.errors import FrontendConnectError
 from pyvhost.frontend.probe import ProbeConfig, ProbeReport, run_probe
+from pyvhost.tools.procfs import ProcessGoneError
 from pyvhost.units import MiB, parse_size
 
-EXIT_OK = 0
-EXIT_LEAK = 1
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
+from .sockets import connect_failure
+
+SCHEMA = "pyvhost.probe/1"
+HINT = "is the back-end running, and is this the path it listens on?"
 
 def _size_option(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
@@ -57,7 +64,10 @@ Without CONFIGURE_MEM_SLOTS the table holds at most 8 regions: boot RAM + up to
 7 hot-plugged ones.
 
 \b
-Exit codes: 0 no leak, 1 leak found, 2 usage or connection error, 130 Ctrl-C.
+Exit codes: 0 no leak, 1 leak found, 2 usage error or cannot connect (or the probe
+cannot run as asked: too many regions, --mem-slots not offered, no access to
+/proc/PID), 3 the back-end failed a step (NACK, wrong or no reply, hung up or exited
+mid-probe), 130 interrupted (Ctrl-C, SIGTERM).
 
 \b
 Examples:
@@ -102,30 +112,39 @@ Examples:
               show_default=True, help="Seconds to wait for a connection or a reply.")
 @click.option("--settle", type=click.FloatRange(min=0), default=0.2, show_default=True,
               help="Seconds to wait before each measurement.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print exactly one JSON object on stdout (no table, no progress bar).")
-@click.pass_context
-def probe(ctx: click.Context, socket_path: str, cycles: int, regions: int, region_size: int,
+@json_option(help="Print exactly one JSON object on stdout (schema pyvhost.probe/1; no "
+                 "table, no progress bar).")
+@verbosity
+def probe(socket_path: str, cycles: int, regions: int, region_size: int,
           boot_size: int, pid: int | None, mem_slots: bool | None, memory_dir: str | None,
           timeout: float, settle: float, as_json: bool) -> None:
+    configure_logging()
+    if pid is not None and not os.path.exists(f"/proc/{pid}"):
+        fail(f"--pid {pid}: no such process", "usage")
     config = ProbeConfig(socket_path=socket_path, cycles=cycles, regions=regions,
                          region_size=region_size, boot_size=boot_size, pid=pid,
                          mem_slots=mem_slots, timeout=timeout, settle=settle,
                          directory=memory_dir)
-    err = Console(stderr=True)
     try:
-        report = run_probe(config) if as_json else _run_with_progress(config, err)
-    except KeyboardInterrupt:
-        _fail(as_json, err, "interrupted", EXIT_INTERRUPTED)
-        ctx.exit(EXIT_INTERRUPTED)
+        report = (run_probe(config) if as_json
+                  else _run_with_progress(config, console(stderr=True)))
+    except FrontendConnectError as e:
+        fail(connect_failure(socket_path, "vhost-user socket", HINT, e), "connect")
+    except (PeerError, ProcessGoneError) as e:
+        # The back-end broke the protocol, hung up, stopped answering or exited.
+        fail(f"the back-end failed: {e}", "peer")
     except PyvhostError as e:
-        _fail(as_json, err, str(e), EXIT_ERROR, kind=type(e).__name__)
-        ctx.exit(EXIT_ERROR)
+        fail(str(e), "usage")
     if as_json:
-        click.echo(json.dumps(report.to_json(), sort_keys=False))
+        emit_json(json_doc(report))
     else:
-        _print_report(report, Console())
-    ctx.exit(EXIT_LEAK if report.leak else EXIT_OK)
+        _print_report(report, console())
+    raise click.exceptions.Exit(Exit.PROBLEM if report.leak else Exit.OK)
+
+
+def json_doc(report: ProbeReport) -> dict[str, Any]:
+    """The ``pyvhost.probe/1`` document: the report's fields and its schema."""
+    return {"schema": SCHEMA, **report.to_json()}
 
 
 def _run_with_progress(config: ProbeConfig, err: Console) -> ProbeReport:
@@ -140,20 +159,14 @@ def _run_with_progress(config: ProbeConfig, err: Console) -> ProbeReport:
         return run_probe(config, progress=advance)
 
 
-def _fail(as_json: bool, err: Console, message: str, code: int, kind: str = "") -> None:
-    if as_json:
-        click.echo(json.dumps({"error": message, "error_type": kind or None,
-                               "exit_code": code}))
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-
-
 def _size(n: int) -> str:
     return f"{n // MiB} MiB" if n % MiB == 0 else f"{n} bytes"
 
 
 def _print_report(report: ProbeReport, out: Console) -> None:
     mode = "ADD_MEM_REG / REM_MEM_REG" if report.mem_slots else "SET_MEM_TABLE"
-    out.print(f"back-end pid [bold]{report.pid}[/] on {report.socket}", highlight=False)
+    out.print(Text.assemble("back-end pid ", (str(report.pid), "bold"),
+                            f" on {report.socket}"))
     out.print(f"{report.cycles} cycles x {report.regions} regions of "
               f"{_size(report.region_size)}; memory updates via {mode}; protocol features: "
               f"{', '.join(report.protocol_features) or 'none'}", highlight=False)

@@ -8,29 +8,30 @@ transmitq1.
 Guest-controlled lengths: a transmitted chain is read up to ``MAX_FRAME`` bytes past its
 header; longer chains are dropped and counted, never read whole (a descriptor may claim
 4 GiB).
+
+The per-frame work is :mod:`pyvhost.datapath`'s: one call per burst of chains, compiled
+where the extension is built. On the compiled path a region that shrinks under its
+mapping closes this connection (:class:`~pyvhost.memory.MemoryFaultError`); on the
+pure-Python path it kills the process with SIGBUS.
 """
 
 from __future__ import annotations
 
+from pyvhost import datapath
 from pyvhost.backend.device import QueueContext, VirtioDevice
 from pyvhost.protocol.constants import VirtioFeature
-from pyvhost.virtq import DescriptorChain
+from pyvhost.virtq import SplitQueue
 
 from .virtio_net import (
     HDR_LEGACY,
     HDR_V1,
-    MAX_FRAME,
     RX,
     TX,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
     net_config,
-    write_rx_frame,
 )
-
-#: Chains taken from the transmit ring per batch.
-BATCH = 64
 
 
 class ReflectNet(VirtioDevice):
@@ -44,6 +45,7 @@ class ReflectNet(VirtioDevice):
         self.mac = mac
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False
+        self._path = datapath.Reflector()
         self.stats = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0,
                       "drop_no_rx_buffer": 0, "drop_too_big": 0, "drop_malformed": 0}
 
@@ -67,6 +69,17 @@ class ReflectNet(VirtioDevice):
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "mac": self.mac.hex(":"), "stats": dict(self.stats)}
 
+    def port_counters(self) -> dict[str, object]:
+        """:attr:`stats` as a switch counts a port (pyvhost's side: ``rx`` what the
+        driver transmitted, ``tx`` what was written back to it), for metrics."""
+        st = self.stats
+        return {"rx_frames": st["tx_frames"], "rx_bytes": st["tx_bytes"],
+                "tx_frames": st["rx_frames"], "tx_bytes": st["rx_bytes"],
+                "rx_drops": {r: st["drop_" + r] for r in ("too_big", "malformed")
+                             if st["drop_" + r]},
+                "tx_drops": {"no_rx_buffer": st["drop_no_rx_buffer"]}
+                if st["drop_no_rx_buffer"] else {}}
+
     def reset(self) -> None:
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False
@@ -75,48 +88,26 @@ class ReflectNet(VirtioDevice):
         tx = ctx.queue(TX)
         if tx is None:
             return
-        # Keep taking until the ring stays empty: with kicks suppressed while we work, a
-        # chain made available meanwhile must not be left waiting for a kick.
-        while True:
-            tx.enable_kicks(False)
-            chains = tx.pop_batch(ctx.mem, BATCH)
-            if not chains:
-                tx.enable_kicks(True)
-                if tx.pending() == 0:
-                    return
-                continue
-            self._reflect(ctx, chains)
-            tx.push_used_batch([(c.head, 0) for c in chains])
-            ctx.notify(TX)
-
-    def _reflect(self, ctx: QueueContext, chains: list[DescriptorChain]) -> None:
         rx = ctx.queue(RX)
-        used: list[tuple[int, int]] = []
-        hdr_len = self.hdr_len
-        for chain in chains:
-            total = chain.readable_len
-            if total < hdr_len + 14:
-                self.stats["drop_malformed"] += 1
-                continue
-            if total > hdr_len + MAX_FRAME:
-                self.stats["drop_too_big"] += 1
-                continue
-            data = bytearray(chain.read(ctx.mem))
-            frame_len = total - hdr_len
-            self.stats["tx_frames"] += 1
-            self.stats["tx_bytes"] += frame_len
-            # Swap destination and source MAC (bytes 0-5 and 6-11 of the frame).
-            h = hdr_len
-            data[h:h + 6], data[h + 6:h + 12] = data[h + 6:h + 12], data[h:h + 6]
-            # The header goes back as a plain "no offload" header.
-            data[0:hdr_len] = bytes(hdr_len)
-            drop = "no_rx_buffer" if rx is None else write_rx_frame(
-                ctx.mem, rx, data, hdr_len=hdr_len, mrg_rxbuf=self.mrg_rxbuf, used=used)
-            if drop is not None:
-                self.stats["drop_" + drop] += 1
-                continue
-            self.stats["rx_frames"] += 1
-            self.stats["rx_bytes"] += frame_len
-        if rx is not None and used:
-            rx.push_used_batch(used)
-            ctx.notify(RX)
+        burst = self._path.burst
+        limit = datapath.BURST
+        st = self.stats
+        before = (st["tx_frames"], st["tx_bytes"], st["rx_frames"], st["rx_bytes"])
+        try:
+            # A full burst means more may be waiting; a short one saw the ring empty with
+            # kicks enabled again.
+            while burst(ctx.mem, tx, rx, self.hdr_len, self.mrg_rxbuf, limit, st) == limit:
+                _notify(ctx, rx, tx)
+        finally:
+            _notify(ctx, rx, tx)
+            # Per-queue counters (metrics), once per kick: what the bursts took and wrote.
+            ctx.account(TX, st["tx_frames"] - before[0], st["tx_bytes"] - before[1])
+            ctx.account(RX, st["rx_frames"] - before[2], st["rx_bytes"] - before[3])
+
+
+def _notify(ctx: QueueContext, *queues: SplitQueue | None) -> None:
+    """Signal the driver for each queue the burst published to, if it asked to be (the
+    burst took the decision: ``notify_decided``)."""
+    for q in queues:
+        if q is not None and q.notify_decided is not None:
+            ctx.notify(q.index)

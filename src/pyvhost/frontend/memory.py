@@ -31,9 +31,9 @@ from types import TracebackType
 from pyvhost.errors import LocalError
 from pyvhost.protocol.messages import MemoryRegion
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
+# Sizes come from pyvhost.units; MiB stays importable from here for cli.demo and tests/lab.
+from pyvhost.units import GiB
+from pyvhost.units import MiB as MiB
 
 #: Where QEMU's x86 machines put the device-memory (DIMM hot-plug) area: just above 4 GiB.
 HOTPLUG_BASE = 4 * GiB

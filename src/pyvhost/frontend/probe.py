@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pyvhost.errors import LocalError
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 
 from .frontend import (
     MEMORY_REQUESTS,
@@ -28,7 +29,7 @@ from .frontend import (
     Frontend,
     describe_protocol_features,
 )
-from .memory import FrontendMemory, GuestRam, MiB
+from .memory import FrontendMemory, GuestRam
 
 PF = ProtocolFeature
 

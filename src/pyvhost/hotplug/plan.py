@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from pyvhost.units import MiB
+
 from .host import HostFacts
 from .regions import region_limit_info
 from .sharing import BOOT_RAM_NOT_SHARED, memory_problems, unshared_effect
 from .state import BASELINE_REGIONS, VmState, vhost_regions
 
-MiB = 1 << 20
 # Linux x86-64 onlines hot-added memory in 128 MiB blocks (memory_block_size_bytes);
 # the rest of a DIMM that is not a whole number of blocks is never used by the guest.
 GUEST_BLOCK = 128 * MiB

@@ -132,13 +132,6 @@ class VmState:
         used = {d.memdev for d in self.memory_devices}
         return tuple(b for b in self.backends if b.id in mapped and b.id not in used)
 
-    @property
-    def unused_backends(self) -> tuple[MemoryBackend, ...]:
-        """Backends neither boot RAM nor behind a memory device (orphans, or prepared)."""
-        mapped = {r.name for r in self.flat_view if r.kind == "ram"}
-        used = {d.memdev for d in self.memory_devices}
-        return tuple(b for b in self.backends if b.id not in mapped and b.id not in used)
-
 
 def page_size(backend: MemoryBackend, base_page_size: int, default_hugepage: int | None,
               mem_path_page: int | None = None) -> int:

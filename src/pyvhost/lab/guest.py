@@ -1,21 +1,28 @@
-"""The host side of the test guest's command channel (the guest side is ``guest_init.sh``).
+"""The host side of the test guest's command channel (the guest side is ``serve`` in
+``guest_tool.sh``; the wire format is :mod:`.channel`).
 
 Owns one Unix-socket connection to a QEMU chardev (``-chardev socket,server=on,wait=off``,
 wired to ``-serial`` or to a ``virtserialport``), a reader thread that keeps everything the
-guest printed (the transcript, quoted in every error), marker waits, and framed commands:
-the host sends ``ID TIMEOUT BASE64(COMMAND)``; the guest answers ``PYVHOST-BEGIN ID``, the
-output, then ``PYVHOST-END ID CODE``. Markers are matched anywhere in a line and IDs carry a
-per-connection nonce, so a stray kernel line or the output of an earlier, timed-out command
-cannot be taken for an answer.
+guest printed (the transcript, quoted in every error), marker waits, and commands. Markers
+are matched anywhere in a line and IDs carry a per-connection nonce, so a stray kernel line
+or the output of an earlier, timed-out command cannot be taken for an answer.
+
+A command survives a damaged channel: when the guest says it got a garbled line, when a
+marker arrives broken or with an id never sent, or when no acknowledgement comes within
+:data:`ACK_TIMEOUT` seconds (the line was lost), the command is sent again as a new attempt,
+until its own timeout. The guest runs a command once however often it is sent (and answers
+a repeat with the first run's output), so this is safe for commands that are not
+idempotent. Each resend is logged at WARNING (logger ``pyvhost.lab.guest``) and kept in
+:attr:`GuestConsole.resends`.
 
 It does not start QEMU or speak QMP (:mod:`pyvhost.lab.qemu` does).
 """
 
 from __future__ import annotations
 
-import base64
 import codecs
 import contextlib
+import logging
 import re
 import secrets
 import shlex
@@ -29,12 +36,19 @@ from types import TracebackType
 
 from pyvhost.errors import PyvhostError
 
+from . import channel
 from .image import READY_MARKER
 
+log = logging.getLogger(__name__)
 TRANSCRIPT_LIMIT = 4 << 20  # characters kept; the oldest are dropped past this
 # The guest kills a command this many seconds after the host gives up on it, so the host
 # reports its own timeout and the channel is free again soon after.
 GUEST_GRACE = 5
+#: Seconds to wait for the guest to acknowledge a command (its BEGIN marker) before sending
+#: it again; doubled after each resend. The guest acknowledges as soon as it reads the line,
+#: unless it is still busy with a command the host gave up on (up to GUEST_GRACE seconds).
+ACK_TIMEOUT = 10.0
+RESEND_PAUSE = 0.1
 
 
 class GuestError(PyvhostError):
@@ -67,8 +81,11 @@ class GuestConsole:
     """Commands and markers over a connected chardev socket. Use :meth:`connect`."""
 
     def __init__(self, sock: socket.socket, *, name: str = "guest",
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, ack_timeout: float = ACK_TIMEOUT) -> None:
         self.name = name
+        self.ack_timeout = ack_timeout
+        #: Why each command was sent again ("NONCE.N/ATTEMPT: reason"), oldest first.
+        self.resends: list[str] = []
         self._sock = sock
         self._log = open(log, "a", encoding="utf-8") if log is not None else None  # noqa: SIM115
         self._text = ""          # transcript, "\r" removed
@@ -84,7 +101,7 @@ class GuestConsole:
 
     @classmethod
     def connect(cls, path: Path | str, *, timeout: float = 30, name: str = "guest",
-                log: Path | None = None) -> GuestConsole:
+                log: Path | None = None, ack_timeout: float = ACK_TIMEOUT) -> GuestConsole:
         """Connect to QEMU's chardev socket at ``path``, retrying until it listens."""
         deadline = time.monotonic() + timeout
         while True:
@@ -98,7 +115,7 @@ class GuestConsole:
                                        f"{timeout} s") from e
                 time.sleep(0.05)
             else:
-                return cls(sock, name=name, log=log)
+                return cls(sock, name=name, log=log, ack_timeout=ack_timeout)
 
     # --- the transcript ---------------------------------------------------------------------
 
@@ -176,36 +193,75 @@ class GuestConsole:
     def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
         """Run ``cmd`` with the guest's ``sh -c``; returns (exit code, stdout+stderr).
 
-        Raises :class:`GuestTimeoutError` if no answer comes within ``timeout`` seconds (the guest
-        kills the command a few seconds later and the channel stays usable).
+        Raises :class:`GuestTimeoutError` if no answer comes within ``timeout`` seconds (the
+        guest kills the command a few seconds later and the channel stays usable). A line
+        or an answer damaged on the way is sent again within that time (see the module).
         """
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         with self._run_lock:
             self._counter += 1
             cid = f"{self._nonce}.{self._counter}"
+            deadline = time.monotonic() + timeout
             with self._cond:
                 start = len(self._text) + self._dropped
-            line = f"{cid} {int(timeout) + GUEST_GRACE} {base64.b64encode(cmd.encode()).decode()}\n"
-            try:
-                self._sock.sendall(line.encode())
-            except OSError as e:
-                raise self._fail(GuestGoneError, f"cannot send {cmd!r}: {e}") from e
-            what = f"answer to {cmd!r}"
-            deadline = time.monotonic() + timeout
-            begin = self._wait(re.compile(rf"PYVHOST-BEGIN {re.escape(cid)}\n"), start,
-                               timeout, what)
-            with self._cond:
-                begin_at = begin.end() + self._dropped
-            left = max(0.0, deadline - time.monotonic())
-            end = self._wait(re.compile(rf"PYVHOST-END {re.escape(cid)} (\d+)\n"), begin_at,
-                             left, what)
-            with self._cond:
-                output = self._text[begin_at - self._dropped:end.start()]
-                self._cursor = max(self._cursor, end.end() + self._dropped)
-            # The guest prints "\n" before the END marker, so output without a final newline
-            # still leaves the marker on its own line: take that one "\n" back off.
-            return int(end.group(1)), output.removesuffix("\n")
+            ack_wait = self.ack_timeout
+            attempt = 0
+            while True:
+                attempt += 1
+                with self._cond:
+                    since = len(self._text) + self._dropped
+                limit = int(max(0.0, deadline - time.monotonic())) + 1 + GUEST_GRACE
+                try:
+                    self._sock.sendall(channel.command_line(f"{cid}/{attempt}", limit, cmd))
+                except OSError as e:
+                    raise self._fail(GuestGoneError, f"cannot send {cmd!r}: {e}") from e
+                found = self._await_answer(cmd, cid, attempt, start, since, timeout, deadline,
+                                           ack_wait)
+                if not isinstance(found, str):
+                    return found
+                note = f"{cid}/{attempt}: {found}"
+                self.resends.append(note)
+                log.warning("%s: %s; sending %r again as attempt %d", self.name, note, cmd,
+                            attempt + 1)
+                ack_wait *= 2
+                # A link that damages every line must not be flooded: 0.1 s, 0.2 s, ...
+                # before each resend (the rest of a damaged burst arrives meanwhile).
+                time.sleep(max(0.0, min(RESEND_PAUSE * 2 ** (attempt - 1), self.ack_timeout,
+                                        deadline - time.monotonic())))
+
+    def _await_answer(self, cmd: str, cid: str, attempt: int, start: int, since: int,
+                      timeout: float, deadline: float,
+                      ack_wait: float) -> tuple[int, str] | str:
+        """(exit code, output), or why to send the command again: ``attempt`` (sent at
+        absolute offset ``since``; the first at ``start``) not acknowledged within
+        ``ack_wait`` seconds, or damage seen after it was sent. Raises at ``deadline``."""
+        ack_by = min(deadline, time.monotonic() + ack_wait)
+        with self._cond:
+            while True:
+                base = max(start, self._dropped)  # the transcript may have lost its head
+                seen = channel.scan(self._text[base - self._dropped:], cid, self._nonce,
+                                    max(0, since - base))
+                if seen.answer is not None:
+                    self._cursor = max(self._cursor, base + seen.answer.end)
+                    return seen.answer.code, seen.answer.output
+                if seen.trouble is not None:
+                    return seen.trouble
+                if self._eof:
+                    raise self._fail(GuestGoneError, f"console closed while waiting for "
+                                                     f"the answer to {cmd!r}")
+                now = time.monotonic()
+                if now >= deadline:
+                    raise self._fail(GuestTimeoutError, f"no answer to {cmd!r} after "
+                                                        f"{timeout} s{self._resent(cid)}")
+                waiting = attempt not in seen.acknowledged
+                if waiting and now >= ack_by:
+                    return f"not acknowledged within {ack_wait:g} s"
+                self._cond.wait((ack_by if waiting else deadline) - now)
+
+    def _resent(self, cid: str) -> str:
+        notes = [n for n in self.resends if n.startswith(f"{cid}/")]
+        return f" (sent {len(notes) + 1} times: {'; '.join(notes)})" if notes else ""
 
     def check(self, cmd: str, timeout: float = 60) -> str:
         """Like :meth:`run`, but a non-zero exit raises :class:`GuestCommandError`."""

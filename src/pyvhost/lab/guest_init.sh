@@ -9,9 +9,9 @@
 #                          or port:NAME for a virtio-serial port named NAME
 #
 # Console lines: PYVHOST-MODULES, PYVHOST-NET, PYVHOST-READY (on the console and on the
-# channel). Then, for each line "ID TIMEOUT BASE64-COMMAND" read from the channel, the channel
-# gets "PYVHOST-BEGIN ID", the command's output (stdout and stderr) and
-# "\nPYVHOST-END ID EXIT-CODE". Commands run with `sh -c` under `timeout -s KILL TIMEOUT`.
+# channel). Then it serves commands on the channel for good: `pyvhost-guest serve`
+# (guest_tool.sh) reads "ID/ATTEMPT LIMIT BASE64-COMMAND MD5" lines and answers
+# "PYVHOST-BEGIN ID/ATTEMPT", the command's output and "\nPYVHOST-END ID/ATTEMPT CODE".
 /bin/busybox mkdir -p /proc /sys /dev /tmp /hog /bin
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/ TERM=dumb
@@ -84,19 +84,5 @@ echo "PYVHOST-READY channel=$dev"
 exec 3<>"$dev"
 [ "$dev" = /dev/ttyS0 ] || [ "$dev" = /dev/console ] || echo "PYVHOST-READY channel=$dev" >&3
 
-while :; do
-    if ! read -r id limit enc <&3; then
-        # A virtio-serial port reads end-of-file while no host is connected.
-        sleep 0.2
-        continue
-    fi
-    case "$id" in "" | PYVHOST-*) continue ;; esac
-    case "$limit" in "" | *[!0-9]*) limit=60 ;; esac
-    cmd=$(echo "$enc" | base64 -d 2>/dev/null)
-    {
-        echo "PYVHOST-BEGIN $id"
-        timeout -s KILL "$limit" sh -c "$cmd" </dev/null 2>&1
-        rc=$?
-        printf '\nPYVHOST-END %s %s\n' "$id" "$rc"
-    } >&3 2>&1
-done
+# The command loop (pyvhost-guest serve) stays PID 1's for good.
+exec /bin/pyvhost-guest serve /tmp <&3 >&3

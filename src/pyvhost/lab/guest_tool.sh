@@ -44,6 +44,45 @@ unhog() {
     du -sk /hog 2>/dev/null || true
 }
 
+serve() {
+    # serve [STATE_DIR]: the guest side of the command channel (pyvhost.lab.channel has
+    # the format), on stdin and stdout; /init runs it for good. For each line
+    # "ID/ATTEMPT LIMIT BASE64 MD5": if MD5 is not the md5sum of "ID/ATTEMPT LIMIT BASE64"
+    # the line lost or changed bytes on the way in and is not run ("PYVHOST-GARBLED");
+    # else "PYVHOST-BEGIN ID/ATTEMPT" at once, then the command (sh -c, killed after LIMIT
+    # seconds), then its output and "\nPYVHOST-END ID/ATTEMPT CODE". A command is run once:
+    # another attempt of the ID run last gets that run's output and code again, so the
+    # host may send a command again whenever a line or an answer was lost.
+    state=${1:-/tmp}
+    last=""
+    while :; do
+        if ! read -r id limit enc sum; then
+            # A virtio-serial port reads end-of-file while no host is connected.
+            sleep 0.2
+            continue
+        fi
+        case "$id" in "" | PYVHOST-*) continue ;; esac
+        got=$(printf '%s %s %s' "$id" "$limit" "$enc" | md5sum)
+        if [ "${got%% *}" != "$sum" ]; then
+            printf 'PYVHOST-GARBLED %.40s\n' "$id"
+            continue
+        fi
+        case "$limit" in "" | *[!0-9]*) limit=60 ;; esac
+        echo "PYVHOST-BEGIN $id"
+        if [ "${id%/*}" != "$last" ]; then
+            last=${id%/*}
+            # A new file each time: what a killed command's children still write goes to
+            # the old one, not into the next answer.
+            rm -f "$state/.pyvhost-out"
+            timeout -s KILL "$limit" sh -c "$(echo "$enc" | base64 -d 2>/dev/null)" \
+                </dev/null >"$state/.pyvhost-out" 2>&1
+            echo "$?" >"$state/.pyvhost-rc"
+        fi
+        cat "$state/.pyvhost-out" 2>/dev/null
+        printf '\nPYVHOST-END %s %s\n' "$id" "$(cat "$state/.pyvhost-rc")"
+    done
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -52,5 +91,6 @@ case "$cmd" in
     offline) offline "$@" ;;
     hog) hog "$@" ;;
     unhog) unhog ;;
-    *) echo "usage: pyvhost-guest blocks|online INDEX [STATE]|offline INDEX|hog MIB|unhog" >&2; exit 2 ;;
+    serve) serve "$@" ;;
+    *) echo "usage: pyvhost-guest blocks|online INDEX [STATE]|offline INDEX|hog MIB|unhog|serve [DIR]" >&2; exit 2 ;;
 esac

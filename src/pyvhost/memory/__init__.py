@@ -6,9 +6,9 @@
   build a new snapshot and swap it in; old mappings go once no reader holds them
 """
 
-from .guest import GuestAddressError, GuestMemory
+from .guest import GuestAddressError, GuestMemory, MemoryFaultError
 from .manager import MemoryManager, MemoryTableError, MemoryUpdate
 from .region import MappedRegion
 
-__all__ = ["GuestAddressError", "GuestMemory", "MappedRegion", "MemoryManager",
-           "MemoryTableError", "MemoryUpdate"]
+__all__ = ["GuestAddressError", "GuestMemory", "MappedRegion", "MemoryFaultError",
+           "MemoryManager", "MemoryTableError", "MemoryUpdate"]

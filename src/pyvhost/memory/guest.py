@@ -12,6 +12,11 @@ Guest-physical addresses (GPA) and front-end virtual addresses (VA) are differen
 Memory-safety invariant of every accessor: an access ``[gpa, gpa + length)`` is served only
 if it lies entirely inside mapped regions; otherwise :class:`GuestAddressError` is raised
 before any byte is touched. ``gpa`` and ``length`` may be any guest-controlled integers.
+
+A snapshot also carries the compiled data path's form of its region table (``native``,
+built by :mod:`pyvhost.datapath` on first use, once per snapshot): host pointers into the
+regions' mappings, valid while the snapshot is held. It is dropped when the snapshot's
+last reader lets go of a retired snapshot, i.e. when its mappings may go.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ class GuestAddressError(PeerError):
     """A guest or front-end address that lies outside guest memory."""
 
 
+class MemoryFaultError(PeerError):
+    """Guest memory faulted under its mapping (SIGBUS): the front-end shrank a region's
+    file after the back-end mapped it. Only the compiled data path can catch this; the
+    connection that owns the memory is closed."""
+
+
 class GuestMemory:
     """One immutable set of mapped regions, sorted by GPA.
 
@@ -39,7 +50,7 @@ class GuestMemory:
     """
 
     __slots__ = ("_gpa_ends", "_gpa_starts", "_lock", "_on_idle", "_readers", "_retired",
-                 "_va_order", "_va_starts", "generation", "regions")
+                 "_va_order", "_va_starts", "generation", "native", "regions")
 
     def __init__(self, regions: tuple[MappedRegion, ...] = (), generation: int = 0, *,
                  on_idle: Callable[[GuestMemory], None] | None = None,
@@ -59,6 +70,8 @@ class GuestMemory:
         self._retired = False
         self._on_idle = on_idle
         self._lock = threading.Lock()
+        #: The data path's native region table (pyvhost.datapath), built on first use.
+        self.native: object | None = None
 
     # -- lifetime ------------------------------------------------------------------------
     def acquire(self) -> GuestMemory:
@@ -70,7 +83,14 @@ class GuestMemory:
         with self._lock:
             self._readers -= 1
             idle = self._retired and self._readers == 0
-        if idle and self._on_idle is not None:
+        if idle:
+            self._idle()
+
+    def _idle(self) -> None:
+        # No reader and no longer current: the mappings may go, and the host pointers of
+        # the native table with them.
+        self.native = None
+        if self._on_idle is not None:
             self._on_idle(self)
 
     def retire(self) -> None:
@@ -78,16 +98,8 @@ class GuestMemory:
         with self._lock:
             self._retired = True
             idle = self._readers == 0
-        if idle and self._on_idle is not None:
-            self._on_idle(self)
-
-    @property
-    def readers(self) -> int:
-        return self._readers
-
-    @property
-    def retired(self) -> bool:
-        return self._retired
+        if idle:
+            self._idle()
 
     @property
     def va_order(self) -> tuple[MappedRegion, ...]:
@@ -215,8 +227,12 @@ class GuestMemory:
     def describe(self) -> list[dict[str, int]]:
         """The table as plain data, for status output. Each region holds one fd (the dup
         CPython's mmap keeps) and one mapping. ``writes`` / ``bytes_written`` count what
-        the device wrote into the region so far (:meth:`write`)."""
+        the device wrote into the region so far (:meth:`write`, and the data path's bursts).
+        ``shrink_sealed``: the region's file carries F_SEAL_SHRINK, so the front-end can not
+        shrink it under the mapping (information: a shrink is survived on the compiled
+        data path either way)."""
         return [{"guest_phys_addr": r.gpa_start, "memory_size": r.desc.memory_size,
                  "userspace_addr": r.uva_start, "mmap_offset": r.desc.mmap_offset,
                  "fds_held": 0 if r.closed else 1, "writes": r.writes,
-                 "bytes_written": r.bytes_written} for r in self.regions]
+                 "bytes_written": r.bytes_written, "shrink_sealed": r.shrink_sealed}
+                for r in self.regions]

@@ -13,6 +13,7 @@ mapping.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import stat
@@ -46,10 +47,10 @@ class MappedRegion:
     """
 
     __slots__ = ("added_gen", "base", "bytes_written", "closed", "desc", "file_id", "mm",
-                 "page_size", "removed_gen", "writes")
+                 "page_size", "removed_gen", "shrink_sealed", "writes")
 
     def __init__(self, desc: MemoryRegion, mm: mmap.mmap, base: int, file_id: FileId,
-                 page_size: int) -> None:
+                 page_size: int, shrink_sealed: bool = False) -> None:
         self.desc = desc
         self.mm = mm
         self.base = base
@@ -68,6 +69,9 @@ class MappedRegion:
         #: writers on several threads may lose an increment now and then.
         self.writes = 0
         self.bytes_written = 0
+        #: The file carried F_SEAL_SHRINK when mapped (seals can be added, never removed):
+        #: it can not shrink under the mapping, so reading it can not fault (SIGBUS).
+        self.shrink_sealed = shrink_sealed
 
     @classmethod
     def map(cls, desc: MemoryRegion, fd: int) -> MappedRegion:
@@ -95,7 +99,8 @@ class MappedRegion:
                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except (OSError, ValueError, OverflowError) as e:
             raise RegionMapError(f"region {desc.describe()}: mmap failed: {e}") from e
-        return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size)
+        return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size,
+                   _shrink_sealed(fd))
 
     # -- lifetime (driven by the manager) -----------------------------------------------
     def unmap(self) -> None:
@@ -129,6 +134,15 @@ class MappedRegion:
     def __repr__(self) -> str:
         return (f"MappedRegion({self.desc.describe()}, generations {self.added_gen}.."
                 f"{self.removed_gen}{', unmapped' if self.closed else ''})")
+
+
+def _shrink_sealed(fd: int) -> bool:
+    """Whether ``fd``'s file has F_SEAL_SHRINK (memfds only: QEMU's memory-backend-memfd
+    seals by default). Other files answer EINVAL: not sealed."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
 
 
 def file_id_of(fd: int) -> FileId:

@@ -5,6 +5,19 @@ A document names its schema in its ``schema`` field, ``pyvhost.<command>/<versio
 (``mem.add.1.json``). A change that removes or retypes a field bumps the version. The
 files are JSON Schema (draft 2020-12); the tests validate real output against them with
 the ``jsonschema`` library, and so can any script that reads pyvhost's output.
+
+A file's ``$id`` is its schema id. Some files refer to parts of others (``mem.remove``
+has the shape of ``mem.add``; ``demo`` embeds a ``probe`` report); such a ``$ref`` is
+resolved against the referring file's ``$id`` as a URI reference, so it reads
+``../pyvhost.probe/1``. To validate, register every file under its id::
+
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from pyvhost import schemas
+
+    registry = Registry().with_resources(
+        (sid, Resource.from_contents(s)) for sid, s in schemas.every().items())
+    Draft202012Validator(schemas.load(doc["schema"]), registry=registry).validate(doc)
 """
 
 from __future__ import annotations
@@ -45,3 +58,8 @@ def available() -> list[str]:
         if entry.name.endswith(".json") and version.isdigit():
             out.append(f"{PREFIX}{name}/{version}")
     return sorted(out)
+
+
+def every() -> dict[str, dict[str, Any]]:
+    """Every schema pyvhost ships, by id (for a validator's registry)."""
+    return {schema_id: load(schema_id) for schema_id in available()}

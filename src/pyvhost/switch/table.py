@@ -29,11 +29,6 @@ DEFAULT_AGING = 300.0
 DEFAULT_MAX_ENTRIES = 8192
 
 
-def is_multicast(mac: bytes) -> bool:
-    """Group addresses (broadcast included) have the I/G bit, bit 0 of the first octet."""
-    return bool(mac[0] & 1)
-
-
 class MacTable(Generic[P]):
     """MAC address -> (port, last seen). ``now`` values come from ``clock``."""
 

@@ -201,7 +201,9 @@ class SwitchPort(VirtioDevice):
                 # loop, ...): the queue is broken (the connection reports it). Frames
                 # read before it still go through.
                 self.port.counters.drop_rx("bad_descriptor")
-                self.switch.receive(self.port, self._ingress(mem, chains))
+                frames = self._ingress(mem, chains)
+                _account(ctx, index, frames)
+                self.switch.receive(self.port, frames)
                 raise error
             if not chains:
                 tx.enable_kicks(True)
@@ -211,6 +213,7 @@ class SwitchPort(VirtioDevice):
             frames = self._ingress(mem, chains)
             tx.push_used_batch([(c.head, 0) for c in chains])
             ctx.notify(index)
+            _account(ctx, index, frames)
             self.switch.receive(self.port, frames)
             served += len(chains)
             if served >= TX_BUDGET and self.host is not None:
@@ -341,9 +344,15 @@ class SwitchPort(VirtioDevice):
         finally:
             counters.tx_frames += sent
             counters.tx_bytes += nbytes - hdr_len * sent
+            ctx.account(rx.index, sent, nbytes - hdr_len * sent)
         if used:
             rx.push_used_batch(used)
             ctx.notify(rx.index)
+
+
+def _account(ctx: QueueContext, index: int, frames: Sequence[bytes]) -> None:
+    """Count the frames taken from transmit queue ``index`` (bytes without the header)."""
+    ctx.account(index, len(frames), sum(map(len, frames)) - NET_HDR * len(frames))
 
 
 def _offloads(features: int, csum: int, tso4: int, tso6: int) -> Offload:

@@ -1,5 +1,6 @@
-"""Helper processes the lab, the demo, the benchmarks and the tests start: ending them by
-pid, and telling when one listens on a Unix socket.
+"""Helper processes the lab, the demo, the benchmarks and the tests start: their launch
+line, and ending them by pid. (Whether one listens on a Unix socket:
+:func:`pyvhost.tools.procfs.unix_listening`.)
 
 Only processes this program started are ever signalled, and only by pid (never by name).
 """
@@ -11,10 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
-#: /proc/net/unix "Flags" bit of a listening socket (__SO_ACCEPTCON).
-_SO_ACCEPTCON = 0x10000
 
 
 def pyvhost_argv(*args: str) -> list[str]:
@@ -39,15 +36,3 @@ def end_process(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGINT,
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout)
     return proc.returncode
-
-
-def unix_listening(path: Path | str) -> bool:
-    """Whether a Unix socket listens at ``path``, read from /proc/net/unix: a probing
-    connect would look like a front-end to a vhost-user back-end such as DPDK's."""
-    with open("/proc/net/unix", encoding="utf-8") as f:
-        for line in f.read().splitlines()[1:]:
-            fields = line.split()
-            if (len(fields) >= 8 and fields[7] == str(path)
-                    and int(fields[3], 16) & _SO_ACCEPTCON):
-                return True
-    return False

@@ -1,10 +1,16 @@
-"""Measure what a process holds, by pid, from /proc: its fds and its mappings of our files.
+"""Read what /proc tells about processes: the fds and mappings of our files a process
+holds (by pid), and which Unix sockets listen (/proc/net/unix).
 
 The leak probe runs this on the back-end before and after hot-plug cycles. An fd the
 back-end still holds of a region file links to ``/memfd:NAME (deleted)`` (or to the
 unlinked file's path, with `` (deleted)``); a mapping of it shows the same path in
 ``/proc/PID/maps``. So searching both for the prefix every region name starts with
 (:func:`pyvhost.frontend.memory.name_prefix`) finds exactly what the back-end kept of ours.
+
+:func:`unix_listening` tells whether a socket file is served without connecting to it: a
+probing connect looks like a front-end to a vhost-user back-end such as DPDK's (it logs a
+new connection and sets up a device for it). The back-end's ``listen`` uses it before it
+replaces a socket file.
 
 Read-only: this module never changes the process it looks at. Reading another user's
 ``/proc/PID/fd`` needs the right to ptrace it (same user and Yama's ptrace_scope allows it,
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyvhost.errors import LocalError
 
@@ -138,3 +145,37 @@ def measure(pid: int, needle: str) -> ProcessUsage:
         pid=pid, needle=needle, fds=len(targets),
         matching_fds=sum(1 for t in targets.values() if needle in t),
         mappings=len(maps), mapped_bytes=sum(mp.size for mp in maps))
+
+
+#: /proc/net/unix "Flags" bit of a listening socket (__SO_ACCEPTCON).
+_SO_ACCEPTCON = 0x10000
+PROC_NET_UNIX = "/proc/net/unix"
+
+
+def unix_listening(path: Path | str, *, table: str = PROC_NET_UNIX) -> bool:
+    """Whether a Unix socket listens at ``path``, read from /proc/net/unix (the sockets of
+    this network namespace), without connecting to it.
+
+    The kernel shows the path as the listener gave it to bind(). An absolute one is
+    compared with ``path`` made absolute; a relative one (bound from another working
+    directory) can not be resolved, so it counts as listening here when ``path`` ends
+    with it: a false "in use" is an error message, a false "free" would let the caller
+    replace a live socket. Raises OSError when the table can not be read.
+    """
+    want = os.path.abspath(path)
+    with open(table, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().splitlines()[1:]
+    for line in lines:
+        # Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces)
+        fields = line.split(None, 7)
+        if len(fields) < 8 or not int(fields[3], 16) & _SO_ACCEPTCON:
+            continue
+        bound = fields[7]
+        if bound.startswith("@"):
+            continue  # abstract: no file
+        if bound.startswith("/"):
+            if os.path.normpath(bound) == want:
+                return True
+        elif want.endswith("/" + os.path.normpath(bound)):
+            return True
+    return False

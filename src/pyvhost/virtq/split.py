@@ -11,6 +11,12 @@ make this module touch memory outside the mapped regions.
 
 The ring addresses are front-end virtual addresses (SET_VRING_ADDR); :meth:`attach`
 translates them against a memory snapshot and is called again after every table change.
+
+State shared with :mod:`pyvhost.datapath`: a burst of the data path (pure or compiled)
+reads ``size``, ``event_idx``, ``last_avail_idx``, ``used_idx``, ``_shadow_avail``,
+``_signalled_used``, ``notify_decided`` and ``ring_gpas`` at entry and writes the
+indexes and the notification state back at exit; this object stays the one source of
+truth, so the control plane (GET_VRING_BASE, status) sees what the burst did.
 """
 
 from __future__ import annotations
@@ -138,6 +144,12 @@ class SplitQueue:
         #: checked against the size when read).
         self._shadow_avail = 0
         self.broken: str | None = None
+        #: GPAs of the descriptor table, available and used ring, set by attach(): the
+        #: compiled data path locates them in the snapshot it holds for each burst.
+        self.ring_gpas: tuple[int, int, int] | None = None
+        #: A notification decision the data path took when it published used elements
+        #: (decide_notify); should_notify() hands it out once instead of reading the ring.
+        self.notify_decided: bool | None = None
 
     # -- configuration -------------------------------------------------------------------
     def set_size(self, num: int) -> None:
@@ -152,6 +164,7 @@ class SplitQueue:
         self.used_idx = base & 0xFFFF
         self._shadow_avail = self.last_avail_idx
         self._signalled_used = None
+        self.notify_decided = None
 
     def resume_from_used_ring(self) -> int | None:
         """Take the used ring's idx as where the queue stands, if SET_VRING_BASE said
@@ -197,21 +210,26 @@ class SplitQueue:
         rings live in may have moved or gone).
         """
         self._desc = self._avail = self._used = None
+        self.ring_gpas = None
         if not self.configured:
             return
         assert self.desc_va is not None and self.avail_va is not None
         assert self.used_va is not None
         dsize, asize, usize = self.ring_sizes()
         try:
-            desc = mem.locate(mem.va_to_gpa(self.desc_va, dsize), dsize)
-            avail = mem.locate(mem.va_to_gpa(self.avail_va, asize), asize)
-            used = mem.locate(mem.va_to_gpa(self.used_va, usize), usize)
+            gpas = (mem.va_to_gpa(self.desc_va, dsize), mem.va_to_gpa(self.avail_va, asize),
+                    mem.va_to_gpa(self.used_va, usize))
+            desc = mem.locate(gpas[0], dsize)
+            avail = mem.locate(gpas[1], asize)
+            used = mem.locate(gpas[2], usize)
         except GuestAddressError as e:
             raise VirtqueueError(f"queue {self.index}: ring outside guest memory: {e}") from e
         self._desc, self._avail, self._used = desc, avail, used
+        self.ring_gpas = gpas
 
     def detach(self) -> None:
         self._desc = self._avail = self._used = None
+        self.ring_gpas = None
 
     def break_(self, reason: str) -> VirtqueueError:
         """Mark the queue broken; returns the error to raise."""
@@ -358,7 +376,22 @@ class SplitQueue:
 
         With EVENT_IDX: "the device ... MUST NOT send a notification unless
         vring_need_event(used_event, new_idx, old_idx)"; else honour NO_INTERRUPT.
+        A decision the data path already took (:meth:`decide_notify`) is returned once,
+        without reading the ring again.
         """
+        decided = self.notify_decided
+        if decided is not None:
+            self.notify_decided = None
+            return decided
+        return self._need_notify()
+
+    def decide_notify(self) -> None:
+        """Take the notification decision now, right after publishing used elements (the
+        data path does, inside its burst); a decision not yet handed out stays true."""
+        need = self._need_notify()
+        self.notify_decided = need or bool(self.notify_decided)
+
+    def _need_notify(self) -> bool:
         mm, off = self._ring(self._avail)
         if self.event_idx:
             used_event = int(_U16.unpack_from(mm, off + 4 + 2 * self.size)[0])

@@ -1,0 +1,59 @@
+"""The data path: the per-frame work of pyvhost's devices, one call per burst of chains.
+
+Two implementations with one API, chosen once at import (the pattern of msgpack's
+``_cmsgpack`` / ``fallback``):
+
+- :mod:`._native`   compiled (Cython): walks, checks, copies and publishes a whole burst
+  with the GIL released, no Python object per frame; survives a region that shrinks
+  under its mapping (SIGBUS guard; the connection is closed).
+- :mod:`.reference` pure Python, built on :class:`~pyvhost.virtq.SplitQueue`: the
+  reference the compiled path is tested against, and the fallback where the extension
+  is not built. It can not catch SIGBUS: a shrunken region kills the process.
+
+``PYVHOST_PURE=1`` forces the pure one; an extension that fails to import falls back to it
+with one log line. :func:`name` says which one runs.
+
+API: ``Reflector().burst(mem, tx, rx, hdr_len, mrg_rxbuf, limit, stats) -> int`` (see
+:meth:`.reference.Reflector.burst`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import reference
+
+log = logging.getLogger(__name__)
+
+#: Chains per burst: enough to pay the call once per many frames, few enough that the
+#: used ring is published (and the driver notified) often.
+BURST = 256
+
+
+def _pure_forced() -> bool:
+    return os.environ.get("PYVHOST_PURE", "") not in ("", "0")
+
+
+Reflector: type[reference.Reflector]
+if _pure_forced():
+    Reflector = reference.Reflector
+    _NAME = "python"
+else:
+    try:
+        from . import _native
+    except ImportError as e:  # not built (no compiler at install time), or broken
+        log.warning("compiled data path not available (%s): using the pure-Python one", e)
+        Reflector = reference.Reflector
+        _NAME = "python"
+    else:
+        Reflector = _native.Reflector  # type: ignore[assignment]
+        _NAME = "compiled"
+
+
+def name() -> str:
+    """Which data path runs: ``"compiled"`` or ``"python"``."""
+    return _NAME
+
+
+__all__ = ["BURST", "Reflector", "name"]

@@ -1,0 +1,67 @@
+"""The ``pyvhost`` group: ``python -m pyvhost``, usage errors, ``-v``/``-q`` after any
+subcommand, and every command's ``--help`` stating its exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvhost import __version__
+from support.cli import assert_one_line_error, run_pyvhost
+from support.schemas import validate
+
+# The commands this suite owns, each with a run that fails fast at a missing socket.
+COMMANDS = {
+    "status": ("status", "/nonexistent/pyvhost.ctl"),
+    "probe": ("probe", "--socket", "/nonexistent/vh.sock"),
+    "mem status": ("mem", "status", "--qmp", "/nonexistent/vm.qmp"),
+    "mem add": ("mem", "add", "--qmp", "/nonexistent/vm.qmp", "--size", "128M"),
+    "mem remove": ("mem", "remove", "--qmp", "/nonexistent/vm.qmp", "d0"),
+    "mem resize": ("mem", "resize", "--qmp", "/nonexistent/vm.qmp", "v0", "--size", "0"),
+}
+
+
+def test_python_m_pyvhost_version() -> None:
+    done = run_pyvhost("--version")
+    assert done.code == 0, done
+    assert done.stdout.strip() == f"pyvhost, version {__version__}"
+
+
+def test_no_command_and_unknown_command_are_usage_errors() -> None:
+    done = run_pyvhost()
+    assert done.code == 2 and "Usage:" in done.stderr, done
+    done = run_pyvhost("frobnicate")
+    assert_one_line_error(done, 2, "No such command 'frobnicate'")
+    assert done.stdout == ""
+    doc = validate(run_pyvhost("frobnicate", "--json").json(), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "usage" and doc["exit_code"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_verbosity_after_the_subcommand(name: str) -> None:
+    """-v and -q are taken after the subcommand (and mix with -v before it): the run gets
+    as far as its socket, and fails there, not at option parsing."""
+    args = COMMANDS[name]
+    done = run_pyvhost(*args, "-v", "-q", "--quiet", "--verbose")
+    assert_one_line_error(done, 2, "/nonexistent/")
+    assert "No such option" not in done.stderr
+    doc = validate(run_pyvhost("-q", *args, "-v", "--json").json(), "pyvhost.error/1")
+    assert (doc["command"], doc["error"]["kind"], doc["exit_code"]) == (name, "connect", 2)
+
+
+@pytest.mark.parametrize("args", [(), ("status",), ("probe",), ("demo",), ("mem",),
+                                  ("mem", "status"), ("mem", "add"), ("mem", "remove"),
+                                  ("mem", "resize")])
+def test_help_states_the_exit_codes(args: tuple[str, ...]) -> None:
+    done = run_pyvhost(*args, "--help")
+    assert done.code == 0, done
+    text = " ".join(done.stdout.split())
+    assert "Exit codes: 0" in text and "130 interrupted" in text, done
+    assert "-v, --verbose" in text or not args, done
+
+
+def test_usage_error_of_a_subcommand() -> None:
+    done = run_pyvhost("probe", "--socket", "/x.sock", "--cycles", "many")
+    assert_one_line_error(done, 2, "--cycles")
+    doc = validate(run_pyvhost("probe", "--socket", "/x.sock", "--cycles", "many",
+                               "--json").json())
+    assert (doc["command"], doc["error"]["kind"]) == ("probe", "usage")
