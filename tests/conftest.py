@@ -47,6 +47,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                                 red=True)
 
 
+#: Test folders and files that exercise the per-frame data path: they run twice in
+#: ``./dev test``, on the compiled path and again with PYVHOST_PURE=1 (``-m datapath``).
+DATAPATH_TESTS = ("datapath", "switch", "backend", "virtq", "memory", "net",
+                  "integration/test_dpdk_reflect.py", "integration/test_dpdk_switch_txonly.py",
+                  "integration/test_hotplug_cycles.py")
+_TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(item.path).resolve().relative_to(_TESTS).as_posix()
+        if any(rel == p or rel.startswith(p + "/") for p in DATAPATH_TESTS):
+            item.add_marker(pytest.mark.datapath)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     # Which data path the in-process tests and every pyvhost child process run: the
     # compiled one unless PYVHOST_PURE=1 (CI runs the data-path tests both ways); and which

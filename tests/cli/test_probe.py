@@ -158,3 +158,99 @@ def test_ctrl_c_exits_130_and_the_backend_lets_go(procs: Procs, short_dir: Path)
     while _regions_held(ctl) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fetch_status(str(ctl))["connections"] == [], "the probe did not hang up"
+
+
+# -- the options of issue 10: --list-cases, --hostile, cannot measure, --listen -----------
+def test_list_cases_json_without_a_socket() -> None:
+    done = run_pyvhost("probe", "--list-cases", "--json")
+    assert done.code == 0, done
+    doc = validate(done.json(), "pyvhost.probe.cases/1")
+    assert len(doc["cases"]) >= 40
+    assert [c["name"] for c in doc["cases"] if c["destructive"]] == [
+        "destructive-memory-truncated-under-ring"]
+    human = run_pyvhost("probe", "--list-cases")
+    assert human.code == 0 and "spec: " in human.stdout, human
+
+
+def test_hostile_exits_0_on_pyvhost_net(procs: Procs, short_dir: Path) -> None:
+    sock = short_dir / "net.sock"
+    _net(procs, sock)
+    cases = ("--case", "framing-unknown-request", "--case", "descriptors-loop")
+    done = run_pyvhost("probe", "--socket", str(sock), "--hostile", *cases, "--json")
+    assert done.code == 0, done
+    doc = validate(done.json(), "pyvhost.probe.hostile/1")
+    assert [c["outcome"] for c in doc["cases"]] == ["nack", "pass"], doc
+    assert doc["witness_frames"] == {"checked": True, "frames_back": True, "detail": ""}
+    human = run_pyvhost("probe", "--socket", str(sock), "--hostile", *cases)
+    assert human.code == 0, human
+    assert "witness: its frames are used and come back" in human.stdout, human
+    assert "descriptors-loop" in human.stderr  # each case as it ends
+
+
+def test_hostile_usage_and_connect_errors_exit_2(short_dir: Path) -> None:
+    none = str(short_dir / "none.sock")
+    for args, kind, words in (
+            (("--listen",), "usage", ("does not take --listen",)),
+            # Checked before connecting:
+            (("--case", "no-such-case"), "usage", ("unknown hostile case", "no-such-case")),
+            ((), "connect", ("no vhost-user socket at",))):
+        done = run_pyvhost("probe", "--socket", none, "--hostile", *args)
+        assert_one_line_error(done, 2, *words)
+        doc = validate(run_pyvhost("probe", "--socket", none, "--hostile", *args,
+                                   "--json").json(), "pyvhost.error/1")
+        assert doc["error"]["kind"] == kind, doc
+
+
+def test_hostile_witness_refused_exits_3(scripted: Callable[..., FakeBackend]) -> None:
+    """The back-end NACKs the witness's well-formed memory table: it failed a step."""
+    be = scripted(protocol_features=TABLE_ONLY, nack={int(Request.SET_MEM_TABLE)})
+    done = run_pyvhost("probe", "--socket", be.path, "--hostile", "--json")
+    assert done.code == 3, done
+    doc = validate(done.json(), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "peer", doc
+    assert "witness" in doc["error"]["message"] and "SET_MEM_TABLE" in doc["error"]["message"]
+
+
+def test_hostile_ctrl_c_exits_130_and_the_backend_lets_go(procs: Procs,
+                                                          short_dir: Path) -> None:
+    sock, ctl = short_dir / "net.sock", short_dir / "net.ctl"
+    _net(procs, sock, control=ctl)
+    with started("probe", "--socket", str(sock), "--hostile", "--json") as probing:
+        probing.wait_until(lambda: _regions_held(ctl) > 0, "the witness's boot region")
+        done = probing.interrupt()
+    assert done.code == 130, done
+    doc = validate(done.json(), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "interrupted", doc
+    deadline = time.monotonic() + 30
+    while _regions_held(ctl) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fetch_status(str(ctl))["connections"] == [], "the probe did not hang up"
+
+
+def test_cannot_measure_exits_2(procs: Procs, short_dir: Path) -> None:
+    """--pid names a process that does not serve the connection: "cannot measure", never
+    "no leak"."""
+    sock = short_dir / "net.sock"
+    _net(procs, sock)
+    bystander = procs.start(["sleep", "120"], "bystander")
+    args = ("probe", "--socket", str(sock), "--pid", str(bystander.pid), *FAST)
+    assert_one_line_error(run_pyvhost(*args), 2, "cannot measure",
+                          f"process {bystander.pid} (--pid) does not map the boot region")
+    doc = validate(run_pyvhost(*args, "--json").json(), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "run" and doc["exit_code"] == 2, doc
+
+
+def test_listen_for_a_client_mode_backend_exits_0(procs: Procs, short_dir: Path) -> None:
+    """pyvhost net --client connects to the probe's socket, and again after the hang-up."""
+    sock = short_dir / "fe.sock"
+    with started("probe", "--socket", str(sock), "--listen", "--reconnect", "--cycles",
+                 "2", *FAST, "--json") as probing:
+        probing.wait_until(sock.exists, "the probe's listening socket")
+        net = procs.pyvhost("net", "--client", "--socket", str(sock), "--reflect",
+                            "--no-stats")
+        done = probing.wait()
+    assert done.code == 0, done
+    doc = validate(done.json(), "pyvhost.probe/1")
+    assert doc["listen"] and doc["pid"] == net.pid, doc
+    assert doc["reconnect"] is not None and doc["reconnect"]["pid"] == net.pid, doc
+    assert doc["measured_process"]["how"] == "peer socket", doc

@@ -65,6 +65,8 @@ class FakeBackend:
     queue_num: int = 2
     max_mem_slots: int = 32
     leak: bool = False
+    #: Keep a dup of a region fd every this many memory requests (0: never): a slow leak.
+    leak_every: int = 0
     #: Requests answered with a NACK (when need_reply is set).
     nack: set[int] = field(default_factory=set)
     #: request -> "wrong-request" | "no-reply-flag" | "bad-size" | "need-reply-flag" |
@@ -73,6 +75,8 @@ class FakeBackend:
     vring_base: int = 7
     records: list[Record] = field(default_factory=list)
     status: int = 0
+    #: The device config space GET_CONFIG answers from.
+    config: bytes = b""
 
     def __post_init__(self) -> None:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -80,6 +84,8 @@ class FakeBackend:
         self._listener.listen(4)
         self._held: list[_Held] = []
         self._leaked: list[_Held] = []
+        self._dups: list[int] = []
+        self._memory_requests = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="fake-backend", daemon=True)
         self._conn: socket.socket | None = None
@@ -102,6 +108,9 @@ class FakeBackend:
             os.close(held.fd)
         self._held.clear()
         self._leaked.clear()
+        for fd in self._dups:
+            os.close(fd)
+        self._dups.clear()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -182,6 +191,11 @@ class FakeBackend:
             reply = m.U64(self.max_mem_slots)
         elif req == Request.GET_STATUS:
             reply = m.U64(self.status)
+        elif req == Request.GET_CONFIG:
+            assert isinstance(msg.payload, m.ConfigSpace)
+            size = msg.payload.size
+            reply = m.ConfigSpace(msg.payload.offset, size, 0, self.config[:size].ljust(size,
+                                                                                      b"\0"))
         elif req == Request.SET_STATUS:
             assert isinstance(msg.payload, m.U64)
             self.status = msg.payload.value
@@ -192,11 +206,13 @@ class FakeBackend:
             ok = False
         elif req == Request.SET_MEM_TABLE:
             assert isinstance(msg.payload, m.MemoryTable)
+            self._slow_leak(msg.fds.peek(0))
             self._release_all()
             for i, region in enumerate(msg.payload.regions):
                 self._hold(region, msg.fds.take(i))
         elif req == Request.ADD_MEM_REG:
             assert isinstance(msg.payload, m.SingleMemoryRegion)
+            self._slow_leak(msg.fds.peek(0))
             self._hold(msg.payload.region, msg.fds.take(0))
         elif req == Request.REM_MEM_REG:
             assert isinstance(msg.payload, m.SingleMemoryRegion)
@@ -236,6 +252,11 @@ class FakeBackend:
         except OSError:
             return False
         return True
+
+    def _slow_leak(self, fd: int) -> None:
+        self._memory_requests += 1
+        if self.leak_every and self._memory_requests % self.leak_every == 0:
+            self._dups.append(os.dup(fd))
 
     def _hold(self, region: m.MemoryRegion, fd: int) -> None:
         mm = mmap.mmap(fd, region.memory_size, flags=mmap.MAP_SHARED,

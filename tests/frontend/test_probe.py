@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 
 import pytest
@@ -230,3 +231,62 @@ def test_help_teaches() -> None:
     for text in ("dpdk-testpmd", "--no-huge -m 512 --no-pci", "net_vhost0,iface=",
                  "--total-num-mbufs=2048", "SET_MEM_TABLE", "ADD_MEM_REG", "Exit codes"):
         assert text in result.output
+
+
+# -- long runs: the series and its slope --------------------------------------------------
+
+def test_one_fd_per_100_cycles_shows_in_the_slope(make_backend: MakeBackend) -> None:
+    # regions=1: 2 SET_MEM_TABLE per cycle; a dup kept every 200th: one fd per 100 cycles.
+    be = make_backend(protocol_features=TABLE_ONLY, leak_every=200)
+    report = run_probe(_config(be, cycles=1000, regions=1))
+    slopes = report.series.per_1000()
+    assert len(report.series) == 1001
+    assert 9.0 <= slopes["fds"] <= 11.0, slopes
+    assert 9.0 <= slopes["region_fds"] <= 11.0, slopes
+    assert slopes["mappings"] == 0.0, slopes
+    assert report.verdict == "leak"
+    doc = report.to_json()
+    series = doc["series"]
+    assert isinstance(series, dict) and len(series["fds"]) == 1001
+    assert doc["growth_per_1000_cycles"] == slopes
+
+
+def test_a_clean_long_run_has_a_flat_slope(make_backend: MakeBackend) -> None:
+    be = make_backend(protocol_features=TABLE_ONLY)
+    report = run_probe(_config(be, cycles=300, regions=2))
+    assert report.series.per_1000() == {"fds": 0.0, "region_fds": 0.0, "mappings": 0.0,
+                                        "mapped_bytes": 0.0}
+    assert report.verdict == "no leak"
+
+
+def test_a_removed_region_still_held_is_a_stale_file(make_backend: MakeBackend) -> None:
+    be = make_backend(leak=True)  # keeps what REM_MEM_REG removes
+    report = run_probe(_config(be, cycles=2, regions=2, timeout=0.5))
+    assert report.mem_slots and len(report.stale_files) == 4
+    assert all(name.startswith(name_prefix()) for name in report.stale_files)
+    assert report.verdict == "leak"
+
+
+def test_cli_plot_draws_a_png(make_backend: MakeBackend, short_dir: str) -> None:
+    be = make_backend(protocol_features=TABLE_ONLY, leak_every=20)
+    png = f"{short_dir}/series.png"
+    result = CliRunner().invoke(probe, ["--socket", be.path, "--cycles", "100", "--regions",
+                                        "1", "--boot-size", "4M", "--settle", "0",
+                                        "--timeout", "0.5", "--plot", png])
+    assert result.exit_code == 1, result.output
+    found = re.search(r"growth per 1,000 cycles: fds \+([0-9.]+)", result.stdout)
+    assert found is not None and 90 <= float(found.group(1)) <= 110, result.stdout
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_plot_without_matplotlib_fails_before_the_run(
+        make_backend: MakeBackend, short_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    be = make_backend(protocol_features=TABLE_ONLY)
+    monkeypatch.setattr("pyvhost.frontend.plot.importlib.util.find_spec", lambda name: None)
+    result = CliRunner().invoke(probe, ["--socket", be.path, "--cycles", "1000", "--plot",
+                                        f"{short_dir}/x.png", "--json"])
+    assert result.exit_code == 2, result.output
+    doc = validate(json.loads(result.stdout), "pyvhost.error/1")
+    assert doc["error"]["kind"] == "run" and "pyvhost[plot]" in doc["error"]["message"]
+    assert be.names == []  # nothing was sent: it failed before connecting

@@ -33,9 +33,9 @@ from support.memfd import memfd
 
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
          "dpdk_virtio_user_handshake.jsonl", "qemu100_dpdk_setmemtable.jsonl",
-         "qemu100_pyvhost_memslots.jsonl", "qemu100_pyvhost_mq2.jsonl",
-         "qemu72_pyvhost_mq2.jsonl", "qemu100_pyvhost_virtio_mem.jsonl",
-         "qemu72_pyvhost_virtio_mem.jsonl"]
+         "qemu100_memslots.jsonl", "qemu100_pyvhost_memslots.jsonl",
+         "qemu100_pyvhost_mq2.jsonl", "qemu72_pyvhost_mq2.jsonl",
+         "qemu100_pyvhost_virtio_mem.jsonl", "qemu72_pyvhost_virtio_mem.jsonl"]
 
 
 def dummy_fds(n: int) -> list[int]:

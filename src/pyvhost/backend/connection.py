@@ -119,6 +119,9 @@ class Connection(DeviceHost):
         self.last_memory_update: dict[str, object] | None = None
         #: Told of every memory table change (the server's metrics and hooks).
         self.memory_observer: Callable[[Connection, dict[str, object]], None] | None = None
+        #: Told once when the connection closes, on any path: the front-end hung up, a
+        #: request was refused, or a kick met a guest-memory fault (no socket event then).
+        self.close_observer: Callable[[Connection], None] | None = None
         self.status = 0
         self.close_reason: str | None = None
         self.counters: dict[str, int] = {"requests": 0, "nacks": 0, "kicks": 0,
@@ -258,6 +261,8 @@ class Connection(DeviceHost):
             self.device.reset()
         finally:
             self.sock.close()
+            if self.close_observer is not None:
+                self.close_observer(self)
 
     def _stop_all_rings(self) -> None:
         for vring in self.vrings:

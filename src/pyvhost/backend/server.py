@@ -44,7 +44,7 @@ from enum import Enum
 from pyvhost.errors import LocalError
 from pyvhost.tools.procfs import unix_listening
 
-from .connection import Connection, Phase
+from .connection import Connection
 from .device import VirtioDevice
 from .loop import SelectorLoop, Timer
 
@@ -280,8 +280,10 @@ class Server(SelectorLoop):
         conn = Connection(sock, (factory or self.factory)(), self, name,
                           owner_implied=owner_implied)
         conn.memory_observer = self._memory_updated
+        fileno = sock.fileno()
+        conn.close_observer = lambda closed: self._connection_closed(closed, fileno)
         self.connections.append(conn)
-        self.watch(sock.fileno(), lambda: self._readable(conn))
+        self.watch(fileno, conn.on_readable)
         log.info("%s: front-end connected (pid %s)", name, conn.peer_pid)
         for hook in self.on_connect:
             hook(conn)
@@ -291,16 +293,22 @@ class Server(SelectorLoop):
         for hook in self.on_memory_update:
             hook(conn, record)
 
-    def _readable(self, conn: Connection) -> None:
-        fileno = conn.sock.fileno()
-        conn.on_readable()
-        if conn.phase is Phase.CLOSED:
-            self._forget(conn, fileno)
-            # Only now, with the old connection's memory unmapped and its fds closed, may
-            # a client port dial again.
-            for client in self.clients.values():
-                if client.connection is conn:
-                    client._hung_up(conn)
+    def _connection_closed(self, conn: Connection, fileno: int) -> None:
+        """A connection closed, on whatever path; it leaves the server at once. Its
+        socket's fd number is free again and the next accept may get it (in this very
+        turn of the loop), so it must not stay watched: selectors key by fd number, and
+        a close from a kick (a guest-memory fault) comes with no event on the socket."""
+        if conn not in self.connections:
+            return
+        self._forget(conn, fileno)
+        if self._closed:
+            return
+        # A client port dials again only after a delay (a timer, run after this turn's
+        # callbacks): by then the old connection's memory is unmapped and its fds closed,
+        # also when it closed under a memory hold.
+        for client in self.clients.values():
+            if client.connection is conn:
+                client._hung_up(conn)
 
     def _forget(self, conn: Connection, fileno: int) -> None:
         """A closed connection leaves the server: logged, told to the hooks, dropped."""
@@ -368,9 +376,7 @@ class Server(SelectorLoop):
             client._stop()
         self._timers.clear()
         for conn in list(self.connections):
-            fileno = conn.sock.fileno()
-            conn.close("back-end shutting down")
-            self._forget(conn, fileno)
+            conn.close("back-end shutting down")  # forgotten by _connection_closed
         for path, sock in self.listeners.items():
             self.unwatch(sock.fileno())
             sock.close()

@@ -43,3 +43,8 @@ class NackError(PeerError):
                          f"{value:#x}, non-zero means failure)")
         self.request = request
         self.value = value
+
+
+class UsedRingError(PeerError):
+    """The device wrote a used ring no driver may accept (more entries than it holds, or
+    a head it does not hold)."""

@@ -136,6 +136,9 @@ class Frontend:
 
     def __init__(self, *, ack_all: bool = True) -> None:
         self.ack_all = ack_all
+        #: When set, exactly these requests carry need_reply (with REPLY_ACK): a front-end
+        #: profile's own choice (DPDK's virtio-user acks SET_STATUS, QEMU does not).
+        self.acked_requests: frozenset[int] | None = None
         self.path: str | None = None
         self.timeout: float | None = None
         self._sock: socket.socket | None = None
@@ -152,8 +155,11 @@ class Frontend:
         #: Round-trip time of every request in nanoseconds, by request name. For a request
         #: that gets no reply it is the time to send it.
         self.timings: dict[str, list[int]] = {}
-        # The back-end's memory table as we told it, in the order it learnt the regions.
-        self._table: list[m.MemoryRegion] = []
+        # The back-end's memory table as we told it, in the order it learnt the regions;
+        # one per vhost device on this connection (QEMU's vhost-user-net has one vhost
+        # device per queue pair, and each sends its own memory updates).
+        self._tables: dict[int, list[m.MemoryRegion]] = {0: []}
+        self._device = 0
         self._vrings: dict[int, Vring] = {}
 
     # -- connection ------------------------------------------------------------------------
@@ -177,6 +183,25 @@ class Frontend:
         self._decoder = Decoder(replies=True)
         self._broken = None
         self._sock, self.path, self.timeout = sock, where, timeout
+
+    def adopt(self, sock: socket.socket, where: str, timeout: float = 5.0) -> None:
+        """Use an already connected socket, e.g. one accepted from a back-end that connects
+        to us (``--listen``: QEMU's ``server=on`` chardev). The Frontend owns it from now on.
+        """
+        if self._sock is not None:
+            sock.close()
+            raise FrontendUsageError(f"already connected to {self.path}")
+        sock.settimeout(timeout)
+        self._decoder = Decoder(replies=True)
+        self._broken = None
+        self._sock, self.path, self.timeout = sock, where, timeout
+
+    @property
+    def sock(self) -> socket.socket:
+        """The connection (for looking up its peer; bytes go through :meth:`send_raw`)."""
+        if self._sock is None:
+            raise FrontendUsageError("not connected")
+        return self._sock
 
     @staticmethod
     def _connect_error(path: str, e: OSError, timeout: float) -> FrontendConnectError:
@@ -210,7 +235,7 @@ class Frontend:
         for vring in self._vrings.values():
             close_all((vring.kick_fd, vring.call_fd))
         self._vrings.clear()
-        self._table.clear()
+        self._tables = {0: []}
 
     def __enter__(self) -> Frontend:
         return self
@@ -228,7 +253,21 @@ class Frontend:
         # behavioural change." - so never on GET_* requests.
         if not self.protocol_features & PF.REPLY_ACK or has_explicit_reply(request):
             return False
+        if self.acked_requests is not None:
+            return request in self.acked_requests
         return self.ack_all or request in QEMU_ACKED_REQUESTS
+
+    def request(self, request: Request, payload: m.Payload = _EMPTY,
+                fds: Sequence[int] = ()) -> m.Payload | None:
+        """Send any request with this connection's reply rules (need_reply, checks, timing);
+        the payload of its explicit reply, if it has one. For front-end profiles that send
+        requests the convenience methods do not cover."""
+        return self._request(request, payload, fds)
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Put bytes on the wire as they are (hostile tests): no framing, no reply read.
+        The decoder is left as it was; a connection used this way is for one case only."""
+        send_message(self._usable(), data, tuple(fds))
 
     def _request(self, request: Request, payload: m.Payload = _EMPTY,
                  fds: Sequence[int] = ()) -> m.Payload | None:
@@ -341,6 +380,16 @@ class Frontend:
     def set_owner(self) -> None:
         self._request(Request.SET_OWNER)
 
+    def set_vring_fd(self, request: Request, index: int, fd: int | None) -> None:
+        """SET_VRING_KICK / CALL / ERR for ring ``index`` with ``fd`` (None: the invalid FD
+        flag, "set when there is no file descriptor in the ancillary data")."""
+        self._request(request, m.VringFd(index, nofd=fd is None), () if fd is None else [fd])
+
+    def get_config(self, size: int) -> m.Payload | None:
+        """GET_CONFIG of ``size`` bytes from offset 0 (QEMU's vhost-user-blk asks 57 in 7.2)."""
+        self._require(PF.CONFIG, "GET_CONFIG")
+        return self._request(Request.GET_CONFIG, m.ConfigSpace(0, size, 0, bytes(size)))
+
     def sync(self) -> None:
         """Wait until the back-end has handled everything sent so far.
 
@@ -405,6 +454,14 @@ class Frontend:
 
     # -- memory ------------------------------------------------------------------------------
     @property
+    def _table(self) -> list[m.MemoryRegion]:
+        return self._tables.setdefault(self._device, [])
+
+    @_table.setter
+    def _table(self, value: list[m.MemoryRegion]) -> None:
+        self._tables[self._device] = value
+
+    @property
     def uses_mem_slots(self) -> bool:
         """Whether memory updates go as ADD_MEM_REG / REM_MEM_REG (CONFIGURE_MEM_SLOTS)."""
         return bool(self.protocol_features & PF.CONFIGURE_MEM_SLOTS)
@@ -459,9 +516,13 @@ class Frontend:
         self._request(Request.REM_MEM_REG, m.SingleMemoryRegion(desc))
         self._table = [r for r in self._table if not _same_region(r, desc)]
 
-    def update_memory(self, regions: Iterable[GuestRam]) -> list[str]:
+    def update_memory(self, regions: Iterable[GuestRam], *, device: int = 0) -> list[str]:
         """Tell the back-end the guest memory map is now ``regions``, exactly as QEMU 7.2
         does when its memory map changes; return the names of the requests sent.
+
+        ``device`` names the vhost device whose table this is: QEMU sends each memory
+        update once per vhost device on the connection (one per queue pair of a
+        vhost-user-net device), each against the table that device told the back-end.
 
         Without CONFIGURE_MEM_SLOTS (vhost_user_set_mem_table): one SET_MEM_TABLE with every
         region, by ascending GPA, the same fds each time. Nothing is sent when the map did
@@ -469,7 +530,13 @@ class Frontend:
         (vhost_user_add_remove_regions): first REM_MEM_REG for each region that is gone,
         walking the table backwards, then ADD_MEM_REG for each new region by ascending GPA.
         """
-        wanted = sorted(regions, key=lambda r: r.guest_phys_addr)
+        previous, self._device = self._device, device
+        try:
+            return self._update_memory(sorted(regions, key=lambda r: r.guest_phys_addr))
+        finally:
+            self._device = previous
+
+    def _update_memory(self, wanted: list[GuestRam]) -> list[str]:
         descs = [r.region() for r in wanted]
         if len(wanted) > self.memory_limit:
             # QEMU refuses the device_add: "a used vhost backend has no free memory slots
@@ -497,13 +564,16 @@ class Frontend:
         return sent
 
     # -- vrings ----------------------------------------------------------------------------
-    def setup_vring(self, index: int, size: int, ram: GuestRam, offset: int = 0) -> Vring:
+    def setup_vring(self, index: int, size: int, ram: GuestRam, offset: int = 0, *,
+                    call: bool = True, enable: bool | None = None) -> Vring:
         """Set up split vring ``index`` of ``size`` entries in ``ram`` at ``offset``.
 
         Sends SET_VRING_NUM, SET_VRING_BASE (0), SET_VRING_ADDR (front-end virtual
         addresses of the rings in our mapping of ``ram``), SET_VRING_KICK and SET_VRING_CALL
         with fresh eventfds, and SET_VRING_ENABLE(1) when VHOST_USER_F_PROTOCOL_FEATURES was
-        negotiated.
+        negotiated. ``call=False`` leaves SET_VRING_CALL out (a front-end that sent it
+        earlier; the eventfd is still made and kept); ``enable`` True/False forces or
+        leaves out SET_VRING_ENABLE.
         """
         if not 0 <= index <= 0xFF:
             raise FrontendUsageError(f"vring index {index} does not fit the 8 bits of "
@@ -515,9 +585,9 @@ class Frontend:
                                      "4 KiB aligned)")
         base = ram.userspace_addr + offset
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         vring = Vring(index, size, base + desc_off, base + avail_off, base + used_off,
-                      kick, call)
+                      kick, call_fd)
         try:
             self._request(Request.SET_VRING_NUM, m.VringState(index, size))
             self._request(Request.SET_VRING_BASE, m.VringState(index, 0))
@@ -526,9 +596,11 @@ class Frontend:
             self._request(Request.SET_VRING_ADDR, m.VringAddr(
                 index, 0, vring.desc_addr, vring.used_addr, vring.avail_addr, 0))
             self._request(Request.SET_VRING_KICK, m.VringFd(index, nofd=False), [kick])
-            self._request(Request.SET_VRING_CALL, m.VringFd(index, nofd=False), [call])
+            if call:
+                self._request(Request.SET_VRING_CALL, m.VringFd(index, nofd=False),
+                              [call_fd])
         except BaseException:
-            close_all((kick, call))
+            close_all((kick, call_fd))
             raise
         old = self._vrings.pop(index, None)
         if old is not None:
@@ -536,7 +608,8 @@ class Frontend:
         self._vrings[index] = vring
         # SET_VRING_ENABLE: "This request should be sent only when
         # VHOST_USER_F_PROTOCOL_FEATURES has been negotiated."
-        if self.features & VHOST_USER_F_PROTOCOL_FEATURES:
+        if enable if enable is not None else bool(
+                self.features & VHOST_USER_F_PROTOCOL_FEATURES):
             self.set_vring_enable(index, True)
         return vring
 

@@ -262,6 +262,16 @@ class FrontendMemory:
         self._regions.sort(key=lambda r: r.guest_phys_addr)
         return ram
 
+    def add_at_va(self, memory_size: int) -> GuestRam:
+        """A region whose guest-physical address is its own user address, as DPDK's
+        virtio-user front-end sends it ("the guest address equal to the front-end's
+        virtual address"). Mappings never overlap, so neither do these GPAs."""
+        ram = GuestRam(0, memory_size, directory=self.directory)
+        ram.guest_phys_addr = ram.userspace_addr
+        self._regions.append(ram)
+        self._regions.sort(key=lambda r: r.guest_phys_addr)
+        return ram
+
     def add_boot_ram(self, memory_size: int) -> GuestRam:
         """Boot RAM at GPA 0 (must fit below the hot-plug base)."""
         if memory_size > self.hotplug_base:

@@ -5,7 +5,16 @@ The leak probe runs this on the back-end before and after hot-plug cycles. An fd
 back-end still holds of a region file links to ``/memfd:NAME (deleted)`` (or to the
 unlinked file's path, with `` (deleted)``); a mapping of it shows the same path in
 ``/proc/PID/maps``. So searching both for the prefix every region name starts with
-(:func:`pyvhost.frontend.memory.name_prefix`) finds exactly what the back-end kept of ours.
+(:func:`pyvhost.frontend.memory.name_prefix`) finds exactly what the back-end kept of ours,
+and, because every region has a file of its own, the back-end's holdings are also counted
+per region file (:attr:`ProcessUsage.files`): a process that serves many sockets (Open
+vSwitch) changes its whole-process totals for reasons of its own, but it has no business
+holding a region file the front-end has removed.
+
+It also finds which processes hold a given socket (:func:`socket_holders`, by the inode
+that ``/proc/PID/fd`` links show as ``socket:[INODE]``): the leak probe measures the process
+at the other end of its connection, which is not always the one SO_PEERCRED names (a
+back-end that forks after accept, like virtiofsd in its default sandbox).
 
 :func:`unix_listening` tells whether a socket file is served without connecting to it: a
 probing connect looks like a front-end to a vhost-user back-end such as DPDK's (it logs a
@@ -20,7 +29,8 @@ or root).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping as MappingType
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyvhost.errors import LocalError
@@ -55,8 +65,25 @@ class Mapping:
 
 
 @dataclass(frozen=True, slots=True)
+class FileUsage:
+    """What a process held of one file: fds open on it, mappings of it, bytes mapped."""
+
+    fds: int = 0
+    mappings: int = 0
+    mapped_bytes: int = 0
+
+    @property
+    def held(self) -> bool:
+        return bool(self.fds or self.mappings)
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessUsage:
-    """What a process held at one moment, overall and of files whose name has ``needle``."""
+    """What a process held at one moment, overall and of files whose name has ``needle``.
+
+    ``files`` breaks the matching fds and mappings down by file name (see
+    :func:`file_name`), so that one file's fate can be told apart from another's.
+    """
 
     pid: int
     needle: str
@@ -64,6 +91,16 @@ class ProcessUsage:
     matching_fds: int
     mappings: int
     mapped_bytes: int
+    files: MappingType[str, FileUsage] = field(default_factory=dict)
+
+    def holds(self, name: str) -> bool:
+        """Whether the process holds (an fd on, or a mapping of) the file ``name``."""
+        usage = self.files.get(name)
+        return usage is not None and usage.held
+
+    def held_files(self) -> list[str]:
+        """The names of every matching file the process holds, sorted."""
+        return sorted(name for name, usage in self.files.items() if usage.held)
 
 
 def _error(pid: int, what: str, e: OSError) -> ProcfsError:
@@ -137,14 +174,60 @@ def matching_mappings(pid: int, needle: str) -> list[Mapping]:
     return [mp for mp in mappings(pid) if needle in mp.path]
 
 
+def file_name(path: str, needle: str) -> str:
+    """The name of the file in a link target or maps path, from ``needle`` on: the word
+    that starts with it (``/memfd:pyvhost-fe-12-3 (deleted)`` -> ``pyvhost-fe-12-3``).
+    A path without ``needle`` gives the path itself."""
+    at = path.find(needle)
+    if at < 0:
+        return path
+    return path[at:].split(" ", 1)[0]
+
+
 def measure(pid: int, needle: str) -> ProcessUsage:
-    """Count ``pid``'s fds, its fds on files named with ``needle``, and its mappings of them."""
+    """Count ``pid``'s fds, its fds on files named with ``needle``, and its mappings of them,
+    in total and per file."""
     targets = fd_targets(pid)
     maps = matching_mappings(pid, needle)
+    per_file: dict[str, list[int]] = {}
+    matching = 0
+    for target in targets.values():
+        if needle in target:
+            matching += 1
+            per_file.setdefault(file_name(target, needle), [0, 0, 0])[0] += 1
+    for mp in maps:
+        counts = per_file.setdefault(file_name(mp.path, needle), [0, 0, 0])
+        counts[1] += 1
+        counts[2] += mp.size
     return ProcessUsage(
-        pid=pid, needle=needle, fds=len(targets),
-        matching_fds=sum(1 for t in targets.values() if needle in t),
-        mappings=len(maps), mapped_bytes=sum(mp.size for mp in maps))
+        pid=pid, needle=needle, fds=len(targets), matching_fds=matching,
+        mappings=len(maps), mapped_bytes=sum(mp.size for mp in maps),
+        files={name: FileUsage(*c) for name, c in sorted(per_file.items())})
+
+
+# -- who holds a socket ---------------------------------------------------------------------
+def socket_holders(inode: int) -> list[int]:
+    """Every process with an fd on the socket of ``inode`` (``socket:[INODE]`` in its fd
+    links), by ascending pid. Processes that exit while being looked at, or that this
+    process may not look at, are left out."""
+    wanted = f"socket:[{inode}]"
+    holders: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        base = f"/proc/{entry}/fd"
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue  # gone, or not ours to read
+        for name in names:
+            try:
+                if os.readlink(f"{base}/{name}") == wanted:
+                    holders.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return sorted(holders)
 
 
 #: /proc/net/unix "Flags" bit of a listening socket (__SO_ACCEPTCON).
