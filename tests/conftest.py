@@ -62,8 +62,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.datapath)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     # Which data path the in-process tests and every pyvhost child process run: the
-    # compiled one unless PYVHOST_PURE=1 (CI runs the data-path tests both ways).
+    # compiled one unless PYVHOST_PURE=1 (CI runs the data-path tests both ways); and which
+    # QEMU the QEMU tests start (PYVHOST_QEMU selects another one than Debian's 7.2).
     from pyvhost import datapath
-    return f"pyvhost data path: {datapath.name()}"
+    from pyvhost.lab.qemu import QEMU_ENV, qemu_binary, qemu_version
+
+    binary = qemu_binary()
+    try:
+        version = ".".join(map(str, qemu_version(binary)))
+    except Exception as e:  # reported, not fatal: the QEMU tests say more
+        version = f"not runnable ({e})"
+    return [f"pyvhost data path: {datapath.name()}",
+            f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"]

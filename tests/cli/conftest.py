@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hotplug.conftest import start_qemu  # noqa: F401 - a fixture, used by name
+from hotplug.conftest import qemu_under_test, start_qemu  # noqa: F401 - fixtures, used by name
 
 #: Longer than the 80 columns rich assumes when it cannot ask a terminal, shorter than
 #: the 107 bytes a Unix socket path may have.

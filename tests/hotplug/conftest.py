@@ -1,11 +1,13 @@
-"""Fixtures: real QEMU 7.2 guests started through pyvhost.lab.qemu (TCG): paused ones with
-no kernel (``start_qemu``), and booted test guests (``boot_vm``, the image built once per
-session with virtio_mem among its modules)."""
+"""Fixtures: real QEMU guests (7.2, or $PYVHOST_QEMU's: ``qemu_under_test``) started
+through pyvhost.lab.qemu (TCG): paused ones with no kernel (``start_qemu``), and booted
+test guests (``boot_vm``, the image built once per session with virtio_mem among its
+modules)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -15,7 +17,16 @@ from click.testing import CliRunner
 
 from pyvhost.cli.main import cli
 from pyvhost.lab.image import DEFAULT_MODULES, GuestImage, ImageBuildError, build_image
-from pyvhost.lab.qemu import BOOT_TIMEOUT, QBOOT, Qemu, QemuConfig, guest_config
+from pyvhost.lab.qemu import (
+    BOOT_TIMEOUT,
+    QBOOT,
+    QEMU_ENV,
+    Qemu,
+    QemuConfig,
+    guest_config,
+    qemu_binary,
+    qemu_version,
+)
 from support.procs import need
 
 StartQemu = Callable[[QemuConfig], Qemu]
@@ -24,10 +35,21 @@ BootVm = Callable[..., Qemu]
 HOTPLUG_MODULES = (*DEFAULT_MODULES, "virtio_mem")
 
 
+@pytest.fixture(scope="session")
+def qemu_under_test() -> tuple[int, int, int]:
+    """The version of the QEMU the tests start: Debian's 7.2, or $PYVHOST_QEMU's (CI runs
+    the QEMU tests of pyvhost mem and the lab's hot-plug tests against 7.2 and 10.0)."""
+    binary = qemu_binary()
+    if shutil.which(binary) is None:
+        if os.environ.get(QEMU_ENV):
+            pytest.fail(f"${QEMU_ENV}={binary} does not exist")
+        need("qemu-system-x86_64", "qemu-system-x86")
+    return qemu_version(binary)
+
+
 @pytest.fixture
-def start_qemu(tmp_path: Path) -> Iterator[StartQemu]:
+def start_qemu(tmp_path: Path, qemu_under_test: tuple[int, int, int]) -> Iterator[StartQemu]:
     """Start QEMU guests; every one is stopped (by pid) and its sockets removed at the end."""
-    need("qemu-system-x86_64", "qemu-system-x86")
     started: list[Qemu] = []
 
     def start(config: QemuConfig) -> Qemu:
@@ -54,10 +76,10 @@ def hotplug_image() -> GuestImage:
 
 
 @pytest.fixture
-def boot_vm(hotplug_image: GuestImage, tmp_path: Path) -> Iterator[BootVm]:
+def boot_vm(hotplug_image: GuestImage, tmp_path: Path,
+            qemu_under_test: tuple[int, int, int]) -> Iterator[BootVm]:
     """``boot_vm(ip=..., **QemuConfig fields)``: a booted guest at its ready marker;
     ``q.console`` is its command channel, ``q.qmp_path`` the monitor for ``pyvhost mem``."""
-    need("qemu-system-x86_64", "qemu-system-x86")
     if not QBOOT.is_file():
         pytest.skip(f"{QBOOT} missing (Debian package qemu-system-data)")
     started: list[Qemu] = []

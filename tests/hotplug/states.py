@@ -40,7 +40,8 @@ def boot_view(name: str = "ram0", size: int = BOOT) -> list[FlatRange]:
 
 def vm(*, dimms: int = 0, slots: int = 8, maxmem: int = 4 * GiB, numa_nodes: int = 0,
        vhost_user: tuple[VhostUserDevice, ...] = (),
-       boot: MemoryBackend | None = None) -> VmState:
+       boot: MemoryBackend | None = None,
+       qemu_version: tuple[int, int, int] | None = (7, 2, 22)) -> VmState:
     boot = boot or backend("ram0", BOOT)
     devices = tuple(dimm(f"d{i}", i) for i in range(dimms))
     view = boot_view(boot.id) + [FlatRange(d.addr or 0, d.size, "ram", f"{d.id}-mem", 0)
@@ -48,7 +49,8 @@ def vm(*, dimms: int = 0, slots: int = 8, maxmem: int = 4 * GiB, numa_nodes: int
     backends = (boot, *(backend(f"{d.id}-mem") for d in devices))
     return VmState("prelaunch", BOOT, slots, maxmem, sum(d.size for d in devices), numa_nodes,
                    backends, devices, vhost_user, tuple(view),
-                   tuple(b.id for b in backends), tuple(d.id or "" for d in devices))
+                   tuple(b.id for b in backends), tuple(d.id or "" for d in devices),
+                   qemu_version)
 
 
 def host(*, free_2m: int = 0, nodes: tuple[int, ...] = (0,), node_free: int = 0,

@@ -134,14 +134,18 @@ def test_vhost_user_back_end_sees_only_shared_memory(boot_vm: BootVm, procs: Pro
         return [int(r["guest_phys_addr"]) for r in conns[0]["memory"]]
 
     # The guest's virtio-net driver started the device: QMP now tells that the back-end
-    # negotiated CONFIGURE_MEM_SLOTS, not its GET_MAX_MEM_SLOTS answer: the limit known is
-    # QEMU's cap (256), and the planner says so.
+    # negotiated CONFIGURE_MEM_SLOTS, not its GET_MAX_MEM_SLOTS answer: the device's limit
+    # is unknown, the planner assumes --region-limit (8) and says so.
     _, status = run_json("status", "--qmp", qmp)
     vu = status["vhost_user"]
     (dev,) = vu["devices"]
     assert dev["started"] and dev["configure_mem_slots"] is True, vu
-    assert dev["region_limit"] == 256 and vu["region_limit"] == 256
-    assert any("not visible through QMP" in n for n in vu["notes"])
+    assert dev["region_limit"] is None and vu["region_limit"] == 8
+    assert vu["region_limit_assumed"] is True
+    assert any("GET_MAX_MEM_SLOTS" in n for n in vu["notes"])
+    _, status = run_json("status", "--qmp", qmp, "--region-limit", "509")
+    cap = 256 if status["vm"]["qemu_version"].startswith("7.") else 509
+    assert status["vhost_user"]["region_limit"] == cap
     assert vu["regions_used"] == dev["qemu_region_count"] == len(table())
 
     # share=off memfd, forced past the planner: QEMU and the guest take it; QEMU even sends

@@ -9,6 +9,7 @@ import pytest
 from pyvhost.lab.image import GuestImage, KernelPackage
 from pyvhost.lab.qemu import (
     QBOOT,
+    QEMU_BINARY,
     VIRTIO_PORT,
     GiB,
     MiB,
@@ -18,7 +19,9 @@ from pyvhost.lab.qemu import (
     VhostUserNet,
     VirtioMem,
     command_line,
+    firmware_dirs,
     guest_config,
+    qboot_path,
 )
 
 IMAGE = GuestImage(Path("img"), "k", Path("img/vmlinuz"), Path("img/initrd.cpio"),
@@ -26,7 +29,27 @@ IMAGE = GuestImage(Path("img"), "k", Path("img/vmlinuz"), Path("img/initrd.cpio"
 
 
 def argv(config: QemuConfig) -> list[str]:
-    return command_line(config, Path("c.sock"), Path("q.sock"), console=Path("con.sock"))
+    return command_line(config, Path("c.sock"), Path("q.sock"), binary=QEMU_BINARY,
+                        console=Path("con.sock"))
+
+
+def test_qemu_from_a_private_prefix_gets_its_firmware(tmp_path: Path) -> None:
+    """PYVHOST_QEMU=PREFIX/usr/bin/qemu-system-x86_64 (QEMU 10.0 unpacked with dpkg -x):
+    -L PREFIX/usr/share/qemu, then Debian's SeaBIOS; qboot from the prefix."""
+    exe = tmp_path / "usr" / "bin" / "qemu-system-x86_64"
+    data = tmp_path / "usr" / "share" / "qemu"
+    exe.parent.mkdir(parents=True)
+    data.mkdir(parents=True)
+    (data / "qboot.rom").write_bytes(b"")
+    assert firmware_dirs(str(exe)) == (data, Path("/usr/share/seabios"))
+    assert qboot_path(str(exe)) == data / "qboot.rom"
+    a = command_line(guest_config(IMAGE), Path("c"), Path("q"), binary=str(exe),
+                     console=Path("con"))
+    assert a[:5] == [str(exe), "-L", str(data), "-L", "/usr/share/seabios"]
+    assert a[a.index("-bios") + 1] == str(data / "qboot.rom")
+    # The system QEMU finds its own firmware.
+    assert firmware_dirs(QEMU_BINARY) == () and firmware_dirs("/usr/bin/" + QEMU_BINARY) == ()
+    assert qboot_path(QEMU_BINARY) == QBOOT
 
 
 def test_serial_console_boot() -> None:

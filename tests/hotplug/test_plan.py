@@ -104,9 +104,61 @@ def test_region_limit_unknown_is_assumed_and_noted() -> None:
     plan = plan_add(AddRequest(M128), state, host())
     assert [r.code for r in plan.refusals] == [Code.VHOST_USER_REGION_LIMIT]
     assert "has not started" in plan.notes[0]
+    assert "assumed" in plan.refusals[0].message
+    assert plan.prediction is not None and plan.prediction.vhost_user_region_limit_assumed
     assert not plan_add(AddRequest(M128, assume_region_limit=256), state, host()).refused
-    assert not plan_add(AddRequest(M128), vm(dimms=6, vhost_user=(vhost(True),)),
-                        host()).refused
+
+
+def test_known_limit_is_not_assumed() -> None:
+    plan = plan_add(AddRequest(M128), vm(dimms=5, vhost_user=(vhost(False),)), host())
+    assert plan.prediction is not None
+    assert plan.prediction.vhost_user_region_limit == 8
+    assert not plan.prediction.vhost_user_region_limit_assumed
+    assert plan.notes == ()
+
+
+@pytest.mark.parametrize(("version", "cap", "words"), [
+    ((7, 2, 22), 256, "has no free memory slots left"),
+    ((10, 0, 2), 512, "has not enough free memory slots left")])
+def test_mem_slots_back_end_is_not_assumed_to_take_256(
+        version: tuple[int, int, int], cap: int, words: str) -> None:
+    """CONFIGURE_MEM_SLOTS: QEMU keeps GET_MAX_MEM_SLOTS to itself (DPDK 26.07 answers 8),
+    so --region-limit (default 8) applies, capped by the version's cap."""
+    state = vm(dimms=6, vhost_user=(vhost(True),), qemu_version=version)
+    plan = plan_add(AddRequest(M128), state, host())
+    assert [r.code for r in plan.refusals] == [Code.VHOST_USER_REGION_LIMIT]
+    assert words in plan.refusals[0].message
+    assert "GET_MAX_MEM_SLOTS" in plan.notes[0] and f"capped at {cap}" in plan.notes[0]
+    big = plan_add(AddRequest(M128, assume_region_limit=509), state, host())
+    assert not big.refused and big.prediction is not None
+    assert big.prediction.vhost_user_region_limit == min(509, cap)
+    assert big.prediction.vhost_user_region_limit_assumed
+
+
+def test_unknown_qemu_version_gets_a_warning_and_the_nearest_rules() -> None:
+    for version, rules in (((11, 2, 0), "10.0"), ((6, 2, 0), "7.2"), (None, "10.0")):
+        plan = plan_add(AddRequest(M128),
+                        vm(dimms=6, vhost_user=(vhost(False),), qemu_version=version), host())
+        assert f"QEMU {rules}'s rules" in plan.notes[0]
+        assert f"QEMU {rules} refuses" in plan.refusals[0].message
+    # No warning for the versions tested, nor without vhost-user devices.
+    assert plan_add(AddRequest(M128), vm(qemu_version=(11, 0, 0)), host()).notes == ()
+
+
+def test_existing_unshared_dimm_is_a_problem_and_a_note() -> None:
+    from dataclasses import replace
+
+    from pyvhost.hotplug.sharing import memory_problems
+
+    state = vm(dimms=2, vhost_user=(vhost(False),))
+    private = replace(state.backends[1], share=False)
+    state = replace(state, backends=(state.backends[0], private, *state.backends[2:]))
+    (p,) = memory_problems(state)
+    assert (p.code, p.id, p.device) == ("NOT_SHARED_WITH_VHOST_USER", "d0-mem", "d0")
+    assert "private copy-on-write" in p.message and "lost" in p.message
+    plan = plan_add(AddRequest(M128), state, host())
+    assert not plan.refused and "d0" in plan.notes[0]
+    assert memory_problems(replace(state, vhost_user=())) == ()
 
 
 def test_hugepages_short_global_and_per_node() -> None:

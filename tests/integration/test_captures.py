@@ -9,13 +9,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -31,30 +28,14 @@ from pyvhost.protocol.constants import (
     Request,
 )
 from pyvhost.protocol.transport import recv_chunk, send_message
+from support.captures import Captured, load
 from support.memfd import memfd
 
-CAPTURES = Path(__file__).parent.parent / "data" / "captures"
 FILES = ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
-         "qemu100_dpdk_setmemtable.jsonl", "qemu100_memslots.jsonl",
-         "dpdk_virtio_user_handshake.jsonl"]
-
-
-@dataclass(frozen=True)
-class Captured:
-    to_backend: bool
-    request: int
-    flags: int
-    raw: bytes
-    nfds: int
-
-
-def load(name: str) -> list[Captured]:
-    out = []
-    for line in (CAPTURES / name).read_text().splitlines():
-        d = json.loads(line)
-        out.append(Captured(d["dir"] == "frontend->backend", d["request"], d["flags"],
-                            bytes.fromhex(d["hex"]), d["nfds"]))
-    return out
+         "dpdk_virtio_user_handshake.jsonl", "qemu100_dpdk_setmemtable.jsonl",
+         "qemu100_memslots.jsonl", "qemu100_pyvhost_memslots.jsonl",
+         "qemu100_pyvhost_mq2.jsonl", "qemu72_pyvhost_mq2.jsonl",
+         "qemu100_pyvhost_virtio_mem.jsonl", "qemu72_pyvhost_virtio_mem.jsonl"]
 
 
 def dummy_fds(n: int) -> list[int]:
@@ -165,7 +146,9 @@ def _reply(sock: socket.socket, request: int, ack: bool) -> m.Payload:
         dec.feed(data, fds)
 
 
-@pytest.mark.parametrize("name", ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl"])
+@pytest.mark.parametrize("name", ["qemu72_dpdk_setmemtable.jsonl", "qemu72_memslots.jsonl",
+                                  "qemu100_dpdk_setmemtable.jsonl",
+                                  "qemu100_pyvhost_memslots.jsonl"])
 def test_pyvhost_accepts_qemu72_sequence(served: tuple[Server, socket.socket],
                                           name: str) -> None:
     server, sock = served

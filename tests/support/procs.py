@@ -114,13 +114,18 @@ class Procs:
         return self.start(argv, name, stop_signal=stop, env=env)
 
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
-                stdin_pipe: bool = True, eal_args: Sequence[str] = ()) -> Started:
+                stdin_pipe: bool = True, eal_args: Sequence[str] = (),
+                huge_dir: Path | None = None) -> Started:
         """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core.
-        ``eal_args`` go before ``--vdev`` (e.g. ``--main-lcore 1`` to forward on core 0)."""
+        ``eal_args`` go before ``--vdev`` (e.g. ``--main-lcore 1`` to forward on core 0).
+        With ``huge_dir`` (a hugetlbfs mount) it runs on hugepages, with ``-m 256`` so it
+        leaves pages for the VM (TESTBED.md: more and it takes 300+)."""
         binary = need("dpdk-testpmd", "dpdk-dev")
         prefix = f"pyvhost-{name}-{uuid.uuid4().hex[:8]}"
+        memory = (["--huge-dir", str(huge_dir), "-m", "256"] if huge_dir is not None
+                  else ["--no-huge", "-m", "512"])
         # stdbuf: testpmd's stdout to a file is fully buffered, and tests wait for lines.
-        argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--no-huge", "-m", "512", "--no-pci",
+        argv = ["stdbuf", "-oL", binary, "-l", "0-1", *memory, "--no-pci",
                 "--file-prefix", prefix, *eal_args, "--vdev", vdev, "--",
                 "--nb-cores=1", "--total-num-mbufs=2048", *app_args]
         return self.start(argv, name, stdin_pipe=stdin_pipe, stop_signal=signal.SIGINT,

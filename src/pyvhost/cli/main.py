@@ -20,7 +20,7 @@ import select
 import signal
 import sys
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -37,7 +37,20 @@ from .common import (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Cli(click.Group):
+    """Ctrl-C (or SIGTERM) while a command runs: one line and exit 130. Turned into
+    click's Abort here, before click's own KeyboardInterrupt handler prints an empty line
+    for it; :func:`main` reports it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise click.exceptions.Abort() from None
+
+
+@click.group(cls=_Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pyvhost")
 @verbosity
 def cli() -> None:

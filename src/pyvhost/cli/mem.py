@@ -43,9 +43,11 @@ from pyvhost.hotplug.plan import (
     plan_add,
     plan_remove,
     plan_resize,
-    region_limit,
 )
-from pyvhost.hotplug.qmp import Qmp, QmpCommandError, QmpConnectError
+from pyvhost.hotplug.qemu_rules import version_text
+from pyvhost.hotplug.qmp import Qmp, QmpCommandError, QmpConnectError, QmpMonitorHeldError
+from pyvhost.hotplug.regions import region_limit_info
+from pyvhost.hotplug.sharing import memory_problems
 from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
 from pyvhost.units import parse_size
 
@@ -83,15 +85,23 @@ def _nodes(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     return tuple(out)
 
 
-def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str, Any]:
-    sizes = page_sizes(state, host)
+def status_json(state: VmState, host: HostFacts, assume_limit: int,
+                sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The ``pyvhost.mem.status/1`` document. ``sizes``: each backend's page size when the
+    caller knows them (libvirt), else read from the host."""
+    sizes = sizes if sizes is not None else page_sizes(state, host)
     boot = {b.id for b in state.boot_backends}
     by_memdev = {d.memdev: d.id for d in state.memory_devices}
     regions = vhost_regions(state, sizes)
-    limit, notes = region_limit(state, assume_limit)
+    info = region_limit_info(state, assume_limit)
+    limit, notes = info.limit, list(info.notes)
     return {
         "schema": SCHEMA_STATUS,
-        "vm": {"status": state.status, "boot_memory": state.boot_memory,
+        "problems": [{"code": p.code, "id": p.id, "device": p.device, "message": p.message}
+                     for p in memory_problems(state)],
+        "vm": {"status": state.status,
+               "qemu_version": version_text(state.qemu_version) if state.qemu_version
+               else None, "boot_memory": state.boot_memory,
                "slots": state.slots, "slots_used": state.slots_used,
                "slots_free": max(0, state.slots - state.slots_used), "maxmem": state.maxmem,
                "plugged_memory": state.plugged_memory, "maxmem_left": state.maxmem_left,
@@ -112,6 +122,7 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
         "vhost_user": {
             "regions_used": len(regions) if state.vhost_user else None,
             "region_limit": limit,
+            "region_limit_assumed": info.assumed,
             "regions_free": None if limit is None else max(0, limit - len(regions)),
             "regions": [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
                          "memdev": r.name} for r in regions] if state.vhost_user else [],
@@ -126,7 +137,8 @@ def status_json(state: VmState, host: HostFacts, assume_limit: int) -> dict[str,
                  "default_hugepage_size": host.default_hugepage_size,
                  "numa_nodes": list(host.host_nodes),
                  "hugepages": [{"page_size": p.page_size, "node": p.node, "total": p.total,
-                                "free": p.free, "available": p.available}
+                                "free": p.free, "reserved": p.reserved,
+                                "available": p.available}
                                for p in host.pools]},
     }
 
@@ -142,7 +154,8 @@ def plan_json(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
         "prediction": None if p is None else {
             "slots_used": p.slots_used, "maxmem_left": p.maxmem_left,
             "vhost_user_regions": p.vhost_user_regions,
-            "vhost_user_region_limit": p.vhost_user_region_limit},
+            "vhost_user_region_limit": p.vhost_user_region_limit,
+            "vhost_user_region_limit_assumed": p.vhost_user_region_limit_assumed},
         "notes": list(plan.notes), "plan_seconds": plan_seconds,
         "outcome": None if outcome is None else {
             "ok": outcome.ok, "done": outcome.done, "failed_step": outcome.failed_step,
@@ -180,6 +193,7 @@ def _table(title: str, columns: tuple[str, ...], rows: list[list[Text]]) -> Tabl
 def _print_status(doc: dict[str, Any], console: Console) -> None:
     vm = doc["vm"]
     console.print(_line(
+        f"QEMU {vm['qemu_version'] or '(version unknown)'}, "
         f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
         f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
         f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
@@ -199,6 +213,14 @@ def _print_status(doc: dict[str, Any], console: Console) -> None:
             [_cells(d["id"], d["type"], d["memdev"],
                     "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]), d["slot"],
                     d["node"]) for d in doc["memory_devices"]]))
+    for pool in doc["host"]["hugepages"]:
+        if pool["node"] is None and pool["total"]:
+            console.print(_line(f"host hugepages {pool['page_size'] // 1024} kB: "
+                                f"{pool['available']} available ({pool['free']} free, "
+                                f"{pool['reserved']} reserved) of {pool['total']}"))
+    for problem in doc["problems"]:
+        console.print(_line(("error", "red"), f" {problem['code']} {problem['id']}: "
+                                              f"{problem['message']}"))
     vu = doc["vhost_user"]
     if not vu["devices"]:
         console.print("no vhost-user devices")
@@ -249,9 +271,11 @@ def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
     steps are not errors here: the executor's outcome reports them (and their undo)."""
     qmp = Qmp(path, timeout=timeout)
     try:
-        # qemu.qmp's connect has no timeout: a socket that accepts and never greets
-        # (another client holds the monitor) blocks here (issue 9).
+        # Bounded by the timeout, the greeting included: a socket that accepts and never
+        # greets (another client holds the monitor) is named with its owner.
         qmp.connect()
+    except QmpMonitorHeldError as e:
+        fail(str(e), "connect")
     except QmpConnectError as e:
         fail(connect_failure(path, "QMP socket", QMP_HINT.format(path=path), e,
                              answered="not as QEMU's QMP monitor"), "connect")
@@ -279,12 +303,36 @@ def timeout_option(default: float, help: str) -> Callable[[Any], Any]:
 
 dry_run_option = click.option("--dry-run", is_flag=True,
                               help="Check and show the plan; change nothing.")
-qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
+qmp_option = click.option("--qmp", "qmp_path", metavar="SOCK",
                           help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off).")
 limit_option = click.option(
-    "--region-limit", type=click.IntRange(1, 509), default=BASELINE_REGIONS, show_default=True,
-    help="Region limit to assume for vhost-user devices the guest has not started yet "
-         "(QMP cannot tell then whether the back-end has CONFIGURE_MEM_SLOTS).")
+    "--region-limit", type=click.IntRange(1, 512), default=BASELINE_REGIONS, show_default=True,
+    help="Region limit to assume for vhost-user devices whose limit QEMU does not show: "
+         "not started by the guest yet, or started with CONFIGURE_MEM_SLOTS (QEMU keeps "
+         "the back-end's GET_MAX_MEM_SLOTS answer). Capped by QEMU's own cap.")
+persistent_option = click.option(
+    "--persistent", is_flag=True,
+    help="With --libvirt: change the domain's persistent config too.")
+qemu_monitor_option = click.option(
+    "--qemu-monitor", is_flag=True,
+    help="With --libvirt: read QEMU's own memory view through qemu-monitor-command (exact "
+         "vhost-user region count); TAINTS the domain (libvirt: custom-monitor).")
+
+
+def libvirt_options(f: Any) -> Any:
+    """``--libvirt DOMAIN [--connect URI]``: a libvirt domain instead of ``--qmp``
+    (:mod:`.mem_libvirt`)."""
+    f = click.option("--connect", "connect_uri", metavar="URI",
+                     help="libvirt URI for --libvirt (default: libvirt's; "
+                          "qemu+ssh://HOST/system for another host).")(f)
+    return click.option("--libvirt", "libvirt_domain", metavar="DOMAIN",
+                        help="A libvirt domain instead of --qmp: state from its live XML, "
+                             "changes through libvirt (pip install 'pyvhost[libvirt]').")(f)
+
+
+def _source(qmp_path: str | None, libvirt_domain: str | None) -> None:
+    if (qmp_path is None) == (libvirt_domain is None):
+        fail("give one of --qmp SOCK or --libvirt DOMAIN", "usage")
 
 
 @click.group()
@@ -299,6 +347,7 @@ def mem() -> None:
         --mem-path /dev/hugepages --hugepages --host-nodes 0 --policy bind
     pyvhost mem remove --qmp /run/vm0.qmp pyvhost-dimm0
     pyvhost mem resize --qmp /run/vm0.qmp vmem0 --size 512M
+    pyvhost mem add --libvirt web01 --size 1G [--connect qemu+ssh://HOST/system]
     \b
     resize is for virtio-mem devices (QEMU 7.2 runs them beside vhost-user devices;
     they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
@@ -317,23 +366,42 @@ def mem() -> None:
 
 @mem.command(epilog=EXIT_HELP)
 @qmp_option
+@libvirt_options
+@qemu_monitor_option
+@timeout_option(30.0, "Seconds to wait for QEMU or libvirt (the connect included).")
 @json_option(help="Print one JSON object (schema pyvhost.mem.status/1).")
 @limit_option
 @verbosity
-def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
-    """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes."""
+def status(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+           qemu_monitor: bool, timeout: float, as_json: bool, region_limit: int) -> None:
+    """Memory devices, slots, maxmem, backends, vhost-user regions, NUMA nodes. Exits 1
+    when memory in use cannot be shared with the vhost-user back-ends."""
     configure_logging()
-    with _qmp(qmp_path) as qmp:
-        state = read_state(qmp)
-    doc = status_json(state, read_host(), region_limit)
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        doc = mem_libvirt.status(libvirt_domain, connect_uri, region_limit, timeout,
+                                 qemu_monitor)
+    else:
+        assert qmp_path is not None
+        with _qmp(qmp_path, timeout) as qmp:
+            state = read_state(qmp)
+        doc = status_json(state, read_host(), region_limit)
     if as_json:
         emit_json(doc)
     else:
         _print_status(doc, console())
+    if doc["problems"]:
+        # The check found a problem: memory in use that the back-ends cannot share.
+        raise click.exceptions.Exit(Exit.PROBLEM)
 
 
 @mem.command(epilog=EXIT_HELP)
 @qmp_option
+@libvirt_options
+@qemu_monitor_option
+@persistent_option
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="DIMM size: 128M, 1G, ... (a multiple of 128M and of the page size).")
 @click.option("--backend", type=click.Choice(["memfd", "file", "ram"]), default="memfd",
@@ -360,17 +428,28 @@ def status(qmp_path: str, as_json: bool, region_limit: int) -> None:
 @json_option(help="Print one JSON object (schema pyvhost.mem.add/1).")
 @limit_option
 @verbosity
-def add(qmp_path: str, size: int, backend: str, share: bool, mem_path: str | None,
-        hugepages: bool, node: int | None, host_nodes: tuple[int, ...], policy: str | None,
-        prealloc: bool, prealloc_threads: int | None, device_id: str | None, dry_run: bool,
-        force: bool, timeout: float, as_json: bool, region_limit: int) -> None:
-    """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure."""
+def add(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+        qemu_monitor: bool, persistent: bool, size: int, backend: str, share: bool,
+        mem_path: str | None, hugepages: bool, node: int | None, host_nodes: tuple[int, ...],
+        policy: str | None, prealloc: bool, prealloc_threads: int | None,
+        device_id: str | None, dry_run: bool, force: bool, timeout: float, as_json: bool,
+        region_limit: int) -> None:
+    """Hot-add a DIMM: object-add a backend, device_add pc-dimm, verify; undo on failure.
+    With --libvirt: attach <memory model='dimm' access='shared'> live, verify, undo."""
     configure_logging()
+    _source(qmp_path, libvirt_domain)
     req = AddRequest(size=size, backend=backend,  # type: ignore[arg-type]
                      share=share, mem_path=mem_path, hugepages=hugepages, node=node,
                      host_nodes=host_nodes, policy=policy,  # type: ignore[arg-type]
                      prealloc=prealloc, prealloc_threads=prealloc_threads, id=device_id,
                      assume_region_limit=region_limit)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.add(libvirt_domain, connect_uri, req, dry_run=dry_run, force=force,
+                        persistent=persistent, qemu_monitor=qemu_monitor, timeout=timeout,
+                        as_json=as_json)
+    assert qmp_path is not None
     host = read_host(mem_path)
 
     def run(qmp: Qmp, plan: Plan, state: VmState) -> Outcome:
@@ -426,15 +505,26 @@ def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
 
 @mem.command(epilog=EXIT_HELP)
 @qmp_option
+@libvirt_options
+@persistent_option
 @click.argument("device_id", metavar="ID")
 @timeout_option(30.0, "Seconds to wait for the guest to release the DIMM (DEVICE_DELETED).")
 @dry_run_option
 @json_option(help="Print one JSON object (schema pyvhost.mem.remove/1).")
 @verbosity
-def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
+def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+           persistent: bool, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
-    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend."""
+    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend.
+    With --libvirt: detach the DIMM, wait until it leaves the domain."""
     configure_logging()
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.remove(libvirt_domain, connect_uri, device_id, dry_run=dry_run,
+                           persistent=persistent, timeout=timeout, as_json=as_json)
+    assert qmp_path is not None
     plan, plan_seconds, outcome = _plan_and_run(
         qmp_path, timeout, lambda state: plan_remove(device_id, state),
         lambda qmp, plan, state: execute_remove(qmp, plan, timeout=timeout), dry_run=dry_run)
@@ -448,7 +538,9 @@ def remove(qmp_path: str, device_id: str, timeout: float, dry_run: bool,
 
 
 @mem.command(epilog=EXIT_HELP)
-@qmp_option
+@click.option("--qmp", "qmp_path", metavar="SOCK", required=True,
+              help="QEMU's QMP Unix socket (-qmp unix:SOCK,server=on,wait=off); under "
+                   "libvirt: virsh update-memory-device.")
 @click.argument("device_id", metavar="ID")
 @click.option("--size", required=True, callback=_size, metavar="SIZE",
               help="Requested size: 0, 512M, 2G, ... (a multiple of the device's block size, "

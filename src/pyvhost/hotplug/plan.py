@@ -23,7 +23,9 @@ from typing import Any, Literal
 from pyvhost.units import MiB
 
 from .host import HostFacts
-from .state import BASELINE_REGIONS, MAX_RAM_SLOTS, VmState, vhost_regions
+from .regions import region_limit_info
+from .sharing import BOOT_RAM_NOT_SHARED, memory_problems, unshared_effect
+from .state import BASELINE_REGIONS, VmState, vhost_regions
 
 # Linux x86-64 onlines hot-added memory in 128 MiB blocks (memory_block_size_bytes);
 # the rest of a DIMM that is not a whole number of blocks is never used by the guest.
@@ -89,7 +91,8 @@ class AddRequest:
     prealloc_threads: int | None = None
     id: str | None = None
     # The limit to assume for a vhost-user device whose limit QMP cannot tell (not started
-    # by the guest yet): 8 is right for back-ends without CONFIGURE_MEM_SLOTS (DPDK 22.11).
+    # by the guest yet, or its back-end negotiated CONFIGURE_MEM_SLOTS and QEMU keeps its
+    # GET_MAX_MEM_SLOTS answer): 8 is right for every back-end (:mod:`.regions`).
     assume_region_limit: int = BASELINE_REGIONS
 
 
@@ -101,6 +104,8 @@ class Prediction:
     maxmem_left: int
     vhost_user_regions: int | None  # None without vhost-user devices
     vhost_user_region_limit: int | None
+    # The limit is --region-limit for some device (its back-end's is not known).
+    vhost_user_region_limit_assumed: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,25 +152,10 @@ def backend_page_size(req: AddRequest, host: HostFacts) -> int:
 
 
 def region_limit(state: VmState, assume: int) -> tuple[int | None, list[str]]:
-    """QEMU's vhost-user region limit (the minimum over devices), and notes on guesses."""
-    limits: list[int] = []
-    notes: list[str] = []
-    for dev in state.vhost_user:
-        if dev.configure_mem_slots is False:
-            limits.append(BASELINE_REGIONS)
-        elif dev.configure_mem_slots:
-            # The back-end's GET_MAX_MEM_SLOTS answer is not visible through QMP;
-            # QEMU caps it at 256 on x86.
-            limits.append(MAX_RAM_SLOTS)
-            notes.append(f"{dev.id}: back-end negotiated CONFIGURE_MEM_SLOTS; its own limit "
-                         f"(GET_MAX_MEM_SLOTS) is not visible through QMP, QEMU caps it at "
-                         f"{MAX_RAM_SLOTS}")
-        else:
-            limits.append(assume)
-            notes.append(f"{dev.id}: the guest has not started this device, so QMP cannot "
-                         f"tell whether its back-end has CONFIGURE_MEM_SLOTS; assuming a "
-                         f"limit of {assume} regions (--region-limit changes it)")
-    return (min(limits) if limits else None), notes
+    """QEMU's vhost-user region limit (the minimum over devices), and notes on guesses
+    (:func:`.regions.region_limit_info` says whether it is assumed)."""
+    info = region_limit_info(state, assume)
+    return info.limit, list(info.notes)
 
 
 def plan_add(req: AddRequest, state: VmState, host: HostFacts,
@@ -233,30 +223,34 @@ def plan_add(req: AddRequest, state: VmState, host: HostFacts,
     notes: list[str] = []
     regions: int | None = None
     limit: int | None = None
+    assumed = False
     if state.vhost_user:
         names = ", ".join(d.id for d in state.vhost_user)
         if req.backend == "ram" or not req.share:
+            effect = unshared_effect(f"memory-backend-{req.backend}", req.share)
             r.append(Refusal(Code.NOT_SHARED_WITH_VHOST_USER,
-                             f"vhost-user devices ({names}) cannot reach memory that is not "
-                             f"an fd shared with them: QEMU would accept the DIMM and the "
-                             f"guest would put packet buffers where the back-end never sees "
-                             f"them; use --backend memfd or file, with share on"))
-        for b in state.boot_backends:
-            if not (b.fd_backed and b.share):
-                r.append(Refusal(Code.BOOT_RAM_NOT_SHARED,
-                                 f"boot RAM backend {b.id!r} is {b.qom_type} share="
-                                 f"{'on' if b.share else 'off'}: vhost-user devices ({names}) "
-                                 f"cannot work on this VM, hot-added memory or not; restart "
-                                 f"QEMU with -object memory-backend-memfd,id={b.id},...,"
-                                 f"share=on"))
+                             f"vhost-user devices ({names}) cannot share this memory: QEMU "
+                             f"(and libvirt) would accept the DIMM and the guest would use "
+                             f"it, but {effect}; use --backend memfd or file, with share "
+                             f"on"))
+        for p in memory_problems(state):
+            if p.code == BOOT_RAM_NOT_SHARED:
+                r.append(Refusal(Code.BOOT_RAM_NOT_SHARED, p.message))
+            else:
+                notes.append(f"already wrong on this VM: {p.message}")
         regions = len(vhost_regions(state, dict(page_sizes or {})))
-        limit, notes = region_limit(state, req.assume_region_limit)
+        info = region_limit_info(state, req.assume_region_limit)
+        limit, assumed = info.limit, info.assumed
+        notes += info.notes
         if limit is not None and regions >= limit:
+            how = (" (assumed: --region-limit, since QEMU does not show the back-end's own "
+                   "limit)" if assumed else "")
             r.append(Refusal(Code.VHOST_USER_REGION_LIMIT,
                              f"vhost-user devices ({names}) already get {regions} memory "
-                             f"regions, their limit is {limit}: QEMU refuses another memory "
-                             f"device. Remove a DIMM, use fewer larger DIMMs, or use a "
-                             f"back-end with CONFIGURE_MEM_SLOTS"))
+                             f"regions, their limit is {limit}{how}: QEMU "
+                             f"{info.rules.name} refuses another memory device "
+                             f"(\"{info.rules.region_refusal}\"). Remove a DIMM, use fewer "
+                             f"larger DIMMs, or use a back-end with CONFIGURE_MEM_SLOTS"))
 
     # Host side: NUMA nodes, hugepages, mem-path.
     if req.node is not None and req.node >= max(state.numa_nodes, 1):
@@ -323,7 +317,7 @@ def plan_add(req: AddRequest, state: VmState, host: HostFacts,
     prediction = Prediction(
         slots_used=state.slots_used + 1, maxmem_left=state.maxmem_left - req.size,
         vhost_user_regions=None if regions is None else regions + int(adds_region),
-        vhost_user_region_limit=limit)
+        vhost_user_region_limit=limit, vhost_user_region_limit_assumed=assumed)
     return Plan("add", device_id, backend_id, steps, tuple(r), prediction, tuple(notes))
 
 
@@ -393,8 +387,9 @@ def plan_resize(device_id: str, size: int, state: VmState) -> Plan:
         names = ", ".join(d.id for d in state.vhost_user)
         r.append(Refusal(Code.NOT_SHARED_WITH_VHOST_USER,
                          f"{device_id}'s memdev {backend.id} is not an fd shared with the "
-                         f"vhost-user devices ({names}): memory the guest gets from it is "
-                         f"unreachable for their back-ends; do not grow it"))
+                         f"vhost-user devices ({names}): "
+                         f"{unshared_effect(backend.qom_type, backend.share)}; do not grow "
+                         f"it"))
     if state.status != "running":
         notes.append(f"the VM is {state.status}: the guest's virtio-mem driver changes the "
                      f"plugged size only while it runs")

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .flatview import FlatRange, VhostRegion, parse_flat_view, vhost_user_regions
-from .qmp import Monitor, QmpCommandError
+from .qemu_rules import BASELINE_REGIONS as BASELINE_REGIONS
+from .qemu_rules import Version
+from .qmp import Monitor, QmpCommandError, parse_version
 
 FD_BACKENDS = ("memory-backend-memfd", "memory-backend-file")
-# QEMU 7.2 (hw/virtio/vhost-user.c): without CONFIGURE_MEM_SLOTS a back-end gets at most
-# VHOST_MEMORY_BASELINE_NREGIONS regions; with it, min(GET_MAX_MEM_SLOTS, 256) on x86
-# (VHOST_USER_MAX_RAM_SLOTS = ACPI_MAX_RAM_SLOTS).
-BASELINE_REGIONS = 8
-MAX_RAM_SLOTS = 256
+# hw/virtio/vhost-user.c: without CONFIGURE_MEM_SLOTS a back-end gets at most
+# VHOST_MEMORY_BASELINE_NREGIONS regions; with it, min(GET_MAX_MEM_SLOTS, the cap of the
+# QEMU version: :mod:`.qemu_rules`).
 CONFIGURE_MEM_SLOTS = "VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS"
 _NETDEV = re.compile(r"^\s*\\ (\S+): index=\d+,type=([\w-]+)(?:,.* to (\S+))?")
 _NUMA_NODES = re.compile(r"^(\d+) nodes")
@@ -85,15 +85,13 @@ class VhostUserDevice:
 
     @property
     def region_limit(self) -> int | None:
-        """QEMU's limit for this device, when known; None when unknown.
-
-        With CONFIGURE_MEM_SLOTS QEMU takes min(GET_MAX_MEM_SLOTS, 256); the back-end's
-        answer is not visible through QMP, so this is QEMU's cap, an upper bound.
+        """QEMU's limit for this device when it is known (8 without CONFIGURE_MEM_SLOTS);
+        None when unknown: not started yet, or CONFIGURE_MEM_SLOTS negotiated, since QEMU
+        takes min(GET_MAX_MEM_SLOTS, its cap) and keeps the back-end's answer to itself
+        (no QMP command shows it; DPDK 26.07 answers 8, libvhost-user 32, pyvhost 509).
         """
         if self.configure_mem_slots is False:
             return BASELINE_REGIONS
-        if self.configure_mem_slots:
-            return MAX_RAM_SLOTS
         return None
 
 
@@ -111,6 +109,7 @@ class VmState:
     flat_view: tuple[FlatRange, ...]
     object_ids: tuple[str, ...]
     device_ids: tuple[str, ...]
+    qemu_version: Version | None = None  # query-version; None when not known
 
     def backend(self, backend_id: str) -> MemoryBackend | None:
         return next((b for b in self.backends if b.id == backend_id), None)
@@ -275,6 +274,7 @@ def read_state(monitor: Monitor) -> VmState:
     vhost, device_ids = _vhost_user(monitor)
     numa = _NUMA_NODES.match(monitor.hmp("info numa").strip())
     status = monitor.execute("query-status")
+    version = parse_version(monitor.execute("query-version"))
     size = int(memory["size"])
     return VmState(
         status=str(status.get("status")), boot_memory=size,
@@ -283,4 +283,5 @@ def read_state(monitor: Monitor) -> VmState:
         numa_nodes=int(numa.group(1)) if numa else 0,
         backends=backends, memory_devices=devices, vhost_user=tuple(vhost),
         flat_view=parse_flat_view(monitor.hmp("info mtree -f")),
-        object_ids=tuple(oid for oid, _ in objects), device_ids=tuple(device_ids))
+        object_ids=tuple(oid for oid, _ in objects), device_ids=tuple(device_ids),
+        qemu_version=version)

@@ -1,4 +1,9 @@
-"""Start QEMU 7.2 for tests and labs: its command line, its process, its QMP monitors.
+"""Start QEMU for tests and labs: its command line, its process, its QMP monitors.
+
+Which QEMU: Debian 12's 7.2 (``qemu-system-x86_64`` on PATH) unless ``PYVHOST_QEMU``
+names another binary, such as QEMU 10.0 unpacked from bookworm-backports into a private
+prefix (``PREFIX/usr/bin/qemu-system-x86_64``): its firmware then comes from
+``PREFIX/usr/share/qemu`` first and Debian's SeaBIOS second (``-L``), qboot included.
 
 Owns one QEMU process (started in its own session, ended by its pid, never by name) and
 the run directory holding its sockets, which it removes on :meth:`Qemu.stop`. Guest
@@ -26,6 +31,7 @@ kernel is booted; the vhost-user back-end must listen before QEMU starts.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -43,7 +49,10 @@ from .guest import GuestConsole, GuestError
 from .image import GuestImage
 
 QEMU_BINARY = "qemu-system-x86_64"
+#: Names the QEMU binary tests and labs start instead of the one on PATH.
+QEMU_ENV = "PYVHOST_QEMU"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+SEABIOS_DIR = Path("/usr/share/seabios")
 MiB = 1 << 20
 GiB = 1 << 30
 BOOT_TIMEOUT = 300  # seconds to the ready marker: TCG on a busy 2-core machine
@@ -142,6 +151,49 @@ def guest_config(image: GuestImage, *, ip: str | None = None, channel: Channel =
                       console=channel, paused=True, **config)
 
 
+def qemu_binary() -> str:
+    """The QEMU binary to start: ``$PYVHOST_QEMU``, else ``qemu-system-x86_64``."""
+    return os.environ.get(QEMU_ENV) or QEMU_BINARY
+
+
+def firmware_dirs(binary: str) -> tuple[Path, ...]:
+    """``-L`` directories for a QEMU unpacked into a private prefix (``PREFIX/usr/bin/
+    qemu-system-x86_64``): its own data directory, then Debian's SeaBIOS. None for a QEMU
+    installed in ``/usr``, which finds its firmware itself."""
+    exe = Path(binary)
+    if not exe.is_absolute() or exe.parent != exe.parents[1] / "bin":
+        return ()
+    prefix = exe.parents[1]  # PREFIX/usr
+    data = prefix / "share" / "qemu"
+    if prefix == Path("/usr") or not data.is_dir():
+        return ()
+    return (data, SEABIOS_DIR)
+
+
+def qboot_path(binary: str) -> Path:
+    """qboot of that QEMU: its prefix's copy when it has one, else Debian's."""
+    for d in firmware_dirs(binary):
+        if (d / "qboot.rom").is_file():
+            return d / "qboot.rom"
+    return QBOOT
+
+
+def qemu_version(binary: str) -> tuple[int, int, int]:
+    """``binary --version`` as (major, minor, micro)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise QemuError(f"{binary} --version failed: {e}") from e
+    words = out.split()
+    try:
+        major, minor, micro = (int(x) for x in words[words.index("version") + 1]
+                               .split("(")[0].split(".")[:3])
+    except (ValueError, IndexError) as e:
+        raise QemuError(f"{binary} --version said {out[:200]!r}") from e
+    return (major, minor, micro)
+
+
 def _mib(size: int) -> str:
     if size % MiB:
         raise ValueError(f"{size} is not a whole number of MiB")
@@ -149,10 +201,15 @@ def _mib(size: int) -> str:
 
 
 def command_line(config: QemuConfig, control: Path, qmp: Path,
-                 binary: str = QEMU_BINARY, console: Path | None = None) -> list[str]:
+                 binary: str | None = None, console: Path | None = None) -> list[str]:
     """The argv that starts ``config`` with QMP monitors on ``control`` and ``qmp``, and
-    the guest's command channel (``config.console``) listening on ``console``."""
-    argv = [binary, "-accel", config.accel, "-nodefaults", "-nographic",
+    the guest's command channel (``config.console``) listening on ``console``.
+    ``binary`` defaults to :func:`qemu_binary`."""
+    binary = binary or qemu_binary()
+    argv = [binary]
+    for d in firmware_dirs(binary):
+        argv += ["-L", str(d)]
+    argv += ["-accel", config.accel, "-nodefaults", "-nographic",
             "-qmp", f"unix:{control},server=on,wait=off",
             "-qmp", f"unix:{qmp},server=on,wait=off"]
     backend = f"memory-backend-{config.ram_backend}"
@@ -189,7 +246,8 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
                             f"requested-size={_mib(vmem.requested_size)}"]
     if config.kernel is not None:
         # -no-reboot: with the guest's panic=-1 a dead guest ends QEMU instead of looping.
-        argv += ["-bios", str(QBOOT), "-no-reboot", "-kernel", str(config.kernel)]
+        argv += ["-bios", str(qboot_path(binary)), "-no-reboot", "-kernel",
+                 str(config.kernel)]
         if config.initrd is not None:
             argv += ["-initrd", str(config.initrd)]
         if config.append is not None:
@@ -220,7 +278,7 @@ class Qemu:
     config: QemuConfig
     log: Path | None = None
     console_log: Path | None = None  # everything the guest printed on its channel
-    binary: str = QEMU_BINARY
+    binary: str = field(default_factory=qemu_binary)
     rundir: Path = field(init=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _control: QEMUMonitorProtocol | None = field(default=None, init=False)
@@ -273,7 +331,8 @@ class Qemu:
     def start(self, timeout: float = 60) -> Qemu:
         """Start QEMU and connect the control monitor; on any failure nothing is left."""
         if shutil.which(self.binary) is None:
-            raise QemuError(f"{self.binary} not found (Debian package qemu-system-x86)")
+            raise QemuError(f"{self.binary} not found (Debian package qemu-system-x86; "
+                            f"${QEMU_ENV} names another QEMU)")
         try:
             out = open(self.log, "wb") if self.log is not None else subprocess.DEVNULL  # noqa: SIM115
             try:

@@ -24,8 +24,10 @@ from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome, execute_add, execute_remove
 from pyvhost.hotplug.host import page_sizes, read_host
 from pyvhost.hotplug.plan import AddRequest, Plan, plan_add, plan_remove
+from pyvhost.hotplug.qemu_rules import BASELINE_REGIONS
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
+from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
 
 from . import checks, traffic
 from .accel import AccelChoice, choose_accel
@@ -236,8 +238,11 @@ class Lab:
         assert self.qmp is not None
         state = read_state(self.qmp)
         host = read_host()
-        plan = plan_add(AddRequest(size=self.config.dimm_size), state, host,
-                        page_sizes(state, host))
+        # The lab's back-end is pyvhost: with --mem-slots its GET_MAX_MEM_SLOTS answer
+        # (which QEMU does not show) is known here.
+        limit = VHOST_USER_MAX_MEM_SLOTS if self.config.mem_slots else BASELINE_REGIONS
+        plan = plan_add(AddRequest(size=self.config.dimm_size, assume_region_limit=limit),
+                        state, host, page_sizes(state, host))
         action: Action = "add (forced past the planner)" if force else "add"
         if plan.refused and not force:
             return self._refused(action, plan)

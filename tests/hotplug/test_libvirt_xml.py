@@ -1,0 +1,173 @@
+"""The libvirt domain XML reader, the DIMM XML and URI checks, without libvirt (the live
+XML below is what libvirt 9.0 wrote for the test domains, trimmed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvhost.hotplug.host import HostFacts, HugepagePool
+from pyvhost.hotplug.libvirt import dimm_alias, plan_libvirt_add
+from pyvhost.hotplug.libvirt_xml import (
+    LibvirtXmlError,
+    device_element,
+    dimm_xml,
+    flat_view,
+    parse_uri,
+    read_domain,
+)
+from pyvhost.hotplug.plan import AddRequest, Code
+from pyvhost.hotplug.state import vhost_regions
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+LIVE = """<domain type='qemu' id='3'>
+  <name>pv-add</name>
+  <maxMemory slots='8' unit='KiB'>4194304</maxMemory>
+  <memory unit='KiB'>393216</memory>
+  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+  <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <loader type='rom'>/usr/share/qemu/qboot.rom</loader></os>
+  <cpu><numa><cell id='0' cpus='0' memory='262144' unit='KiB'/></numa></cpu>
+  <devices>
+    <interface type='vhostuser'>
+      <source type='unix' path='/run/vh.sock' mode='client'/>
+      <model type='virtio'/><alias name='ua-net0'/>
+    </interface>
+    <memory model='dimm' access='shared'>
+      <target><size unit='KiB'>131072</size><node>0</node></target>
+      <alias name='ua-pyvhost-dimm0'/>
+      <address type='dimm' slot='0' base='0x100000000'/>
+    </memory>
+  </devices>
+</domain>"""
+
+
+def host() -> HostFacts:
+    return HostFacts(4096, 2 * MiB, (0,), (HugepagePool(2 * MiB, None, 0, 0),))
+
+
+def test_live_xml_becomes_the_planner_state() -> None:
+    d = read_domain(LIVE, status="running", qemu_version=(7, 2, 22), default_hugepage=2 * MiB)
+    s = d.state
+    assert (s.slots, s.maxmem, s.boot_memory, s.plugged_memory, s.numa_nodes) == (
+        8, 4 * GiB, 256 * MiB, 128 * MiB, 1)
+    assert [(b.id, b.qom_type, b.share) for b in s.backends] == [
+        ("ram-node0", "memory-backend-memfd", True),
+        ("memua-pyvhost-dimm0", "memory-backend-memfd", True)]
+    (dimm,) = s.memory_devices
+    assert (dimm.id, dimm.memdev, dimm.addr, dimm.slot, dimm.node) == (
+        "ua-pyvhost-dimm0", "memua-pyvhost-dimm0", 4 * GiB, 0, 0)
+    (net,) = s.vhost_user
+    assert (net.id, net.socket, net.configure_mem_slots) == ("ua-net0", "/run/vh.sock", None)
+    # Running: low RAM is one piece (as QEMU showed it for this domain), plus the DIMM.
+    assert [(r.guest_phys_addr, r.memory_size) for r in vhost_regions(s, d.page_sizes)] == [
+        (0, 256 * MiB), (4 * GiB, 128 * MiB)]
+    assert "ua-pyvhost-dimm0" in s.device_ids and "ua-net0" in s.device_ids
+
+
+def test_before_boot_the_rom_holes_split_low_ram() -> None:
+    """Paused at creation, QEMU 7.2 showed ram-node0 at 0-0xbffff, 0xe0000-0xeffff and
+    from 0x100000 (qboot; the option ROM and the BIOS between)."""
+    d = read_domain(LIVE, status="paused", qemu_version=(7, 2, 22), default_hugepage=None)
+    low = [(r.start, r.size) for r in d.state.flat_view if r.name == "ram-node0"]
+    assert low == [(0, 0xC0000), (0xE0000, 0x10000), (0x100000, 256 * MiB - 0x100000)]
+    assert len(vhost_regions(d.state, d.page_sizes)) == 4
+
+
+def test_above_4g_split_and_nodes() -> None:
+    ranges = flat_view([("ram-node0", 2 * GiB), ("ram-node1", 2 * GiB)], "pc-q35-7.2", True,
+                       False, [])
+    # q35 with 4 GiB: 2 GiB below 4 GiB, the rest from 4 GiB, each node its own region.
+    assert [(r.name, r.start, r.size, r.offset) for r in ranges] == [
+        ("ram-node0", 0, 2 * GiB, 0), ("ram-node1", 4 * GiB, 2 * GiB, 0)]
+    pc = flat_view([("pc.ram", 4 * GiB)], "pc-i440fx-7.2", True, False, [])
+    assert [(r.start, r.size) for r in pc] == [(0, 3 * GiB), (4 * GiB, 1 * GiB)]
+
+
+@pytest.mark.parametrize(("backing", "access", "qom", "share"), [
+    ("", None, "memory-backend-ram", False),  # anonymous, private: no fd at all
+    ("<access mode='shared'/>", None, "memory-backend-file", True),
+    ("<source type='memfd'/>", None, "memory-backend-memfd", False),
+    ("<source type='memfd'/><access mode='shared'/>", "private", "memory-backend-memfd",
+     False),
+    ("<hugepages/><access mode='shared'/>", None, "memory-backend-file", True),
+])
+def test_backends_as_libvirt_makes_them(backing: str, access: str | None, qom: str,
+                                         share: bool) -> None:
+    dimm_access = f" access='{access}'" if access else ""
+    xml = (f"<domain><memory unit='MiB'>384</memory><memoryBacking>{backing}</memoryBacking>"
+           f"<maxMemory slots='2' unit='GiB'>4</maxMemory><devices>"
+           f"<memory model='dimm'{dimm_access}><target><size unit='MiB'>128</size></target>"
+           f"<alias name='dimm0'/></memory></devices></domain>")
+    s = read_domain(xml, status="running", qemu_version=None, default_hugepage=2 * MiB).state
+    boot, dimm = s.backends
+    assert boot.id == "pc.ram" and boot.size == 256 * MiB  # <memory> less the DIMM
+    assert (dimm.id, dimm.qom_type, dimm.share) == ("memdimm0", qom, share)
+
+
+@pytest.mark.parametrize("xml", [
+    "<domain><memory unit='MiB'>-1</memory></domain>",
+    "<domain><memory unit='parsecs'>1</memory></domain>",
+    "<domain><memory unit='KiB'>1e9</memory></domain>",
+    "<network/>",
+    "<domain><memory",
+    "<domain><memory unit='MiB'>256</memory><maxMemory slots='x'>1</maxMemory></domain>",
+])
+def test_hostile_xml_is_refused_by_name(xml: str) -> None:
+    with pytest.raises(LibvirtXmlError):
+        read_domain(xml, status="running", qemu_version=None, default_hugepage=None)
+
+
+def test_dimm_xml_and_its_live_element() -> None:
+    xml = dimm_xml("ua-d1", 128 * MiB, 0, share=True)
+    assert xml == ('<memory model="dimm" access="shared"><target><size unit="KiB">131072'
+                   '</size><node>0</node></target><alias name="ua-d1" /></memory>')
+    assert "access=\"private\"" in dimm_xml("ua-d1", 128 * MiB, None, share=False)
+    assert "<pagesize unit=\"KiB\">2048</pagesize>" in dimm_xml("ua-d1", 128 * MiB, 0, True,
+                                                                 2 * MiB)
+    for alias in ("d1", "ua-", "ua-a b", "ua-<x>"):
+        with pytest.raises(ValueError):
+            dimm_xml(alias, 128 * MiB, 0, True)
+    with pytest.raises(ValueError):
+        dimm_xml("ua-d1", 1000, 0, True)
+    element = device_element(LIVE, "ua-pyvhost-dimm0")
+    assert element is not None and "ua-pyvhost-dimm0" in element and "131072" in element
+    assert "<address" not in element  # the persistent config's copy has no base
+    assert device_element(LIVE, "ua-none") is None
+
+
+def test_uris() -> None:
+    assert parse_uri(None).uri is None and not parse_uri(None).remote
+    local = parse_uri("qemu:///system")
+    assert (local.transport, local.host, local.remote) == (None, None, False)
+    private = parse_uri("qemu:///system?socket=/tmp/x/libvirt-sock")
+    assert not private.remote and private.path == "/system"
+    ssh = parse_uri("qemu+ssh://root@hv17.example/system?keyfile=/k")
+    assert (ssh.transport, ssh.host, ssh.remote) == ("ssh", "hv17.example", True)
+    assert parse_uri("qemu+tls://hv1/system").remote
+    assert not parse_uri("qemu+ssh://localhost/system").remote
+    assert parse_uri("qemu:///session").path == "/session"
+    for bad in ("", "xen:///system", "test:///default", "qemu:///nope", "qemu:///sys tem",
+                "lxc:///"):
+        with pytest.raises(ValueError):
+            parse_uri(bad)
+
+
+def test_libvirt_plan_attaches_a_shared_dimm_with_a_user_alias() -> None:
+    d = read_domain(LIVE, status="running", qemu_version=(7, 2, 22), default_hugepage=2 * MiB)
+    assert dimm_alias(None, d.state) == "ua-pyvhost-dimm1"
+    assert dimm_alias("d7", d.state) == "ua-d7" and dimm_alias("ua-x", d.state) == "ua-x"
+    plan = plan_libvirt_add(AddRequest(128 * MiB), d, host(), persistent=True)
+    assert not plan.refused and plan.device_id == "ua-pyvhost-dimm1"
+    (step,) = plan.steps
+    assert step.command == "attach-device" and step.arguments["config"] is True
+    assert "access=\"shared\"" in step.arguments["xml"] and "<node>0</node>" in str(
+        step.arguments["xml"])
+    assert step.undo is not None and step.undo.command == "detach-device"
+    assert any("counted from the domain XML" in n for n in plan.notes)
+    private = plan_libvirt_add(AddRequest(128 * MiB, share=False), d, host(), persistent=False)
+    assert [r.code for r in private.refusals] == [Code.NOT_SHARED_WITH_VHOST_USER]
+    taken = plan_libvirt_add(AddRequest(128 * MiB, id="pyvhost-dimm0"), d, host(),
+                             persistent=False)
+    assert Code.ID_IN_USE in [r.code for r in taken.refusals]
