@@ -52,14 +52,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 DATAPATH_TESTS = ("datapath", "switch", "backend", "virtq", "memory", "net",
                   "integration/test_dpdk_reflect.py", "integration/test_dpdk_switch_txonly.py",
                   "integration/test_hotplug_cycles.py")
+#: Tests that run QEMU for ``pyvhost mem`` or hot-plug memory in the lab: they run again
+#: on QEMU 10.0 in ``./dev test`` (PYVHOST_QEMU, ``-m qemu_versions``).
+QEMU_VERSION_TESTS = ("hotplug", "lab/test_lab.py", "lab/test_unplug.py",
+                      "lab/test_dpdk_hotplug.py", "lab/test_mq_guest.py",
+                      "lab/test_packets_in_new_memory.py")
 _TESTS = Path(__file__).resolve().parent
+
+
+def _under(rel: str, prefixes: tuple[str, ...]) -> bool:
+    return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         rel = Path(item.path).resolve().relative_to(_TESTS).as_posix()
-        if any(rel == p or rel.startswith(p + "/") for p in DATAPATH_TESTS):
+        if _under(rel, DATAPATH_TESTS):
             item.add_marker(pytest.mark.datapath)
+        if _under(rel, QEMU_VERSION_TESTS):
+            item.add_marker(pytest.mark.qemu_versions)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
