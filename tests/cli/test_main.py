@@ -3,6 +3,9 @@ subcommand, and every command's ``--help`` stating its exit codes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from pyvhost import __version__
@@ -65,3 +68,35 @@ def test_usage_error_of_a_subcommand() -> None:
     doc = validate(run_pyvhost("probe", "--socket", "/x.sock", "--cycles", "many",
                                "--json").json())
     assert (doc["command"], doc["error"]["kind"]) == ("probe", "usage")
+
+
+_DEL_AFTER_INTERRUPT = """
+import sys
+from pyvhost.cli.common import report_error
+
+class HalfBuilt:
+    # What a Ctrl-C inside asyncio's event loop constructor leaves: an object whose
+    # __del__ fails when the process lets go of it.
+    def __del__(self) -> None:
+        raise AttributeError("no attribute '_ssock'")
+
+obj = HalfBuilt()
+if sys.argv[1] == "interrupted":
+    report_error("interrupted", "interrupted")
+del obj
+"""
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_interrupt_is_one_line_even_when_a_destructor_fails(interrupted: bool) -> None:
+    """After "interrupted", what Python would print for a failing __del__ ("Exception
+    ignored ...", a traceback) is not shown; without an interrupt it still is, so the
+    hook is not hiding real errors."""
+    done = subprocess.run([sys.executable, "-c", _DEL_AFTER_INTERRUPT,
+                           "interrupted" if interrupted else "plain"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    if interrupted:
+        assert done.stderr.splitlines() == ["error: interrupted"], done.stderr
+    else:
+        assert "Exception ignored" in done.stderr and "_ssock" in done.stderr, done.stderr

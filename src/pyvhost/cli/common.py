@@ -144,11 +144,21 @@ def report_error(kind: str, message: str, command: str | None = None,
     """Tell the user: the error document on stdout with ``--json``, and always one line
     on stderr (never wrapped). ``command`` and ``as_json`` default to the current
     command's."""
+    if kind == "interrupted":
+        # Ctrl-C can land anywhere, also inside a constructor (asyncio's event loop, in
+        # qemu.qmp's client): the half-built object's __del__ then fails as the process
+        # exits and Python prints "Exception ignored ..." with a traceback. The command is
+        # ending on purpose; its one line is all the user gets.
+        sys.unraisablehook = _ignore_unraisable
     if json_wanted() if as_json is None else as_json:
         emit_json(error_doc(kind, message, command_name() if command is None else command))
     # The message quotes paths, QEMU's and the back-end's words: plain text, not markup.
     console(stderr=True).print(Text.assemble(("error", "red"), f": {message}"),
                                soft_wrap=True, highlight=False)
+
+
+def _ignore_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` for a process that is ending on an interrupt."""
 
 
 def fail(message: str, kind: str = "usage") -> NoReturn:
