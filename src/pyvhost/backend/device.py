@@ -112,6 +112,15 @@ class VirtioDevice(ABC):
     #: every start when it is offered), DPDK 22.11's virtio_user from its ``mac=`` (it
     #: negotiates only MQ, REPLY_ACK and STATUS).
     serves_config = False
+    #: Whether every write the device makes to guest memory goes through the virtqueue's
+    #: methods that mark the dirty log while the front-end logs (DescriptorChain.write
+    #: with the queue's ``log``, write_rx_frame, SplitQueue's used-ring methods, and a
+    #: data path that does the same): only then may the connection offer VHOST_F_LOG_ALL
+    #: and PROTOCOL_F_LOG_SHMFD, so that QEMU can migrate the VM. A device that writes
+    #: anywhere else (``ctx.mem.write``) must leave it False: QEMU then refuses to migrate
+    #: ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature") instead of copying
+    #: stale pages.
+    logs_dirty_pages = False
 
     @abstractmethod
     def device_features(self) -> int:

@@ -100,6 +100,9 @@ class SwitchPort(VirtioDevice):
     name = "virtio-net-switch-port"
     num_queues = 2
     max_queue_size = 32768
+    #: Frames reach guest memory through write_rx_frame and the queues' used-ring methods
+    #: only, which mark the dirty log while the front-end logs (live migration).
+    logs_dirty_pages = True
 
     def __init__(self, switch: Switch, mac: bytes = b"\x52\x54\x00\x12\x34\x56", *,
                  queue_pairs: int = 1, mtu: int = DEFAULT_MTU) -> None:
