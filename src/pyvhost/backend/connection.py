@@ -74,10 +74,12 @@ from .vring import Vring
 log = logging.getLogger(__name__)
 
 #: Protocol features pyvhost offers; the intersection with the front-end's is negotiated.
-#: LOG_SHMFD only for devices that log their writes (:attr:`VirtioDevice.logs_dirty_pages`).
+#: LOG_SHMFD only for devices that log their writes (:attr:`VirtioDevice.logs_dirty_pages`),
+#: RARP only for those that announce (:attr:`VirtioDevice.announces`).
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                              | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
-                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD)
+                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD
+                             | ProtocolFeature.RARP)
 LOG_ALL = int(VirtioFeature.LOG_ALL)
 
 
@@ -125,6 +127,8 @@ class Connection(DeviceHost):
             offered &= ~ProtocolFeature.CONFIG
         if not device.logs_dirty_pages:
             offered &= ~ProtocolFeature.LOG_SHMFD
+        if not device.announces:
+            offered &= ~ProtocolFeature.RARP
         self.offered_protocol_features = offered
         #: The front-end's dirty log (SET_LOG_BASE), mapped; the queues mark it while
         #: VHOST_F_LOG_ALL is acked (:attr:`logging`).
@@ -723,6 +727,23 @@ def _set_log_fd(c: Connection, msg: Message) -> None:
     log.debug("%s: SET_LOG_FD: pyvhost does not signal log changes; fd closed", c.name)
 
 
+@REQUEST_TABLE.handles(Request.SEND_RARP, needs=ProtocolFeature.RARP)
+def _send_rarp(c: Connection, msg: Message) -> None:
+    # "Ask vhost user back-end to broadcast a fake RARP to notify the migration is
+    # terminated for guest that does not support GUEST_ANNOUNCE ... The first 6 bytes of
+    # the payload contain the mac address of the guest". QEMU sends it to the
+    # destination's back-end once the migrated guest runs, 5 times (announce rounds).
+    assert isinstance(msg.payload, m.Raw)
+    if len(msg.payload.data) != 8:
+        raise RequestError(f"SEND_RARP payload of {len(msg.payload.data)} bytes, "
+                           "expected a u64")
+    mac = msg.payload.data[:6]
+    if mac[0] & 1:
+        raise RequestError(f"SEND_RARP for {mac.hex(':')}, a multicast address")
+    log.info("%s: announcing %s (SEND_RARP)", c.name, mac.hex(":"))
+    c.device.announce(mac)
+
+
 @REQUEST_TABLE.handles(Request.GET_CONFIG, needs=ProtocolFeature.CONFIG)
 def _get_config(c: Connection, msg: Message) -> m.Payload:
     p = msg.payload
@@ -758,7 +779,6 @@ def _get_status(c: Connection, msg: Message) -> m.Payload:
 
 #: Requests the codec decodes that this back-end refuses ("... is not supported"), and why.
 UNSUPPORTED: dict[int, str] = {
-    Request.SEND_RARP: "PROTOCOL_F_RARP is not offered",
     Request.NET_SET_MTU: "PROTOCOL_F_NET_MTU is not offered",
     Request.SET_BACKEND_REQ_FD: "PROTOCOL_F_BACKEND_REQ is not offered",
     Request.SET_VRING_ENDIAN: "PROTOCOL_F_CROSS_ENDIAN is not offered (little-endian only)",

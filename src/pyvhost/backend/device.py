@@ -121,6 +121,10 @@ class VirtioDevice(ABC):
     #: ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature") instead of copying
     #: stale pages.
     logs_dirty_pages = False
+    #: Whether the device implements :meth:`announce`: only then is PROTOCOL_F_RARP
+    #: offered, and QEMU asks the back-end of a migration's destination (SEND_RARP) to
+    #: announce the guest's MAC address where the guest can not (no GUEST_ANNOUNCE).
+    announces = False
 
     @abstractmethod
     def device_features(self) -> int:
@@ -141,6 +145,11 @@ class VirtioDevice(ABC):
 
     def attach(self, host: DeviceHost) -> None:  # noqa: B027 - optional hook
         """The connection that serves this device, given once, before any other call."""
+
+    def announce(self, mac: bytes) -> None:
+        """SEND_RARP: "broadcast a fake RARP to notify the migration is terminated for
+        guest that does not support GUEST_ANNOUNCE" (devices with :attr:`announces`)."""
+        raise NotImplementedError(f"{self.name} does not announce MAC addresses")
 
     def features_acked(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end's SET_FEATURES (already checked against what was offered)."""
