@@ -16,18 +16,20 @@ concurrently manipulated." (vhost-user.rst, Migration)
 checked before it is made, unmapped by :meth:`DirtyLog.close` (a replaced log, RESET_OWNER,
 a closed connection). :meth:`DirtyLog.mark` marks every page of a guest-physical range.
 
-How a mark is stored: Python has no atomic fetch-or, and a read-modify-write of a log
-byte could erase a bit another writer set meanwhile (QEMU shares one log between every
-vhost device of a VM: another back-end's bit lost is a page QEMU never sends again, a
-corrupted guest). So a mark stores 0xFF into each log byte its range touches: a plain
-store that can not lose anyone's bit. QEMU's concurrent reader (``qatomic_xchg`` of each
-64-bit word, then zero) sees each byte either before the store (the bits stay set for
-the next round) or after. The cost is precision: a mark dirties the whole 32 KiB group
-(8 pages) around each page it covers, so QEMU may copy up to 7 pages more per group.
-The compiled data path, once it logs, sets exact bits with ``__atomic_fetch_or`` as DPDK
-does (docs/dirty-log.md has the hook). Ordering: the data is written before its mark, and
-x86-64 (the only host pyvhost runs on, as :func:`pyvhost.virtq.split.store_le16` says)
-keeps stores in program order, so QEMU never sees a bit before the data it stands for.
+How a mark is stored: the exact bit of every page, set with an atomic fetch-or (libatomic's
+``__atomic_fetch_or_1`` through ctypes, one call per log byte a range touches), as DPDK,
+libvhost-user and rust-vmm do: QEMU shares one log between every vhost device of a VM, so
+another back-end may set bits of the same byte at the same moment, and QEMU's reader takes
+each 64-bit word with ``qatomic_xchg`` and zeroes it. Where libatomic is missing (a host
+without the GCC runtime) a mark reads the byte and writes it back with the bits added:
+exact, never losing a bit QEMU has not yet taken (QEMU only clears bits, and a bit set
+again is a page sent again), but not atomic against another writer of the same byte
+(``atomic`` in :meth:`DirtyLog.describe` says which). A mark never sets the bit of a page
+the back-end did not write: a bit too many makes QEMU copy a page again, and on TCG it
+also records the page as written for its code cache (without invalidating the code
+translated from it). Ordering: the data is written before its mark, and x86-64 (the only
+host pyvhost runs on, as :func:`pyvhost.virtq.split.store_le16` says) keeps stores in
+program order, so QEMU never sees a bit before the data it stands for.
 
 Memory-safety invariants, the same rules as for guest regions (:mod:`.region`):
 
@@ -47,10 +49,13 @@ replace or close the log: a log is never closed under a mark.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import mmap
 import os
 import stat
+from collections.abc import Callable
 
 from pyvhost.errors import PeerError
 from pyvhost.protocol.constants import VHOST_LOG_PAGE
@@ -62,7 +67,23 @@ log = logging.getLogger(__name__)
 
 #: Guest-physical bytes one byte of the log covers: 8 pages of VHOST_LOG_PAGE.
 BYTE_SPAN = 8 * VHOST_LOG_PAGE
-_SHIFT = BYTE_SPAN.bit_length() - 1  # 15: gpa >> _SHIFT is the log byte of gpa
+_PAGE_SHIFT = VHOST_LOG_PAGE.bit_length() - 1  # 12: gpa >> _PAGE_SHIFT is its page
+
+
+def _fetch_or() -> Callable[[int, int, int], int] | None:
+    """libatomic's ``uint8_t __atomic_fetch_or_1(uint8_t *, uint8_t, int memorder)``."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        fn = lib.__atomic_fetch_or_1
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int)
+    fn.restype = ctypes.c_uint8
+    return fn
+
+
+_ATOMIC_FETCH_OR = _fetch_or()
+_RELEASE = 3  # __ATOMIC_RELEASE: the data written before the mark is visible first
 #: The largest log accepted: it covers 2**52 bytes of guest-physical memory, the widest
 #: physical address x86-64 defines. A larger one is a front-end's mistake or an attack on
 #: this process's address space.
@@ -77,8 +98,8 @@ class DirtyLog:
     """One mapped dirty log: ``mm[base : base + size]`` is the bitmap, bit ``p`` of it
     (byte ``p // 8``, bit ``p % 8``) for guest page ``p`` (GPA ``p * 4096``)."""
 
-    __slots__ = ("_warned", "base", "closed", "marks", "mm", "offset", "overflows",
-                 "shrink_sealed", "size")
+    __slots__ = ("_address", "_warned", "base", "closed", "marks", "mm", "offset",
+                 "overflows", "shrink_sealed", "size")
 
     def __init__(self, mm: mmap.mmap, base: int, size: int, offset: int,
                  shrink_sealed: bool) -> None:
@@ -88,6 +109,15 @@ class DirtyLog:
         self.offset = offset
         self.shrink_sealed = shrink_sealed
         self.closed = False
+        #: The host address of the bitmap's first byte, for the atomic fetch-or; the
+        #: buffer export is dropped at once, so that the mapping can still be closed.
+        #: Used only while the log is open (marks check ``closed``; the connection takes
+        #: the log off its queues before closing it).
+        self._address: int | None = None
+        if _ATOMIC_FETCH_OR is not None:
+            view = ctypes.c_char.from_buffer(mm)
+            self._address = ctypes.addressof(view) + base
+            del view
         #: Calls of :meth:`mark`, and those that reached past the log (status output).
         self.marks = 0
         self.overflows = 0
@@ -130,26 +160,34 @@ class DirtyLog:
         return self.size * BYTE_SPAN
 
     def mark(self, gpa: int, length: int) -> None:
-        """Mark the pages of ``[gpa, gpa + length)`` dirty (see the module for how).
+        """Set the bit of every page of ``[gpa, gpa + length)`` (see the module for how).
 
         ``gpa`` and ``length`` may be any integers: only log bytes below ``size`` are
         written, whatever they say."""
-        if length <= 0 or gpa < 0:
+        if length <= 0 or gpa < 0 or self.closed:
             return
         self.marks += 1
-        first = gpa >> _SHIFT
-        last = (gpa + length - 1) >> _SHIFT
-        if last >= self.size:
+        page = gpa >> _PAGE_SHIFT
+        last = (gpa + length - 1) >> _PAGE_SHIFT
+        if last >> 3 >= self.size:
             self._overflow(gpa, length)
-            if first >= self.size:
+            if page >> 3 >= self.size:
                 return
-            last = self.size - 1
-        mm, at = self.mm, self.base + first
-        if first == last:
-            if mm[at] != 0xFF:
-                mm[at] = 0xFF
-        else:
-            mm[at:self.base + last + 1] = b"\xff" * (last - first + 1)
+            last = 8 * self.size - 1
+        fetch_or, address = _ATOMIC_FETCH_OR, self._address
+        while page <= last:
+            byte = page >> 3
+            end = min(last, page | 7)
+            bits = ((1 << (end - page + 1)) - 1) << (page & 7)
+            # byte < size: the store is inside the bitmap (checked above).
+            if fetch_or is not None and address is not None:
+                fetch_or(address + byte, bits, _RELEASE)
+            else:
+                at = self.base + byte
+                old = self.mm[at]
+                if old & bits != bits:
+                    self.mm[at] = old | bits
+            page = end + 1
 
     def _overflow(self, gpa: int, length: int) -> None:
         self.overflows += 1
@@ -169,4 +207,5 @@ class DirtyLog:
         """The log as plain data, for status output."""
         return {"mmap_size": self.size, "mmap_offset": self.offset, "covers": self.covers,
                 "shrink_sealed": self.shrink_sealed, "marks": self.marks,
-                "overflows": self.overflows, "fds_held": 0 if self.closed else 1}
+                "overflows": self.overflows, "atomic": self._address is not None,
+                "fds_held": 0 if self.closed else 1}
