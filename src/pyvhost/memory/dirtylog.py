@@ -155,6 +155,13 @@ class DirtyLog:
         return cls(mm, offset - start, size, offset, shrink_sealed(fd))
 
     @property
+    def address(self) -> int | None:
+        """The host address of the bitmap (byte 0: pages 0-7), for a compiled data path
+        that sets bits itself (docs/dirty-log.md); None when libatomic is missing (the
+        pure path's read-modify-write then marks). Valid while the log is open."""
+        return None if self.closed else self._address
+
+    @property
     def covers(self) -> int:
         """Guest-physical bytes the log covers, from address 0."""
         return self.size * BYTE_SPAN
