@@ -177,9 +177,6 @@ def test_unknown_request(bad: NetPort, good: NetPort, baseline: int,
 
 #: A well-formed message of every request the back-end lists as unsupported: payload, fds.
 UNSUPPORTED_CASES: dict[int, tuple[m.Payload, int]] = {
-    Request.SET_LOG_BASE: (m.Raw(bytes(16)), 1),
-    Request.SET_LOG_FD: (m.Empty(), 1),
-    Request.SEND_RARP: (m.Raw(b"\x52\x54\x00\x12\x34\x56\x00\x00"), 0),
     Request.NET_SET_MTU: (m.U64(9000), 0),
     Request.SET_BACKEND_REQ_FD: (m.Empty(), 1),
     Request.SET_VRING_ENDIAN: (m.VringState(0, 1), 0),

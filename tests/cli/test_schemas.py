@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {"pyvhost.error/1", "pyvhost.status/1", "pyvhost.probe/1", "pyvhost.demo/1",
             "pyvhost.probe.hostile/1", "pyvhost.probe.cases/1",
             "pyvhost.mem.status/1", "pyvhost.mem.add/1", "pyvhost.mem.remove/1",
-            "pyvhost.mem.resize/1"}
+            "pyvhost.mem.resize/1", "pyvhost.mem.migrate-args/1", "pyvhost.mem.migrate/1"}
 
 
 def _files() -> list[str]:

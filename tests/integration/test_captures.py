@@ -155,6 +155,7 @@ def test_pyvhost_accepts_qemu72_sequence(served: tuple[Server, socket.socket],
     ram = RamFiles()
     eventfds: list[int] = []
     acks = 0
+    offered_protocol = int(protocol_features_for(ReflectNet()))
     try:
         for c in load(name):
             if not c.to_backend:
@@ -167,12 +168,13 @@ def test_pyvhost_accepts_qemu72_sequence(served: tuple[Server, socket.socket],
             if request == Request.SET_BACKEND_REQ_FD:
                 continue  # QEMU sends it only to back-ends offering BACKEND_REQ
             if request in (Request.GET_CONFIG, Request.SET_CONFIG) and not (
-                    protocol_features_for(ReflectNet()) & ProtocolFeature.CONFIG):
+                    offered_protocol & ProtocolFeature.CONFIG):
                 continue  # captured from a back-end that offered CONFIG; ours does not
             if request == Request.SET_PROTOCOL_FEATURES:
-                # QEMU acks the intersection of what it wants and what was offered.
+                # QEMU acks the intersection of what it wants and what was offered (what
+                # this device's connection answered to GET_PROTOCOL_FEATURES).
                 assert isinstance(payload, m.U64)
-                payload = m.U64(payload.value & int(protocol_features_for(ReflectNet())))
+                payload = m.U64(payload.value & offered_protocol)
             if request == Request.SET_FEATURES:
                 assert isinstance(payload, m.U64)
                 offered = ReflectNet().device_features() | VHOST_USER_F_PROTOCOL_FEATURES
@@ -187,7 +189,10 @@ def test_pyvhost_accepts_qemu72_sequence(served: tuple[Server, socket.socket],
                 fds = [fd]
             send_message(sock, encode(request, payload, flags=msg.flags), fds)
             if has_explicit_reply(request):
-                _reply(sock, request, ack=False)
+                reply = _reply(sock, request, ack=False)
+                if request == Request.GET_PROTOCOL_FEATURES:
+                    assert isinstance(reply, m.U64)
+                    offered_protocol = reply.value
             elif msg.flags & FLAG_NEED_REPLY:
                 answer = _reply(sock, request, ack=True)
                 assert answer == m.U64(0), f"pyvhost NACKed QEMU's {Request(request).name}"

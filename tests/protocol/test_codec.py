@@ -103,9 +103,9 @@ def _goldens() -> list[Golden]:
     add("SET_MEM_TABLE/2-in-fixed-struct", r.SET_MEM_TABLE,
         struct.pack("<II", 2, 0) + region_bytes(*R0) + region_bytes(*R1) + bytes(6 * 32),
         m.MemoryTable((REGION0, REGION1)), nfds=2, canonical=False)
-    # "VhostUserLog: mmap size u64, mmap offset u64" (kept raw), with the log's fd.
+    # "Log description: log size u64, log offset u64", with the log's fd.
     add("SET_LOG_BASE", r.SET_LOG_BASE, struct.pack("<QQ", 0x10000, 0x0),
-        m.Raw(struct.pack("<QQ", 0x10000, 0x0)), nfds=1)
+        m.LogDescription(0x10000, 0), nfds=1)
     add("SET_LOG_FD", r.SET_LOG_FD, b"", empty, nfds=1)
     add("SET_VRING_NUM", r.SET_VRING_NUM, struct.pack("<II", 1, 256), m.VringState(1, 256))
     add("SET_VRING_ADDR", r.SET_VRING_ADDR,
@@ -605,6 +605,8 @@ MESSAGE_ERRORS: dict[str, tuple[bytes, int]] = {
     "ADD_MEM_REG-no-fd": (wire(Request.ADD_MEM_REG, u64(0) + region_bytes(*R0)), 0),
     "REM_MEM_REG-two-fds": (wire(Request.REM_MEM_REG, u64(0) + region_bytes(*R0)), 2),
     "SET_LOG_FD-no-fd": (wire(Request.SET_LOG_FD), 0),
+    "SET_LOG_BASE-no-fd": (wire(Request.SET_LOG_BASE, struct.pack("<QQ", 4096, 0)), 0),
+    "SET_LOG_BASE-u64-payload": (wire(Request.SET_LOG_BASE, u64(4096)), 1),
     "SET_CONFIG-size-mismatch": (
         wire(Request.SET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(4)), 0),
     "SET_CONFIG-over-256": (
@@ -698,7 +700,7 @@ VALID_REQUESTS = st.one_of(
     _with([R.GET_CONFIG, R.SET_CONFIG],
           st.tuples(U32, U32, st.binary(max_size=256)).map(
               lambda t: m.ConfigSpace(t[0], len(t[2]), t[1], t[2])), 0),
-    _with([R.SET_LOG_BASE], st.binary(max_size=64).map(m.Raw), 1),
+    _with([R.SET_LOG_BASE], st.builds(m.LogDescription, U64, U64), 1),
     _with([R.SEND_RARP], st.binary(max_size=64).map(m.Raw), 0),
 )
 

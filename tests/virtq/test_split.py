@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvhost.memory import GuestAddressError
+from pyvhost.memory import DirtyLog, GuestAddressError
 from pyvhost.protocol.fds import FdBag
+from pyvhost.protocol.messages import LogDescription
 from pyvhost.virtq.split import SplitQueue, VirtqueueError
-from support.memfd import SharedRam
+from support.memfd import SharedRam, memfd
 from support.ring import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -669,3 +670,97 @@ def test_random_rings(ram: SharedRam, image: RingImage) -> None:
         # At most the ring's table and one indirect table, each walked at most once.
         assert len(chain.readable) + len(chain.writable) <= 2 * SIZE
         chain.read(ram.mem, limit=256)
+
+
+# ---------------------------------------------------------------------------------------
+# The dirty log (live migration)
+# ---------------------------------------------------------------------------------------
+
+
+class RecordingLog(DirtyLog):
+    """A dirty log that records the ranges it is asked to mark (exact, whatever a real
+    log's granularity), for checking what the queue marks."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self) -> None:  # no mapping: nothing is stored
+        self.ranges: list[tuple[int, int]] = []
+
+    def mark(self, gpa: int, length: int) -> None:
+        self.ranges.append((gpa, length))
+
+
+LOG_AT = 0x7_0000_0000  # log_guest_addr: any GPA, even outside guest memory
+
+
+def test_chain_write_marks_each_buffer_it_fills(
+        ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
+    q, ring = qr
+    ring.post(ring.write_chain([0, 1, 2], [Buffer(0xA000, 16, True), Buffer(0x1_0000, 32, True),
+                                           Buffer(0x1_8000, 64, True)]))
+    chain = q.pop(ram.mem)
+    assert chain is not None
+    log = RecordingLog()
+    assert chain.write(ram.mem, os.urandom(40), log) == 40
+    # Only what was written, after it was written: nothing of the third buffer.
+    assert log.ranges == [(0xA000, 16), (0x1_0000, 24)]
+    one = RecordingLog()
+    chain.write(ram.mem, b"x", one)
+    assert one.ranges == [(0xA000, 1)]
+    chain.write(ram.mem, b"y")  # no log: nothing to mark, nothing fails
+
+
+def test_used_ring_writes_are_marked_at_log_guest_addr(
+        ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
+    q, _ring = qr
+    log = RecordingLog()
+    q.log = log
+    q.push_used_batch([(0, 1), (1, 2)])
+    assert log.ranges == [], "used writes are logged only with VHOST_VRING_F_LOG"
+    q.log_guest_addr = LOG_AT
+    q.push_used_batch([(2, 3), (3, 4), (4, 5)])        # slots 2..4
+    assert log.ranges == [(LOG_AT + 4 + 8 * 2, 24), (LOG_AT + 2, 2)]
+    log.ranges.clear()
+    q.push_used_batch([(5, 0), (6, 0), (7, 0), (0, 0)])  # slots 5, 6, 7, then 0
+    assert log.ranges == [(LOG_AT + 4 + 8 * 5, 24), (LOG_AT + 4, 8), (LOG_AT + 2, 2)]
+    log.ranges.clear()
+    q.push_used(1, 9)                                   # slot 1
+    assert log.ranges == [(LOG_AT + 4 + 8 * 1, 8), (LOG_AT + 2, 2)]
+    log.ranges.clear()
+    q.enable_kicks(False)                               # used->flags
+    assert log.ranges == [(LOG_AT, 2)]
+    q.log = None
+    q.push_used(2, 0)
+    q.enable_kicks(True)
+    assert log.ranges == [(LOG_AT, 2)]
+
+
+def test_avail_event_write_is_marked(ram: SharedRam) -> None:
+    q, _ring = make_queue(ram, event_idx=True)
+    log = RecordingLog()
+    q.log, q.log_guest_addr = log, LOG_AT
+    q.enable_kicks(False)   # with EVENT_IDX: nothing is written
+    q.enable_kicks(True)    # avail_event, after the ring's SIZE elements
+    assert log.ranges == [(LOG_AT + 4 + 8 * SIZE, 2)]
+
+
+def test_a_real_log_gets_the_pages_written(ram: SharedRam,
+                                           qr: tuple[SplitQueue, DriverRing]) -> None:
+    """The same through a mapped log: the bits of the buffer's page and of the used ring
+    at log_guest_addr, none for the ring's own GPA."""
+    q, ring = qr
+    fd = memfd(1 << 16, name="pyvhost-test-log")
+    log = DirtyLog.map(LogDescription(1 << 16, 0), fd)
+    try:
+        q.log, q.log_guest_addr = log, 0x80_0000           # page 2048
+        ring.post(ring.write_chain([0], [Buffer(0x1_8000, 64, True)]))  # page 24
+        chain = q.pop(ram.mem)
+        assert chain is not None
+        n = chain.write(ram.mem, os.urandom(64), q.log)
+        q.push_used_batch([(chain.head, n)])
+        bitmap = os.pread(fd, 1 << 16, 0)
+        dirty = {8 * i + k for i, b in enumerate(bitmap) for k in range(8) if b >> k & 1}
+        assert dirty == {0x1_8000 // 4096, 0x80_0000 // 4096}
+    finally:
+        log.close()
+        os.close(fd)

@@ -11,7 +11,16 @@ would go on with a state the back-end does not share. Framing errors always clos
 closed connection never affects another one.
 
 Every fd that arrives is closed when its message is handled, unless a handler took it
-(kick/call/err eventfds; memory region fds are closed right after mapping).
+(kick/call/err eventfds; memory region fds and the dirty log's are closed right after
+mapping).
+
+Live migration (vhost-user.rst, Migration): for a device that writes guest memory only
+through the virtqueue's methods (:attr:`VirtioDevice.logs_dirty_pages`), the connection
+offers VHOST_F_LOG_ALL and PROTOCOL_F_LOG_SHMFD. SET_LOG_BASE maps the front-end's log
+(:class:`~pyvhost.memory.DirtyLog`; a replaced log is unmapped at once), SET_FEATURES with
+VHOST_F_LOG_ALL turns logging on and off, and SET_VRING_ADDR with VHOST_VRING_F_LOG says
+where each used ring is logged. While logging is on, every queue carries the log and marks
+what it writes; GET_VRING_BASE stops a ring and answers where the destination resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +34,13 @@ from collections.abc import Callable
 from enum import Enum
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, GuestMemory, MemoryFaultError, MemoryManager
+from pyvhost.memory import (
+    DirtyLog,
+    GuestAddressError,
+    GuestMemory,
+    MemoryFaultError,
+    MemoryManager,
+)
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import (
     REQUESTS,
@@ -59,19 +74,28 @@ from .vring import Vring
 log = logging.getLogger(__name__)
 
 #: Protocol features pyvhost offers; the intersection with the front-end's is negotiated.
+#: LOG_SHMFD only for devices that log their writes (:attr:`VirtioDevice.logs_dirty_pages`),
+#: RARP only for those that announce (:attr:`VirtioDevice.announces`).
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                              | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
-                             | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD
+                             | ProtocolFeature.RARP)
+LOG_ALL = int(VirtioFeature.LOG_ALL)
 
 
 def protocol_features_for(device: VirtioDevice) -> ProtocolFeature:
     """The protocol features offered to the front-end of ``device``: the library's, less
     what the device withholds, and CONFIG only for a device whose front-end reads its
     config space through the back-end (QEMU's vhost-user-net serves its own and warns
-    about an offered CONFIG at every start)."""
+    about an offered CONFIG at every start), LOG_SHMFD only for a device that logs every
+    guest page it writes, RARP only for a device that can announce a migrated guest."""
     offered = OFFERED_PROTOCOL_FEATURES & ~device.withheld_protocol_features
     if not device.serves_config:
         offered &= ~ProtocolFeature.CONFIG
+    if not device.logs_dirty_pages:
+        offered &= ~ProtocolFeature.LOG_SHMFD
+    if not device.announces:
+        offered &= ~ProtocolFeature.RARP
     return offered
 
 
@@ -105,12 +129,18 @@ class Connection(DeviceHost):
         self.decoder = Decoder()
         self.memory = MemoryManager()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
-        self.offered_features = device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
+        #: VHOST_F_LOG_ALL: "Once it complies to this logging, it may declare the
+        #: VHOST_F_LOG_ALL vhost feature" - only a device whose writes are all logged.
+        self.offered_features = (device.device_features() | VHOST_USER_F_PROTOCOL_FEATURES
+                                 | (LOG_ALL if device.logs_dirty_pages else 0))
         self.acked_features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
         #: What GET_PROTOCOL_FEATURES answers (:func:`protocol_features_for`).
         self.offered_protocol_features = protocol_features_for(device)
+        #: The front-end's dirty log (SET_LOG_BASE), mapped; the queues mark it while
+        #: VHOST_F_LOG_ALL is acked (:attr:`logging`).
+        self.dirty_log: DirtyLog | None = None
         #: The last request that changed the memory table: its name, the new generation,
         #: and when (time.monotonic(), CLOCK_MONOTONIC: comparable across processes on
         #: Linux) it was taken off the socket and when the new table was in force (fds
@@ -134,6 +164,24 @@ class Connection(DeviceHost):
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
+
+    @property
+    def logging(self) -> bool:
+        """Whether the front-end asked for dirty logging (VHOST_F_LOG_ALL acked)."""
+        return bool(self.acked_features & LOG_ALL)
+
+    def _apply_log(self) -> None:
+        """Hand every queue the log while logging is on, else none. Runs on the loop
+        thread, as the queues' writes do: no write sees a log closed under it."""
+        log = self.dirty_log if self.logging else None
+        for vring in self.vrings:
+            vring.queue.log = log
+
+    def _drop_log(self) -> None:
+        log, self.dirty_log = self.dirty_log, None
+        self._apply_log()
+        if log is not None:
+            log.close()
 
     # -- I/O -----------------------------------------------------------------------------
     def on_readable(self) -> None:
@@ -255,6 +303,7 @@ class Connection(DeviceHost):
         self.close_reason = reason
         log.debug("%s: closed: %s", self.name, reason)  # the server logs the disconnect
         self._stop_all_rings()
+        self._drop_log()
         self.memory.clear()
         self.decoder.close()
         try:
@@ -374,8 +423,9 @@ class Connection(DeviceHost):
         eventfds = sum((v.kick_fd is not None) + (v.call_fd is not None)
                        + (v.err_fd is not None) for v in self.vrings)
         sock = 0 if self.phase is Phase.CLOSED else 1
-        return {"regions": len(self.memory.current), "mappings": mappings,
-                "fds": sock + eventfds + mappings}
+        log = 0 if self.dirty_log is None or self.dirty_log.closed else 1
+        return {"regions": len(self.memory.current), "mappings": mappings + log,
+                "fds": sock + eventfds + mappings + log, "log_mappings": log}
 
     def describe(self) -> dict[str, object]:
         return {
@@ -388,6 +438,8 @@ class Connection(DeviceHost):
             "memory_generation": self.memory.current.generation,
             "memory": self.memory.current.describe(),
             "last_memory_update": self.last_memory_update,
+            "logging": self.logging,
+            "dirty_log": None if self.dirty_log is None else self.dirty_log.describe(),
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken,
                         "last_avail_idx": v.queue.last_avail_idx,
@@ -427,6 +479,8 @@ def _set_features(c: Connection, msg: Message) -> None:
     if extra:
         raise RequestError(f"front-end acked features the back-end did not offer: "
                            f"{extra:#x}")
+    was_logging, device_features = c.logging, c.acked_features & ~LOG_ALL
+    first = not c.features_set
     c.acked_features = features
     c.features_set = True
     event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
@@ -435,7 +489,18 @@ def _set_features(c: Connection, msg: Message) -> None:
         # Without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled from the start.
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
             vring.enabled = True
-    c.device.features_acked(features)
+    # "To start/stop logging of data/used ring writes, the front-end may send messages
+    # VHOST_USER_SET_FEATURES with VHOST_F_LOG_ALL ... set to 1/0". QEMU sends the log
+    # (SET_LOG_BASE) first, except for a device it starts while it already migrates; the
+    # queues mark it from when both are there.
+    c._apply_log()
+    if c.logging != was_logging:
+        log.info("%s: dirty logging %s%s", c.name, "on" if c.logging else "off",
+                 "" if c.dirty_log is not None or not c.logging else " (no log yet)")
+    # VHOST_F_LOG_ALL is the connection's business; the device hears of its own bits, and
+    # only when they change (QEMU toggles logging with the same features otherwise).
+    if first or features & ~LOG_ALL != device_features:
+        c.device.features_acked(features & ~LOG_ALL)
 
 
 @REQUEST_TABLE.handles(Request.GET_PROTOCOL_FEATURES, needs_owner=False)
@@ -477,6 +542,7 @@ def _set_owner(c: Connection, msg: Message) -> None:
 def _reset_owner(c: Connection, msg: Message) -> None:
     c._stop_all_rings()
     c.vrings = [Vring(i) for i in range(c.device.num_queues)]
+    c._drop_log()
     c.memory.clear()
     c.acked_features = 0
     c.features_set = False
@@ -527,7 +593,15 @@ def _set_vring_addr(c: Connection, msg: Message) -> None:
     vring = c._vring(p.index)
     if vring.queue.size == 0:
         raise RequestError(f"queue {p.index}: SET_VRING_ADDR before SET_VRING_NUM")
+    if p.flags & ~m.VringAddr.F_LOG:
+        # Linux's vhost refuses the same (EOPNOTSUPP): no other flag is defined.
+        raise RequestError(f"queue {p.index}: unknown vring flags {p.flags:#x}")
     queue = vring.queue
+    log_used = bool(p.flags & m.VringAddr.F_LOG)
+    if log_used and p.log + queue.ring_sizes()[2] > 1 << 64:
+        # log_guest_addr is the front-end's: the used ring's last byte must have a GPA.
+        raise RequestError(f"queue {p.index}: log_guest_addr {p.log:#x} + the used ring's "
+                           "size overflows 64 bits")
     previous = (queue.desc_va, queue.avail_va, queue.used_va)
     queue.set_addresses(p.descriptor, p.available, p.used)
     # Translate now: a ring outside the memory table is refused here, not at first kick.
@@ -541,6 +615,9 @@ def _set_vring_addr(c: Connection, msg: Message) -> None:
             queue.attach(c.memory.current)
         raise
     queue.broken = None
+    # "Modifications to 'used' vring should be marked if VHOST_VRING_F_LOG is part of
+    # ring's flags"; QEMU sends the flag with every ring when migration starts.
+    queue.log_guest_addr = p.log if log_used else None
     if not vring.started:
         # A ring about to start (SET_VRING_KICK comes next) resumes where its used ring
         # says, if the front-end's SET_VRING_BASE disagrees (see resume_from_used_ring).
@@ -561,12 +638,21 @@ def _get_vring_base(c: Connection, msg: Message) -> m.Payload:
     assert isinstance(msg.payload, m.VringState)
     vring = c._vring(msg.payload.index)
     # "The back-end must stop the ring when it receives VHOST_USER_GET_VRING_BASE", and
-    # replies with the next available index it would have read.
+    # replies with the next available index it would have read: where the front-end (or a
+    # migration's destination, through SET_VRING_BASE) resumes. A stopped ring is not
+    # ready, so nothing is written to it any more. The devices use every chain they take
+    # within the same turn of the loop (this handler runs between turns), so the used
+    # index has caught up with it: no chain is in flight.
     if vring.kick_fd is not None:
         c.loop.unwatch(vring.kick_fd)
     vring.replace_fd("kick_fd", None)
     vring.started = False
-    return m.VringState(msg.payload.index, vring.queue.last_avail_idx)
+    queue = vring.queue
+    if queue.used_idx != queue.last_avail_idx:
+        log.warning("%s: queue %d stopped with %d chains taken and not used", c.name,
+                    queue.index, (queue.last_avail_idx - queue.used_idx) & 0xFFFF)
+    log.debug("%s: queue %d stopped at %d", c.name, queue.index, queue.last_avail_idx)
+    return m.VringState(msg.payload.index, queue.last_avail_idx)
 
 
 def _vring_fd(c: Connection, msg: Message) -> tuple[Vring, int | None]:
@@ -623,6 +709,54 @@ def _set_vring_enable(c: Connection, msg: Message) -> None:
         c.serve_queue(vring.queue.index)
 
 
+@REQUEST_TABLE.handles(Request.SET_LOG_BASE, needs=ProtocolFeature.LOG_SHMFD)
+def _set_log_base(c: Connection, msg: Message) -> m.Payload:
+    # "When the back-end has VHOST_USER_PROTOCOL_F_LOG_SHMFD protocol feature, the log
+    # memory fd is provided in the ancillary data of VHOST_USER_SET_LOG_BASE message, the
+    # size and offset of shared memory area provided in the message." Without LOG_SHMFD
+    # there is no way to share a log: the table refuses it (and the front-end, which then
+    # waits for no reply, is closed on).
+    assert isinstance(msg.payload, m.LogDescription)
+    new = DirtyLog.map(msg.payload, msg.fds.peek(0))  # checks first; the bag closes the fd
+    old, c.dirty_log = c.dirty_log, new
+    c._apply_log()
+    if old is not None:
+        # QEMU resizes the log (a hot-plug during migration) "before releasing the
+        # current log, to ensure no logging is lost": the new one is in force here.
+        old.close()
+    log.info("%s: dirty log of %d bytes (covers %#x of guest-physical memory)%s", c.name,
+             new.size, new.covers, "" if old is None else ", the old one unmapped")
+    # "VHOST_USER_SET_LOG_BASE (if VHOST_USER_PROTOCOL_F_LOG_SHMFD)" is answered: QEMU
+    # 7.2 reads a reply of this request type and ignores its payload.
+    return m.U64(0)
+
+
+@REQUEST_TABLE.handles(Request.SET_LOG_FD)
+def _set_log_fd(c: Connection, msg: Message) -> None:
+    # "VHOST_USER_SET_LOG_FD is an optional message with an eventfd in ancillary data, it
+    # may be used to inform the front-end that the log has been modified." pyvhost never
+    # signals it (QEMU reads the log at every sync without waiting for it): the fd is
+    # closed with the message.
+    log.debug("%s: SET_LOG_FD: pyvhost does not signal log changes; fd closed", c.name)
+
+
+@REQUEST_TABLE.handles(Request.SEND_RARP, needs=ProtocolFeature.RARP)
+def _send_rarp(c: Connection, msg: Message) -> None:
+    # "Ask vhost user back-end to broadcast a fake RARP to notify the migration is
+    # terminated for guest that does not support GUEST_ANNOUNCE ... The first 6 bytes of
+    # the payload contain the mac address of the guest". QEMU sends it to the
+    # destination's back-end once the migrated guest runs, 5 times (announce rounds).
+    assert isinstance(msg.payload, m.Raw)
+    if len(msg.payload.data) != 8:
+        raise RequestError(f"SEND_RARP payload of {len(msg.payload.data)} bytes, "
+                           "expected a u64")
+    mac = msg.payload.data[:6]
+    if mac[0] & 1:
+        raise RequestError(f"SEND_RARP for {mac.hex(':')}, a multicast address")
+    log.info("%s: announcing %s (SEND_RARP)", c.name, mac.hex(":"))
+    c.device.announce(mac)
+
+
 @REQUEST_TABLE.handles(Request.GET_CONFIG, needs=ProtocolFeature.CONFIG)
 def _get_config(c: Connection, msg: Message) -> m.Payload:
     p = msg.payload
@@ -658,9 +792,6 @@ def _get_status(c: Connection, msg: Message) -> m.Payload:
 
 #: Requests the codec decodes that this back-end refuses ("... is not supported"), and why.
 UNSUPPORTED: dict[int, str] = {
-    Request.SET_LOG_BASE: "dirty-page logging (live migration) is not implemented",
-    Request.SET_LOG_FD: "dirty-page logging (live migration) is not implemented",
-    Request.SEND_RARP: "PROTOCOL_F_RARP is not offered",
     Request.NET_SET_MTU: "PROTOCOL_F_NET_MTU is not offered",
     Request.SET_BACKEND_REQ_FD: "PROTOCOL_F_BACKEND_REQ is not offered",
     Request.SET_VRING_ENDIAN: "PROTOCOL_F_CROSS_ENDIAN is not offered (little-endian only)",

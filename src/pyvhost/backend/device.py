@@ -112,6 +112,19 @@ class VirtioDevice(ABC):
     #: every start when it is offered), DPDK 22.11's virtio_user from its ``mac=`` (it
     #: negotiates only MQ, REPLY_ACK and STATUS).
     serves_config = False
+    #: Whether every write the device makes to guest memory goes through the virtqueue's
+    #: methods that mark the dirty log while the front-end logs (DescriptorChain.write
+    #: with the queue's ``log``, write_rx_frame, SplitQueue's used-ring methods, and a
+    #: data path that does the same): only then may the connection offer VHOST_F_LOG_ALL
+    #: and PROTOCOL_F_LOG_SHMFD, so that QEMU can migrate the VM. A device that writes
+    #: anywhere else (``ctx.mem.write``) must leave it False: QEMU then refuses to migrate
+    #: ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature") instead of copying
+    #: stale pages.
+    logs_dirty_pages = False
+    #: Whether the device implements :meth:`announce`: only then is PROTOCOL_F_RARP
+    #: offered, and QEMU asks the back-end of a migration's destination (SEND_RARP) to
+    #: announce the guest's MAC address where the guest can not (no GUEST_ANNOUNCE).
+    announces = False
 
     @abstractmethod
     def device_features(self) -> int:
@@ -132,6 +145,11 @@ class VirtioDevice(ABC):
 
     def attach(self, host: DeviceHost) -> None:  # noqa: B027 - optional hook
         """The connection that serves this device, given once, before any other call."""
+
+    def announce(self, mac: bytes) -> None:
+        """SEND_RARP: "broadcast a fake RARP to notify the migration is terminated for
+        guest that does not support GUEST_ANNOUNCE" (devices with :attr:`announces`)."""
+        raise NotImplementedError(f"{self.name} does not announce MAC addresses")
 
     def features_acked(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end's SET_FEATURES (already checked against what was offered)."""

@@ -81,6 +81,9 @@ class _Printer:
         c = self.console
         qemu = step.get("qemu")
         title = (f"step {step['index']}: {step['action']} {step['device'] or ''}").strip()
+        if step["action"] == "migrate":
+            self._migration(step)
+            return
         if step["action"] == "baseline":
             verdict = "all VMs up, before hot-plug"
         elif qemu is None:
@@ -121,6 +124,30 @@ class _Printer:
         failed = [ch for ch in step.get("checks", []) if not ch["ok"]]
         ok = len(step.get("checks", [])) - len(failed)
         c.print(f"  checks: {ok}/{len(step.get('checks', []))} ok", highlight=False)
+        for ch in failed:
+            c.print(f"  [red]FAILED[/red] {ch['name']}: {ch['detail']}", highlight=False)
+
+    def _migration(self, step: dict[str, Any]) -> None:
+        c, m = self.console, step["migration"]
+        verdict = "[green]done[/green]" if m["ok"] else f"[red]failed[/red]: {m['error']}"
+        c.print(f"\n[bold]step {step['index']}: VM 1 live-migrated to QEMU pid "
+                f"{m['destination_pid']}[/bold]: {verdict}", highlight=False)
+        self._table(step)
+        c.print(f"  QEMU: total {_ms(m['total_time'])} ms, downtime {_ms(m['downtime'])} ms, "
+                f"setup {_ms(m['setup_time'])} ms, {(m['transferred'] or 0) >> 20} MiB in "
+                f"{m['dirty_sync_count']} dirty syncs; the destination ran "
+                f"{_ms(m['resumed_after'])} ms after", highlight=False)
+        c.print(f"  meanwhile the back-end wrote {m['dimm_frames']} frames "
+                f"({m['dimm_bytes']} bytes) into the hot-added DIMMs and marked "
+                f"{m['log_marks']} ranges in a dirty log of {m['log_size']} bytes",
+                highlight=False)
+        c.print(f"  stream from VM 2: {m['stream_bytes']} bytes, "
+                f"{'intact' if m['stream_intact'] else '[red]CORRUPTED[/red]'} in the migrated "
+                f"guest; pings: {m['pings_sent']} sent, {m['pings_lost']} lost, longest gap "
+                f"{m['longest_gap'] * 1000:.0f} ms", highlight=False)
+        failed = [ch for ch in step["checks"] if not ch["ok"]]
+        c.print(f"  checks: {len(step['checks']) - len(failed)}/{len(step['checks'])} ok",
+                highlight=False)
         for ch in failed:
             c.print(f"  [red]FAILED[/red] {ch['name']}: {ch['detail']}", highlight=False)
 
@@ -167,7 +194,7 @@ class _Printer:
                     "MemTotal"):
             t.add_column(col, justify="right", no_wrap=True)
         for st in r["steps"]:
-            if st["action"] == "baseline":
+            if st["action"] in ("baseline", "migrate"):
                 continue
             tm = st.get("timing") or {}
             qemu = st.get("qemu")
@@ -200,6 +227,17 @@ class _Printer:
             t.add_row(str(p["vm"]), str(p["rx_frames"]), str(p["tx_frames"]), str(boot),
                       str(_port_drops(p) - boot))
         c.print(t)
+        for st in r["steps"]:
+            if st["action"] == "migrate":
+                m = st["migration"]
+                c.print(f"migration of VM 1: {'completed' if m['ok'] else 'FAILED'}, total "
+                        f"{_ms(m['total_time'])} ms, downtime {_ms(m['downtime'])} ms; "
+                        f"{m['dimm_frames']} frames written into the hot-added DIMMs "
+                        f"meanwhile, stream {'intact' if m['stream_intact'] else 'CORRUPTED'}; "
+                        f"pings {m['pings_lost']}/{m['pings_sent']} lost, longest gap "
+                        f"{m['longest_gap'] * 1000:.0f} ms; source released: "
+                        f"{'yes' if m['source_gone'] and not m['log_held'] else 'NO'}",
+                        highlight=False)
         c.print(f"DIMMs: {s['dimms_added']} added, {s['dimms_removed']} removed; pings: "
                 f"{s['pings_sent']} sent, {s['pings_lost']} lost; {r['seconds']:.1f} s",
                 highlight=False)
@@ -228,6 +266,11 @@ class _Printer:
               help="After the DIMMs, add more until the planner refuses; then force that "
                    "one through to show QEMU's own refusal, and that the back-end was not "
                    "touched.")
+@click.option("--migrate", is_flag=True,
+              help="After the DIMMs, live-migrate VM 1 to a second QEMU started with "
+                   "pyvhost mem migrate-args' arguments, on another socket of the same "
+                   "pyvhost net, while VM 2 streams into it and pings it; check the "
+                   "stream in the migrated guest and what the source leaves behind.")
 @click.option("--accel", type=click.Choice(["auto", "tcg", "kvm"]), default="auto",
               show_default=True,
               help="auto: KVM only where a guest really boots with it (tried once per host "
@@ -236,7 +279,7 @@ class _Printer:
              "progress and logs go to stderr.")
 @verbosity
 def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_limit: bool,
-        accel: AccelRequest, as_json: bool) -> None:
+        migrate: bool, accel: AccelRequest, as_json: bool) -> None:
     """Real VMs on a pyvhost switch, memory hot-added under a continuous ping.
 
     \b
@@ -261,7 +304,8 @@ def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_l
     count, size = dimms
     try:
         config = LabConfig(vms=vms, dimms=count, dimm_size=size, unplug=unplug,
-                           mem_slots=mem_slots, probe_limit=probe_limit, accel=accel)
+                           mem_slots=mem_slots, probe_limit=probe_limit, migrate=migrate,
+                           accel=accel)
     except ValueError as e:
         fail(str(e), "usage")
     printer = _Printer(console(stderr=as_json), tables=not as_json)

@@ -1,12 +1,14 @@
 """``pyvhost mem``: memory hot-plug through QMP with the checks QEMU leaves out.
 
-Subcommands ``status``, ``add``, ``remove``, ``resize`` (virtio-mem). Each prints rich
+Subcommands ``status``, ``add``, ``remove``, ``resize`` (virtio-mem), and for live
+migration ``migrate-args`` and ``migrate``. Each prints rich
 tables for people, or one JSON object with ``--json`` (``pyvhost.mem.status/1``,
 ``pyvhost.mem.add/1``, ...; the JSON Schema files are in :mod:`pyvhost.schemas`, the
 fields explained in docs/mem-json.md). It parses options, reads the state
 (:mod:`pyvhost.hotplug.state`, :mod:`pyvhost.hotplug.host`), plans
-(:mod:`pyvhost.hotplug.plan`) and runs (:mod:`pyvhost.hotplug.execute`); it decides
-nothing itself.
+(:mod:`pyvhost.hotplug.plan`) and runs (:mod:`pyvhost.hotplug.execute`); migration has
+its preflight in :mod:`pyvhost.hotplug.migrate` and its run in
+:mod:`pyvhost.hotplug.migrate_run`. It decides nothing itself.
 
 Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
 (nothing was changed), 2 usage error, cannot connect to QMP or lost the connection,
@@ -18,7 +20,11 @@ unplug), 130 interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
+import re
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -37,6 +43,8 @@ from pyvhost.hotplug.execute import (
     execute_resize,
 )
 from pyvhost.hotplug.host import HostFacts, page_sizes, read_host
+from pyvhost.hotplug.migrate import DestinationArgs, Preflight, destination_args, preflight
+from pyvhost.hotplug.migrate_run import MigrationOutcome, Progress, read_facts, run_migration
 from pyvhost.hotplug.plan import (
     AddRequest,
     Plan,
@@ -59,6 +67,8 @@ SCHEMA_STATUS = "pyvhost.mem.status/1"
 SCHEMA_ADD = "pyvhost.mem.add/1"
 SCHEMA_REMOVE = "pyvhost.mem.remove/1"
 SCHEMA_RESIZE = "pyvhost.mem.resize/1"
+SCHEMA_MIGRATE_ARGS = "pyvhost.mem.migrate-args/1"
+SCHEMA_MIGRATE = "pyvhost.mem.migrate/1"
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -348,6 +358,8 @@ def mem() -> None:
     pyvhost mem remove --qmp /run/vm0.qmp pyvhost-dimm0
     pyvhost mem resize --qmp /run/vm0.qmp vmem0 --size 512M
     pyvhost mem add --libvirt web01 --size 1G [--connect qemu+ssh://HOST/system]
+    pyvhost mem migrate-args --qmp /run/vm0.qmp
+    pyvhost mem migrate --qmp /run/vm0.qmp --to /run/vm0-dest.qmp --uri unix:/run/vm0.mig
     \b
     resize is for virtio-mem devices (QEMU 7.2 runs them beside vhost-user devices;
     they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
@@ -562,3 +574,156 @@ def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bo
         out.print(_line(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
                         f"{_mib(outcome.device.get('requested-size'))} requested"))
     _exit_for(plan, outcome)
+
+
+# -- live migration ------------------------------------------------------------------------
+
+def migrate_args_json(args: DestinationArgs, argv: list[str]) -> dict[str, Any]:
+    return {"schema": SCHEMA_MIGRATE_ARGS, "args": argv,
+            "command_line": " ".join(shlex.quote(a) for a in argv),
+            "dimms": [{"id": d.device.id, "memdev": d.backend.id, "size": d.device.size,
+                       "addr": d.device.addr, "slot": d.device.slot, "node": d.device.node,
+                       "object": dict(d.object_props), "device": dict(d.device_props)}
+                      for d in args.dimms],
+            "notes": list(args.notes)}
+
+
+@mem.command("migrate-args", epilog="\b\nExit codes: 0 printed, 2 usage error or cannot "
+             "connect, 3 QEMU answered a query with an error, 130 interrupted.")
+@qmp_option
+@click.option("--all", "every_dimm", is_flag=True,
+              help="Every DIMM, not only the hot-added ones (for a destination whose "
+                   "command line has none).")
+@click.option("--incoming/--no-incoming", default=True, show_default=True,
+              help="End with -incoming defer: pyvhost mem migrate then gives the URI.")
+@json_option(help=f"Print one JSON object (schema {SCHEMA_MIGRATE_ARGS}).")
+@verbosity
+def migrate_args(qmp_path: str, every_dimm: bool, incoming: bool, as_json: bool) -> None:
+    """The arguments a migration's destination needs for the source's hot-added memory.
+
+    \b
+    QEMU does not migrate device creation: the destination is started with the source's
+    command line plus one -object and one -device (JSON syntax) per hot-added DIMM, with
+    the same ids, size, backend, share, mem-path, hugepages, NUMA node, slot and
+    address. Notes (what is left out, and why) go to stderr. (--libvirt DOMAIN is not
+    there yet: it needs the libvirt support of pyvhost mem.)
+    """
+    configure_logging()
+    with _qmp(qmp_path) as qmp:
+        state = read_state(qmp)
+    args = destination_args(state, every_dimm=every_dimm)
+    argv = [*args.argv, *(("-incoming", "defer") if incoming else ())]
+    if as_json:
+        emit_json(migrate_args_json(args, argv))
+        return
+    pairs = [argv[i:i + 2] for i in range(0, len(argv), 2)]
+    lines = [" ".join(shlex.quote(a) for a in pair) for pair in pairs]
+    click.echo(" \\\n".join(lines))
+    err = console(stderr=True)
+    for note in args.notes:
+        err.print(_line(f"note: {note}"))
+
+
+def _uri(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``unix:PATH`` or ``tcp:HOST:PORT``: the transports pyvhost checks and tests."""
+    if re.fullmatch(r"unix:/\S+|tcp:(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", value) is None:
+        raise click.BadParameter(f"{value!r} is not unix:/PATH or tcp:HOST:PORT", ctx=ctx,
+                                 param=param)
+    return value
+
+
+def migrate_json(src: str, dst: str, uri: str, dry_run: bool, pf: Preflight,
+                 preflight_seconds: float, outcome: MigrationOutcome | None) -> dict[str, Any]:
+    o = outcome
+    return {
+        "schema": SCHEMA_MIGRATE, "source": src, "destination": dst, "uri": uri,
+        "dry_run": dry_run,
+        "refusals": [{"code": str(r.code), "message": r.message} for r in pf.refusals],
+        "notes": list(pf.notes), "preflight_seconds": round(preflight_seconds, 4),
+        "outcome": None if o is None else {
+            "ok": o.ok, "status": o.status, "error": o.error, "timed_out": o.timed_out,
+            "cancelled": o.cancelled, "incoming": o.incoming, "total_time": o.total_time,
+            "downtime": o.downtime, "setup_time": o.setup_time, "transferred": o.transferred,
+            "ram_total": o.ram_total, "dirty_sync_count": o.dirty_sync_count,
+            "seconds": o.seconds, "destination_state": o.destination_state,
+            "resumed_after": o.resumed_after,
+            "progress": [dataclasses.asdict(p) for p in o.progress]}}
+
+
+def _say_progress(out: Console) -> Callable[[Progress], None]:
+    def say(p: Progress) -> None:
+        out.print(_line(f"{p.seconds:7.1f} s {p.status}: {_mib(p.transferred)} sent, "
+                        f"{_mib(p.remaining)} of {_mib(p.total)} left, {p.mbps:.0f} Mbit/s, "
+                        f"{p.dirty_pages_rate} pages dirtied/s"))
+    return say
+
+
+def _ms_text(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+@mem.command(epilog="\b\nExit codes: 0 migrated (or a dry run that would migrate), 1 "
+             "refused by the\npreflight (nothing changed), 2 usage error or cannot connect, "
+             "3 QEMU failed the\nmigration (the source runs on), 4 it did not complete in "
+             "--timeout (cancelled,\nthe source runs on), 130 interrupted (cancelled).")
+@qmp_option
+@click.option("--to", "dest_qmp", metavar="SOCK", required=True,
+              help="The destination QEMU's QMP socket: started with the source's command "
+                   "line, the arguments of pyvhost mem migrate-args, and -incoming defer.")
+@click.option("--uri", required=True, callback=_uri, metavar="URI",
+              help="Where the destination listens: unix:/PATH or tcp:HOST:PORT.")
+@timeout_option(300.0, "Seconds the migration may take; then it is cancelled and the "
+                       "source runs on.")
+@dry_run_option
+@json_option(help=f"Print one JSON object (schema {SCHEMA_MIGRATE}); progress goes to stderr.")
+@verbosity
+def migrate(qmp_path: str, dest_qmp: str, uri: str, timeout: float, dry_run: bool,
+            as_json: bool) -> None:
+    """Live-migrate a VM whose memory was hot-added, with the checks QEMU leaves out.
+
+    \b
+    First the preflight: the destination waits for a migration, has every DIMM of the
+    source with the same layout (ids, sizes, backends, slots, addresses) and no other,
+    its vhost-user devices are connected to their back-ends, and the source's
+    back-ends can log the pages they write (VHOST_F_LOG_ALL, PROTOCOL_F_LOG_SHMFD). A
+    refusal names a stable code and what to change. Then migrate-incoming on the
+    destination, migrate on the source, progress every second until it completes
+    within --timeout, and QEMU's total time and downtime. The source is left paused
+    (postmigrate) for you to quit. (--libvirt is not there yet.)
+    """
+    configure_logging()
+    if os.path.realpath(qmp_path) == os.path.realpath(dest_qmp):
+        fail("--to names the source's own QMP socket", "usage")
+    out = console(stderr=as_json)
+    with _qmp(qmp_path, timeout) as src, _qmp(dest_qmp, timeout) as dst:
+        t0 = time.monotonic()
+        src_state, dst_state = read_state(src), read_state(dst)
+        pf = preflight(src_state, read_facts(src, src_state), dst_state,
+                       read_facts(dst, dst_state))
+        pf_seconds = time.monotonic() - t0
+        for r in pf.refusals:
+            out.print(_line(("refused", "red"), f" {r.code}: {r.message}"))
+        for note in pf.notes:
+            out.print(_line(f"note: {note}"))
+        outcome = None
+        if not pf.refused and not dry_run:
+            out.print(_line(f"migrating to {uri}"))
+            outcome = run_migration(src, dst, uri, timeout=timeout,
+                                    on_progress=_say_progress(out))
+    if as_json:
+        emit_json(migrate_json(qmp_path, dest_qmp, uri, dry_run, pf, pf_seconds, outcome))
+    if outcome is None:
+        if not pf.refused:
+            out.print(_line(("preflight passed", "green"), " (dry run: nothing started)"))
+        raise click.exceptions.Exit(Exit.PROBLEM if pf.refused else Exit.OK)
+    if outcome.ok:
+        out.print(_line(("done", "green"),
+                        f": migrated in {outcome.seconds:.2f} s (QEMU: total "
+                        f"{_ms_text(outcome.total_time)}, downtime "
+                        f"{_ms_text(outcome.downtime)}, setup {_ms_text(outcome.setup_time)})"
+                        f"; the destination is {outcome.destination_state}"
+                        + ("" if outcome.resumed_after is None else
+                           f" {_ms_text(outcome.resumed_after)} later")))
+        raise click.exceptions.Exit(Exit.OK)
+    out.print(_line(("failed", "red"), f": {outcome.error}; the source runs on"))
+    raise click.exceptions.Exit(Exit.GUEST if outcome.timed_out else Exit.PEER_FAILED)

@@ -13,6 +13,12 @@ Two implementations with one API, chosen once at import (the pattern of msgpack'
 ``PYVHOST_PURE=1`` forces the pure one; an extension that fails to import falls back to it
 with one log line. :func:`name` says which one runs.
 
+Live migration: the pure path marks every guest write in the dirty log while a queue
+carries one (:mod:`pyvhost.virtq.split`); the compiled one does not yet
+(:data:`COMPILED_LOGS`). A device whose queues carry a log is served by
+:data:`LoggingReflector`, the pure path until the compiled one logs; :func:`logging_name`
+says which. docs/dirty-log.md describes the hook the compiled path needs.
+
 API: ``Reflector().burst(mem, tx, rx, hdr_len, mrg_rxbuf, limit, stats) -> int`` (see
 :meth:`.reference.Reflector.burst`).
 """
@@ -51,9 +57,24 @@ else:
         _NAME = "compiled"
 
 
+#: Whether the compiled data path marks the dirty log itself. Until it does, queues that
+#: carry a log are served by the pure-Python reference, which does.
+COMPILED_LOGS = False
+
+#: The reflector's data path for queues that carry a dirty log (the VM migrates).
+LoggingReflector: type[reference.Reflector] = (
+    Reflector if _NAME == "python" or COMPILED_LOGS else reference.Reflector)
+
+
 def name() -> str:
     """Which data path runs: ``"compiled"`` or ``"python"``."""
     return _NAME
 
 
-__all__ = ["BURST", "Reflector", "name"]
+def logging_name() -> str:
+    """Which data path serves queues while the front-end logs: ``"compiled"`` once it
+    marks the log itself, else ``"python"``."""
+    return "compiled" if _NAME == "compiled" and COMPILED_LOGS else "python"
+
+
+__all__ = ["BURST", "COMPILED_LOGS", "LoggingReflector", "Reflector", "logging_name", "name"]

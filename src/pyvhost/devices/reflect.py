@@ -12,7 +12,10 @@ header; longer chains are dropped and counted, never read whole (a descriptor ma
 The per-frame work is :mod:`pyvhost.datapath`'s: one call per burst of chains, compiled
 where the extension is built. On the compiled path a region that shrinks under its
 mapping closes this connection (:class:`~pyvhost.memory.MemoryFaultError`); on the
-pure-Python path it kills the process with SIGBUS.
+pure-Python path it kills the process with SIGBUS. While the front-end logs dirty pages
+(a live migration: the queues carry a dirty log), each kick is served by
+:data:`pyvhost.datapath.LoggingReflector`, the path that marks the log (the pure one,
+until the compiled one logs); ``logging_kicks`` counts those kicks.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ class ReflectNet(VirtioDevice):
     name = "virtio-net-reflect"
     num_queues = 2
     max_queue_size = 32768
+    logs_dirty_pages = True
 
     def __init__(self, mac: bytes = b"\x52\x54\x00\x12\x34\x56") -> None:
         self.mac = mac
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False
         self._path = datapath.Reflector()
+        self._logging_path = datapath.LoggingReflector()
+        #: Kicks served while the queues carried a dirty log (on the logging path).
+        self.logging_kicks = 0
         self.stats = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0,
                       "drop_no_rx_buffer": 0, "drop_too_big": 0, "drop_malformed": 0}
 
@@ -67,7 +74,9 @@ class ReflectNet(VirtioDevice):
                                              | VIRTIO_NET_F_MRG_RXBUF) else HDR_LEGACY
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "mac": self.mac.hex(":"), "stats": dict(self.stats)}
+        return {"name": self.name, "mac": self.mac.hex(":"), "stats": dict(self.stats),
+                "data_path": datapath.name(), "logging_data_path": datapath.logging_name(),
+                "logging_kicks": self.logging_kicks}
 
     def port_counters(self) -> dict[str, object]:
         """:attr:`stats` as a switch counts a port (pyvhost's side: ``rx`` what the
@@ -89,7 +98,12 @@ class ReflectNet(VirtioDevice):
         if tx is None:
             return
         rx = ctx.queue(RX)
-        burst = self._path.burst
+        path = self._path
+        if tx.log is not None or (rx is not None and rx.log is not None):
+            # The front-end logs (a live migration): the path that marks every write.
+            path = self._logging_path
+            self.logging_kicks += 1
+        burst = path.burst
         limit = datapath.BURST
         st = self.stats
         before = (st["tx_frames"], st["tx_bytes"], st["rx_frames"], st["rx_bytes"])

@@ -62,7 +62,8 @@ def write_rx_frame(mem: GuestMemory, rx: SplitQueue, data: bytes | bytearray, *,
     With a 12-byte header, ``num_buffers`` is set to the number of chains used ("the
     device MUST set num_buffers to the number of descriptors used ..."; 1 without
     MRG_RXBUF). A ``bytearray`` is patched in place, ``bytes`` are copied only when the
-    field differs.
+    field differs. While the front-end logs, every buffer written is marked in the
+    queue's dirty log (``rx.log``); the used elements are marked when they are pushed.
     """
     first = rx.pop(mem)
     if first is None:
@@ -72,7 +73,7 @@ def write_rx_frame(mem: GuestMemory, rx: SplitQueue, data: bytes | bytearray, *,
     if room >= size:
         if hdr_len == HDR_V1 and data[10:12] != _ONE_BUFFER:
             data = _with_num_buffers(data, 1)
-        used.append((first.head, first.write(mem, data)))
+        used.append((first.head, first.write(mem, data, rx.log)))
         return None
     if not mrg_rxbuf:
         # Without MRG_RXBUF a frame must fit one chain; the chain goes back untouched.
@@ -90,7 +91,7 @@ def write_rx_frame(mem: GuestMemory, rx: SplitQueue, data: bytes | bytearray, *,
     view = memoryview(_with_num_buffers(data, len(chains)))
     pos = 0
     for c in chains:
-        n = c.write(mem, view[pos:])
+        n = c.write(mem, view[pos:], rx.log)
         used.append((c.head, n))
         pos += n
     return None

@@ -12,6 +12,12 @@ After every step:
   left untouched (same table generation, fds and mappings) and nothing was left in QEMU;
 - the continuous ping got more answers after the step.
 
+After a live migration of VM 1 (``--migrate``, :func:`migration_checks`): the preflight
+passed and QEMU completed it; the back-end wrote frames into the hot-added DIMMs while
+QEMU copied the VM, and the stream they carried arrived intact in the migrated guest;
+no ping was lost; the source's connection, regions and dirty log are gone once it quit;
+the destination's table is what its QEMU sends, one fd and one mapping per region.
+
 The verdict (:func:`judge`) adds what only the whole run shows: pings lost, frames the
 switch dropped, what the back-end still holds after the VMs quit, DIMMs not added.
 """
@@ -97,6 +103,32 @@ def step_checks(step: Step, before: Step, baseline: Usage) -> tuple[Check, ...]:
     return tuple(checks)
 
 
+def migration_checks(step: Step, before: Step, baseline: Usage) -> tuple[Check, ...]:
+    """Every check of a migrate step (VM 1 is the destination in ``step.backend``)."""
+    m = step.migration
+    assert m is not None and step.backend is not None
+    checks = [
+        Check("preflight passed", not m.refusals,
+              "; ".join(f"{r.code}: {r.message}" for r in m.refusals) or "no refusal"),
+        Check("migration completed", m.ok,
+              m.error or f"total {m.total_time} s, downtime {m.downtime} s"),
+        Check("frames written into hot-added memory while migrating", m.dimm_frames > 0,
+              f"{m.dimm_frames} frames ({m.dimm_bytes} bytes) into the DIMMs; "
+              f"{m.log_marks} ranges marked in the dirty log"),
+        Check("nothing written past the dirty log", m.log_overflows == 0,
+              f"{m.log_overflows} writes past a log covering {m.log_size * 8 * 4096} bytes"),
+        Check("stream intact in the migrated guest", m.stream_intact,
+              f"{m.stream_bytes} bytes, MD5 {m.stream_md5} (sent: {m.stream_expected_md5})"),
+        Check("pings continue", m.pings_lost == 0,
+              f"{m.pings_sent} pings, {m.pings_lost} lost, longest gap {m.longest_gap} s"),
+        Check("source released", m.source_gone and m.log_held == 0,
+              f"source connection {'closed' if m.source_gone else 'still open'}; "
+              f"{m.log_held} dirty-log fds and mappings held"),
+    ]
+    return tuple(checks + leak_checks(step.backend, baseline)
+                 + table_checks(step, before))
+
+
 def judge(steps: tuple[Step, ...], pings: tuple[PingResult, ...], continuous: PingCounts,
           switch: tuple[PortCounters, ...], switch_at_baseline: tuple[PortCounters, ...],
           backend: BackendUsage, dimms_wanted: int) -> Verdict:
@@ -107,6 +139,11 @@ def judge(steps: tuple[Step, ...], pings: tuple[PingResult, ...], continuous: Pi
     if lost:
         problems.append(f"{lost} pings lost")
     dropped = _drops(switch) - _drops(switch_at_baseline)
+    migrated = [s.migration for s in steps if s.migration is not None]
+    for m in migrated:
+        # Port sets differ across a migration (the source's port leaves, the
+        # destination's joins): count before and after it, each on its own ports.
+        dropped -= m.drops_after - m.drops_before
     if dropped:
         problems.append(f"the switch dropped {dropped} frames after the VMs were up")
     if any(p.exit_code for p in pings):
@@ -124,7 +161,8 @@ def judge(steps: tuple[Step, ...], pings: tuple[PingResult, ...], continuous: Pi
         dimms_added=added,
         dimms_removed=sum(1 for s in steps if s.action == "remove" and s.done),
         pings_sent=continuous.sent + sum(p.sent for p in pings),
-        pings_lost=lost, frames_dropped=dropped, released_after_vms=released)
+        pings_lost=lost, frames_dropped=dropped, released_after_vms=released,
+        migrated=any(m.ok for m in migrated))
     return Verdict(summary, tuple(problems))
 
 

@@ -36,6 +36,9 @@ class LabConfig:
     #: After the DIMMs: keep hot-adding until the planner refuses, then force that DIMM
     #: through to show QEMU's own refusal (and that the back-end was not touched).
     probe_limit: bool = False
+    #: After the DIMMs (and before an unplug): live-migrate VM 1 to a second QEMU started
+    #: with ``pyvhost mem migrate-args``' arguments, on another socket of the switch.
+    migrate: bool = False
     slots: int | None = None
     maxmem: int | None = None
     subnet: str = "10.99.0"

@@ -14,6 +14,7 @@ from typing import Any
 from .config import BOOT_MEMORY, HOTPLUG_VM, LabConfig
 from .records import (
     Backend,
+    Migration,
     PingCounts,
     PingResult,
     PortCounters,
@@ -59,7 +60,7 @@ def config_json(c: LabConfig) -> dict[str, Any]:
             "mem_slots": c.mem_slots, "probe_limit": c.probe_limit, "slots": c.slot_count,
             "maxmem": c.maxmem_bytes, "boot_memory": BOOT_MEMORY,
             "addresses": [c.ip(i) for i in range(c.vms)], "hotplug_vm": HOTPLUG_VM + 1,
-            "accel": c.accel}
+            "accel": c.accel, "migrate": c.migrate}
 
 
 def step_json(s: Step) -> dict[str, Any]:
@@ -88,6 +89,16 @@ def step_json(s: Step) -> dict[str, Any]:
                         "mem_total_delta_kib": s.guest.delta_kib}
     if s.timing is not None:
         out["timing"] = timing_json(s.timing)
+    if s.migration is not None:
+        out["migration"] = migration_json(s.migration)
+    return out
+
+
+def migration_json(m: Migration) -> dict[str, Any]:
+    """A migrate step's record (field by field: docs/lab-json.md)."""
+    out = {k: v for k, v in asdict(m).items() if k != "refusals"}
+    out["refusals"] = [{"code": str(r.code), "message": r.message} for r in m.refusals]
+    out["stream_intact"] = m.stream_intact
     return out
 
 

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pyvhost.backend.control import fetch_status
@@ -50,10 +50,18 @@ class Machines:
         self.control = str(self.rundir / "net.ctl")
         self.net: subprocess.Popen[bytes] | None = None
         self.vms: list[Vm] = []
+        #: QEMUs no longer in ``vms``: a migration's source once its destination took
+        #: over, a destination that was never used. Stopped by :meth:`close` too.
+        self.retired: list[Qemu] = []
         self._threads: list[threading.Thread] = []
 
     def socket(self, vm: int) -> str:
         return str(self.rundir / f"vm{vm + 1}.sock")
+
+    @property
+    def destination_socket(self) -> str:
+        """The socket VM 1's migration destination connects to (``--migrate``)."""
+        return str(self.rundir / "vm1-dest.sock")
 
     @property
     def net_pid(self) -> int:
@@ -75,6 +83,8 @@ class Machines:
                             "--mem-slots" if c.mem_slots else "--no-mem-slots")
         for i in range(c.vms):
             argv += ["--socket", self.socket(i)]
+        if c.migrate:
+            argv += ["--socket", self.destination_socket]
         with open(self.rundir / "net.log", "wb") as log:
             self.net = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,7 +95,7 @@ class Machines:
                                + self.net_log())
             with contextlib.suppress(OSError, ValueError):
                 listening = fetch_status(self.control, timeout=2).get("listening")
-                if isinstance(listening, list) and len(listening) == c.vms:
+                if isinstance(listening, list) and len(listening) == c.vms + c.migrate:
                     return
             if time.monotonic() > deadline:
                 raise LabError("pyvhost net did not listen within 30 s:\n" + self.net_log())
@@ -143,6 +153,36 @@ class Machines:
             raise LabError(f"VM {vm + 1} is not booted")
         return console
 
+    def start_destination(self, args: tuple[str, ...]) -> Qemu:
+        """VM 1's migration destination: VM 1's command line plus ``args`` (the source's
+        hot-added DIMMs and ``-incoming defer``), its NIC on :attr:`destination_socket`,
+        not paused (it runs the guest once the migration completes)."""
+        source = self.vms[0].qemu
+        net = source.config.vhost_user_net[0]
+        cfg = replace(source.config,
+                      vhost_user_net=(replace(net, socket=Path(self.destination_socket)),),
+                      extra_args=(*source.config.extra_args, *args), paused=False)
+        qemu = Qemu(cfg, log=self.rundir / "qemu1-dest.log",
+                    console_log=self.rundir / "console1-dest.log")
+        self.retired.append(qemu)  # stopped by close() until it is VM 1
+        qemu.start()
+        return qemu
+
+    def take_over(self, qemu: Qemu, console: GuestConsole) -> Vm:
+        """The migration completed: ``qemu`` (started by :meth:`start_destination`) is VM 1
+        now, the source is retired (stop it with :meth:`stop_retired`)."""
+        old = self.vms[0]
+        self.retired.remove(qemu)
+        self.retired.append(old.qemu)
+        if old.console is not None:
+            old.console.close()
+        self.vms[0] = Vm(0, qemu, console)
+        return self.vms[0]
+
+    def stop_retired(self) -> None:
+        for qemu in self.retired:
+            qemu.stop()
+
     def stop_vms(self) -> None:
         """Stop every QEMU (``quit``, then by pid)."""
         for vm in self.vms:
@@ -161,9 +201,9 @@ class Machines:
         # sends `quit`), and must not leave a QEMU, pyvhost net or the run directory.
         try:
             for _ in range(2):
-                for vm in reversed(self.vms):
+                for qemu in [*self.retired, *(vm.qemu for vm in reversed(self.vms))]:
                     with contextlib.suppress(BaseException):
-                        vm.qemu.stop()
+                        qemu.stop()
                 # A boot thread still starting its QEMU ends soon after the others are
                 # gone (Ctrl-C during boot); its process is stopped on the second pass.
                 for t in self._threads:

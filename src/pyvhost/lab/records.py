@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from pyvhost.hotplug.migrate import Refusal as MigrateRefusal
 from pyvhost.hotplug.plan import Refusal
 
 from .accel import AccelChoice
 from .config import HOTPLUG_VM, LabConfig
 from .image import GuestImage
 
-Action = Literal["baseline", "add", "add (forced past the planner)", "remove"]
+Action = Literal["baseline", "add", "add (forced past the planner)", "remove", "migrate"]
 
 
 # -- the back-end ---------------------------------------------------------------------------
@@ -222,6 +223,62 @@ class TrafficWait:
     counts: PingCounts
 
 
+# -- a live migration ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Migration:
+    """VM 1's live migration to a second QEMU on another socket of the same back-end
+    (``pyvhost lab --migrate``): what QEMU said, what the back-end wrote and logged while
+    QEMU copied the VM, the traffic across it, and what the source left behind.
+
+    Times are seconds: ``total_time``, ``downtime`` and ``setup_time`` QEMU's own,
+    ``seconds`` from ``migrate`` to completed as the lab saw it, ``resumed_after`` from
+    then to the destination running. ``dimm_frames``/``dimm_bytes``: what the back-end
+    wrote into the hot-added DIMMs' regions of the source's table meanwhile (its write
+    counters); ``log_*``: the source connection's dirty log. ``stream_*``: a TCP stream
+    from VM 2 to VM 1 throughout, its receiver stopped for the migration, counted and
+    hashed by the migrated guest (``stream_expected_md5``: the sender's). ``pings``: the
+    continuous ping from the migration's start to the stream's end. After the source
+    quit: ``source_gone`` (its connection closed), ``log_held`` (fds and mappings of any
+    dirty log the back-end still holds)."""
+
+    uri: str
+    refusals: tuple[MigrateRefusal, ...]
+    ok: bool
+    status: str
+    error: str | None
+    total_time: float | None
+    downtime: float | None
+    setup_time: float | None
+    seconds: float
+    transferred: int | None
+    dirty_sync_count: int | None
+    resumed_after: float | None
+    source_pid: int
+    destination_pid: int
+    dimm_frames: int
+    dimm_bytes: int
+    log_size: int
+    log_marks: int
+    log_overflows: int
+    pings_sent: int
+    pings_lost: int
+    longest_gap: float
+    stream_bytes: int
+    stream_md5: str
+    stream_expected_md5: str
+    source_gone: bool
+    log_held: int
+    #: The switch's dropped frames (all ports) just before the destination started and
+    #: once the source quit: what was dropped between is the migration's (frames for a
+    #: stopped source, floods to a destination not started yet), not a problem.
+    drops_before: int
+    drops_after: int
+
+    @property
+    def stream_intact(self) -> bool:
+        return self.stream_bytes > 0 and self.stream_md5 == self.stream_expected_md5
+
+
 # -- steps and the run ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Check:
@@ -250,6 +307,7 @@ class Step:
     timing: Timing | None = None
     traffic: TrafficWait | None = None  # None while no ping loop runs
     pings: PingCounts | None = None  # the continuous ping so far, None while none runs
+    migration: Migration | None = None  # a "migrate" step's
     checks: tuple[Check, ...] = ()
 
     @property
@@ -270,6 +328,7 @@ class Summary:
     pings_lost: int
     frames_dropped: int
     released_after_vms: bool
+    migrated: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,12 @@ and executor exactly as ``pyvhost mem add/remove`` does. After each step it meas
 hands it to ``on_step``; at the end it returns a :class:`~.records.Report` with the verdict.
 
 The DIMMs all go into VM 1; the other VMs ping VM 1 the whole time, and their tables
-must not move. It renders nothing (:mod:`pyvhost.cli.lab` does; the JSON document is
-:mod:`.document`'s) and decides no hot-plug policy.
+must not move. With ``--migrate`` VM 1 is then live-migrated (:meth:`Lab.migrate`) to a
+second QEMU on another socket of the same ``pyvhost net``, through
+:mod:`pyvhost.hotplug.migrate` as ``pyvhost mem migrate`` does, while the back-end writes
+a TCP stream from VM 2 into buffers in the hot-added DIMMs. It renders nothing
+(:mod:`pyvhost.cli.lab` does; the JSON document is :mod:`.document`'s) and decides no
+hot-plug policy.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from dataclasses import replace
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome, execute_add, execute_remove
 from pyvhost.hotplug.host import page_sizes, read_host
+from pyvhost.hotplug.migrate import destination_args, preflight
+from pyvhost.hotplug.migrate_run import read_facts, run_migration
 from pyvhost.hotplug.plan import AddRequest, Plan, plan_add, plan_remove
 from pyvhost.hotplug.qemu_rules import BASELINE_REGIONS
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
+from pyvhost.tools import procfs
 
 from . import checks, traffic
 from .accel import AccelChoice, choose_accel
@@ -50,6 +57,7 @@ from .records import (
     BackendUsage,
     GuestMemory,
     MemoryUpdate,
+    Migration,
     PingCounts,
     PingResult,
     PortCounters,
@@ -57,7 +65,11 @@ from .records import (
     Step,
     Usage,
 )
-from .traffic import PING_INTERVAL, PING_WAIT, PingLoops
+from .traffic import PING_INTERVAL, PING_WAIT, PingLoops, Stream
+
+#: How long the stream runs before the migration: until the guest's receive buffers are
+#: in the DIMMs (the ones posted before they were onlined in ZONE_NORMAL are used up).
+WARMUP_FRAMES = 300
 
 Say = Callable[[str], None]
 StepHook = Callable[[Step], None]
@@ -326,6 +338,132 @@ class Lab:
             if not step.qemu.ok:
                 return
 
+    # -- live migration ---------------------------------------------------------------------
+    def _dimm_writes(self) -> tuple[int, int]:
+        """Frames and bytes the back-end wrote so far into VM 1's hot-added DIMMs (the
+        regions of its table at the DIMMs' addresses)."""
+        assert self.qmp is not None
+        dimms = {d.addr for d in read_state(self.qmp).memory_devices if d.addr is not None}
+        memory = self._vm1_status().get("memory")
+        regions = [r for r in (memory if isinstance(memory, list) else [])
+                   if isinstance(r, dict) and r.get("guest_phys_addr") in dimms]
+        return (sum(int(r.get("writes", 0)) for r in regions),
+                sum(int(r.get("bytes_written", 0)) for r in regions))
+
+    def _vm1_status(self, pid: int | None = None) -> dict[str, object]:
+        """VM 1's connection (or the one of QEMU ``pid``) as the back-end describes it."""
+        want = self.vms[HOTPLUG_VM].qemu.pid if pid is None else pid
+        conns = self.meter.status().get("connections", [])
+        for conn in conns if isinstance(conns, list) else []:
+            if isinstance(conn, dict) and conn.get("peer_pid") == want:
+                return conn
+        return {}
+
+    def _online_dimms_in_kernel_zone(self) -> None:
+        """Move the hot-added DIMMs' memory blocks to ZONE_NORMAL, where the guest's
+        receive buffers (kernel allocations) come from: frames then land in the DIMMs."""
+        assert self.qmp is not None
+        console = self.console(HOTPLUG_VM)
+        block_size, blocks = console.memory_blocks()
+        starts = [(d.addr, d.size) for d in read_state(self.qmp).memory_devices
+                  if d.addr is not None and d.id in self._added]
+        for blk in blocks:
+            at = blk.index * block_size
+            if any(a <= at < a + n for a, n in starts) and "Normal" not in blk.zones:
+                console.offline_block(blk.index)
+                console.online_block(blk.index, "online_kernel")
+
+    def migrate(self) -> Step:
+        """Live-migrate VM 1 to a second QEMU on the switch's destination socket while
+        VM 2 streams into it; measure, check, and make the destination VM 1."""
+        assert self.qmp is not None and self._last is not None and self._loops is not None
+        before = self._last
+        c, vm1 = self.config, self.vms[HOTPLUG_VM]
+        source = vm1.qemu
+        self._online_dimms_in_kernel_zone()
+        stream = Stream(self.console(1), self.console(HOTPLUG_VM), c.ip(HOTPLUG_VM))
+        stream.start()
+        deadline = time.monotonic() + c.step_timeout
+        start_writes = self._dimm_writes()[0]
+        while self._dimm_writes()[0] < start_writes + WARMUP_FRAMES:
+            if time.monotonic() > deadline:
+                raise LabError("the stream did not reach the hot-added DIMMs within "
+                               f"{c.step_timeout} s")
+            time.sleep(0.5)
+        args = (*destination_args(read_state(self.qmp)).argv, "-incoming", "defer")
+        drops_before = sum(p.drops for p in self.switch_counters())
+        self.say(f"starting VM 1's destination ({len(args) // 4} DIMMs on its command "
+                 "line) on the switch's socket vm1-dest.sock")
+        dest = self.machines.start_destination(args)
+        uri = f"unix:{self.machines.rundir}/migrate.sock"
+        with Qmp(str(dest.qmp_path), timeout=c.step_timeout) as dst:
+            src_state, dst_state = read_state(self.qmp), read_state(dst)
+            pre = preflight(src_state, read_facts(self.qmp, src_state), dst_state,
+                            read_facts(dst, dst_state))
+            since = self._loops.uptimes()
+            writes = self._dimm_writes()
+            if pre.refused:
+                raise LabError("the migration preflight refused: " + "; ".join(
+                    f"{r.code}: {r.message}" for r in pre.refusals))
+            stream.pause_receiver()
+            self.say(f"migrating VM 1 to QEMU pid {dest.pid} over {uri}")
+            outcome = run_migration(self.qmp, dst, uri, timeout=c.step_timeout,
+                                    on_progress=lambda p: self.say(
+                                        f"  {p.status}: {p.transferred >> 20} MiB sent, "
+                                        f"{p.remaining >> 20} MiB left"))
+        src_conn = self._vm1_status(source.pid)
+        written = self._dimm_writes() if src_conn else writes
+        log = src_conn.get("dirty_log")
+        log = log if isinstance(log, dict) else {}
+        if not outcome.ok:
+            raise LabError(f"the migration failed: {outcome.error}")
+        console = GuestConsole.connect(dest.console_path, name=f"guest-{dest.pid}",
+                                  log=self.machines.rundir / "console1-dest.log")
+        self.machines.take_over(dest, console)
+        self._vm_by_pid = self.machines.vm_by_pid
+        self.qmp.inner.close()
+        self.qmp = TimedMonitor(Qmp(str(dest.qmp_path), timeout=c.step_timeout).connect())
+        stream.resume_receiver(console)
+        result = stream.finish(console)
+        window = self._loops.window(since)
+        self.say(f"stream: {result.received} bytes, "
+                 f"{'intact' if result.intact else 'CORRUPTED'}; pings across the "
+                 f"migration: {window.sent} sent, {window.lost} lost, longest gap "
+                 f"{window.longest_gap} s; stopping the source QEMU")
+        self.machines.stop_retired()
+        deadline = time.monotonic() + 30
+        while self._vm1_status(source.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        gone = not self._vm1_status(source.pid)
+        try:
+            held_log = procfs.measure(self.machines.net_pid, "vhost-log")
+            log_held = held_log.matching_fds + held_log.mappings
+        except procfs.ProcfsError as e:
+            raise LabError(f"cannot measure the back-end: {e}") from e
+        migration = Migration(
+            uri=uri, refusals=pre.refusals, ok=outcome.ok, status=outcome.status,
+            error=outcome.error, total_time=outcome.total_time, downtime=outcome.downtime,
+            setup_time=outcome.setup_time, seconds=outcome.seconds,
+            transferred=outcome.transferred, dirty_sync_count=outcome.dirty_sync_count,
+            resumed_after=outcome.resumed_after, source_pid=source.pid,
+            destination_pid=dest.pid, dimm_frames=written[0] - writes[0],
+            dimm_bytes=written[1] - writes[1], log_size=int(log.get("mmap_size", 0)),
+            log_marks=int(log.get("marks", 0)), log_overflows=int(log.get("overflows", 0)),
+            pings_sent=window.sent, pings_lost=window.lost, longest_gap=window.longest_gap,
+            stream_bytes=result.received, stream_md5=result.md5,
+            stream_expected_md5=result.expected_md5, source_gone=gone, log_held=log_held,
+            drops_before=drops_before,
+            drops_after=sum(p.drops for p in self.switch_counters()))
+        backend = self.meter.backend(self._vm_by_pid)
+        step = Step(len(self.steps), "migrate", f"qemu-{dest.pid}", backend=backend,
+                    qemu_memory=qemu_memory(read_state(self.qmp)),
+                    guest=GuestMemory(self.mem_total(), 0), pings=self._ping_counts(),
+                    migration=migration)
+        step = replace(step, checks=checks.migration_checks(step, before,
+                                                            self.usage["baseline"]))
+        self._last = step
+        return self._emit(step)
+
     # -- the whole run ---------------------------------------------------------------------
     def quit_vms(self) -> None:
         """Stop every QEMU; the back-end must then hold no guest RAM and be back to the fd
@@ -356,6 +494,8 @@ class Lab:
                 break
         if c.probe_limit:
             self.probe_limit()
+        if c.migrate:
+            self.migrate()
         if c.unplug:
             for device_id in reversed(list(self._added)):
                 self.say(f"removing {device_id} from VM 1")

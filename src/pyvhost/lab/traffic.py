@@ -1,16 +1,21 @@
-"""The lab's traffic: pings between the guests, run in the guests over their consoles.
+"""The lab's traffic: pings between the guests, and a TCP stream, run in the guests over
+their consoles.
 
 Owns the guests' ping loop (a shell script each pinging VM keeps running in the
-background, one ``ping -c 1`` at a time) and reading its counters; and the one-off pings
-between two VMs. It measures traffic and judges nothing (:mod:`.checks` does).
+background, one ``ping -c 1`` at a time) and reading its counters and its log (when each
+ping ended, answered or not: the longest gap); the one-off pings between two VMs; and the
+stream a migration is checked with (:class:`Stream`). It measures traffic and judges
+nothing (:mod:`.checks` does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from .config import LabError
 from .guest import GuestConsole
@@ -25,8 +30,9 @@ peer=$1; stop=/tmp/lab-ping.stop; out=/tmp/lab-ping.count
 n=0; ok=0
 while [ ! -e $stop ]; do
     n=$((n + 1))
-    if ping -c 1 -W {PING_WAIT} "$peer" >/dev/null 2>&1; then ok=$((ok + 1)); fi
+    if ping -c 1 -W {PING_WAIT} "$peer" >/dev/null 2>&1; then ok=$((ok + 1)); r=1; else r=0; fi
     echo "$n $ok" >$out
+    echo "$(cut -d' ' -f1 /proc/uptime) $r" >>/tmp/lab-ping.log
     sleep {PING_INTERVAL}
 done
 echo "done $n $ok" >$out
@@ -74,6 +80,34 @@ class PingLoops:
                 sent, got = sent + nums[0], got + nums[1]
         return PingCounts(sent, got)
 
+    def uptimes(self) -> dict[int, float]:
+        """Each pinging VM's clock (``/proc/uptime``): where a window of its log starts."""
+        return {vm: uptime(con) for vm, con in self.consoles.items()}
+
+    def window(self, since: Mapping[int, float]) -> PingWindow:
+        """The pings each VM's loop ended since its uptime ``since[vm]``: sent, lost, and
+        the longest time between two answered ones (seconds; the first is measured from
+        ``since``)."""
+        sent = lost = 0
+        gap = 0.0
+        for vm, con in self.consoles.items():
+            start = since[vm]
+            out = con.check(f"awk '$1 >= {start:.2f}' /tmp/lab-ping.log 2>/dev/null || true")
+            last = start
+            for line in out.splitlines():
+                words = line.split()
+                if len(words) != 2 or words[1] not in ("0", "1"):
+                    continue
+                at = float(words[0])
+                sent += 1
+                if words[1] == "1":
+                    gap = max(gap, at - last)
+                    last = at
+                else:
+                    lost += 1
+            gap = max(gap, uptime(con) - last)
+        return PingWindow(sent, lost, round(gap, 3))
+
     def wait_for_more(self, answers: int) -> TrafficWait:
         """Wait until ``answers`` more pings were answered (or a deadline long enough for
         them at the loop's pace passed)."""
@@ -100,3 +134,118 @@ class PingLoops:
                 time.sleep(0.3)
         self.running = False
         return counts
+
+
+def uptime(console: GuestConsole) -> float:
+    """The guest's ``/proc/uptime`` (seconds since it booted)."""
+    return float(console.check("cut -d' ' -f1 /proc/uptime").split()[0])
+
+
+@dataclass(frozen=True)
+class PingWindow:
+    """The continuous ping over a window (a migration): pings ended in it, those lost, and
+    the longest time without an answer (seconds)."""
+
+    sent: int
+    lost: int
+    longest_gap: float
+
+
+# -- the stream ------------------------------------------------------------------------------
+STREAM_PORT = 5001
+#: The sender (another VM): the numbers from 1 up, one per line, as ``seq`` prints them,
+#: 1000 at a time with a pause between (a steady stream, not a flood: the machine is
+#: shared), over TCP until the stop file appears; then its nc closes the connection.
+STREAM_SENDER = f"""\
+stop=/tmp/lab-stream.stop; i=1
+while [ ! -e $stop ]; do seq $i $((i + 999)); i=$((i + 1000)); sleep 0.02; done \\
+    | nc "$1" {STREAM_PORT}
+echo sent >/tmp/lab-stream.sent
+"""
+#: The receiver (the VM that migrates): what arrives goes to md5sum and, through tee and
+#: a FIFO, to wc, in the guest. nc's stdin is a FIFO it holds open itself, so it never
+#: reads end-of-file and never half-closes the connection; it ends when the sender does.
+#: While nc is stopped (a migration) the stream goes on until the socket's receive
+#: buffer (128 KiB: the kernel does not grow the buffer of a socket nobody reads) is full.
+STREAM_RECEIVER = f"""\
+rm -f /tmp/lab-stream.*; mkfifo /tmp/lab-stream.fifo /tmp/lab-stream.count
+wc -c </tmp/lab-stream.count >/tmp/lab-stream.bytes &
+nc -l -p {STREAM_PORT} <>/tmp/lab-stream.fifo | tee /tmp/lab-stream.count \\
+    | md5sum >/tmp/lab-stream.md5.part
+wait
+mv /tmp/lab-stream.md5.part /tmp/lab-stream.md5
+"""
+
+
+def seq_md5(nbytes: int) -> str:
+    """The MD5 of the first ``nbytes`` bytes of ``seq 1 N`` (for a large enough N): what
+    the receiver must have computed over a stream of that length."""
+    h = hashlib.md5(usedforsecurity=False)
+    left, i, step = nbytes, 1, 100_000
+    while left > 0:
+        chunk = "".join(f"{k}\n" for k in range(i, i + step)).encode()[:left]
+        h.update(chunk)
+        left -= len(chunk)
+        i += step
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """What the receiving guest counted and hashed, and what it should have hashed."""
+
+    received: int
+    md5: str
+    expected_md5: str
+
+    @property
+    def intact(self) -> bool:
+        return self.received > 0 and self.md5 == self.expected_md5
+
+
+class Stream:
+    """A TCP stream from ``sender`` to ``receiver`` (at ``address``), checked in the
+    receiving guest: run it through a migration with the receiver stopped, so that every
+    frame written into its buffers meanwhile is read by the migrated guest."""
+
+    def __init__(self, sender: GuestConsole, receiver: GuestConsole, address: str) -> None:
+        self.sender = sender
+        self.receiver = receiver
+        self.address = address
+
+    def start(self) -> None:
+        self.receiver.check(f"cat >/tmp/lab-stream-rx.sh <<'EOF'\n{STREAM_RECEIVER}EOF")
+        self.receiver.check("setsid sh /tmp/lab-stream-rx.sh </dev/null >/dev/null 2>&1 &")
+        deadline = time.monotonic() + 30
+        while self.receiver.run("netstat -ltn | grep -q ':5001 '")[0] != 0:
+            if time.monotonic() > deadline:
+                raise LabError("the stream's receiver did not listen within 30 s")
+            time.sleep(0.2)
+        self.sender.check(f"rm -f /tmp/lab-stream.*; cat >/tmp/lab-stream-tx.sh <<'EOF'\n"
+                          f"{STREAM_SENDER}EOF")
+        self.sender.check(f"setsid sh /tmp/lab-stream-tx.sh {shlex.quote(self.address)} "
+                          "</dev/null >/dev/null 2>&1 &")
+
+    def pause_receiver(self, console: GuestConsole | None = None) -> None:
+        """Stop the receiving program (SIGSTOP): what arrives waits in the guest's socket,
+        in the receive buffers the back-end wrote."""
+        (console or self.receiver).check("kill -STOP $(pidof nc)")
+
+    def resume_receiver(self, console: GuestConsole | None = None) -> None:
+        (console or self.receiver).check("kill -CONT $(pidof nc)")
+
+    def finish(self, receiver: GuestConsole | None = None, timeout: float = 120) -> StreamResult:
+        """Stop the sender; wait for the receiver's count and hash (on ``receiver``: the
+        migrated guest's console)."""
+        rx = receiver or self.receiver
+        self.receiver = rx
+        self.sender.check("touch /tmp/lab-stream.stop")
+        deadline = time.monotonic() + timeout
+        while rx.run("test -e /tmp/lab-stream.md5")[0] != 0:
+            if time.monotonic() > deadline:
+                raise LabError(f"the stream did not end within {timeout} s")
+            time.sleep(0.5)
+        md5 = rx.check("cat /tmp/lab-stream.md5").split()[0]
+        words = rx.check("cat /tmp/lab-stream.bytes").split()
+        received = int(words[0]) if words and words[0].isdigit() else 0
+        return StreamResult(received, md5, seq_md5(received))

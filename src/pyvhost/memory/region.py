@@ -100,7 +100,7 @@ class MappedRegion:
         except (OSError, ValueError, OverflowError) as e:
             raise RegionMapError(f"region {desc.describe()}: mmap failed: {e}") from e
         return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size,
-                   _shrink_sealed(fd))
+                   shrink_sealed(fd))
 
     # -- lifetime (driven by the manager) -----------------------------------------------
     def unmap(self) -> None:
@@ -136,7 +136,7 @@ class MappedRegion:
                 f"{self.removed_gen}{', unmapped' if self.closed else ''})")
 
 
-def _shrink_sealed(fd: int) -> bool:
+def shrink_sealed(fd: int) -> bool:
     """Whether ``fd``'s file has F_SEAL_SHRINK (memfds only: QEMU's memory-backend-memfd
     seals by default). Other files answer EINVAL: not sealed."""
     try:

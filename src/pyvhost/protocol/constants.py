@@ -114,6 +114,9 @@ class ProtocolFeature(enum.IntFlag):
     STATUS = 1 << 16
 
 
+#: "Dirty pages are of size VHOST_LOG_PAGE 0x1000": one bit of the dirty log each.
+VHOST_LOG_PAGE = 0x1000
+
 #: "VHOST_USER_F_PROTOCOL_FEATURES 30": a virtio-feature-space bit owned by vhost-user.
 VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
 
@@ -122,6 +125,9 @@ class VirtioFeature(enum.IntFlag):
     """Device-independent virtio feature bits (virtio 1.2, section 6)."""
 
     NOTIFY_ON_EMPTY = 1 << 24
+    #: "VHOST_F_LOG_ALL 26": a vhost bit in the transport range: the back-end logs its
+    #: writes to guest memory in a dirty log while it is acked (live migration).
+    LOG_ALL = 1 << 26
     ANY_LAYOUT = 1 << 27
     RING_INDIRECT_DESC = 1 << 28
     RING_EVENT_IDX = 1 << 29

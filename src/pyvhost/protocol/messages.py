@@ -230,6 +230,25 @@ class SingleMemoryRegion:
 
 
 @dataclass(frozen=True, slots=True)
+class LogDescription:
+    """"Log description" of SET_LOG_BASE (with PROTOCOL_F_LOG_SHMFD): "log size: size of
+    area used for logging; log offset: offset from start of supplied file descriptor where
+    logging starts (i.e. where guest address 0 would be logged)"."""
+
+    mmap_size: int
+    mmap_offset: int
+    _S: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+    def pack(self) -> bytes:
+        return self._S.pack(self.mmap_size, self.mmap_offset)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> LogDescription:
+        _exact(data, cls._S.size, "log description")
+        return cls(*cls._S.unpack(data))
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigSpace:
     """"Virtio device config space": offset, size, flags, then ``size`` bytes."""
 

@@ -31,6 +31,7 @@ chains are dropped and counted, never read (a descriptor may claim 4 GiB).
 from __future__ import annotations
 
 import logging
+import struct
 import zlib
 from collections.abc import Sequence
 
@@ -100,6 +101,10 @@ class SwitchPort(VirtioDevice):
     name = "virtio-net-switch-port"
     num_queues = 2
     max_queue_size = 32768
+    #: Frames reach guest memory through write_rx_frame and the queues' used-ring methods
+    #: only, which mark the dirty log while the front-end logs (live migration).
+    logs_dirty_pages = True
+    announces = True
 
     def __init__(self, switch: Switch, mac: bytes = b"\x52\x54\x00\x12\x34\x56", *,
                  queue_pairs: int = 1, mtu: int = DEFAULT_MTU) -> None:
@@ -175,6 +180,14 @@ class SwitchPort(VirtioDevice):
                 "offloads": {"tx": self.tx_offload.name or "NONE",
                              "rx": self.rx_offload.name or "NONE"},
                 "counters": self.port.counters.as_dict()}
+
+    def announce(self, mac: bytes) -> None:
+        """A migrated guest's MAC now lives behind this port (SEND_RARP on a migration's
+        destination): a broadcast RARP from ``mac`` enters the switch here, so the MAC
+        table points at this port at once, and the other ports see the announcement (as
+        DPDK's vhost library sends it)."""
+        self._join()
+        self.switch.receive(self.port, [bytes(NET_HDR) + rarp_frame(mac)])
 
     def _join(self) -> None:
         if not self.joined:
@@ -348,6 +361,13 @@ class SwitchPort(VirtioDevice):
         if used:
             rx.push_used_batch(used)
             ctx.notify(rx.index)
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The broadcast RARP request QEMU's announce_self sends (RFC 903: "request reverse",
+    sender and target hardware address ``mac``, no protocol addresses), 60 bytes."""
+    rarp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return (b"\xff" * 6 + mac + b"\x80\x35" + rarp).ljust(60, b"\0")
 
 
 def _account(ctx: QueueContext, index: int, frames: Sequence[bytes]) -> None:

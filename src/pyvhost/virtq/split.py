@@ -17,6 +17,16 @@ reads ``size``, ``event_idx``, ``last_avail_idx``, ``used_idx``, ``_shadow_avail
 ``_signalled_used``, ``notify_decided`` and ``ring_gpas`` at entry and writes the
 indexes and the notification state back at exit; this object stays the one source of
 truth, so the control plane (GET_VRING_BASE, status) sees what the burst did.
+
+Live migration: while the front-end has logging on, ``log`` is the connection's
+:class:`~pyvhost.memory.DirtyLog`, and every write this module makes to guest memory is
+marked in it after it is made: the buffers :meth:`DescriptorChain.write` fills ("All the
+modifications to memory pointed by vring 'descriptor' should be marked"), and the used
+ring's elements, index, flags and avail_event, at ``log_guest_addr`` ("Modifications to
+'used' vring should be marked if VHOST_VRING_F_LOG is part of ring's flags ...
+log_guest_addr should be used to calculate the log offset"). The compiled data path does
+not mark yet: a connection with logging on is served by the pure one (:mod:`pyvhost.
+datapath`, docs/dirty-log.md).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 
 from pyvhost.errors import PeerError
-from pyvhost.memory import GuestAddressError, GuestMemory
+from pyvhost.memory import DirtyLog, GuestAddressError, GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -105,10 +115,16 @@ class DescriptorChain:
             left -= take
         return b"".join(parts)
 
-    def write(self, mem: GuestMemory, data: bytes | bytearray | memoryview) -> int:
-        """Scatter ``data`` over the writable buffers; returns bytes written (may be short)."""
+    def write(self, mem: GuestMemory, data: bytes | bytearray | memoryview,
+              log: DirtyLog | None = None) -> int:
+        """Scatter ``data`` over the writable buffers; returns bytes written (may be short).
+        With a ``log`` (the queue's, while the front-end logs), each buffer written is
+        marked dirty once its bytes are in."""
         if len(self.writable) == 1 and self.writable[0][1] >= len(data):
-            mem.write(self.writable[0][0], data)
+            gpa = self.writable[0][0]
+            mem.write(gpa, data)
+            if log is not None:
+                log.mark(gpa, len(data))
             return len(data)
         view = memoryview(data)
         pos = 0
@@ -117,6 +133,8 @@ class DescriptorChain:
                 break
             take = min(n, len(view) - pos)
             mem.write(gpa, view[pos:pos + take])
+            if log is not None:
+                log.mark(gpa, take)
             pos += take
         return pos
 
@@ -150,6 +168,13 @@ class SplitQueue:
         #: A notification decision the data path took when it published used elements
         #: (decide_notify); should_notify() hands it out once instead of reading the ring.
         self.notify_decided: bool | None = None
+        #: The connection's dirty log while the front-end logs (VHOST_F_LOG_ALL acked and
+        #: SET_LOG_BASE given), else None; set by the connection on its loop thread.
+        self.log: DirtyLog | None = None
+        #: SET_VRING_ADDR's ``log_guest_addr`` when its flags had VHOST_VRING_F_LOG: where
+        #: in the log the used ring's writes are marked (a GPA, maybe outside the memory
+        #: table; the log's own bounds check covers it). None: used writes are not logged.
+        self.log_guest_addr: int | None = None
 
     # -- configuration -------------------------------------------------------------------
     def set_size(self, num: int) -> None:
@@ -358,18 +383,22 @@ class SplitQueue:
         # x86 is TSO: the element's stores are visible before the index store below, and
         # the index is one store (store_le16), never a transient value.
         store_le16(mm, off + 2, self.used_idx)
+        if self.log is not None:
+            self._log_used_elems(slot, 1)
 
     def push_used_batch(self, elems: list[tuple[int, int]]) -> None:
         """Return several chains with one index update."""
         if not elems:
             return
         mm, off = self._ring(self._used)
-        idx = self.used_idx
+        idx = first = self.used_idx
         for head, written in elems:
             _USED_ELEM.pack_into(mm, off + 4 + 8 * (idx % self.size), head, written)
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
         store_le16(mm, off + 2, idx)
+        if self.log is not None:
+            self._log_used_elems(first % self.size, len(elems))
 
     def should_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was just used.
@@ -416,5 +445,24 @@ class SplitQueue:
                 # One store: a transient 0 read by the driver could make it skip the
                 # kick we are about to wait for.
                 store_le16(mm, off + 4 + 8 * self.size, self.last_avail_idx)
+                self._log_used(4 + 8 * self.size, 2)
         else:
             store_le16(mm, off, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+            self._log_used(0, 2)
+
+    # -- dirty log -----------------------------------------------------------------------
+    def _log_used(self, offset: int, length: int) -> None:
+        """Mark ``length`` bytes at ``offset`` of the used ring, at ``log_guest_addr``."""
+        log, base = self.log, self.log_guest_addr
+        if log is not None and base is not None:
+            log.mark(base + offset, length)
+
+    def _log_used_elems(self, slot: int, count: int) -> None:
+        """Mark ``count`` used elements from ``slot`` (wrapping at the size) and the idx."""
+        end = slot + min(count, self.size)
+        if end <= self.size:
+            self._log_used(4 + 8 * slot, 8 * count)
+        else:
+            self._log_used(4 + 8 * slot, 8 * (self.size - slot))
+            self._log_used(4, 8 * (end - self.size))
+        self._log_used(2, 2)
