@@ -14,7 +14,7 @@ import pytest
 
 from hotplug.conftest import StartQemu
 from pyvhost.lab.qemu import Qemu, QemuConfig, VhostUserNet
-from support.cli import assert_one_line_error, run_pyvhost
+from support.cli import assert_one_line_error, run_pyvhost, started
 from support.procs import Procs, wait_for_socket
 from support.schemas import validate
 
@@ -98,3 +98,36 @@ def test_a_migration_past_its_timeout_is_cancelled(start_qemu: StartQemu, procs:
     assert o["progress"], doc
     status = src.control.cmd("query-status")
     assert isinstance(status, dict) and status["status"] == "running"  # the source runs on
+    # (The destination QEMU quits, exit 1, once its incoming stream breaks off.)
+
+
+def test_ctrl_c_cancels_the_migration_and_the_source_runs_on(start_qemu: StartQemu,
+                                                              procs: Procs,
+                                                              short_dir: Path) -> None:
+    src, _ = _pair(start_qemu, procs, short_dir)
+    args = run_pyvhost("mem", "migrate-args", "--qmp", str(src.qmp_path), "--json").json()
+    dest = start_qemu(replace(src.config, vhost_user_net=(VhostUserNet(short_dir / "b.sock"),),
+                              paused=False, extra_args=tuple(args["args"])))
+    # 1 MiB/s: still under way when the interrupt comes.
+    src.control.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 20})
+
+    def migrating() -> bool:
+        info = src.control.cmd("query-migrate")
+        return isinstance(info, dict) and info.get("status") == "active"
+
+    with started("mem", "migrate", "--qmp", str(src.qmp_path), "--to", str(dest.qmp_path),
+                 "--uri", f"unix:{short_dir}/m.sock", "--timeout", "300") as run:
+        run.wait_until(migrating, "the migration under way")
+        done = run.interrupt()
+    assert done.code == 130, done
+    assert "Traceback" not in done.stderr, done
+    # One line on stderr (the progress went to stdout).
+    assert done.stderr.splitlines() == [
+        "error: interrupted: migration cancelled (QEMU: cancelled); the source is running"
+    ], done
+    assert "migrating to" in done.stdout, done
+    info = src.control.cmd("query-migrate")
+    assert isinstance(info, dict) and info["status"] == "cancelled", info
+    status = src.control.cmd("query-status")
+    assert isinstance(status, dict) and status["status"] == "running"  # the source runs on
+    # (The destination QEMU quits, exit 1, once its incoming stream breaks off.)
