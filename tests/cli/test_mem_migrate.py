@@ -131,3 +131,17 @@ def test_ctrl_c_cancels_the_migration_and_the_source_runs_on(start_qemu: StartQe
     status = src.control.cmd("query-status")
     assert isinstance(status, dict) and status["status"] == "running"  # the source runs on
     # (The destination QEMU quits, exit 1, once its incoming stream breaks off.)
+
+
+def test_migrate_under_libvirt_is_refused_with_what_to_use() -> None:
+    # Refused before connecting: no libvirtd is needed to see it.
+    done = run_pyvhost("mem", "migrate", "--libvirt", "web01", "--connect",
+                       "qemu:///system")
+    assert_one_line_error(done, 2, "libvirt migrates a domain itself",
+                          "virsh migrate --live web01", "migrate-args --libvirt web01")
+    code, doc = _json("migrate", "--libvirt", "web01")
+    assert code == 2 and doc["error"]["kind"] == "usage", doc
+    done = run_pyvhost("mem", "migrate", "--qmp", "/nonexistent.sock")
+    assert_one_line_error(done, 2, "--to SOCK and --uri URI")
+    done = run_pyvhost("mem", "migrate-args")
+    assert_one_line_error(done, 2, "--qmp SOCK or --libvirt DOMAIN")
