@@ -56,7 +56,17 @@ DATAPATH_TESTS = ("datapath", "switch", "backend", "virtq", "memory", "net",
 #: on QEMU 10.0 in ``./dev test`` (PYVHOST_QEMU, ``-m qemu_versions``).
 QEMU_VERSION_TESTS = ("hotplug", "lab/test_lab.py", "lab/test_unplug.py",
                       "lab/test_dpdk_hotplug.py", "lab/test_mq_guest.py",
-                      "lab/test_packets_in_new_memory.py")
+                      "lab/test_packets_in_new_memory.py", "cli/test_mem_migrate.py")
+#: Left out of the QEMU 10.0 pass to keep CI's time (2.5 min there). The first two passed
+#: on QEMU 10.0.2 when they were left out, and what they add to the migration tests kept
+#: in it (a migration under traffic, the preflight, timeout and Ctrl-C) is the back-end's
+#: and DPDK's behaviour, not QEMU's: fds and mappings over ten migrations, DPDK as the C
+#: reference. The last two start no QEMU.
+QEMU_VERSION_LEFT_OUT = (
+    "hotplug/test_migrate_qemu.py::test_ten_migrations_back_and_forth_leak_nothing",
+    "hotplug/test_migrate_dpdk.py",
+    "cli/test_mem_migrate.py::test_usage_errors",
+    "cli/test_mem_migrate.py::test_migrate_under_libvirt_is_refused_with_what_to_use")
 _TESTS = Path(__file__).resolve().parent
 
 
@@ -69,7 +79,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rel = Path(item.path).resolve().relative_to(_TESTS).as_posix()
         if _under(rel, DATAPATH_TESTS):
             item.add_marker(pytest.mark.datapath)
-        if _under(rel, QEMU_VERSION_TESTS):
+        if _under(rel, QEMU_VERSION_TESTS) and not (
+                _under(rel, QEMU_VERSION_LEFT_OUT)
+                or f"{rel}::{item.name}" in QEMU_VERSION_LEFT_OUT):
             item.add_marker(pytest.mark.qemu_versions)
 
 

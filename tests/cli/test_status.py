@@ -4,15 +4,19 @@ return, its tables, its JSON (schema pyvhost.status/1) and output a pipe does no
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pyvhost.frontend.frontend import Frontend
+from pyvhost.frontend.frontend import SUPPORTED_PROTOCOL_FEATURES, Frontend
 from pyvhost.frontend.memory import FrontendMemory
+from pyvhost.protocol import messages as m
+from pyvhost.protocol.constants import ProtocolFeature, Request, VirtioFeature
 from support.cli import assert_one_line_error, run_pyvhost, started
+from support.memfd import memfd
 from support.procs import Procs, wait_for_socket
 from support.schemas import validate
 
@@ -23,7 +27,8 @@ MiB = 1 << 20
 HOSTILE = {"pid": "x", "listening": 7, "clients": [1, {"path": "[/x] [bold]"}],
            "connections": [{"name": 5, "memory": "x", "queues": [None, {"index": "a"}],
                             "counters": [], "device": {"counters": {"x": {"y": 1}}},
-                            "last_memory_update": 3, "features": -1},
+                            "last_memory_update": 3, "features": -1, "logging": "on",
+                            "dirty_log": {"mmap_size": "big", "atomic": 3, "marks": [1]}},
                            {"memory": [{"guest_phys_addr": "zero", "memory_size": None}]}],
            "switch": {"ports": [1, {"name": []}, {"name": "[/port]", "kind": "[red]"}],
                       "mac_table": {}, "departed": None}}
@@ -98,6 +103,44 @@ def test_reflector_and_client_mode_hold_the_schema(procs: Procs, short_dir: Path
     assert client["path"] == str(short_dir / "qemu.sock") and client["connection"] is None
     human = run_pyvhost("status", str(ctl2))
     assert human.code == 0 and "client sockets" in human.stdout, human
+
+
+def test_dirty_logging_per_connection(procs: Procs, short_dir: Path,
+                                      frontend: tuple[Frontend, FrontendMemory]) -> None:
+    """Off, then on with the log held, as QEMU starts a migration: SET_LOG_BASE with the
+    log's memfd (LOG_SHMFD negotiated), then SET_FEATURES with VHOST_F_LOG_ALL."""
+    ctl, vm0 = short_dir / "ctl", short_dir / "vm0.sock"
+    _serve(procs, "--reflect", control=ctl, sockets=(vm0,))
+    fe, memory = frontend
+    fe.connect(vm0)
+    fe.negotiate(protocol_features=SUPPORTED_PROTOCOL_FEATURES | ProtocolFeature.LOG_SHMFD)
+    memory.add_boot_ram(8 * MiB)
+    fe.update_memory(memory.regions)
+
+    def connections_row() -> str:
+        human = run_pyvhost("status", str(ctl))
+        assert human.code == 0, human
+        header = next(line for line in human.stdout.splitlines() if "dirty log" in line)
+        row = next(line for line in human.stdout.splitlines()
+                   if line.count("│") > 5 and "vm0" in line)
+        return header + "\n" + row + "\n" + human.stdout
+
+    assert connections_row().split("\n")[1].rstrip(" │").endswith("off")
+    log_size = 4096  # one bit per 4 KiB page: 128 MiB of guest memory
+    fd = memfd(log_size, name="pyvhost-test-status-log")
+    try:
+        assert fe.request(Request.SET_LOG_BASE, m.LogDescription(log_size, 0), [fd]) == \
+            m.U64(0)
+        fe.set_features(fe.features | VirtioFeature.LOG_ALL)
+    finally:
+        os.close(fd)
+    text = connections_row()
+    assert text.split("\n")[1].rstrip(" │").endswith("on"), text
+    assert ": dirty log 4096 B at offset 0x0, covers 128 MiB of guest memory; 0 ranges " \
+        "marked, 0 past its end" in text, text
+    doc = validate(run_pyvhost("status", "--json", str(ctl)).json(), "pyvhost.status/1")
+    (conn,) = doc["connections"]
+    assert conn["logging"] is True and conn["dirty_log"]["covers"] == 128 * MiB
 
 
 def test_cannot_connect_exits_2(short_dir: Path) -> None:

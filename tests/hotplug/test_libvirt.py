@@ -25,6 +25,7 @@ from pyvhost.tools.process import pyvhost_argv
 from support.guestmem import wait_memtotal
 from support.libvirtd import Domain, DomainSpec, Libvirtd, create_domain, start_libvirtd
 from support.procs import Procs, wait_for_socket
+from support.schemas import validate
 
 from .conftest import run_mem
 
@@ -176,11 +177,40 @@ def test_persistent_add_and_remove_change_the_config_too(libvirtd: Libvirtd, dom
     assert code == 0 and doc["steps"][0]["arguments"]["config"] is True, doc
     assert live_dimms(d) == ["ua-keep", "ua-pyvhost-dimm0"]
     assert config_dimms() == ["ua-pyvhost-dimm0"]
+    migrate_args_lists_the_live_memory_devices(libvirtd, d)
     assert wait_memtotal(d.console, before + 2 * DIMM // KB) == before + 2 * DIMM // KB
     code, doc = lv_json(libvirtd, "remove", "--libvirt", "pv-persist", "ua-pyvhost-dimm0",
                         "--persistent", "--timeout", "120")
     assert code == 0, doc["outcome"]
     assert live_dimms(d) == ["ua-keep"] and config_dimms() == []
+
+
+def migrate_args_lists_the_live_memory_devices(lv: Libvirtd, d: Domain) -> None:
+    """``mem migrate-args --libvirt``: the live XML's <memory> devices (what a libvirt
+    migration carries), the one missing from the persistent config named."""
+    name = d.dom.name()
+    code, doc = lv_json(lv, "migrate-args", "--libvirt", name)
+    assert code == 0, doc
+    validate(doc, "pyvhost.mem.migrate-args/1")
+    assert doc["args"] == [] and doc["libvirt"]["persistent"] is True
+    devices = doc["libvirt"]["memory_devices"]
+    assert [(m["alias"], m["persistent"]) for m in devices] == [
+        ("ua-keep", False), ("ua-pyvhost-dimm0", True)]
+    live = {a.get("name"): a for a in ET.fromstring(d.dom.XMLDesc(0)).iterfind(
+        "devices/memory/alias")}
+    assert set(live) == {"ua-keep", "ua-pyvhost-dimm0"}
+    for m in devices:
+        el = ET.fromstring(m["xml"])  # the element itself, with its address
+        assert el.find("alias").get("name") == m["alias"]  # type: ignore[union-attr]
+        assert m["size"] == DIMM and m["base"] is not None and m["slot"] is not None
+        assert int(el.find("address").get("base"), 0) == m["base"]  # type: ignore[union-attr,arg-type]
+    assert sum("ua-keep is in the live XML only" in n for n in doc["notes"]) == 1
+    human = subprocess.run(pyvhost_argv("mem", "migrate-args", "--libvirt", name,
+                                        "--connect", lv.uri),
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert human.returncode == 0, human
+    assert human.stdout.count("<memory model=\"dimm\"") == 2, human.stdout
+    assert "ua-keep is in the live XML only" in human.stderr
 
 
 def test_refusals_on_a_paused_domain(libvirtd: Libvirtd, domains: Any, procs: Procs,

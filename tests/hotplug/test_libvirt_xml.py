@@ -12,6 +12,7 @@ from pyvhost.hotplug.libvirt_xml import (
     device_element,
     dimm_xml,
     flat_view,
+    migrating_memory,
     parse_uri,
     read_domain,
 )
@@ -135,6 +136,20 @@ def test_dimm_xml_and_its_live_element() -> None:
     assert element is not None and "ua-pyvhost-dimm0" in element and "131072" in element
     assert "<address" not in element  # the persistent config's copy has no base
     assert device_element(LIVE, "ua-none") is None
+
+
+def test_migrating_memory_is_the_live_xml_marked_by_the_config() -> None:
+    (dimm,) = migrating_memory(LIVE, None)  # transient: no persistent config
+    assert (dimm.alias, dimm.model, dimm.size, dimm.node, dimm.slot, dimm.base) == (
+        "ua-pyvhost-dimm0", "dimm", 128 * MiB, 0, 0, 4 * GiB)
+    assert dimm.persistent is None
+    assert dimm.xml.startswith("<memory model=\"dimm\" access=\"shared\">\n  <target>")
+    assert "base=\"0x100000000\"" in dimm.xml
+    config = LIVE.replace("<alias name='ua-pyvhost-dimm0'/>", "")
+    assert [m.persistent for m in migrating_memory(LIVE, config)] == [False]
+    assert [m.persistent for m in migrating_memory(LIVE, LIVE)] == [True]
+    with pytest.raises(LibvirtXmlError, match="address base"):
+        migrating_memory(LIVE.replace("base='0x100000000'", "base='-1'"), None)
 
 
 def test_uris() -> None:

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 import click
 
 from pyvhost import __version__
+from pyvhost.interrupts import Interrupted
 
 from .common import (
     CommandError,
@@ -45,8 +46,10 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise click.exceptions.Abort() from None
+        except KeyboardInterrupt as e:
+            # An Interrupted says what the command undid: that is the one line.
+            raise click.exceptions.Abort(str(e) if isinstance(e, Interrupted) else "") \
+                from None
 
 
 @click.group(cls=_Cli,
@@ -125,8 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         report_error("usage", e.format_message(), _command_in(args), as_json)
         sys.exit(Exit.USAGE)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        report_error("interrupted", "interrupted", _command_in(args), as_json)
+    except (KeyboardInterrupt, click.exceptions.Abort) as e:
+        message = str(e) if isinstance(e, Interrupted | click.exceptions.Abort) else ""
+        report_error("interrupted", message or "interrupted", _command_in(args), as_json)
         sys.exit(Exit.INTERRUPTED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

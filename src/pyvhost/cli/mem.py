@@ -591,6 +591,7 @@ def migrate_args_json(args: DestinationArgs, argv: list[str]) -> dict[str, Any]:
 @mem.command("migrate-args", epilog="\b\nExit codes: 0 printed, 2 usage error or cannot "
              "connect, 3 QEMU answered a query with an error, 130 interrupted.")
 @qmp_option
+@libvirt_options
 @click.option("--all", "every_dimm", is_flag=True,
               help="Every DIMM, not only the hot-added ones (for a destination whose "
                    "command line has none).")
@@ -598,17 +599,28 @@ def migrate_args_json(args: DestinationArgs, argv: list[str]) -> dict[str, Any]:
               help="End with -incoming defer: pyvhost mem migrate then gives the URI.")
 @json_option(help=f"Print one JSON object (schema {SCHEMA_MIGRATE_ARGS}).")
 @verbosity
-def migrate_args(qmp_path: str, every_dimm: bool, incoming: bool, as_json: bool) -> None:
+def migrate_args(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+                 every_dimm: bool, incoming: bool, as_json: bool) -> None:
     """The arguments a migration's destination needs for the source's hot-added memory.
 
     \b
     QEMU does not migrate device creation: the destination is started with the source's
     command line plus one -object and one -device (JSON syntax) per hot-added DIMM, with
     the same ids, size, backend, share, mem-path, hugepages, NUMA node, slot and
-    address. Notes (what is left out, and why) go to stderr. (--libvirt DOMAIN is not
-    there yet: it needs the libvirt support of pyvhost mem.)
+    address. Notes (what is left out, and why) go to stderr.
+    \b
+    With --libvirt DOMAIN: the domain's <memory> devices as its live XML has them
+    (libvirt starts a migration's destination from that XML, so they travel with it),
+    and which of them the persistent config lacks; --all and --incoming do not apply.
     """
     configure_logging()
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from . import mem_libvirt
+
+        mem_libvirt.migrate_args(libvirt_domain, connect_uri, timeout=30.0, as_json=as_json)
+        return
+    assert qmp_path is not None
     with _qmp(qmp_path) as qmp:
         state = read_state(qmp)
     args = destination_args(state, every_dimm=every_dimm)
@@ -624,8 +636,10 @@ def migrate_args(qmp_path: str, every_dimm: bool, incoming: bool, as_json: bool)
         err.print(_line(f"note: {note}"))
 
 
-def _uri(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """``unix:PATH`` or ``tcp:HOST:PORT``: the transports pyvhost checks and tests."""
+    if value is None:
+        return None
     if re.fullmatch(r"unix:/\S+|tcp:(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", value) is None:
         raise click.BadParameter(f"{value!r} is not unix:/PATH or tcp:HOST:PORT", ctx=ctx,
                                  param=param)
@@ -667,17 +681,19 @@ def _ms_text(seconds: float | None) -> str:
              "3 QEMU failed the\nmigration (the source runs on), 4 it did not complete in "
              "--timeout (cancelled,\nthe source runs on), 130 interrupted (cancelled).")
 @qmp_option
-@click.option("--to", "dest_qmp", metavar="SOCK", required=True,
+@libvirt_options
+@click.option("--to", "dest_qmp", metavar="SOCK",
               help="The destination QEMU's QMP socket: started with the source's command "
                    "line, the arguments of pyvhost mem migrate-args, and -incoming defer.")
-@click.option("--uri", required=True, callback=_uri, metavar="URI",
+@click.option("--uri", callback=_uri, metavar="URI",
               help="Where the destination listens: unix:/PATH or tcp:HOST:PORT.")
 @timeout_option(300.0, "Seconds the migration may take; then it is cancelled and the "
                        "source runs on.")
 @dry_run_option
 @json_option(help=f"Print one JSON object (schema {SCHEMA_MIGRATE}); progress goes to stderr.")
 @verbosity
-def migrate(qmp_path: str, dest_qmp: str, uri: str, timeout: float, dry_run: bool,
+def migrate(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
+            dest_qmp: str | None, uri: str | None, timeout: float, dry_run: bool,
             as_json: bool) -> None:
     """Live-migrate a VM whose memory was hot-added, with the checks QEMU leaves out.
 
@@ -689,9 +705,21 @@ def migrate(qmp_path: str, dest_qmp: str, uri: str, timeout: float, dry_run: boo
     refusal names a stable code and what to change. Then migrate-incoming on the
     destination, migrate on the source, progress every second until it completes
     within --timeout, and QEMU's total time and downtime. The source is left paused
-    (postmigrate) for you to quit. (--libvirt is not there yet.)
+    (postmigrate) for you to quit. --to and --uri are required.
+    \b
+    --libvirt DOMAIN is refused (exit 2) with what to use: libvirt migrates a domain
+    itself (virsh migrate --live), its hot-added DIMMs included.
     """
     configure_logging()
+    _source(qmp_path, libvirt_domain)
+    if libvirt_domain is not None:
+        from .mem_libvirt import MIGRATE_REFUSAL
+
+        fail(MIGRATE_REFUSAL.format(domain=libvirt_domain), "usage")
+    if dest_qmp is None or uri is None:
+        fail("give --to SOCK and --uri URI (the destination's QMP socket and where it "
+             "listens)", "usage")
+    assert qmp_path is not None
     if os.path.realpath(qmp_path) == os.path.realpath(dest_qmp):
         fail("--to names the source's own QMP socket", "usage")
     out = console(stderr=as_json)

@@ -1,8 +1,10 @@
-"""``pyvhost mem status|add|remove --libvirt DOMAIN [--connect URI]``: the branch of
+"""``pyvhost mem status|add|remove|migrate-args --libvirt DOMAIN [--connect URI]``: the branch of
 ``pyvhost mem`` (:mod:`.mem`) for libvirt domains. It reads, plans and acts through
 :mod:`pyvhost.hotplug.libvirt` and prints with :mod:`.mem`'s printers: the same tables,
 the same JSON documents, the same exit codes (0 done, 1 refused, 2 cannot connect, 3
 libvirt/QEMU failed a step (undone), 4 the guest did not release a DIMM).
+``pyvhost mem migrate --libvirt`` is refused here with what to use instead: libvirt
+migrates a domain itself, its hot-added DIMMs included.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any, NoReturn
+
+import click
 
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome
@@ -25,12 +29,21 @@ from pyvhost.hotplug.libvirt import (
     plan_libvirt_add,
     plan_libvirt_remove,
     read_libvirt,
+    read_migrating_memory,
 )
 from pyvhost.hotplug.plan import AddRequest, Plan
 from pyvhost.hotplug.qmp import QmpCommandError
 
 from .common import console, emit_json, fail
-from .mem import SCHEMA_ADD, SCHEMA_REMOVE, _exit_for, _print_plan, plan_json, status_json
+from .mem import (
+    SCHEMA_ADD,
+    SCHEMA_MIGRATE_ARGS,
+    SCHEMA_REMOVE,
+    _exit_for,
+    _print_plan,
+    plan_json,
+    status_json,
+)
 
 TAINT_NOTE = ("--qemu-monitor: QEMU's state was read through qemu-monitor-command; libvirt "
               "marks the domain tainted (custom-monitor)")
@@ -115,3 +128,48 @@ def _show(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
     _print_plan(plan, dry_run, outcome, out)
     if qemu_monitor:
         out.print(f"note: {TAINT_NOTE}", markup=False)
+
+
+#: Why ``pyvhost mem migrate --libvirt`` is refused, and what to use.
+MIGRATE_REFUSAL = (
+    "pyvhost mem migrate does not drive libvirt migrations: libvirt migrates a domain "
+    "itself and starts the destination from the domain's live XML, hot-added DIMMs "
+    "included. Use virsh migrate --live {domain} qemu+ssh://DEST/system; pyvhost mem "
+    "migrate-args --libvirt {domain} lists the <memory> devices the destination gets, "
+    "and pyvhost status on each back-end's control socket shows its dirty log during "
+    "the migration")
+
+
+def migrate_args(domain: str, uri: str | None, *, timeout: float, as_json: bool) -> None:
+    """The ``<memory>`` devices a libvirt migration carries to the destination: on stdout
+    (XML, or the ``pyvhost.mem.migrate-args/1`` document with a ``libvirt`` part); notes
+    on stderr."""
+    with _domain(domain, uri, timeout) as c:
+        devices = read_migrating_memory(c)
+        persistent = bool(c.dom.isPersistent())
+    notes = ["libvirt carries these <memory> devices to the destination itself, in the "
+             "domain's live XML (virsh migrate --live): nothing to add by hand; a "
+             "destination XML of your own (virsh migrate --xml) must have them with these "
+             "aliases, sizes, nodes and addresses"]
+    if not devices:
+        notes = ["the domain has no <memory> devices: nothing to recreate"]
+    for d in devices:
+        if persistent and d.persistent is False:
+            notes.append(f"{d.alias} is in the live XML only, not in the persistent "
+                         f"config: the destination runs it, but a restart of the domain "
+                         f"drops it (virsh attach-device --config adds it there)")
+    if as_json:
+        emit_json({"schema": SCHEMA_MIGRATE_ARGS, "args": [], "command_line": "",
+                   "dimms": [], "notes": notes,
+                   "libvirt": {"domain": domain, "uri": uri, "persistent": persistent,
+                               "memory_devices": [
+                                   {"alias": d.alias, "model": d.model, "size": d.size,
+                                    "node": d.node, "slot": d.slot, "base": d.base,
+                                    "persistent": d.persistent, "xml": d.xml}
+                                   for d in devices]}})
+        return
+    for d in devices:
+        click.echo(d.xml)
+    err = console(stderr=True)
+    for note in notes:
+        err.print(f"note: {note}", markup=False, highlight=False)

@@ -1,10 +1,11 @@
 """``pyvhost status``: ask a running back-end (``pyvhost net --control PATH``) for its state.
 
-It prints tables for people (connections, each one's memory table, queues and counters,
-and the switch's ports and MAC table when there is a switch) or, with ``--json``, the
-back-end's answer as one ``pyvhost.status/1`` document (the back-end's own fields, plus
-``schema``). What the control socket answers is input from another process: every field
-is shown as found, checked for type before it is formatted, never trusted to exist.
+It prints tables for people (connections with their dirty logging, each one's memory
+table, dirty log, queues and counters, and the switch's ports and MAC table when there is
+a switch) or, with ``--json``, the back-end's answer as one ``pyvhost.status/1`` document
+(the back-end's own fields, plus ``schema``). What the control socket answers is input
+from another process: every field is shown as found, checked for type before it is
+formatted, never trusted to exist.
 """
 
 from __future__ import annotations
@@ -136,13 +137,15 @@ def print_status(state: dict[str, Any], out: Console) -> None:
         out.print(_table(
             "connections",
             ("connection", "front-end pid", "phase", "status", "features",
-             "protocol features", "regions", "table generation", "last table update"),
+             "protocol features", "regions", "table generation", "last table update",
+             "dirty log"),
             ([_cell(c.get("name")), _cell(c.get("peer_pid")), _cell(c.get("phase")),
               _hex(c.get("status")), _hex(c.get("features")),
               _cell(c.get("protocol_features")), str(len(_dicts(c.get("memory")))),
               _cell(c.get("memory_generation")),
               _cell((c.get("last_memory_update") or {}).get("request")
-                    if isinstance(c.get("last_memory_update"), dict) else None)]
+                    if isinstance(c.get("last_memory_update"), dict) else None),
+              _logging(c)]
              for c in connections),
             right=("front-end pid", "regions", "table generation")))
     for conn in connections:
@@ -152,8 +155,33 @@ def print_status(state: dict[str, Any], out: Console) -> None:
         _print_switch(switch, out)
 
 
+def _logging(conn: dict[str, Any]) -> str:
+    """Whether the front-end has dirty logging on (VHOST_F_LOG_ALL acked: the VM is being
+    live-migrated) and whether the back-end holds its log (SET_LOG_BASE)."""
+    logging, held = conn.get("logging"), isinstance(conn.get("dirty_log"), dict)
+    if not isinstance(logging, bool):
+        return "-"  # a back-end from before dirty logging, or a hostile answer
+    if logging:
+        return "on" if held else "on (no log yet)"
+    return "off (log held)" if held else "off"
+
+
+def _print_dirty_log(name: str, log: dict[str, Any], out: Console) -> None:
+    atomic = log.get("atomic")
+    marking = ("atomic fetch-or" if atomic is True else
+               "read-modify-write" if atomic is False else _cell(atomic))
+    out.print(Text(
+        f"{name}: dirty log {_size(log.get('mmap_size'))} at offset "
+        f"{_hex(log.get('mmap_offset'))}, covers {_size(log.get('covers'))} of guest "
+        f"memory; {_cell(log.get('marks'))} ranges marked, {_cell(log.get('overflows'))} "
+        f"past its end; marks by {marking}; fds held {_cell(log.get('fds_held'))}"))
+
+
 def _print_connection(conn: dict[str, Any], out: Console) -> None:
     name = _cell(conn.get("name"))
+    log = conn.get("dirty_log")
+    if isinstance(log, dict):
+        _print_dirty_log(name, log, out)
     out.print(_table(
         f"{name}: memory table (generation {_cell(conn.get('memory_generation'))})",
         ("GPA start", "GPA end", "size", "front-end VA", "mmap offset", "fds held",

@@ -5,6 +5,9 @@ Owns the order of QMP commands and the waiting: ``DEVICE_DELETED`` for ``device_
 resize. After a failed step the undo steps of the
 done ones run, last first, and ``qom-list /objects`` is checked so that no backend is left
 behind (QEMU 7.2 keeps an ``object-add``ed backend after a failed ``device_add``).
+Ctrl-C (or SIGTERM) during an add is a failure too: the step in flight is looked up in
+QEMU (its command may have run although its answer never came), what was done is undone
+with further interrupts held, and :class:`~pyvhost.interrupts.Interrupted` says what.
 
 It must not decide whether a plan is wise (:mod:`.plan` does) and runs a refused plan only
 when forced (tests use that to see QEMU's own verdict past the planner).
@@ -16,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvhost.errors import LocalError
+from pyvhost.errors import LocalError, PyvhostError
+from pyvhost.interrupts import Interrupted, deferred_interrupts
 
 from .plan import Plan, Step
 from .qmp import Monitor, QmpCommandError
@@ -167,52 +171,107 @@ def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
     start = time.monotonic()
     out = Outcome(ok=False)
     done = 0
-    for step in plan.steps:
-        try:
-            _run(monitor, step, timeout, out)
-        except (QmpCommandError, TimeoutError) as e:
-            out.failed_step, out.error = step.command, str(e)
-            _rollback(monitor, plan, done, timeout, out)
-            out.seconds = time.monotonic() - start
-            return out
-        done += 1
-        out.done.append(step.command)
-    devices = monitor.execute("query-memory-devices")
+    try:
+        for step in plan.steps:
+            try:
+                _run(monitor, step, timeout, out)
+            except (QmpCommandError, TimeoutError) as e:
+                out.failed_step, out.error = step.command, str(e)
+                with deferred_interrupts():
+                    _rollback(monitor, plan, done, timeout, out)
+                out.seconds = time.monotonic() - start
+                return out
+            done += 1
+            out.done.append(step.command)
+        devices = monitor.execute("query-memory-devices")
+    except KeyboardInterrupt:
+        # Until it is verified the add is all or nothing, as on a failure.
+        raise _undo_interrupted(monitor, plan, done, timeout, out) from None
     mine = [d for d in devices if d.get("data", {}).get("id") == plan.device_id]
     expected = plan.steps[0].arguments.get("size")
     if len(mine) != 1 or mine[0]["data"].get("size") != expected:
         out.failed_step, out.error = "verify", (
             f"query-memory-devices does not show {plan.device_id} with size {expected}")
-        _rollback(monitor, plan, done, timeout, out)
+        with deferred_interrupts():
+            _rollback(monitor, plan, done, timeout, out)
         out.seconds = time.monotonic() - start
         return out
     out.device = dict(mine[0]["data"])
-    if ost_timeout > 0:
-        _collect_ost(monitor, plan.device_id, ost_timeout, out.acpi_ost)
     out.ok = True
+    if ost_timeout > 0:
+        try:
+            _collect_ost(monitor, plan.device_id, ost_timeout, out.acpi_ost)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted after {plan.device_id} was added and verified; "
+                              f"it stays (pyvhost mem remove {plan.device_id} removes "
+                              f"it)") from None
     out.seconds = time.monotonic() - start
     return out
+
+
+def _took_effect(monitor: Monitor, step: Step) -> bool:
+    """Whether QEMU ran ``step``, whose answer never came (Ctrl-C while it was in flight):
+    QEMU runs a command it has read whether or not its client waits for the answer, and
+    runs a connection's commands in order, so looking now is looking after it."""
+    ident = step.arguments.get("id")
+    if step.command == "object-add":
+        return any(o["name"] == ident for o in monitor.execute("qom-list",
+                                                               {"path": "/objects"}))
+    if step.command == "device_add":
+        return any(d.get("data", {}).get("id") == ident
+                   for d in monitor.execute("query-memory-devices"))
+    return True  # unknown: try its undo (a "not found" is recorded, nothing worse)
+
+
+def _undo_interrupted(monitor: Monitor, plan: Plan, done: int, timeout: float,
+                      out: Outcome) -> Interrupted:
+    """Undo an add interrupted after ``done`` steps (the next one maybe in flight); the
+    exception to raise says what was undone and what, if anything, is left."""
+    in_flight = plan.steps[done] if done < len(plan.steps) else None
+    where = f"during {in_flight.command}" if in_flight else "before the check"
+    out.failed_step, out.error = in_flight.command if in_flight else "verify", "interrupted"
+    with deferred_interrupts():
+        try:
+            if in_flight is not None and _took_effect(monitor, in_flight):
+                done += 1
+            undo = plan.undo_steps(done)
+            _rollback(monitor, plan, done, timeout, out)
+        except PyvhostError as e:
+            return Interrupted(f"interrupted {where} of {plan.device_id}; the undo failed: "
+                               f"{e} (see pyvhost mem status)")
+    failed = [r for r in out.rolled_back if " failed: " in r]
+    if not undo:
+        text = "nothing had been changed"
+    else:
+        text = "undone: " + ", ".join(f"{u.command} {u.arguments.get('id')}" for u in undo)
+    if failed or out.orphans:
+        text += "; " + "; ".join([*failed, *(f"left behind: {o}" for o in out.orphans)])
+    return Interrupted(f"interrupted {where} of {plan.device_id}; {text}")
 
 
 def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Outcome:
     """device_del, wait for DEVICE_DELETED, object-del the backend, verify.
 
     When the guest refuses or never answers, nothing else is done (the backend is still in
-    use); the guest's ACPI _OST statuses are in :attr:`Outcome.acpi_ost`.
+    use); the guest's ACPI _OST statuses are in :attr:`Outcome.acpi_ost`. An interrupt
+    raises :class:`~pyvhost.interrupts.Interrupted` saying what is left.
     """
     if plan.refused:
         raise _refused(plan)
     start = time.monotonic()
     out = Outcome(ok=False)
-    for step in plan.steps:
-        try:
-            _run(monitor, step, timeout, out)
-        except (QmpCommandError, TimeoutError) as e:
-            out.failed_step, out.error = step.command, str(e)
-            out.seconds = time.monotonic() - start
-            return out
-        out.done.append(step.command)
-    devices = monitor.execute("query-memory-devices")
+    try:
+        for step in plan.steps:
+            try:
+                _run(monitor, step, timeout, out)
+            except (QmpCommandError, TimeoutError) as e:
+                out.failed_step, out.error = step.command, str(e)
+                out.seconds = time.monotonic() - start
+                return out
+            out.done.append(step.command)
+        devices = monitor.execute("query-memory-devices")
+    except KeyboardInterrupt:
+        raise _remove_interrupted(monitor, plan, timeout) from None
     if any(d.get("data", {}).get("id") == plan.device_id for d in devices):
         out.failed_step, out.error = "verify", f"{plan.device_id} is still a memory device"
     else:
@@ -222,6 +281,29 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
             out.failed_step, out.error = "verify", f"backend {plan.backend_id} still exists"
     out.seconds = time.monotonic() - start
     return out
+
+
+def _remove_interrupted(monitor: Monitor, plan: Plan, timeout: float) -> Interrupted:
+    """What an interrupted remove leaves, said as it is. A device_del cannot be taken
+    back (QEMU keeps the unplug request; the guest may still release the DIMM), so
+    nothing is undone; once the DIMM is gone its backend is deleted, as the remove
+    would have done a moment later: a backend without its device is of no use."""
+    name = plan.device_id
+    with deferred_interrupts():
+        try:
+            if any(d.get("data", {}).get("id") == name
+                   for d in monitor.execute("query-memory-devices")):
+                return Interrupted(
+                    f"interrupted while the guest was releasing {name}: the unplug "
+                    f"request stays pending in QEMU and {plan.backend_id} stays; run "
+                    f"pyvhost mem remove {name} again to finish")
+            if plan.backend_id is not None and _orphans(monitor, plan):
+                monitor.execute("object-del", {"id": plan.backend_id})
+            return Interrupted(f"interrupted after {name} was unplugged; its backend "
+                               f"{plan.backend_id} was deleted too: removed")
+        except PyvhostError as e:
+            return Interrupted(f"interrupted during the removal of {name}; could not look "
+                               f"at what is left: {e} (see pyvhost mem status)")
 
 
 def execute_resize(monitor: Monitor, plan: Plan, *, timeout: float = 60.0) -> Outcome:

@@ -8,7 +8,9 @@ libvirt's capabilities and free-page counts for a remote one), plans with the sa
 planner, and acts the way libvirt supports: ``virDomainAttachDeviceFlags`` of ``<memory
 model='dimm' access='shared'>`` (live, and in the persistent config with ``persistent``),
 verified in the live XML and undone by detaching it; ``virDomainDetachDeviceFlags`` for
-remove, waited for until the device leaves the live XML (the guest's part).
+remove, waited for until the device leaves the live XML (the guest's part). For a
+migration it lists the ``<memory>`` devices the live XML carries to the destination
+(:func:`read_migrating_memory`); libvirt migrates the domain itself.
 
 Nothing goes through ``qemu-monitor-command`` unless asked (``qemu_monitor=True``): it
 marks the domain tainted (custom-monitor). With it, the state is read from QEMU itself
@@ -41,8 +43,10 @@ from .libvirt_xml import (
     LibvirtDomain,
     LibvirtUri,
     LibvirtXmlError,
+    MigratingMemory,
     device_element,
     dimm_xml,
+    migrating_memory,
     parse_uri,
     read_domain,
     size_of,
@@ -217,6 +221,26 @@ def read_libvirt(c: Connection, *, qemu_monitor: bool = False,
     state = read_state(LibvirtMonitor(c))
     version = state.qemu_version or domain.state.qemu_version
     return replace(domain, state=replace(state, qemu_version=version), estimated=False)
+
+
+def read_migrating_memory(c: Connection) -> list[MigratingMemory]:
+    """The domain's ``<memory>`` devices as a libvirt migration carries them (the live
+    XML), each marked by whether the persistent config has it too."""
+    lv, _ = binding()
+    try:
+        live = _bounded(lambda: c.dom.XMLDesc(0), c.timeout, "domain XML")
+        persistent = bool(_bounded(c.dom.isPersistent, c.timeout, "domain persistence"))
+        inactive = _bounded(lambda: c.dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE), c.timeout,
+                            "persistent domain XML") if persistent else None
+    except lv.libvirtError as e:
+        raise LibvirtError(f"cannot read the domain XML: {_one_line(e)}") from e
+    if _status(c) in ("shutoff", "shutdown", "crashed"):
+        raise LibvirtError(f"domain {c.dom.name()} is not running: there is nothing to "
+                           f"migrate live")
+    try:
+        return migrating_memory(live, inactive)
+    except LibvirtXmlError as e:
+        raise LibvirtError(f"domain XML: {e}") from e
 
 
 def host_facts(c: Connection, mem_path: str | None = None) -> HostFacts:

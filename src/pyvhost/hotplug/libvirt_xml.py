@@ -387,3 +387,56 @@ def device_element(xml: str, alias: str) -> str | None:
                 el.remove(address)
             return ET.tostring(el, encoding="unicode")
     return None
+
+
+@dataclass(frozen=True)
+class MigratingMemory:
+    """A ``<memory>`` device of a domain's live XML as a migration carries it: its alias,
+    layout (bytes, guest-physical ``base``), the element itself, and whether the
+    persistent config has it too (None: a transient domain has no persistent config)."""
+
+    alias: str | None
+    model: str
+    size: int
+    node: int | None
+    slot: int | None
+    base: int | None
+    xml: str
+    persistent: bool | None
+
+
+def _element_text(el: ET.Element) -> str:
+    """``el`` as XML text indented on its own (the live XML indents it for its depth)."""
+    el.tail = None
+    ET.indent(el, "  ")
+    return ET.tostring(el, encoding="unicode")
+
+
+def migrating_memory(live: str, inactive: str | None) -> list[MigratingMemory]:
+    """The ``<memory>`` devices of the live XML ``live`` (every one: libvirt sends the
+    live XML to a migration's destination, which starts QEMU from it); each marked by
+    whether ``inactive``, the persistent config, has a device with its alias."""
+    try:
+        root = ET.fromstring(live)
+        config = ET.fromstring(inactive) if inactive is not None else None
+    except ET.ParseError as e:
+        raise LibvirtXmlError(f"the domain XML does not parse: {e}") from e
+    kept = None if config is None else {
+        a.get("name") for a in config.iterfind("devices/memory/alias")}
+    out: list[MigratingMemory] = []
+    for el in root.iterfind("devices/memory"):
+        a = el.find("alias")
+        alias = a.get("name") if a is not None else None
+        node_text = el.findtext("target/node")
+        addr = el.find("address")
+
+        def attr(name: str, addr: ET.Element | None = addr) -> int | None:
+            text = addr.get(name) if addr is not None else None
+            return _int(text, f"<address {name}>") if text else None
+
+        out.append(MigratingMemory(
+            alias, el.get("model", ""), size_of(el.find("target/size")),
+            _int(node_text, "<target><node>") if node_text is not None else None,
+            attr("slot"), attr("base"), _element_text(el),
+            None if kept is None else alias in kept))
+    return out

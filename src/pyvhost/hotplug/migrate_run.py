@@ -3,9 +3,10 @@ destination listen, start the source's migration and follow it to its end within
 timeout, and report QEMU's own times (total time, downtime, setup) beside ours.
 
 Owns the order of the migration's QMP commands and the waiting. A migration that does not
-finish within the timeout, or that is interrupted (Ctrl-C), is cancelled
-(``migrate_cancel``): the source keeps running as before and the destination, which has
-not started, can be stopped. It must not decide whether to migrate (:mod:`.migrate` does)
+finish within the timeout, or that is interrupted (Ctrl-C, SIGTERM), is cancelled
+(``migrate_cancel``, waited for to its end): the source keeps running as before and the
+destination, which has not started, can be stopped (QEMU quits a destination whose
+incoming migration broke off). It must not decide whether to migrate (:mod:`.migrate` does)
 and never stops the source after a migration (its user does, once they are content).
 """
 
@@ -16,6 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pyvhost.errors import PyvhostError
+from pyvhost.interrupts import Interrupted, deferred_interrupts
 
 from .migrate import LOG_ALL, LOG_SHMFD, MigrationFacts, VhostLogging
 from .qmp import Monitor, QmpCommandError
@@ -121,6 +125,33 @@ def _wait_final(src: Monitor, timeout: float) -> dict[str, Any]:
         time.sleep(0.1)
 
 
+def _cancel_interrupted(src: Monitor) -> Interrupted:
+    """Ctrl-C during a migration: cancel it (``migrate_cancel``, further interrupts held)
+    and wait until QEMU says it ended, so the source runs on as it was; the exception to
+    raise says so. ``migrate`` itself may have been in flight: QEMU runs a connection's
+    commands in order, so the cancel comes after it."""
+    with deferred_interrupts():
+        try:
+            info: dict[str, Any] = src.execute("query-migrate") or {}
+            if info.get("status") not in FINAL:
+                src.execute("migrate_cancel")
+                if info.get("status") not in (None, "none"):
+                    info = _wait_final(src, 30)
+            run_state = str(src.execute("query-status").get("status"))
+        except PyvhostError as e:
+            return Interrupted(f"interrupted during the migration; could not make sure it "
+                               f"is cancelled: {e} (see query-migrate on the source)")
+    status = info.get("status")
+    if status == "completed":
+        return Interrupted("interrupted after the migration completed: the VM is on the "
+                           f"destination; the source is {run_state}")
+    if status in (None, "none"):
+        return Interrupted(f"interrupted before the migration started; the source is "
+                           f"{run_state}")
+    return Interrupted(f"interrupted: migration cancelled (QEMU: {status}); the source is "
+                       f"{run_state}")
+
+
 def run_migration(src: Monitor, dst: Monitor, uri: str, *, timeout: float,
                   on_progress: Callable[[Progress], None] | None = None,
                   interval: float = 0.1, report_every: float = 1.0) -> MigrationOutcome:
@@ -138,9 +169,9 @@ def run_migration(src: Monitor, dst: Monitor, uri: str, *, timeout: float,
             raise
         out.incoming = "listening"  # -incoming URI on its command line: it listens
     t0 = time.monotonic()
-    src.execute("migrate", {"uri": uri})
     last_report = -report_every
     try:
+        src.execute("migrate", {"uri": uri})
         while True:
             info: dict[str, Any] = src.execute("query-migrate") or {}
             now = time.monotonic() - t0
@@ -159,8 +190,10 @@ def run_migration(src: Monitor, dst: Monitor, uri: str, *, timeout: float,
                 out.cancelled = out.timed_out
                 break
             time.sleep(interval)
+    except KeyboardInterrupt:
+        raise _cancel_interrupted(src) from None
     except BaseException:
-        # Ctrl-C, or QEMU gone: the source goes on running as it was.
+        # QEMU gone, or a bug: the source goes on running as it was.
         with contextlib.suppress(Exception):
             src.execute("migrate_cancel")
         raise
