@@ -57,16 +57,21 @@ DATAPATH_TESTS = ("datapath", "switch", "backend", "virtq", "memory", "net",
 QEMU_VERSION_TESTS = ("hotplug", "lab/test_lab.py", "lab/test_unplug.py",
                       "lab/test_dpdk_hotplug.py", "lab/test_mq_guest.py",
                       "lab/test_packets_in_new_memory.py", "cli/test_mem_migrate.py")
-#: Left out of the QEMU 10.0 pass to keep CI's time (2.5 min there). The first two passed
-#: on QEMU 10.0.2 when they were left out, and what they add to the migration tests kept
-#: in it (a migration under traffic, the preflight, timeout and Ctrl-C) is the back-end's
-#: and DPDK's behaviour, not QEMU's: fds and mappings over ten migrations, DPDK as the C
-#: reference. The last two start no QEMU.
+#: Left out of the QEMU 10.0 pass: they start no QEMU.
 QEMU_VERSION_LEFT_OUT = (
-    "hotplug/test_migrate_qemu.py::test_ten_migrations_back_and_forth_leak_nothing",
-    "hotplug/test_migrate_dpdk.py",
     "cli/test_mem_migrate.py::test_usage_errors",
     "cli/test_mem_migrate.py::test_migrate_under_libvirt_is_refused_with_what_to_use")
+#: Tests that need the guest to live on after several migrations, or after one under
+#: load: they run on QEMU 9.0 and later only (the QEMU 10.0 pass in CI), and are
+#: deselected, not skipped, on older ones. QEMU 7.2 under TCG loses guest writes during a
+#: migration ("physmem: Fix migration dirty bitmap coherency with TCG memory access",
+#: fixed in 9.0; docs/dirty-log.md): in a CI run on a loaded machine the guest stopped
+#: answering after the 10th migration, and DPDK's migrated guest died on the destination,
+#: while the back-ends' fds, mappings and logs were right. A migration under traffic
+#: with the back-end writing (tests/hotplug/test_migrate_qemu.py) still runs on 7.2.
+NEEDS_QEMU_9 = (
+    "hotplug/test_migrate_qemu.py::test_ten_migrations_back_and_forth_leak_nothing",
+    "hotplug/test_migrate_dpdk.py")
 _TESTS = Path(__file__).resolve().parent
 
 
@@ -74,15 +79,31 @@ def _under(rel: str, prefixes: tuple[str, ...]) -> bool:
     return any(rel == p or rel.startswith(p + "/") for p in prefixes)
 
 
+def _listed(rel: str, name: str, entries: tuple[str, ...]) -> bool:
+    return _under(rel, entries) or f"{rel}::{name}" in entries
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
+    from pyvhost.lab.qemu import qemu_binary, qemu_version
+
+    try:
+        old_qemu = qemu_version(qemu_binary()) < (9, 0, 0)
+    except Exception:  # no QEMU: the QEMU tests fail and say so
+        old_qemu = False
+    deselected = []
+    for item in list(items):
         rel = Path(item.path).resolve().relative_to(_TESTS).as_posix()
+        if old_qemu and _listed(rel, item.name, NEEDS_QEMU_9):
+            deselected.append(item)
+            items.remove(item)
+            continue
         if _under(rel, DATAPATH_TESTS):
             item.add_marker(pytest.mark.datapath)
-        if _under(rel, QEMU_VERSION_TESTS) and not (
-                _under(rel, QEMU_VERSION_LEFT_OUT)
-                or f"{rel}::{item.name}" in QEMU_VERSION_LEFT_OUT):
+        if _under(rel, QEMU_VERSION_TESTS) and not _listed(rel, item.name,
+                                                             QEMU_VERSION_LEFT_OUT):
             item.add_marker(pytest.mark.qemu_versions)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
