@@ -27,10 +27,10 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, Code, plan_add
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.qemu import MiB
 from pyvhost.protocol.constants import VHOST_MEMORY_BASELINE_NREGIONS, Request
 from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
 from support.procs import Procs, Started
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pyvhost.units import mib
+
 from .state import MemoryBackend, MemoryDevice, VmState
 
 #: What QEMU 7.2's x-query-virtio-status names the two features a vhost-user back-end
@@ -197,10 +199,6 @@ class Preflight:
         return bool(self.refusals)
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB"
-
-
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [f"{k} {a.get(k)!r} on the source, {b.get(k)!r} on the destination"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -209,9 +207,9 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
     r: list[Refusal] = []
     machine = [f"{name} {a} on the source, {b} on the destination"
-               for name, a, b in (("boot memory", _mib(src.boot_memory), _mib(dst.boot_memory)),
+               for name, a, b in (("boot memory", mib(src.boot_memory), mib(dst.boot_memory)),
                                   ("slots", src.slots, dst.slots),
-                                  ("maxmem", _mib(src.maxmem), _mib(dst.maxmem)))
+                                  ("maxmem", mib(src.maxmem), mib(dst.maxmem)))
                if a != b]
     if machine:
         r.append(Refusal(Code.DEST_LAYOUT_DIFFERS,
@@ -232,7 +230,7 @@ def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
         other = dst_dimms.get(did)
         if other is None:
             r.append(Refusal(Code.DEST_MISSING_DIMM,
-                             f"{did} ({d.kind}, {_mib(d.size)} at "
+                             f"{did} ({d.kind}, {mib(d.size)} at "
                              f"{'?' if d.addr is None else hex(d.addr)}) is missing on the "
                              "destination: start it with the arguments of pyvhost mem "
                              "migrate-args --qmp SOURCE"))
@@ -252,7 +250,7 @@ def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
     for did, d in dst_dimms.items():
         if did not in src_dimms:
             r.append(Refusal(Code.DEST_EXTRA_DIMM,
-                             f"the destination has {did} ({d.kind}, {_mib(d.size)}), which "
+                             f"the destination has {did} ({d.kind}, {mib(d.size)}), which "
                              "the source has not: QEMU would refuse its RAM block; start the "
                              "destination without it"))
     return r

@@ -35,6 +35,7 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 
 from . import checks, traffic
 from .accel import AccelChoice, choose_accel
@@ -50,7 +51,7 @@ from .measure import (
     qemu_outcome,
     step_timing,
 )
-from .qemu import QBOOT, MiB
+from .qemu import QBOOT
 from .records import (
     Action,
     Backend,
