@@ -21,7 +21,7 @@ from pyvhost.protocol.messages import MemoryRegion
 from pyvhost.virtq import SplitQueue
 from support.memfd import REGION_SIZE, SharedRam
 from support.netdriver import TIMEOUT, NetDriver, RamOffsets, frame_tag, make_frame, wait_any
-from support.ring import DESC, U16, DriverRing, RingLayout
+from support.ring import DESC, U16, DriverRing, RingLayout, device_queue
 
 REGION = REGION_SIZE
 #: The gap: [GAP, FAR) is not guest memory.
@@ -54,15 +54,9 @@ def make_queue(ram: Ram, index: int, size: int, gpas: tuple[int, int, int], *,
                event_idx: bool, base: int) -> tuple[SplitQueue, DriverRing]:
     """A device-side queue attached to ``ram`` and its driver, both at ``base``."""
     ring = DriverRing(ram, RingLayout(size, *gpas), index=index, event_idx=event_idx)
-    q = SplitQueue(index)
-    q.set_size(size)
-    q.event_idx = event_idx
-    q.set_base(base)
     ring.avail_idx = base
     ring.publish(base)
-    q.set_addresses(*ring.vas)
-    q.attach(ram.mem)
-    return q, ring
+    return device_queue(ring, ram.mem, event_idx=event_idx, base=base), ring
 
 
 def publish_raw(ram: Ram, ring: DriverRing, heads: list[int], avail_idx: int) -> None:
