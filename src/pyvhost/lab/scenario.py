@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from pyvhost.closing import Closing
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome, execute_add, execute_remove
 from pyvhost.hotplug.host import page_sizes, read_host
@@ -76,7 +77,7 @@ Say = Callable[[str], None]
 StepHook = Callable[[Step], None]
 
 
-class Lab:
+class Lab(Closing):
     """One lab run; use as a context manager (:meth:`close` ends everything)."""
 
     def __init__(self, config: LabConfig, *, say: Say | None = None,
@@ -110,12 +111,6 @@ class Lab:
         return self.machines.vms
 
     # -- lifetime --------------------------------------------------------------------------
-    def __enter__(self) -> Lab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Close the QMP monitor, then end QEMU, ``pyvhost net`` and the run directory
         (:meth:`.Machines.close`). A second Ctrl-C (or SIGTERM) meanwhile is ignored."""
