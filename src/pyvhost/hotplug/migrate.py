@@ -33,6 +33,7 @@ from typing import Any
 
 from pyvhost.units import mib
 
+from .plan import Refusal
 from .state import MemoryBackend, MemoryDevice, VmState
 
 #: What QEMU 7.2's x-query-virtio-status names the two features a vhost-user back-end
@@ -56,12 +57,6 @@ class Code(StrEnum):
     DEST_LAYOUT_DIFFERS = "DEST_LAYOUT_DIFFERS"
     VHOST_USER_DEVICE_MISSING = "VHOST_USER_DEVICE_MISSING"
     VHOST_USER_NOT_CONNECTED = "VHOST_USER_NOT_CONNECTED"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: Code
-    message: str
 
 
 @dataclass(frozen=True)
@@ -191,7 +186,7 @@ def destination_args(state: VmState, *, every_dimm: bool = False) -> Destination
 
 @dataclass(frozen=True)
 class Preflight:
-    refusals: tuple[Refusal, ...]
+    refusals: tuple[Refusal[Code], ...]
     notes: tuple[str, ...] = ()
 
     @property
@@ -204,8 +199,8 @@ def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
-    r: list[Refusal] = []
+def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal[Code]]:
+    r: list[Refusal[Code]] = []
     machine = [f"{name} {a} on the source, {b} on the destination"
                for name, a, b in (("boot memory", mib(src.boot_memory), mib(dst.boot_memory)),
                                   ("slots", src.slots, dst.slots),
@@ -257,8 +252,8 @@ def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
 
 
 def _vhost_refusals(src: VmState, src_facts: MigrationFacts, dst: VmState,
-                    dst_facts: MigrationFacts) -> tuple[list[Refusal], list[str]]:
-    r: list[Refusal] = []
+                    dst_facts: MigrationFacts) -> tuple[list[Refusal[Code]], list[str]]:
+    r: list[Refusal[Code]] = []
     notes: list[str] = []
     dst_devices = {d.id: d for d in dst.vhost_user}
     for dev in src.vhost_user:
@@ -301,7 +296,7 @@ def _vhost_refusals(src: VmState, src_facts: MigrationFacts, dst: VmState,
 def preflight(src: VmState, src_facts: MigrationFacts, dst: VmState,
               dst_facts: MigrationFacts) -> Preflight:
     """Everything that would make migrating ``src`` to ``dst`` fail or corrupt the guest."""
-    r: list[Refusal] = []
+    r: list[Refusal[Code]] = []
     if dst_facts.run_state != "inmigrate":
         r.append(Refusal(Code.DEST_NOT_INCOMING,
                          f"the destination QEMU is {dst_facts.run_state}, not waiting for a "
