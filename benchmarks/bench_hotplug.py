@@ -45,11 +45,12 @@ from typing import Any
 
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
-from pyvhost.lab.qemu import BOOT_TIMEOUT, MiB, Qemu, VhostUserNet, guest_config
+from pyvhost.lab.qemu import BOOT_TIMEOUT, Qemu, VhostUserNet, guest_config
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.tools.process import end_process, pyvhost_argv
 from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
+from pyvhost.units import MiB
 
 DIMM = 128 * MiB
 ACPI_INSERT = 1  # _OST source of a device-check (insert) notification

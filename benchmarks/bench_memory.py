@@ -41,9 +41,8 @@ from pyvhost.memory import MemoryManager
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.protocol.messages import MemoryRegion
 from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.units import GiB, MiB
 
-MiB = 1 << 20
-GiB = 1 << 30
 PF = ProtocolFeature
 
 

@@ -63,6 +63,14 @@ def expect_refused(client: RawClient, request: int, payload: m.Payload, *,
     expect_reaction(client, request, need_reply)
 
 
+def refused_unmapped(bad: NetPort, request: int, payload: m.Payload, *, need_reply: bool,
+                     fds: Sequence[int]) -> None:
+    """A memory request the back-end must refuse without mapping anything: its RAM is
+    mapped once afterwards, by us only."""
+    expect_refused(bad.client, request, payload, need_reply=need_reply, fds=fds)
+    assert maps_count(bad.ram.name) == 1
+
+
 def expect_reaction(client: RawClient, request: int, need_reply: bool) -> None:
     if need_reply:
         reply = client.recv_reply(request, ack=True)
@@ -140,9 +148,8 @@ def test_payload_over_the_size_limit_closes(bad: NetPort, good: NetPort,
 def test_too_many_fds(bad: NetPort, good: NetPort, baseline: int, need_reply: bool) -> None:
     bad.negotiate()
     table = m.MemoryTable((bad.ram.region(),))
-    expect_refused(bad.client, Request.SET_MEM_TABLE, table, need_reply=need_reply,
-                   fds=[bad.ram.fd, bad.ring_mem.fd])
-    assert maps_count(bad.ram.name) == 1  # ours only: the back-end mapped nothing
+    refused_unmapped(bad, Request.SET_MEM_TABLE, table, need_reply=need_reply,
+                     fds=[bad.ram.fd, bad.ring_mem.fd])
     finish(good, bad, baseline)
 
 
@@ -161,9 +168,8 @@ def test_more_fds_than_any_message_may_carry(bad: NetPort, good: NetPort,
 def test_too_few_fds(bad: NetPort, good: NetPort, baseline: int, need_reply: bool) -> None:
     bad.negotiate()
     table = m.MemoryTable((bad.ram.region(), bad.ring_mem.region()))
-    expect_refused(bad.client, Request.SET_MEM_TABLE, table, need_reply=need_reply,
-                   fds=[bad.ram.fd])
-    assert maps_count(bad.ram.name) == 1
+    refused_unmapped(bad, Request.SET_MEM_TABLE, table, need_reply=need_reply,
+                     fds=[bad.ram.fd])
     finish(good, bad, baseline)
 
 
@@ -212,9 +218,8 @@ def test_mem_table_before_set_owner(bad: NetPort, good: NetPort, baseline: int,
     if need_reply:
         negotiate_only(bad)  # REPLY_ACK, so that a NACK can be asked for
     table = m.MemoryTable((bad.ram.region(),))
-    expect_refused(bad.client, Request.SET_MEM_TABLE, table, need_reply=need_reply,
-                   fds=[bad.ram.fd])
-    assert maps_count(bad.ram.name) == 1
+    refused_unmapped(bad, Request.SET_MEM_TABLE, table, need_reply=need_reply,
+                     fds=[bad.ram.fd])
     finish(good, bad, baseline)
 
 
@@ -223,9 +228,8 @@ def test_add_mem_reg_without_configure_mem_slots(bad: NetPort, good: NetPort, ba
                                                  need_reply: bool) -> None:
     bad.protocol = TABLE_PROTOCOL
     bad.negotiate()
-    expect_refused(bad.client, Request.ADD_MEM_REG, m.SingleMemoryRegion(bad.ram.region()),
-                   need_reply=need_reply, fds=[bad.ram.fd])
-    assert maps_count(bad.ram.name) == 1
+    refused_unmapped(bad, Request.ADD_MEM_REG, m.SingleMemoryRegion(bad.ram.region()),
+                     need_reply=need_reply, fds=[bad.ram.fd])
     finish(good, bad, baseline)
 
 

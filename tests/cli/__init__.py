@@ -1,0 +1,1 @@
+"""Command tests: each ``pyvhost`` command run as a process, its exit codes and documents."""

@@ -14,59 +14,30 @@ For tests against a real back-end process, a guest is :class:`support.netdriver.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
-from pyvhost.memory import GuestMemory, MemoryManager
-from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import MemoryRegion
 from pyvhost.virtq import SplitQueue
-from support.memfd import memfd
+from support.memfd import REGION_SIZE, SharedRam
 from support.netdriver import TIMEOUT, NetDriver, RamOffsets, frame_tag, make_frame, wait_any
-from support.ring import DESC, U16, DriverRing, RingLayout
+from support.ring import DESC, U16, DriverRing, RingLayout, device_queue
 
-REGION = 0x10000
+REGION = REGION_SIZE
 #: The gap: [GAP, FAR) is not guest memory.
 GAP, FAR = 0x20000, 0x30000
 
 
-class Ram:
-    """Three regions of one memfd, read and written by GPA with pread/pwrite (never
-    through the code under test); ``mem`` is the device's view."""
+class Ram(SharedRam):
+    """Three regions of one memfd: :class:`SharedRam`'s LOW and HIGH, then FAR past a gap;
+    ``mem`` is the device's view."""
 
-    LOW = MemoryRegion(0x0, REGION, 0x7F00_0020_0000, 0x0)
-    HIGH = MemoryRegion(REGION, REGION, 0x7F00_0010_0000, REGION)
     FARR = MemoryRegion(FAR, REGION, 0x7F00_0040_0000, FAR)
+    REGIONS = (SharedRam.LOW, SharedRam.HIGH, FARR)
     END = FAR + REGION  # file size; [GAP, FAR) of the file is never mapped
 
     def __init__(self, content: bytes = b"") -> None:
-        self.fd = memfd(self.END, name="pyvhost-dp")
-        if content:
-            self.write(0, content[:self.END])
-        self.manager = MemoryManager()
-        with FdBag([os.dup(self.fd) for _ in range(3)]) as bag:
-            self.manager.set_table([self.LOW, self.HIGH, self.FARR], bag)
-
-    @property
-    def mem(self) -> GuestMemory:
-        return self.manager.current
-
-    def write(self, gpa: int, data: bytes) -> None:
-        assert os.pwrite(self.fd, data, gpa) == len(data)
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return os.pread(self.fd, length, gpa)
-
-    def close(self) -> None:
-        self.manager.clear()
-        os.close(self.fd)
-
-    def va(self, gpa: int) -> int:
-        for r in (self.LOW, self.HIGH, self.FARR):
-            if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
-                return r.userspace_addr + gpa - r.guest_phys_addr
-        raise ValueError(f"GPA {gpa:#x} is not guest memory")
+        super().__init__("pyvhost-dp", content)
 
     def image(self) -> bytes:
         """Every byte of guest memory (the three regions)."""
@@ -83,15 +54,9 @@ def make_queue(ram: Ram, index: int, size: int, gpas: tuple[int, int, int], *,
                event_idx: bool, base: int) -> tuple[SplitQueue, DriverRing]:
     """A device-side queue attached to ``ram`` and its driver, both at ``base``."""
     ring = DriverRing(ram, RingLayout(size, *gpas), index=index, event_idx=event_idx)
-    q = SplitQueue(index)
-    q.set_size(size)
-    q.event_idx = event_idx
-    q.set_base(base)
     ring.avail_idx = base
     ring.publish(base)
-    q.set_addresses(*ring.vas)
-    q.attach(ram.mem)
-    return q, ring
+    return device_queue(ring, ram.mem, event_idx=event_idx, base=base), ring
 
 
 def publish_raw(ram: Ram, ring: DriverRing, heads: list[int], avail_idx: int) -> None:

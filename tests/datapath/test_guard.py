@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,15 +25,6 @@ native = pytest.importorskip("pyvhost.datapath._native",
 
 TX_RING = (0x1000, 0x1400, 0x1600)
 RX_RING = (0x2000, 0x2400, 0x2600)
-
-
-@pytest.fixture
-def ram() -> Iterator[Ram]:
-    r = Ram()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def one_frame(ram: Ram) -> tuple[SplitQueue, SplitQueue]:

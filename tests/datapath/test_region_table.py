@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
 
 import pytest
 
 from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import MemoryRegion
+from support.memfd import memfd
 
 from .rings import FAR, REGION, Ram
 
 native = pytest.importorskip("pyvhost.datapath._native",
                              reason="the compiled data path is not built")
-
-
-@pytest.fixture
-def ram() -> Iterator[Ram]:
-    r = Ram()
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_one_table_per_snapshot(ram: Ram) -> None:
@@ -37,9 +28,8 @@ def test_one_table_per_snapshot(ram: Ram) -> None:
     with ram.manager.hold() as old:
         old_table = native.region_table(old)
         extra = MemoryRegion(FAR + 2 * REGION, REGION, 0x7F00_0080_0000, 0)
-        fd = os.memfd_create("pyvhost-dp-extra", os.MFD_CLOEXEC)
+        fd = memfd(REGION, name="pyvhost-dp-extra")
         try:
-            os.ftruncate(fd, REGION)
             ram.manager.add_region(extra, fd)
         finally:
             os.close(fd)
@@ -71,9 +61,8 @@ def test_an_unmapped_region_is_refused(ram: Ram) -> None:
 
 def test_shrink_seal_is_reported(ram: Ram) -> None:
     assert [r["shrink_sealed"] for r in ram.mem.describe()] == [False, False, False]
-    fd = os.memfd_create("pyvhost-dp-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = memfd(REGION, name="pyvhost-dp-sealed", sealing=True)
     try:
-        os.ftruncate(fd, REGION)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
         with FdBag([os.dup(fd)]) as bag:
             ram.manager.set_table([MemoryRegion(0, REGION, 0x7F00_0090_0000, 0)], bag)

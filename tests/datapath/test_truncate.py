@@ -28,7 +28,10 @@ from .rings import boot_ram_fd, kick_tx, reflect_round, reflected_guest, region_
 PEER = mac(0xFE)
 
 
-def start_reflector(procs: Procs, a: Path, b: Path, *, pure: bool) -> Started:
+def start_reflector(procs: Procs, short_dir: Path, *, pure: bool) -> tuple[Started, Path, Path]:
+    """``pyvhost net --reflect`` on two sockets in ``short_dir``, once it says it runs the
+    data path asked for (pure Python, or compiled); returns it and the two sockets."""
+    a, b = short_dir / "a.sock", short_dir / "b.sock"
     env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
     if pure:
         env["PYVHOST_PURE"] = "1"
@@ -36,7 +39,8 @@ def start_reflector(procs: Procs, a: Path, b: Path, *, pure: bool) -> Started:
                                  "--no-stats"), "pyvhost", env=env,
                     stop_signal=signal.SIGINT)
     wait_for_socket(b, s.proc)
-    return s
+    s.wait_output("data path: python" if pure else "data path: compiled")
+    return s, a, b
 
 
 def held(pid: int, names: list[str]) -> tuple[int, int]:
@@ -55,9 +59,7 @@ def wait_held(pid: int, names: list[str], expected: tuple[int, int]) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("pyvhost.datapath._native") is None,
                     reason="the compiled data path is not built")
 def test_compiled_path_survives_a_shrunken_region(procs: Procs, short_dir: Path) -> None:
-    a_path, b_path = short_dir / "a.sock", short_dir / "b.sock"
-    be = start_reflector(procs, a_path, b_path, pure=False)
-    be.wait_output("data path: compiled")
+    be, a_path, b_path = start_reflector(procs, short_dir, pure=False)
     rng = random.Random(7)
     a = reflected_guest(str(a_path), mac(1))
     b = reflected_guest(str(b_path), mac(2))
@@ -92,9 +94,7 @@ def test_compiled_path_survives_a_shrunken_region(procs: Procs, short_dir: Path)
 
 def test_pure_path_dies_of_a_shrunken_region(procs: Procs, short_dir: Path) -> None:
     """What the fallback does (documented in pyvhost.datapath): SIGBUS kills it."""
-    a_path, b_path = short_dir / "a.sock", short_dir / "b.sock"
-    be = start_reflector(procs, a_path, b_path, pure=True)
-    be.wait_output("data path: python")
+    be, a_path, _ = start_reflector(procs, short_dir, pure=True)
     rng = random.Random(8)
     a = reflected_guest(str(a_path), mac(1))
     try:

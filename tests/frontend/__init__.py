@@ -1,0 +1,1 @@
+"""Front-end tests: pyvhost playing QEMU against fake and real back-ends."""

@@ -16,8 +16,8 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from types import TracebackType
 
+from pyvhost.closing import Closing
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import Decoder, Message, encode, encode_ack, encode_reply
 from pyvhost.protocol.constants import (
@@ -58,7 +58,7 @@ class _Held:
 
 
 @dataclass
-class FakeBackend:
+class FakeBackend(Closing):
     path: str
     features: int = int(VirtioFeature.VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES
     protocol_features: int = int(ALL_MEMORY_FEATURES)
@@ -113,13 +113,6 @@ class FakeBackend:
         self._dups.clear()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def __enter__(self) -> FakeBackend:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- what tests look at -------------------------------------------------------------------
     @property

@@ -16,7 +16,8 @@ from typing import Any, cast
 import pytest
 
 from pyvhost.backend.control import fetch_status
-from pyvhost.lab.qemu import MiB, Qemu, VhostUserNet, VirtioMem
+from pyvhost.lab.qemu import Qemu, VhostUserNet, VirtioMem
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
 from support.procs import Procs, wait_for_socket
 

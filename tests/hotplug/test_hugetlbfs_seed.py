@@ -20,8 +20,9 @@ import pytest
 from rich.console import Console
 
 from pyvhost.cli.mem import _print_status
-from pyvhost.lab.qemu import MiB, VhostUserNet
+from pyvhost.lab.qemu import VhostUserNet
 from pyvhost.tools.procfs import measure
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
 from support.hugepages import PAGE, hugetlbfs
 from support.procs import Procs, wait_for_socket

@@ -11,8 +11,6 @@ from pyvhost.lab.qemu import (
     QBOOT,
     QEMU_BINARY,
     VIRTIO_PORT,
-    GiB,
-    MiB,
     Qemu,
     QemuConfig,
     QemuError,
@@ -23,6 +21,7 @@ from pyvhost.lab.qemu import (
     guest_config,
     qboot_path,
 )
+from pyvhost.units import GiB, MiB
 
 IMAGE = GuestImage(Path("img"), "k", Path("img/vmlinuz"), Path("img/initrd.cpio"),
                    KernelPackage("linux-image-x", "1"), "6.1.0-x", ())

@@ -30,9 +30,10 @@ from pyvhost.backend.control import fetch_status
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state, vhost_regions
 from pyvhost.lab.guest import GuestConsole
-from pyvhost.lab.qemu import MiB, Qemu, VhostUserNet
+from pyvhost.lab.qemu import Qemu, VhostUserNet
 from pyvhost.lab.traffic import Stream
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
 from support.procs import Procs, Started, wait_for_socket
 

@@ -14,7 +14,8 @@ import pytest
 
 from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.qemu_rules import rules_for
-from pyvhost.lab.qemu import GiB, MiB, Qemu, QemuConfig, VhostUserNet
+from pyvhost.lab.qemu import Qemu, QemuConfig, VhostUserNet
+from pyvhost.units import GiB, MiB
 from support.procs import Procs, wait_for_socket
 
 from .conftest import StartQemu, objects, run_json, run_mem

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from pyvhost.hotplug.qemu_rules import rules_for
-from pyvhost.lab.qemu import GiB, MiB, Qemu, QemuConfig, VhostUserNet
+from pyvhost.lab.qemu import Qemu, QemuConfig, VhostUserNet
 from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
+from pyvhost.units import GiB, MiB
 from support.procs import Procs, wait_for_socket
 
 from .conftest import StartQemu, objects, run_json

@@ -10,7 +10,7 @@ from pathlib import Path
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory
 from pyvhost.tools.process import pyvhost_argv
-from support.procs import Procs, wait_for_socket
+from support.procs import Procs
 from support.schemas import validate
 
 PYVHOST = pyvhost_argv()
@@ -38,9 +38,7 @@ def test_demo_shows_exact_tables_and_no_leak() -> None:
 
 def test_status_reports_the_memory_table(procs: Procs, tmp_path: Path) -> None:
     sock, ctl = tmp_path / "vh.sock", tmp_path / "ctl.sock"
-    backend = procs.pyvhost("net", "--socket", str(sock), "--control", str(ctl), "--reflect")
-    wait_for_socket(sock, backend.proc)
-    wait_for_socket(ctl, backend.proc)
+    backend = procs.pyvhost_net(sock, ctl, "--reflect")
     memory = FrontendMemory()
     fe = Frontend()
     try:

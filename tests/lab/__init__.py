@@ -1,0 +1,1 @@
+"""Lab tests: real guests under QEMU, memory hot-plugged while traffic flows."""

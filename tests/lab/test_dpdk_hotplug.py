@@ -27,11 +27,12 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, Code, plan_add
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.qemu import MiB
 from pyvhost.protocol.constants import VHOST_MEMORY_BASELINE_NREGIONS, Request
 from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
+from support.memfd import memfd
 from support.procs import Procs, Started
 
 from .conftest import BootGuest
@@ -147,8 +148,7 @@ def test_the_check_tells_a_leaking_back_end() -> None:
     """The same check, on this process playing back-end: one fd and one mapping of a memfd
     per region is exact; one mapping more (a superseded table not unmapped), or an fd kept,
     is reported, with the file it concerns."""
-    fd = os.memfd_create("memory-backend-memfd")
-    os.ftruncate(fd, 1 << 20)
+    fd = memfd(1 << 20, name="memory-backend-memfd")  # the name QEMU gives its files
     inode = os.fstat(fd).st_ino
     region = mmap.mmap(fd, 1 << 20)  # CPython's mmap keeps a dup of the fd: 1 fd, 1 mapping
     os.close(fd)

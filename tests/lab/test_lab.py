@@ -279,7 +279,8 @@ def test_pyvhost_lab_interrupted_tears_everything_down(
     assert "interrupted: QEMU and pyvhost net are stopped" in out
     if args:
         doc = valid(_last_json(out), "pyvhost.error/1")
-        assert doc["exit_code"] == 130 and doc["error"]["kind"] == "interrupted"
+        assert (doc["command"], doc["exit_code"], doc["error"]["kind"]) == (
+            "lab", 130, "interrupted")
 
 
 def test_pyvhost_lab_without_qemu_exits_2_and_leaves_nothing(
@@ -301,7 +302,7 @@ def test_pyvhost_lab_without_qemu_exits_2_and_leaves_nothing(
     assert _gone(pids, rundir) == [], out[-3000:]
     assert code == 2, out[-3000:]
     doc = valid(_last_json(out), "pyvhost.error/1")
-    assert doc["exit_code"] == 2 and doc["error"]["kind"] == "run"
+    assert (doc["command"], doc["exit_code"], doc["error"]["kind"]) == ("lab", 2, "run")
     assert "qemu-system-x86_64 not found" in doc["error"]["message"]
 
 
@@ -316,7 +317,7 @@ def test_pyvhost_lab_refuses_bad_options_before_starting_anything(args: list[str
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     doc = valid(json.loads(done.stdout), "pyvhost.error/1")
-    assert doc["exit_code"] == 2 and doc["error"]["kind"] == "usage"
+    assert (doc["command"], doc["exit_code"], doc["error"]["kind"]) == ("lab", 2, "usage")
     assert "run directory" not in done.stderr
 
 

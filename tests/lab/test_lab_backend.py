@@ -17,17 +17,14 @@ from pyvhost.backend.control import fetch_status
 from pyvhost.frontend.frontend import Frontend
 from pyvhost.frontend.memory import FrontendMemory, MiB
 from pyvhost.protocol.constants import ProtocolFeature
-from support.procs import Procs, wait_for_socket
+from support.procs import Procs
 
 
 @pytest.mark.parametrize("mem_slots", [True, False], ids=["mem-slots", "no-mem-slots"])
 def test_net_mem_slots_option_and_memory_update_times(procs: Procs, tmp_path: Path,
                                                       mem_slots: bool) -> None:
     sock, ctl = tmp_path / "vh.sock", tmp_path / "ctl.sock"
-    net = procs.pyvhost("net", "--socket", str(sock), "--control", str(ctl), "--no-stats",
-                        "--mem-slots" if mem_slots else "--no-mem-slots")
-    wait_for_socket(sock, net.proc)
-    wait_for_socket(ctl, net.proc)
+    procs.pyvhost_net(sock, ctl, "--no-stats", "--mem-slots" if mem_slots else "--no-mem-slots")
     memory = FrontendMemory()
     fe = Frontend()
     try:

@@ -17,7 +17,7 @@ import pytest
 from pyvhost.lab.config import LabError
 from pyvhost.lab.measure import BackendMeter, Call, _connections, step_timing
 from pyvhost.lab.records import MemoryUpdate, Region
-from support.procs import Procs, wait_for_socket
+from support.procs import Procs
 
 
 def describe(pid: int = 4242, **changes: Any) -> dict[str, Any]:
@@ -57,8 +57,7 @@ def test_a_malformed_status_is_refused(bad: dict[str, Any]) -> None:
 
 def test_a_real_back_end(procs: Procs, short_dir: Path) -> None:
     ctl, sock = short_dir / "ctl.sock", short_dir / "vm1.sock"
-    net = procs.pyvhost("net", "--socket", str(sock), "--control", str(ctl), "--no-stats")
-    wait_for_socket(ctl, net.proc)
+    net = procs.pyvhost_net(sock, ctl, "--no-stats")
     meter = BackendMeter(str(ctl), net.pid, net.output)
     assert meter.connections({}) == {}
     usage = meter.usage()

@@ -30,9 +30,9 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.qemu import MiB
 from pyvhost.switch.core import NET_HDR
 from pyvhost.switch.vhost import flow_hash
+from pyvhost.units import MiB
 from support.procs import Procs, wait_for_socket
 
 from .conftest import BootGuest

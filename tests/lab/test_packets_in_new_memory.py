@@ -33,7 +33,7 @@ from pyvhost.hotplug.plan import AddRequest, plan_add
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.lab.guest import GuestConsole
-from pyvhost.lab.qemu import MiB
+from pyvhost.units import MiB
 from support.procs import Procs, wait_for_socket
 
 from .conftest import BootGuest

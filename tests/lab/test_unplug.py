@@ -24,9 +24,9 @@ from pyvhost.hotplug.host import read_host
 from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
-from pyvhost.lab.qemu import MiB
 from pyvhost.protocol.constants import ProtocolFeature, Request
 from pyvhost.tools.relay import Relay
+from pyvhost.units import MiB
 from support.guestmem import wait_memtotal
 from support.procs import Procs, need, wait_for_socket
 

@@ -176,9 +176,8 @@ def test_a_log_holds_one_fd_and_one_mapping_until_closed() -> None:
 
 
 def test_seals_are_reported() -> None:
-    fd = os.memfd_create("pyvhost-test-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = memfd(4096, name="pyvhost-test-log", sealing=True)
     try:
-        os.ftruncate(fd, 4096)
         plain = DirtyLog.map(LogDescription(4096, 0), fd)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         sealed = DirtyLog.map(LogDescription(4096, 0), fd)

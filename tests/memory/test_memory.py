@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, closing
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -77,14 +77,14 @@ class Ram:
         return b"".join(os.pread(self.fd, 1, self.file_offset(gpa + i))
                         for i in range(length))
 
+    def close(self) -> None:
+        os.close(self.fd)
+
 
 @pytest.fixture
 def ram() -> Iterator[Ram]:
-    r = Ram()
-    try:
+    with closing(Ram()) as r:
         yield r
-    finally:
-        os.close(r.fd)
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@
   region in guest-physical space.
 - :class:`GuestView`  guest memory by GPA over a test's regions (these, or the front-end's
   :class:`~pyvhost.frontend.GuestRam`): where a buffer's bytes are.
-- :class:`SharedRam`  guest memory in two adjacent regions of one memfd, known to a
-  :class:`~pyvhost.memory.MemoryManager` (the device's view) and read and written by GPA
-  with ``os.pread``/``os.pwrite`` (the driver's view), never through the code under test.
+- :class:`SharedRam`  guest memory in regions of one memfd (two adjacent ones unless a
+  subclass says otherwise), known to a :class:`~pyvhost.memory.MemoryManager` (the
+  device's view) and read and written by GPA with ``os.pread``/``os.pwrite`` (the
+  driver's view), never through the code under test.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import MemoryRegion
 
 
-def memfd(size: int = 0, *, name: str = "pyvhost-test", data: bytes | None = None) -> int:
-    """A new close-on-exec memfd of ``size`` bytes, ``data`` written at its start."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+def memfd(size: int = 0, *, name: str = "pyvhost-test", data: bytes | None = None,
+          sealing: bool = False) -> int:
+    """A new close-on-exec memfd of ``size`` bytes, ``data`` written at its start;
+    ``sealing`` lets the test add seals to it (``MFD_ALLOW_SEALING``)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealing else 0))
     try:
         os.ftruncate(fd, size)
         if data is not None:
@@ -140,18 +143,20 @@ class SharedRam:
     """128 KiB of guest memory in two adjacent 64 KiB regions of one memfd.
 
     GPA equals the offset in the file. The regions are far apart in front-end VA space
-    (and in the opposite order), so a VA-to-GPA slip shows.
+    (and in the opposite order), so a VA-to-GPA slip shows. A subclass may lay out other
+    ``REGIONS`` of the file (GPA still equal to the offset) and an ``END`` to match.
     """
 
     LOW = MemoryRegion(0x0, REGION_SIZE, 0x7F00_0020_0000, 0x0)
     HIGH = MemoryRegion(REGION_SIZE, REGION_SIZE, 0x7F00_0010_0000, REGION_SIZE)
-    END = 2 * REGION_SIZE  # first GPA past guest memory
+    REGIONS: tuple[MemoryRegion, ...] = (LOW, HIGH)
+    END = 2 * REGION_SIZE  # the file's size: first GPA past the regions
 
-    def __init__(self, name: str = "pyvhost-ring") -> None:
-        self.fd = memfd(self.END, name=name)
+    def __init__(self, name: str = "pyvhost-ring", content: bytes = b"") -> None:
+        self.fd = memfd(self.END, name=name, data=content[:self.END] or None)
         self.manager = MemoryManager()
-        with FdBag([os.dup(self.fd), os.dup(self.fd)]) as bag:
-            self.manager.set_table([self.LOW, self.HIGH], bag)
+        with FdBag([os.dup(self.fd) for _ in self.REGIONS]) as bag:
+            self.manager.set_table(list(self.REGIONS), bag)
 
     @property
     def mem(self) -> GuestMemory:
@@ -160,7 +165,7 @@ class SharedRam:
 
     def va(self, gpa: int) -> int:
         """The front-end VA of a GPA (SET_VRING_ADDR carries VAs)."""
-        for r in (self.LOW, self.HIGH):
+        for r in self.REGIONS:
             if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
                 return r.userspace_addr + gpa - r.guest_phys_addr
         raise ValueError(f"GPA {gpa:#x} is not guest memory")

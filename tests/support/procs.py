@@ -113,6 +113,13 @@ class Procs:
         stop = signal.SIGTERM if command == "net" else signal.SIGINT
         return self.start(argv, name, stop_signal=stop, env=env)
 
+    def pyvhost_net(self, sock: Path, control: Path, *args: str) -> Started:
+        """``pyvhost net --socket SOCK --control CONTROL ARGS``, once both sockets listen."""
+        net = self.pyvhost("net", "--socket", str(sock), "--control", str(control), *args)
+        wait_for_socket(sock, net.proc)
+        wait_for_socket(control, net.proc)
+        return net
+
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
                 stdin_pipe: bool = True, eal_args: Sequence[str] = (),
                 huge_dir: Path | None = None) -> Started:

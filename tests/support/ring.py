@@ -30,7 +30,9 @@ from typing import Protocol
 
 from hypothesis import strategies as st
 
+from pyvhost.memory import GuestMemory
 from pyvhost.protocol import messages as m
+from pyvhost.virtq import SplitQueue
 
 from .poll import TIMEOUT, wait_until
 
@@ -412,3 +414,17 @@ class DriverRing:
         wait_until(done, f"{count} used chains on queue {self.index} (got {len(got)})",
                    timeout)
         return got
+
+
+def device_queue(ring: DriverRing, mem: GuestMemory, *, event_idx: bool = False,
+                 base: int = 0) -> SplitQueue:
+    """The device's side of ``ring``, set up as SET_VRING_NUM, SET_VRING_BASE and
+    SET_VRING_ADDR would (the ring's index and size, ``base``, its VAs) and attached to
+    ``mem``. Where the driver's own avail idx starts is left to the caller."""
+    q = SplitQueue(ring.index)
+    q.set_size(ring.size)
+    q.event_idx = event_idx
+    q.set_base(base)
+    q.set_addresses(*ring.vas)
+    q.attach(mem)
+    return q

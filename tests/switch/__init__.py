@@ -1,0 +1,1 @@
+"""Switch tests: pyvhost net forwarding between vhost-user ports and taps."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 
@@ -11,8 +12,5 @@ from support.memfd import SharedRam
 
 @pytest.fixture
 def ram() -> Iterator[SharedRam]:
-    r = SharedRam()
-    try:
+    with closing(SharedRam()) as r:
         yield r
-    finally:
-        r.close()

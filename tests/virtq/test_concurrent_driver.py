@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from pyvhost.virtq.split import SplitQueue
 from support.memfd import SharedRam
-from support.ring import DriverRing, RingLayout
+from support.ring import DriverRing, RingLayout, device_queue
 
 SIZE = 256
 #: Changes of the field the poller must see before it reports; each is a moment at which
@@ -60,13 +60,7 @@ print(json.dumps({"reads": reads, "changes": changes, "zeros": zeros}), flush=Tr
 
 def _queue(ram: SharedRam, event_idx: bool) -> tuple[SplitQueue, DriverRing]:
     ring = DriverRing(ram, RingLayout(SIZE, 0x1000, 0x3000, 0x4000))
-    q = SplitQueue(0)
-    q.set_size(SIZE)
-    q.event_idx = event_idx
-    q.set_base(FIRST)
-    q.set_addresses(*ring.vas)
-    q.attach(ram.mem)
-    return q, ring
+    return device_queue(ring, ram.mem, event_idx=event_idx, base=FIRST), ring
 
 
 def _watch_while(ram: SharedRam, gpa: int, write_next: Callable[[], None]) -> dict[str, int]:

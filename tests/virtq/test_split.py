@@ -21,6 +21,7 @@ from support.ring import (
     DriverRing,
     RingImage,
     RingLayout,
+    device_queue,
     indirect_table,
     ring_images,
 )
@@ -38,15 +39,9 @@ def new_ring(ram: SharedRam, size: int = SIZE, desc: int = 0x1000, avail: int = 
 def make_queue(ram: SharedRam, size: int = SIZE, event_idx: bool = False,
                base: int = 0) -> tuple[SplitQueue, DriverRing]:
     ring = new_ring(ram, size)
-    q = SplitQueue(0)
-    q.set_size(size)
-    q.event_idx = event_idx
-    q.set_base(base)
     ring.avail_idx = base
     ring.publish()
-    q.set_addresses(*ring.vas)
-    q.attach(ram.mem)
-    return q, ring
+    return device_queue(ring, ram.mem, event_idx=event_idx, base=base), ring
 
 
 @pytest.fixture

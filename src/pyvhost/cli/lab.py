@@ -30,7 +30,7 @@ from pyvhost.lab.accel import AccelRequest
 from pyvhost.lab.config import GUEST_BLOCK, LabConfig
 from pyvhost.lab.document import SCHEMA, report_json, step_json
 from pyvhost.lab.scenario import run_lab
-from pyvhost.units import MiB, parse_size
+from pyvhost.units import mib, parse_size
 
 from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
 
@@ -57,10 +57,6 @@ def _ms(seconds: Any) -> str:
 
 def _port_drops(port: dict[str, Any]) -> int:
     return int(sum(port["rx_drops"].values()) + sum(port["tx_drops"].values()))
-
-
-def _mib(n: int) -> str:
-    return f"{n / MiB:g} MiB"
 
 
 class _Printer:
@@ -170,12 +166,12 @@ class _Printer:
             dimm = dimms.get(memdev)
             what = (f"{dimm['id']} (slot {dimm['slot']})" if dimm
                     else f"boot RAM ({memdev})" if memdev else "[red]not sent by QEMU[/red]")
-            t.add_row(f"{gpa:#x}", f"{gpa + size:#x}", _mib(size), what, str(r["fds_held"]))
+            t.add_row(f"{gpa:#x}", f"{gpa + size:#x}", mib(size), what, str(r["fds_held"]))
             shown.add(memdev)
         for d in qm.get("devices", []):
             if d["memdev"] not in shown and d["addr"] is not None:
                 # A memory device whose memory the back-end does not have (e.g. share=off).
-                t.add_row(f"{d['addr']:#x}", f"{d['addr'] + d['size']:#x}", _mib(d["size"]),
+                t.add_row(f"{d['addr']:#x}", f"{d['addr'] + d['size']:#x}", mib(d["size"]),
                           f"{d['id']} (slot {d['slot']})", "[red]not in the table[/red]")
         self.console.print(t)
 

@@ -57,7 +57,7 @@ from pyvhost.hotplug.qmp import Qmp, QmpCommandError, QmpConnectError, QmpMonito
 from pyvhost.hotplug.regions import region_limit_info
 from pyvhost.hotplug.sharing import memory_problems
 from pyvhost.hotplug.state import BASELINE_REGIONS, VmState, read_state, vhost_regions
-from pyvhost.units import parse_size
+from pyvhost.units import mib, parse_size
 
 from .common import Exit, configure_logging, console, emit_json, fail, json_option, verbosity
 from .sockets import connect_failure
@@ -176,10 +176,6 @@ def plan_json(plan: Plan, schema: str, dry_run: bool, plan_seconds: float,
     }
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / (1 << 20):g} MiB"
-
-
 def _cells(*values: object) -> list[Text]:
     """Table cells as plain text: ids, paths and messages come from QEMU and the command
     line, and a ``[`` in them must not be read as rich markup."""
@@ -204,14 +200,14 @@ def _print_status(doc: dict[str, Any], console: Console) -> None:
     vm = doc["vm"]
     console.print(_line(
         f"QEMU {vm['qemu_version'] or '(version unknown)'}, "
-        f"VM {vm['status']}: boot {_mib(vm['boot_memory'])}, plugged "
-        f"{_mib(vm['plugged_memory'])}, maxmem {_mib(vm['maxmem'])} "
-        f"({_mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
+        f"VM {vm['status']}: boot {mib(vm['boot_memory'])}, plugged "
+        f"{mib(vm['plugged_memory'])}, maxmem {mib(vm['maxmem'])} "
+        f"({mib(vm['maxmem_left'])} left), slots {vm['slots_used']}/{vm['slots']}, "
         f"guest NUMA nodes {vm['numa_nodes']}"))
     console.print(_table(
         "memory backends", ("id", "type", "size", "share", "page", "mem-path", "host-nodes",
                             "policy", "prealloc", "role"),
-        [_cells(b["id"], b["type"].removeprefix("memory-backend-"), _mib(b["size"]),
+        [_cells(b["id"], b["type"].removeprefix("memory-backend-"), mib(b["size"]),
                 Text("on") if b["share"] else Text("off", style="red"), b["page_size"],
                 b["mem_path"] or "-", ",".join(map(str, b["host_nodes"])) or "-",
                 b["policy"], "yes" if b["prealloc"] else "no",
@@ -221,7 +217,7 @@ def _print_status(doc: dict[str, Any], console: Console) -> None:
         console.print(_table(
             "memory devices", ("id", "type", "memdev", "addr", "size", "slot", "node"),
             [_cells(d["id"], d["type"], d["memdev"],
-                    "-" if d["addr"] is None else hex(d["addr"]), _mib(d["size"]), d["slot"],
+                    "-" if d["addr"] is None else hex(d["addr"]), mib(d["size"]), d["slot"],
                     d["node"]) for d in doc["memory_devices"]]))
     for pool in doc["host"]["hugepages"]:
         if pool["node"] is None and pool["total"]:
@@ -571,8 +567,8 @@ def resize(qmp_path: str, device_id: str, size: int, timeout: float, dry_run: bo
         lambda qmp, plan, state: execute_resize(qmp, plan, timeout=timeout), dry_run=dry_run)
     out = _show(plan, SCHEMA_RESIZE, dry_run, plan_seconds, outcome, as_json)
     if out is not None and outcome is not None and outcome.device is not None:
-        out.print(_line(f"{device_id}: {_mib(outcome.device.get('size'))} plugged, "
-                        f"{_mib(outcome.device.get('requested-size'))} requested"))
+        out.print(_line(f"{device_id}: {mib(outcome.device.get('size'))} plugged, "
+                        f"{mib(outcome.device.get('requested-size'))} requested"))
     _exit_for(plan, outcome)
 
 
@@ -666,8 +662,8 @@ def migrate_json(src: str, dst: str, uri: str, dry_run: bool, pf: Preflight,
 
 def _say_progress(out: Console) -> Callable[[Progress], None]:
     def say(p: Progress) -> None:
-        out.print(_line(f"{p.seconds:7.1f} s {p.status}: {_mib(p.transferred)} sent, "
-                        f"{_mib(p.remaining)} of {_mib(p.total)} left, {p.mbps:.0f} Mbit/s, "
+        out.print(_line(f"{p.seconds:7.1f} s {p.status}: {mib(p.transferred)} sent, "
+                        f"{mib(p.remaining)} of {mib(p.total)} left, {p.mbps:.0f} Mbit/s, "
                         f"{p.dirty_pages_rate} pages dirtied/s"))
     return say
 

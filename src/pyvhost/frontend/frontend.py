@@ -25,8 +25,8 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
+from pyvhost.closing import Closing
 from pyvhost.errors import PeerError
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.codec import Decoder, Message, encode, has_explicit_reply
@@ -131,7 +131,7 @@ def _same_region(a: m.MemoryRegion, b: m.MemoryRegion) -> bool:
             and a.memory_size == b.memory_size)
 
 
-class Frontend:
+class Frontend(Closing):
     """A blocking vhost-user front-end on one Unix socket connection."""
 
     def __init__(self, *, ack_all: bool = True) -> None:
@@ -236,13 +236,6 @@ class Frontend:
             close_all((vring.kick_fd, vring.call_fd))
         self._vrings.clear()
         self._tables = {0: []}
-
-    def __enter__(self) -> Frontend:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # -- the request core ----------------------------------------------------------------
     def _wants_ack(self, request: Request) -> bool:

@@ -17,14 +17,14 @@ import os
 import socket
 import stat
 import time
-from types import TracebackType
 
+from pyvhost.closing import Closing
 from pyvhost.tools.procfs import unix_listening
 
 from .errors import FrontendConnectError
 
 
-class Listener:
+class Listener(Closing):
     """A Unix stream socket at ``path`` that back-ends connect to."""
 
     def __init__(self, path: str | os.PathLike[str], backlog: int = 4) -> None:
@@ -67,12 +67,6 @@ class Listener:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _remove_stale(path: str) -> None:

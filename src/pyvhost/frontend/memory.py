@@ -26,8 +26,8 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 
+from pyvhost.closing import Closing
 from pyvhost.errors import LocalError
 from pyvhost.protocol.messages import MemoryRegion
 
@@ -78,7 +78,7 @@ def _mapping_address(mm: mmap.mmap) -> int:
         del anchor
 
 
-class GuestRam:
+class GuestRam(Closing):
     """One region of guest RAM: a shared, fd-backed mapping at a guest-physical address.
 
     ``directory=None`` makes a memfd (``memfd_create(name, MFD_CLOEXEC)``); otherwise a
@@ -200,20 +200,13 @@ class GuestRam:
         mm.close()
         os.close(self._fd)
 
-    def __enter__(self) -> GuestRam:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd {self._fd}"
         return (f"GuestRam({self.name!r}, GPA {self.guest_phys_addr:#x}+{self.memory_size:#x}, "
                 f"VA {self.userspace_addr:#x}, {state})")
 
 
-class FrontendMemory:
+class FrontendMemory(Closing):
     """The guest RAM of one front-end: boot RAM at GPA 0 and DIMMs placed above.
 
     Regions never overlap in GPA. :meth:`detach` takes a region out of the set without
@@ -304,10 +297,3 @@ class FrontendMemory:
         regions, self._regions = self._regions, []
         for r in regions:
             r.close()
-
-    def __enter__(self) -> FrontendMemory:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -159,6 +159,32 @@ def _refused(plan: Plan) -> PlanRefusedError:
     return PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
 
 
+def begin(plan: Plan, force: bool = False) -> tuple[float, Outcome]:
+    """What every executor (QMP's here, libvirt's) does first: refuse a plan the preflight
+    refused (unless forced); otherwise the start time and an empty outcome."""
+    if plan.refused and not force:
+        raise _refused(plan)
+    return time.monotonic(), Outcome(ok=False)
+
+
+def _run_steps(monitor: Monitor, plan: Plan, timeout: float, out: Outcome, *,
+               timeout_done: bool = False) -> bool:
+    """Run the plan's steps in order, each put in ``out.done`` once it ran; at the first
+    that fails, record it (``out.failed_step``, ``out.error``) and stop. A step that timed
+    out counts as done where ``timeout_done`` (a resize: its request stays set). Returns
+    whether every step ran."""
+    for step in plan.steps:
+        try:
+            _run(monitor, step, timeout, out)
+        except (QmpCommandError, TimeoutError) as e:
+            if timeout_done and isinstance(e, TimeoutError):
+                out.done.append(step.command)
+            out.failed_step, out.error = step.command, str(e)
+            return False
+        out.done.append(step.command)
+    return True
+
+
 def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
                 ost_timeout: float = 0.0, force: bool = False) -> Outcome:
     """object-add, device_add, verify with query-memory-devices; undo on failure.
@@ -166,34 +192,24 @@ def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
     With ``ost_timeout`` > 0 (a running guest) it also waits that long for the guest's
     ACPI_DEVICE_OST about the new DIMM and records it; no answer is not a failure.
     """
-    if plan.refused and not force:
-        raise _refused(plan)
-    start = time.monotonic()
-    out = Outcome(ok=False)
-    done = 0
+    start, out = begin(plan, force)
     try:
-        for step in plan.steps:
-            try:
-                _run(monitor, step, timeout, out)
-            except (QmpCommandError, TimeoutError) as e:
-                out.failed_step, out.error = step.command, str(e)
-                with deferred_interrupts():
-                    _rollback(monitor, plan, done, timeout, out)
-                out.seconds = time.monotonic() - start
-                return out
-            done += 1
-            out.done.append(step.command)
+        if not _run_steps(monitor, plan, timeout, out):
+            with deferred_interrupts():
+                _rollback(monitor, plan, len(out.done), timeout, out)
+            out.seconds = time.monotonic() - start
+            return out
         devices = monitor.execute("query-memory-devices")
     except KeyboardInterrupt:
         # Until it is verified the add is all or nothing, as on a failure.
-        raise _undo_interrupted(monitor, plan, done, timeout, out) from None
+        raise _undo_interrupted(monitor, plan, len(out.done), timeout, out) from None
     mine = [d for d in devices if d.get("data", {}).get("id") == plan.device_id]
     expected = plan.steps[0].arguments.get("size")
     if len(mine) != 1 or mine[0]["data"].get("size") != expected:
         out.failed_step, out.error = "verify", (
             f"query-memory-devices does not show {plan.device_id} with size {expected}")
         with deferred_interrupts():
-            _rollback(monitor, plan, done, timeout, out)
+            _rollback(monitor, plan, len(out.done), timeout, out)
         out.seconds = time.monotonic() - start
         return out
     out.device = dict(mine[0]["data"])
@@ -256,19 +272,11 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
     use); the guest's ACPI _OST statuses are in :attr:`Outcome.acpi_ost`. An interrupt
     raises :class:`~pyvhost.interrupts.Interrupted` saying what is left.
     """
-    if plan.refused:
-        raise _refused(plan)
-    start = time.monotonic()
-    out = Outcome(ok=False)
+    start, out = begin(plan)
     try:
-        for step in plan.steps:
-            try:
-                _run(monitor, step, timeout, out)
-            except (QmpCommandError, TimeoutError) as e:
-                out.failed_step, out.error = step.command, str(e)
-                out.seconds = time.monotonic() - start
-                return out
-            out.done.append(step.command)
+        if not _run_steps(monitor, plan, timeout, out):
+            out.seconds = time.monotonic() - start
+            return out
         devices = monitor.execute("query-memory-devices")
     except KeyboardInterrupt:
         raise _remove_interrupted(monitor, plan, timeout) from None
@@ -313,23 +321,8 @@ def execute_resize(monitor: Monitor, plan: Plan, *, timeout: float = 60.0) -> Ou
     and the guest's driver keeps working towards it (``outcome.device`` has the size
     plugged so far).
     """
-    if plan.refused:
-        raise _refused(plan)
-    start = time.monotonic()
-    out = Outcome(ok=False)
-    for step in plan.steps:
-        try:
-            _run(monitor, step, timeout, out)
-        except QmpCommandError as e:
-            out.failed_step, out.error = step.command, str(e)
-            break
-        except TimeoutError as e:
-            out.done.append(step.command)
-            out.failed_step, out.error = step.command, str(e)
-            break
-        out.done.append(step.command)
-    else:
-        out.ok = True
+    start, out = begin(plan)
+    out.ok = _run_steps(monitor, plan, timeout, out, timeout_done=True)
     mine = [d for d in monitor.execute("query-memory-devices")
             if d.get("data", {}).get("id") == plan.device_id]
     out.device = dict(mine[0]["data"]) if mine else None

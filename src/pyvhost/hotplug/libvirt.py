@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from pyvhost.errors import LocalError, PeerError
 
-from .execute import Outcome, PlanRefusedError
+from .execute import Outcome, begin
 from .host import BASE_PAGE_SIZE, HostFacts, HugepagePool, read_host
 from .libvirt_xml import (
     USER_ALIAS,
@@ -375,16 +375,12 @@ def _call(c: Connection, name: str, xml: str, flags: int) -> None:
     _bounded(lambda: method(xml, flags), c.timeout, name)
 
 
-def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
-                        qemu_monitor: bool = False) -> Outcome:
-    """Attach the DIMM, verify it in the live XML; detach it when verification fails.
-    When libvirt refuses (QEMU's object-add or device_add failed), libvirt has undone its
-    own part: the live XML and (with ``qemu_monitor``) QEMU's /objects are checked."""
-    if plan.refused and not force:
-        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
+def _one_step(c: Connection, plan: Plan, force: bool = False) -> tuple[float, Outcome, int]:
+    """Run the plan's one step (attach-device or detach-device) unless the preflight
+    refused the plan: when it started, the outcome so far (a libvirt refusal in
+    ``failed_step`` and ``error``) and the flags the step was called with."""
+    start, out = begin(plan, force)
     lv, _ = binding()
-    start = time.monotonic()
-    out = Outcome(ok=False)
     (step,) = plan.steps
     persistent = bool(step.arguments.get("config")) and bool(c.dom.isPersistent())
     flags = _flags(lv, dict(step.arguments), persistent)
@@ -392,6 +388,18 @@ def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
         _call(c, step.command, str(step.arguments["xml"]), flags)
     except (lv.libvirtError, LibvirtError) as e:
         out.failed_step, out.error = step.command, _one_line(e)
+    return start, out, flags
+
+
+def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
+                        qemu_monitor: bool = False) -> Outcome:
+    """Attach the DIMM, verify it in the live XML; detach it when verification fails.
+    When libvirt refuses (QEMU's object-add or device_add failed), libvirt has undone its
+    own part: the live XML and (with ``qemu_monitor``) QEMU's /objects are checked."""
+    start, out, flags = _one_step(c, plan, force)
+    lv, _ = binding()
+    (step,) = plan.steps
+    if out.failed_step is not None:
         _leftovers(c, plan, out, qemu_monitor)
         out.seconds = time.monotonic() - start
         return out
@@ -441,18 +449,9 @@ def _leftovers(c: Connection, plan: Plan, out: Outcome, qemu_monitor: bool) -> N
 def execute_libvirt_remove(c: Connection, plan: Plan, *, timeout: float) -> Outcome:
     """Detach, then wait until the device leaves the live XML (libvirt waits 5 s for the
     guest, then returns and finishes the removal when QEMU's DEVICE_DELETED comes)."""
-    if plan.refused:
-        raise PlanRefusedError("; ".join(f"{r.code}: {r.message}" for r in plan.refusals))
-    lv, _ = binding()
-    start = time.monotonic()
-    out = Outcome(ok=False)
+    start, out, _ = _one_step(c, plan)
     (step,) = plan.steps
-    persistent = bool(step.arguments.get("config")) and bool(c.dom.isPersistent())
-    try:
-        _call(c, step.command, str(step.arguments["xml"]), _flags(lv, dict(step.arguments),
-                                                                   persistent))
-    except (lv.libvirtError, LibvirtError) as e:
-        out.failed_step, out.error = step.command, _one_line(e)
+    if out.failed_step is not None:
         out.seconds = time.monotonic() - start
         return out
     if _wait_gone(c, plan.device_id, timeout):

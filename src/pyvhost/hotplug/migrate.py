@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pyvhost.units import mib
+
+from .plan import Refusal
 from .state import MemoryBackend, MemoryDevice, VmState
 
 #: What QEMU 7.2's x-query-virtio-status names the two features a vhost-user back-end
@@ -54,12 +57,6 @@ class Code(StrEnum):
     DEST_LAYOUT_DIFFERS = "DEST_LAYOUT_DIFFERS"
     VHOST_USER_DEVICE_MISSING = "VHOST_USER_DEVICE_MISSING"
     VHOST_USER_NOT_CONNECTED = "VHOST_USER_NOT_CONNECTED"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: Code
-    message: str
 
 
 @dataclass(frozen=True)
@@ -189,7 +186,7 @@ def destination_args(state: VmState, *, every_dimm: bool = False) -> Destination
 
 @dataclass(frozen=True)
 class Preflight:
-    refusals: tuple[Refusal, ...]
+    refusals: tuple[Refusal[Code], ...]
     notes: tuple[str, ...] = ()
 
     @property
@@ -197,21 +194,17 @@ class Preflight:
         return bool(self.refusals)
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):g} MiB"
-
-
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [f"{k} {a.get(k)!r} on the source, {b.get(k)!r} on the destination"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
-    r: list[Refusal] = []
+def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal[Code]]:
+    r: list[Refusal[Code]] = []
     machine = [f"{name} {a} on the source, {b} on the destination"
-               for name, a, b in (("boot memory", _mib(src.boot_memory), _mib(dst.boot_memory)),
+               for name, a, b in (("boot memory", mib(src.boot_memory), mib(dst.boot_memory)),
                                   ("slots", src.slots, dst.slots),
-                                  ("maxmem", _mib(src.maxmem), _mib(dst.maxmem)))
+                                  ("maxmem", mib(src.maxmem), mib(dst.maxmem)))
                if a != b]
     if machine:
         r.append(Refusal(Code.DEST_LAYOUT_DIFFERS,
@@ -232,7 +225,7 @@ def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
         other = dst_dimms.get(did)
         if other is None:
             r.append(Refusal(Code.DEST_MISSING_DIMM,
-                             f"{did} ({d.kind}, {_mib(d.size)} at "
+                             f"{did} ({d.kind}, {mib(d.size)} at "
                              f"{'?' if d.addr is None else hex(d.addr)}) is missing on the "
                              "destination: start it with the arguments of pyvhost mem "
                              "migrate-args --qmp SOURCE"))
@@ -252,15 +245,15 @@ def _memory_refusals(src: VmState, dst: VmState) -> list[Refusal]:
     for did, d in dst_dimms.items():
         if did not in src_dimms:
             r.append(Refusal(Code.DEST_EXTRA_DIMM,
-                             f"the destination has {did} ({d.kind}, {_mib(d.size)}), which "
+                             f"the destination has {did} ({d.kind}, {mib(d.size)}), which "
                              "the source has not: QEMU would refuse its RAM block; start the "
                              "destination without it"))
     return r
 
 
 def _vhost_refusals(src: VmState, src_facts: MigrationFacts, dst: VmState,
-                    dst_facts: MigrationFacts) -> tuple[list[Refusal], list[str]]:
-    r: list[Refusal] = []
+                    dst_facts: MigrationFacts) -> tuple[list[Refusal[Code]], list[str]]:
+    r: list[Refusal[Code]] = []
     notes: list[str] = []
     dst_devices = {d.id: d for d in dst.vhost_user}
     for dev in src.vhost_user:
@@ -303,7 +296,7 @@ def _vhost_refusals(src: VmState, src_facts: MigrationFacts, dst: VmState,
 def preflight(src: VmState, src_facts: MigrationFacts, dst: VmState,
               dst_facts: MigrationFacts) -> Preflight:
     """Everything that would make migrating ``src`` to ``dst`` fail or corrupt the guest."""
-    r: list[Refusal] = []
+    r: list[Refusal[Code]] = []
     if dst_facts.run_state != "inmigrate":
         r.append(Refusal(Code.DEST_NOT_INCOMING,
                          f"the destination QEMU is {dst_facts.run_state}, not waiting for a "

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pyvhost.units import MiB
 
@@ -55,9 +55,15 @@ class Code(StrEnum):
     VIRTIO_MEM_SIZE_EXCEEDED = "VIRTIO_MEM_SIZE_EXCEEDED"
 
 
+CodeT = TypeVar("CodeT", bound=StrEnum)
+
+
 @dataclass(frozen=True)
-class Refusal:
-    code: Code
+class Refusal(Generic[CodeT]):
+    """One reason a preflight refuses: a code of its module's ``Code`` (this module's for
+    hot-plug, :mod:`.migrate`'s for a migration) and a sentence for people."""
+
+    code: CodeT
     message: str
 
 
@@ -114,7 +120,7 @@ class Plan:
     device_id: str
     backend_id: str | None
     steps: tuple[Step, ...]
-    refusals: tuple[Refusal, ...] = ()
+    refusals: tuple[Refusal[Code], ...] = ()
     prediction: Prediction | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -165,7 +171,7 @@ def plan_add(req: AddRequest, state: VmState, host: HostFacts,
     ``page_sizes`` maps existing backend ids to their page sizes (for region counting of
     hugepage-backed memory); 4 KiB is assumed for those missing.
     """
-    r: list[Refusal] = []
+    r: list[Refusal[Code]] = []
     taken = set(state.object_ids) | set(state.device_ids)
     device_id = req.id or _free_id(taken, "pyvhost-dimm")
     backend_id = f"{device_id}-mem"
@@ -341,7 +347,7 @@ def plan_remove(device_id: str, state: VmState) -> Plan:
     return Plan("remove", device_id, dev.memdev, tuple(steps), (), prediction)
 
 
-def _not_found(device_id: str, state: VmState) -> Refusal:
+def _not_found(device_id: str, state: VmState) -> Refusal[Code]:
     known = ", ".join(d.id for d in state.memory_devices if d.id) or "none"
     return Refusal(Code.DEVICE_NOT_FOUND,
                    f"no memory device {device_id!r} (memory devices: {known})")
@@ -363,7 +369,7 @@ def plan_resize(device_id: str, size: int, state: VmState) -> Plan:
             Code.NOT_VIRTIO_MEM,
             f"{device_id} is a {dev.kind} device: only virtio-mem devices are resized; "
             f"add or remove DIMMs with pyvhost mem add / remove"),))
-    r: list[Refusal] = []
+    r: list[Refusal[Code]] = []
     notes: list[str] = []
     block = dev.block_size or 0
     max_size = dev.max_size if dev.max_size is not None else dev.size

@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass
 
 from pyvhost.errors import LocalError
+from pyvhost.units import GiB, MiB
 
 from .accel import AccelRequest
-from .qemu import BOOT_TIMEOUT, GiB, MiB
+from .qemu import BOOT_TIMEOUT
 
 BOOT_MEMORY = 256 * MiB
 GUEST_BLOCK = 128 * MiB  # the guest's memory block size: DIMMs are whole blocks

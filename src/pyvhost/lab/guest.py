@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
+from pyvhost.closing import Closing
 from pyvhost.errors import PyvhostError
 
 from . import channel
@@ -77,7 +77,7 @@ class MemoryBlock:
     zones: tuple[str, ...]  # valid_zones: the zone it is in when online, candidates otherwise
 
 
-class GuestConsole:
+class GuestConsole(Closing):
     """Commands and markers over a connected chardev socket. Use :meth:`connect`."""
 
     def __init__(self, sock: socket.socket, *, name: str = "guest",
@@ -351,10 +351,3 @@ class GuestConsole:
         self._reader.join(5)
         if self._log is not None:
             self._log.close()
-
-    def __enter__(self) -> GuestConsole:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

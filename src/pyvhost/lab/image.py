@@ -33,7 +33,14 @@ from pathlib import Path
 
 from pyvhost.errors import LocalError
 
-from .initramfs import CpioEntry, ModuleError, load_order, parse_modinfo, write_newc
+from .initramfs import (
+    CpioEntry,
+    ModuleError,
+    load_order,
+    needed_modules,
+    parse_modinfo,
+    write_newc,
+)
 
 BUILDER_VERSION = 1
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -271,13 +278,8 @@ def _modules_in_order(index: dict[str, Path],
     """The wanted modules and their dependencies, in insmod order, with their bytes."""
     blobs: dict[str, bytes] = {}
     depends: dict[str, tuple[str, ...]] = {}
-    todo = list(wanted)
-    while todo:
-        name = todo.pop()
-        if name in depends:
-            continue
-        if name not in index:
-            raise ModuleError(f"module {name} is not in the kernel package")
+
+    def read(name: str) -> tuple[str, ...]:
         blob = index[name].read_bytes()
         try:
             info = parse_modinfo(blob)
@@ -285,7 +287,9 @@ def _modules_in_order(index: dict[str, Path],
             raise ModuleError(f"{index[name].name}: {e}") from e
         blobs[name] = blob
         depends[name] = info.depends
-        todo.extend(info.depends)
+        return info.depends
+
+    needed_modules(wanted, index.__contains__, read)
     return [(m, blobs[m]) for m in load_order(depends, wanted)]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyvhost.errors import LocalError
@@ -158,6 +158,24 @@ def parse_modinfo(ko: bytes) -> ModuleInfo:
     return ModuleInfo(fields["name"], depends)
 
 
+def needed_modules(wanted: Sequence[str], known: Callable[[str], bool],
+                   depends_of: Callable[[str], Sequence[str]]) -> list[str]:
+    """``wanted`` and every module they depend on, each once; ``known(name)`` says whether
+    the kernel package has a module, ``depends_of(name)`` gives its ``depends=`` list
+    (called once per module, so it may read the module)."""
+    needed: list[str] = []
+    stack = list(reversed(wanted))
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        if not known(name):
+            raise ModuleError(f"module {name} is not in the kernel package")
+        needed.append(name)
+        stack.extend(sorted(depends_of(name), reverse=True))
+    return needed
+
+
 def load_order(depends: Mapping[str, Sequence[str]], wanted: Sequence[str]) -> list[str]:
     """The modules to ``insmod``, each after everything it depends on.
 
@@ -165,16 +183,7 @@ def load_order(depends: Mapping[str, Sequence[str]], wanted: Sequence[str]) -> l
     for. Dependencies not asked for are added. Among modules free to go, the order of
     ``wanted`` is kept (then name order for added dependencies), so the result is stable.
     """
-    needed: list[str] = []
-    stack = list(reversed(wanted))
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        if name not in depends:
-            raise ModuleError(f"module {name} is not in the kernel package")
-        needed.append(name)
-        stack.extend(sorted(depends[name], reverse=True))
+    needed = needed_modules(wanted, depends.__contains__, depends.__getitem__)
     rank = {n: i for i, n in enumerate(wanted)}
     order: list[str] = []
     placed: set[str] = set()

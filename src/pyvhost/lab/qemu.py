@@ -44,6 +44,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pyvhost.errors import LocalError
 from pyvhost.tools.process import end_process
+from pyvhost.units import GiB, MiB, qemu_size
 
 from .guest import GuestConsole, GuestError
 from .image import GuestImage
@@ -53,8 +54,6 @@ QEMU_BINARY = "qemu-system-x86_64"
 QEMU_ENV = "PYVHOST_QEMU"
 QBOOT = Path("/usr/share/qemu/qboot.rom")
 SEABIOS_DIR = Path("/usr/share/seabios")
-MiB = 1 << 20
-GiB = 1 << 30
 BOOT_TIMEOUT = 300  # seconds to the ready marker: TCG on a busy 2-core machine
 VIRTIO_PORT = "pyvhost.0"  # the virtio-serial port's name (pyvhost.channel=port:NAME)
 
@@ -194,12 +193,6 @@ def qemu_version(binary: str) -> tuple[int, int, int]:
     return (major, minor, micro)
 
 
-def _mib(size: int) -> str:
-    if size % MiB:
-        raise ValueError(f"{size} is not a whole number of MiB")
-    return f"{size // MiB}M"
-
-
 def command_line(config: QemuConfig, control: Path, qmp: Path,
                  binary: str | None = None, console: Path | None = None) -> list[str]:
     """The argv that starts ``config`` with QMP monitors on ``control`` and ``qmp``, and
@@ -214,15 +207,15 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
             "-qmp", f"unix:{qmp},server=on,wait=off"]
     backend = f"memory-backend-{config.ram_backend}"
     share = "on" if config.ram_share else "off"
-    ram = f"{backend},id=ram0,size={_mib(config.memory)},share={share}"
+    ram = f"{backend},id=ram0,size={qemu_size(config.memory)},share={share}"
     if config.ram_backend == "file":
         if config.ram_mem_path is None:
             raise ValueError("ram_backend='file' needs ram_mem_path")
         ram += f",mem-path={config.ram_mem_path}"
     argv += ["-object", ram]
-    memory = _mib(config.memory)
+    memory = qemu_size(config.memory)
     if config.slots:
-        memory += f",slots={config.slots},maxmem={_mib(config.maxmem)}"
+        memory += f",slots={config.slots},maxmem={qemu_size(config.maxmem)}"
     argv += ["-m", memory]
     if config.smp > 1:
         argv += ["-smp", str(config.smp)]
@@ -241,9 +234,9 @@ def command_line(config: QemuConfig, control: Path, qmp: Path,
     for vmem in config.virtio_mem:
         share = "on" if vmem.share else "off"
         argv += ["-object", f"memory-backend-memfd,id={vmem.id}-mem,"
-                            f"size={_mib(vmem.max_size)},share={share}",
+                            f"size={qemu_size(vmem.max_size)},share={share}",
                  "-device", f"virtio-mem-pci,id={vmem.id},memdev={vmem.id}-mem,"
-                            f"requested-size={_mib(vmem.requested_size)}"]
+                            f"requested-size={qemu_size(vmem.requested_size)}"]
     if config.kernel is not None:
         # -no-reboot: with the guest's panic=-1 a dead guest ends QEMU instead of looping.
         argv += ["-bios", str(qboot_path(binary)), "-no-reboot", "-kernel",

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pyvhost.hotplug.migrate import Refusal as MigrateRefusal
-from pyvhost.hotplug.plan import Refusal
+from pyvhost.hotplug.migrate import Code as MigrateCode
+from pyvhost.hotplug.plan import Code, Refusal
 
 from .accel import AccelChoice
 from .config import HOTPLUG_VM, LabConfig
@@ -138,7 +138,7 @@ class PlannerVerdict:
     """What :mod:`pyvhost.hotplug.plan` said about the step (its refusals as it gave them:
     a code and a message that says what to change)."""
 
-    refusals: tuple[Refusal, ...]
+    refusals: tuple[Refusal[Code], ...]
     predicted_regions: int | None
     region_limit: int | None
 
@@ -242,7 +242,7 @@ class Migration:
     dirty log the back-end still holds)."""
 
     uri: str
-    refusals: tuple[MigrateRefusal, ...]
+    refusals: tuple[Refusal[MigrateCode], ...]
     ok: bool
     status: str
     error: str | None

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from pyvhost.closing import Closing
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import Outcome, execute_add, execute_remove
 from pyvhost.hotplug.host import page_sizes, read_host
@@ -35,6 +36,7 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.protocol.constants import VHOST_USER_MAX_MEM_SLOTS
 from pyvhost.tools import procfs
+from pyvhost.units import MiB
 
 from . import checks, traffic
 from .accel import AccelChoice, choose_accel
@@ -50,7 +52,7 @@ from .measure import (
     qemu_outcome,
     step_timing,
 )
-from .qemu import QBOOT, MiB
+from .qemu import QBOOT
 from .records import (
     Action,
     Backend,
@@ -75,7 +77,7 @@ Say = Callable[[str], None]
 StepHook = Callable[[Step], None]
 
 
-class Lab:
+class Lab(Closing):
     """One lab run; use as a context manager (:meth:`close` ends everything)."""
 
     def __init__(self, config: LabConfig, *, say: Say | None = None,
@@ -109,12 +111,6 @@ class Lab:
         return self.machines.vms
 
     # -- lifetime --------------------------------------------------------------------------
-    def __enter__(self) -> Lab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         """Close the QMP monitor, then end QEMU, ``pyvhost net`` and the run directory
         (:meth:`.Machines.close`). A second Ctrl-C (or SIGTERM) meanwhile is ignored."""

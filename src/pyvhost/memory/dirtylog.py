@@ -53,15 +53,13 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
-import os
-import stat
 from collections.abc import Callable
 
 from pyvhost.errors import PeerError
 from pyvhost.protocol.constants import VHOST_LOG_PAGE
 from pyvhost.protocol.messages import LogDescription
 
-from .region import shrink_sealed
+from .region import map_shared, regular_file, shrink_sealed
 
 log = logging.getLogger(__name__)
 
@@ -134,24 +132,14 @@ class DirtyLog:
         if size > MAX_LOG_SIZE:
             raise DirtyLogError(f"log of {size:#x} bytes: more than the {MAX_LOG_SIZE:#x} "
                                 "that cover 2**52 bytes of guest-physical memory")
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise DirtyLogError(f"log fd unusable: {e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise DirtyLogError(f"log fd is not a regular file (mode "
-                                f"{stat.filemode(st.st_mode)})")
+        st = regular_file(fd, "log ", DirtyLogError)
         end = offset + size
         if end > st.st_size:
             # Mapping past the end of the file would fault (SIGBUS) on first access.
             raise DirtyLogError(f"log offset {offset:#x} + size {size:#x} is past the end "
                                 f"of its file ({st.st_size:#x} bytes)")
         start = offset - offset % mmap.PAGESIZE
-        try:
-            mm = mmap.mmap(fd, end - start, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError, OverflowError) as e:
-            raise DirtyLogError(f"log mmap failed: {e}") from e
+        mm = map_shared(fd, start, end - start, "log ", DirtyLogError)
         return cls(mm, offset - start, size, offset, shrink_sealed(fd))
 
     @property

@@ -77,13 +77,8 @@ class MappedRegion:
     def map(cls, desc: MemoryRegion, fd: int) -> MappedRegion:
         """Map ``desc`` from ``fd``. Does not close ``fd`` (the caller owns it)."""
         desc.check()
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise RegionMapError(f"region {desc.describe()}: fd unusable: {e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise RegionMapError(f"region {desc.describe()}: fd is not a regular file "
-                                 f"(mode {stat.filemode(st.st_mode)})")
+        what = f"region {desc.describe()}: "
+        st = regular_file(fd, what, RegionMapError)
         end = desc.mmap_offset + desc.memory_size
         if end > st.st_size:
             # Mapping past the end of the file would fault (SIGBUS) on first access.
@@ -94,11 +89,7 @@ class MappedRegion:
         except OSError:
             page_size = mmap.PAGESIZE
         start = desc.mmap_offset - desc.mmap_offset % page_size
-        try:
-            mm = mmap.mmap(fd, end - start, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError, OverflowError) as e:
-            raise RegionMapError(f"region {desc.describe()}: mmap failed: {e}") from e
+        mm = map_shared(fd, start, end - start, what, RegionMapError)
         return cls(desc, mm, desc.mmap_offset - start, FileId(st.st_dev, st.st_ino), page_size,
                    shrink_sealed(fd))
 
@@ -134,6 +125,31 @@ class MappedRegion:
     def __repr__(self) -> str:
         return (f"MappedRegion({self.desc.describe()}, generations {self.added_gen}.."
                 f"{self.removed_gen}{', unmapped' if self.closed else ''})")
+
+
+def regular_file(fd: int, what: str, error: type[PeerError]) -> os.stat_result:
+    """``fstat`` of an fd a front-end sent to be mapped, refused (``error``, its message
+    starting with ``what``) unless it is a regular file: only then is ``st_size`` the
+    file's length, against which the caller checks the range it maps (a mapping past the
+    end of the file faults on first access)."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise error(f"{what}fd unusable: {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what}fd is not a regular file (mode {stat.filemode(st.st_mode)})")
+    return st
+
+
+def map_shared(fd: int, start: int, length: int, what: str,
+               error: type[PeerError]) -> mmap.mmap:
+    """``length`` bytes of ``fd`` from ``start`` (page-aligned; the caller checked the
+    range against the file with :func:`regular_file`), mapped shared and read-write."""
+    try:
+        return mmap.mmap(fd, length, flags=mmap.MAP_SHARED,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError, OverflowError) as e:
+        raise error(f"{what}mmap failed: {e}") from e
 
 
 def shrink_sealed(fd: int) -> bool:

@@ -39,32 +39,13 @@ from .fds import FdBag, close_all
 _HEADER = struct.Struct("<III")
 
 
-class FramingError(PeerError):
-    """The byte stream broke vhost-user framing; the connection must be closed."""
+class HeaderFlags:
+    """What a header's ``request`` and ``flags`` say, for every class that carries them (a
+    message, a message error, the relay's events)."""
 
-
-class MessageError(PeerError):
-    """One message was malformed; the stream is still in sync."""
-
-    def __init__(self, request: int, flags: int, reason: str) -> None:
-        super().__init__(f"{request_name(request)}: {reason}")
-        self.request = request
-        self.flags = flags
-        self.reason = reason
-
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & FLAG_NEED_REPLY)
-
-
-@dataclass(eq=False, slots=True)
-class Message:
-    """One vhost-user message: header fields, a typed payload, and the fds it carried."""
-
+    __slots__ = ()
     request: int
     flags: int
-    payload: m.Payload
-    fds: FdBag = field(default_factory=FdBag)
 
     @property
     def name(self) -> str:
@@ -77,6 +58,30 @@ class Message:
     @property
     def is_reply(self) -> bool:
         return bool(self.flags & FLAG_REPLY)
+
+
+class FramingError(PeerError):
+    """The byte stream broke vhost-user framing; the connection must be closed."""
+
+
+class MessageError(HeaderFlags, PeerError):
+    """One message was malformed; the stream is still in sync."""
+
+    def __init__(self, request: int, flags: int, reason: str) -> None:
+        super().__init__(f"{request_name(request)}: {reason}")
+        self.request = request
+        self.flags = flags
+        self.reason = reason
+
+
+@dataclass(eq=False, slots=True)
+class Message(HeaderFlags):
+    """One vhost-user message: header fields, a typed payload, and the fds it carried."""
+
+    request: int
+    flags: int
+    payload: m.Payload
+    fds: FdBag = field(default_factory=FdBag)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator
-from types import TracebackType
+
+from pyvhost.closing import Closing
 
 
-class FdBag:
+class FdBag(Closing):
     """The fds that came with one message. Close it when the message is handled."""
 
     __slots__ = ("_fds",)
@@ -47,13 +48,6 @@ class FdBag:
                 self._fds[i] = None
                 with contextlib.suppress(OSError):
                     os.close(fd)
-
-    def __enter__(self) -> FdBag:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"FdBag({self._fds!r})"

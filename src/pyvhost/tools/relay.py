@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from pyvhost.errors import LocalError, PeerError
+from pyvhost.protocol.codec import HeaderFlags
 from pyvhost.protocol.constants import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -75,7 +76,7 @@ class RegionInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class Event(HeaderFlags):
     """One message that went through, stamped (``time.monotonic()``) when fully received."""
 
     t: float
@@ -85,14 +86,6 @@ class Event:
     flags: int
     size: int
     fds: int
-
-    @property
-    def name(self) -> str:
-        return request_name(self.request)
-
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & FLAG_REPLY)
 
 
 @dataclass(slots=True)
