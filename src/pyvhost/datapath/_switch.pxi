@@ -446,6 +446,9 @@ cdef class Forwarder:
                 out.b.err_a = out.b.err_b = 0
                 out.routed = out.done = 0
                 memset(out.st, 0, sizeof(out.st))
+                if spec.rx.broken is not None:
+                    out.b.err = -1               # broken before: its frames count bad
+                    continue
                 try:
                     load_ring(&out.b.rx, spec.rx, t)
                 except VirtqueueError as e:
@@ -475,7 +478,7 @@ cdef class Forwarder:
             out = &f.outs[o]
             stats.append([out.st[i] for i in range(NOSTATS)])
             spec = outs[o]
-            if out.b.err == 0 or out.b.err == E_NOMEM:
+            if out.b.err != -1:              # loaded: its state, as the reference's
                 store_ring(spec.rx, &out.b.rx)
             if out.b.err == E_NOMEM:
                 self.out_errors[o] = MemoryError("data path scratch arrays")

@@ -38,7 +38,8 @@ consulted and updated once per burst, never per frame):
 Errors: a transmit queue error in pull breaks the queue (returned, the frames kept before
 it are still pushed); a receive queue error in push breaks that port's queue only
 (:attr:`Forwarder.out_errors`); counters follow ``_fill``'s rule (a broken port's frames
-of the call count as ``bad_descriptor``, none as sent). A truncated region: this path
+of the call count as ``bad_descriptor``, none as sent). A queue already broken when push
+is called takes nothing: the frames routed to it count as ``bad_descriptor``. A truncated region: this path
 can not catch SIGBUS (see :mod:`pyvhost.datapath.reference`).
 """
 
@@ -236,6 +237,8 @@ class Forwarder:
         stats = [[0] * len(OUT_STATS) for _ in outs]
         errors: list[BaseException | None] = [None] * len(outs)
         used: list[list[tuple[int, int]]] = [[] for _ in outs]
+        # A queue broken before this call takes nothing: its frames count as bad.
+        dead = [out.rx.broken is not None for out in outs]
         routed = [0] * len(outs)
         done = [0] * len(outs)
         self.in_fault = None
@@ -261,7 +264,7 @@ class Forwarder:
                         st[_TOO_BIG] += 1
                     else:
                         routed[o] += 1
-                        if errors[o] is None:
+                        if errors[o] is None and not dead[o]:
                             if data is None:
                                 data = chain.read(mem, total)[h:]
                             try:
@@ -283,7 +286,7 @@ class Forwarder:
             k += 1
         for o, out in enumerate(outs):
             st = stats[o]
-            if errors[o] is not None:
+            if errors[o] is not None or dead[o]:
                 st[_BAD] += routed[o] - done[o] + st[_SENT]
                 st[_SENT] = st[_BYTES] = 0
             elif used[o]:
