@@ -185,9 +185,9 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                         if k < fwd.frames:
                             events.append(("frame", fwd.frame(mem, k)))
                             k += 1
-                    for o in active:
-                        if o.rx.notify_decided is not None:
-                            events.append(("notify", o.rx.index, o.rx.should_notify()))
+                    for port in active:
+                        if port.rx.notify_decided is not None:
+                            events.append(("notify", port.rx.index, port.rx.should_notify()))
                 if error is not None:
                     break
                 fwd.finish(mem, tx)

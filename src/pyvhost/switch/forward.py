@@ -39,8 +39,8 @@ Errors: a transmit queue error in pull breaks the queue (returned, the frames ke
 it are still pushed); a receive queue error in push breaks that port's queue only
 (:attr:`Forwarder.out_errors`); counters follow ``_fill``'s rule (a broken port's frames
 of the call count as ``bad_descriptor``, none as sent). A queue already broken when push
-is called takes nothing: the frames routed to it count as ``bad_descriptor``. A truncated region: this path
-can not catch SIGBUS (see :mod:`pyvhost.datapath.reference`).
+is called takes nothing: the frames routed to it count as ``bad_descriptor``. A
+truncated region: this path can not catch SIGBUS (see :mod:`pyvhost.datapath.reference`).
 """
 
 from __future__ import annotations
