@@ -469,6 +469,7 @@ cdef class Forwarder:
             else:
                 self.out_errors[which - 1] = _fault(fault)
             self.out_stats = [[0] * NOSTATS for _ in range(nouts)]
+            self.stats["same_port"] = 0
             return start
         for t in keep:
             (<RegionTable>t).flush()

@@ -53,6 +53,7 @@ from pyvhost.devices.virtio_net import (
     net_config,
     write_rx_frame,
 )
+from pyvhost.memory import MemoryFaultError
 from pyvhost.protocol.constants import VirtioFeature
 from pyvhost.virtq import SplitQueue, VirtqueueError
 
@@ -316,18 +317,29 @@ class SwitchPort(VirtioDevice):
             k = 0
             while True:
                 k = fwd.push(mem, k, masks, same_at, slow, outs)
+                faulted = False
                 for o, ((dev, c), ost) in enumerate(zip(out_dev, fwd.out_stats, strict=True)):
                     dev._count_out(c, outs[o].rx, ost)
                     err = fwd.out_errors[o]
-                    if err is not None:
-                        failed.append((dev, err))
-                        for j in range(len(masks)):  # its frames now take the Python path
-                            if masks[j] >> o & 1:
-                                slow[j] = True
+                    if err is None:
+                        continue
+                    failed.append((dev, err))
+                    for j in range(len(masks)):
+                        if not masks[j] >> o & 1:
+                            continue
+                        if isinstance(err, MemoryFaultError):
+                            # Its memory is gone (the connection is closed below): no
+                            # frame goes there any more, the others go on.
+                            masks[j] &= ~(1 << o)
+                            faulted = True
+                        else:
+                            slow[j] = True   # its frames now take the Python path
                 if st["same_port"]:
                     counters.drop_rx("same_port", st["same_port"])
                 if fwd.in_fault is not None or k >= m:
                     return
+                if faulted:
+                    continue  # nothing of that push was kept: the same frames again
                 # Frame k goes where the forward step can not: the Python path.
                 data = fwd.frame(mem, k)
                 if self.hdr_len != NET_HDR:
