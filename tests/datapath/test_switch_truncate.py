@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from pyvhost.tools.process import pyvhost_argv
-from support.netdriver import TIMEOUT, Duplex, NetDriver, make_frame, mac, wait_any
+from support.netdriver import TIMEOUT, Duplex, NetDriver, mac, make_frame, wait_any
 from support.procs import Procs, Started, wait_for_socket
 
 from .rings import boot_ram_fd, kick_tx, reflected_guest, region_names
