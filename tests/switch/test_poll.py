@@ -24,7 +24,7 @@ def test_polled_queue_serves_frames_without_kicks(switched: Switched) -> None:
         a.send([frame(b"\xff" * 6, b"\x02\0\0\0\0\x0a", 1)])  # kicked: found work
         assert b.recv(1)[0][14] == 1
         # Polled now: kicks are off, and a frame made available without a kick goes.
-        wait_until(lambda: a.port.tx.used_flags() & VRING_USED_F_NO_NOTIFY,
+        wait_until(lambda: bool(a.port.tx.used_flags() & VRING_USED_F_NO_NOTIFY),
                    "kicks to be turned off while polling", TIMEOUT)
         gpa = a.port.pool.alloc()
         a.port.guest.write(gpa, bytes(HDR) + frame(b"\xff" * 6, b"\x02\0\0\0\0\x0a", 2))
