@@ -1,10 +1,20 @@
 """A vhost-user connection as a port of the switch: the ``SwitchPort`` virtio-net device.
 
-On a kick of its transmit queue the device takes the chains the driver made available,
-checks each frame and hands the good ones to the :class:`~.core.Switch` in one batch; the
-switch calls :meth:`VhostPort.deliver` on other ports, which writes frames into this
-device's receive queue through its connection (:meth:`DeviceHost.run_device`), so the
-connection's memory snapshot is held and a guest error breaks this port's queue only.
+On a kick of its transmit queue the device runs its forward step (:mod:`.forward`,
+compiled where the extension is built) one burst at a time: the step takes the chains,
+the device consults and updates the switch's MAC table once for the burst, holds every
+egress port's memory through its connection (:meth:`DeviceHost.run_device`), and the step
+copies each frame from this guest's buffers straight into the egress ports' receive
+chains, then returns the transmitted chains. A guest error breaks the queue of the port
+whose guest made it, a guest-memory fault (a region's file shrank) closes that port's
+connection only; the other ports go on. Frames the step leaves to Python take the old
+path: bytes handed to the :class:`~.core.Switch`, which calls :meth:`VhostPort.deliver`
+on each egress port, which writes them into this device's receive queue. Those are
+frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
+segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
+frames to a tap, to a port with several receive queues enabled (the flow hash picks one),
+none (``port_down``), or a receive queue that carries a dirty log. A transmit queue that
+carries a log runs the pure-Python step, which marks it.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
