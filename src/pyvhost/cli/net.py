@@ -122,9 +122,10 @@ def _metrics_address(ctx: click.Context, param: click.Parameter,
               help="After a kick that found work, poll that queue for this long with its "
                    "kicks off (VRING_USED_F_NO_NOTIFY) instead of waiting for the next "
                    "kick; back to kicks once a window passes without work, so an idle "
-                   "pyvhost net uses no CPU. 0 (kicks only) measured best on a 2-core "
-                   "machine, where a polling back-end takes the CPU its front-ends need "
-                   "(BENCHMARKS.md); try it where the back-end has a core of its own.")
+                   "pyvhost net uses no CPU. Default 0 (kicks only): on a 2-core machine "
+                   "50 us did not change the switch's rate relative to DPDK's beyond "
+                   "the noise (BENCHMARKS.md), and a polling back-end takes CPU its "
+                   "front-ends need; try it where the back-end has a core of its own.")
 @verbosity
 def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
