@@ -9,5 +9,6 @@ from setuptools import Extension, setup
 
 setup(ext_modules=cythonize(
     [Extension("pyvhost.datapath._native", ["src/pyvhost/datapath/_native.pyx"],
+               depends=["src/pyvhost/datapath/_switch.pxi"],
                extra_compile_args=["-O2"], optional=True)],
     compiler_directives={"language_level": "3"}))

@@ -158,6 +158,13 @@ class Connection(DeviceHost):
                                          "memory_updates": 0}
         self.queue_counters = [QueueCounters() for _ in range(device.num_queues)]
         self._again: set[int] = set()
+        #: Busy-poll a queue for this long (seconds) after a kick that found work: its
+        #: kicks stay off (VRING_USED_F_NO_NOTIFY, or avail_event left behind) and the
+        #: loop serves it again on every turn until the window passes without work
+        #: (``pyvhost net --poll-us``); then the burst that saw the ring empty turned
+        #: kicks back on. 0: kicks only.
+        self.poll_s = 0.0
+        self._poll_until: dict[int, float] = {}
         sock.setblocking(False)
         device.attach(self)
 
@@ -340,7 +347,24 @@ class Connection(DeviceHost):
         if not self.vrings[index].ready:
             return
         device = self.device
-        self.run_device(index, lambda ctx: device.handle_kick(ctx, index))
+        if not self.poll_s:
+            self.run_device(index, lambda ctx: device.handle_kick(ctx, index))
+            return
+        counters = self.queue_counters[index]
+
+        def serve(ctx: QueueContext) -> None:
+            before = counters.frames
+            device.handle_kick(ctx, index)
+            now = time.monotonic()
+            if counters.frames != before:
+                self._poll_until[index] = now + self.poll_s
+            q = ctx.queue(index)
+            if now < self._poll_until.get(index, 0.0) and q is not None \
+                    and q.broken is None:
+                q.enable_kicks(False)  # polled: the driver need not kick meanwhile
+                self.serve_again(index)
+
+        self.run_device(index, serve)
 
     def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
         if self.phase is Phase.CLOSED:

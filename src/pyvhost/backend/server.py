@@ -170,6 +170,8 @@ class Server(SelectorLoop):
         self.connections: list[Connection] = []
         self._closed = False
         self._count = 0
+        #: Busy-poll queues this many microseconds after work (Connection.poll_s).
+        self.poll_us = 0
         #: Connections that ended (the others are in :attr:`connections`).
         self.closed_count = 0
         self._control: set[str] = set()
@@ -279,6 +281,7 @@ class Server(SelectorLoop):
         :class:`Connection` for ``owner_implied``."""
         conn = Connection(sock, (factory or self.factory)(), self, name,
                           owner_implied=owner_implied)
+        conn.poll_s = self.poll_us / 1e6
         conn.memory_observer = self._memory_updated
         fileno = sock.fileno()
         conn.close_observer = lambda closed: self._connection_closed(closed, fileno)

@@ -117,11 +117,21 @@ def _metrics_address(ctx: click.Context, param: click.Parameter,
                    "per port and queue frames, bytes, drops and errors, memory table "
                    "updates and their latency, regions, fds and mappings held. "
                    "127.0.0.1:9478, [::1]:9478, 0.0.0.0:9478 for every address.")
+@click.option("--poll-us", metavar="MICROSECONDS", type=click.IntRange(0, 1_000_000),
+              default=0, show_default=True, envvar="PYVHOST_POLL_US",
+              help="After a kick that found work, poll that queue for this long with its "
+                   "kicks off (VRING_USED_F_NO_NOTIFY) instead of waiting for the next "
+                   "kick; back to kicks once a window passes without work, so an idle "
+                   "pyvhost net uses no CPU. Default 0 (kicks only): on a 2-core machine "
+                   "50 us did not change the switch's rate relative to DPDK's beyond "
+                   "the noise (BENCHMARKS.md), and a polling back-end takes CPU its "
+                   "front-ends need; try it where the back-end has a core of its own.")
 @verbosity
 def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
         control: str | None, stats: bool, mem_slots: bool = True,
-        queue_pairs: int = 1, metrics_at: tuple[str, int] | None = None) -> None:
+        queue_pairs: int = 1, metrics_at: tuple[str, int] | None = None,
+        poll_us: int = 0) -> None:
     """Serve virtio-net ports on vhost-user sockets (listening, or connecting with
     --client) and taps: an L2 learning switch between all of them, until SIGTERM or
     Ctrl-C.
@@ -187,6 +197,7 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
 
     accepted = itertools.count()
     server = Server(lambda: make_device(next(accepted)))
+    server.poll_us = poll_us
     if reflect:
         server.on_disconnect.append(totals.fold)
     else:

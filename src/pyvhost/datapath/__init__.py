@@ -20,7 +20,10 @@ carries one (:mod:`pyvhost.virtq.split`); the compiled one does not yet
 says which. docs/dirty-log.md describes the hook the compiled path needs.
 
 API: ``Reflector().burst(mem, tx, rx, hdr_len, mrg_rxbuf, limit, stats) -> int`` (see
-:meth:`.reference.Reflector.burst`).
+:meth:`.reference.Reflector.burst`). The switch's forward step is ``_native.Forwarder``
+(``_switch.pxi``, included by ``_native.pyx``), with its reference in
+:mod:`pyvhost.switch.forward`, which picks one of them the same way
+(:func:`pyvhost.switch.forward.engine`).
 """
 
 from __future__ import annotations

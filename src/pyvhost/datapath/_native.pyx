@@ -27,8 +27,9 @@ to the handler that was there before, or the default action.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t, UINT64_MAX
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 from pyvhost.datapath.reasons import reason
 from pyvhost.devices.virtio_net import MAX_FRAME as _MAX_FRAME
@@ -79,27 +80,37 @@ cdef extern from *:
     static inline void pv_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
     /* ---- SIGBUS guard ---------------------------------------------------------------- */
+    /* The tables of the running burst: one for the reflector, the ingress port's and every
+       egress port's for the switch. A fault is ours when it lies in one of them. */
+    typedef struct { const pv_region *r; size_t n; } pv_table;
     #define PV_FAULT (-1000)
     static __thread sigjmp_buf *volatile pv_env;      /* set while a burst runs */
-    static __thread const pv_region *pv_env_regions;  /* its table, to tell our faults */
-    static __thread size_t pv_env_n;
+    static __thread const pv_table *pv_env_tables;    /* its tables, to tell our faults */
+    static __thread size_t pv_env_ntables;
     static __thread volatile uintptr_t pv_env_fault;
+    static __thread volatile int pv_env_which;
     static __thread volatile int pv_chaining;
     static struct sigaction pv_previous;              /* the handler we replaced */
 
+    /* The index of the table whose guest memory holds host address a, or -1. */
     static int pv_in_guest(uintptr_t a) {
-        for (size_t i = 0; i < pv_env_n; i++) {
-            uintptr_t h = (uintptr_t)pv_env_regions[i].host;
-            if (a >= h && a - h <= pv_env_regions[i].last - pv_env_regions[i].gpa)
-                return 1;
+        for (size_t t = 0; t < pv_env_ntables; t++) {
+            const pv_region *regions = pv_env_tables[t].r;
+            for (size_t i = 0; i < pv_env_tables[t].n; i++) {
+                uintptr_t h = (uintptr_t)regions[i].host;
+                if (a >= h && a - h <= regions[i].last - regions[i].gpa)
+                    return (int)t;
+            }
         }
-        return 0;
+        return -1;
     }
 
     static void pv_sigbus(int sig, siginfo_t *info, void *uc) {
         sigjmp_buf *env = pv_env;
-        if (env != NULL && pv_in_guest((uintptr_t)info->si_addr)) {
+        int which = env != NULL ? pv_in_guest((uintptr_t)info->si_addr) : -1;
+        if (which >= 0) {
             pv_env_fault = (uintptr_t)info->si_addr;
+            pv_env_which = which;
             pv_env = NULL;
             siglongjmp(*env, 1);
         }
@@ -151,15 +162,16 @@ cdef extern from *:
        with SA_NODEFER, so a fault leaves the signal mask as it was and nothing needs
        restoring (no sigprocmask syscall per burst). fn touches no local of this frame,
        and nothing read after the jump was changed after sigsetjmp but pv_env_fault. */
-    static int pv_guarded(pv_fn fn, void *arg, const pv_region *regions, size_t n,
-                          uintptr_t *fault) {
+    static int pv_guarded(pv_fn fn, void *arg, const pv_table *tables, size_t ntables,
+                          uintptr_t *fault, int *which) {
         sigjmp_buf env;
         if (sigsetjmp(env, 0)) {
             *fault = pv_env_fault;
+            *which = pv_env_which;
             return PV_FAULT;
         }
-        pv_env_regions = regions;
-        pv_env_n = n;
+        pv_env_tables = tables;
+        pv_env_ntables = ntables;
         pv_env = &env;
         int rc = fn(arg);
         pv_env = NULL;
@@ -181,8 +193,11 @@ cdef extern from *:
     int PV_FAULT
     int pv_guard_install() noexcept nogil
     int pv_guard_installed() noexcept nogil
-    int pv_guarded(pv_fn fn, void *arg, const pv_region *regions, size_t n,
-                   uintptr_t *fault) noexcept nogil
+    ctypedef struct pv_table:
+        const pv_region *r
+        size_t n
+    int pv_guarded(pv_fn fn, void *arg, const pv_table *tables, size_t ntables,
+                   uintptr_t *fault, int *which) noexcept nogil
 
 
 # -- constants (virtio 1.2, 2.7) ------------------------------------------------------------
@@ -219,6 +234,9 @@ _STATS = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "drop_no_rx_buffer",
           "drop_too_big", "drop_malformed")
 
 cdef uint32_t MAX_FRAME = _MAX_FRAME
+# The bounce buffer: 2 bytes of room (a 10-byte header becomes 12), a 12-byte header and
+# the largest frame.
+cdef size_t BOUNCE = 2 + 12 + _MAX_FRAME
 
 
 # -- state of a burst -----------------------------------------------------------------------
@@ -260,12 +278,14 @@ cdef struct Burst:
     Ring tx
     Ring rx
     int has_rx
-    uint32_t hdr_len        # 10 or 12
+    uint32_t hdr_len        # 10 or 12: the receive side's header
+    uint32_t in_hdr         # 10 or 12: the header of the frame in txp
+    int swap                # swap the MACs (the reflector)
     int mrg_rxbuf
     uint32_t limit
     Pieces txp              # the readable pieces of the transmitted chain
     Pieces rxp              # the writable pieces of the receive chains of one frame
-    uint8_t *bounce         # hdr_len + MAX_FRAME bytes, for overlapping buffers
+    uint8_t *bounce         # BOUNCE bytes, for overlapping buffers
     RxChain *rxc
     size_t rxc_len, rxc_cap
     Used *rx_used
@@ -564,35 +584,42 @@ cdef int overlapping(const Pieces *a, const Pieces *b) noexcept nogil:
 
 
 cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept nogil:
-    """Copy the transmitted frame (``size`` bytes of ``txp``) into the receive pieces,
-    header zeroed, MACs swapped, num_buffers set.
+    """Copy the frame in ``txp`` (an ``in_hdr``-byte header, then the Ethernet frame) into
+    the receive pieces as ``size`` bytes: a zeroed ``hdr_len``-byte header ("no
+    offload"), num_buffers set, then the Ethernet frame, MACs swapped if ``swap``.
 
     One copy, guest to guest, unless the receive buffers overlap the transmitted ones
     (a driver may post such): then the frame goes through ``bounce`` first, so the
     result is the reference's, which reads the whole frame before writing. ``txp`` holds
-    at least ``size`` bytes (pieces were stored up to more than the largest frame),
-    ``rxp`` at least ``size`` (each chain's pieces up to what the frame needs of it), and
-    ``size <= hdr_len + MAX_FRAME`` fits ``bounce``; the loops also stop at the arrays'
-    ends.
+    at least ``in_hdr + size - hdr_len`` bytes (pieces were stored up to more than the
+    largest frame), ``rxp`` at least ``size`` (each chain's pieces up to what the frame
+    needs of it), and ``size - hdr_len <= MAX_FRAME``, so the frame fits ``bounce`` at
+    offset 2; the loops also stop at the arrays' ends.
     """
     cdef uint8_t prefix[24]
     cdef uint8_t mac[6]
     cdef const uint8_t *head = prefix
-    cdef uint32_t h = b.hdr_len
-    cdef uint64_t plen = b.hdr_len + 12, soff, doff = 0, left = size, k = 0, m
+    cdef uint32_t h = b.hdr_len, hi = b.in_hdr
+    cdef uint64_t plen = h + 12, soff, doff = 0, left = size, k = 0, m
     cdef size_t si, di = 0
     cdef Piece *s
     cdef Piece *d
     if overlapping(&b.txp, &b.rxp):
-        si = gather(&b.txp, b.bounce, size, &soff)
-        head = b.bounce
+        # The source frame at bounce + 2; its Ethernet frame then starts at 2 + hi, and
+        # the output header (h bytes) right before it: 2 + hi - h is 0, 2 or 4.
+        gather(&b.txp, b.bounce + 2, hi + size - h, &soff)
+        head = b.bounce + 2 + hi - h
         plen = size                          # all of it comes from the bounce buffer
         si = b.txp.len
     else:
-        si = gather(&b.txp, prefix, plen, &soff)   # header and both MACs (size > plen)
-    memcpy(mac, <uint8_t *>head + h, 6)
-    memcpy(<uint8_t *>head + h, head + h + 6, 6)
-    memcpy(<uint8_t *>head + h + 6, mac, 6)
+        # header and both MACs of the source (size > h + 12: a frame has 14 bytes or more)
+        si = gather(&b.txp, prefix, hi + 12, &soff)
+        if hi != h:
+            memmove(prefix + h, prefix + hi, 12)    # the MACs after the output header
+    if b.swap:
+        memcpy(mac, <uint8_t *>head + h, 6)
+        memcpy(<uint8_t *>head + h, head + h + 6, 6)
+        memcpy(<uint8_t *>head + h + 6, mac, 6)
     memset(<uint8_t *>head, 0, h)            # a plain "no offload" header
     if set_nb:                               # num_buffers, at offset 10 (le16)
         (<uint8_t *>head)[10] = nb & 0xFF
@@ -877,7 +904,7 @@ cdef class Reflector:
 
     def __cinit__(self) -> None:
         memset(&self.b, 0, sizeof(Burst))
-        self.b.bounce = <uint8_t *>calloc(12 + MAX_FRAME, 1)
+        self.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
         if self.b.bounce == NULL:
             raise MemoryError()
         install_guard()
@@ -897,7 +924,8 @@ cdef class Reflector:
         cdef Burst *b = &self.b
         cdef RegionTable table = region_table(mem)
         cdef uintptr_t fault = 0
-        cdef int rc, i
+        cdef int rc, i, which = 0
+        cdef pv_table tables[1]
         if hdr_len != 10 and hdr_len != 12:
             raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
         b.regions = table.regions
@@ -916,8 +944,12 @@ cdef class Reflector:
         b.err_a = b.err_b = 0
         b.tx_used_len = b.rx_used_len = 0
         memset(b.stats, 0, sizeof(b.stats))
+        tables[0].r = b.regions
+        tables[0].n = b.nregions
+        b.in_hdr = hdr_len
+        b.swap = 1
         with nogil:
-            rc = pv_guarded(reflect, b, b.regions, b.nregions, &fault)
+            rc = pv_guarded(reflect, b, tables, 1, &fault, &which)
         if rc == PV_FAULT:
             # Nothing is written back: the connection is closed for it.
             raise MemoryFaultError(
@@ -937,3 +969,6 @@ cdef class Reflector:
             queue = rx if b.err_rx else tx
             raise queue.break_(reason(b.err, b.err_a, b.err_b))
         return b.taken
+
+
+include "_switch.pxi"

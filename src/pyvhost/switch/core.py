@@ -17,6 +17,11 @@ reads addresses without checks.
 
 This module owns no fd and knows nothing of vhost-user or taps: the ports do
 (:mod:`.vhost`, :mod:`.tap`). Everything runs on the server's one thread.
+
+A vhost-user port's frames normally do not come here as bytes: its forward step
+(:mod:`.forward`, compiled where built) copies them from guest to guest and consults and
+updates :attr:`Switch.table` once per burst; frames that need Python (offload headers, a
+tap among the egress ports) come through :meth:`Switch.receive` / :meth:`Switch.forward`.
 """
 
 from __future__ import annotations
@@ -116,29 +121,39 @@ class Switch:
         del self.departed[:-DEPARTED_KEPT]
 
     # -- forwarding ----------------------------------------------------------------------
-    def receive(self, ingress: Port, frames: Sequence[bytes | bytearray]) -> None:
-        """Forward frames that ``ingress`` received (each at least :data:`MIN_FRAME` long)."""
-        if not frames:
-            return
+    def tick(self) -> float:
+        """The switch's clock now; sweeps aged MAC entries out once per SWEEP_EVERY."""
         now = self.clock()
         if now >= self._next_sweep:
             self.table.expire(now)
             self._next_sweep = now + SWEEP_EVERY
-        table = self.table
+        return now
+
+    def receive(self, ingress: Port, frames: Sequence[bytes | bytearray]) -> None:
+        """Forward frames that ``ingress`` received (each at least :data:`MIN_FRAME` long)."""
+        if not frames:
+            return
+        now = self.tick()
         c = ingress.counters
         c.rx_frames += len(frames)
-        nbytes = 0
+        c.rx_bytes += sum(map(len, frames)) - NET_HDR * len(frames)
+        self.forward(ingress, frames, now)
+
+    def forward(self, ingress: Port, frames: Sequence[bytes | bytearray], now: float) -> None:
+        """Learn, decide and deliver ``frames`` already counted as received on
+        ``ingress`` (:meth:`receive`; the compiled forward step counts its own)."""
+        table = self.table
+        c = ingress.counters
         out: dict[Port, list[bytes | bytearray]] = {}
         others: list[Port] | None = None
         for frame in frames:
-            nbytes += len(frame)
             table.learn(bytes(frame[18:24]), ingress, now)
             dst = bytes(frame[12:18])
             port = None if dst[0] & 1 else table.lookup(dst, now)
             if port is None:
                 # Broadcast, multicast or unknown unicast: every port but the ingress one.
                 if others is None:
-                    others = [p for p in self.ports if p is not ingress]
+                    others = self.others(ingress)
                 for p in others:
                     batch = out.get(p)
                     if batch is None:
@@ -155,9 +170,12 @@ class Switch:
                     out[port] = [frame]
                 else:
                     batch.append(frame)
-        c.rx_bytes += nbytes - NET_HDR * len(frames)
         for port, batch in out.items():
             port.deliver(batch)
+
+    def others(self, ingress: Port) -> list[Port]:
+        """Where a flooded frame from ``ingress`` goes: every other port."""
+        return [p for p in self.ports if p is not ingress]
 
     # -- status --------------------------------------------------------------------------
     def describe(self) -> dict[str, object]:

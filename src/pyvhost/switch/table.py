@@ -80,6 +80,11 @@ class MacTable(Generic[P]):
             return None
         return port
 
+    def owner(self, mac: bytes) -> P | None:
+        """The port ``mac`` is recorded on, aged or not (right after :meth:`learn` with the
+        same ``now``, whether it was learned)."""
+        return self._port.get(mac)
+
     def expire(self, now: float) -> int:
         """Drop every entry older than the aging time; returns how many. Looks at the
         entries oldest first and stops at the first live one (with a clock that never

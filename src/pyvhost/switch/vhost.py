@@ -1,10 +1,20 @@
 """A vhost-user connection as a port of the switch: the ``SwitchPort`` virtio-net device.
 
-On a kick of its transmit queue the device takes the chains the driver made available,
-checks each frame and hands the good ones to the :class:`~.core.Switch` in one batch; the
-switch calls :meth:`VhostPort.deliver` on other ports, which writes frames into this
-device's receive queue through its connection (:meth:`DeviceHost.run_device`), so the
-connection's memory snapshot is held and a guest error breaks this port's queue only.
+On a kick of its transmit queue the device runs its forward step (:mod:`.forward`,
+compiled where the extension is built) one burst at a time: the step takes the chains,
+the device consults and updates the switch's MAC table once for the burst, holds every
+egress port's memory through its connection (:meth:`DeviceHost.run_device`), and the step
+copies each frame from this guest's buffers straight into the egress ports' receive
+chains, then returns the transmitted chains. A guest error breaks the queue of the port
+whose guest made it, a guest-memory fault (a region's file shrank) closes that port's
+connection only; the other ports go on. Frames the step leaves to Python take the old
+path: bytes handed to the :class:`~.core.Switch`, which calls :meth:`VhostPort.deliver`
+on each egress port, which writes them into this device's receive queue. Those are
+frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
+segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
+frames to a tap, to a port with several receive queues enabled (the flow hash picks one),
+none (``port_down``), or a receive queue that carries a dirty log. A transmit queue that
+carries a log runs the pure-Python step, which marks it.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
@@ -30,10 +40,11 @@ chains are dropped and counted, never read (a descriptor may claim 4 GiB).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
 from pyvhost.devices.virtio_net import (
@@ -52,10 +63,11 @@ from pyvhost.devices.virtio_net import (
     net_config,
     write_rx_frame,
 )
-from pyvhost.memory import GuestMemory
+from pyvhost.memory import MemoryFaultError
 from pyvhost.protocol.constants import VirtioFeature
-from pyvhost.virtq import DescriptorChain, SplitQueue, VirtqueueError
+from pyvhost.virtq import SplitQueue, VirtqueueError
 
+from . import forward
 from .core import MAX_ETHERNET, NET_HDR, Port, Switch
 from .offload import HeaderError, Offload, adapt_egress, check_ingress
 
@@ -72,9 +84,11 @@ MAX_QUEUE_PAIRS = 64
 DEFAULT_MTU = 1500
 ETH_OVERHEAD = 18
 _ZERO_FIELDS = bytes(8)  # virtio_net_hdr hdr_len .. csum_offset
-#: Chains taken from the transmit ring per batch, and per turn of the loop: a busy port
-#: yields after TX_BUDGET frames so that the others (and the control socket) are served.
-BATCH = 64
+#: Chains taken from the transmit ring per burst (the forward step's Python work is per
+#: burst: profiled, a burst of 64 spent more time in Python than in the copies), and per
+#: turn of the loop: a busy port yields after TX_BUDGET frames so that the others (and
+#: the control socket) are served.
+BATCH = 256
 TX_BUDGET = 256
 
 
@@ -129,6 +143,11 @@ class SwitchPort(VirtioDevice):
         self.host: DeviceHost | None = None
         self.port = VhostPort(self)
         self.joined = False
+        #: The forward step of each transmit queue (compiled where built), and the
+        #: reference one used while the front-end logs.
+        self._engine = forward.engine()
+        self._forwarders: dict[int, forward.ForwardStep] = {}
+        self._reference: dict[int, forward.ForwardStep] = {}
 
     # -- VirtioDevice --------------------------------------------------------------------
     def device_features(self) -> int:
@@ -202,63 +221,181 @@ class SwitchPort(VirtioDevice):
         if tx is None:
             return
         mem = ctx.mem
+        # While the front-end logs (a live migration), the reference step: it marks the
+        # log for every write (the compiled one does not yet).
+        steps = self._reference if tx.log is not None else self._forwarders
+        fwd = steps.get(index)
+        if fwd is None:
+            fwd = steps[index] = forward.Forwarder() if tx.log is not None else self._engine()
         served = 0
         while True:
             # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
             # chain made available meanwhile is seen by the pending() check after they are
-            # back on. Each transmit queue has its own avail_event, so pairs do not mix.
-            tx.enable_kicks(False)
-            chains, error = _pop_batch(tx, mem, BATCH)
+            # back on (inside pull). Each transmit queue has its own avail_event.
+            taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH)
+            self._forward(ctx, index, fwd)
             if error is not None:
                 # A chain the queue can not serve (a descriptor outside guest memory, a
                 # loop, ...): the queue is broken (the connection reports it). Frames
-                # read before it still go through.
+                # read before it still went through; no chain is returned.
                 self.port.counters.drop_rx("bad_descriptor")
-                frames = self._ingress(mem, chains)
-                _account(ctx, index, frames)
-                self.switch.receive(self.port, frames)
                 raise error
-            if not chains:
-                tx.enable_kicks(True)
-                if tx.pending() == 0:
-                    return
-                continue
-            frames = self._ingress(mem, chains)
-            tx.push_used_batch([(c.head, 0) for c in chains])
+            # The chains go back once their frames are copied (zero copy until then).
+            fwd.finish(mem, tx)
             ctx.notify(index)
-            _account(ctx, index, frames)
-            self.switch.receive(self.port, frames)
-            served += len(chains)
+            served += taken
+            if taken < BATCH and not fwd.more:
+                return  # the ring was seen empty with kicks on
             if served >= TX_BUDGET and self.host is not None:
                 # Let the other ports run; come back on the loop's next turn (kicks stay
                 # off until then: we will look at the ring anyway).
                 self.host.serve_again(index)
                 return
 
-    def _ingress(self, mem: GuestMemory, chains: list[DescriptorChain]) -> list[bytes]:
-        """The frames of ``chains`` that may enter the switch, with a 12-byte header."""
+    def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
+        """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
+        the forward step into every egress port it can serve, the Python path for the
+        rest (offload headers, taps, ports with several receive queues or a log)."""
+        counters = self.port.counters
+        st = fwd.stats
+        for reason in ("malformed", "too_big"):
+            if st[reason]:
+                counters.drop_rx(reason, st[reason])
+        m = fwd.frames
+        if not m:
+            return
+        mem = ctx.mem
+        switch = self.switch
+        if fwd.slow:
+            # An offload header: checked in Python (check_ingress), switched as bytes.
+            frames = self._check([fwd.frame(mem, 0)])
+            _account(ctx, index, frames)
+            switch.receive(self.port, frames)
+            return
+        now = switch.tick()
+        table = switch.table
+        srcs, dsts, src_at = fwd.macs()
+        # Look up before learning: within a burst learning only points MACs at this port,
+        # which same_at accounts for frame by frame (see forward's docstring).
+        before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
+        for src in srcs:
+            table.learn(src, self.port, now)
+        counters.rx_frames += m
+        counters.rx_bytes += st["bytes"]
+        ctx.account(index, m, st["bytes"])
+        ports: list[Port] = []
+        slots: dict[Port, int] = {}
+        targets: list[int] = []
+        same_at: list[int] = []
+        others: list[Port] | None = None
+        for j, dst in enumerate(dsts):
+            owner = before[j]
+            at = src_at[j] if table.owner(dst) is self.port else forward.NEVER
+            if owner is self.port:
+                targets.append(0)
+                same_at.append(0)
+                continue
+            if owner is None:
+                if others is None:
+                    others = switch.others(self.port)
+                to = others
+            else:
+                to = [owner]
+            mask = 0
+            for p in to:
+                slot = slots.get(p)
+                if slot is None:
+                    slot = slots[p] = len(ports)
+                    ports.append(p)
+                mask |= 1 << slot
+            targets.append(mask)
+            same_at.append(at)
+        failed: list[tuple[SwitchPort, BaseException]] = []
+
+        def run(held: list[QueueContext | None]) -> None:
+            # Every egress port's memory is held here: its Out, or None (Python path).
+            outs: list[forward.Out] = []
+            out_of: list[int] = []            # slot -> index in outs, or -1
+            out_dev: list[tuple[SwitchPort, QueueContext]] = []
+            for p, c in zip(ports, held, strict=True):
+                spec = _out(p, c)
+                if spec is None or c is None or not isinstance(p, VhostPort):
+                    out_of.append(-1)
+                    continue
+                out_of.append(len(outs))
+                outs.append(spec)
+                out_dev.append((p.device, c))
+            masks, slow = _remap(targets, out_of)
+            k = 0
+            while True:
+                k = fwd.push(mem, k, masks, same_at, slow, outs)
+                faulted = False
+                for o, ((dev, c), ost) in enumerate(zip(out_dev, fwd.out_stats, strict=True)):
+                    dev._count_out(c, outs[o].rx, ost)
+                    err = fwd.out_errors[o]
+                    if err is None:
+                        continue
+                    failed.append((dev, err))
+                    for j in range(len(masks)):
+                        if not masks[j] >> o & 1:
+                            continue
+                        if isinstance(err, MemoryFaultError):
+                            # Its memory is gone (the connection is closed below): no
+                            # frame goes there any more, the others go on.
+                            masks[j] &= ~(1 << o)
+                            faulted = True
+                        else:
+                            slow[j] = True   # its frames now take the Python path
+                if st["same_port"]:
+                    counters.drop_rx("same_port", st["same_port"])
+                if fwd.in_fault is not None or k >= m:
+                    return
+                if faulted:
+                    continue  # nothing of that push was kept: the same frames again
+                # Frame k goes where the forward step can not: the Python path.
+                data = fwd.frame(mem, k)
+                if self.hdr_len != NET_HDR:
+                    data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
+                switch.forward(self.port, [data], now)
+                k += 1
+
+        _hold_each(ports, 0, [], run)
+        for dev, err in failed:
+            # Each egress port's error is its own connection's: broken queue or closed.
+            if dev.host is not None:
+                dev.host.run_device(RX, functools.partial(_raise, err))
+        if fwd.in_fault is not None:
+            raise fwd.in_fault
+
+    def _count_out(self, ctx: QueueContext, rx: SplitQueue, st: list[int]) -> None:
+        """What a push did to this port's receive queue: counters, and the interrupt."""
+        counters = self.port.counters
+        sent, nbytes, too_big, no_rx, bad = st
+        counters.tx_frames += sent
+        counters.tx_bytes += nbytes
+        if too_big:
+            counters.drop_tx("too_big", too_big)
+        if no_rx:
+            counters.drop_tx("no_rx_buffer", no_rx)
+        if bad:
+            counters.drop_tx("bad_descriptor", bad)
+        ctx.account(rx.index, sent, nbytes)
+        if rx.notify_decided is not None:
+            ctx.notify(rx.index)
+
+    def _check(self, raw: list[bytes]) -> list[bytes]:
+        """Frames as the driver wrote them (its header, then the frame) that may enter the
+        switch, with a 12-byte header: offload headers checked (check_ingress)."""
         hdr_len = self.hdr_len
         counters = self.port.counters
-        allowed = self.tx_offload
-        smallest = hdr_len + 14
-        largest = hdr_len + MAX_ETHERNET
         frames: list[bytes] = []
-        for chain in chains:
-            total = chain.readable_len
-            if total < smallest:
-                counters.drop_rx("malformed")
-                continue
-            if total > largest:
-                counters.drop_rx("too_big")
-                continue
-            data: bytes | bytearray = chain.read(mem, total)
+        for data0 in raw:
+            data: bytes | bytearray = data0
             if hdr_len != NET_HDR:
                 data = data[:hdr_len] + b"\0\0" + data[hdr_len:]
             if data[0] or data[1] or data[2:10] != _ZERO_FIELDS:
-                # The header asks for an offload: every field the driver set is checked
-                # against the frame and the negotiated features (offload.check_ingress).
                 try:
-                    data = check_ingress(data, allowed)
+                    data = check_ingress(data, self.tx_offload)
                 except HeaderError as e:
                     counters.drop_rx("malformed")
                     log.debug("%s: malformed header: %s", self.port.name, e)
@@ -409,17 +546,66 @@ def flow_hash(frame: bytes | bytearray) -> int:
     return zlib.crc32(frame[e:e + 14])
 
 
-def _pop_batch(queue: SplitQueue, mem: GuestMemory,
-               limit: int) -> tuple[list[DescriptorChain], VirtqueueError | None]:
-    """Up to ``limit`` chains; stops at the first the queue refuses, and returns its error
-    beside the chains taken before it."""
-    chains: list[DescriptorChain] = []
-    try:
-        while len(chains) < limit:
-            chain = queue.pop(mem)
-            if chain is None:
-                break
-            chains.append(chain)
-    except VirtqueueError as e:
-        return chains, e
-    return chains, None
+def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
+    """The forward step's view of an egress port, or None when it takes the Python path:
+    not a vhost-user port, gone, not one ready receive queue (none: port_down; several:
+    the flow hash picks one), or a queue that carries a dirty log."""
+    if ctx is None or not isinstance(port, VhostPort):
+        return None
+    dev = port.device
+    queues = [q for i in range(0, dev.num_queues, 2) if (q := ctx.queue(i)) is not None]
+    if len(queues) != 1:
+        return None
+    rx = queues[0]
+    if rx.broken is not None or rx.log is not None:
+        return None
+    return forward.Out(ctx.mem, rx, dev.hdr_len, dev.mrg_rxbuf, dev.mtu + ETH_OVERHEAD)
+
+
+def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
+    """Routes over port slots as masks over the forward step's outs; a route that names
+    a port without an out takes the Python path (slow)."""
+    masks: list[int] = []
+    slow: list[bool] = []
+    for t in targets:
+        mask = 0
+        is_slow = False
+        slot = 0
+        while t:
+            if t & 1:
+                o = out_of[slot]
+                if o < 0:
+                    is_slow = True
+                else:
+                    mask |= 1 << o
+            t >>= 1
+            slot += 1
+        masks.append(0 if is_slow else mask)
+        slow.append(is_slow)
+    return masks, slow
+
+
+def _hold_each(ports: list[Port], i: int, held: list[QueueContext | None],
+               fn: Callable[[list[QueueContext | None]], None]) -> None:
+    """Call ``fn`` with every vhost-user port's context (its memory held, through its
+    connection's run_device), None for the others and for connections gone."""
+    if i == len(ports):
+        fn(held)
+        return
+    port = ports[i]
+    if isinstance(port, VhostPort) and port.device.host is not None:
+        called = False
+
+        def inner(ctx: QueueContext) -> None:
+            nonlocal called
+            called = True
+            _hold_each(ports, i + 1, [*held, ctx], fn)
+
+        port.device.host.run_device(RX, inner)
+        if called:
+            return
+    _hold_each(ports, i + 1, [*held, None], fn)
+
+
+def _raise(error: BaseException, ctx: QueueContext) -> None:
+    raise error

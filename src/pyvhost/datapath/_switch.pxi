@@ -1,0 +1,534 @@
+# The switch's forward step, compiled: included by _native.pyx (it shares its ring walk,
+# copy and publish functions, inlined). pyvhost.switch.forward is its pure-Python
+# reference; the differential test (tests/datapath/test_switch_differential.py) holds
+# them equal. The API is described there; in short, per burst of one transmit queue:
+#
+#   pull(mem, tx, hdr_len, limit)   take chains, read each frame's MACs (no copy)
+#   macs()                          the distinct MACs, for the Python MAC table
+#   push(mem, start, masks, same_at, slow, outs)
+#                                   copy each frame from the transmitting guest's buffers
+#                                   straight into the receive buffers of its egress ports
+#   frame(k)                        the bytes of frame k, for the Python path
+#   finish(mem, tx)                 return the transmitted chains, decide the notification
+#
+# Memory safety: as in the reflector. Chains are walked by walk() (every guest number
+# bounded there), frames are read through the pieces walk() stored, each inside one
+# region; each egress port's receive chains are walked against that port's own table.
+
+cdef enum:
+    MAX_MACS = 16           # distinct destination (and source) MACs per burst
+    NEVER = 0x7FFFFFFF
+
+# What pull and push count (Forwarder.stats, forward.STATS order).
+cdef enum:
+    F_MALFORMED, F_TOO_BIG, F_SAME_PORT, F_FRAMES, F_BYTES
+    NFSTATS
+
+# What push counts per egress port (forward.OUT_STATS order).
+cdef enum:
+    O_SENT, O_BYTES, O_TOO_BIG, O_NO_RX, O_BAD
+    NOSTATS
+
+_FSTATS = ("malformed", "too_big", "same_port", "frames", "bytes")
+
+
+cdef struct Frame:          # a frame pull kept, its chain not yet returned
+    uint16_t head
+    size_t start            # its first piece in Fwd.allp
+    size_t npieces
+    uint64_t total          # readable bytes: in_hdr + the Ethernet frame (checked)
+    uint8_t dst             # < ndst
+    uint8_t src             # < nsrc
+
+
+cdef struct OutPort:        # an egress port's receive queue during one push
+    Burst b                 # its table, ring, scratch arrays
+    uint64_t st[NOSTATS]
+    uint64_t routed, done
+    uint64_t max_eth        # the largest Ethernet frame it takes (mtu + overhead)
+
+
+cdef struct Fwd:
+    Burst b                 # the ingress side: its table, tx ring, tx used elements
+    Pieces allp             # the readable pieces of every kept frame
+    Frame *frames
+    size_t nframes, frames_cap
+    uint8_t dsts[MAX_MACS][6]
+    uint8_t srcs[MAX_MACS][6]
+    uint32_t src_first[MAX_MACS]
+    size_t ndst, nsrc
+    int more                # pull stopped before the ring was empty
+    int slow                # the one kept frame needs the Python path
+    uint64_t st[NFSTATS]
+    OutPort *outs
+    size_t nouts, outs_cap
+    uint64_t masks[MAX_MACS]
+    uint32_t same_at[MAX_MACS]
+    uint8_t slowr[MAX_MACS]
+    size_t k                # push's position
+
+
+cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noexcept nogil:
+    cdef size_t i
+    for i in range(n):
+        if memcmp(macs[i], mac, 6) == 0:
+            return <int>i
+    return -1
+
+
+cdef void unpull(Fwd *f, size_t start) noexcept nogil:
+    """Give the chain just taken back to the ring (SplitQueue.unpop(1)): it is walked
+    again by the next pull."""
+    f.b.tx.last_avail -= 1
+    f.b.taken -= 1
+    f.b.tx_used_len -= 1
+    f.allp.len = start
+    f.more = 1
+
+
+cdef int pull_fn(void *arg) noexcept nogil:
+    """forward.Forwarder.pull, step for step."""
+    cdef Fwd *f = <Fwd *>arg
+    cdef Burst *b = &f.b
+    cdef uint64_t total, soff
+    cdef uint16_t head
+    cdef uint32_t n, h = b.in_hdr
+    cdef size_t start, i
+    cdef int rc, di, si, fast
+    cdef uint8_t hdr[24]
+    cdef Pieces view
+    cdef Frame *fr
+    enable_kicks(&b.tx, 0)
+    while b.taken < b.limit:
+        start = f.allp.len
+        rc = pop(b, &b.tx, 0, &f.allp, h + MAX_FRAME + 1, &total, &head)
+        if rc == EMPTY:
+            enable_kicks(&b.tx, 1)
+            pv_fence()                       # as in reflect(): the kick request first
+            rc = pending(b, &b.tx, &n)
+            if rc:
+                b.err = rc
+                break
+            if n == 0:
+                break
+            enable_kicks(&b.tx, 0)
+            continue
+        if rc:
+            b.err = rc
+            break
+        b.taken += 1
+        if reserve(<void **>&b.tx_used, &b.tx_used_cap, b.tx_used_len + 1, sizeof(Used)):
+            b.err = E_NOMEM
+            break
+        b.tx_used[b.tx_used_len].id = head
+        b.tx_used[b.tx_used_len].len = 0
+        b.tx_used_len += 1
+        # total is the chain's readable length (guest-controlled, a sum of u32s): only a
+        # frame between a header plus an Ethernet header and the largest frame is kept.
+        if total < h + 14:
+            f.st[F_MALFORMED] += 1
+            f.allp.len = start
+            continue
+        if total > h + MAX_FRAME:
+            f.st[F_TOO_BIG] += 1
+            f.allp.len = start
+            continue
+        # The header and both MACs: h + 12 < total bytes, inside the stored pieces.
+        view.v = f.allp.v + start
+        view.len = f.allp.len - start
+        view.cap = view.len
+        gather(&view, hdr, h + 12, &soff)
+        fast = 1
+        for i in range(10):                  # flags .. csum_offset all zero: no offload
+            if hdr[i]:
+                fast = 0
+        if not fast and f.nframes:
+            unpull(f, start)                 # it starts the next burst, alone
+            break
+        if fast:
+            di = mac_index(f.dsts, f.ndst, hdr + h)
+            si = mac_index(f.srcs, f.nsrc, hdr + h + 6)
+            if (di < 0 and f.ndst == MAX_MACS) or (si < 0 and f.nsrc == MAX_MACS):
+                unpull(f, start)
+                break
+            if di < 0:
+                memcpy(f.dsts[f.ndst], hdr + h, 6)
+                di = <int>f.ndst
+                f.ndst += 1
+            if si < 0:
+                memcpy(f.srcs[f.nsrc], hdr + h + 6, 6)
+                f.src_first[f.nsrc] = <uint32_t>f.nframes
+                si = <int>f.nsrc
+                f.nsrc += 1
+        else:
+            di = si = 0
+        if reserve(<void **>&f.frames, &f.frames_cap, f.nframes + 1, sizeof(Frame)):
+            b.err = E_NOMEM
+            break
+        fr = &f.frames[f.nframes]
+        fr.head = head
+        fr.start = start
+        fr.npieces = f.allp.len - start
+        fr.total = total
+        fr.dst = <uint8_t>di
+        fr.src = <uint8_t>si
+        f.nframes += 1
+        if not fast:
+            f.slow = 1
+            f.more = 1
+            break
+        f.st[F_FRAMES] += 1
+        f.st[F_BYTES] += total - h
+    return 0
+
+
+cdef int push_fn(void *arg) noexcept nogil:
+    """forward.Forwarder.push, step for step."""
+    cdef Fwd *f = <Fwd *>arg
+    cdef size_t k = f.k, o
+    cdef Frame *fr
+    cdef OutPort *out
+    cdef uint64_t eth, mask
+    cdef int rc, drop, j
+    while k < f.nframes:
+        fr = &f.frames[k]
+        j = fr.dst                           # < ndst <= MAX_MACS (pull)
+        if k >= f.same_at[j]:
+            f.st[F_SAME_PORT] += 1
+            k += 1
+            continue
+        if f.slowr[j]:
+            break
+        eth = fr.total - f.b.in_hdr          # 14 .. MAX_FRAME (pull)
+        mask = f.masks[j]                    # bits below nouts only (push's Python side)
+        o = 0
+        while mask:
+            if mask & 1:
+                out = &f.outs[o]
+                if eth > out.max_eth:
+                    out.st[O_TOO_BIG] += 1
+                else:
+                    out.routed += 1
+                    if not out.b.err:
+                        out.b.txp.v = f.allp.v + fr.start
+                        out.b.txp.len = fr.npieces
+                        out.b.txp.cap = fr.npieces
+                        rc = write_frame(&out.b, out.b.hdr_len + eth, &drop)
+                        if rc:
+                            out.b.err = rc
+                        else:
+                            out.done += 1
+                            if drop == DROP_NO_RX:
+                                out.st[O_NO_RX] += 1
+                            elif drop:
+                                out.st[O_TOO_BIG] += 1
+                            else:
+                                out.st[O_SENT] += 1
+                                out.st[O_BYTES] += eth
+            mask >>= 1
+            o += 1
+        k += 1
+    f.k = k
+    for o in range(f.nouts):
+        out = &f.outs[o]
+        if out.b.err:
+            # _fill's rule: the frames of this call not written and those written but
+            # never returned (the queue is broken) count as bad_descriptor.
+            out.st[O_BAD] += out.routed - out.done + out.st[O_SENT]
+            out.st[O_SENT] = 0
+            out.st[O_BYTES] = 0
+        elif out.b.rx_used_len:
+            publish(&out.b.rx, out.b.rx_used, out.b.rx_used_len)
+            decide(&out.b.rx)
+    return 0
+
+
+cdef int finish_fn(void *arg) noexcept nogil:
+    cdef Fwd *f = <Fwd *>arg
+    publish(&f.b.tx, f.b.tx_used, f.b.tx_used_len)
+    decide(&f.b.tx)
+    return 0
+
+
+cdef void free_burst(Burst *b) noexcept nogil:
+    free(b.rxp.v)
+    free(b.rxc)
+    free(b.rx_used)
+    free(b.tx_used)
+    free(b.bounce)
+
+
+def _fault(fault: int) -> MemoryFaultError:
+    return MemoryFaultError(
+        f"SIGBUS at host address {fault:#x} in guest memory: a region's file shrank "
+        "under its mapping (ftruncate by the front-end?)")
+
+
+cdef class Forwarder:
+    """The switch's forward step (see forward.Forwarder for the API and its rules).
+
+    Not re-entrant: one burst at a time per instance (a port owns one per transmit
+    queue). Between pull and finish the transmitted chains stay taken: their buffers are
+    read by push and frame, under the ingress port's memory hold.
+    """
+
+    cdef Fwd f
+    cdef RegionTable table
+    cdef public dict stats
+    cdef public list out_stats
+    cdef public list out_errors
+    cdef public object in_fault
+    cdef public bint more
+    cdef public bint slow
+
+    def __cinit__(self) -> None:
+        memset(&self.f, 0, sizeof(Fwd))
+        self.stats = dict.fromkeys(_FSTATS, 0)
+        self.out_stats = []
+        self.out_errors = []
+        self.in_fault = None
+        install_guard()
+
+    def __dealloc__(self) -> None:
+        cdef size_t o
+        free(self.f.allp.v)
+        free(self.f.frames)
+        free(self.f.b.tx_used)
+        for o in range(self.f.outs_cap):
+            free_burst(&self.f.outs[o].b)
+        free(self.f.outs)
+
+    @property
+    def frames(self) -> int:
+        return self.f.nframes
+
+    def pull(self, mem: object, tx: object, int hdr_len, int limit) -> tuple:
+        """See forward.Forwarder.pull."""
+        cdef Fwd *f = &self.f
+        cdef Burst *b = &f.b
+        cdef uintptr_t fault = 0
+        cdef int rc, which = 0, i
+        cdef pv_table tables[1]
+        if hdr_len != 10 and hdr_len != 12:
+            raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
+        self.table = region_table(mem)
+        b.regions = self.table.regions
+        b.nregions = self.table.n
+        b.writes = self.table.writes
+        b.written = self.table.written
+        load_ring(&b.tx, tx, self.table)
+        b.in_hdr = hdr_len
+        b.hdr_len = hdr_len
+        b.limit = limit if limit > 0 else 0
+        b.taken = 0
+        b.err = b.err_rx = 0
+        b.err_a = b.err_b = 0
+        b.tx_used_len = 0
+        f.allp.len = 0
+        f.nframes = f.ndst = f.nsrc = 0
+        f.more = f.slow = 0
+        memset(f.st, 0, sizeof(f.st))
+        tables[0].r = b.regions
+        tables[0].n = b.nregions
+        with nogil:
+            rc = pv_guarded(pull_fn, f, tables, 1, &fault, &which)
+        if rc == PV_FAULT:
+            raise _fault(fault)
+        store_ring(tx, &b.tx)
+        self.more = f.more
+        self.slow = f.slow
+        st = self.stats
+        for i in range(NFSTATS):
+            st[_FSTATS[i]] = f.st[i]
+        if b.err == E_NOMEM:
+            raise MemoryError("data path scratch arrays")
+        error = tx.break_(reason(b.err, b.err_a, b.err_b)) if b.err else None
+        return b.taken, error
+
+    def macs(self) -> tuple:
+        """See forward.Forwarder.macs."""
+        cdef Fwd *f = &self.f
+        cdef size_t j, s
+        cdef list srcs = [bytes(f.srcs[s][:6]) for s in range(f.nsrc)]
+        cdef list dsts = [bytes(f.dsts[j][:6]) for j in range(f.ndst)]
+        src_at = []
+        for j in range(f.ndst):
+            at = NEVER
+            if not f.dsts[j][0] & 1:
+                for s in range(f.nsrc):
+                    if memcmp(f.srcs[s], f.dsts[j], 6) == 0:
+                        at = f.src_first[s]
+                        break
+            src_at.append(at)
+        return srcs, dsts, src_at
+
+    def frame(self, mem: object, size_t k) -> bytes:
+        """See forward.Forwarder.frame."""
+        cdef Fwd *f = &self.f
+        cdef Frame *fr
+        cdef Pieces view
+        cdef uint64_t soff
+        cdef uintptr_t fault = 0
+        cdef int which = 0
+        if k >= f.nframes:
+            raise IndexError(k)
+        fr = &f.frames[k]
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>fr.total)
+        view.v = f.allp.v + fr.start
+        view.len = fr.npieces
+        view.cap = fr.npieces
+        if copy_guarded(&view, <uint8_t *>PyBytes_AS_STRING(out), fr.total, self.table,
+                        &fault):
+            raise _fault(fault)
+        return out
+
+    def push(self, mem: object, size_t start, masks: list, same_at: list, slow: list,
+             outs: list) -> int:
+        """See forward.Forwarder.push."""
+        cdef Fwd *f = &self.f
+        cdef size_t o, j, nouts = len(outs), ndst = f.ndst
+        cdef OutPort *out
+        cdef RegionTable t
+        cdef uintptr_t fault = 0
+        cdef int rc, which = 0
+        cdef pv_table *tables
+        cdef size_t old
+        if len(masks) != ndst or len(same_at) != ndst or len(slow) != ndst:
+            raise ValueError("one route per destination MAC")
+        if nouts > 64:
+            raise ValueError("at most 64 egress ports per push")
+        for j in range(ndst):
+            m = masks[j]
+            if m < 0 or m >> nouts:
+                raise ValueError(f"route {j} names an egress port out of range")
+            f.masks[j] = m
+            f.same_at[j] = min(<uint64_t>same_at[j], <uint64_t>NEVER)
+            f.slowr[j] = bool(slow[j])
+        old = f.outs_cap
+        if reserve(<void **>&f.outs, &f.outs_cap, nouts, sizeof(OutPort)):
+            raise MemoryError()
+        if f.outs_cap > old:
+            memset(&f.outs[old], 0, (f.outs_cap - old) * sizeof(OutPort))
+        tables = <pv_table *>calloc(nouts + 1, sizeof(pv_table))
+        if tables == NULL:
+            raise MemoryError()
+        self.out_errors = [None] * nouts
+        self.in_fault = None
+        keep = [self.table]
+        try:
+            tables[0].r = f.b.regions
+            tables[0].n = f.b.nregions
+            for o in range(nouts):
+                spec = outs[o]
+                out = &f.outs[o]
+                if out.b.bounce == NULL:
+                    out.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
+                    if out.b.bounce == NULL:
+                        raise MemoryError()
+                t = region_table(spec.mem)
+                keep.append(t)
+                out.b.regions = t.regions
+                out.b.nregions = t.n
+                out.b.writes = t.writes
+                out.b.written = t.written
+                tables[o + 1].r = t.regions
+                tables[o + 1].n = t.n
+                hdr = spec.hdr_len
+                if hdr != 10 and hdr != 12:
+                    raise ValueError(f"virtio-net header length {hdr}: 10 or 12")
+                out.b.hdr_len = hdr
+                out.b.in_hdr = f.b.in_hdr
+                out.b.swap = 0
+                out.b.mrg_rxbuf = spec.mrg_rxbuf
+                out.max_eth = spec.max_eth
+                out.b.rx_used_len = 0
+                out.b.err = 0
+                out.b.err_a = out.b.err_b = 0
+                out.routed = out.done = 0
+                memset(out.st, 0, sizeof(out.st))
+                if spec.rx.broken is not None:
+                    out.b.err = -1               # broken before: its frames count bad
+                    continue
+                try:
+                    load_ring(&out.b.rx, spec.rx, t)
+                except VirtqueueError as e:
+                    self.out_errors[o] = e
+                    out.b.err = -1           # nothing written to it; its frames count bad
+            f.nouts = nouts
+            f.k = start
+            f.st[F_SAME_PORT] = 0
+            with nogil:
+                rc = pv_guarded(push_fn, f, tables, nouts + 1, &fault, &which)
+        finally:
+            free(tables)
+        if rc == PV_FAULT:
+            # Nothing is written back: the connection whose memory faulted is closed
+            # for it, and the others' queues keep the state they had before this push.
+            if which == 0:
+                self.in_fault = _fault(fault)
+            else:
+                self.out_errors[which - 1] = _fault(fault)
+            self.out_stats = [[0] * NOSTATS for _ in range(nouts)]
+            self.stats["same_port"] = 0
+            return start
+        for t in keep:
+            (<RegionTable>t).flush()
+        self.stats["same_port"] = f.st[F_SAME_PORT]
+        stats = []
+        for o in range(nouts):
+            out = &f.outs[o]
+            stats.append([out.st[i] for i in range(NOSTATS)])
+            spec = outs[o]
+            if out.b.err != -1:              # loaded: its state, as the reference's
+                store_ring(spec.rx, &out.b.rx)
+            if out.b.err == E_NOMEM:
+                self.out_errors[o] = MemoryError("data path scratch arrays")
+            elif out.b.err > 0:
+                self.out_errors[o] = spec.rx.break_(reason(out.b.err, out.b.err_a,
+                                                           out.b.err_b))
+        self.out_stats = stats
+        return f.k
+
+    def finish(self, mem: object, tx: object) -> None:
+        """See forward.Forwarder.finish."""
+        cdef Fwd *f = &self.f
+        cdef uintptr_t fault = 0
+        cdef int rc, which = 0
+        cdef pv_table tables[1]
+        if not f.b.tx_used_len or tx.broken is not None:
+            return
+        load_ring(&f.b.tx, tx, self.table)
+        tables[0].r = f.b.regions
+        tables[0].n = f.b.nregions
+        with nogil:
+            rc = pv_guarded(finish_fn, f, tables, 1, &fault, &which)
+        if rc == PV_FAULT:
+            raise _fault(fault)
+        f.b.tx_used_len = 0
+        store_ring(tx, &f.b.tx)
+
+
+cdef struct CopyArgs:
+    const Pieces *src
+    uint8_t *dst
+    uint64_t count
+
+
+cdef int copy_fn(void *arg) noexcept nogil:
+    cdef CopyArgs *c = <CopyArgs *>arg
+    cdef uint64_t soff
+    gather(c.src, c.dst, c.count, &soff)
+    return 0
+
+
+cdef int copy_guarded(const Pieces *src, uint8_t *dst, uint64_t count, RegionTable t,
+                      uintptr_t *fault):
+    cdef CopyArgs c
+    cdef pv_table tables[1]
+    cdef int which = 0
+    c.src = src
+    c.dst = dst
+    c.count = count
+    tables[0].r = t.regions
+    tables[0].n = t.n
+    return pv_guarded(copy_fn, &c, tables, 1, fault, &which) == PV_FAULT

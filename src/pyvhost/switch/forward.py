@@ -1,0 +1,318 @@
+"""The switch's forward step: frames of one transmit queue straight into the receive
+queues of the ports they go to, one burst per call; pure Python.
+
+This is the reference the compiled forward step (``pyvhost.datapath._native.Forwarder``,
+in ``_switch.pxi``) must agree with byte for byte, and the step :class:`~.vhost.SwitchPort`
+runs where the extension is not built or ``PYVHOST_PURE=1`` (:func:`engine`). It is
+written with the virtqueue's own methods (pop, unpop, push_used_batch, enable_kicks,
+decide_notify) and :func:`~pyvhost.devices.virtio_net.write_rx_frame`, so every guest
+value is checked exactly as their docstrings say, and writes mark the dirty log while a
+queue carries one (the compiled step does not: while a port logs, the switch runs this
+one).
+
+A burst, as :class:`~.vhost.SwitchPort` drives it (the MAC table stays in Python and is
+consulted and updated once per burst, never per frame):
+
+1. :meth:`Forwarder.pull` takes up to ``limit`` chains of the transmit queue. A chain
+   whose readable part is shorter than a header and an Ethernet header, or longer than
+   the largest frame, is dropped (``malformed``, ``too_big``); the others are *kept*,
+   unread but for their header and MACs. A frame whose header asks for an offload
+   (flags, gso_type or another field non-zero) needs the Python path
+   (:func:`~.offload.check_ingress`): it is taken alone, in a burst of its own
+   (:attr:`Forwarder.slow`). A burst holds at most :data:`MAX_MACS` distinct destination
+   and source MACs; the chain that would bring one more is left in the ring.
+2. :meth:`Forwarder.macs`: the distinct sources (to learn), the distinct destinations
+   (to look up) and, for each destination, the first kept frame whose *source* it is.
+   Learning within a burst only ever points a MAC at the ingress port, so the decision
+   for frame ``k`` to ``dst`` is the table's answer before the burst, or ``same_port``
+   once ``dst`` was learned as a source at a frame ``<= k`` - exactly what learning and
+   looking up frame by frame gives.
+3. :meth:`Forwarder.push` copies the kept frames, in order from ``start``, into the
+   receive queues (:class:`Out`) their destination's route names (a bit mask), each
+   with a zeroed header ("no offload") of the port's length, ``num_buffers`` set, never
+   truncated; it stops at a frame whose route is ``slow`` (a tap, a port with several or
+   no receive queues, a port that logs: the Python path) and returns its index.
+4. :meth:`Forwarder.frame` gives such a frame's bytes; :meth:`Forwarder.finish` returns
+   every chain taken, as used with length 0, and decides the notification.
+
+Errors: a transmit queue error in pull breaks the queue (returned, the frames kept before
+it are still pushed); a receive queue error in push breaks that port's queue only
+(:attr:`Forwarder.out_errors`); counters follow ``_fill``'s rule (a broken port's frames
+of the call count as ``bad_descriptor``, none as sent). A queue already broken when push
+is called takes nothing: the frames routed to it count as ``bad_descriptor``. A
+truncated region: this path can not catch SIGBUS (see :mod:`pyvhost.datapath.reference`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyvhost.devices.virtio_net import MAX_FRAME, write_rx_frame
+from pyvhost.memory import GuestMemory
+from pyvhost.virtq import DescriptorChain, SplitQueue, VirtqueueError
+
+from .core import MAX_ETHERNET
+
+#: Distinct destination (and source) MACs per burst: bounds the Python work per burst.
+MAX_MACS = 16
+#: ``same_at`` for a destination never learned in the burst.
+NEVER = 0x7FFFFFFF
+#: What pull and push count (:attr:`Forwarder.stats`).
+STATS = ("malformed", "too_big", "same_port", "frames", "bytes")
+#: What push counts per egress port (:attr:`Forwarder.out_stats`), in this order.
+OUT_STATS = ("tx_frames", "tx_bytes", "too_big", "no_rx_buffer", "bad_descriptor")
+_SENT, _BYTES, _TOO_BIG, _NO_RX, _BAD = range(5)
+
+assert MAX_ETHERNET == MAX_FRAME  # the compiled step bounds frames with MAX_FRAME
+
+
+@dataclass(slots=True)
+class Out:
+    """One egress port's receive queue for a push: its held memory, the queue, its
+    header length and MRG_RXBUF, and the largest Ethernet frame it takes (mtu plus an
+    Ethernet header and a VLAN tag; larger ones are dropped as ``too_big``)."""
+
+    mem: GuestMemory
+    rx: SplitQueue
+    hdr_len: int
+    mrg_rxbuf: bool
+    max_eth: int
+
+
+class ForwardStep(Protocol):
+    """What both forward steps offer (this module's :class:`Forwarder` and the compiled
+    one): see :class:`Forwarder`."""
+
+    stats: dict[str, int]
+    out_stats: list[list[int]]
+    out_errors: list[BaseException | None]
+    in_fault: BaseException | None
+    more: bool
+    slow: bool
+
+    @property
+    def frames(self) -> int: ...
+
+    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int,
+             limit: int) -> tuple[int, VirtqueueError | None]: ...
+
+    def macs(self) -> tuple[list[bytes], list[bytes], list[int]]: ...
+
+    def frame(self, mem: GuestMemory, k: int) -> bytes: ...
+
+    def push(self, mem: GuestMemory, start: int, masks: list[int], same_at: list[int],
+             slow: list[bool], outs: list[Out]) -> int: ...
+
+    def finish(self, mem: GuestMemory, tx: SplitQueue) -> None: ...
+
+
+class Forwarder:
+    """One transmit queue's forward step (reference). Not re-entrant."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
+        self.out_stats: list[list[int]] = []
+        self.out_errors: list[BaseException | None] = []
+        #: A guest-memory fault of the ingress port during push (compiled step only).
+        self.in_fault: BaseException | None = None
+        #: pull stopped before it saw the ring empty (kicks are still off).
+        self.more = False
+        #: The one kept frame asks for an offload: the Python path.
+        self.slow = False
+        self._frames: list[tuple[DescriptorChain, int, int]] = []  # chain, total, dst
+        self._used: list[tuple[int, int]] = []
+        self._in_hdr = 12
+        self._srcs: list[bytes] = []
+        self._dsts: list[bytes] = []
+        self._src_first: list[int] = []
+
+    @property
+    def frames(self) -> int:
+        """Frames kept by the last pull."""
+        return len(self._frames)
+
+    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int,
+             limit: int) -> tuple[int, VirtqueueError | None]:
+        """Take up to ``limit`` chains; returns how many, and the error that broke the
+        queue (if one did). ``mem`` must be held until :meth:`finish`."""
+        if hdr_len not in (10, 12):
+            raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
+        self._frames = []
+        self._used = []
+        self._in_hdr = hdr_len
+        self._srcs, self._dsts, self._src_first = [], [], []
+        self.more = self.slow = False
+        st = self.stats = dict.fromkeys(STATS, 0)
+        taken = 0
+        try:
+            tx.enable_kicks(False)
+            while taken < limit:
+                chain = tx.pop(mem)
+                if chain is None:
+                    tx.enable_kicks(True)
+                    if tx.pending() == 0:
+                        break
+                    tx.enable_kicks(False)
+                    continue
+                taken += 1
+                self._used.append((chain.head, 0))
+                total = chain.readable_len
+                if total < hdr_len + 14:
+                    st["malformed"] += 1
+                    continue
+                if total > hdr_len + MAX_FRAME:
+                    st["too_big"] += 1
+                    continue
+                head = chain.read(mem, hdr_len + 12)
+                fast = not any(head[:10])
+                if not fast and self._frames:
+                    self._unpull(tx)
+                    taken -= 1
+                    break
+                di = 0
+                if fast:
+                    dst, src = head[hdr_len:hdr_len + 6], head[hdr_len + 6:hdr_len + 12]
+                    new_dst, new_src = dst not in self._dsts, src not in self._srcs
+                    if (new_dst and len(self._dsts) == MAX_MACS) or \
+                            (new_src and len(self._srcs) == MAX_MACS):
+                        self._unpull(tx)
+                        taken -= 1
+                        break
+                    if new_dst:
+                        self._dsts.append(dst)
+                    if new_src:
+                        self._srcs.append(src)
+                        self._src_first.append(len(self._frames))
+                    di = self._dsts.index(dst)
+                self._frames.append((chain, total, di))
+                if not fast:
+                    self.slow = self.more = True
+                    break
+                st["frames"] += 1
+                st["bytes"] += total - hdr_len
+        except VirtqueueError as e:
+            return taken, e
+        return taken, None
+
+    def _unpull(self, tx: SplitQueue) -> None:
+        tx.unpop(1)
+        self._used.pop()
+        self.more = True
+
+    def macs(self) -> tuple[list[bytes], list[bytes], list[int]]:
+        """The distinct source MACs (first seen first), the distinct destination MACs,
+        and for each destination the index of the first kept frame whose unicast source
+        it is (:data:`NEVER` if none)."""
+        src_at = []
+        for dst in self._dsts:
+            at = NEVER
+            if not dst[0] & 1 and dst in self._srcs:
+                at = self._src_first[self._srcs.index(dst)]
+            src_at.append(at)
+        return list(self._srcs), list(self._dsts), src_at
+
+    def frame(self, mem: GuestMemory, k: int) -> bytes:
+        """Kept frame ``k`` as the driver wrote it (its header, then the frame)."""
+        chain, total, _ = self._frames[k]
+        return chain.read(mem, total)
+
+    def push(self, mem: GuestMemory, start: int, masks: list[int], same_at: list[int],
+             slow: list[bool], outs: list[Out]) -> int:
+        """Copy kept frames from ``start`` on to their egress ports; per destination
+        (``macs()``'s order) a bit mask of ``outs``, the frame index from which it is a
+        ``same_port`` drop, and whether its frames need the Python path. Returns the
+        index of the first frame not done (a slow one), or :attr:`frames`. Each port's
+        used elements are published once, at the end, and its notification decided."""
+        n = len(self._dsts)
+        if len(masks) != n or len(same_at) != n or len(slow) != n:
+            raise ValueError("one route per destination MAC")
+        if len(outs) > 64:
+            raise ValueError("at most 64 egress ports per push")
+        for m in masks:
+            if m < 0 or m >> len(outs):
+                raise ValueError("a route names an egress port out of range")
+        h = self._in_hdr
+        stats = [[0] * len(OUT_STATS) for _ in outs]
+        errors: list[BaseException | None] = [None] * len(outs)
+        used: list[list[tuple[int, int]]] = [[] for _ in outs]
+        # A queue broken before this call takes nothing: its frames count as bad.
+        dead = [out.rx.broken is not None for out in outs]
+        routed = [0] * len(outs)
+        done = [0] * len(outs)
+        self.in_fault = None
+        same_port = 0
+        k = start
+        while k < len(self._frames):
+            chain, total, j = self._frames[k]
+            if k >= same_at[j]:
+                same_port += 1
+                k += 1
+                continue
+            if slow[j]:
+                break
+            eth = total - h
+            data: bytes | None = None
+            mask = masks[j]
+            o = 0
+            while mask:
+                if mask & 1:
+                    out = outs[o]
+                    st = stats[o]
+                    if eth > out.max_eth:
+                        st[_TOO_BIG] += 1
+                    else:
+                        routed[o] += 1
+                        if errors[o] is None and not dead[o]:
+                            if data is None:
+                                data = chain.read(mem, total)[h:]
+                            try:
+                                reason = write_rx_frame(
+                                    out.mem, out.rx, bytes(out.hdr_len) + data,
+                                    hdr_len=out.hdr_len, mrg_rxbuf=out.mrg_rxbuf,
+                                    used=used[o])
+                            except VirtqueueError as e:
+                                errors[o] = e
+                            else:
+                                done[o] += 1
+                                if reason is None:
+                                    st[_SENT] += 1
+                                    st[_BYTES] += eth
+                                else:
+                                    st[_NO_RX if reason == "no_rx_buffer" else _TOO_BIG] += 1
+                mask >>= 1
+                o += 1
+            k += 1
+        for o, out in enumerate(outs):
+            st = stats[o]
+            if errors[o] is not None or dead[o]:
+                st[_BAD] += routed[o] - done[o] + st[_SENT]
+                st[_SENT] = st[_BYTES] = 0
+            elif used[o]:
+                out.rx.push_used_batch(used[o])
+                out.rx.decide_notify()
+        self.stats["same_port"] = same_port
+        self.out_stats = stats
+        self.out_errors = errors
+        return k
+
+    def finish(self, mem: GuestMemory, tx: SplitQueue) -> None:
+        """Return every chain pull took (used, length 0) unless the queue broke, and
+        decide the notification."""
+        if self._used and tx.broken is None:
+            tx.push_used_batch(self._used)
+            tx.decide_notify()
+        self._used = []
+
+
+def engine() -> Callable[[], ForwardStep]:
+    """The forward step that runs: the compiled one where the data path is compiled
+    (``pyvhost.datapath.name()``), else this reference."""
+    from pyvhost import datapath
+
+    if datapath.name() == "compiled":
+        from pyvhost.datapath import _native
+
+        return _native.Forwarder
+    return Forwarder
