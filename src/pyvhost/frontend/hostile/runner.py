@@ -44,7 +44,7 @@ from ..peer import Candidates, PeerProcess, choose, gone
 from . import rings, state, wire
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
-from .witness import FrameCheck, Witness
+from .witness import FrameCheck, Witness, settle
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +271,8 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: Witness | None,
     if follow is not None and follow.kind == "silent":
         return "hung", ("no reply, and no answer to a GET_FEATURES after it"
                         if response.kind == "silent" else "answered, then went silent")
-    if witness is not None:
-        witness.settle(pid)
-    leak = _leak(pid, baseline, files, config.release_timeout, targets)
-    if leak and witness is not None:
-        # A back-end still letting go of the case's connection is not leaking: once its
-        # counts rest, measure once more, and report only what is still held then.
-        witness.settle(pid)
-        log.info("%s: %s; measured again after the back-end settled", case.name, leak)
-        leak = _leak(pid, baseline, files, 0.0, targets)
+    leak = _settled_leak(case.name, witness.settle if witness is not None else settle, pid,
+                         baseline, files, config.release_timeout, targets)
     if ctx.leaked or leak:
         return "leaked", "; ".join([*ctx.leaked, *([leak] if leak else [])])
     if gone(pid):
@@ -317,6 +310,23 @@ def _new_targets(pid: int, before: list[str]) -> str:
         else:
             new.append(target)
     return f" ({', '.join(sorted(set(new))[:4])})" if new else ""
+
+
+def _settled_leak(name: str, wait_settled: Callable[[int], object], pid: int,
+                  baseline: procfs.ProcessUsage | None, files: Sequence[str],
+                  timeout: float, targets: list[str]) -> str:
+    """:func:`_leak`, measured once ``wait_settled(pid)`` says the process's counts rest; a leak
+    seen then is measured once more after settling again, and only what is still held is
+    reported: a back-end still letting go of the case's connection is not leaking."""
+    wait_settled(pid)
+    leak = _leak(pid, baseline, files, timeout, targets)
+    if leak:
+        wait_settled(pid)
+        log.info("%s: %s; measuring again after the back-end settled", name, leak)
+        leak = _leak(pid, baseline, files, 0.0, targets)
+        if not leak:
+            log.info("%s: released after settling: not a leak", name)
+    return leak
 
 
 def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],
