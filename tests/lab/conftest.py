@@ -28,12 +28,13 @@ from .memfds import NetNs, make_netns, remove_netns
 
 
 class GuestChannelWarning(UserWarning):
-    """A guest console had to send a command again (a lost or garbled line)."""
+    """A guest console had to send a command again, or fetch its answer again (a lost or
+    garbled line, an answer whose length or MD5 did not match)."""
 
 
 class _Keep(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -49,11 +50,15 @@ def report_console_resends(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     keep = _Keep()
     logger = logging.getLogger("pyvhost.lab.guest")
+    level = logger.level
+    # The console logs resends and re-fetches at INFO: make sure they reach the handler.
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
     logger.addHandler(keep)
     try:
         yield
     finally:
         logger.removeHandler(keep)
+        logger.setLevel(level)
         for message in keep.messages:
             warnings.warn(GuestChannelWarning(message), stacklevel=1)
 

@@ -10,6 +10,7 @@ file of the test's own directory). The loop is ended by its pid.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -40,11 +41,13 @@ class Served:
 
 class Link:
     """Copies bytes between the console and the guest loop; host-to-guest lines go through
-    ``damage`` first (guest-to-host bytes pass as they are)."""
+    ``damage`` first, guest-to-host lines through ``answers``."""
 
-    def __init__(self, host: socket.socket, guest: socket.socket, damage: Damage) -> None:
-        self.host, self.guest, self.damage = host, guest, damage
+    def __init__(self, host: socket.socket, guest: socket.socket, damage: Damage,
+                 answers: Damage) -> None:
+        self.host, self.guest, self.damage, self.answers = host, guest, damage, answers
         self.lines = 0
+        self.up_lines = 0
         self._threads = [threading.Thread(target=self._down, daemon=True),
                          threading.Thread(target=self._up, daemon=True)]
         for t in self._threads:
@@ -61,9 +64,14 @@ class Link:
                     self.guest.sendall(self.damage(self.lines, line + b"\n"))
 
     def _up(self) -> None:
+        buf = b""
         while data := _recv(self.guest):
-            with contextlib.suppress(OSError):
-                self.host.sendall(data)
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                self.up_lines += 1
+                with contextlib.suppress(OSError):
+                    self.host.sendall(self.answers(self.up_lines, line + b"\n"))
 
 
 def _recv(sock: socket.socket) -> bytes:
@@ -86,7 +94,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     script.write_bytes(resources.files("pyvhost.lab").joinpath("guest_tool.sh").read_bytes())
     started: list[tuple[subprocess.Popen[bytes], GuestConsole, list[socket.socket]]] = []
 
-    def start(damage: Damage = lambda n, line: line, ack_timeout: float = 10.0) -> Served:
+    def start(damage: Damage = lambda n, line: line, ack_timeout: float = 10.0,
+              answers: Damage = lambda n, line: line) -> Served:
         state = tmp_path / f"state{len(started)}"
         state.mkdir()
         console_end, link_host = socket.socketpair()
@@ -98,7 +107,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         loop_end.close()
         console = GuestConsole(console_end, name="busybox", ack_timeout=ack_timeout)
         started.append((proc, console, [link_host, link_guest]))
-        return Served(console, state, Link(link_host, link_guest, damage))
+        return Served(console, state, Link(link_host, link_guest, damage, answers))
 
     try:
         yield start
@@ -168,3 +177,57 @@ def test_children_of_a_killed_command_do_not_write_into_the_next_answer(
         # The loop kills `sh -c` at its limit; the child it left keeps printing a while.
         c.run("(for i in $(seq 150); do echo late; sleep 0.1; done) & sleep 60", timeout=1)
     assert c.run("echo next", timeout=60) == (0, "next\n")
+
+
+def _once(match: Callable[[bytes], bool], replace: bytes = b"") -> Damage:
+    """Guest-to-host damage: the first line ``match`` accepts becomes ``replace``."""
+    done: list[bool] = []
+
+    def damage(n: int, line: bytes) -> bytes:
+        if not done and match(line):
+            done.append(True)
+            return replace
+        return line
+
+    return damage
+
+
+def test_the_end_line_counts_and_checks_the_output(serve: Callable[..., Served]) -> None:
+    """END carries busybox's byte count and md5sum of the output; a tty's carriage returns
+    are not part of it (the host drops them)."""
+    c = serve().console
+    assert c.run("printf 'a\\r\\nb'") == (0, "a\nb")
+    assert c.run("echo 177") == (0, "177\n")
+    end = c.transcript().rstrip("\n").rsplit("\n", 1)[-1].split(" ")
+    assert end[0] == "PYVHOST-END" and end[2:] == [
+        "0", "4", hashlib.md5(b"177\n", usedforsecurity=False).hexdigest()]
+    assert c.resends == []
+
+
+def test_a_lost_newline_before_end_is_fetched_again(serve: Callable[..., Served]) -> None:
+    """The CI flake ('177' for '177\\n'), made on purpose: the newline before the first END
+    line is lost on the way up."""
+    s = serve(answers=_once(lambda line: line == b"\n"))
+    counter = s.state / "ran"
+    assert s.console.run(f"echo x >>{counter}; echo 177") == (0, "177\n")
+    (note,) = s.console.resends
+    assert "has 3 bytes of output, the guest printed 4" in note
+    assert counter.read_text() == "x\n"  # fetched again, not run again
+
+
+def test_a_lost_end_line_is_fetched_again(serve: Callable[..., Served]) -> None:
+    s = serve(answers=_once(lambda line: line.startswith(b"PYVHOST-END")), ack_timeout=1.0)
+    counter = s.state / "ran"
+    assert s.console.run(f"echo x >>{counter}; wc -l <{counter}") == (0, "1\n")
+    (note,) = s.console.resends
+    assert "acknowledged, then no PYVHOST-RUNNING or PYVHOST-END line" in note
+    assert counter.read_text() == "x\n"
+
+
+def test_a_long_command_sends_a_heartbeat(serve: Callable[..., Served]) -> None:
+    """A command running longer than the ack timeout is not asked for again: its RUNNING
+    lines say it runs; none of them ends up in the output."""
+    c = serve(ack_timeout=3.0).console
+    assert c.run("sleep 7; echo done", timeout=60) == (0, "done\n")
+    assert c.resends == []
+    assert c.transcript().count("PYVHOST-RUNNING") >= 2

@@ -9,17 +9,21 @@ The host sends one line per attempt::
 ``ID`` is ``NONCE.N`` (a per-connection nonce and a counter), ``ATTEMPT`` counts the times
 this command was sent, ``LIMIT`` is when the guest kills the command (seconds) and ``MD5``
 the hex MD5 of ``ID/ATTEMPT LIMIT BASE64``. The guest answers ``PYVHOST-BEGIN ID/ATTEMPT``
-as soon as it has read the line, and when the command is done its output (stdout and
-stderr) and ``\\nPYVHOST-END ID/ATTEMPT CODE``. A line whose MD5 does not match (bytes lost
-or changed on the way in: seen on the emulated UART of a loaded host) is not run; the guest
+as soon as it has read the line, ``PYVHOST-RUNNING ID/ATTEMPT`` every
+:data:`HEARTBEAT` seconds while the command runs, and when it is done its output (stdout
+and stderr, carriage returns removed) and ``\nPYVHOST-END ID/ATTEMPT CODE LENGTH MD5``:
+the output's length in bytes and its MD5, so the host can tell the output it got is the
+output the guest printed, byte for byte. A line whose MD5 does not match (bytes lost or
+changed on the way in: seen on the emulated UART of a loaded host) is not run; the guest
 answers ``PYVHOST-GARBLED`` instead. The guest runs each ``ID`` at most once: a later
 attempt of the command it ran last gets the same output and code again, so sending a
 command again is always safe, whether the first line was lost, garbled, or only its answer
-was.
+was (a re-fetch).
 
 :func:`scan` reads a transcript for one command: its answer (the first attempt whose BEGIN
-and END both arrived whole), whether the guest acknowledged any attempt, and whether
-something says the last line sent, or its answer, was damaged (a reason to send again).
+and END arrived whole with the output between them matching END's length and MD5), which
+attempts the guest acknowledged, and whether something says the last line sent, or its
+answer, was damaged (a reason to send again).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from dataclasses import dataclass
 
 BEGIN = "PYVHOST-BEGIN"
 END = "PYVHOST-END"
+RUNNING = "PYVHOST-RUNNING"
+#: Seconds between the guest's RUNNING lines (``guest_tool.sh`` has the same number): a
+#: host that hears nothing for several of these knows the END line, not the command, is late.
+HEARTBEAT = 2
 GARBLED = "PYVHOST-GARBLED"
 #: Other lines the guest prints on its channel or console (``/init``'s progress).
 OTHER_MARKERS = ("PYVHOST-READY", "PYVHOST-MODULES", "PYVHOST-NET", "PYVHOST-ERROR")
@@ -45,9 +53,21 @@ def command_line(attempt_id: str, limit: int, command: str) -> bytes:
     return f"{body} {checksum(body)}\n".encode()
 
 
-def checksum(body: str) -> str:
+def checksum(body: str | bytes) -> str:
     """What the guest's ``md5sum`` prints for ``body`` (its first word)."""
-    return hashlib.md5(body.encode(), usedforsecurity=False).hexdigest()
+    data = body if isinstance(body, bytes) else body.encode()
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def output_bytes(output: str) -> bytes:
+    """The bytes the guest printed as ``output`` (the host decodes the transcript as UTF-8
+    with ``surrogateescape``, so bytes that are not UTF-8 come back as they were)."""
+    return output.encode("utf-8", "surrogateescape")
+
+
+def end_line(attempt_id: str, code: int, output: bytes) -> bytes:
+    """The END line the guest prints after ``output`` (with the newline before it)."""
+    return f"\n{END} {attempt_id} {code} {len(output)} {checksum(output)}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,7 @@ class Scan:
     """What the text since the first attempt says about one command."""
 
     answer: Answer | None
-    acknowledged: frozenset[int]  # the attempts the guest read (their BEGIN arrived whole)
+    acknowledged: frozenset[int]  # the attempts the guest read (BEGIN or RUNNING arrived whole)
     trouble: str | None  # why to send again: damage seen after the last attempt was sent
 
 
@@ -74,27 +94,49 @@ def scan(text: str, command_id: str, nonce: str, since: int) -> Scan:
     command ``command_id`` (``NONCE.N``); ``since`` is where the last attempt was sent, in
     ``text``: only what arrived after it can be a reason to send again."""
     cid = re.escape(command_id)
-    begins: dict[int, int] = {}
-    for m in re.finditer(rf"{BEGIN} {cid}/(\d+)\n", text):
-        begins.setdefault(int(m.group(1)), m.end())
+    # Where each attempt's BEGIN and RUNNING lines end: the output follows the last one
+    # before its END (the guest stops its heartbeat before printing the output). A RUNNING
+    # line also says the guest read that attempt, should its BEGIN have been lost.
+    heard: dict[int, list[int]] = {}
+    for m in re.finditer(rf"(?:{BEGIN}|{RUNNING}) {cid}/(\d+)\n", text):
+        heard.setdefault(int(m.group(1)), []).append(m.end())
+    acknowledged = frozenset(heard)
     trouble: str | None = None
-    for m in re.finditer(rf"{END} {cid}/(\d+) (\d+)\n", text):
+    for m in re.finditer(rf"{END} {cid}/(\d+) (\d+) (\d+) ([0-9a-f]{{32}})\n", text):
         attempt = int(m.group(1))
-        start = begins.get(attempt)
-        if start is not None and start <= m.start():
+        start = max((at for at in heard.get(attempt, ()) if at <= m.start()), default=None)
+        if start is not None:
             # The guest prints "\n" before END, so output without a final newline still
             # leaves the marker on its own line: take that one "\n" back off.
             output = text[start:m.start()].removesuffix("\n")
-            return Scan(Answer(attempt, int(m.group(2)), output, m.end()),
-                        frozenset(begins), None)
+            problem = _mismatch(output, int(m.group(3)), m.group(4))
+            if problem is None:
+                return Scan(Answer(attempt, int(m.group(2)), output, m.end()),
+                            acknowledged, None)
+            problem = f"the answer to attempt {attempt} {problem}"
+        else:
+            problem = (f"an answer to attempt {attempt} arrived without its {BEGIN} or "
+                       f"{RUNNING} line")
         if m.start() >= since and trouble is None:
-            trouble = f"an answer to attempt {attempt} arrived without its {BEGIN} line"
+            trouble = problem
     if trouble is None:
-        trouble = _damage(text, since, command_id, nonce, bool(begins))
-    return Scan(None, frozenset(begins), trouble)
+        trouble = _damage(text, since, command_id, nonce, bool(acknowledged))
+    return Scan(None, acknowledged, trouble)
 
 
-_WELL_FORMED = re.compile(rf"(?:{BEGIN} (\S+)|{END} (\S+) \d+)$")
+def _mismatch(output: str, length: int, md5: str) -> str | None:
+    """Why ``output`` is not what the guest printed (its END said ``length`` bytes with MD5
+    ``md5``), or None when it is."""
+    data = output_bytes(output)
+    if len(data) != length:
+        return f"has {len(data)} bytes of output, the guest printed {length}"
+    if checksum(data) != md5:
+        return f"has output with MD5 {checksum(data)}, the guest printed {md5}"
+    return None
+
+
+_WELL_FORMED = re.compile(
+    rf"(?:{BEGIN} (\S+)|{RUNNING} (\S+)|{END} (\S+) \d+ \d+ [0-9a-f]{{32}})$")
 
 
 def _damage(text: str, since: int, command_id: str, nonce: str,
@@ -103,7 +145,8 @@ def _damage(text: str, since: int, command_id: str, nonce: str,
     damaged. Before the guest acknowledged the command nothing but markers and kernel lines
     arrive, so any unexpected marker counts; after, the command's output does, which may
     say anything, so only a broken BEGIN or END marker, or this command's id outside one,
-    counts (an END line lost whole is not seen: the command then times out)."""
+    counts (an END line lost whole is not seen here: the host notices the silence after
+    the last RUNNING line)."""
     complete = text[since:text.rfind("\n") + 1]
     own_id = re.compile(rf"(?<![\w.]){re.escape(command_id)}/\d+")
     for line in complete.splitlines():
@@ -111,11 +154,11 @@ def _damage(text: str, since: int, command_id: str, nonce: str,
             return f"the guest refused a garbled command line ({line.strip()[:80]!r})"
         marker = _WELL_FORMED.search(line)
         if marker is not None:
-            marker_id = marker.group(1) or marker.group(2)
+            marker_id = marker.group(1) or marker.group(2) or marker.group(3)
             if not acknowledged and not re.fullmatch(rf"{nonce}\.\d+(/\d+)?", marker_id):
                 return f"a marker with an id never sent ({line.strip()[:80]!r})"
             continue
-        if own_id.search(line) or BEGIN in line or END in line:
+        if own_id.search(line) or any(m in line for m in (BEGIN, RUNNING, END)):
             return f"a damaged marker ({line.strip()[:80]!r})"
         if not acknowledged and "PYVHOST-" in line and not any(
                 other in line for other in OTHER_MARKERS):

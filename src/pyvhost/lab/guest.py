@@ -10,10 +10,15 @@ or the output of an earlier, timed-out command cannot be taken for an answer.
 A command survives a damaged channel: when the guest says it got a garbled line, when a
 marker arrives broken or with an id never sent, or when no acknowledgement comes within
 :data:`ACK_TIMEOUT` seconds (the line was lost), the command is sent again as a new attempt,
-until its own timeout. The guest runs a command once however often it is sent (and answers
-a repeat with the first run's output), so this is safe for commands that are not
-idempotent. Each resend is logged at WARNING (logger ``pyvhost.lab.guest``) and kept in
-:attr:`GuestConsole.resends`.
+until its own timeout. Its answer is byte-exact: the END line carries the output's length
+and MD5, and an answer that does not match them (a newline or a line lost, bytes garbled
+on a busy serial console) is fetched again as a new attempt, as is one whose END line is
+lost whole: the guest prints a RUNNING line every :data:`.channel.HEARTBEAT` seconds while
+the command runs, so silence for ``ack_timeout`` seconds after the acknowledgement means
+the END line, not the command, went missing. The guest runs a command once however often
+it is sent (and answers a repeat with the first run's output), so this is safe for commands
+that are not idempotent. Each resend and re-fetch is logged at INFO (logger
+``pyvhost.lab.guest``) and kept in :attr:`GuestConsole.resends`.
 
 It does not start QEMU or speak QMP (:mod:`pyvhost.lab.qemu` does).
 """
@@ -45,8 +50,10 @@ TRANSCRIPT_LIMIT = 4 << 20  # characters kept; the oldest are dropped past this
 # reports its own timeout and the channel is free again soon after.
 GUEST_GRACE = 5
 #: Seconds to wait for the guest to acknowledge a command (its BEGIN marker) before sending
-#: it again; doubled after each resend. The guest acknowledges as soon as it reads the line,
-#: unless it is still busy with a command the host gave up on (up to GUEST_GRACE seconds).
+#: it again, and, once it did, for anything more (RUNNING, the output, END) before asking
+#: for the answer again; doubled after each resend. The guest acknowledges as soon as it
+#: reads the line, unless it is still busy with a command the host gave up on (up to
+#: GUEST_GRACE seconds), and prints a RUNNING line every channel.HEARTBEAT seconds.
 ACK_TIMEOUT = 10.0
 RESEND_PAUSE = 0.1
 
@@ -77,6 +84,15 @@ class MemoryBlock:
     zones: tuple[str, ...]  # valid_zones: the zone it is in when online, candidates otherwise
 
 
+@dataclass(frozen=True)
+class _Again:
+    """Why a command is sent again, and whether the guest had acknowledged it (then only
+    its answer is fetched again: the guest does not run it twice)."""
+
+    reason: str
+    acknowledged: bool
+
+
 class GuestConsole(Closing):
     """Commands and markers over a connected chardev socket. Use :meth:`connect`."""
 
@@ -87,7 +103,10 @@ class GuestConsole(Closing):
         #: Why each command was sent again ("NONCE.N/ATTEMPT: reason"), oldest first.
         self.resends: list[str] = []
         self._sock = sock
-        self._log = open(log, "a", encoding="utf-8") if log is not None else None  # noqa: SIM115
+        # The transcript keeps bytes that are not UTF-8 as surrogates (byte-exact answers);
+        # the log file shows them escaped.
+        self._log = (open(log, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+                     if log is not None else None)
         self._text = ""          # transcript, "\r" removed
         self._dropped = 0        # characters dropped from the front of _text
         self._cursor = 0         # absolute offset: markers are searched from here
@@ -120,7 +139,7 @@ class GuestConsole(Closing):
     # --- the transcript ---------------------------------------------------------------------
 
     def _read(self) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         while True:
             try:
                 data = self._sock.recv(65536)
@@ -218,12 +237,17 @@ class GuestConsole(Closing):
                     raise self._fail(GuestGoneError, f"cannot send {cmd!r}: {e}") from e
                 found = self._await_answer(cmd, cid, attempt, start, since, timeout, deadline,
                                            ack_wait)
-                if not isinstance(found, str):
+                if isinstance(found, tuple):
                     return found
-                note = f"{cid}/{attempt}: {found}"
+                note = f"{cid}/{attempt}: {found.reason}"
                 self.resends.append(note)
-                log.warning("%s: %s; sending %r again as attempt %d", self.name, note, cmd,
-                            attempt + 1)
+                if found.acknowledged:
+                    # The guest ran it (or runs it): only the answer is asked for again.
+                    log.info("%s: %s; fetching the answer to %r again as attempt %d",
+                             self.name, note, cmd, attempt + 1)
+                else:
+                    log.info("%s: %s; sending %r again as attempt %d", self.name, note, cmd,
+                             attempt + 1)
                 ack_wait *= 2
                 # A link that damages every line must not be flooded: 0.1 s, 0.2 s, ...
                 # before each resend (the rest of a damaged burst arrives meanwhile).
@@ -232,21 +256,27 @@ class GuestConsole(Closing):
 
     def _await_answer(self, cmd: str, cid: str, attempt: int, start: int, since: int,
                       timeout: float, deadline: float,
-                      ack_wait: float) -> tuple[int, str] | str:
+                      ack_wait: float) -> tuple[int, str] | _Again:
         """(exit code, output), or why to send the command again: ``attempt`` (sent at
         absolute offset ``since``; the first at ``start``) not acknowledged within
-        ``ack_wait`` seconds, or damage seen after it was sent. Raises at ``deadline``."""
-        ack_by = min(deadline, time.monotonic() + ack_wait)
+        ``ack_wait`` seconds, acknowledged but then nothing more for ``ack_wait`` seconds
+        (its heartbeat or END line lost), or damage seen after it was sent (including an
+        answer whose output does not match its END line). Raises at ``deadline``."""
+        now = time.monotonic()
+        ack_by = min(deadline, now + ack_wait)
+        heard = -1          # the transcript's length when last looked at
+        quiet_by = ack_by   # when silence since then means the answer was lost
         with self._cond:
             while True:
                 base = max(start, self._dropped)  # the transcript may have lost its head
                 seen = channel.scan(self._text[base - self._dropped:], cid, self._nonce,
                                     max(0, since - base))
+                acknowledged = attempt in seen.acknowledged
                 if seen.answer is not None:
                     self._cursor = max(self._cursor, base + seen.answer.end)
                     return seen.answer.code, seen.answer.output
                 if seen.trouble is not None:
-                    return seen.trouble
+                    return _Again(seen.trouble, bool(seen.acknowledged))
                 if self._eof:
                     raise self._fail(GuestGoneError, f"console closed while waiting for "
                                                      f"the answer to {cmd!r}")
@@ -254,10 +284,20 @@ class GuestConsole(Closing):
                 if now >= deadline:
                     raise self._fail(GuestTimeoutError, f"no answer to {cmd!r} after "
                                                         f"{timeout} s{self._resent(cid)}")
-                waiting = attempt not in seen.acknowledged
-                if waiting and now >= ack_by:
-                    return f"not acknowledged within {ack_wait:g} s"
-                self._cond.wait((ack_by if waiting else deadline) - now)
+                total = len(self._text) + self._dropped
+                if total != heard:
+                    heard, quiet_by = total, now + ack_wait
+                if not acknowledged:
+                    if now >= ack_by:
+                        return _Again(f"not acknowledged within {ack_wait:g} s",
+                                      bool(seen.acknowledged))
+                    wake = ack_by
+                else:
+                    if now >= quiet_by:
+                        return _Again(f"acknowledged, then no {channel.RUNNING} or "
+                                      f"{channel.END} line within {ack_wait:g} s", True)
+                    wake = quiet_by
+                self._cond.wait(min(wake, deadline) - now)
 
     def _resent(self, cid: str) -> str:
         notes = [n for n in self.resends if n.startswith(f"{cid}/")]

@@ -11,7 +11,8 @@
 # Console lines: PYVHOST-MODULES, PYVHOST-NET, PYVHOST-READY (on the console and on the
 # channel). Then it serves commands on the channel for good: `pyvhost-guest serve`
 # (guest_tool.sh) reads "ID/ATTEMPT LIMIT BASE64-COMMAND MD5" lines and answers
-# "PYVHOST-BEGIN ID/ATTEMPT", the command's output and "\nPYVHOST-END ID/ATTEMPT CODE".
+# "PYVHOST-BEGIN ID/ATTEMPT", "PYVHOST-RUNNING ID/ATTEMPT" every few seconds while the
+# command runs, its output and "\nPYVHOST-END ID/ATTEMPT CODE LENGTH MD5".
 /bin/busybox mkdir -p /proc /sys /dev /tmp /hog /bin
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/ TERM=dumb

@@ -2,6 +2,8 @@
 # /bin/pyvhost-guest: the test guest's helpers, run by the host over the command channel
 # (pyvhost.lab.guest.GuestConsole has one method for each). busybox sh only.
 set -u
+# Seconds between RUNNING lines while a command runs (pyvhost.lab.channel.HEARTBEAT).
+HEARTBEAT=2
 
 blocks() {
     # "block_size_bytes HEX", then one line per memory block: "INDEX STATE ONLINE ZONES".
@@ -50,9 +52,11 @@ serve() {
     # "ID/ATTEMPT LIMIT BASE64 MD5": if MD5 is not the md5sum of "ID/ATTEMPT LIMIT BASE64"
     # the line lost or changed bytes on the way in and is not run ("PYVHOST-GARBLED");
     # else "PYVHOST-BEGIN ID/ATTEMPT" at once, then the command (sh -c, killed after LIMIT
-    # seconds), then its output and "\nPYVHOST-END ID/ATTEMPT CODE". A command is run once:
+    # seconds) with "PYVHOST-RUNNING ID/ATTEMPT" every HEARTBEAT seconds meanwhile, then
+    # its output (carriage returns removed) and "\nPYVHOST-END ID/ATTEMPT CODE LENGTH MD5"
+    # (the output's bytes and md5sum, for the host to check). A command is run once:
     # another attempt of the ID run last gets that run's output and code again, so the
-    # host may send a command again whenever a line or an answer was lost.
+    # host may send a command again whenever a line or an answer was lost or damaged.
     state=${1:-/tmp}
     last=""
     while :; do
@@ -73,13 +77,26 @@ serve() {
             last=${id%/*}
             # A new file each time: what a killed command's children still write goes to
             # the old one, not into the next answer.
-            rm -f "$state/.pyvhost-out"
+            rm -f "$state/.pyvhost-raw" "$state/.pyvhost-out"
+            # The heartbeat: the host tells a lost END line from a slow command by it.
+            (while sleep "$HEARTBEAT"; do echo "PYVHOST-RUNNING $id"; done) &
+            beat=$!
             timeout -s KILL "$limit" sh -c "$(echo "$enc" | base64 -d 2>/dev/null)" \
-                </dev/null >"$state/.pyvhost-out" 2>&1
-            echo "$?" >"$state/.pyvhost-rc"
+                </dev/null >"$state/.pyvhost-raw" 2>&1
+            code=$?
+            # Stopped (and reaped) before the output is printed: no RUNNING line inside it.
+            kill "$beat" 2>/dev/null
+            wait "$beat" 2>/dev/null
+            # The host's transcript drops "\r" (a tty may add it): the output it is checked
+            # against has none either.
+            tr -d '\r' <"$state/.pyvhost-raw" >"$state/.pyvhost-out"
+            digest=$(md5sum <"$state/.pyvhost-out")
+            echo "$code $(($(wc -c <"$state/.pyvhost-out"))) ${digest%% *}" \
+                >"$state/.pyvhost-rc"
         fi
         cat "$state/.pyvhost-out" 2>/dev/null
-        printf '\nPYVHOST-END %s %s\n' "$id" "$(cat "$state/.pyvhost-rc")"
+        read -r code size digest <"$state/.pyvhost-rc"
+        printf '\nPYVHOST-END %s %s %s %s\n' "$id" "$code" "$size" "$digest"
     done
 }
 

@@ -15,7 +15,9 @@ harmed-others   the witness stopped getting answers, or its frames stopped flowi
 hung            a reply was owed and neither it nor a later GET_FEATURES came in time
 leaked          the process kept fds or mappings: more eventfds or memfds (the kinds of fd the
                 cases send) than before the case, any file
-                of the case's connection still held, or a file it should have let go
+                of the case's connection still held, or a file it should have let go;
+                measured once the process's counts rest (:meth:`.Witness.settle`), and a
+                leak seen is measured once more after settling again before it is reported
 nack            it refused the input (REPLY_ACK non-zero) and kept serving
 closed          it closed the connection
 pass            it answered and kept serving (it may have accepted the input: see detail)
@@ -29,6 +31,7 @@ any case crashed, hung, leaked or harmed others.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +44,9 @@ from ..peer import Candidates, PeerProcess, choose, gone
 from . import rings, state, wire
 from .attacker import Attacker, Response
 from .case import Case, Context, NotApplicable
-from .witness import FrameCheck, Witness
+from .witness import FrameCheck, Witness, settle
+
+log = logging.getLogger(__name__)
 
 #: Every case, by group: framing, fds, memory, vring, descriptors, destructive.
 CASES: tuple[Case, ...] = (*wire.CASES, *state.CASES, *rings.CASES)
@@ -266,7 +271,8 @@ def _judge(case: Case, config: HostileConfig, pid: int, witness: Witness | None,
     if follow is not None and follow.kind == "silent":
         return "hung", ("no reply, and no answer to a GET_FEATURES after it"
                         if response.kind == "silent" else "answered, then went silent")
-    leak = _leak(pid, baseline, files, config.release_timeout, targets)
+    leak = _settled_leak(case.name, witness.settle if witness is not None else settle, pid,
+                         baseline, files, config.release_timeout, targets)
     if ctx.leaked or leak:
         return "leaked", "; ".join([*ctx.leaked, *([leak] if leak else [])])
     if gone(pid):
@@ -304,6 +310,23 @@ def _new_targets(pid: int, before: list[str]) -> str:
         else:
             new.append(target)
     return f" ({', '.join(sorted(set(new))[:4])})" if new else ""
+
+
+def _settled_leak(name: str, wait_settled: Callable[[int], object], pid: int,
+                  baseline: procfs.ProcessUsage | None, files: Sequence[str],
+                  timeout: float, targets: list[str]) -> str:
+    """:func:`_leak`, measured once ``wait_settled(pid)`` says the process's counts rest; a leak
+    seen then is measured once more after settling again, and only what is still held is
+    reported: a back-end still letting go of the case's connection is not leaking."""
+    wait_settled(pid)
+    leak = _leak(pid, baseline, files, timeout, targets)
+    if leak:
+        wait_settled(pid)
+        log.info("%s: %s; measuring again after the back-end settled", name, leak)
+        leak = _leak(pid, baseline, files, 0.0, targets)
+        if not leak:
+            log.info("%s: released after settling: not a leak", name)
+    return leak
 
 
 def _leak(pid: int, baseline: procfs.ProcessUsage | None, files: Sequence[str],

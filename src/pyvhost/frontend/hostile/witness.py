@@ -13,6 +13,11 @@ A back-end whose control thread stalls but whose data path runs on (DPDK's polli
 cores) is told apart from one whose data path stopped (a crashed worker, a lock held by a
 hostile connection): the check says which. For blk and fs only the control messages are
 checked: their requests need a device-specific driver this suite does not carry.
+
+:meth:`Witness.settle` waits, before a leak is measured, until the back-end has finished
+letting go of what the case's connection brought: a back-end releases a closed
+connection's fds and mappings on its own schedule (qemu-storage-daemon a little after the
+hang-up), and a count taken mid-way is not a leak.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from dataclasses import dataclass
 from pyvhost.devices.virtio_net import HDR_LEGACY, HDR_V1, RX, TX, VIRTIO_NET_F_MRG_RXBUF
 from pyvhost.errors import PyvhostError
 from pyvhost.protocol.constants import VirtioFeature
+from pyvhost.tools import procfs
 
 from ..driver import DriverQueue
 from ..errors import FrontendUsageError
-from ..memory import GuestRam
+from ..memory import GuestRam, name_prefix
 from .attacker import Attacker
 
 #: Where the witness's buffers go in its 2 MiB of boot RAM (GPA 0), past its rings:
@@ -43,6 +49,12 @@ ETHERTYPE = 0x88B5
 MAC = bytes.fromhex("02707976686f")  # 02:"pyvho"
 MARKER = b"pyvhost witness "
 _SEQ = struct.Struct(">Q")
+#: :meth:`Witness.settle`: the counts must stay the same this long (seconds), polled this
+#: often, and it gives up after SETTLE_TIMEOUT (a back-end whose counts never rest, e.g.
+#: one serving other clients meanwhile, is measured as it is then).
+SETTLE_QUIET = 0.3
+SETTLE_POLL = 0.05
+SETTLE_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +195,37 @@ class Witness:
         # Say whether the data path stalled with the control path, or runs on without it.
         return text + (f"; and {frames}" if frames else "; its frames still flow")
 
+    def settle(self, pid: int, *, quiet: float = SETTLE_QUIET,
+               timeout: float = SETTLE_TIMEOUT) -> bool:
+        """Wait until the back-end ``pid`` (the process serving this witness) has let go
+        of what the last case brought: see :func:`settle`."""
+        return settle(pid, quiet=quiet, timeout=timeout)
+
     def close(self) -> None:
         self.a.close()
 
 
-__all__ = ["FrameCheck", "NetFrames", "Witness"]
+def settle(pid: int, *, quiet: float = SETTLE_QUIET, timeout: float = SETTLE_TIMEOUT) -> bool:
+    """Poll process ``pid``'s fd count and its fds on and mappings of pyvhost's files
+    until they stay the same for ``quiet`` seconds (True), or ``timeout`` passes or the
+    process is gone (False)."""
+    deadline = time.monotonic() + timeout
+    last: tuple[int, int, int] | None = None
+    since = time.monotonic()
+    while True:
+        try:
+            usage = procfs.measure(pid, name_prefix())
+        except procfs.ProcfsError:
+            return False
+        counts = (usage.fds, usage.matching_fds, usage.mappings)
+        now = time.monotonic()
+        if counts != last:
+            last, since = counts, now
+        elif now - since >= quiet:
+            return True
+        if now >= deadline:
+            return False
+        time.sleep(SETTLE_POLL)
+
+
+__all__ = ["FrameCheck", "NetFrames", "Witness", "settle"]
