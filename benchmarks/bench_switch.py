@@ -134,7 +134,7 @@ class Run:
             self.stop(proc, "signal")
 
 
-def _wait(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) -> None:
+def wait_for(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.popen.poll() is not None:
@@ -145,12 +145,12 @@ def _wait(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) 
         time.sleep(0.1)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def _pyvhost_env(kind: str) -> dict[str, str]:
+def pyvhost_env(kind: str) -> dict[str, str]:
     """The environment of a pyvhost back-end: PYVHOST_PURE=1 for ``pyvhost-pure``."""
     env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
     if kind == "pyvhost-pure":
@@ -162,12 +162,12 @@ def backend(run: Run, kind: str, a: Path, b: Path) -> Proc:
     if kind.startswith("pyvhost"):
         proc = run.start(["taskset", "-c", str(BACKEND_CPU),
                           *pyvhost_argv("net", "--socket", str(a), "--socket", str(b),
-                                        "--no-stats")], kind, env=_pyvhost_env(kind))
+                                        "--no-stats")], kind, env=pyvhost_env(kind))
     else:
         proc = run.testpmd("dpdk-backend", [f"net_vhost0,iface={a},queues=1",
                                             f"net_vhost1,iface={b},queues=1"],
                            ["--forward-mode=io"], forward_cpu=BACKEND_CPU)
-    _wait(lambda: a.exists() and b.exists(), f"{kind} sockets", proc)
+    wait_for(lambda: a.exists() and b.exists(), f"{kind} sockets", proc)
     return proc
 
 
@@ -181,17 +181,17 @@ def measure(kind: str, size: int, seconds: float, work: Path,
             "sink",
             [f"net_virtio_user0,path={b},queues=1,queue_size={queue_size},mac={SINK_MAC}"],
             ["--forward-mode=rxonly", "--stats-period=1"], forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "Rx-pps" in sink.text(), "the sink", sink)
+        wait_for(lambda: "Rx-pps" in sink.text(), "the sink", sink)
         source = run.testpmd(
             "source",
             [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
             ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{SINK_MAC}"],
             forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "Press enter to exit" in source.text(), "the source", source)
+        wait_for(lambda: "Press enter to exit" in source.text(), "the source", source)
         time.sleep(2)  # let the flow settle
-        cpu0, t0, off0 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        cpu0, t0, off0 = cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
         time.sleep(seconds)
-        cpu1, t1, off1 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        cpu1, t1, off1 = cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
         for p in (source, sink, be):
             if p.popen.poll() is not None:
                 raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
@@ -232,24 +232,24 @@ def measure_loop(kind: str, size: int, seconds: float, work: Path,
             be = run.start(["taskset", "-c", str(BACKEND_CPU),
                             *pyvhost_argv("net", "--socket", str(a), "--reflect",
                                           "--no-stats")], f"{kind}-loop",
-                           env=_pyvhost_env(kind))
+                           env=pyvhost_env(kind))
         else:
             be = run.testpmd("dpdk-loop", [f"net_vhost0,iface={a},queues=1"],
                              ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)
-        _wait(a.exists, f"{kind} socket", be)
+        wait_for(a.exists, f"{kind} socket", be)
         fe = run.testpmd(
             "frontend",
             [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
             ["-i", "--forward-mode=io", f"--txpkts={size}"], forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
+        wait_for(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
         _command(fe, "start tx_first 64")
         time.sleep(2)  # let the loop fill
         _command(fe, "show port stats 0")  # "Throughput (since last show)" starts here
-        cpu0, t0 = _cpu_seconds(be.popen.pid), time.monotonic()
+        cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
         time.sleep(seconds)
         off = _command(fe, "show port stats 0")
-        cpu1, t1 = _cpu_seconds(be.popen.pid), time.monotonic()
-        _wait(lambda: bool(_RX_PPS.search(fe.text()[off:])), "the front-end's stats", fe)
+        cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
+        wait_for(lambda: bool(_RX_PPS.search(fe.text()[off:])), "the front-end's stats", fe)
         fps = int(_RX_PPS.findall(fe.text()[off:])[0])
         for p in (fe, be):
             if p.popen.poll() is not None:
