@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -150,6 +151,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+def net_options(help_text: str) -> dict[str, bool]:
+    """The options ``pyvhost net --help`` lists: name -> whether it takes a value."""
+    found: dict[str, bool] = {}
+    options = help_text.split("\nOptions:", 1)[-1]  # not the examples above it
+    for m in re.finditer(r"^\s+(?:-\w, )?(--[\w-]+)(?: / --[\w-]+)?( [A-Z][\w:]*)?",
+                         options, re.M):
+        found[m.group(1)] = bool(m.group(2))
+    return found
+
+
+def split_pyvhost_args(extra: list[str], options: dict[str, bool]) -> tuple[
+        list[str], list[str]]:
+    """(the args ``pyvhost net`` has, the options it lacks): an option it does not list is
+    dropped with the value after it (a token not starting with ``-``)."""
+    kept: list[str] = []
+    dropped: list[str] = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        name = arg.split("=", 1)[0]
+        takes = options.get(name)
+        has_value = "=" not in arg and i + 1 < len(extra) and not extra[i + 1].startswith("-")
+        if takes is None:
+            dropped.append(name)
+            i += 2 if has_value else 1
+            continue
+        kept.append(arg)
+        if takes and "=" not in arg and i + 1 < len(extra):
+            kept.append(extra[i + 1])
+            i += 1
+        i += 1
+    return kept, dropped
+
+
+def pyvhost_extra(spec: str) -> list[str]:
+    """``--pyvhost-args`` reduced to what this ``pyvhost net`` has; says what it skips."""
+    if not spec.strip():
+        return []
+    help_text = subprocess.run(pyvhost_argv("net", "--help"), capture_output=True,
+                               text=True, check=True).stdout
+    kept, dropped = split_pyvhost_args(shlex.split(spec), net_options(help_text))
+    for name in dropped:
+        print(f"note: this pyvhost net has no {name} option (see pyvhost net --help): "
+              "skipped", file=sys.stderr)
+    return kept
+
+
 def pyvhost_env(kind: str) -> dict[str, str]:
     """The environment of a pyvhost back-end: PYVHOST_PURE=1 for ``pyvhost-pure``."""
     env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
@@ -213,7 +261,7 @@ def measure(kind: str, size: int, seconds: float, work: Path,
             "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
 
 
-def _command(proc: Proc, line: str) -> int:
+def command(proc: Proc, line: str) -> int:
     """Send one interactive command; returns the output offset before it."""
     offset = len(proc.text())
     assert proc.popen.stdin is not None
@@ -242,12 +290,12 @@ def measure_loop(kind: str, size: int, seconds: float, work: Path,
             [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
             ["-i", "--forward-mode=io", f"--txpkts={size}"], forward_cpu=TRAFFIC_CPU)
         wait_for(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
-        _command(fe, "start tx_first 64")
+        command(fe, "start tx_first 64")
         time.sleep(2)  # let the loop fill
-        _command(fe, "show port stats 0")  # "Throughput (since last show)" starts here
+        command(fe, "show port stats 0")  # "Throughput (since last show)" starts here
         cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
         time.sleep(seconds)
-        off = _command(fe, "show port stats 0")
+        off = command(fe, "show port stats 0")
         cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
         wait_for(lambda: bool(_RX_PPS.search(fe.text()[off:])), "the front-end's stats", fe)
         fps = int(_RX_PPS.findall(fe.text()[off:])[0])
@@ -255,8 +303,8 @@ def measure_loop(kind: str, size: int, seconds: float, work: Path,
             if p.popen.poll() is not None:
                 raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
                                  f"measurement:\n{p.text()[-2000:]}")
-        _command(fe, "stop")
-        _command(fe, "quit")
+        command(fe, "stop")
+        command(fe, "quit")
     finally:
         run.close()
     frames = fps * (t1 - t0)
