@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,11 @@ def summarize(before: tuple[float, int, float, float], after: tuple[float, int, 
             "seconds": span}
 
 
+def prompt(proc: Proc) -> Callable[[], bool]:
+    """Whether testpmd ``proc`` has shown its interactive prompt."""
+    return lambda: "testpmd> " in proc.text()
+
+
 def _sample(pid: int) -> tuple[float, int, float, float]:
     run_s, switches = task_counters(pid)
     return run_s, switches, cpu_seconds(pid), time.monotonic()
@@ -104,7 +110,7 @@ def measure(kind: str, seconds: float, traffic: float, extra: list[str],
         for i, (sock, mac) in enumerate(zip((a, b), MACS, strict=True)):
             fe = run.testpmd(f"vm{i}", [f"net_virtio_user0,path={sock},queues=1,mac={mac}"],
                              ["-i", "--forward-mode=io"], forward_cpu=TRAFFIC_CPU)
-            wait_for(lambda fe=fe: "testpmd> " in fe.text(), "a front-end's prompt", fe)
+            wait_for(prompt(fe), "a front-end's prompt", fe)
             fes.append(fe)
         for fe in fes:
             command(fe, "start tx_first")
