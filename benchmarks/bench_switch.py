@@ -443,6 +443,10 @@ def main(argv: list[str] | None = None) -> None:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
                             first = str(e).splitlines()[0]
+                            if (kind.startswith("pyvhost") and args.topology == "loop"
+                                    and qp > 1):
+                                first += (" (pyvhost net --reflect serves one queue pair: "
+                                          "its --queue-pairs is the switch ports')")
                             failures.append(f"{label} {kind} #{i + 1}: {first}")
                             print(f"  {label} {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
                             continue
