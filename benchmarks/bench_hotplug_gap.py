@@ -62,8 +62,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_switch import BACKEND_CPU, TRAFFIC_CPU, Run, pyvhost_env, wait_for
+from bench_switch import BACKEND_CPU, TRAFFIC_CPU, BenchError, Run, pyvhost_env, wait_for
 
+from pyvhost.errors import PyvhostError
 from pyvhost.frontend.frontend import Frontend, Vring
 from pyvhost.frontend.memory import FrontendMemory, GuestRam
 from pyvhost.frontend.profiles import QEMU_72, Session
@@ -89,6 +90,8 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 #: The shared control page: byte 0 is the phase the parent sets.
 WARM, RECORD, STOP = 0, 1, 2
 NS = 1_000_000_000
+#: How long the front-end waits for any reply (seconds); a longer update fails the run.
+UPDATE_TIMEOUT = 30.0
 
 
 # -- the driver (child process) ---------------------------------------------------------
@@ -287,6 +290,23 @@ def backend(run: Run, kind: str, sock: Path) -> Iterator[int]:
         raise SystemExit(f"{kind} exited ({proc.popen.returncode}):\n{proc.text()[-2000:]}")
 
 
+def _hotplug(session: Session, memory: FrontendMemory, cycles: int, dimm_mib: int,
+             interval_s: float, updates: list[tuple[int, int]]) -> None:
+    """Add a DIMM and remove it ``cycles`` times; append each update's (start, end) ns."""
+    for _ in range(cycles):
+        dimm = session.add_region(dimm_mib * MiB)
+        t0 = time.monotonic_ns()
+        session.update_memory()
+        updates.append((t0, time.monotonic_ns()))
+        time.sleep(interval_s)
+        memory.detach(dimm)
+        t0 = time.monotonic_ns()
+        session.update_memory()
+        updates.append((t0, time.monotonic_ns()))
+        dimm.close()
+        time.sleep(interval_s)
+
+
 def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: float,
             interval_s: float, work: Path) -> dict[str, float]:
     mem_slots = KINDS[kind]
@@ -301,7 +321,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
     os.sched_setaffinity(0, {TRAFFIC_CPU})
     try:
         with backend(run, kind, sock):
-            fe.connect(sock, timeout=60)
+            fe.connect(sock, timeout=UPDATE_TIMEOUT)
             profile = replace(QEMU_72, queue_size={"net": QUEUE_SIZE, "blk": 128, "fs": 128})
             session = Session(profile, fe, memory)
             session.negotiate(None if mem_slots
@@ -319,18 +339,10 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             time.sleep(baseline_s)
             b1 = time.monotonic_ns()
             updates: list[tuple[int, int]] = []
-            for _ in range(cycles):
-                dimm = session.add_region(dimm_mib * MiB)
-                t0 = time.monotonic_ns()
-                session.update_memory()
-                updates.append((t0, time.monotonic_ns()))
-                time.sleep(interval_s)
-                memory.detach(dimm)
-                t0 = time.monotonic_ns()
-                session.update_memory()
-                updates.append((t0, time.monotonic_ns()))
-                dimm.close()
-                time.sleep(interval_s)
+            try:
+                _hotplug(session, memory, cycles, dimm_mib, interval_s, updates)
+            except PyvhostError as e:
+                raise BenchError(f"update {len(updates) + 1} of {2 * cycles}: {e}") from e
             ctl[0] = STOP
             _, status = os.waitpid(child, 0)
             child = 0
@@ -414,12 +426,18 @@ def main(argv: list[str] | None = None) -> None:
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 CPUs (one for the back-end, one for the front-end)")
     runs: dict[str, list[dict[str, float]]] = {}
+    failures: dict[str, list[str]] = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bgap-") as tmp:
         for i in range(args.repeat):
             for kind in kinds:
-                r = measure(kind, args.cycles, args.boot_mib, args.dimm_mib, args.baseline,
-                            0.010, Path(tmp))
+                try:
+                    r = measure(kind, args.cycles, args.boot_mib, args.dimm_mib,
+                                args.baseline, 0.010, Path(tmp))
+                except BenchError as e:
+                    failures.setdefault(kind, []).append(str(e).splitlines()[0])
+                    print(f"  {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
+                    continue
                 runs.setdefault(kind, []).append(r)
                 print(f"  {kind} #{i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()),
                       file=sys.stderr)
@@ -432,10 +450,12 @@ def main(argv: list[str] | None = None) -> None:
           f"RAM; medians of {args.repeat} alternating run(s); 1-min load average "
           f"{load_before:.1f} before, {load_after:.1f} after\n")
     print(table(results))
+    for kind, why in failures.items():
+        print(f"\n{kind}: {len(why)} of {args.repeat} run(s) failed: {'; '.join(why)}")
     if args.json:
         doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
                                "loadavg": [load_before, load_after], "results": results,
-                               "runs": runs}
+                               "runs": runs, "failures": failures}
         Path(args.json).write_text(json.dumps(doc, indent=2))
 
 
