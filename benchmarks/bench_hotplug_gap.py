@@ -64,6 +64,7 @@ from typing import Any
 
 from bench_switch import BACKEND_CPU, TRAFFIC_CPU, BenchError, Run, pyvhost_env, wait_for
 
+from pyvhost import datapath
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend.frontend import Frontend, Vring
 from pyvhost.frontend.memory import FrontendMemory, GuestRam
@@ -444,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()[0]
     results = {k: medians(rs) for k, rs in runs.items()}
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, kernel {platform.release()}; date "
+          f"{platform.python_version()}, kernel {platform.release()}; "
+          f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); date "
           f"{time.strftime('%Y-%m-%d %H:%M')}; {args.cycles} DIMMs of {args.dimm_mib} MiB "
           f"added and removed ({2 * args.cycles} updates) over {args.boot_mib} MiB of boot "
           f"RAM; medians of {args.repeat} alternating run(s); 1-min load average "

@@ -48,6 +48,7 @@ from bench_switch import (
     wait_for,
 )
 
+from pyvhost import datapath
 from pyvhost.tools.process import pyvhost_argv
 
 KINDS = ("pyvhost", "pyvhost-pure", "dpdk")
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {k: {f: statistics.median(r[f] for r in rs) for f in rs[0]}
                for k, rs in runs.items()}
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, kernel {platform.release()}; date "
+          f"{platform.python_version()}, kernel {platform.release()}; "
+          f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); date "
           f"{time.strftime('%Y-%m-%d %H:%M')}; 2 idle testpmd virtio_user front-ends; "
           f"medians of {args.repeat} alternating run(s) of {args.seconds:g} s; pyvhost net "
           f"extra args: {' '.join(extra) or 'none'}; 1-min load average "

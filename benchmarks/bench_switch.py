@@ -64,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvhost import datapath
 from pyvhost.tools.process import end_process, pyvhost_argv
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -457,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
                for label, row in runs.items()}
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, kernel {platform.release()}; "
+          f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); "
           f"date {time.strftime('%Y-%m-%d %H:%M')}; topology {args.topology}; "
           f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
           f"{' '.join(extra) or 'none'}; 1-min load average {load_before:.1f} before, "
