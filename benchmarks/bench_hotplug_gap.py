@@ -344,6 +344,9 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
                 _hotplug(session, memory, cycles, dimm_mib, interval_s, updates)
             except PyvhostError as e:
                 raise BenchError(f"update {len(updates) + 1} of {2 * cycles}: {e}") from e
+            # Frames after the last update close its gap: a back-end that resumes slowly
+            # (DPDK after a remap) would otherwise leave its last window without an end.
+            time.sleep(1.0)
             ctl[0] = STOP
             _, status = os.waitpid(child, 0)
             child = 0
@@ -364,7 +367,10 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
     if not realtime:
         print(f"  {kind}: SCHED_FIFO refused; update round trips include waiting for the "
               "driver's time slice", file=sys.stderr)
-    return summarize(stamps, counts, (b0, b1), updates)
+    try:
+        return summarize(stamps, counts, (b0, b1), updates)
+    except ValueError as e:
+        raise BenchError(f"{kind}: {e}") from e
 
 
 # -- the report --------------------------------------------------------------------------
