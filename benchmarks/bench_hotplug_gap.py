@@ -249,6 +249,8 @@ def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int,
         "updates": len(updates),
         "update_ms_median": statistics.median(round_trips) / 1e6,
         "update_ms_max": max(round_trips) / 1e6,
+        # Which update was slowest (0 = the first hot-add, odd = a removal).
+        "update_slowest": round_trips.index(max(round_trips)),
         "gap_ms_max_during_updates": max(longest) / 1e6,
         "gap_ms_median_of_update_max": statistics.median(longest) / 1e6,
         "gap_us_median_during_updates": statistics.median(during) / 1e3,

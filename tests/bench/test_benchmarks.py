@@ -52,6 +52,7 @@ def test_summarize_reports_the_stall_of_an_update() -> None:
     assert s["gap_us_median_baseline"] == pytest.approx(10.0)
     assert s["update_ms_median"] == pytest.approx(0.5)
     assert s["update_ms_max"] == pytest.approx(4.9998)
+    assert s["update_slowest"] == 1
     assert s["frames_per_s_baseline"] == pytest.approx(400_000, rel=0.01)
 
 
