@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -63,6 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvhost import datapath
 from pyvhost.tools.process import end_process, pyvhost_argv
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -134,23 +136,74 @@ class Run:
             self.stop(proc, "signal")
 
 
-def _wait(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) -> None:
+class BenchError(Exception):
+    """A measurement that could not be made (a process exited, a wait timed out)."""
+
+
+def wait_for(cond: Callable[[], bool], what: str, proc: Proc, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.popen.poll() is not None:
-            raise SystemExit(f"{proc.log.stem} exited ({proc.popen.returncode}) while "
+            raise BenchError(f"{proc.log.stem} exited ({proc.popen.returncode}) while "
                              f"waiting for {what}:\n{proc.text()[-2000:]}")
         if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
+            raise BenchError(f"timed out waiting for {what}")
         time.sleep(0.1)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def _pyvhost_env(kind: str) -> dict[str, str]:
+def net_options(help_text: str) -> dict[str, bool]:
+    """The options ``pyvhost net --help`` lists: name -> whether it takes a value."""
+    found: dict[str, bool] = {}
+    options = help_text.split("\nOptions:", 1)[-1]  # not the examples above it
+    for m in re.finditer(r"^\s+(?:-\w, )?(--[\w-]+)(?: / --[\w-]+)?( [A-Z][\w:]*)?",
+                         options, re.M):
+        found[m.group(1)] = bool(m.group(2))
+    return found
+
+
+def split_pyvhost_args(extra: list[str], options: dict[str, bool]) -> tuple[
+        list[str], list[str]]:
+    """(the args ``pyvhost net`` has, the options it lacks): an option it does not list is
+    dropped with the value after it (a token not starting with ``-``)."""
+    kept: list[str] = []
+    dropped: list[str] = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        name = arg.split("=", 1)[0]
+        takes = options.get(name)
+        has_value = "=" not in arg and i + 1 < len(extra) and not extra[i + 1].startswith("-")
+        if takes is None:
+            dropped.append(name)
+            i += 2 if has_value else 1
+            continue
+        kept.append(arg)
+        if takes and "=" not in arg and i + 1 < len(extra):
+            kept.append(extra[i + 1])
+            i += 1
+        i += 1
+    return kept, dropped
+
+
+def pyvhost_extra(spec: str) -> list[str]:
+    """``--pyvhost-args`` reduced to what this ``pyvhost net`` has; says what it skips."""
+    if not spec.strip():
+        return []
+    help_text = subprocess.run(pyvhost_argv("net", "--help"), capture_output=True,
+                               text=True, check=True).stdout
+    kept, dropped = split_pyvhost_args(shlex.split(spec), net_options(help_text))
+    for name in dropped:
+        print(f"note: this pyvhost net has no {name} option (see pyvhost net --help): "
+              "skipped", file=sys.stderr)
+    return kept
+
+
+def pyvhost_env(kind: str) -> dict[str, str]:
     """The environment of a pyvhost back-end: PYVHOST_PURE=1 for ``pyvhost-pure``."""
     env = {k: v for k, v in os.environ.items() if k != "PYVHOST_PURE"}
     if kind == "pyvhost-pure":
@@ -158,63 +211,8 @@ def _pyvhost_env(kind: str) -> dict[str, str]:
     return env
 
 
-def backend(run: Run, kind: str, a: Path, b: Path) -> Proc:
-    if kind.startswith("pyvhost"):
-        proc = run.start(["taskset", "-c", str(BACKEND_CPU),
-                          *pyvhost_argv("net", "--socket", str(a), "--socket", str(b),
-                                        "--no-stats")], kind, env=_pyvhost_env(kind))
-    else:
-        proc = run.testpmd("dpdk-backend", [f"net_vhost0,iface={a},queues=1",
-                                            f"net_vhost1,iface={b},queues=1"],
-                           ["--forward-mode=io"], forward_cpu=BACKEND_CPU)
-    _wait(lambda: a.exists() and b.exists(), f"{kind} sockets", proc)
-    return proc
-
-
-def measure(kind: str, size: int, seconds: float, work: Path,
-            queue_size: int) -> dict[str, float]:
-    run = Run(work)
-    a, b = work / f"{kind}-a.sock", work / f"{kind}-b.sock"
-    try:
-        be = backend(run, kind, a, b)
-        sink = run.testpmd(
-            "sink",
-            [f"net_virtio_user0,path={b},queues=1,queue_size={queue_size},mac={SINK_MAC}"],
-            ["--forward-mode=rxonly", "--stats-period=1"], forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "Rx-pps" in sink.text(), "the sink", sink)
-        source = run.testpmd(
-            "source",
-            [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
-            ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{SINK_MAC}"],
-            forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "Press enter to exit" in source.text(), "the source", source)
-        time.sleep(2)  # let the flow settle
-        cpu0, t0, off0 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
-        time.sleep(seconds)
-        cpu1, t1, off1 = _cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
-        for p in (source, sink, be):
-            if p.popen.poll() is not None:
-                raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
-                                 f"measurement:\n{p.text()[-2000:]}")
-        run.stop(source)
-        run.stop(sink, "signal")
-        # The sink prints its receive rate every second (--stats-period=1): take the
-        # samples printed inside the timed window.
-        samples = [int(v) for v in _RX_PPS.findall(sink.text()[off0:off1])]
-        if not samples:
-            raise SystemExit(f"the sink printed no rates:\n{sink.text()[-2000:]}")
-    finally:
-        run.close()
-    fps = statistics.median(samples)
-    frames = fps * (t1 - t0)
-    return {"samples": len(samples), "frames_per_s": fps,
-            "gbit_per_s": fps * size * 8 / 1e9,
-            "cpu_s_per_mframe": (cpu1 - cpu0) / max(frames, 1) * 1e6,
-            "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
-
-
-def _command(proc: Proc, line: str) -> int:
-    """Send one interactive command; returns the output offset before it."""
+def command(proc: Proc, line: str) -> int:
+    """Send one interactive command to testpmd; returns the output offset before it."""
     offset = len(proc.text())
     assert proc.popen.stdin is not None
     proc.popen.stdin.write(line.encode() + b"\n")
@@ -222,47 +220,153 @@ def _command(proc: Proc, line: str) -> int:
     return offset
 
 
-def measure_loop(kind: str, size: int, seconds: float, work: Path,
-                 queue_size: int) -> dict[str, float]:
-    """One front-end and a reflecting back-end, each on its own CPU (``--topology loop``)."""
+def queue_options(queue_pairs: int) -> list[str]:
+    """testpmd's application options for ``queue_pairs`` receive/transmit queues a port."""
+    return [f"--rxq={queue_pairs}", f"--txq={queue_pairs}"] if queue_pairs > 1 else []
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One measurement: which back-end, frame size, queue pairs, window, ring size and
+    extra ``pyvhost net`` options."""
+
+    kind: str
+    size: int
+    queue_pairs: int = 1
+    seconds: float = 10.0
+    queue_size: int = 4096
+    extra: tuple[str, ...] = ()
+
+
+def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool) -> Proc:
+    """The back-end on BACKEND_CPU serving ``sockets``: pyvhost's switch (or ``--reflect``),
+    or DPDK's net_vhost ports in io (or macswap) mode."""
+    qp = setup.queue_pairs
+    if setup.kind.startswith("pyvhost"):
+        args = ["net"]
+        for sock in sockets:
+            args += ["--socket", str(sock)]
+        if reflect:
+            args.append("--reflect")
+        if qp > 1:
+            args += ["--queue-pairs", str(qp)]
+        proc = run.start(["taskset", "-c", str(BACKEND_CPU),
+                          *pyvhost_argv(*args, "--no-stats", "-q", *setup.extra)],
+                         setup.kind, env=pyvhost_env(setup.kind))
+    else:
+        proc = run.testpmd(
+            "dpdk-backend",
+            [f"net_vhost{i},iface={sock},queues={qp}" for i, sock in enumerate(sockets)],
+            [f"--forward-mode={'macswap' if reflect else 'io'}", *queue_options(qp)],
+            forward_cpu=BACKEND_CPU)
+    wait_for(lambda: all(sock.exists() for sock in sockets), f"{setup.kind}'s sockets", proc)
+    return proc
+
+
+def _alive(*procs: Proc) -> None:
+    for p in procs:
+        if p.popen.poll() is not None:
+            raise BenchError(f"{p.log.stem} exited ({p.popen.returncode}) during the "
+                             f"measurement:\n{p.text()[-2000:]}")
+
+
+def figures(fps: float, size: int, cpu_s: float, span: float, samples: int) -> dict[str, float]:
+    """The row of one measurement from the frames/s and the back-end's CPU seconds."""
+    return {"samples": samples, "frames_per_s": fps, "gbit_per_s": fps * size * 8 / 1e9,
+            "cpu_s_per_mframe": cpu_s / max(fps * span, 1) * 1e6,
+            "cpu_s_per_s": cpu_s / span}
+
+
+def measure_switch(setup: Setup, work: Path) -> dict[str, float]:
+    """txonly source -> back-end (two ports) -> rxonly sink (``--topology switch``)."""
     run = Run(work)
-    a = work / f"{kind}-loop.sock"
+    qp, qs = setup.queue_pairs, setup.queue_size
+    a, b = work / f"{setup.kind}-a.sock", work / f"{setup.kind}-b.sock"
     try:
-        if kind.startswith("pyvhost"):
-            be = run.start(["taskset", "-c", str(BACKEND_CPU),
-                            *pyvhost_argv("net", "--socket", str(a), "--reflect",
-                                          "--no-stats")], f"{kind}-loop",
-                           env=_pyvhost_env(kind))
-        else:
-            be = run.testpmd("dpdk-loop", [f"net_vhost0,iface={a},queues=1"],
-                             ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)
-        _wait(a.exists, f"{kind} socket", be)
-        fe = run.testpmd(
-            "frontend",
-            [f"net_virtio_user0,path={a},queues=1,queue_size={queue_size},mac={SOURCE_MAC}"],
-            ["-i", "--forward-mode=io", f"--txpkts={size}"], forward_cpu=TRAFFIC_CPU)
-        _wait(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
-        _command(fe, "start tx_first 64")
-        time.sleep(2)  # let the loop fill
-        _command(fe, "show port stats 0")  # "Throughput (since last show)" starts here
-        cpu0, t0 = _cpu_seconds(be.popen.pid), time.monotonic()
-        time.sleep(seconds)
-        off = _command(fe, "show port stats 0")
-        cpu1, t1 = _cpu_seconds(be.popen.pid), time.monotonic()
-        _wait(lambda: bool(_RX_PPS.search(fe.text()[off:])), "the front-end's stats", fe)
-        fps = int(_RX_PPS.findall(fe.text()[off:])[0])
-        for p in (fe, be):
-            if p.popen.poll() is not None:
-                raise SystemExit(f"{p.log.stem} exited ({p.popen.returncode}) during the "
-                                 f"measurement:\n{p.text()[-2000:]}")
-        _command(fe, "stop")
-        _command(fe, "quit")
+        be = start_backend(run, setup, [a, b], reflect=False)
+        sink = run.testpmd(
+            "sink", [f"net_virtio_user0,path={b},queues={qp},queue_size={qs},mac={SINK_MAC}"],
+            ["--forward-mode=rxonly", "--stats-period=1", *queue_options(qp)],
+            forward_cpu=TRAFFIC_CPU)
+        wait_for(lambda: "Rx-pps" in sink.text(), "the sink", sink)
+        source = run.testpmd(
+            "source",
+            [f"net_virtio_user0,path={a},queues={qp},queue_size={qs},mac={SOURCE_MAC}"],
+            ["--forward-mode=txonly", f"--txpkts={setup.size}", f"--eth-peer=0,{SINK_MAC}",
+             *queue_options(qp)], forward_cpu=TRAFFIC_CPU)
+        wait_for(lambda: "Press enter to exit" in source.text(), "the source", source)
+        time.sleep(2)  # let the flow settle
+        cpu0, t0, off0 = cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        time.sleep(setup.seconds)
+        cpu1, t1, off1 = cpu_seconds(be.popen.pid), time.monotonic(), len(sink.text())
+        _alive(source, sink, be)
+        run.stop(source)
+        run.stop(sink, "signal")
+        # The sink prints its receive rate every second (--stats-period=1): take the
+        # samples printed inside the timed window.
+        samples = [int(v) for v in _RX_PPS.findall(sink.text()[off0:off1])]
+        if not samples:
+            raise BenchError(f"the sink printed no rates:\n{sink.text()[-2000:]}")
     finally:
         run.close()
-    frames = fps * (t1 - t0)
-    return {"samples": 1, "frames_per_s": fps, "gbit_per_s": fps * size * 8 / 1e9,
-            "cpu_s_per_mframe": (cpu1 - cpu0) / max(frames, 1) * 1e6,
-            "cpu_s_per_s": (cpu1 - cpu0) / (t1 - t0)}
+    return figures(statistics.median(samples), setup.size, cpu1 - cpu0, t1 - t0, len(samples))
+
+
+def port_rates(text: str, ports: int) -> float:
+    """The sum of the first ``ports`` ``Rx-pps`` figures in testpmd's ``show port stats``."""
+    rates = _RX_PPS.findall(text)
+    if len(rates) < ports:
+        raise BenchError(f"expected {ports} Rx-pps figures, found {len(rates)}")
+    return float(sum(int(v) for v in rates[:ports]))
+
+
+def measure_loop(setup: Setup, work: Path, ports: int = 1) -> dict[str, float]:
+    """One testpmd front-end in io mode on TRAFFIC_CPU, the back-end on BACKEND_CPU.
+
+    ``ports=1`` (``--topology loop``): one virtio_user port, a back-end that sends every
+    frame back. ``ports=2`` (``switch-loop``): two virtio_user ports of the same testpmd,
+    io forwarding between them (what arrives on one leaves by the other), through the
+    back-end's switch / DPDK's io forwarding between two net_vhost ports: MAC A's frames
+    always enter by port A's socket and MAC B's by B's, so the switch forwards known
+    unicast both ways. Frames/s is the sum of the ports' Rx-pps over the timed window.
+    """
+    run = Run(work)
+    qp, qs, kind = setup.queue_pairs, setup.queue_size, setup.kind
+    socks = [work / f"{kind}-loop{i}.sock" for i in range(ports)]
+    macs = (SOURCE_MAC, SINK_MAC)
+    try:
+        be = start_backend(run, setup, socks, reflect=ports == 1)
+        app = ["-i", "--forward-mode=io", f"--txpkts={setup.size}", *queue_options(qp)]
+        if ports == 2:
+            app += [f"--eth-peer=0,{macs[1]}", f"--eth-peer=1,{macs[0]}"]
+        fe = run.testpmd(
+            "frontend",
+            [f"net_virtio_user{i},path={sock},queues={qp},queue_size={qs},mac={macs[i]}"
+             for i, sock in enumerate(socks)], app, forward_cpu=TRAFFIC_CPU)
+        wait_for(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
+        command(fe, "start tx_first 64")
+        time.sleep(2)  # let the loop fill
+        command(fe, "show port stats all")  # "Throughput (since last show)" starts here
+        cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
+        time.sleep(setup.seconds)
+        off = command(fe, "show port stats all")
+        cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
+        wait_for(lambda: len(_RX_PPS.findall(fe.text()[off:])) >= ports,
+                 "the front-end's stats", fe)
+        fps = port_rates(fe.text()[off:], ports)
+        _alive(fe, be)
+        command(fe, "stop")
+        command(fe, "quit")
+    finally:
+        run.close()
+    return figures(fps, setup.size, cpu1 - cpu0, t1 - t0, 1)
+
+
+TOPOLOGIES: dict[str, Callable[[Setup, Path], dict[str, float]]] = {
+    "switch": measure_switch,
+    "loop": measure_loop,
+    "switch-loop": lambda setup, work: measure_loop(setup, work, ports=2),
+}
 
 
 def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -270,64 +374,106 @@ def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def main() -> None:
+def table(results: dict[str, dict[str, dict[str, float]]], kinds: list[str]) -> str:
+    """Markdown: a row per (frame size and queue pairs, back-end), ratios to DPDK's row.
+    A back-end whose measurements all failed shows as such."""
+    lines = ["| frame, queue pairs | back-end | frames/s | Gbit/s | back-end CPU s / M frames "
+             "| back-end CPU s / s | DPDK / this frames/s | this / DPDK CPU per frame |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, row in results.items():
+        c = row.get("dpdk")
+        for kind in kinds:
+            r = row.get(kind)
+            if r is None:
+                lines.append(f"| {label} | {kind} | failed | | | | | |")
+                continue
+            extra = " | "
+            if kind != "dpdk" and c is not None:
+                extra = (f"{c['frames_per_s'] / max(r['frames_per_s'], 1e-9):.1f}x | "
+                         f"{r['cpu_s_per_mframe'] / max(c['cpu_s_per_mframe'], 1e-9):.1f}x")
+            lines.append(f"| {label} | {kind} | {r['frames_per_s']:,.0f} | "
+                         f"{r['gbit_per_s']:.3f} | {r['cpu_s_per_mframe']:.2f} | "
+                         f"{r['cpu_s_per_s']:.2f} | {extra} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     ap.add_argument("--repeat", type=int, default=1,
                     help="measurements per back-end and size (alternating); medians shown")
+    ap.add_argument("--quick", action="store_true", help="one measurement of 3 s each")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
+    ap.add_argument("--queue-pairs", default="1",
+                    help="queue pairs per port, comma-separated (e.g. 1,2)")
     ap.add_argument("--queue-size", type=int, default=4096,
-                    help="virtio_user ring size of source and sink (DPDK's default is 256)")
+                    help="virtio_user ring size of the front-ends (DPDK's default is 256)")
     ap.add_argument("--kinds", default=",".join(KINDS),
                     help=f"back-ends to measure, comma-separated (of {', '.join(KINDS)})")
-    ap.add_argument("--topology", choices=("switch", "loop"), default="switch",
+    ap.add_argument("--topology", choices=tuple(TOPOLOGIES), default="switch",
                     help="switch: txonly -> back-end (2 ports) -> rxonly; loop: one "
-                         "front-end and a reflecting back-end, each on its own CPU")
-    args = ap.parse_args()
-    measure_one = measure if args.topology == "switch" else measure_loop
+                         "front-end and a reflecting back-end, each on its own CPU; "
+                         "switch-loop: one front-end with two ports in io mode, looped "
+                         "through the back-end's two ports")
+    ap.add_argument("--pyvhost-args", default="",
+                    help="extra pyvhost net options, e.g. \"--workers 2 --poll-us 50\" "
+                         "(those this pyvhost net lacks are skipped with a note)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeat = 3.0, 1
+    measure_one = TOPOLOGIES[args.topology]
     if (os.cpu_count() or 1) < 2:
-        raise SystemExit("needs 2 CPUs (one for the back-end, one for source and sink)")
+        raise SystemExit("needs 2 CPUs (one for the back-end, one for the front-ends)")
     kinds = [k for k in args.kinds.split(",") if k]
     if "dpdk" not in kinds or set(kinds) - set(KINDS):
         raise SystemExit(f"--kinds: some of {', '.join(KINDS)}, dpdk included (the ratios)")
+    extra = tuple(pyvhost_extra(args.pyvhost_args))
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    failures: list[str] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp:
         for size in (int(s) for s in args.sizes.split(",")):
-            for i in range(args.repeat):
-                for kind in kinds:
-                    r = measure_one(kind, size, args.seconds, Path(tmp), args.queue_size)
-                    runs.setdefault(str(size), {}).setdefault(kind, []).append(r)
-                    print(f"  {size} B {kind} #{i + 1}: {r}", file=sys.stderr)
+            for qp in (int(q) for q in args.queue_pairs.split(",")):
+                label = f"{size} B, {qp} qp"
+                row = runs.setdefault(label, {})
+                for i in range(args.repeat):
+                    for kind in kinds:
+                        setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra)
+                        try:
+                            r = measure_one(setup, Path(tmp))
+                        except BenchError as e:
+                            first = str(e).splitlines()[0]
+                            if (kind.startswith("pyvhost") and args.topology == "loop"
+                                    and qp > 1):
+                                first += (" (pyvhost net --reflect serves one queue pair: "
+                                          "its --queue-pairs is the switch ports')")
+                            failures.append(f"{label} {kind} #{i + 1}: {first}")
+                            print(f"  {label} {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
+                            continue
+                        row.setdefault(kind, []).append(r)
+                        print(f"  {label} {kind} #{i + 1}: {r}", file=sys.stderr)
     load_after = os.getloadavg()[0]
-    results = {size: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
-               for size, row in runs.items()}
+    results = {label: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
+               for label, row in runs.items()}
     print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, kernel {platform.release()}; "
-          f"date {time.strftime('%Y-%m-%d')}; topology {args.topology}; "
-          f"{args.repeat} x {args.seconds:g} s each; "
-          f"1-min load average {load_before:.1f} before, {load_after:.1f} after (other "
-          "processes on the machine compete for the same 2 CPUs)\n")
-    print("| frame | back-end | frames/s | Gbit/s | back-end CPU s / M frames "
-          "| back-end CPU s / s | DPDK / this frames/s | this / DPDK CPU per frame |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for label, row in results.items():
-        c = row["dpdk"]
-        for kind in kinds:
-            r = row[kind]
-            extra = " | "
-            if kind != "dpdk":
-                extra = (f"{c['frames_per_s'] / max(r['frames_per_s'], 1e-9):.1f}x | "
-                         f"{r['cpu_s_per_mframe'] / max(c['cpu_s_per_mframe'], 1e-9):.1f}x")
-            print(f"| {label} B | {kind} | {r['frames_per_s']:,.0f} | "
-                  f"{r['gbit_per_s']:.3f} | {r['cpu_s_per_mframe']:.2f} | "
-                  f"{r['cpu_s_per_s']:.2f} | {extra} |")
+          f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); "
+          f"date {time.strftime('%Y-%m-%d %H:%M')}; topology {args.topology}; "
+          f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
+          f"{' '.join(extra) or 'none'}; 1-min load average {load_before:.1f} before, "
+          f"{load_after:.1f} after (other processes on the machine compete for the same "
+          "2 CPUs)\n")
+    print(table(results, kinds))
+    for f in failures:
+        print(f"failed: {f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"),
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"),
                                                "topology": args.topology,
                                                "seconds": args.seconds,
+                                               "pyvhost_args": list(extra),
                                                "loadavg": [load_before, load_after],
+                                               "failures": failures,
                                                "results": results}, indent=2))
 
 

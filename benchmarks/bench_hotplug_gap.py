@@ -1,0 +1,473 @@
+"""Forwarding gaps during memory hot-plug under load: pyvhost beside DPDK 22.11, one run.
+
+One command: ``python benchmarks/bench_hotplug_gap.py`` (``--quick`` for 10 cycles,
+``--cycles N``, ``--repeat N`` alternating runs, ``--json FILE`` to keep the figures).
+
+What it measures: while frames stream through a back-end at the rate one Python driver
+can offer, the front-end hot-adds a DIMM-sized region (128 MiB memfd) and removes it
+again, ``--cycles`` times (100 by default: 200 table updates), on the same vhost-user
+connection that carries the frames. For each update: its round trip (request with
+REPLY_ACK until the back-end confirms it has applied the table) and the longest gap
+between two completed frames that overlaps it. A back-end that stops its data path for
+the update shows a gap as long as the update; one whose data path keeps running on the
+old table while the new one is built shows gaps of the data path's usual size.
+
+How. The front-end is pyvhost's own (:mod:`pyvhost.frontend`), playing QEMU 7.2's
+messages (profile ``qemu-7.2``): boot RAM of ``--boot-mib`` (256 MiB memfd) at GPA 0 with
+the rings (1024 entries) and the buffers in it, one queue pair. The table updates are
+what QEMU 7.2 sends on ``device_add pc-dimm`` / ``device_del``: ADD_MEM_REG / REM_MEM_REG
+with CONFIGURE_MEM_SLOTS, else a SET_MEM_TABLE that re-sends every region with fresh fds
+(DPDK 22.11 offers only that). 10 ms pass between updates, so each update's gaps are its
+own. The traffic is driven by a child process (forked after the device start; the guest
+RAM is a shared memfd, so it sees the same rings) pinned to CPU 1: it keeps the transmit
+ring (1) full of 64-byte frames and the receive ring (0) full of 2 KiB buffers,
+re-posting every used chain at once, kicking when the device has not set
+VIRTQ_USED_F_NO_NOTIFY, and stamping (CLOCK_MONOTONIC) every poll that found frames on
+the receive ring. Between two stamps no frame came back: that is a gap. The update
+messages go from the parent process, also on CPU 1, and are stamped with the same clock.
+
+Back-ends (CPU 0): ``pyvhost net --reflect`` (which sends every frame back, MACs
+swapped) on its compiled data path (``pyvhost``; ``pyvhost-setmem`` is the same back-end
+updated by SET_MEM_TABLE, as DPDK is), on the pure-Python one (``pyvhost-pure``,
+``PYVHOST_PURE=1``), and DPDK 22.11 ``dpdk-testpmd --vdev net_vhost0 --forward-mode=
+macswap`` (``dpdk``). DPDK's vhost library takes every queue's lock while it handles
+SET_MEM_TABLE and unmaps and maps every region again; its PMD skips a locked queue.
+
+Reported per back-end (medians over ``--repeat`` runs): update round trip (median and
+longest), the longest gap overlapping any update, the median over updates of each
+update's longest gap, the median gap between completions during updates, the same two
+gap figures over a window with no update (``--baseline`` seconds, before the updates),
+and the frames/s the loop ran at. The machine is shared: the baseline says what gaps
+the machine itself causes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import gc
+import json
+import mmap
+import os
+import platform
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench_switch import BACKEND_CPU, TRAFFIC_CPU, BenchError, Run, pyvhost_env, wait_for
+
+from pyvhost import datapath
+from pyvhost.errors import PyvhostError
+from pyvhost.frontend.frontend import Frontend, Vring
+from pyvhost.frontend.memory import FrontendMemory, GuestRam
+from pyvhost.frontend.profiles import QEMU_72, Session
+from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.tools.process import pyvhost_argv
+
+MiB = 1 << 20
+#: Back-ends, and whether each is updated by ADD/REM_MEM_REG (True) or SET_MEM_TABLE.
+KINDS: dict[str, bool] = {"pyvhost": True, "pyvhost-setmem": False, "pyvhost-pure": True,
+                          "dpdk": False}
+QUEUE_SIZE = 1024
+RX, TX = 0, 1
+#: virtio_net_hdr_v1 (VERSION_1 is negotiated): 12 bytes before each frame.
+HDR_LEN = 12
+FRAME = 64
+BUFFER = 2048
+#: Buffers in boot RAM, past the two rings (64 KiB apart from offset 0).
+RX_AREA, TX_AREA = 1 * MiB, 3 * MiB
+#: virtio 1.2, 2.7.10: "struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }"
+DESC = struct.Struct("<QIHH")
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_USED_F_NO_NOTIFY = 1
+#: The shared control page: byte 0 is the phase the parent sets.
+WARM, RECORD, STOP = 0, 1, 2
+NS = 1_000_000_000
+#: How long the front-end waits for any reply (seconds); a longer update fails the run.
+UPDATE_TIMEOUT = 30.0
+
+
+# -- the driver (child process) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class RingView:
+    """One split ring in the driver's mapping: memoryviews over its parts."""
+
+    desc: int
+    avail_hdr: memoryview  # le16 flags, le16 idx
+    avail_ring: memoryview  # le16 ring[size]
+    used_hdr: memoryview  # le16 flags, le16 idx
+    used_heads: memoryview  # the low le16 of each used element's le32 id (ids < 2^16)
+    kick_fd: int
+
+    @classmethod
+    def of(cls, mv: memoryview, base: int, vring: Vring) -> RingView:
+        q = vring.size
+        avail, used = vring.avail_addr - base, vring.used_addr - base
+        return cls(desc=vring.desc_addr - base,
+                   avail_hdr=mv[avail:avail + 4].cast("H"),
+                   avail_ring=mv[avail + 4:avail + 4 + 2 * q].cast("H"),
+                   used_hdr=mv[used:used + 4].cast("H"),
+                   # "struct virtq_used_elem { le32 id; le32 len; }": 4 le16 per element.
+                   used_heads=mv[used + 4:used + 4 + 8 * q].cast("H")[0::4],
+                   kick_fd=vring.kick_fd)
+
+
+def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap) -> tuple[
+        array[int], array[int]]:
+    """Keep both rings full until the parent says STOP; return the stamps (ns) of the
+    polls that found frames on the receive ring and how many each found.
+
+    The used ring is the device's: ``used->idx`` may claim any count, so the number of new
+    entries is taken modulo 2^16 and anything above the ring size stops the driver (a
+    benchmark, not a guest: it reports the broken ring rather than carrying on).
+    """
+    mv = memoryview(mm)
+    q = rx.size
+    rings = (RingView.of(mv, base, rx), RingView.of(mv, base, tx))
+    for i in range(q):
+        DESC.pack_into(mm, rings[0].desc + 16 * i, base_gpa(RX_AREA + i * BUFFER), BUFFER,
+                       VIRTQ_DESC_F_WRITE, 0)
+        DESC.pack_into(mm, rings[1].desc + 16 * i, base_gpa(TX_AREA + i * BUFFER),
+                       HDR_LEN + FRAME, 0, 0)
+        frame = (b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5"
+                 + i.to_bytes(4, "big")).ljust(FRAME, b"\0")
+        mm[TX_AREA + i * BUFFER:TX_AREA + i * BUFFER + HDR_LEN + FRAME] = bytes(HDR_LEN) + frame
+    heads = array("H", range(q))
+    last = [0, 0]
+    for r in rings:
+        r.avail_ring[:] = heads
+        r.avail_hdr[1] = q  # every buffer is posted: avail idx = last used + q, always
+        os.eventfd_write(r.kick_fd, 1)
+    stamps: array[int] = array("q")
+    counts: array[int] = array("l")
+    clock = time.monotonic_ns
+    while True:
+        phase = ctl[0]
+        if phase == STOP:
+            return stamps, counts
+        for n_ring, r in enumerate(rings):
+            used = r.used_hdr[1]
+            n = (used - last[n_ring]) & 0xFFFF
+            if not n:
+                continue
+            if n > q:
+                raise SystemExit(f"ring {n_ring}: used idx moved by {n} > ring size {q}")
+            if n_ring == RX and phase == RECORD:
+                stamps.append(clock())
+                counts.append(n)
+            # Re-post what the device used, in its order. The avail ring is kept full
+            # (avail idx = last used + q), so used slot s and avail slot s coincide.
+            s = last[n_ring] % q
+            e = s + n
+            if e <= q:
+                r.avail_ring[s:e] = r.used_heads[s:e]
+            else:
+                r.avail_ring[s:] = r.used_heads[s:]
+                r.avail_ring[:e - q] = r.used_heads[:e - q]
+            last[n_ring] = used
+            # x86 stores are not reordered with older stores: the entries are visible
+            # before the index that publishes them.
+            r.avail_hdr[1] = (used + q) & 0xFFFF
+            if not r.used_hdr[0] & VIRTQ_USED_F_NO_NOTIFY:
+                os.eventfd_write(r.kick_fd, 1)
+
+
+def base_gpa(offset: int) -> int:
+    """Boot RAM is at GPA 0: a buffer's GPA is its offset."""
+    return offset
+
+
+def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path) -> int:
+    """Fork the driver on TRAFFIC_CPU; returns its pid. It writes its stamps to ``out``."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.sched_setaffinity(0, {TRAFFIC_CPU})
+        gc.disable()  # a collection would show as a gap that is ours, not the back-end's
+        mm = mmap.mmap(boot.fd, boot.memory_size, flags=mmap.MAP_SHARED)
+        stamps, counts = drive(mm, boot.userspace_addr, rx, tx, ctl)
+        with open(out, "wb") as f:
+            array("q", [len(stamps)]).tofile(f)
+            stamps.tofile(f)
+            counts.tofile(f)
+        code = 0
+    except BaseException as e:  # the child must never return into the parent's code
+        print(f"driver: {e!r}", file=sys.stderr)
+    finally:
+        os._exit(code)
+
+
+def read_stamps(path: Path) -> tuple[array[int], array[int]]:
+    stamps, counts, n = array("q"), array("l"), array("q")
+    with open(path, "rb") as f:
+        n.fromfile(f, 1)
+        stamps.fromfile(f, n[0])
+        counts.fromfile(f, n[0])
+    return stamps, counts
+
+
+# -- analysis (pure functions, tested) ---------------------------------------------------
+
+def gaps_overlapping(stamps: Sequence[int], start: int, end: int) -> list[int]:
+    """The gaps (ns) between consecutive stamps whose interval overlaps [start, end]."""
+    lo = max(bisect.bisect_right(stamps, start) - 1, 0)
+    hi = min(bisect.bisect_left(stamps, end) + 1, len(stamps))
+    return [stamps[i] - stamps[i - 1] for i in range(lo + 1, hi)
+            if stamps[i] > start and stamps[i - 1] < end]
+
+
+def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int, int],
+              updates: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """The figures of one run (ms, µs and frames/s as named); see the module docstring."""
+    if len(stamps) < 2 or not updates:
+        raise ValueError("no frames completed, or no update: nothing to summarize")
+    b_gaps = gaps_overlapping(stamps, *baseline)
+    per_update = [gaps_overlapping(stamps, s, e) for s, e in updates]
+    if not b_gaps or any(not g for g in per_update):
+        raise ValueError("a window saw no completed frame at all: the loop stopped")
+    during = [g for gs in per_update for g in gs]
+    longest = [max(gs) for gs in per_update]
+    round_trips = [e - s for s, e in updates]
+    first = bisect.bisect_left(stamps, updates[0][0])
+    last = bisect.bisect_right(stamps, updates[-1][1])
+    frames = sum(counts[first:last])
+    span = updates[-1][1] - updates[0][0]
+    b_first = bisect.bisect_left(stamps, baseline[0])
+    b_last = bisect.bisect_right(stamps, baseline[1])
+    return {
+        "updates": len(updates),
+        "update_ms_median": statistics.median(round_trips) / 1e6,
+        "update_ms_max": max(round_trips) / 1e6,
+        # Which update was slowest (0 = the first hot-add, odd = a removal).
+        "update_slowest": round_trips.index(max(round_trips)),
+        "gap_ms_max_during_updates": max(longest) / 1e6,
+        "gap_ms_median_of_update_max": statistics.median(longest) / 1e6,
+        "gap_us_median_during_updates": statistics.median(during) / 1e3,
+        "gap_ms_max_baseline": max(b_gaps) / 1e6,
+        "gap_us_median_baseline": statistics.median(b_gaps) / 1e3,
+        "frames_per_s_baseline": sum(counts[b_first:b_last]) * NS / (baseline[1] - baseline[0]),
+        "frames_per_s_during_updates": frames * NS / span,
+    }
+
+
+def _realtime() -> bool:
+    """Put the control side (this process, after the fork) at SCHED_FIFO priority 1.
+
+    It shares CPU 1 with the busy driver; without priority its reply would wait for the
+    driver's time slice (milliseconds), which would count as the back-end's update time.
+    It sleeps or blocks in recv almost all the time, so it takes little from the driver.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except OSError:
+        return False
+    return True
+
+
+# -- one run -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def backend(run: Run, kind: str, sock: Path) -> Iterator[int]:
+    """Start a back-end listening on ``sock`` (forwarding on BACKEND_CPU); yield its pid."""
+    if kind.startswith("pyvhost"):
+        proc = run.start(["taskset", "-c", str(BACKEND_CPU),
+                          *pyvhost_argv("net", "--socket", str(sock), "--reflect",
+                                        "--no-stats", "-q")], kind, env=pyvhost_env(kind))
+    else:
+        proc = run.testpmd("dpdk", [f"net_vhost0,iface={sock},queues=1"],
+                           ["--forward-mode=macswap"], forward_cpu=BACKEND_CPU)
+    wait_for(sock.exists, f"{kind}'s socket", proc)
+    yield proc.popen.pid
+    if proc.popen.poll() is not None:
+        raise SystemExit(f"{kind} exited ({proc.popen.returncode}):\n{proc.text()[-2000:]}")
+
+
+def _hotplug(session: Session, memory: FrontendMemory, cycles: int, dimm_mib: int,
+             interval_s: float, updates: list[tuple[int, int]]) -> None:
+    """Add a DIMM and remove it ``cycles`` times; append each update's (start, end) ns."""
+    for _ in range(cycles):
+        dimm = session.add_region(dimm_mib * MiB)
+        t0 = time.monotonic_ns()
+        session.update_memory()
+        updates.append((t0, time.monotonic_ns()))
+        time.sleep(interval_s)
+        memory.detach(dimm)
+        t0 = time.monotonic_ns()
+        session.update_memory()
+        updates.append((t0, time.monotonic_ns()))
+        dimm.close()
+        time.sleep(interval_s)
+
+
+def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: float,
+            interval_s: float, work: Path) -> dict[str, float]:
+    mem_slots = KINDS[kind]
+    run = Run(work)
+    sock = work / f"{kind}.sock"
+    memory = FrontendMemory()
+    fe = Frontend(ack_all=False)
+    ctl = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
+    child = 0
+    realtime = False
+    out = work / f"{kind}.stamps"
+    os.sched_setaffinity(0, {TRAFFIC_CPU})
+    try:
+        with backend(run, kind, sock):
+            fe.connect(sock, timeout=UPDATE_TIMEOUT)
+            profile = replace(QEMU_72, queue_size={"net": QUEUE_SIZE, "blk": 128, "fs": 128})
+            session = Session(profile, fe, memory)
+            session.negotiate(None if mem_slots
+                              else ~int(ProtocolFeature.CONFIGURE_MEM_SLOTS))
+            if mem_slots != fe.uses_mem_slots:
+                raise SystemExit(f"{kind}: CONFIGURE_MEM_SLOTS is "
+                                 f"{'not ' if mem_slots else ''}negotiated")
+            boot = session.add_region(boot_mib * MiB, boot=True)
+            session.start(boot)
+            child = run_driver(boot, fe.vrings[RX], fe.vrings[TX], ctl, out)
+            realtime = _realtime()
+            time.sleep(1.0)  # let the loop fill
+            ctl[0] = RECORD
+            b0 = time.monotonic_ns()
+            time.sleep(baseline_s)
+            b1 = time.monotonic_ns()
+            updates: list[tuple[int, int]] = []
+            try:
+                _hotplug(session, memory, cycles, dimm_mib, interval_s, updates)
+            except PyvhostError as e:
+                raise BenchError(f"update {len(updates) + 1} of {2 * cycles}: {e}") from e
+            # Frames after the last update close its gap: a back-end that resumes slowly
+            # (DPDK after a remap) would otherwise leave its last window without an end.
+            time.sleep(1.0)
+            ctl[0] = STOP
+            _, status = os.waitpid(child, 0)
+            child = 0
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"{kind}: the traffic driver failed")
+            stamps, counts = read_stamps(out)
+    finally:
+        if child:
+            ctl[0] = STOP
+            os.waitpid(child, 0)
+        fe.close()
+        memory.close()
+        run.close()
+        ctl.close()
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    if not realtime:
+        print(f"  {kind}: SCHED_FIFO refused; update round trips include waiting for the "
+              "driver's time slice", file=sys.stderr)
+    try:
+        return summarize(stamps, counts, (b0, b1), updates)
+    except ValueError as e:
+        raise BenchError(f"{kind}: {e}") from e
+
+
+# -- the report --------------------------------------------------------------------------
+
+ROWS = (
+    ("update round trip, median (ms)", "update_ms_median", 3),
+    ("update round trip, longest (ms)", "update_ms_max", 3),
+    ("longest gap overlapping an update (ms)", "gap_ms_max_during_updates", 3),
+    ("median over updates of the longest gap (ms)", "gap_ms_median_of_update_max", 3),
+    ("median gap between completions during updates (µs)",
+     "gap_us_median_during_updates", 1),
+    ("longest gap without updates (ms)", "gap_ms_max_baseline", 3),
+    ("median gap without updates (µs)", "gap_us_median_baseline", 1),
+    ("frames/s without updates", "frames_per_s_baseline", 0),
+    ("frames/s during updates", "frames_per_s_during_updates", 0),
+)
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    """The Markdown table: one column per back-end, DPDK / pyvhost last."""
+    kinds = list(results)
+    head = "| figure | " + " | ".join(kinds)
+    ratio = "dpdk" in results and "pyvhost" in results
+    lines = [head + (" | DPDK / pyvhost |" if ratio else " |"),
+             "|---|" + "---:|" * (len(kinds) + ratio)]
+    for label, key, digits in ROWS:
+        cells = [f"{results[k][key]:,.{digits}f}" for k in kinds]
+        if ratio:
+            py = results["pyvhost"][key]
+            cells.append(f"{results['dpdk'][key] / py:.1f}x" if py else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="10 cycles, 1 s without updates, one run")
+    ap.add_argument("--cycles", type=int, default=100,
+                    help="DIMMs hot-added and removed (2 table updates each)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per back-end, alternating; medians shown")
+    ap.add_argument("--kinds", default=",".join(KINDS),
+                    help=f"back-ends, comma-separated (of {', '.join(KINDS)})")
+    ap.add_argument("--boot-mib", type=int, default=256, help="boot RAM (MiB)")
+    ap.add_argument("--dimm-mib", type=int, default=128, help="each DIMM (MiB)")
+    ap.add_argument("--baseline", type=float, default=3.0,
+                    help="seconds of traffic without updates, before them")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.cycles, args.baseline, args.repeat = 10, 1.0, 1
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        raise SystemExit(f"--kinds: some of {', '.join(KINDS)}")
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs (one for the back-end, one for the front-end)")
+    runs: dict[str, list[dict[str, float]]] = {}
+    failures: dict[str, list[str]] = {}
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="pyvhost-bgap-") as tmp:
+        for i in range(args.repeat):
+            for kind in kinds:
+                try:
+                    r = measure(kind, args.cycles, args.boot_mib, args.dimm_mib,
+                                args.baseline, 0.010, Path(tmp))
+                except BenchError as e:
+                    failures.setdefault(kind, []).append(str(e).splitlines()[0])
+                    print(f"  {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
+                    continue
+                runs.setdefault(kind, []).append(r)
+                print(f"  {kind} #{i + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()),
+                      file=sys.stderr)
+    load_after = os.getloadavg()[0]
+    results = {k: medians(rs) for k, rs in runs.items()}
+    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, kernel {platform.release()}; "
+          f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); date "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; {args.cycles} DIMMs of {args.dimm_mib} MiB "
+          f"added and removed ({2 * args.cycles} updates) over {args.boot_mib} MiB of boot "
+          f"RAM; medians of {args.repeat} alternating run(s); 1-min load average "
+          f"{load_before:.1f} before, {load_after:.1f} after\n")
+    print(table(results))
+    for kind, why in failures.items():
+        print(f"\n{kind}: {len(why)} of {args.repeat} run(s) failed: {'; '.join(why)}")
+    if args.json:
+        doc: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+                               "loadavg": [load_before, load_after], "results": results,
+                               "runs": runs, "failures": failures}
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()

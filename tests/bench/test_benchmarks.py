@@ -1,0 +1,138 @@
+"""The one-command benchmarks (benchmarks/): each one's --help, and the code that turns
+raw samples into figures (gaps, CPU shares, testpmd's rates, option filtering), fed with
+made-up samples. No timing is measured or asserted here: the benchmarks' figures go to
+BENCHMARKS.md, never into a test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_hotplug_gap as gap  # noqa: E402
+import bench_idle as idle  # noqa: E402
+import bench_switch as sw  # noqa: E402
+
+from pyvhost.tools.process import pyvhost_argv  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["bench_switch.py", "bench_idle.py",
+                                    "bench_hotplug_gap.py"])
+def test_help(script: str) -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "--json" in out and "--quick" in out
+
+
+# -- bench_hotplug_gap --------------------------------------------------------------------
+
+def test_gaps_overlapping_takes_the_gaps_that_touch_the_window() -> None:
+    stamps = [0, 10, 20, 100, 110]
+    # (20, 100) spans the whole window; (10, 20) ends inside it; (100, 110) starts after.
+    assert gap.gaps_overlapping(stamps, 15, 50) == [10, 80]
+    assert gap.gaps_overlapping(stamps, 30, 40) == [80]
+    assert gap.gaps_overlapping(stamps, 200, 300) == []
+
+
+def test_summarize_reports_the_stall_of_an_update() -> None:
+    # A completion every 10 µs with 4 frames, except a 5 ms hole during the second update.
+    stamps = [t for t in range(0, 20_000_000, 10_000) if not 10_000_000 < t < 15_000_000]
+    counts = [4] * len(stamps)
+    updates = [(9_000_000, 9_500_000), (10_000_100, 14_999_900), (17_000_000, 17_300_000)]
+    s = gap.summarize(stamps, counts, (0, 4_000_000), updates)
+    assert s["updates"] == 3
+    assert s["gap_ms_max_during_updates"] == pytest.approx(5.0)
+    assert s["gap_ms_median_of_update_max"] == pytest.approx(0.01)
+    assert s["gap_ms_max_baseline"] == pytest.approx(0.01)
+    assert s["gap_us_median_baseline"] == pytest.approx(10.0)
+    assert s["update_ms_median"] == pytest.approx(0.5)
+    assert s["update_ms_max"] == pytest.approx(4.9998)
+    assert s["update_slowest"] == 1
+    assert s["frames_per_s_baseline"] == pytest.approx(400_000, rel=0.01)
+
+
+def test_summarize_refuses_a_window_without_frames() -> None:
+    with pytest.raises(ValueError):
+        gap.summarize([0, 10], [1, 1], (0, 10), [(100, 200)])
+
+
+def test_gap_table_has_the_ratio_column() -> None:
+    row = {key: 2.0 for _, key, _ in gap.ROWS}
+    text = gap.table({"pyvhost": row, "dpdk": {k: 2 * v for k, v in row.items()}})
+    assert "| DPDK / pyvhost |" in text.splitlines()[0]
+    assert text.splitlines()[2].endswith("| 2.0x |")
+    assert len(text.splitlines()) == 2 + len(gap.ROWS)
+
+
+# -- bench_idle ---------------------------------------------------------------------------
+
+def test_idle_summary_and_table() -> None:
+    s = idle.summarize((1.0, 100, 1.0, 10.0), (1.05, 120, 1.0, 20.0))
+    assert s["cpu_percent"] == pytest.approx(0.5)
+    assert s["cpu_percent_stat"] == 0
+    assert s["wakeups_per_s"] == pytest.approx(2.0)
+    dpdk = idle.summarize((0.0, 0, 0.0, 0.0), (10.0, 50, 10.0, 10.0))
+    text = idle.table({"pyvhost": s, "dpdk": dpdk})
+    assert "| pyvhost | 0.500 | 0.00 | 2.0 | 200x |" in text
+
+
+# -- bench_switch -------------------------------------------------------------------------
+
+def test_net_options_reads_this_pyvhost_net() -> None:
+    help_text = subprocess.run(pyvhost_argv("net", "--help"), capture_output=True,
+                               text=True, check=True).stdout
+    options = sw.net_options(help_text)
+    assert options["--socket"] is True and options["--queue-pairs"] is True
+    assert options["--reflect"] is False and options["--mem-slots"] is False
+    # The usage examples above "Options:" are not options of pyvhost net.
+    assert "--vdev" not in options and "--nb-cores" not in options
+
+
+def test_split_pyvhost_args_skips_what_net_lacks() -> None:
+    options = {"--queue-pairs": True, "--reflect": False, "--mac": True}
+    kept, dropped = sw.split_pyvhost_args(
+        ["--workers", "2", "--queue-pairs", "2", "--poll-us=50", "--reflect", "--nope",
+         "--mac=02:00:00:00:00:01"], options)
+    assert kept == ["--queue-pairs", "2", "--reflect", "--mac=02:00:00:00:00:01"]
+    assert dropped == ["--workers", "--poll-us", "--nope"]
+
+
+SHOW_PORT_STATS = """
+  ######################## NIC statistics for port 0  ########################
+  RX-packets: 1000       RX-missed: 0          RX-bytes:  64000
+  Throughput (since last show)
+  Rx-pps:       338157          Rx-bps:    173136384
+  Tx-pps:       338150          Tx-bps:    173132800
+  ############################################################################
+  ######################## NIC statistics for port 1  ########################
+  Throughput (since last show)
+  Rx-pps:        11843          Rx-bps:      6063616
+  Tx-pps:        11840          Tx-bps:      6062080
+  ############################################################################
+"""
+
+
+def test_port_rates_sums_the_ports() -> None:
+    assert sw.port_rates(SHOW_PORT_STATS, 1) == 338157
+    assert sw.port_rates(SHOW_PORT_STATS, 2) == 350000
+    with pytest.raises(sw.BenchError):
+        sw.port_rates(SHOW_PORT_STATS, 3)
+
+
+def test_switch_figures_and_table() -> None:
+    f = sw.figures(1_000_000, 64, cpu_s=2.0, span=2.0, samples=1)
+    assert f["gbit_per_s"] == pytest.approx(0.512)
+    assert f["cpu_s_per_mframe"] == pytest.approx(1.0)
+    c = sw.figures(4_000_000, 64, cpu_s=2.0, span=2.0, samples=1)
+    text = sw.table({"64 B, 1 qp": {"pyvhost": f, "dpdk": c}}, ["pyvhost", "pyvhost-pure",
+                                                                 "dpdk"])
+    lines = text.splitlines()
+    assert lines[2].startswith("| 64 B, 1 qp | pyvhost | 1,000,000 |")
+    assert lines[2].endswith("| 4.0x | 4.0x |")
+    assert lines[3] == "| 64 B, 1 qp | pyvhost-pure | failed | | | | | |"
+    assert sw.queue_options(1) == [] and sw.queue_options(2) == ["--rxq=2", "--txq=2"]
