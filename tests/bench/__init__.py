@@ -1,0 +1,1 @@
+"""Tests of the benchmarks: --help, and turning samples into figures (no timing)."""
