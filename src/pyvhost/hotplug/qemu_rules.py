@@ -11,12 +11,18 @@ space, rounded to their page size and merged (hw/virtio/vhost.c). What changed i
 - ``memory_device_check_addable()`` asks for the memslots the device needs (1 for a DIMM)
   plus those reserved by devices with dynamic memslots, and says "a used vhost backend has
   not enough free memory slots left" (7.2: "has no free memory slots left").
-- the free count is per vhost device, its limit less its own ``mem->nregions``; 7.2 used
-  one global count, the same number for vhost-user devices (they all see the same view).
+- the free count is per vhost device, its limit less its own ``mem->nregions`` (8.1 split
+  7.2's one global ``used_memslots`` into a shared and a private count, a later release
+  made it per device); 7.2 compares the smallest limit with the count of the device that
+  committed last. All vhost-user devices keep the same sections (the fd-backed ones), so
+  for them every version refuses at the smallest limit over the devices.
 
 Measured (tests/hotplug, paused q35, 256 MiB memfd boot RAM, DPDK 22.11): both versions
-take 6 DIMMs and refuse the 7th. A version not listed here gets the rules of the nearest
-known one and a warning note.
+take 6 DIMMs and refuse the 7th. With two vhost-user NICs, one on a back-end with
+CONFIGURE_MEM_SLOTS (509) and one without (pyvhost --no-mem-slots, or DPDK 22.11), both
+versions refuse at 8 regions, the smaller limit (test_two_vhost_user_devices.py, paused
+and booted). A version not listed here gets the rules of the nearest known one and a
+warning note.
 """
 
 from __future__ import annotations

@@ -260,7 +260,9 @@ def _vhost_user(monitor: Monitor) -> tuple[list[VhostUserDevice], list[str]]:
                 id=name, qom_path=path, driver=qom_type, chardev=chardev, socket=socket,
                 started=bool(status.get("vhost-started", False)),
                 configure_mem_slots=slots, qemu_region_count=count))
-    return found, ids
+    # qom-list walks a hash table: its order changes as devices come and go. Sorted, the
+    # devices (and every message naming them) read the same from one call to the next.
+    return sorted(found, key=lambda d: d.id), ids
 
 
 def read_state(monitor: Monitor) -> VmState:
