@@ -254,7 +254,32 @@ def test_resize_refusals(device: str, size: int, share: bool, code: Code) -> Non
     assert [r.code for r in plan_resize(device, size, state).refusals] == [code]
 
 
-def test_virtio_mem_is_not_removed_but_shrunk() -> None:
+def test_virtio_mem_is_not_removed_on_7_2_but_shrunk() -> None:
     plan = plan_remove("vmem0", _with_virtio_mem())
     assert [r.code for r in plan.refusals] == [Code.BAD_REQUEST]
+    assert "QEMU 7.2 cannot unplug" in plan.refusals[0].message
     assert "resize" in plan.refusals[0].message
+
+
+def _on_10_0(state: VmState, bus: str) -> VmState:
+    devices = tuple(replace(d, bus=bus) for d in state.memory_devices)
+    return replace(state, memory_devices=devices, qemu_version=(10, 0, 2))
+
+
+def test_virtio_mem_is_removed_on_10_0_when_empty_and_on_a_root_port() -> None:
+    plan = plan_remove("vmem0", _on_10_0(_with_virtio_mem(), "/machine/peripheral/rp1/rp1"))
+    assert not plan.refused
+    assert [(s.command, s.wait_deleted) for s in plan.steps] == [
+        ("device_del", "vmem0"), ("object-del", None)]
+    assert plan.backend_id == "vmem0-mem"
+
+
+@pytest.mark.parametrize(("requested", "bus", "code", "words"), [
+    (M128, "/machine/peripheral/rp1/rp1", Code.VIRTIO_MEM_PLUGGED, "QEMU 10.0 unplugs"),
+    (0, "/machine/q35/pcie.0", Code.BAD_REQUEST, "on pcie.0"),
+])
+def test_virtio_mem_remove_refusals_on_10_0(requested: int, bus: str, code: Code,
+                                            words: str) -> None:
+    plan = plan_remove("vmem0", _on_10_0(_with_virtio_mem(requested=requested), bus))
+    assert [r.code for r in plan.refusals] == [code]
+    assert words in plan.refusals[0].message and "7.2" not in plan.refusals[0].message

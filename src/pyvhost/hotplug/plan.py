@@ -7,10 +7,12 @@ would run (``--dry-run`` shows them; tests force them past the planner to see QE
 verdict), but the executor runs it only when forced.
 
 Every refusal has a stable code (:class:`Code`) and a message that says what to change.
-The checks are the ones QEMU 7.2 does late, badly worded, or not at all (TESTBED.md):
-a DIMM QEMU does not share with vhost-user back-ends is accepted and onlined by the guest,
-yet the back-ends never see it; the vhost-user region limit counts flat-view regions, not
-DIMMs; hugepages short fail ``object-add`` with "Cannot allocate memory".
+The checks are the ones QEMU (7.2 and 10.0, measured: tests/hotplug) does late, badly
+worded, or not at all: a DIMM QEMU does not share with vhost-user back-ends is accepted and
+onlined by the guest, yet the back-ends never see what the guest writes there
+(:mod:`.sharing`); the vhost-user region limit counts flat-view regions, not DIMMs
+(:mod:`.flatview`); hugepages short fail ``object-add`` with "Cannot allocate memory".
+Messages name the QEMU version that runs (``query-version``, :mod:`.qemu_rules`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from typing import Any, Generic, Literal, TypeVar
 from pyvhost.units import MiB
 
 from .host import HostFacts
+from .qemu_rules import rules_for
 from .regions import region_limit_info
 from .sharing import BOOT_RAM_NOT_SHARED, memory_problems, unshared_effect
-from .state import BASELINE_REGIONS, VmState, vhost_regions
+from .state import BASELINE_REGIONS, MemoryDevice, VmState, vhost_regions
 
 # Linux x86-64 onlines hot-added memory in 128 MiB blocks (memory_block_size_bytes);
 # the rest of a DIMM that is not a whole number of blocks is never used by the guest.
@@ -53,6 +56,7 @@ class Code(StrEnum):
     DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
     NOT_VIRTIO_MEM = "NOT_VIRTIO_MEM"
     VIRTIO_MEM_SIZE_EXCEEDED = "VIRTIO_MEM_SIZE_EXCEEDED"
+    VIRTIO_MEM_PLUGGED = "VIRTIO_MEM_PLUGGED"
 
 
 CodeT = TypeVar("CodeT", bound=StrEnum)
@@ -328,23 +332,54 @@ def plan_add(req: AddRequest, state: VmState, host: HostFacts,
 
 
 def plan_remove(device_id: str, state: VmState) -> Plan:
-    """Plan ``device_del`` (wait for DEVICE_DELETED) then ``object-del`` of its backend."""
+    """Plan ``device_del`` (wait for DEVICE_DELETED) then ``object-del`` of its backend.
+
+    A DIMM, or a virtio-mem device where the QEMU version unplugs those (10.0, not 7.2)
+    and nothing is plugged or requested in it."""
     dev = state.device(device_id)
     if dev is None:
         return Plan("remove", device_id, None, (), (_not_found(device_id, state),))
     if dev.kind == "virtio-mem":
-        # QEMU 7.2 cannot unplug a virtio-mem device; the guest gives its memory back
-        # when asked for a smaller requested-size.
-        return Plan("remove", device_id, dev.memdev, (), (Refusal(
-            Code.BAD_REQUEST,
-            f"{device_id} is a virtio-mem device: QEMU 7.2 cannot unplug it; shrink it "
-            f"instead (pyvhost mem resize --qmp SOCK {device_id} --size 0)"),))
+        refusal = _virtio_mem_unplug_refusal(dev, state)
+        if refusal is not None:
+            return Plan("remove", device_id, dev.memdev, (), (refusal,))
     steps = [Step("device_del", {"id": device_id}, wait_deleted=device_id)]
     if dev.memdev is not None:
         steps.append(Step("object-del", {"id": dev.memdev}))
     prediction = Prediction(state.slots_used - (dev.slot is not None),
                             state.maxmem_left + dev.size, None, None)
     return Plan("remove", device_id, dev.memdev, tuple(steps), (), prediction)
+
+
+#: q35's root bus: a device on it cannot be hot-unplugged ("Bus 'pcie.0' does not support
+#: hotplugging", QEMU 7.2 and 10.0).
+ROOT_BUS = "pcie.0"
+
+
+def _virtio_mem_unplug_refusal(dev: MemoryDevice, state: VmState) -> Refusal[Code] | None:
+    """Why QEMU would refuse device_del of virtio-mem device ``dev``, if it would."""
+    rules, _ = rules_for(state.qemu_version)
+    shrink = f"pyvhost mem resize --qmp SOCK {dev.id} --size 0"
+    if not rules.virtio_mem_unplug:
+        return Refusal(Code.BAD_REQUEST,
+                       f"{dev.id} is a virtio-mem device: QEMU {rules.name} cannot unplug "
+                       f"it (\"virtio based memory devices cannot be unplugged\"); shrink "
+                       f"it instead ({shrink})")
+    if dev.bus is not None and dev.bus.rsplit("/", 1)[-1] == ROOT_BUS:
+        return Refusal(Code.BAD_REQUEST,
+                       f"{dev.id} is a virtio-mem device on {ROOT_BUS}, q35's root bus, "
+                       f"which has no hot-unplug: QEMU {rules.name} refuses device_del "
+                       f"there; shrink it instead ({shrink}), or give virtio-mem devices "
+                       f"you mean to remove a pcie-root-port (-device pcie-root-port,"
+                       f"id=rp1 and bus=rp1)")
+    requested = dev.requested_size or 0
+    if dev.size or requested:
+        return Refusal(Code.VIRTIO_MEM_PLUGGED,
+                       f"{dev.id} still has {_size_text(dev.size)} plugged and "
+                       f"{_size_text(requested)} requested: QEMU {rules.name} unplugs a "
+                       f"virtio-mem device only when both are 0; shrink it first "
+                       f"({shrink}), then remove it")
+    return None
 
 
 def _not_found(device_id: str, state: VmState) -> Refusal[Code]:

@@ -1,5 +1,6 @@
 """What differs between the QEMU versions pyvhost knows, as data: the vhost-user region
-cap and QEMU's words when a memory device is refused for want of regions. Pure.
+cap, QEMU's words when a memory device is refused for want of regions, and whether a
+virtio-mem device can be unplugged. Pure.
 
 The region count itself (:mod:`.flatview`) is the same in every version tested: the
 vhost-user memory listener keeps the fd-backed RAM sections of the "memory" address
@@ -42,11 +43,18 @@ class QemuRules:
     name: str
     max_ram_slots: int  # VHOST_USER_MAX_RAM_SLOTS (x86)
     region_refusal: str  # QEMU's error for a memory device beyond the region limit
+    # device_del of a virtio-mem-pci device: 7.2 refuses it ("virtio based memory devices
+    # cannot be unplugged."); 10.0 takes it once nothing is plugged or requested (size
+    # and requested-size 0) and the device sits on a hot-pluggable bus. Measured on both
+    # (tests/hotplug/test_virtio_mem_remove.py).
+    virtio_mem_unplug: bool
 
 
-QEMU_7_2 = QemuRules("7.2", 256, "a used vhost backend has no free memory slots left")
+QEMU_7_2 = QemuRules("7.2", 256, "a used vhost backend has no free memory slots left",
+                     virtio_mem_unplug=False)
 QEMU_10_0 = QemuRules("10.0", 512,
-                      "a used vhost backend has not enough free memory slots left")
+                      "a used vhost backend has not enough free memory slots left",
+                      virtio_mem_unplug=True)
 #: The versions tested against real QEMU (tests/hotplug with PYVHOST_QEMU).
 KNOWN: dict[tuple[int, int], QemuRules] = {(7, 2): QEMU_7_2, (10, 0): QEMU_10_0}
 

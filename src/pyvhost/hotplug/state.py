@@ -18,6 +18,7 @@ It must not change anything in QEMU and must not decide: :mod:`.plan` does.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,9 @@ class MemoryDevice:
     requested_size: int | None = None
     block_size: int | None = None
     max_size: int | None = None
+    # virtio-mem only: the QOM path of the bus it sits on (``parent_bus``), which decides
+    # whether device_del can take it away at all (q35's root bus pcie.0 cannot).
+    bus: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,14 @@ def _memory_device(entry: dict[str, Any]) -> MemoryDevice:
                         max_size=opt("max-size"))
 
 
+def _with_bus(monitor: Monitor, dev: MemoryDevice) -> MemoryDevice:
+    """A virtio-mem device with the bus it sits on (DIMMs are on none)."""
+    if dev.kind != "virtio-mem" or dev.id is None:
+        return dev
+    bus = _get(monitor, f"/machine/peripheral/{dev.id}", "parent_bus")
+    return dataclasses.replace(dev, bus=str(bus) if bus else None)
+
+
 def _netdevs(info_network: str) -> dict[str, tuple[str, str | None]]:
     """netdev id -> (type, chardev) from HMP ``info network``."""
     out: dict[str, tuple[str, str | None]] = {}
@@ -272,7 +284,8 @@ def read_state(monitor: Monitor) -> VmState:
     objects = _children(monitor, "/objects")
     backends = tuple(_backend(monitor, oid, t) for oid, t in objects
                      if t.startswith("memory-backend-"))
-    devices = tuple(_memory_device(e) for e in monitor.execute("query-memory-devices"))
+    devices = tuple(_with_bus(monitor, _memory_device(e))
+                    for e in monitor.execute("query-memory-devices"))
     vhost, device_ids = _vhost_user(monitor)
     numa = _NUMA_NODES.match(monitor.hmp("info numa").strip())
     status = monitor.execute("query-status")
