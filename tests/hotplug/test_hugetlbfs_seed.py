@@ -79,7 +79,8 @@ def test_seed_scenario_on_hugetlbfs(huge_mount: Path, backend: str, boot_vm: Boo
     c = q.console
     qmp = str(q.qmp_path)
     needle = f"{qdir}/"
-    # Boot RAM on 2 MiB pages is one region (TESTBED.md): one fd, one mapping.
+    # Boot RAM on 2 MiB pages is one region (both q35 pieces round to the same pages,
+    # pyvhost.hotplug.flatview): one fd, one mapping.
     assert _held(peer.pid, needle, 1) == (1, 1)
 
     code, status = run_json("status", "--qmp", qmp)

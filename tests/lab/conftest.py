@@ -1,6 +1,7 @@
 """Fixtures of the lab tests: the guest image (built once per session) and booted guests.
 
-Each guest is a real ``qemu-system-x86_64`` (TCG, q35, memfd boot RAM, qboot; TESTBED.md)
+Each guest is a real ``qemu-system-x86_64`` (TCG, q35, memfd boot RAM, qboot: see
+:mod:`pyvhost.lab.qemu` for why)
 started by :class:`pyvhost.lab.qemu.Qemu`: paused (``-S``) so the console is connected before
 the guest prints anything, then resumed over QMP. It is ended by pid when the test ends, pass
 or fail, and its sockets' directory is removed after it.

@@ -42,7 +42,7 @@ def test_guest_boots_and_answers_commands(boot_guest: BootGuest) -> None:
     assert c.run("echo \"$((6 * 7))\" '|&;<>' \\$HOME") == (0, "42 |&;<> $HOME\n")
 
     size, blocks = c.memory_blocks()
-    assert size == 128 << 20  # TESTBED.md: 128 MiB blocks
+    assert size == 128 << 20  # Linux x86-64 onlines memory in 128 MiB blocks
     assert blocks and all(b.online for b in blocks)
 
 

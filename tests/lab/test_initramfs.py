@@ -41,7 +41,7 @@ def _assert_deps_first(order: list[str], depends: dict[str, tuple[str, ...]]) ->
 
 
 def test_load_order_puts_dependencies_first_even_if_asked_in_the_wrong_order() -> None:
-    # The order TESTBED.md once gave: virtio before virtio_ring, which insmod refuses.
+    # An order once written down by hand: virtio before virtio_ring, which insmod refuses.
     wanted = ["virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
               "virtio_pci", "failover", "net_failover", "virtio_net", "virtio_blk"]
     order = load_order(DEBIAN_DEPENDS, wanted)

@@ -123,10 +123,11 @@ class Procs:
     def testpmd(self, vdev: str, *app_args: str, name: str = "testpmd",
                 stdin_pipe: bool = True, eal_args: Sequence[str] = (),
                 huge_dir: Path | None = None) -> Started:
-        """DPDK testpmd with no hugepages and no PCI (TESTBED.md), one forwarding core.
+        """DPDK testpmd with no hugepages and no PCI (``--no-huge -m 512 --no-pci``: DPDK
+        then backs its memory with a memfd), one forwarding core.
         ``eal_args`` go before ``--vdev`` (e.g. ``--main-lcore 1`` to forward on core 0).
         With ``huge_dir`` (a hugetlbfs mount) it runs on hugepages, with ``-m 256`` so it
-        leaves pages for the VM (TESTBED.md: more and it takes 300+)."""
+        leaves pages for the VM (without ``-m`` it took 300+ 2 MiB pages)."""
         binary = need("dpdk-testpmd", "dpdk-dev")
         prefix = f"pyvhost-{name}-{uuid.uuid4().hex[:8]}"
         memory = (["--huge-dir", str(huge_dir), "-m", "256"] if huge_dir is not None

@@ -2,7 +2,8 @@
 Pure: it reads a :class:`~.state.VmState` and says, per backend, what is wrong.
 
 Two different failures, both accepted by QEMU and by libvirt 9.0 without a word
-(TESTBED.md, measured with DPDK 22.11):
+(measured with QEMU 7.2 and DPDK 22.11; the back-end's view is tested in
+tests/hotplug/test_booted_guest.py):
 
 - an fd-backed backend with ``share=off`` (libvirt: ``access='private'``): QEMU sends the
   back-end the region and its fd, the back-end maps the file, but QEMU mapped it

@@ -1,8 +1,9 @@
 """Which accelerator QEMU gets: KVM only where a guest really boots with it, else TCG.
 
 Owns the decision and its cached verdict. ``/dev/kvm`` being there is not enough: on some
-hosts it is a nested layer under which stock kernels never finish booting (TESTBED.md:
-a "PVM" layer; ``-cpu host`` even aborts QEMU there). So ``auto`` boots a throwaway guest
+hosts it is a nested layer under which stock kernels never finish booting (measured on the
+project's test machines: a "PVM" layer; ``-cpu host`` even aborts QEMU there, on MSR
+0x10a). So ``auto`` boots a throwaway guest
 with KVM once, with a short deadline, and remembers the outcome for this host kernel in
 ``$XDG_CACHE_HOME/pyvhost/accel.json``; later runs go straight to the verdict. A guest
 that does not reach its ready marker under KVM within :data:`KVM_TRIAL_TIMEOUT` seconds

@@ -22,7 +22,7 @@ then ``cont`` and a wait for ``/init``'s ready marker.
 
 It must not decide hot-plug policy (:mod:`pyvhost.hotplug`), build guest images
 (:mod:`.image`) or speak the guest's command protocol (:mod:`.guest`).
-Facts it follows (TESTBED.md): TCG unless asked for KVM (:mod:`.accel` asks only where a
+Facts it follows (measured on the project's test machines): TCG unless asked for KVM (:mod:`.accel` asks only where a
 guest really boots with it); ``vectors=0`` on vhost-user devices (QEMU 7.2 +
 TCG + MSI-X crashes when the guest starts the device); qboot instead of SeaBIOS when a
 kernel is booted; the vhost-user back-end must listen before QEMU starts.
@@ -61,7 +61,7 @@ RamBackend = Literal["memfd", "ram", "file"]
 Channel = Literal["serial", "virtio"]
 #: TCG everywhere the lab has run; KVM where a guest really boots with it (:mod:`.accel`
 #: decides). Under KVM the CPU model stays QEMU's default: ``-cpu host`` aborted QEMU
-#: on a nested KVM layer (TESTBED.md, MSR 0x10a).
+#: on a nested KVM layer (MSR 0x10a, on the project's test machines).
 Accel = Literal["tcg", "kvm"]
 
 
