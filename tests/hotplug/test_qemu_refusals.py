@@ -240,3 +240,27 @@ def test_status_table_and_dry_run(start_qemu: StartQemu, procs: Procs, tmp_path:
 def test_unreachable_qmp_is_a_usage_error(tmp_path: Path) -> None:
     code, doc = run_json("status", "--qmp", str(tmp_path / "nothing.sock"))
     assert code == 2 and "no QMP socket at" in doc["error"]["message"], doc
+
+
+@pytest.mark.parametrize("qom_type", ["memory-backend-memfd", "memory-backend-ram"])
+def test_unshared_dimm_added_on_hmp_is_flagged_by_status(
+        start_qemu: StartQemu, procs: Procs, tmp_path: Path, qom_type: str) -> None:
+    """What an operator types on HMP (or libvirt's access='private' does): QEMU takes the
+    DIMM; ``mem status`` reports it as an error with its ids, and ``mem add`` notes it."""
+    sock = _pyvhost_backend(procs, tmp_path)
+    q = start_qemu(QemuConfig(vhost_user_net=(VhostUserNet(sock),)))
+    share = ",share=off" if qom_type != "memory-backend-ram" else ""
+    for line in (f"object_add {qom_type},id=priv-mem,size=128M{share}",
+                 "device_add pc-dimm,id=priv,memdev=priv-mem"):
+        out = q.control.cmd("human-monitor-command", **{"command-line": line})
+        assert out == "", out
+    code, status = run_json("status", "--qmp", str(q.qmp_path))
+    assert code == 1, status  # an error on this VM: status exits 1
+    (problem,) = status["problems"]
+    assert (problem["code"], problem["id"], problem["device"]) == (
+        "NOT_SHARED_WITH_VHOST_USER", "priv-mem", "priv"), problem
+    assert "net0" in problem["message"] and "pyvhost mem remove priv" in problem["message"]
+    code, text = run_mem("status", "--qmp", str(q.qmp_path))
+    assert code == 1 and "priv-mem" in text and "NOT_SHARED_WITH_VHOST_USER" in text, text
+    code, doc = run_json("add", "--qmp", str(q.qmp_path), "--size", "128M", "--dry-run")
+    assert code == 0 and any("already wrong" in n and "priv" in n for n in doc["notes"]), doc
