@@ -2,8 +2,9 @@
 
 The decision logic is checked with a stand-in trial (extra unit tests); the trial itself
 runs for real: a guest under ``-accel kvm`` on this host's QEMU 7.2, with whatever
-``/dev/kvm`` is here. On a nested "PVM" KVM layer (as on the project's test machines) it does not boot, and the
-lab must fall back to TCG and remember that; where KVM works it must boot and be used.
+``/dev/kvm`` is here. On a nested "PVM" KVM layer (as on the project's test machines) it
+does not boot, and the lab must fall back to TCG and remember that; where KVM works it
+must boot and be used.
 """
 
 from __future__ import annotations

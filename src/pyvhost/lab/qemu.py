@@ -22,10 +22,10 @@ then ``cont`` and a wait for ``/init``'s ready marker.
 
 It must not decide hot-plug policy (:mod:`pyvhost.hotplug`), build guest images
 (:mod:`.image`) or speak the guest's command protocol (:mod:`.guest`).
-Facts it follows (measured on the project's test machines): TCG unless asked for KVM (:mod:`.accel` asks only where a
-guest really boots with it); ``vectors=0`` on vhost-user devices (QEMU 7.2 +
-TCG + MSI-X crashes when the guest starts the device); qboot instead of SeaBIOS when a
-kernel is booted; the vhost-user back-end must listen before QEMU starts.
+Facts it follows (measured on the project's test machines): TCG unless asked for KVM
+(:mod:`.accel` asks only where a guest really boots with it); ``vectors=0`` on vhost-user
+devices (QEMU 7.2 + TCG + MSI-X crashes when the guest starts the device); qboot instead
+of SeaBIOS when a kernel is booted; the vhost-user back-end must listen before QEMU starts.
 """
 
 from __future__ import annotations
