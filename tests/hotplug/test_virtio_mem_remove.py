@@ -112,3 +112,17 @@ def test_virtio_mem_remove_follows_the_version(boot_vm: BootVm,
         assert refused == "BAD_REQUEST" and f"QEMU {rules.name} cannot unplug" in message
         assert "virtio based memory devices cannot be unplugged" in _qemu_error(q, "vm2")
 
+    # Shrunk back to 0: 10.0 takes it away too, 7.2 still cannot.
+    code, doc = run_json("resize", "--qmp", qmp, "vm2", "--size", "0", "--timeout", "120")
+    assert code == 0, doc
+    assert wait_memtotal(c, before) == before
+    if not rules.virtio_mem_unplug:
+        refused, message = _refusal(q, "vm2")
+        assert refused == "BAD_REQUEST" and f"QEMU {rules.name} cannot unplug" in message
+        return
+    code, doc = run_json("remove", "--qmp", qmp, "vm2", "--timeout", "120")
+    assert code == 0, doc
+    assert doc["outcome"]["done"] == ["device_del", "object-del"], doc
+    assert _memory_devices(q) == ["vmem0"]
+    assert "vm2-mem" not in objects(q)
+    assert c.meminfo()["MemTotal"] == before

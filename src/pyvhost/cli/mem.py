@@ -357,9 +357,10 @@ def mem() -> None:
     pyvhost mem migrate-args --qmp /run/vm0.qmp
     pyvhost mem migrate --qmp /run/vm0.qmp --to /run/vm0-dest.qmp --uri unix:/run/vm0.mig
     \b
-    resize is for virtio-mem devices (QEMU 7.2 runs them beside vhost-user devices;
-    they are cold-plugged at start: -device virtio-mem-pci,memdev=M,requested-size=0,
-    on a share=on memfd or file backend, with -m ...,maxmem=; see docs/virtio-mem.md).
+    resize is for virtio-mem devices (QEMU 7.2 and 10.0 run them beside vhost-user
+    devices: -device virtio-mem-pci,memdev=M,requested-size=0, on a share=on memfd or
+    file backend, with -m ...,maxmem=; 10.0 can remove one shrunk to 0 that sits on a
+    pcie-root-port; see docs/virtio-mem.md).
     \b
     Every subcommand takes --json: one object, its schema named in its schema field
     (pyvhost.mem.status/1, pyvhost.mem.add/1, ...; errors pyvhost.error/1).
@@ -523,7 +524,8 @@ def _exit_for(plan: Plan, outcome: Outcome | None) -> NoReturn:
 def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | None,
            persistent: bool, device_id: str, timeout: float, dry_run: bool,
            as_json: bool) -> None:
-    """Hot-remove a DIMM: device_del, wait for the guest, object-del its backend.
+    """Hot-remove a DIMM, or on QEMU 10.0 an empty virtio-mem device (shrink it to 0
+    first; 7.2 cannot unplug those): device_del, wait for the guest, object-del its backend.
     With --libvirt: detach the DIMM, wait until it leaves the domain."""
     configure_logging()
     _source(qmp_path, libvirt_domain)
