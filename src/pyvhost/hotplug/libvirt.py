@@ -18,7 +18,14 @@ marks the domain tainted (custom-monitor). With it, the state is read from QEMU 
 vhost-user devices' negotiated features.
 
 Every libvirt call that can wait on the network (opening a ``qemu+ssh://`` connection)
-is bounded by the timeout. It must not decide (:mod:`.plan` does).
+is bounded by the timeout. An attach cannot be cancelled: one that outlasts the timeout,
+or is interrupted, is waited for :data:`GRACE` seconds more, then detached again if it
+took effect, and what the domain has is said (:func:`execute_libvirt_add`).
+
+What a DIMM can carry in libvirt (``<source><nodemask>``, ``<source><pagesize>``) is
+written into it; what libvirt takes from the domain only (the memory policy, the
+preallocation) is refused by :func:`libvirt_unsupported` unless the domain gives it
+anyway. It must not decide whether a plan is wise (:mod:`.plan` does).
 """
 
 from __future__ import annotations
@@ -419,6 +426,12 @@ def plan_libvirt_remove(device_id: str, domain: LibvirtDomain, xml: str, *,
 #: waits for it meanwhile (libvirt's job lock: 30 s, then "cannot acquire state change
 #: lock"), so nothing else is tried until it has returned.
 GRACE = 10.0
+#: The least time an undo waits for the guest to release the DIMM it was just given (a
+#: short --timeout bounds libvirt's answer, not the guest's ACPI eject, which takes a
+#: TCG guest several seconds right after the DIMM arrived).
+UNDO_WAIT = 30.0
+#: How often an undo asks again for a detach the guest has not acted on (:func:`_undo`).
+REDETACH = 8.0
 Progress = Callable[[str], None]
 
 
@@ -530,7 +543,7 @@ def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
                                qemu_monitor) from None
     if mine is None:
         with deferred_interrupts():
-            _undo(c, plan, flags, out, grace)
+            _undo(c, plan, flags, out, progress)
             _leftovers(c, plan, out, qemu_monitor)
     else:
         out.device = {"id": mine.id, "memdev": mine.memdev, "addr": mine.addr,
@@ -555,19 +568,41 @@ def _verify(c: Connection, plan: Plan, out: Outcome) -> MemoryDevice | None:
     return None
 
 
-def _undo(c: Connection, plan: Plan, flags: int, out: Outcome, grace: float) -> None:
+def _undo(c: Connection, plan: Plan, flags: int, out: Outcome,
+          progress: Progress | None = None) -> None:
     """Detach the DIMM the plan attached and wait until it leaves the live XML (the guest
-    must release it), bounded by the timeout or ``grace``, whichever is longer."""
+    must release it), bounded by the timeout or :data:`UNDO_WAIT`, whichever is longer.
+
+    The detach is asked again every :data:`REDETACH` seconds while the DIMM stays: a
+    guest given the eject request right as its DIMM arrived sometimes never acts on it
+    (seen about once in four with libvirt 9.0, QEMU 7.2 and Linux 6.1 under TCG: the
+    guest onlined the DIMM and logged nothing of an eject), and QEMU sends the request
+    again for a repeated device_del."""
     lv, _ = binding()
     undo = plan.steps[0].undo
     assert undo is not None
-    wait = max(c.timeout, grace)
+    wait = max(c.timeout, UNDO_WAIT)
+    name = plan.device_id or ""
+    if progress is not None:
+        progress(f"detaching {name} again: waiting up to {wait:g} s for the guest to "
+                 f"release it")
+    xml = str(undo.arguments["xml"])
+    deadline = time.monotonic() + wait
     try:
-        _call(c, undo.command, str(undo.arguments["xml"]), flags, wait)
-        if _wait_gone(c, plan.device_id, wait):
-            out.rolled_back.append(undo.command)
-        else:
-            out.rolled_back.append(f"{undo.command}: not finished in {wait:g} s")
+        _call(c, undo.command, xml, flags, wait)
+        asks = 1
+        while not _wait_gone(c, name, min(REDETACH, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                out.rolled_back.append(f"{undo.command}: not finished in {wait:g} s "
+                                       f"(asked {asks} times)")
+                return
+            if progress is not None:
+                progress(f"{name} is still in the domain: asking libvirt to detach it "
+                         f"again")
+            with contextlib.suppress(lv.libvirtError, LibvirtError):
+                _call(c, undo.command, xml, flags, max(1.0, deadline - time.monotonic()))
+                asks += 1
+        out.rolled_back.append(undo.command)
     except (lv.libvirtError, LibvirtError) as e:
         out.rolled_back.append(f"{undo.command} failed: {_one_line(e)}")
 
@@ -596,7 +631,7 @@ def _settle(c: Connection, plan: Plan, call: _Call, out: Outcome, flags: int, gr
             raise call.error
         _leftovers(c, plan, out, qemu_monitor)
         return f"{late}, failed ({_one_line(call.error)}); {_left(c, out, qemu_monitor)}"
-    _undo(c, plan, flags, out, grace)
+    _undo(c, plan, flags, out, progress)
     _leftovers(c, plan, out, qemu_monitor)
     undone = [r for r in out.rolled_back if r == "detach-device"]
     if undone and not out.orphans:
