@@ -514,41 +514,37 @@ def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
     flags = _step_flags(c, step)
     xml = str(step.arguments["xml"])
     call = _Call(lambda: _method(c, step.command)(xml, flags), step.command)
+    mine: MemoryDevice | None = None
     try:
         answered = call.wait(c.timeout)
+        if answered and call.error is None:
+            out.done.append(step.command)
+            mine = _verify(c, plan, out)
     except KeyboardInterrupt:
+        # Until the DIMM is verified the add is all or nothing, as on a failure.
         raise _add_interrupted(c, plan, call, out, flags, grace, progress,
                                qemu_monitor) from None
-    if not answered:
-        with deferred_interrupts():
-            out.failed_step = step.command
-            text = _settle(c, plan, call, out, flags, grace, progress, qemu_monitor,
-                           f"{step.command} did not return within {c.timeout:g} s")
-            out.error = f"{step.command} did not return within {c.timeout:g} s; {text}"
-        out.seconds = time.monotonic() - start
-        return out
-    if call.error is not None:
-        if not isinstance(call.error, lv.libvirtError | LibvirtError):
-            raise call.error
-        out.failed_step, out.error = step.command, _one_line(call.error)
-        with deferred_interrupts():
+    with deferred_interrupts():
+        if not answered:
+            why = f"{step.command} did not return within {c.timeout:g} s"
+            out.failed_step, out.error = step.command, why
+            try:
+                out.error = f"{why}; " + _settle(c, plan, call, out, flags, grace, progress,
+                                                 qemu_monitor, why)
+            except (PyvhostError, lv.libvirtError) as e:
+                out.error = f"{why}; could not look at what is left: {_one_line(e)}"
+        elif call.error is not None:
+            if not isinstance(call.error, lv.libvirtError | LibvirtError):
+                raise call.error
+            out.failed_step, out.error = step.command, _one_line(call.error)
             _leftovers(c, plan, out, qemu_monitor)
-        out.seconds = time.monotonic() - start
-        return out
-    out.done.append(step.command)
-    try:
-        mine = _verify(c, plan, out)
-    except KeyboardInterrupt:
-        raise _add_interrupted(c, plan, call, out, flags, grace, progress,
-                               qemu_monitor) from None
-    if mine is None:
-        with deferred_interrupts():
+        elif mine is None:
             _undo(c, plan, flags, out, progress)
             _leftovers(c, plan, out, qemu_monitor)
-    else:
-        out.device = {"id": mine.id, "memdev": mine.memdev, "addr": mine.addr,
-                      "size": mine.size, "slot": mine.slot, "node": mine.node}
-        out.ok = True
+        else:
+            out.device = {"id": mine.id, "memdev": mine.memdev, "addr": mine.addr,
+                          "size": mine.size, "slot": mine.slot, "node": mine.node}
+            out.ok = True
     out.seconds = time.monotonic() - start
     return out
 
