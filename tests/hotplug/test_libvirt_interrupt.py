@@ -30,7 +30,13 @@ from pyvhost.tools.process import pyvhost_argv
 from support.libvirtd import Domain, DomainSpec, Libvirtd
 from support.procs import need
 
-from .test_libvirt import domains, libvirtd, live_dimms, lv_json, qemu_objects  # noqa: F401
+from .test_libvirt import (  # noqa: F401
+    domains,
+    libvirtd,
+    live_dimms,
+    lv_json,
+    qemu_objects,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.libvirt]
 
@@ -219,3 +225,42 @@ def test_an_attach_still_running_after_the_grace_is_reported_as_such(
                         "--timeout", "120")
     assert code == 0, doc
     assert live_dimms(d) == [] and memory_devices(d) == devices
+
+
+def test_ctrl_c_during_a_remove_says_what_is_left(
+        libvirtd: Libvirtd, domains: Any) -> None:  # noqa: F811
+    """A detach cannot be taken back: Ctrl-C while libvirt's detach waits on QEMU says
+    the DIMM is still in the domain and how to finish; the remove it names does."""
+    d = domains(DomainSpec("pv-rm"))
+    code, doc = lv_json(libvirtd, "add", "--libvirt", "pv-rm", "--size", "128M", "--id", "rm")
+    assert code == 0, doc
+    devices = memory_devices(d)
+    with stopped_qemu(libvirtd, d) as resume:
+        pid = libvirtd.qemu_pid("pv-rm")
+        assert pid is not None
+        before = monitor_backlog(pid)
+        cmd = Command("mem", "remove", "--libvirt", "pv-rm", "--connect", libvirtd.uri,
+                      "ua-rm", "--timeout", "120")
+        try:
+            cmd.wait_until(lambda: monitor_backlog(pid) > before,
+                           "the detach in QEMU's monitor socket")
+            cmd.proc.send_signal(signal.SIGINT)
+            code, _, err = cmd.finish()
+        finally:
+            cmd.end()
+            resume()
+    assert code == 130, err
+    line = one_error_line(err)
+    assert "interrupted while ua-rm was being detached: it is still in the live XML" in line
+    assert "run pyvhost mem remove --libvirt pv-rm ua-rm again to finish" in line
+    # The device_del libvirt had sent goes on once QEMU runs; where the guest ignored it,
+    # the remove the message names finishes the job.
+    deadline = time.monotonic() + 30
+    while "ua-rm" in live_dimms(d) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if "ua-rm" in live_dimms(d):
+        code, doc = lv_json(libvirtd, "remove", "--libvirt", "pv-rm", "ua-rm", "--timeout",
+                            "120")
+        assert code == 0, doc
+    assert live_dimms(d) == [] and "ua-rm" not in memory_devices(d)
+    assert len(memory_devices(d)) == len(devices) - 1
