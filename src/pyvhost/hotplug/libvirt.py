@@ -571,7 +571,7 @@ def _undo(c: Connection, plan: Plan, flags: int, out: Outcome,
 
     The detach is asked again every :data:`REDETACH` seconds while the DIMM stays: a
     guest given the eject request right as its DIMM arrived sometimes never acts on it
-    (seen about once in four with libvirt 9.0, QEMU 7.2 and Linux 6.1 under TCG: the
+    (seen twice in about ten runs with libvirt 9.0, QEMU 7.2 and Linux 6.1 under TCG: the
     guest onlined the DIMM and logged nothing of an eject), and QEMU sends the request
     again for a repeated device_del."""
     lv, _ = binding()

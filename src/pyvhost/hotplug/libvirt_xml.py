@@ -18,7 +18,8 @@ What libvirt 9.0 (libvirt's qemuBuildMemoryBackendProps) makes of the XML, measu
 - host NUMA placement: ``host-nodes`` is the DIMM's ``<source><nodemask>``, else the
   ``nodeset`` of ``<numatune><memnode cellid=N>`` for its guest node N, else of
   ``<numatune><memory>``; ``policy`` is that memnode's (else ``<memory>``'s) ``mode``,
-  strict by default (QEMU's ``bind``). A DIMM has no policy of its own.
+  strict by default (QEMU's ``bind``). A DIMM has no policy of its own. (Measured with
+  ``<memory>`` and with a nodemask; the memnode case as libvirt documents it.)
 - ``prealloc``: on for a DIMM on hugepages (``<source><pagesize>`` or the domain's
   ``<hugepages>``), and for every DIMM when ``<memoryBacking><allocation
   mode='immediate'>`` (with its ``threads`` as ``prealloc-threads``). A DIMM has no
