@@ -222,7 +222,8 @@ def test_refusals_on_a_paused_domain(libvirtd: Libvirtd, domains: Any, procs: Pr
     d = domains(DomainSpec("pv-ref", slots=2, maxmem=640, vhost_user=(sock,)), boot=False)
     lv, name = libvirtd, "pv-ref"
 
-    # libvirt 9.0 takes private memory beside a vhost-user interface (TESTBED.md).
+    # libvirt 9.0 takes private memory beside a vhost-user interface (docs/libvirt.md,
+    # "Traps").
     doc, forced = refused_then_forced(lv, d, "--size", "128M", "--no-share", "--id", "priv")
     assert codes(doc) == ["NOT_SHARED_WITH_VHOST_USER"]
     assert forced["outcome"]["ok"] is True, forced

@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 
 from pyvhost.hotplug.host import HostFacts, HugepagePool
-from pyvhost.hotplug.libvirt import dimm_alias, plan_libvirt_add
+from pyvhost.hotplug.libvirt import dimm_alias, libvirt_unsupported, plan_libvirt_add
 from pyvhost.hotplug.libvirt_xml import (
     LibvirtXmlError,
     device_element,
     dimm_xml,
     flat_view,
+    format_nodeset,
     migrating_memory,
+    parse_nodeset,
     parse_uri,
     read_domain,
 )
@@ -186,3 +188,97 @@ def test_libvirt_plan_attaches_a_shared_dimm_with_a_user_alias() -> None:
     taken = plan_libvirt_add(AddRequest(128 * MiB, id="pyvhost-dimm0"), d, host(),
                              persistent=False)
     assert Code.ID_IN_USE in [r.code for r in taken.refusals]
+
+
+def test_dimm_xml_host_nodes_and_pagesize_in_the_source() -> None:
+    """``--host-nodes`` and ``--hugepages`` become the DIMM's ``<source>``, which libvirt
+    9.0 turns into QEMU's host-nodes and hugetlbsize (tests/hotplug/test_libvirt.py
+    reads them back from QEMU)."""
+    xml = dimm_xml("ua-d1", 128 * MiB, 0, True, 2 * MiB, (0, 1, 2, 5))
+    assert xml == ('<memory model="dimm" access="shared"><source><pagesize unit="KiB">2048'
+                   '</pagesize><nodemask>0-2,5</nodemask></source><target><size unit="KiB">'
+                   '131072</size><node>0</node></target><alias name="ua-d1" /></memory>')
+    assert "<source><nodemask>1</nodemask></source>" in dimm_xml("ua-d1", 128 * MiB, 0, True,
+                                                                nodemask=(1,))
+    assert "<source>" not in dimm_xml("ua-d1", 128 * MiB, 0, True)
+    with pytest.raises(ValueError):
+        dimm_xml("ua-d1", 128 * MiB, 0, True, nodemask=(-1,))
+
+
+def test_nodesets() -> None:
+    assert parse_nodeset("0") == (0,) and parse_nodeset("1-4,^3") == (1, 2, 4)
+    assert parse_nodeset(None) == () and parse_nodeset("0,0-1") == (0, 1)
+    for bad in ("a", "3-1", "-1", "0-99999"):
+        with pytest.raises(LibvirtXmlError):
+            parse_nodeset(bad)
+    assert format_nodeset((5, 0, 1, 2)) == "0-2,5" and format_nodeset(()) == ""
+    assert format_nodeset((1, 3)) == "1,3"
+
+
+TUNED = LIVE.replace(
+    "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>",
+    "<memoryBacking><source type='memfd'/><access mode='shared'/>"
+    "<allocation mode='immediate' threads='2'/></memoryBacking>"
+    "<numatune><memory mode='preferred' nodeset='0'/>"
+    "<memnode cellid='0' mode='interleave' nodeset='0-1'/></numatune>").replace(
+    "<target><size unit='KiB'>131072</size><node>0</node></target>",
+    "<source><nodemask>1</nodemask></source>"
+    "<target><size unit='KiB'>131072</size><node>0</node></target>")
+
+
+def test_numatune_and_allocation_reach_the_backends() -> None:
+    """What libvirt 9.0 gave QEMU, measured (qom-get on the backends): a DIMM's
+    nodemask, else the cell's memnode nodeset, else <numatune><memory>'s; the mode of
+    the cell's memnode (else <memory>'s) as the policy; prealloc and its threads from
+    <allocation mode='immediate'>, and for DIMMs on hugepages."""
+    d = read_domain(TUNED, status="running", qemu_version=None, default_hugepage=None)
+    ram, dimm = d.state.backends
+    assert (ram.host_nodes, ram.policy, ram.prealloc) == ((0, 1), "interleave", True)
+    assert (dimm.host_nodes, dimm.policy, dimm.prealloc) == ((1,), "interleave", True)
+    assert d.backing.allocation == "immediate" and d.backing.allocation_threads == 2
+    assert d.numatune.placement(0).mode == "interleave"
+    assert d.numatune.placement(1).mode == "preferred"  # no memnode: <memory>'s
+    plain = read_domain(LIVE, status="running", qemu_version=None, default_hugepage=None)
+    ram, dimm = plain.state.backends
+    assert (ram.host_nodes, ram.policy, ram.prealloc) == ((), "default", False)
+    assert plain.numatune.placement(0).policy == "bind"  # libvirt's default, strict
+    with pytest.raises(LibvirtXmlError, match="memnode"):
+        read_domain(TUNED.replace("cellid='0'", "cellid='x'"), status="running",
+                    qemu_version=None, default_hugepage=None)
+
+
+def test_policy_and_prealloc_libvirt_cannot_apply_per_dimm() -> None:
+    """A DIMM has no policy and no preallocation of its own in libvirt: asking for what
+    the domain gives anyway is fine; anything else says what to set instead."""
+    plain = read_domain(LIVE, status="running", qemu_version=None, default_hugepage=None)
+    tuned = read_domain(TUNED, status="running", qemu_version=None, default_hugepage=None)
+    ok = [AddRequest(128 * MiB), AddRequest(128 * MiB, host_nodes=(0,), policy="bind"),
+          AddRequest(128 * MiB, hugepages=True, prealloc=True)]
+    for req in ok:
+        assert libvirt_unsupported(req, plain) is None, req
+    assert libvirt_unsupported(AddRequest(128 * MiB, host_nodes=(0,), policy="interleave",
+                                          prealloc=True, prealloc_threads=2), tuned) is None
+    why = libvirt_unsupported(AddRequest(128 * MiB, host_nodes=(0,), policy="preferred"),
+                              plain)
+    assert why is not None and "no memory policy per DIMM" in why
+    assert "<numatune><memnode cellid='0' mode='preferred' nodeset='0'/>" in why
+    why = libvirt_unsupported(AddRequest(128 * MiB, host_nodes=(0,), policy="bind"), tuned)
+    assert why is not None and "<numatune><memnode cellid='0' mode='interleave'>" in why
+    why = libvirt_unsupported(AddRequest(128 * MiB, prealloc=True), plain)
+    assert why is not None and "<allocation mode='immediate'/>" in why
+    why = libvirt_unsupported(AddRequest(128 * MiB, prealloc=True, prealloc_threads=4), tuned)
+    assert why is not None and "threads='4'" in why and "(here 2)" in why
+
+
+def test_libvirt_plan_writes_host_nodes_into_the_dimm() -> None:
+    d = read_domain(LIVE, status="running", qemu_version=(7, 2, 22), default_hugepage=2 * MiB)
+    plan = plan_libvirt_add(AddRequest(128 * MiB, host_nodes=(0,), policy="bind"), d, host(),
+                            persistent=False)
+    assert not plan.refused, plan.refusals
+    (step,) = plan.steps
+    assert "<source><nodemask>0</nodemask></source>" in str(step.arguments["xml"])
+    assert step.undo is not None and step.undo.arguments["xml"] == step.arguments["xml"]
+    # A host node the host lacks is refused by the planner, as on the QMP path.
+    missing = plan_libvirt_add(AddRequest(128 * MiB, host_nodes=(3,)), d, host(),
+                               persistent=False)
+    assert missing.refused

@@ -15,10 +15,10 @@ kernel and initramfs are copied into the root (libvirt must not relabel files un
 /root). Ending: every domain destroyed, libvirtd ended by its pid (SIGTERM, then SIGKILL),
 the QEMU processes it left (by their pid files), the root removed.
 
-Traps kept here (TESTBED.md): DIMM hot-plug needs ``<features><acpi/>`` (else libvirt
-passes -no-acpi); QEMU 7.2 + TCG + vhost-user + MSI-X crashes QEMU, and ``vectors=0`` on
-a libvirt-managed device needs ``<qemu:override>``; Debian's QEMU driver wants its
-compile-time user ``libvirt-qemu`` to exist even when qemu.conf says root.
+Traps kept here (docs/libvirt.md, "Traps"): DIMM hot-plug needs ``<features><acpi/>``
+(else libvirt passes -no-acpi); QEMU 7.2 + TCG + vhost-user + MSI-X crashes QEMU, and
+``vectors=0`` on a libvirt-managed device needs ``<qemu:override>``; Debian's QEMU driver
+wants its compile-time user ``libvirt-qemu`` to exist even when qemu.conf says root.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
                  f"<source type='unix' path={quoteattr(str(sock))} mode='client'/>"
                  f"<model type='virtio'/><alias name='ua-net{i}'/></interface>")
         # QEMU 7.2 + TCG + vhost-user + MSI-X: vectors=0, which libvirt only passes through
-        # <qemu:override> (TESTBED.md).
+        # <qemu:override> (docs/libvirt.md, "Traps").
         overrides += (f"<qemu:device alias='ua-net{i}'><qemu:frontend><qemu:property "
                       f"name='vectors' type='unsigned' value='0'/></qemu:frontend>"
                       f"</qemu:device>")

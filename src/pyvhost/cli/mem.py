@@ -423,10 +423,14 @@ def status(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | 
               help="Back with hugepages (memfd hugetlb=on, or a hugetlbfs --mem-path).")
 @click.option("--node", type=int, help="Guest NUMA node of the DIMM.")
 @click.option("--host-nodes", callback=_nodes, metavar="LIST",
-              help="Host NUMA nodes for the memory (0,1 or 0-3).")
+              help="Host NUMA nodes for the memory (0,1 or 0-3); with --libvirt the "
+                   "DIMM's <source><nodemask>.")
 @click.option("--policy", type=click.Choice(["bind", "preferred", "interleave"]),
-              help="Host NUMA policy for --host-nodes (default bind).")
-@click.option("--prealloc", is_flag=True, help="Allocate all memory at object-add.")
+              help="Host NUMA policy for --host-nodes (default bind); with --libvirt "
+                   "only the domain's <numatune> mode (docs/libvirt.md).")
+@click.option("--prealloc", is_flag=True,
+              help="Allocate all memory at object-add; with --libvirt only with "
+                   "--hugepages or the domain's <allocation mode='immediate'>.")
 @click.option("--prealloc-threads", type=click.IntRange(1, 256), help="Threads for prealloc.")
 @click.option("--id", "device_id", metavar="ID",
               help="DIMM id (its backend is ID-mem); default pyvhost-dimmN.")

@@ -1,8 +1,9 @@
 """``pyvhost mem status|add|remove|migrate-args --libvirt DOMAIN [--connect URI]``: the branch of
 ``pyvhost mem`` (:mod:`.mem`) for libvirt domains. It reads, plans and acts through
 :mod:`pyvhost.hotplug.libvirt` and prints with :mod:`.mem`'s printers: the same tables,
-the same JSON documents, the same exit codes (0 done, 1 refused, 2 cannot connect, 3
-libvirt/QEMU failed a step (undone), 4 the guest did not release a DIMM).
+the same JSON documents, the same exit codes (0 done, 1 refused, 2 cannot connect or an
+option libvirt has no way to apply, 3 libvirt/QEMU failed a step or did not return within
+--timeout (undone), 4 the guest did not release a DIMM, 130 interrupted).
 ``pyvhost mem migrate --libvirt`` is refused here with what to use instead: libvirt
 migrates a domain itself, its hot-added DIMMs included.
 """
@@ -25,6 +26,7 @@ from pyvhost.hotplug.libvirt import (
     execute_libvirt_add,
     execute_libvirt_remove,
     host_facts,
+    libvirt_unsupported,
     open_domain,
     plan_libvirt_add,
     plan_libvirt_remove,
@@ -93,13 +95,22 @@ def add(domain: str, uri: str | None, req: AddRequest, *, dry_run: bool, force: 
     with _domain(domain, uri, timeout) as c:
         host = host_facts(c)
         dom = read_libvirt(c, qemu_monitor=qemu_monitor, host=host)
+        unsupported = libvirt_unsupported(req, dom)
+        if unsupported is not None:
+            fail(unsupported, "usage")
         t0 = time.monotonic()
         plan = plan_libvirt_add(req, dom, host, persistent=persistent)
         plan_seconds = time.monotonic() - t0
         if not dry_run and (force or not plan.refused):
-            outcome = execute_libvirt_add(c, plan, force=force, qemu_monitor=qemu_monitor)
+            outcome = execute_libvirt_add(c, plan, force=force, qemu_monitor=qemu_monitor,
+                                          progress=_progress)
     _show(plan, SCHEMA_ADD, dry_run, plan_seconds, outcome, as_json, qemu_monitor)
     _exit_for(plan, outcome)
+
+
+def _progress(line: str) -> None:
+    """A progress line on stderr (stdout keeps the table or the one JSON document)."""
+    console(stderr=True).print(f"note: {line}", markup=False, highlight=False)
 
 
 def remove(domain: str, uri: str | None, device_id: str, *, dry_run: bool,

@@ -18,7 +18,14 @@ marks the domain tainted (custom-monitor). With it, the state is read from QEMU 
 vhost-user devices' negotiated features.
 
 Every libvirt call that can wait on the network (opening a ``qemu+ssh://`` connection)
-is bounded by the timeout. It must not decide (:mod:`.plan` does).
+is bounded by the timeout. An attach cannot be cancelled: one that outlasts the timeout,
+or is interrupted, is waited for :data:`GRACE` seconds more, then detached again if it
+took effect, and what the domain has is said (:func:`execute_libvirt_add`).
+
+What a DIMM can carry in libvirt (``<source><nodemask>``, ``<source><pagesize>``) is
+written into it; what libvirt takes from the domain only (the memory policy, the
+preallocation) is refused by :func:`libvirt_unsupported` unless the domain gives it
+anyway. It must not decide whether a plan is wise (:mod:`.plan` does).
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any, TypeVar
 
-from pyvhost.errors import LocalError, PeerError
+from pyvhost.errors import LocalError, PeerError, PyvhostError
+from pyvhost.interrupts import Interrupted, deferred_interrupts
 
 from .execute import Outcome, begin
 from .host import BASE_PAGE_SIZE, HostFacts, HugepagePool, read_host
 from .libvirt_xml import (
+    NUMATUNE_POLICY,
     USER_ALIAS,
     LibvirtDomain,
     LibvirtUri,
@@ -46,6 +55,7 @@ from .libvirt_xml import (
     MigratingMemory,
     device_element,
     dimm_xml,
+    format_nodeset,
     migrating_memory,
     parse_uri,
     read_domain,
@@ -53,7 +63,7 @@ from .libvirt_xml import (
 )
 from .plan import AddRequest, Code, Plan, Refusal, Step, plan_add, plan_remove
 from .qmp import QmpCommandError
-from .state import VmState, read_state
+from .state import MemoryDevice, VmState, read_state
 
 T = TypeVar("T")
 INSTALL_HINT = ("libvirt's Python binding is not installed: pip install 'pyvhost[libvirt]' "
@@ -81,25 +91,44 @@ def binding() -> tuple[ModuleType, ModuleType]:
     return libvirt, libvirt_qemu
 
 
+class _Call:
+    """A blocking libvirt call in a thread of its own, waited for in the caller's thread
+    (where Ctrl-C lands). libvirt's calls cannot be cancelled: one that is given up on
+    runs on to its end, and :attr:`done` says when it got there."""
+
+    def __init__(self, call: Callable[[], Any], what: str) -> None:
+        self.what = what
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(call,), name=f"pyvhost-{what}",
+                         daemon=True).start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self.value = call()
+        except BaseException as e:  # handed over to the waiting thread
+            self.error = e
+        finally:
+            self.ended = time.monotonic()
+            self.done.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the call returned within ``timeout`` seconds (interruptible)."""
+        return self.done.wait(timeout)
+
+
 def _bounded(call: Callable[[], T], timeout: float, what: str) -> T:
     """Run a blocking libvirt call in a thread; give up after ``timeout`` seconds (the
     thread is left to finish on its own: libvirt's calls cannot be cancelled)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = call()
-        except BaseException as e:  # handed over to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=f"pyvhost-{what}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    c = _Call(call, what)
+    if not c.wait(timeout):
         raise LibvirtError(f"{what}: no answer within {timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    if c.error is not None:
+        raise c.error
+    return c.value  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -299,16 +328,24 @@ def plan_libvirt_add(req: AddRequest, domain: LibvirtDomain, host: HostFacts, *,
     # What libvirt creates for access='shared' (or private): an fd backend (memfd or a
     # file), or memory-backend-ram for private anonymous memory.
     private_anon = (not req.share and backing.source == "anonymous" and not huge)
-    node = req.node if req.node is not None else (0 if state.numa_nodes else None)
+    node = _guest_node(req, domain)
+    # Host nodes and policy as libvirt will apply them (module docstring of
+    # .libvirt_xml): the planner checks hugepages on those nodes.
+    placement = domain.numatune.placement(node)
+    host_nodes = req.host_nodes or placement.nodeset
+    policy = placement.policy if host_nodes else req.policy
     check = replace(req, id=alias, backend="ram" if private_anon else "memfd", mem_path=None,
-                    hugepages=huge, node=node)
+                    hugepages=huge, node=node, host_nodes=host_nodes,
+                    policy=policy,  # type: ignore[arg-type]
+                    prealloc=huge or backing.allocation == "immediate")
     plan = plan_add(check, state, host, domain.page_sizes)
     page = None
     if huge:
         page = backing.hugepage_size or host.default_hugepage_size
     flags = {"live": True, "config": persistent}
     try:
-        xml = dimm_xml(alias, req.size, node, req.share, page if req.hugepages else None)
+        xml = dimm_xml(alias, req.size, node, req.share, page if req.hugepages else None,
+                       req.host_nodes)
     except ValueError as e:
         return replace(plan, steps=(), refusals=(*plan.refusals,
                                                  Refusal(Code.BAD_REQUEST, str(e))))
@@ -322,6 +359,48 @@ def plan_libvirt_add(req: AddRequest, domain: LibvirtDomain, host: HostFacts, *,
                      "(taints the domain: custom-monitor)")
     return replace(plan, device_id=alias, backend_id=f"mem{alias}", steps=(step,),
                    notes=tuple(notes))
+
+
+def _guest_node(req: AddRequest, domain: LibvirtDomain) -> int | None:
+    """The DIMM's guest NUMA node: ``--node``, else 0 when the guest has cells (libvirt
+    needs one then)."""
+    return req.node if req.node is not None else (0 if domain.state.numa_nodes else None)
+
+
+def libvirt_unsupported(req: AddRequest, domain: LibvirtDomain) -> str | None:
+    """Why ``req`` cannot be done as asked through libvirt, with what to set in the domain
+    XML instead; None when it can. A DIMM in libvirt 9.0 has a ``<source><nodemask>``
+    (``--host-nodes``) and a ``<source><pagesize>`` (``--hugepages``), but no policy and
+    no preallocation of its own: both come from the domain (module docstring of
+    :mod:`.libvirt_xml`). An option that asks for what the domain gives anyway is fine."""
+    node = _guest_node(req, domain)
+    p = domain.numatune.placement(node)
+    if req.policy is not None and req.policy != "default" and req.policy != p.policy:
+        mode = {v: k for k, v in NUMATUNE_POLICY.items()}[req.policy]
+        nodes = format_nodeset(req.host_nodes or p.nodeset) or "N"
+        where = (f"<numatune><memnode cellid='{node}' mode='{mode}' nodeset='{nodes}'/>"
+                 if domain.state.numa_nodes else
+                 f"<numatune><memory mode='{mode}' nodeset='{nodes}'/>")
+        return (f"--policy {req.policy} under --libvirt: libvirt has no memory policy per "
+                f"DIMM; a DIMM on guest node {node or 0} gets the mode of {p.source}, "
+                f"{p.mode} (QEMU's {p.policy}). Set {where} in the domain XML (it applies "
+                f"from the domain's next start), or leave out --policy")
+    backing = domain.backing
+    preallocated = req.hugepages or backing.hugepages or backing.allocation == "immediate"
+    if req.prealloc and not preallocated:
+        return ("--prealloc under --libvirt: libvirt has no preallocation per DIMM; it "
+                "preallocates a DIMM on hugepages (--hugepages), and every DIMM of a domain "
+                "with <memoryBacking><allocation mode='immediate'/></memoryBacking> (it "
+                "applies from the domain's next start). Add --hugepages, set that in the "
+                "domain XML, or leave out --prealloc")
+    threads = backing.allocation_threads
+    if req.prealloc_threads is not None and req.prealloc_threads != threads:
+        return (f"--prealloc-threads {req.prealloc_threads} under --libvirt: libvirt takes "
+                f"them from the domain's <memoryBacking><allocation mode='immediate' "
+                f"threads='N'/> (here {threads if threads is not None else 'not set'}). "
+                f"Set threads='{req.prealloc_threads}' there (it applies from the domain's "
+                f"next start), or leave out --prealloc-threads")
+    return None
 
 
 def plan_libvirt_remove(device_id: str, domain: LibvirtDomain, xml: str, *,
@@ -340,6 +419,22 @@ def plan_libvirt_remove(device_id: str, domain: LibvirtDomain, xml: str, *,
 
 
 # -- acting --------------------------------------------------------------------------
+#: How long an attach that outlasted the timeout, or was interrupted, is waited for
+#: beyond: libvirt cannot cancel it, and only once it has returned does the live XML say
+#: whether the DIMM is in QEMU (libvirt 9.0 lists the device in the live XML while its
+#: object-add is still on the way to QEMU, measured). Any other change to the domain
+#: waits for it meanwhile (libvirt's job lock: 30 s, then "cannot acquire state change
+#: lock"), so nothing else is tried until it has returned.
+GRACE = 10.0
+#: The least time an undo waits for the guest to release the DIMM it was just given (a
+#: short --timeout bounds libvirt's answer, not the guest's ACPI eject, which takes a
+#: TCG guest several seconds right after the DIMM arrived).
+UNDO_WAIT = 30.0
+#: How often an undo asks again for a detach the guest has not acted on (:func:`_undo`).
+REDETACH = 8.0
+Progress = Callable[[str], None]
+
+
 def _flags(lv: ModuleType, args: dict[str, Any], persistent_ok: bool) -> int:
     flags = int(lv.VIR_DOMAIN_AFFECT_LIVE)
     if args.get("config") and persistent_ok:
@@ -348,7 +443,7 @@ def _flags(lv: ModuleType, args: dict[str, Any], persistent_ok: bool) -> int:
 
 
 def _live_aliases(c: Connection) -> set[str]:
-    root = ET.fromstring(c.dom.XMLDesc(0))
+    root = ET.fromstring(_bounded(lambda: c.dom.XMLDesc(0), c.timeout, "domain XML"))
     return {a.get("name", "") for a in root.iterfind("devices/memory/alias")}
 
 
@@ -369,21 +464,32 @@ def _wait_gone(c: Connection, alias: str, timeout: float) -> bool:
     return True
 
 
-def _call(c: Connection, name: str, xml: str, flags: int) -> None:
-    method = getattr(c.dom, "attachDeviceFlags" if name == "attach-device"
-                     else "detachDeviceFlags")
-    _bounded(lambda: method(xml, flags), c.timeout, name)
+def _method(c: Connection, name: str) -> Callable[[str, int], Any]:
+    return getattr(c.dom, "attachDeviceFlags" if name == "attach-device"  # type: ignore[no-any-return]
+                   else "detachDeviceFlags")
+
+
+def _call(c: Connection, name: str, xml: str, flags: int,
+          timeout: float | None = None) -> None:
+    _bounded(lambda: _method(c, name)(xml, flags), c.timeout if timeout is None else timeout,
+             name)
+
+
+def _step_flags(c: Connection, step: Step) -> int:
+    lv, _ = binding()
+    persistent = bool(step.arguments.get("config")) and bool(
+        _bounded(c.dom.isPersistent, c.timeout, "domain persistence"))
+    return _flags(lv, dict(step.arguments), persistent)
 
 
 def _one_step(c: Connection, plan: Plan, force: bool = False) -> tuple[float, Outcome, int]:
-    """Run the plan's one step (attach-device or detach-device) unless the preflight
-    refused the plan: when it started, the outcome so far (a libvirt refusal in
-    ``failed_step`` and ``error``) and the flags the step was called with."""
+    """Run the plan's one step (detach-device) unless the preflight refused the plan:
+    when it started, the outcome so far (a libvirt refusal in ``failed_step`` and
+    ``error``) and the flags the step was called with."""
     start, out = begin(plan, force)
     lv, _ = binding()
     (step,) = plan.steps
-    persistent = bool(step.arguments.get("config")) and bool(c.dom.isPersistent())
-    flags = _flags(lv, dict(step.arguments), persistent)
+    flags = _step_flags(c, step)
     try:
         _call(c, step.command, str(step.arguments["xml"]), flags)
     except (lv.libvirtError, LibvirtError) as e:
@@ -392,44 +498,170 @@ def _one_step(c: Connection, plan: Plan, force: bool = False) -> tuple[float, Ou
 
 
 def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
-                        qemu_monitor: bool = False) -> Outcome:
+                        qemu_monitor: bool = False, grace: float = GRACE,
+                        progress: Progress | None = None) -> Outcome:
     """Attach the DIMM, verify it in the live XML; detach it when verification fails.
     When libvirt refuses (QEMU's object-add or device_add failed), libvirt has undone its
-    own part: the live XML and (with ``qemu_monitor``) QEMU's /objects are checked."""
-    start, out, flags = _one_step(c, plan, force)
+    own part: the live XML and (with ``qemu_monitor``) QEMU's /objects are checked.
+
+    An attach that outlasts the timeout, or is interrupted (Ctrl-C, SIGTERM), is waited
+    for ``grace`` seconds more (said through ``progress``), then undone if it took
+    effect; an interrupt then raises :class:`~pyvhost.interrupts.Interrupted` saying
+    what the domain has. Further interrupts are held while that runs."""
+    start, out = begin(plan, force)
     lv, _ = binding()
     (step,) = plan.steps
-    if out.failed_step is not None:
-        _leftovers(c, plan, out, qemu_monitor)
-        out.seconds = time.monotonic() - start
-        return out
-    out.done.append(step.command)
-    mine = [d for d in read_domain(c.dom.XMLDesc(0), status=_status(c), qemu_version=None,
-                                   default_hugepage=None).state.memory_devices
-            if d.id == plan.device_id]
-    expected = plan.steps[0].arguments.get("xml")
-    size = _size_in(str(expected))
-    if len(mine) != 1 or mine[0].size != size:
-        out.failed_step, out.error = "verify", (
-            f"the live XML does not show {plan.device_id} with size {size}")
-        undo = step.undo
-        assert undo is not None
-        try:
-            _call(c, undo.command, str(undo.arguments["xml"]), flags)
-            if _wait_gone(c, plan.device_id, c.timeout):
-                out.rolled_back.append(undo.command)
-            else:
-                out.rolled_back.append(f"{undo.command}: not finished in {c.timeout:g} s")
-        except (lv.libvirtError, LibvirtError) as e:
-            out.rolled_back.append(f"{undo.command} failed: {_one_line(e)}")
-        _leftovers(c, plan, out, qemu_monitor)
-    else:
-        d = mine[0]
-        out.device = {"id": d.id, "memdev": d.memdev, "addr": d.addr, "size": d.size,
-                      "slot": d.slot, "node": d.node}
-        out.ok = True
+    flags = _step_flags(c, step)
+    xml = str(step.arguments["xml"])
+    call = _Call(lambda: _method(c, step.command)(xml, flags), step.command)
+    mine: MemoryDevice | None = None
+    try:
+        answered = call.wait(c.timeout)
+        if answered and call.error is None:
+            out.done.append(step.command)
+            mine = _verify(c, plan, out)
+    except KeyboardInterrupt:
+        # Until the DIMM is verified the add is all or nothing, as on a failure.
+        raise _add_interrupted(c, plan, call, out, flags, grace, progress,
+                               qemu_monitor) from None
+    with deferred_interrupts():
+        if not answered:
+            why = f"{step.command} did not return within {c.timeout:g} s"
+            out.failed_step, out.error = step.command, why
+            try:
+                out.error = f"{why}; " + _settle(c, plan, call, out, flags, grace, progress,
+                                                 qemu_monitor, why)
+            except (PyvhostError, lv.libvirtError) as e:
+                out.error = f"{why}; could not look at what is left: {_one_line(e)}"
+        elif call.error is not None:
+            if not isinstance(call.error, lv.libvirtError | LibvirtError):
+                raise call.error
+            out.failed_step, out.error = step.command, _one_line(call.error)
+            _leftovers(c, plan, out, qemu_monitor)
+        elif mine is None:
+            _undo(c, plan, flags, out, progress)
+            _leftovers(c, plan, out, qemu_monitor)
+        else:
+            out.device = {"id": mine.id, "memdev": mine.memdev, "addr": mine.addr,
+                          "size": mine.size, "slot": mine.slot, "node": mine.node}
+            out.ok = True
     out.seconds = time.monotonic() - start
     return out
+
+
+def _verify(c: Connection, plan: Plan, out: Outcome) -> MemoryDevice | None:
+    """The DIMM as the live XML has it, or None (``out`` says why) when it is not there
+    with the size asked for."""
+    xml = _bounded(lambda: c.dom.XMLDesc(0), c.timeout, "domain XML")
+    mine = [d for d in read_domain(xml, status=_status(c), qemu_version=None,
+                                   default_hugepage=None).state.memory_devices
+            if d.id == plan.device_id]
+    size = _size_in(str(plan.steps[0].arguments.get("xml")))
+    if len(mine) == 1 and mine[0].size == size:
+        return mine[0]
+    out.failed_step, out.error = "verify", (
+        f"the live XML does not show {plan.device_id} with size {size}")
+    return None
+
+
+def _undo(c: Connection, plan: Plan, flags: int, out: Outcome,
+          progress: Progress | None = None) -> None:
+    """Detach the DIMM the plan attached and wait until it leaves the live XML (the guest
+    must release it), bounded by the timeout or :data:`UNDO_WAIT`, whichever is longer.
+
+    The detach is asked again every :data:`REDETACH` seconds while the DIMM stays: a
+    guest given the eject request right as its DIMM arrived sometimes never acts on it
+    (seen twice in about ten runs with libvirt 9.0, QEMU 7.2 and Linux 6.1 under TCG: the
+    guest onlined the DIMM and logged nothing of an eject), and QEMU sends the request
+    again for a repeated device_del."""
+    lv, _ = binding()
+    undo = plan.steps[0].undo
+    assert undo is not None
+    wait = max(c.timeout, UNDO_WAIT)
+    name = plan.device_id or ""
+    if progress is not None:
+        progress(f"detaching {name} again: waiting up to {wait:g} s for the guest to "
+                 f"release it")
+    xml = str(undo.arguments["xml"])
+    deadline = time.monotonic() + wait
+    try:
+        _call(c, undo.command, xml, flags, wait)
+        asks = 1
+        while not _wait_gone(c, name, min(REDETACH, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                out.rolled_back.append(f"{undo.command}: not finished in {wait:g} s "
+                                       f"(asked {asks} times)")
+                return
+            if progress is not None:
+                progress(f"{name} is still in the domain: asking libvirt to detach it "
+                         f"again")
+            with contextlib.suppress(lv.libvirtError, LibvirtError):
+                _call(c, undo.command, xml, flags, max(1.0, deadline - time.monotonic()))
+                asks += 1
+        out.rolled_back.append(undo.command)
+    except (lv.libvirtError, LibvirtError) as e:
+        out.rolled_back.append(f"{undo.command} failed: {_one_line(e)}")
+
+
+def _settle(c: Connection, plan: Plan, call: _Call, out: Outcome, flags: int, grace: float,
+            progress: Progress | None, qemu_monitor: bool, why: str) -> str:
+    """After an attach was given up on (``why``): wait up to ``grace`` seconds for it to
+    return, undo it if it took effect, and say what the domain has now."""
+    lv, _ = binding()
+    name, cmd = plan.device_id, call.what
+    if not call.done.is_set():
+        if progress is not None:
+            progress(f"{why}: waiting up to {grace:g} s for libvirt's {cmd} of {name} to "
+                     f"return (libvirt cannot cancel it), to undo it")
+        if not call.wait(grace):
+            out.orphans = [name] if name is not None else []
+            domain = c.dom.name()
+            return (f"libvirt's {cmd} had not returned {grace:g} s later and is still "
+                    f"running: {name} may yet be attached (libvirt lists it in the live XML "
+                    f"already); see pyvhost mem status --libvirt {domain}, and remove it "
+                    f"with pyvhost mem remove --libvirt {domain} {name}")
+    assert call.ended is not None
+    late = f"libvirt's {cmd} returned {call.ended - call.started:.1f} s after it was sent"
+    if call.error is not None:
+        if not isinstance(call.error, lv.libvirtError | LibvirtError):
+            raise call.error
+        _leftovers(c, plan, out, qemu_monitor)
+        return f"{late}, failed ({_one_line(call.error)}); {_left(c, out, qemu_monitor)}"
+    _undo(c, plan, flags, out, progress)
+    _leftovers(c, plan, out, qemu_monitor)
+    undone = [r for r in out.rolled_back if r == "detach-device"]
+    if undone and not out.orphans:
+        return f"{late}, with {name} attached; undone: detach-device {name}; " + _left(
+            c, out, qemu_monitor)
+    return f"{late}, with {name} attached; {'; '.join(out.rolled_back)}; " + _left(
+        c, out, qemu_monitor)
+
+
+def _left(c: Connection, out: Outcome, qemu_monitor: bool) -> str:
+    """What ``out.orphans`` says the domain has, in words."""
+    if out.orphans:
+        return "left behind: " + ", ".join(out.orphans)
+    where = "the live XML or in QEMU's /objects" if qemu_monitor else "the live XML"
+    return f"nothing of it is left in {where}"
+
+
+def _add_interrupted(c: Connection, plan: Plan, call: _Call, out: Outcome, flags: int,
+                     grace: float, progress: Progress | None,
+                     qemu_monitor: bool) -> Interrupted:
+    """Undo an add interrupted while libvirt attached the DIMM or before it was
+    verified; the exception to raise says what the domain has now."""
+    name = plan.device_id
+    where = "during attach-device" if not call.done.is_set() else "before the check"
+    out.failed_step, out.error = "attach-device", "interrupted"
+    with deferred_interrupts():
+        try:
+            text = _settle(c, plan, call, out, flags, grace, progress, qemu_monitor,
+                           f"interrupted {where}")
+        except (PyvhostError, binding()[0].libvirtError) as e:
+            return Interrupted(f"interrupted {where} of {name}; could not look at what is "
+                               f"left: {_one_line(e)} (see pyvhost mem status --libvirt "
+                               f"{c.dom.name()})")
+    return Interrupted(f"interrupted {where} of {name}; {text}")
 
 
 def _size_in(xml: str) -> int | None:
@@ -448,13 +680,19 @@ def _leftovers(c: Connection, plan: Plan, out: Outcome, qemu_monitor: bool) -> N
 
 def execute_libvirt_remove(c: Connection, plan: Plan, *, timeout: float) -> Outcome:
     """Detach, then wait until the device leaves the live XML (libvirt waits 5 s for the
-    guest, then returns and finishes the removal when QEMU's DEVICE_DELETED comes)."""
-    start, out, _ = _one_step(c, plan)
-    (step,) = plan.steps
-    if out.failed_step is not None:
-        out.seconds = time.monotonic() - start
-        return out
-    if _wait_gone(c, plan.device_id, timeout):
+    guest, then returns and finishes the removal when QEMU's DEVICE_DELETED comes). An
+    interrupt raises :class:`~pyvhost.interrupts.Interrupted` saying what is left: a
+    detach cannot be taken back."""
+    try:
+        start, out, _ = _one_step(c, plan)
+        (step,) = plan.steps
+        if out.failed_step is not None:
+            out.seconds = time.monotonic() - start
+            return out
+        gone = _wait_gone(c, plan.device_id, timeout)
+    except KeyboardInterrupt:
+        raise _remove_interrupted(c, plan) from None
+    if gone:
         out.done.append(step.command)
         out.ok = True
     else:
@@ -466,6 +704,23 @@ def execute_libvirt_remove(c: Connection, plan: Plan, *, timeout: float) -> Outc
     return out
 
 
-__all__ = ["Connection", "LibvirtError", "LibvirtMonitor", "LibvirtStepError", "binding",
-           "execute_libvirt_add", "execute_libvirt_remove", "host_facts", "open_domain",
-           "plan_libvirt_add", "plan_libvirt_remove", "read_libvirt"]
+def _remove_interrupted(c: Connection, plan: Plan) -> Interrupted:
+    name = plan.device_id
+    with deferred_interrupts():
+        try:
+            present = name in _live_aliases(c)
+        except (PyvhostError, binding()[0].libvirtError) as e:
+            return Interrupted(f"interrupted during the removal of {name}; could not look "
+                               f"at what is left: {_one_line(e)}")
+    if not present:
+        return Interrupted(f"interrupted after {name} left the domain: removed")
+    return Interrupted(f"interrupted while {name} was being detached: it is still in the "
+                       f"live XML; a detach cannot be taken back and the guest may still "
+                       f"release it; run pyvhost mem remove --libvirt {c.dom.name()} {name} "
+                       f"again to finish")
+
+
+__all__ = ["GRACE", "Connection", "LibvirtError", "LibvirtMonitor", "LibvirtStepError",
+           "binding", "execute_libvirt_add", "execute_libvirt_remove", "host_facts",
+           "libvirt_unsupported", "open_domain", "plan_libvirt_add", "plan_libvirt_remove",
+           "read_libvirt"]

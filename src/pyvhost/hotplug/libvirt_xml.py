@@ -15,6 +15,15 @@ What libvirt 9.0 (libvirt's qemuBuildMemoryBackendProps) makes of the XML, measu
   type='file'/>`` or any explicit access mode; else ``memory-backend-ram`` (no fd).
 - ``share``: the DIMM's ``access``, else its cell's ``memAccess``, else
   ``<memoryBacking><access mode>``; ``private`` or nothing is share=off.
+- host NUMA placement: ``host-nodes`` is the DIMM's ``<source><nodemask>``, else the
+  ``nodeset`` of ``<numatune><memnode cellid=N>`` for its guest node N, else of
+  ``<numatune><memory>``; ``policy`` is that memnode's (else ``<memory>``'s) ``mode``,
+  strict by default (QEMU's ``bind``). A DIMM has no policy of its own. (Measured with
+  ``<memory>`` and with a nodemask; the memnode case as libvirt documents it.)
+- ``prealloc``: on for a DIMM on hugepages (``<source><pagesize>`` or the domain's
+  ``<hugepages>``), and for every DIMM when ``<memoryBacking><allocation
+  mode='immediate'>`` (with its ``threads`` as ``prealloc-threads``). A DIMM has no
+  preallocation switch of its own.
 
 libvirt does not show QEMU's flat memory view. It is modelled here (:func:`flat_view`):
 boot RAM from guest address 0 in cell order, split below/above 4 GiB the way q35 and pc
@@ -119,6 +128,8 @@ class Backing:
     access: str | None  # "shared", "private" or None
     hugepages: bool
     hugepage_size: int | None  # bytes; None: the host's default
+    allocation: str | None = None  # <allocation mode>: "immediate", "ondemand" or None
+    allocation_threads: int | None = None  # <allocation threads>
 
 
 def _backing(root: ET.Element) -> Backing:
@@ -129,9 +140,98 @@ def _backing(root: ET.Element) -> Backing:
     access = mb.find("access")
     huge = mb.find("hugepages")
     page = huge.find("page") if huge is not None else None
+    alloc = mb.find("allocation")
+    threads = alloc.get("threads") if alloc is not None else None
     return Backing(source.get("type", "anonymous") if source is not None else "anonymous",
                    access.get("mode") if access is not None else None, huge is not None,
-                   _page_attr(page) if page is not None else None)
+                   _page_attr(page) if page is not None else None,
+                   alloc.get("mode") if alloc is not None else None,
+                   _int(threads, "<allocation threads>") if threads is not None else None)
+
+
+#: libvirt's ``<numatune>`` modes and the QEMU memory policy each becomes (strict and
+#: preferred measured with libvirt 9.0; "restrictive" leaves placement to cgroups and
+#: gives QEMU no policy, as libvirt's documentation says, not measured here).
+NUMATUNE_POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave",
+                   "restrictive": "default"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``<numatune>``'s word for one guest NUMA node: its mode and host nodeset."""
+
+    mode: str  # strict, preferred, interleave, restrictive
+    nodeset: tuple[int, ...]  # empty: none given
+    source: str  # where it came from, for messages: "<numatune><memnode cellid='0'>", ...
+
+    @property
+    def policy(self) -> str:
+        """The QEMU policy of a backend with host nodes under this placement."""
+        return NUMATUNE_POLICY.get(self.mode, "bind")
+
+
+@dataclass(frozen=True)
+class Numatune:
+    """``<numatune>``: ``<memory>`` and the per-cell ``<memnode>`` elements."""
+
+    memory: Placement | None = None
+    memnodes: tuple[tuple[int, Placement], ...] = ()
+
+    def placement(self, node: int | None) -> Placement:
+        """What libvirt applies to memory on guest node ``node``: its memnode, else
+        ``<memory>``, else strict with no nodeset (libvirt's default mode)."""
+        for cell, p in self.memnodes:
+            if cell == (node or 0):
+                return p
+        return self.memory or Placement("strict", (), "libvirt's default (no <numatune>)")
+
+
+def parse_nodeset(text: str | None, what: str = "nodeset") -> tuple[int, ...]:
+    """A libvirt node set (``0``, ``0-3``, ``1-4,^3``) as sorted node numbers."""
+    if not text:
+        return ()
+    keep: set[int] = set()
+    drop: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        into = drop if part.startswith("^") else keep
+        lo, _, hi = part.lstrip("^").partition("-")
+        first, last = _int(lo, what), _int(hi or lo, what)
+        if last < first or last > 4095:
+            raise LibvirtXmlError(f"{what} {text!r} is not a node set")
+        into.update(range(first, last + 1))
+    return tuple(sorted(keep - drop))
+
+
+def format_nodeset(nodes: tuple[int, ...]) -> str:
+    """Node numbers as a libvirt node set: ``0-2,5``."""
+    out: list[str] = []
+    for n in sorted(set(nodes)):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ",".join(out)
+
+
+def _numatune(root: ET.Element) -> Numatune:
+    nt = root.find("numatune")
+    if nt is None:
+        return Numatune()
+    memory = nt.find("memory")
+    mem = None
+    if memory is not None:
+        mem = Placement(memory.get("mode", "strict"),
+                        parse_nodeset(memory.get("nodeset"), "<numatune><memory nodeset>"),
+                        f"<numatune><memory mode='{memory.get('mode', 'strict')}'>")
+    cells: list[tuple[int, Placement]] = []
+    for mn in nt.iterfind("memnode"):
+        cell = _int(mn.get("cellid"), "<memnode cellid>")
+        mode = mn.get("mode", "strict")
+        cells.append((cell, Placement(mode, parse_nodeset(mn.get("nodeset"),
+                                                          "<memnode nodeset>"),
+                                      f"<numatune><memnode cellid='{cell}' mode='{mode}'>")))
+    return Numatune(mem, tuple(cells))
 
 
 def _page_attr(page: ET.Element) -> int:
@@ -143,10 +243,15 @@ def _page_attr(page: ET.Element) -> int:
 
 
 def backend_for(backing: Backing, access: str | None, bid: str, size: int,
-                hugepage_size: int | None) -> MemoryBackend:
-    """The QEMU backend libvirt creates for memory with this access (libvirt 9.0's rules,
-    module docstring)."""
+                hugepage_size: int | None, placement: Placement | None = None,
+                nodemask: tuple[int, ...] = ()) -> MemoryBackend:
+    """The QEMU backend libvirt creates for memory with this access, guest node placement
+    and ``<source><nodemask>`` (libvirt 9.0's rules, module docstring)."""
     huge = hugepage_size is not None
+    nodes = nodemask or (placement.nodeset if placement is not None else ())
+    policy = placement.policy if placement is not None and nodes else "default"
+    if policy == "default":
+        nodes = ()
     if backing.source == "memfd":
         qom = "memory-backend-memfd"
     elif huge or backing.source == "file" or access is not None:
@@ -155,8 +260,8 @@ def backend_for(backing: Backing, access: str | None, bid: str, size: int,
         qom = "memory-backend-ram"
     return MemoryBackend(id=bid, qom_type=qom, size=size, share=access == "shared",
                          mem_path=None, hugetlb=huge and qom == "memory-backend-memfd",
-                         hugetlbsize=hugepage_size or 0, host_nodes=(), policy="default",
-                         prealloc=huge)
+                         hugetlbsize=hugepage_size or 0, host_nodes=nodes, policy=policy,
+                         prealloc=huge or backing.allocation == "immediate")
 
 
 @dataclass(frozen=True)
@@ -169,6 +274,7 @@ class LibvirtDomain:
     machine: str
     estimated: bool  # the flat view is modelled, not read from QEMU
     dimm_aliases: tuple[str, ...]
+    numatune: Numatune = Numatune()
 
 
 _VHOST_USER_DRIVERS = {"interface": "virtio-net-pci", "disk": "vhost-user-blk-pci",
@@ -266,6 +372,7 @@ def read_domain(xml: str, *, status: str, qemu_version: Version | None,
     if root.tag != "domain":
         raise LibvirtXmlError(f"<{root.tag}> is not a libvirt domain")
     backing = _backing(root)
+    numatune = _numatune(root)
     huge = (backing.hugepage_size or default_hugepage) if backing.hugepages else None
     os_type = root.find("os/type")
     machine = os_type.get("machine", "pc") if os_type is not None else "pc"
@@ -312,7 +419,9 @@ def read_domain(xml: str, *, status: str, qemu_version: Version | None,
         dimm_huge = size_of(page_el) if page_el is not None else huge
         memdev = f"mem{alias}" if alias else None
         if memdev is not None:
-            b = backend_for(backing, access, memdev, size, dimm_huge)
+            mask = parse_nodeset(el.findtext("source/nodemask"), "<source><nodemask>")
+            b = backend_for(backing, access, memdev, size, dimm_huge,
+                            numatune.placement(node), mask)
             backends.append(b)
             page_sizes[memdev] = dimm_huge or BASE_PAGE
         kind = "dimm" if el.get("model") == "dimm" else "virtio-mem"
@@ -328,7 +437,8 @@ def read_domain(xml: str, *, status: str, qemu_version: Version | None,
         cell_access[0] = backing.access
     for i, (name, size) in enumerate(nodes):
         access = cell_access.get(i) if cells else backing.access
-        backends.insert(i, backend_for(backing, access, name, size, huge))
+        backends.insert(i, backend_for(backing, access, name, size, huge,
+                                       numatune.placement(i)))
         page_sizes[name] = huge or BASE_PAGE
     vhost = _vhost_user(devices)
     booted = status == "running"
@@ -342,7 +452,7 @@ def read_domain(xml: str, *, status: str, qemu_version: Version | None,
         flat_view=view, object_ids=tuple(b.id for b in backends),
         device_ids=tuple(device_ids), qemu_version=qemu_version)
     return LibvirtDomain(state, page_sizes, backing, machine, True,
-                         tuple(d.id for d in dimms if d.id))
+                         tuple(d.id for d in dimms if d.id), numatune)
 
 
 def _cell_size(cell: ET.Element) -> int:
@@ -352,16 +462,23 @@ def _cell_size(cell: ET.Element) -> int:
 
 
 def dimm_xml(alias: str, size: int, node: int | None, share: bool,
-             hugepage_size: int | None = None) -> str:
-    """The ``<memory model='dimm'>`` element pyvhost attaches (and detaches)."""
+             hugepage_size: int | None = None, nodemask: tuple[int, ...] = ()) -> str:
+    """The ``<memory model='dimm'>`` element pyvhost attaches (and detaches): with
+    ``<source><pagesize>`` for hugepages and ``<source><nodemask>`` for host nodes (what
+    libvirt makes QEMU's ``hugetlbsize`` and ``host-nodes``, measured with 9.0)."""
     if not _ALIAS_OK.match(alias):
         raise ValueError(f"{alias!r}: a libvirt user alias is ua- and 1-60 of [A-Za-z0-9_-]")
     if size <= 0 or size % KiB:
         raise ValueError(f"{size}: a DIMM size is a positive number of KiB")
+    if any(n < 0 for n in nodemask):
+        raise ValueError(f"{list(nodemask)}: host NUMA nodes are not negative")
     mem = ET.Element("memory", {"model": "dimm", "access": "shared" if share else "private"})
-    if hugepage_size:
+    if hugepage_size or nodemask:
         src = ET.SubElement(mem, "source")
-        ET.SubElement(src, "pagesize", {"unit": "KiB"}).text = str(hugepage_size // KiB)
+        if hugepage_size:
+            ET.SubElement(src, "pagesize", {"unit": "KiB"}).text = str(hugepage_size // KiB)
+        if nodemask:
+            ET.SubElement(src, "nodemask").text = format_nodeset(nodemask)
     target = ET.SubElement(mem, "target")
     ET.SubElement(target, "size", {"unit": "KiB"}).text = str(size // KiB)
     if node is not None:
