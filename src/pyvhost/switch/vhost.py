@@ -46,6 +46,7 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 
+from pyvhost import datapath
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
 from pyvhost.devices.virtio_net import (
     HDR_LEGACY,
@@ -221,12 +222,13 @@ class SwitchPort(VirtioDevice):
         if tx is None:
             return
         mem = ctx.mem
-        # While the front-end logs (a live migration), the reference step: it marks the
-        # log for every write (the compiled one does not yet).
-        steps = self._reference if tx.log is not None else self._forwarders
+        # While the front-end logs (a live migration), both steps mark the log for every
+        # write; the compiled one only a log it can reach (datapath.serves_log).
+        pure = tx.log is not None and not datapath.serves_log(tx.log)
+        steps = self._reference if pure else self._forwarders
         fwd = steps.get(index)
         if fwd is None:
-            fwd = steps[index] = forward.Forwarder() if tx.log is not None else self._engine()
+            fwd = steps[index] = forward.Forwarder() if pure else self._engine()
         served = 0
         while True:
             # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
@@ -549,7 +551,9 @@ def flow_hash(frame: bytes | bytearray) -> int:
 def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     """The forward step's view of an egress port, or None when it takes the Python path:
     not a vhost-user port, gone, not one ready receive queue (none: port_down; several:
-    the flow hash picks one), or a queue that carries a dirty log."""
+    the flow hash picks one), or a queue that carries a dirty log the compiled step can
+    not mark (:func:`pyvhost.datapath.serves_log`; the pure step marks every log, the
+    Python path too)."""
     if ctx is None or not isinstance(port, VhostPort):
         return None
     dev = port.device
@@ -557,7 +561,7 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     if len(queues) != 1:
         return None
     rx = queues[0]
-    if rx.broken is not None or rx.log is not None:
+    if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
         return None
     return forward.Out(ctx.mem, rx, dev.hdr_len, dev.mrg_rxbuf, dev.mtu + ETH_OVERHEAD)
 
