@@ -17,6 +17,10 @@ connection's ``run_device``), so no region of the table is unmapped before it re
 the table takes each mapping's address and releases the buffer export at once, so
 ``mmap.close()`` still works once the snapshot is let go.
 
+Live migration: while a queue carries a dirty log, every guest write is marked in it
+after it is made, the same marks as the pure path's (:mod:`pyvhost.virtq.split`):
+``log_mark`` below, per ring state read by ``load_log``; docs/dirty-log.md.
+
 A region whose file shrank under its mapping (a front-end's ``ftruncate``) makes the
 next access fault with SIGBUS. Every burst runs under a per-thread ``sigsetjmp``: the
 handler, installed with SA_SIGINFO|SA_NODEFER, jumps back out when the faulting address

@@ -13,8 +13,9 @@ on each egress port, which writes them into this device's receive queue. Those a
 frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
 segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
 frames to a tap, to a port with several receive queues enabled (the flow hash picks one),
-none (``port_down``), or a receive queue that carries a dirty log. A transmit queue that
-carries a log runs the pure-Python step, which marks it.
+none (``port_down``), or a receive queue that carries a dirty log the compiled step can
+not mark (no libatomic: :func:`pyvhost.datapath.serves_log`). A transmit queue that
+carries such a log runs the pure-Python step; both steps mark the logs they serve.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
@@ -145,7 +146,7 @@ class SwitchPort(VirtioDevice):
         self.port = VhostPort(self)
         self.joined = False
         #: The forward step of each transmit queue (compiled where built), and the
-        #: reference one used while the front-end logs.
+        #: reference one used for a log the compiled step can not mark.
         self._engine = forward.engine()
         self._forwarders: dict[int, forward.ForwardStep] = {}
         self._reference: dict[int, forward.ForwardStep] = {}
@@ -257,7 +258,8 @@ class SwitchPort(VirtioDevice):
     def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
         """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
         the forward step into every egress port it can serve, the Python path for the
-        rest (offload headers, taps, ports with several receive queues or a log)."""
+        rest (offload headers, taps, ports with several receive queues, a log the compiled
+        step can not mark)."""
         counters = self.port.counters
         st = fwd.stats
         for reason in ("malformed", "too_big"):
