@@ -22,7 +22,8 @@ lab's guest image (built on first use).
    log and with a dirty log on both queues (``+log``: what serves a migrating VM,
    docs/dirty-log.md), in one run.
 
-The machine is shared: the figures are indicative. The median of the repeats is shown.
+The machine is shared: the figures are indicative. The median of the repeats is shown
+(the data path's paths alternate, 3 rounds).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def main() -> None:
     args = ap.parse_args()
     out: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(),
                            "python": sys.version.split()[0], "datapath": datapath.name(),
-                           "migrations": [], "datapath_fps": {}}
+                           "migrations": [], "datapath_fps": {}, "datapath_runs": {}}
     if not args.skip_migration:
         print("migration (QEMU 7.2, TCG; seconds; median of "
               f"{args.repeat} per back-end, alternating)")
@@ -261,11 +262,18 @@ def main() -> None:
         paths = ["python", "python+log"] + (["compiled", "compiled+log"]
                                              if datapath.name() == "compiled" else [])
         for frame in (64, 1500):
+            # Alternating paths, 3 rounds: on a shared machine a load that comes and goes
+            # falls on every path alike, not on the one measured at that moment.
+            runs: dict[str, list[float]] = {path: [] for path in paths}
+            for _ in range(3):
+                for path in paths:
+                    runs[path].append(frames_per_second(path, frame, args.seconds))
             for path in paths:
-                fps = statistics.median(frames_per_second(path, frame, args.seconds)
-                                        for _ in range(3))
+                fps = statistics.median(runs[path])
                 out["datapath_fps"][f"{path}/{frame}"] = fps
-                print(f"  {frame:5} B {path:11} {fps:12,.0f}", flush=True)
+                out["datapath_runs"][f"{path}/{frame}"] = runs[path]
+                print(f"  {frame:5} B {path:12} {fps:12,.0f}   (runs: "
+                      + ", ".join(f"{r:,.0f}" for r in runs[path]) + ")", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -551,8 +551,9 @@ cdef void log_mark(Ring *q, uint64_t gpa, uint64_t length) noexcept nogil:
     while page <= last:
         byte = page >> 3
         end = min(last, page | 7)
-        # byte < log_size: page <= last < 8 * log_size.
-        pv_log_or(q.log + byte, <uint8_t>(((<uint32_t>1 << (end - page + 1)) - 1) << (page & 7)))
+        # byte < log_size: page <= last < 8 * log_size. 1 .. 8 bits, within the byte.
+        pv_log_or(q.log + byte,
+                  <uint8_t>(((<uint32_t>1 << (end - page + 1)) - 1) << (page & 7)))
         page = end + 1
 
 
@@ -587,10 +588,11 @@ cdef void enable_kicks(Ring *q, int on) noexcept nogil:
     if q.event_idx:
         if on:
             pv_store16(q.used + 4 + 8 * <size_t>q.size, q.last_avail)
+            # log_guest_addr + offset: a guest-controlled sum, checked in log_used.
             log_used(q, 4 + 8 * <uint64_t>q.size, 2)
     else:
         pv_store16(q.used, 0 if on else USED_F_NO_NOTIFY)
-        log_used(q, 0, 2)
+        log_used(q, 0, 2)                    # as above
 
 
 cdef void publish(Ring *q, const Used *elems, size_t n) noexcept nogil:
@@ -603,7 +605,9 @@ cdef void publish(Ring *q, const Used *elems, size_t n) noexcept nogil:
         idx += 1
     pv_store_release16(q.used + 2, idx)
     if q.log != NULL and n:
-        log_used_elems(q, q.used_idx, n)     # after the writes they stand for
+        # After the writes they stand for; log_guest_addr (guest-controlled) plus slot
+        # offsets below 4 + 8 * size: the sums are checked in log_used.
+        log_used_elems(q, q.used_idx, n)
     q.used_idx = idx
 
 
@@ -740,7 +744,9 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
             if b.rx.log != NULL:
                 # One mark per descriptor, of the bytes written to it, as
                 # DescriptorChain.write makes (the same ``marks`` and ``overflows``): a
-                # descriptor's pieces follow each other in guest-physical memory.
+                # descriptor's pieces follow each other in guest-physical memory. The
+                # GPA is the guest's (checked inside guest memory by buffer(); mlen is
+                # at most the frame's size); log_mark bounds both against the log.
                 if d.first and mlen:
                     log_mark(&b.rx, mgpa, mlen)
                     mlen = 0
