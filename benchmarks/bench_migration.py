@@ -195,7 +195,9 @@ class Rings:
         os.close(self.fd)
 
 
-def frames_per_second(path: str, frame: int, seconds: float) -> float:
+def frames_per_second(path: str, frame: int, seconds: float) -> tuple[float, float]:
+    """Frames per second of wall time, and per second of this process's CPU time (on
+    a shared machine the second leaves out the time other processes took the CPU)."""
     rings = Rings(frame)
     log_fd, log = -1, None
     if path.endswith("+log"):
@@ -211,16 +213,16 @@ def frames_per_second(path: str, frame: int, seconds: float) -> float:
     frames = 0
     try:
         with rings.manager.hold() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             while time.perf_counter() - t0 < seconds:
                 rings.post()
                 frames += reflector.burst(mem, tx, rx, 12, False, SIZE, stats)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if stats["rx_frames"] != frames:
             raise RuntimeError(f"{path}: {frames} taken, {stats['rx_frames']} reflected")
         if log is not None and not log.marks:
             raise RuntimeError(f"{path}: logging on, nothing marked")
-        return frames / elapsed
+        return frames / elapsed, frames / cpu
     finally:
         if log is not None:
             log.close()
@@ -238,7 +240,8 @@ def main() -> None:
     args = ap.parse_args()
     out: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(),
                            "python": sys.version.split()[0], "datapath": datapath.name(),
-                           "migrations": [], "datapath_fps": {}, "datapath_runs": {}}
+                           "migrations": [], "datapath_fps": {}, "datapath_cpu_fps": {},
+                           "datapath_runs": {}}
     if not args.skip_migration:
         print("migration (QEMU 7.2, TCG; seconds; median of "
               f"{args.repeat} per back-end, alternating)")
@@ -258,22 +261,25 @@ def main() -> None:
             print(f"{kind:10} {med['total_time']:8.3f} {med['downtime'] * 1000:8.0f} ms "
                   f"{med['seconds']:8.3f} {med['resumed_after']:8.3f}")
     if not args.skip_datapath:
-        print("data path, reflector burst in this process (frames/s)")
+        print("data path, reflector burst in this process (frames per second of wall "
+              "time, and of this process's CPU time)")
         paths = ["python", "python+log"] + (["compiled", "compiled+log"]
                                              if datapath.name() == "compiled" else [])
         for frame in (64, 1500):
             # Alternating paths, 3 rounds: on a shared machine a load that comes and goes
             # falls on every path alike, not on the one measured at that moment.
-            runs: dict[str, list[float]] = {path: [] for path in paths}
+            runs: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
             for _ in range(3):
                 for path in paths:
                     runs[path].append(frames_per_second(path, frame, args.seconds))
             for path in paths:
-                fps = statistics.median(runs[path])
+                fps = statistics.median(r[0] for r in runs[path])
+                cpu = statistics.median(r[1] for r in runs[path])
                 out["datapath_fps"][f"{path}/{frame}"] = fps
+                out["datapath_cpu_fps"][f"{path}/{frame}"] = cpu
                 out["datapath_runs"][f"{path}/{frame}"] = runs[path]
-                print(f"  {frame:5} B {path:12} {fps:12,.0f}   (runs: "
-                      + ", ".join(f"{r:,.0f}" for r in runs[path]) + ")", flush=True)
+                print(f"  {frame:5} B {path:12} {fps:12,.0f} /s {cpu:12,.0f} /CPU-s   (runs: "
+                      + ", ".join(f"{r[0]:,.0f}" for r in runs[path]) + ")", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
