@@ -18,11 +18,12 @@ lab's guest image (built on first use).
 
 2. Data path, in this process, no VM: a reflector's burst over rings in a memfd (256
    chains of one frame each, 64 and 1500 bytes), the driver's side re-posting the same
-   chains each round: frames per second of the compiled path (no log), the pure-Python
-   path without a log, and the pure-Python path with a dirty log on both queues (what
-   serves a migrating VM until the compiled path logs: docs/dirty-log.md).
+   chains each round: frames per second of each path (pure-Python, compiled) without a
+   log and with a dirty log on both queues (``+log``: what serves a migrating VM,
+   docs/dirty-log.md), in one run.
 
-The machine is shared: the figures are indicative. The median of the repeats is shown.
+The machine is shared: the figures are indicative. The median of the repeats is shown
+(the data path's paths alternate, 3 rounds).
 """
 
 from __future__ import annotations
@@ -194,29 +195,34 @@ class Rings:
         os.close(self.fd)
 
 
-def frames_per_second(path: str, frame: int, seconds: float) -> float:
+def frames_per_second(path: str, frame: int, seconds: float) -> tuple[float, float]:
+    """Frames per second of wall time, and per second of this process's CPU time (on
+    a shared machine the second leaves out the time other processes took the CPU)."""
     rings = Rings(frame)
     log_fd, log = -1, None
-    if path == "python+log":
+    if path.endswith("+log"):
         log_fd = os.memfd_create("bench-log", os.MFD_CLOEXEC)
         os.ftruncate(log_fd, RAM // 4096 // 8 + 4096)
         log = DirtyLog.map(LogDescription(RAM // 4096 // 8 + 4096, 0), log_fd)
         for q in rings.queues:
             q.log, q.log_guest_addr = log, 0x40_0000 + 0x1000 * q.index
-    reflector = (datapath.Reflector() if path == "compiled" else reference.Reflector())
+    reflector = (datapath.Reflector() if path.startswith("compiled")
+                 else reference.Reflector())
     rx, tx = rings.queues
     stats = dict.fromkeys(reference.STATS, 0)
     frames = 0
     try:
         with rings.manager.hold() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             while time.perf_counter() - t0 < seconds:
                 rings.post()
                 frames += reflector.burst(mem, tx, rx, 12, False, SIZE, stats)
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if stats["rx_frames"] != frames:
             raise RuntimeError(f"{path}: {frames} taken, {stats['rx_frames']} reflected")
-        return frames / elapsed
+        if log is not None and not log.marks:
+            raise RuntimeError(f"{path}: logging on, nothing marked")
+        return frames / elapsed, frames / cpu
     finally:
         if log is not None:
             log.close()
@@ -234,7 +240,8 @@ def main() -> None:
     args = ap.parse_args()
     out: dict[str, Any] = {"host": platform.node(), "cpus": os.cpu_count(),
                            "python": sys.version.split()[0], "datapath": datapath.name(),
-                           "migrations": [], "datapath_fps": {}}
+                           "migrations": [], "datapath_fps": {}, "datapath_cpu_fps": {},
+                           "datapath_runs": {}}
     if not args.skip_migration:
         print("migration (QEMU 7.2, TCG; seconds; median of "
               f"{args.repeat} per back-end, alternating)")
@@ -254,15 +261,25 @@ def main() -> None:
             print(f"{kind:10} {med['total_time']:8.3f} {med['downtime'] * 1000:8.0f} ms "
                   f"{med['seconds']:8.3f} {med['resumed_after']:8.3f}")
     if not args.skip_datapath:
-        print("data path, reflector burst in this process (frames/s)")
-        paths = ["python", "python+log"] + (["compiled"] if datapath.name() == "compiled"
-                                             else [])
+        print("data path, reflector burst in this process (frames per second of wall "
+              "time, and of this process's CPU time)")
+        paths = ["python", "python+log"] + (["compiled", "compiled+log"]
+                                             if datapath.name() == "compiled" else [])
         for frame in (64, 1500):
+            # Alternating paths, 3 rounds: on a shared machine a load that comes and goes
+            # falls on every path alike, not on the one measured at that moment.
+            runs: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
+            for _ in range(3):
+                for path in paths:
+                    runs[path].append(frames_per_second(path, frame, args.seconds))
             for path in paths:
-                fps = statistics.median(frames_per_second(path, frame, args.seconds)
-                                        for _ in range(3))
+                fps = statistics.median(r[0] for r in runs[path])
+                cpu = statistics.median(r[1] for r in runs[path])
                 out["datapath_fps"][f"{path}/{frame}"] = fps
-                print(f"  {frame:5} B {path:11} {fps:12,.0f}", flush=True)
+                out["datapath_cpu_fps"][f"{path}/{frame}"] = cpu
+                out["datapath_runs"][f"{path}/{frame}"] = runs[path]
+                print(f"  {frame:5} B {path:12} {fps:12,.0f} /s {cpu:12,.0f} /CPU-s   (runs: "
+                      + ", ".join(f"{r[0]:,.0f}" for r in runs[path]) + ")", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

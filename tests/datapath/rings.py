@@ -14,12 +14,14 @@ For tests against a real back-end process, a guest is :class:`support.netdriver.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
-from pyvhost.protocol.messages import MemoryRegion
+from pyvhost.memory import DirtyLog
+from pyvhost.protocol.messages import LogDescription, MemoryRegion
 from pyvhost.virtq import SplitQueue
-from support.memfd import REGION_SIZE, SharedRam
+from support.memfd import REGION_SIZE, SharedRam, memfd
 from support.netdriver import TIMEOUT, NetDriver, RamOffsets, frame_tag, make_frame, wait_any
 from support.ring import DESC, U16, DriverRing, RingLayout, device_queue
 
@@ -42,6 +44,29 @@ class Ram(SharedRam):
     def image(self) -> bytes:
         """Every byte of guest memory (the three regions)."""
         return self.read(0, GAP) + self.read(FAR, REGION)
+
+
+class LogFile:
+    """A dirty log as QEMU shares one (SET_LOG_BASE): a memfd of ``offset + size`` bytes,
+    the :class:`~pyvhost.memory.DirtyLog` the back-end maps from it, and the bitmap read
+    back from the file (``os.pread``, not through the code under test)."""
+
+    def __init__(self, size: int, offset: int = 0) -> None:
+        self.size, self.offset = size, offset
+        self.fd = memfd(offset + size, name="pyvhost-dp-log")
+        try:
+            self.log = DirtyLog.map(LogDescription(size, offset), self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def state(self) -> tuple[bytes, int, int]:
+        """The bitmap, and the log's ``marks`` and ``overflows``."""
+        return os.pread(self.fd, self.size, self.offset), self.log.marks, self.log.overflows
+
+    def close(self) -> None:
+        self.log.close()
+        os.close(self.fd)
 
 
 def desc(ram: Ram, table_gpa: int, index: int, addr: int, length: int, flags: int,

@@ -10,6 +10,13 @@ asserts: the same burst results, the same exception (type and text: the same que
 broken for the same reason), the same queue state, the same notification decisions, the
 same statistics, and every byte of guest memory equal (used rings and frames included).
 
+Most examples run while the front-end logs (a live migration): each path gets its own
+memfd-backed dirty log, one for both queues as QEMU shares it or one per queue, of a size
+that covers guest memory or only part of it (overflows), at an offset in its file, and
+per ring ``log_guest_addr`` (VHOST_VRING_F_LOG) or none: at the used ring's GPA, past the
+log, or near 2**64 (the sum wraps). Both paths must leave the same bitmaps and the same
+``marks`` and ``overflows`` counts.
+
 Scale: ``EXAMPLES`` random images per run (``PYVHOST_DIFF_EXAMPLES`` overrides), each
 run through up to ``MAX_BURSTS`` bursts.
 """
@@ -30,7 +37,7 @@ from pyvhost.devices.virtio_net import MAX_FRAME
 from pyvhost.memory import GuestMemory
 from pyvhost.virtq import SplitQueue, VirtqueueError
 
-from .rings import FAR, GAP, REGION, Ram, desc, make_queue, publish_raw, queue_state
+from .rings import FAR, GAP, REGION, LogFile, Ram, desc, make_queue, publish_raw, queue_state
 
 native = pytest.importorskip("pyvhost.datapath._native",
                              reason="the compiled data path is not built")
@@ -47,6 +54,14 @@ N_INDIRECT = 4
 TABLE = 8  # entries written per indirect table
 
 Desc = tuple[int, int, int, int]  # addr, len, flags, next
+
+#: Dirty log sizes in bytes (0: not logging): 8 bytes cover guest memory (FAR + REGION is
+#: 64 pages), fewer only part of it, so writes past the log are counted as overflows.
+LOG_BYTES = [0, 1, 3, 8, 40]
+#: log_guest_addr of a ring: None (no VHOST_VRING_F_LOG), USED_GPA (the used ring's GPA,
+#: as QEMU sends it), or any u64: past a small log, near 2**64 (base + offset wraps).
+USED_GPA = -1
+LOG_USED = [None, USED_GPA, 0x3FFFC, 0x7FFF_F000, 2**64 - 6, 2**64 - 1]
 
 INTERESTING_ADDRS = [0x8000, REGION - 8, REGION - 100, REGION - 1, GAP - 64, GAP - 1, GAP,
                      FAR - 4, FAR, FAR + REGION - 60, FAR + REGION, 2**64 - 32, 2**64 - 1,
@@ -109,6 +124,11 @@ class Case:
     rx_jump: bool
     tx_flags: int
     rx_flags: int
+    log_bytes: int = 0
+    log_offset: int = 0
+    log_shared: bool = True
+    tx_log_used: int | None = None
+    rx_log_used: int | None = None
 
 
 @st.composite
@@ -125,7 +145,25 @@ def cases(draw: st.DrawFn) -> Case:
         hostility=draw(st.sampled_from([0.0, 0.02, 0.1, 0.5])),
         indirect=draw(st.sampled_from([0.0, 0.1, 0.3])),
         tx_jump=draw(st.integers(0, 9)) == 0, rx_jump=draw(st.integers(0, 9)) == 0,
-        tx_flags=draw(st.integers(0, 3)), rx_flags=draw(st.integers(0, 3)))
+        tx_flags=draw(st.integers(0, 3)), rx_flags=draw(st.integers(0, 3)),
+        log_bytes=draw(st.sampled_from(LOG_BYTES)),
+        log_offset=draw(st.sampled_from([0, 0x1003])), log_shared=draw(st.booleans()),
+        tx_log_used=draw(st.sampled_from(LOG_USED)),
+        rx_log_used=draw(st.sampled_from(LOG_USED)))
+
+
+def attach_logs(case: Case, tx: SplitQueue, rx: SplitQueue) -> list[LogFile]:
+    """Logging on, as the case says: the queues' logs and log_guest_addr."""
+    if not case.log_bytes:
+        return []
+    logs = [LogFile(case.log_bytes, case.log_offset)]
+    if not case.log_shared:
+        logs.append(LogFile(case.log_bytes, case.log_offset))
+    for q, log, used in ((tx, logs[0], case.tx_log_used), (rx, logs[-1], case.rx_log_used)):
+        q.log = log.log
+        assert q.ring_gpas is not None
+        q.log_guest_addr = q.ring_gpas[2] if used == USED_GPA else used
+    return logs
 
 
 def build(case: Case, content: bytes) -> tuple[Ram, SplitQueue, SplitQueue]:
@@ -161,7 +199,7 @@ def build(case: Case, content: bytes) -> tuple[Ram, SplitQueue, SplitQueue]:
 
 Event = tuple[object, ...]
 Outcome = tuple[list[Event], tuple[object, ...], tuple[object, ...], dict[str, int],
-                bytes, list[int]]
+                bytes, list[int], list[tuple[bytes, int, int]]]
 
 
 class Path(Protocol):
@@ -173,7 +211,9 @@ def run(case: Case, content: bytes, path: Path) -> Outcome:
     ram, tx, rx = build(case, content)
     stats = dict.fromkeys(reference.STATS, 0)
     events: list[Event] = []
+    logs: list[LogFile] = []
     try:
+        logs = attach_logs(case, tx, rx)
         with ram.manager.hold() as mem:
             for _ in range(MAX_BURSTS):
                 try:
@@ -190,8 +230,11 @@ def run(case: Case, content: bytes, path: Path) -> Outcome:
                 if n < case.limit:
                     break
         written = [r.bytes_written for r in ram.mem.regions]
-        return (events, queue_state(tx), queue_state(rx), stats, ram.image(), written)
+        return (events, queue_state(tx), queue_state(rx), stats, ram.image(), written,
+                [log.state() for log in logs])
     finally:
+        for log in logs:
+            log.close()
         ram.close()
 
 
@@ -203,7 +246,8 @@ def test_compiled_equals_reference(case: Case) -> None:
     expected = run(case, content, reference.Reflector())
     got = run(case, content, native.Reflector())
     names = ("bursts/errors/notifications", "transmit queue state", "receive queue state",
-             "statistics", "guest memory", "bytes written per region")
+             "statistics", "guest memory", "bytes written per region",
+             "dirty logs (bitmap, marks, overflows)")
     for name, e, g in zip(names, expected, got, strict=True):
         if name == "guest memory" and e != g:
             assert isinstance(e, bytes) and isinstance(g, bytes)
@@ -223,9 +267,16 @@ def test_the_random_rings_reach_every_outcome() -> None:
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(cases())
     def sample(case: Case) -> None:
-        events, _, _, stats, _, _ = run(case, random.Random(case.seed).randbytes(Ram.END),
-                                        native.Reflector())
+        events, _, _, stats, _, _, logs = run(
+            case, random.Random(case.seed).randbytes(Ram.END), native.Reflector())
         outcomes.update(k for k, v in stats.items() if v)
+        for bitmap, marks, overflows in logs:
+            if any(bitmap):
+                outcomes.add("log marked")
+            if overflows:
+                outcomes.add("log overflow")
+            if marks > overflows:
+                outcomes.add("log within")
         for ev in events:
             if ev[0] == "error":
                 reason = str(ev[2]).split(": ", 1)[1]
@@ -235,6 +286,6 @@ def test_the_random_rings_reach_every_outcome() -> None:
 
     sample()
     wanted = {"rx_frames", "drop_no_rx_buffer", "drop_too_big", "drop_malformed",
-              "notify True", "notify False"}
+              "notify True", "notify False", "log marked", "log overflow", "log within"}
     assert wanted <= outcomes, sorted(wanted - outcomes)
     assert sum(1 for o in outcomes if o.startswith("error")) >= 6, sorted(outcomes)

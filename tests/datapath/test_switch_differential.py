@@ -15,6 +15,11 @@ step, on two copies, and asserts: the same results of every call (taken, errors,
 queue states and notification decisions, every byte of every guest memory equal (used
 rings and frames included), and the same bytes written per region.
 
+Most examples run while the front-end logs: each connection (the ingress port, each egress
+port with memory of its own) gets its own memfd-backed dirty log on each path, some too
+small for guest memory, with ``log_guest_addr`` per ring or none (as in test_differential);
+both paths must leave the same bitmaps, ``marks`` and ``overflows``.
+
 Scale: ``EXAMPLES`` random images per run (``PYVHOST_DIFF_EXAMPLES`` overrides), each up
 to ``MAX_BURSTS`` bursts.
 """
@@ -34,8 +39,18 @@ from pyvhost.devices.virtio_net import MAX_FRAME
 from pyvhost.switch import forward
 from pyvhost.virtq import SplitQueue
 
-from .rings import FAR, GAP, REGION, Ram, desc, make_queue, publish_raw, queue_state
-from .test_differential import INDIRECT, N_INDIRECT, RX_RING, TABLE, TX_RING, rand_desc
+from .rings import FAR, GAP, REGION, LogFile, Ram, desc, make_queue, publish_raw, queue_state
+from .test_differential import (
+    INDIRECT,
+    LOG_BYTES,
+    LOG_USED,
+    N_INDIRECT,
+    RX_RING,
+    TABLE,
+    TX_RING,
+    USED_GPA,
+    rand_desc,
+)
 
 native = pytest.importorskip("pyvhost.datapath._native",
                              reason="the compiled data path is not built")
@@ -62,6 +77,8 @@ class Case:
     random_macs: float      # share of MACs drawn at random (the per-burst limit)
     outs: list[tuple[int, bool, int, int, int, bool]]  # hdr, mrg, size, base, max_eth, shared
     route_seed: int
+    log_bytes: int = 0      # per connection; 0: not logging
+    log_used: tuple[int | None, ...] = ()  # log_guest_addr: the transmit queue's, then each out's
 
 
 @st.composite
@@ -84,7 +101,9 @@ def cases(draw: st.DrawFn) -> Case:
         frames=draw(st.sampled_from([0.5, 0.9, 1.0])),
         slow=draw(st.sampled_from([0.0, 0.05, 0.3])),
         random_macs=draw(st.sampled_from([0.0, 0.1, 0.6])),
-        outs=outs, route_seed=draw(st.integers(0, 2**32)))
+        outs=outs, route_seed=draw(st.integers(0, 2**32)),
+        log_bytes=draw(st.sampled_from(LOG_BYTES)),
+        log_used=tuple(draw(st.sampled_from(LOG_USED)) for _ in range(len(outs) + 1)))
 
 
 def _plain(addr: int) -> bool:
@@ -151,12 +170,29 @@ def build(case: Case, content: bytes) -> tuple[list[Ram], SplitQueue, list[forwa
     return rams, tx, outs
 
 
+def attach_logs(case: Case, rams: list[Ram], tx: SplitQueue,
+                outs: list[forward.Out]) -> list[LogFile]:
+    """Logging on, as the case says: one log per connection (guest memory), on its
+    queues, and each queue's log_guest_addr."""
+    if not case.log_bytes:
+        return []
+    logs = [LogFile(case.log_bytes) for _ in rams]
+    queues = [(tx, rams[0]), *((o.rx, next(r for r in rams if r.mem is o.mem)) for o in outs)]
+    for (q, ram), used in zip(queues, case.log_used, strict=True):
+        q.log = logs[rams.index(ram)].log
+        assert q.ring_gpas is not None
+        q.log_guest_addr = q.ring_gpas[2] if used == USED_GPA else used
+    return logs
+
+
 def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> list[object]:
     rams, tx, outs = build(case, content)
     fwd = make()
     routes = random.Random(case.route_seed)
     events: list[object] = []
+    logs: list[LogFile] = []
     try:
+        logs = attach_logs(case, rams, tx, outs)
         with rams[0].manager.hold() as mem:
             for _ in range(MAX_BURSTS):
                 taken, error = fwd.pull(mem, tx, case.in_hdr, case.limit)
@@ -200,8 +236,11 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
         for ram in rams:
             events.append(("written", [r.bytes_written for r in ram.mem.regions]))
             events.append(("memory", ram.image()))
+        events += [("log", log.state()) for log in logs]
         return events
     finally:
+        for log in logs:
+            log.close()
         for ram in rams:
             ram.close()
 
@@ -265,9 +304,18 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
                     outcomes.add("same_port")
             elif ev[0] in ("slow", "frame"):
                 outcomes.add(ev[0])
+            elif ev[0] == "log":
+                bitmap, marks, overflows = ev[1]
+                if any(bitmap):
+                    outcomes.add("log marked")
+                if overflows:
+                    outcomes.add("log overflow")
+                if marks > overflows:
+                    outcomes.add("log within")
 
     sample()
     wanted = {"in malformed", "in too_big", "in frames", "tx error", "stopped early",
               "mac limit", "out tx_frames", "out too_big", "out no_rx_buffer",
-              "out bad_descriptor", "rx error", "same_port", "slow", "frame"}
+              "out bad_descriptor", "rx error", "same_port", "slow", "frame", "log marked",
+              "log overflow", "log within"}
     assert wanted <= outcomes, sorted(wanted - outcomes)

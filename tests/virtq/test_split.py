@@ -759,3 +759,19 @@ def test_a_real_log_gets_the_pages_written(ram: SharedRam,
     finally:
         log.close()
         os.close(fd)
+
+
+def test_more_used_elements_than_the_ring_holds_mark_the_element_array_only(
+        ram: SharedRam, qr: tuple[SplitQueue, DriverRing]) -> None:
+    """A batch longer than the ring (a burst that outran a driver refilling it) wrote
+    every slot: the whole element array is marked, never bytes past it."""
+    q, _ring = qr
+    log = RecordingLog()
+    q.log, q.log_guest_addr = log, LOG_AT
+    size = q.size
+    q.push_used_batch([(i % size, 0) for i in range(size + 3)])      # from slot 0
+    assert log.ranges == [(LOG_AT + 4, 8 * size), (LOG_AT + 2, 2)]
+    log.ranges.clear()
+    q.push_used_batch([(i % size, 0) for i in range(size + 1)])      # from slot 3
+    assert log.ranges == [(LOG_AT + 4 + 8 * 3, 8 * (size - 3)), (LOG_AT + 4, 8 * 3),
+                          (LOG_AT + 2, 2)]

@@ -13,11 +13,14 @@ Two implementations with one API, chosen once at import (the pattern of msgpack'
 ``PYVHOST_PURE=1`` forces the pure one; an extension that fails to import falls back to it
 with one log line. :func:`name` says which one runs.
 
-Live migration: the pure path marks every guest write in the dirty log while a queue
-carries one (:mod:`pyvhost.virtq.split`); the compiled one does not yet
-(:data:`COMPILED_LOGS`). A device whose queues carry a log is served by
-:data:`LoggingReflector`, the pure path until the compiled one logs; :func:`logging_name`
-says which. docs/dirty-log.md describes the hook the compiled path needs.
+Live migration: both paths mark every guest write in the dirty log while a queue carries
+one, the pure one through :mod:`pyvhost.virtq.split`, the compiled one itself with an
+atomic fetch-or on the log's bitmap (:data:`COMPILED_LOGS`; the differential tests hold
+the two bitmaps equal). A device whose queues carry a log is served by
+:data:`LoggingReflector`; the compiled path serves a log only through its address
+(:attr:`~pyvhost.memory.DirtyLog.address`, None without libatomic), so where there is
+none the pure path serves it (:func:`serves_log`). :func:`logging_name` says which path
+logs. docs/dirty-log.md describes how.
 
 API: ``Reflector().burst(mem, tx, rx, hdr_len, mrg_rxbuf, limit, stats) -> int`` (see
 :meth:`.reference.Reflector.burst`). The switch's forward step is ``_native.Forwarder``
@@ -30,6 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+
+from pyvhost.memory import DirtyLog
+from pyvhost.memory.dirtylog import ATOMIC
 
 from . import reference
 
@@ -60,13 +66,17 @@ else:
         _NAME = "compiled"
 
 
-#: Whether the compiled data path marks the dirty log itself. Until it does, queues that
-#: carry a log are served by the pure-Python reference, which does.
-COMPILED_LOGS = False
+#: Whether the compiled data path marks the dirty log itself (``log_mark`` in
+#: ``_native.pyx``). False would send queues that carry a log to the pure-Python path.
+COMPILED_LOGS = True
+
+#: Whether the compiled path serves queues that carry a log: it runs, marks, and logs have
+#: an address (libatomic found: :data:`pyvhost.memory.dirtylog.ATOMIC`).
+_COMPILED_LOGGING = _NAME == "compiled" and COMPILED_LOGS and ATOMIC
 
 #: The reflector's data path for queues that carry a dirty log (the VM migrates).
 LoggingReflector: type[reference.Reflector] = (
-    Reflector if _NAME == "python" or COMPILED_LOGS else reference.Reflector)
+    Reflector if _NAME == "python" or _COMPILED_LOGGING else reference.Reflector)
 
 
 def name() -> str:
@@ -75,9 +85,17 @@ def name() -> str:
 
 
 def logging_name() -> str:
-    """Which data path serves queues while the front-end logs: ``"compiled"`` once it
-    marks the log itself, else ``"python"``."""
-    return "compiled" if _NAME == "compiled" and COMPILED_LOGS else "python"
+    """Which data path serves queues while the front-end logs: ``"compiled"`` where it
+    runs and can mark the log itself, else ``"python"``."""
+    return "compiled" if _COMPILED_LOGGING else "python"
 
 
-__all__ = ["BURST", "COMPILED_LOGS", "LoggingReflector", "Reflector", "logging_name", "name"]
+def serves_log(log: DirtyLog) -> bool:
+    """Whether the compiled data path may serve a queue that carries ``log``: it runs, it
+    marks logs, and this one has an address (open, libatomic found). The compiled
+    switch forward step is taken only then (else the pure one, which marks)."""
+    return _COMPILED_LOGGING and log.address is not None
+
+
+__all__ = ["BURST", "COMPILED_LOGS", "LoggingReflector", "Reflector", "logging_name", "name",
+           "serves_log"]

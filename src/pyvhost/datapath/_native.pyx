@@ -17,6 +17,10 @@ connection's ``run_device``), so no region of the table is unmapped before it re
 the table takes each mapping's address and releases the buffer export at once, so
 ``mmap.close()`` still works once the snapshot is let go.
 
+Live migration: while a queue carries a dirty log, every guest write is marked in it
+after it is made, the same marks as the pure path's (:mod:`pyvhost.virtq.split`):
+``log_mark`` below, per ring state read by ``load_log``; docs/dirty-log.md.
+
 A region whose file shrank under its mapping (a front-end's ``ftruncate``) makes the
 next access fault with SIGBUS. Every burst runs under a per-thread ``sigsetjmp``: the
 handler, installed with SA_SIGINFO|SA_NODEFER, jumps back out when the faulting address
@@ -78,6 +82,15 @@ cdef extern from *:
         __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELAXED);
     }
     static inline void pv_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+    /* ---- dirty log --------------------------------------------------------------------- */
+    /* Set bits of one byte of the dirty log, atomically (DPDK's vhost_log_page): QEMU
+       shares the log between every vhost device of a VM and takes each 64-bit word with
+       an atomic exchange, so a plain read-modify-write could lose a bit set meanwhile.
+       Release: the guest memory written before the mark is visible before the bit. */
+    static inline void pv_log_or(uint8_t *p, uint8_t bits) {
+        (void)__atomic_fetch_or(p, bits, __ATOMIC_RELEASE);
+    }
 
     /* ---- SIGBUS guard ---------------------------------------------------------------- */
     /* The tables of the running burst: one for the reflector, the ingress port's and every
@@ -190,6 +203,7 @@ cdef extern from *:
     uint64_t pv_load64(const uint8_t *p) noexcept nogil
     void pv_store16(uint8_t *p, uint16_t v) noexcept nogil
     void pv_fence() noexcept nogil
+    void pv_log_or(uint8_t *p, uint8_t bits) noexcept nogil
     int PV_FAULT
     int pv_guard_install() noexcept nogil
     int pv_guard_installed() noexcept nogil
@@ -244,6 +258,8 @@ cdef struct Piece:          # a host range inside one region
     uint8_t *p
     uint32_t n              # > 0
     uint32_t region         # index in the table, for the write counters
+    uint64_t gpa            # the guest-physical address of p, for the dirty log
+    int first               # the first piece of its descriptor (one mark per descriptor)
 
 cdef struct Pieces:
     Piece *v
@@ -261,6 +277,15 @@ cdef struct Ring:           # a SplitQueue as the burst sees it
     int signalled           # -1: never signalled
     int event_idx
     int decided             # notify_decided: -1 None, 0, 1
+    # The dirty log while the front-end logs (SplitQueue.log): its bitmap (DirtyLog.
+    # address, valid for the burst: see load_ring) or NULL, and its length in bytes;
+    # log_used is log_guest_addr when used-ring writes are logged (log_used_on). What
+    # the burst marked is added to the DirtyLog's counters at its end (store_ring).
+    uint8_t *log
+    uint64_t log_size       # 1 .. MAX_LOG_SIZE (DirtyLog.map)
+    uint64_t log_used
+    int log_used_on
+    uint64_t marks, overflows
 
 cdef struct Used:           # struct virtq_used_elem
     uint32_t id
@@ -365,6 +390,8 @@ cdef int buffer(Burst *b, uint64_t gpa, uint32_t length, Pieces *out, uint64_t *
             out.v[out.len].p = b.regions[i].host + (gpa - b.regions[i].gpa)
             out.v[out.len].n = <uint32_t>n
             out.v[out.len].region = <uint32_t>i
+            out.v[out.len].gpa = gpa
+            out.v[out.len].first = left == length
             out.len += 1
             stored[0] += n
         left -= n
@@ -494,14 +521,78 @@ cdef int pop(Burst *b, Ring *q, int writable_part, Pieces *out, uint64_t want,
     return 0
 
 
+# -- the dirty log (DirtyLog.mark) ----------------------------------------------------------
+cdef void log_mark(Ring *q, uint64_t gpa, uint64_t length) noexcept nogil:
+    """Mark the pages of ``[gpa, gpa + length)`` in the queue's log: bit ``p % 8`` of
+    byte ``p // 8`` for page ``p = addr // 4096``, one atomic fetch-or per log byte, as
+    DirtyLog.mark (same bits, same ``marks`` and ``overflows`` counts).
+
+    Memory safety: ``gpa`` and ``length`` are guest-controlled (a descriptor's address
+    and length, or log_guest_addr plus an offset in the used ring). Computed in 64 bits:
+    ``length > 0``, and ``gpa + length - 1`` is checked not to wrap before it is formed;
+    a range that wraps or reaches past the log is an overflow (the Python integers of
+    DirtyLog.mark would be past 2**64: past any log) and marks only the pages below the
+    log's end. Every byte written is ``byte < log_size``, inside the mapped bitmap
+    (``log_size`` is DirtyLog.size, the mapping checked when it was made). Pages are
+    below 2**52, so ``page + 1`` and ``8 * log_size`` never wrap.
+    """
+    cdef uint64_t page, last, byte, end
+    if q.log == NULL or length == 0:
+        return
+    q.marks += 1
+    page = gpa >> 12
+    if length - 1 > UINT64_MAX - gpa or ((gpa + length - 1) >> 15) >= q.log_size:
+        q.overflows += 1
+        if (page >> 3) >= q.log_size:
+            return
+        last = 8 * q.log_size - 1
+    else:
+        last = (gpa + length - 1) >> 12
+    while page <= last:
+        byte = page >> 3
+        end = min(last, page | 7)
+        # byte < log_size: page <= last < 8 * log_size. 1 .. 8 bits, within the byte.
+        pv_log_or(q.log + byte,
+                  <uint8_t>(((<uint32_t>1 << (end - page + 1)) - 1) << (page & 7)))
+        page = end + 1
+
+
+cdef void log_used(Ring *q, uint64_t offset, uint64_t length) noexcept nogil:
+    """Mark ``length`` bytes at ``offset`` of the used ring, at log_guest_addr (when
+    the ring's flags had VHOST_VRING_F_LOG; SplitQueue._log_used). log_guest_addr is the
+    front-end's and any u64: a sum past 2**64 is counted as an overflow, never wrapped."""
+    if q.log == NULL or not q.log_used_on or length == 0:
+        return
+    if offset > UINT64_MAX - q.log_used:
+        q.marks += 1
+        q.overflows += 1
+        return
+    log_mark(q, q.log_used + offset, length)
+
+
+cdef void log_used_elems(Ring *q, uint16_t first, size_t count) noexcept nogil:
+    """Mark ``count`` used elements from index ``first`` (their slots, wrapping at the
+    size) and the used idx (SplitQueue._log_used_elems)."""
+    cdef uint64_t slot = first & (q.size - 1), n = min(<uint64_t>count, <uint64_t>q.size)
+    if slot + n <= q.size:
+        log_used(q, 4 + 8 * slot, 8 * n)
+    else:
+        log_used(q, 4 + 8 * slot, 8 * (q.size - slot))
+        log_used(q, 4, 8 * (slot + n - q.size))
+    log_used(q, 2, 2)
+
+
 # -- the used ring --------------------------------------------------------------------------
 cdef void enable_kicks(Ring *q, int on) noexcept nogil:
     """SplitQueue.enable_kicks: avail_event with EVENT_IDX, else VIRTQ_USED_F_NO_NOTIFY."""
     if q.event_idx:
         if on:
             pv_store16(q.used + 4 + 8 * <size_t>q.size, q.last_avail)
+            # log_guest_addr + offset: a guest-controlled sum, checked in log_used.
+            log_used(q, 4 + 8 * <uint64_t>q.size, 2)
     else:
         pv_store16(q.used, 0 if on else USED_F_NO_NOTIFY)
+        log_used(q, 0, 2)                    # as above
 
 
 cdef void publish(Ring *q, const Used *elems, size_t n) noexcept nogil:
@@ -513,6 +604,10 @@ cdef void publish(Ring *q, const Used *elems, size_t n) noexcept nogil:
         memcpy(q.used + 4 + 8 * <size_t>(idx & (q.size - 1)), &elems[k], 8)
         idx += 1
     pv_store_release16(q.used + 2, idx)
+    if q.log != NULL and n:
+        # After the writes they stand for; log_guest_addr (guest-controlled) plus slot
+        # offsets below 4 + 8 * size: the sums are checked in log_used.
+        log_used_elems(q, q.used_idx, n)
     q.used_idx = idx
 
 
@@ -601,6 +696,7 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
     cdef const uint8_t *head = prefix
     cdef uint32_t h = b.hdr_len, hi = b.in_hdr
     cdef uint64_t plen = h + 12, soff, doff = 0, left = size, k = 0, m
+    cdef uint64_t mgpa = 0, mlen = 0
     cdef size_t si, di = 0
     cdef Piece *s
     cdef Piece *d
@@ -645,8 +741,22 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
         if doff == d.n or not left:
             b.writes[d.region] += 1
             b.written[d.region] += doff
+            if b.rx.log != NULL:
+                # One mark per descriptor, of the bytes written to it, as
+                # DescriptorChain.write makes (the same ``marks`` and ``overflows``): a
+                # descriptor's pieces follow each other in guest-physical memory. The
+                # GPA is the guest's (checked inside guest memory by buffer(); mlen is
+                # at most the frame's size); log_mark bounds both against the log.
+                if d.first and mlen:
+                    log_mark(&b.rx, mgpa, mlen)
+                    mlen = 0
+                if not mlen:
+                    mgpa = d.gpa
+                mlen += doff
             di += 1
             doff = 0
+    if mlen:
+        log_mark(&b.rx, mgpa, mlen)          # after the bytes it stands for
 
 
 cdef int write_frame(Burst *b, uint64_t size, int *drop) noexcept nogil:
@@ -861,6 +971,33 @@ cdef load_ring(Ring *r, q: object, RegionTable t):
     r.event_idx = bool(q.event_idx)
     decided = q.notify_decided
     r.decided = -1 if decided is None else int(decided)
+    load_log(r, q)
+
+
+cdef load_log(Ring *r, q: object):
+    """The queue's dirty log for this burst (docs/dirty-log.md, "The compiled data
+    path"). Lifetime: the pointer is read here and used only until the burst's nogil
+    call returns; the connection's handlers that replace or close a log (SET_LOG_BASE,
+    SET_FEATURES, RESET_OWNER, close) take it off every queue first and run on the
+    thread that runs the bursts, never during one. A data path serving bursts on other
+    threads must hold the log for the burst as it holds the memory snapshot."""
+    r.marks = r.overflows = 0
+    log = q.log
+    if log is None:
+        r.log = NULL
+        r.log_used_on = 0
+        return
+    address = log.address
+    if address is None:
+        # No address (no libatomic, or a closed log on a queue): this path can not mark
+        # it; such a queue is served by the pure one (pyvhost.datapath.serves_log).
+        raise ValueError(f"queue {q.index}: its dirty log has no address: "
+                         "the compiled data path can not mark it")
+    r.log = <uint8_t *><uintptr_t>address
+    r.log_size = log.size
+    base = q.log_guest_addr
+    r.log_used_on = base is not None
+    r.log_used = base if base is not None else 0
 
 
 cdef store_ring(q: object, const Ring *r):
@@ -869,6 +1006,10 @@ cdef store_ring(q: object, const Ring *r):
     q._shadow_avail = r.shadow_avail
     q._signalled_used = None if r.signalled < 0 else r.signalled
     q.notify_decided = None if r.decided < 0 else bool(r.decided)
+    if r.marks:
+        log = q.log
+        if log is not None:
+            log.record(r.marks, r.overflows)
 
 
 cdef uintptr_t locate_in(RegionTable t, uint64_t gpa, uint64_t length):

@@ -14,8 +14,9 @@ where the extension is built. On the compiled path a region that shrinks under i
 mapping closes this connection (:class:`~pyvhost.memory.MemoryFaultError`); on the
 pure-Python path it kills the process with SIGBUS. While the front-end logs dirty pages
 (a live migration: the queues carry a dirty log), each kick is served by
-:data:`pyvhost.datapath.LoggingReflector`, the path that marks the log (the pure one,
-until the compiled one logs); ``logging_kicks`` counts those kicks.
+:data:`pyvhost.datapath.LoggingReflector`, the path that marks the log (the compiled one
+where it runs and libatomic is found, else the pure one); ``logging_kicks`` counts those
+kicks.
 """
 
 from __future__ import annotations

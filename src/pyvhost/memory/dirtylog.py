@@ -81,6 +81,9 @@ def _fetch_or() -> Callable[[int, int, int], int] | None:
 
 
 _ATOMIC_FETCH_OR = _fetch_or()
+#: Whether libatomic was found: logs then have an :attr:`DirtyLog.address`, and the
+#: compiled data path marks them itself (:mod:`pyvhost.datapath`).
+ATOMIC = _ATOMIC_FETCH_OR is not None
 _RELEASE = 3  # __ATOMIC_RELEASE: the data written before the mark is visible first
 #: The largest log accepted: it covers 2**52 bytes of guest-physical memory, the widest
 #: physical address x86-64 defines. A larger one is a front-end's mistake or an attack on
@@ -183,6 +186,19 @@ class DirtyLog:
                 if old & bits != bits:
                     self.mm[at] = old | bits
             page = end + 1
+
+    def record(self, marks: int, overflows: int) -> None:
+        """Count what the compiled data path marked itself, at :attr:`address` (its
+        ``log_mark`` counts as :meth:`mark` does), after its burst."""
+        self.marks += marks
+        if overflows:
+            self.overflows += overflows
+            if not self._warned:
+                self._warned = True
+                log.warning("dirty log of %#x bytes covers guest-physical memory up to "
+                            "%#x; %d writes of the compiled data path lie past it and are "
+                            "not logged (further ones are counted)", self.size, self.covers,
+                            overflows)
 
     def _overflow(self, gpa: int, length: int) -> None:
         self.overflows += 1

@@ -7,8 +7,8 @@ runs where the extension is not built or ``PYVHOST_PURE=1`` (:func:`engine`). It
 written with the virtqueue's own methods (pop, unpop, push_used_batch, enable_kicks,
 decide_notify) and :func:`~pyvhost.devices.virtio_net.write_rx_frame`, so every guest
 value is checked exactly as their docstrings say, and writes mark the dirty log while a
-queue carries one (the compiled step does not: while a port logs, the switch runs this
-one).
+queue carries one (the compiled step makes the same marks itself; where it can not reach
+a log, :func:`pyvhost.datapath.serves_log`, the switch runs this one).
 
 A burst, as :class:`~.vhost.SwitchPort` drives it (the MAC table stays in Python and is
 consulted and updated once per burst, never per frame):
@@ -31,7 +31,8 @@ consulted and updated once per burst, never per frame):
    receive queues (:class:`Out`) their destination's route names (a bit mask), each
    with a zeroed header ("no offload") of the port's length, ``num_buffers`` set, never
    truncated; it stops at a frame whose route is ``slow`` (a tap, a port with several or
-   no receive queues, a port that logs: the Python path) and returns its index.
+   no receive queues, a port whose log the step can not mark: the Python path) and
+   returns its index.
 4. :meth:`Forwarder.frame` gives such a frame's bytes; :meth:`Forwarder.finish` returns
    every chain taken, as used with length 0, and decides the notification.
 

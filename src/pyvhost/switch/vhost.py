@@ -13,8 +13,9 @@ on each egress port, which writes them into this device's receive queue. Those a
 frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
 segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
 frames to a tap, to a port with several receive queues enabled (the flow hash picks one),
-none (``port_down``), or a receive queue that carries a dirty log. A transmit queue that
-carries a log runs the pure-Python step, which marks it.
+none (``port_down``), or a receive queue that carries a dirty log the compiled step can
+not mark (no libatomic: :func:`pyvhost.datapath.serves_log`). A transmit queue that
+carries such a log runs the pure-Python step; both steps mark the logs they serve.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
@@ -46,6 +47,7 @@ import struct
 import zlib
 from collections.abc import Callable, Sequence
 
+from pyvhost import datapath
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
 from pyvhost.devices.virtio_net import (
     HDR_LEGACY,
@@ -144,7 +146,7 @@ class SwitchPort(VirtioDevice):
         self.port = VhostPort(self)
         self.joined = False
         #: The forward step of each transmit queue (compiled where built), and the
-        #: reference one used while the front-end logs.
+        #: reference one used for a log the compiled step can not mark.
         self._engine = forward.engine()
         self._forwarders: dict[int, forward.ForwardStep] = {}
         self._reference: dict[int, forward.ForwardStep] = {}
@@ -221,12 +223,13 @@ class SwitchPort(VirtioDevice):
         if tx is None:
             return
         mem = ctx.mem
-        # While the front-end logs (a live migration), the reference step: it marks the
-        # log for every write (the compiled one does not yet).
-        steps = self._reference if tx.log is not None else self._forwarders
+        # While the front-end logs (a live migration), both steps mark the log for every
+        # write; the compiled one only a log it can reach (datapath.serves_log).
+        pure = tx.log is not None and not datapath.serves_log(tx.log)
+        steps = self._reference if pure else self._forwarders
         fwd = steps.get(index)
         if fwd is None:
-            fwd = steps[index] = forward.Forwarder() if tx.log is not None else self._engine()
+            fwd = steps[index] = forward.Forwarder() if pure else self._engine()
         served = 0
         while True:
             # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
@@ -255,7 +258,8 @@ class SwitchPort(VirtioDevice):
     def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
         """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
         the forward step into every egress port it can serve, the Python path for the
-        rest (offload headers, taps, ports with several receive queues or a log)."""
+        rest (offload headers, taps, ports with several receive queues, a log the compiled
+        step can not mark)."""
         counters = self.port.counters
         st = fwd.stats
         for reason in ("malformed", "too_big"):
@@ -549,7 +553,9 @@ def flow_hash(frame: bytes | bytearray) -> int:
 def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     """The forward step's view of an egress port, or None when it takes the Python path:
     not a vhost-user port, gone, not one ready receive queue (none: port_down; several:
-    the flow hash picks one), or a queue that carries a dirty log."""
+    the flow hash picks one), or a queue that carries a dirty log the compiled step can
+    not mark (:func:`pyvhost.datapath.serves_log`; the pure step marks every log, the
+    Python path too)."""
     if ctx is None or not isinstance(port, VhostPort):
         return None
     dev = port.device
@@ -557,7 +563,7 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     if len(queues) != 1:
         return None
     rx = queues[0]
-    if rx.broken is not None or rx.log is not None:
+    if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
         return None
     return forward.Out(ctx.mem, rx, dev.hdr_len, dev.mrg_rxbuf, dev.mtu + ETH_OVERHEAD)
 

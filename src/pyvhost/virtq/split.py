@@ -24,9 +24,8 @@ marked in it after it is made: the buffers :meth:`DescriptorChain.write` fills (
 modifications to memory pointed by vring 'descriptor' should be marked"), and the used
 ring's elements, index, flags and avail_event, at ``log_guest_addr`` ("Modifications to
 'used' vring should be marked if VHOST_VRING_F_LOG is part of ring's flags ...
-log_guest_addr should be used to calculate the log offset"). The compiled data path does
-not mark yet: a connection with logging on is served by the pure one (:mod:`pyvhost.
-datapath`, docs/dirty-log.md).
+log_guest_addr should be used to calculate the log offset"). The compiled data path makes
+the same marks itself (``log_mark`` in :mod:`pyvhost.datapath._native`, docs/dirty-log.md).
 """
 
 from __future__ import annotations
@@ -458,10 +457,13 @@ class SplitQueue:
             log.mark(base + offset, length)
 
     def _log_used_elems(self, slot: int, count: int) -> None:
-        """Mark ``count`` used elements from ``slot`` (wrapping at the size) and the idx."""
-        end = slot + min(count, self.size)
+        """Mark ``count`` used elements from ``slot`` (wrapping at the size) and the idx.
+        More than ``size`` elements (a burst that outran a driver refilling the ring)
+        wrote every slot: the whole element array, never past it."""
+        n = min(count, self.size)
+        end = slot + n
         if end <= self.size:
-            self._log_used(4 + 8 * slot, 8 * count)
+            self._log_used(4 + 8 * slot, 8 * n)
         else:
             self._log_used(4 + 8 * slot, 8 * (self.size - slot))
             self._log_used(4, 8 * (end - self.size))
