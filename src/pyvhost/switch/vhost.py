@@ -256,8 +256,9 @@ class SwitchPort(VirtioDevice):
 
     def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
         """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
-        the forward step into every egress port it can serve, the Python path for the
-        rest (offload headers, taps, ports with several receive queues or a log)."""
+        the forward step into every egress port it can serve (of one with several
+        receive queues, the one each frame's flow hash picks), the Python path for the
+        rest (offload headers, taps, ports without a receive queue or with a log)."""
         counters = self.port.counters
         st = fwd.stats
         for reason in ("malformed", "too_big"):
