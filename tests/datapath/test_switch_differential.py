@@ -5,18 +5,24 @@ Each example builds the ingress port's guest memory (random bytes, a transmit ri
 random descriptor tables, indirect tables and available rings: valid chains and hostile
 ones, as in test_differential) with frames written at most of its buffers (a zero header
 or an offload header, MACs from a small pool or random ones, so bursts hit the
-per-burst MAC limit), and one or two egress ports, each with its own memory and receive
-ring (random and hostile chains, header length 10 or 12, MRG_RXBUF, EVENT_IDX, MTU) or
-sharing the ingress memory (buffers that overlap the transmitted ones). It runs the
+per-burst MAC limit, then often an IPv4 or IPv6 header of a few flows, so the flow hash
+takes each of its branches), and one or two egress ports, each with its own memory or
+sharing the ingress memory (buffers that overlap the transmitted ones), and one to four
+receive rings (random and hostile chains, header length 10 or 12, MRG_RXBUF, EVENT_IDX,
+MTU), some of them disabled: the push gets the enabled ones, and a port with several
+picks one per frame by its flow hash (multiqueue egress). It runs the
 burst as SwitchPort drives it - pull, macs, push with random routes (bit masks,
 same-port points, slow routes), frame for each slow frame, finish - through each
 step, on two copies, and asserts: the same results of every call (taken, errors,
 ``more``/``slow``, the MACs, the stats, each port's counters and errors), the same
 queue states and notification decisions, every byte of every guest memory equal (used
-rings and frames included), and the same bytes written per region.
+rings and frames included), the same bytes written per region, and the disabled rings
+untouched. The compiled flow hash is also held equal to :func:`pyvhost.switch.flow.flow_hash`
+on its own, on random and crafted frames.
 
 Most examples run while the front-end logs: each connection (the ingress port, each egress
-port with memory of its own) gets its own memfd-backed dirty log on each path, some too
+port with memory of its own) gets its own memfd-backed dirty log on each path, on every
+one of its rings, some too
 small for guest memory, with ``log_guest_addr`` per ring or none (as in test_differential);
 both paths must leave the same bitmaps, ``marks`` and ``overflows``.
 
@@ -37,6 +43,7 @@ from hypothesis import strategies as st
 
 from pyvhost.devices.virtio_net import MAX_FRAME
 from pyvhost.switch import forward
+from pyvhost.switch.flow import HASHED, flow_hash
 from pyvhost.virtq import SplitQueue
 
 from .rings import FAR, GAP, REGION, LogFile, Ram, desc, make_queue, publish_raw, queue_state
@@ -59,6 +66,9 @@ EXAMPLES = int(os.environ.get("PYVHOST_DIFF_EXAMPLES", "3000"))
 MAX_BURSTS = 4
 MAC_POOL = [bytes.fromhex(h) for h in ("020000000001", "020000000002", "020000000003",
                                       "ffffffffffff", "01005e000001", "020000000004")]
+#: Where an egress port's receive rings live: queue 0 at RX_RING, the others after it
+#: (sizes up to 16: 0x200 bytes each), below the indirect tables.
+RX_RINGS = [RX_RING] + [(b, b + 0x100, b + 0x140) for b in (0x2800, 0x2A00, 0x2C00)]
 
 
 @dataclass
@@ -75,7 +85,9 @@ class Case:
     frames: float           # share of buffers given a frame
     slow: float             # share of those with an offload header
     random_macs: float      # share of MACs drawn at random (the per-burst limit)
-    outs: list[tuple[int, bool, int, int, int, bool]]  # hdr, mrg, size, base, max_eth, shared
+    # hdr, mrg, size, base, max_eth, shared, and per receive ring whether it is enabled
+    outs: list[tuple[int, bool, int, int, int, bool, tuple[bool, ...]]]
+    l3: float               # share of frames given an IPv4 or IPv6 header
     route_seed: int
     log_bytes: int = 0      # per connection; 0: not logging
     log_used: tuple[int | None, ...] = ()  # log_guest_addr: the transmit queue's, then each out's
@@ -86,10 +98,16 @@ def cases(draw: st.DrawFn) -> Case:
     outs = []
     for k in range(draw(st.integers(1, 2))):
         hdr, mrg = draw(st.sampled_from([(12, False), (12, True), (10, False)]))
+        rings = draw(st.sampled_from([1, 1, 2, 3, 4]))
+        # Mostly all enabled; at least one always (SwitchPort's Python path takes a
+        # port with none).
+        enabled = tuple(draw(st.integers(0, 3)) > 0 for _ in range(rings))
+        if not any(enabled):
+            enabled = (True, *enabled[1:])
         outs.append((hdr, mrg, draw(st.sampled_from([1, 2, 4, 8, 16])),
                      draw(st.one_of(st.just(0), st.integers(0, 0xFFFF))),
                      draw(st.sampled_from([1518, 65550, 100])),
-                     k == 0 and draw(st.integers(0, 3)) == 0))
+                     k == 0 and draw(st.integers(0, 3)) == 0, enabled))
     return Case(
         seed=draw(st.integers(0, 2**32)), in_hdr=draw(st.sampled_from([10, 12])),
         event_idx=draw(st.booleans()), tx_size=draw(st.sampled_from([1, 2, 4, 8, 16, 64])),
@@ -101,7 +119,8 @@ def cases(draw: st.DrawFn) -> Case:
         frames=draw(st.sampled_from([0.5, 0.9, 1.0])),
         slow=draw(st.sampled_from([0.0, 0.05, 0.3])),
         random_macs=draw(st.sampled_from([0.0, 0.1, 0.6])),
-        outs=outs, route_seed=draw(st.integers(0, 2**32)),
+        outs=outs, l3=draw(st.sampled_from([0.0, 0.5, 0.9])),
+        route_seed=draw(st.integers(0, 2**32)),
         log_bytes=draw(st.sampled_from(LOG_BYTES)),
         log_used=tuple(draw(st.sampled_from(LOG_USED)) for _ in range(len(outs) + 1)))
 
@@ -115,6 +134,23 @@ def _mac(r: random.Random, case: Case) -> bytes:
     if r.random() < case.random_macs:
         return r.randbytes(6)
     return r.choice(MAC_POOL)
+
+
+def l3_header(r: random.Random) -> bytes:
+    """An EtherType and the start of an IPv4 or IPv6 header of one of a few flows, with
+    the fields the flow hash reads sometimes odd (IHL, fragments, protocols)."""
+    sport, dport = r.choice([(1000, 80), (1001, 80), (5353, 5353), (40000, 443)])
+    ports = sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+    if r.random() < 0.6:
+        ihl = 5 if r.random() < 0.7 else r.randrange(16)
+        frag = r.choice([b"\0\0", b"\0\0", b"\x40\0", b"\x20\0", b"\0\x08"])
+        ip = (bytes([0x40 | ihl, 0]) + bytes(4) + frag + bytes([64, r.choice([6, 17, 17, 1])])
+              + bytes(2) + bytes([10, 0, 0, r.randrange(1, 4)]) + bytes([10, 0, 1, 1]))
+        options = r.randbytes(max(0, 4 * ihl - 20))
+        return b"\x08\x00" + ip + options + ports
+    ip6 = (bytes([0x60, 0, 0, 0, 0, 8, r.choice([6, 17, 58]), 64])
+           + bytes(15) + bytes([r.randrange(1, 4)]) + bytes(15) + b"\x01")
+    return b"\x86\xdd" + ip6 + ports
 
 
 def _fill_ring(ram: Ram, ring_gpas: tuple[int, int, int], index: int, size: int, base: int,
@@ -141,11 +177,18 @@ def _fill_ring(ram: Ram, ring_gpas: tuple[int, int, int], index: int, size: int,
         for addr, length, _, _ in descs:
             if _plain(addr) and length >= hdr + 12 and r.random() < case.frames:
                 header = bytes(10) if r.random() >= case.slow else bytes([1, 0]) + bytes(8)
-                ram.write(addr, header + bytes(hdr - 10) + _mac(r, case) + _mac(r, case))
+                data = header + bytes(hdr - 10) + _mac(r, case) + _mac(r, case)
+                if r.random() < case.l3:
+                    data += l3_header(r)
+                # Never past the buffer (a longer frame reads on into the random data).
+                ram.write(addr, data[:length])
     return q, descs
 
 
-def build(case: Case, content: bytes) -> tuple[list[Ram], SplitQueue, list[forward.Out]]:
+def build(case: Case, content: bytes) -> tuple[list[Ram], SplitQueue, list[forward.Out],
+                                              list[SplitQueue]]:
+    """The memories, the transmit queue, the egress ports (their enabled receive queues)
+    and the disabled receive queues."""
     r = random.Random(case.seed ^ 0x5A5A)
     ram = Ram(content)
     rams = [ram]
@@ -158,16 +201,20 @@ def build(case: Case, content: bytes) -> tuple[list[Ram], SplitQueue, list[forwa
                                                           case.hostility, writable,
                                                           case.hostility / 2))
     outs = []
-    for k, (hdr, mrg, size, base, max_eth, shared) in enumerate(case.outs):
+    disabled: list[SplitQueue] = []
+    for k, (hdr, mrg, size, base, max_eth, shared, enabled) in enumerate(case.outs):
         if shared:
             out_ram = ram
         else:
             out_ram = Ram(random.Random(case.seed + k + 1).randbytes(Ram.END))
             rams.append(out_ram)
-        rx, _ = _fill_ring(out_ram, RX_RING, 0, size, base, hdr, case, r, 0.97,
-                           r.randrange(10) == 0, False)
-        outs.append(forward.Out(out_ram.mem, rx, hdr, mrg, max_eth))
-    return rams, tx, outs
+        rxs: list[SplitQueue] = []
+        for q, on in enumerate(enabled):
+            rx, _ = _fill_ring(out_ram, RX_RINGS[q], 2 * q, size, base, hdr, case, r, 0.97,
+                               r.randrange(10) == 0, False)
+            (rxs if on else disabled).append(rx)
+        outs.append(forward.Out(out_ram.mem, rxs[0], hdr, mrg, max_eth, tuple(rxs[1:])))
+    return rams, tx, outs, disabled
 
 
 def attach_logs(case: Case, rams: list[Ram], tx: SplitQueue,
@@ -177,16 +224,19 @@ def attach_logs(case: Case, rams: list[Ram], tx: SplitQueue,
     if not case.log_bytes:
         return []
     logs = [LogFile(case.log_bytes) for _ in rams]
-    queues = [(tx, rams[0]), *((o.rx, next(r for r in rams if r.mem is o.mem)) for o in outs)]
-    for (q, ram), used in zip(queues, case.log_used, strict=True):
-        q.log = logs[rams.index(ram)].log
-        assert q.ring_gpas is not None
-        q.log_guest_addr = q.ring_gpas[2] if used == USED_GPA else used
+    ports = [((tx,), rams[0]),
+             *(((o.rx, *o.more_rx), next(r for r in rams if r.mem is o.mem)) for o in outs)]
+    for (queues, ram), used in zip(ports, case.log_used, strict=True):
+        for q in queues:            # a port's receive queues share its log_guest_addr rule
+            q.log = logs[rams.index(ram)].log
+            assert q.ring_gpas is not None
+            q.log_guest_addr = q.ring_gpas[2] if used == USED_GPA else used
     return logs
 
 
 def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> list[object]:
-    rams, tx, outs = build(case, content)
+    rams, tx, outs, disabled = build(case, content)
+    untouched = [queue_state(q) for q in disabled]
     fwd = make()
     routes = random.Random(case.route_seed)
     events: list[object] = []
@@ -203,7 +253,8 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                 elif fwd.frames:
                     _, dsts, src_at = fwd.macs()
                     # SwitchPort never hands over a broken queue (it takes the Python path).
-                    active = [o for o in outs if o.rx.broken is None]
+                    active = [o for o in outs
+                              if all(q.broken is None for q in o.queues)]
                     n = len(active)
                     masks = [routes.randrange(1 << n) for _ in dsts]
                     same = [a if routes.random() < 0.7 else routes.choice([0, 1, 3,
@@ -214,7 +265,11 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                     while k < fwd.frames:
                         k = fwd.push(mem, k, masks, same, slow, active)
                         events.append(("push", k, dict(fwd.stats), fwd.out_stats,
-                                       [str(e) if e else None for e in fwd.out_errors]))
+                                       [str(e) if e else None for e in fwd.out_errors],
+                                       fwd.out_queue_stats))
+                        assert fwd.out_stats == [
+                            [sum(c) for c in zip(*per, strict=True)]
+                            for per in fwd.out_queue_stats], "a port's = its queues' sum"
                         for o, e in enumerate(fwd.out_errors):
                             if e is not None:
                                 masks = [m & ~(1 << o) for m in masks]
@@ -222,8 +277,9 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                             events.append(("frame", fwd.frame(mem, k)))
                             k += 1
                     for port in active:
-                        if port.rx.notify_decided is not None:
-                            events.append(("notify", port.rx.index, port.rx.should_notify()))
+                        for q in port.queues:
+                            if q.notify_decided is not None:
+                                events.append(("notify", q.index, q.should_notify()))
                 if error is not None:
                     break
                 fwd.finish(mem, tx)
@@ -232,7 +288,8 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                 if taken < case.limit and not fwd.more:
                     break
         events.append(("tx", queue_state(tx)))
-        events += [("rx", queue_state(o.rx)) for o in outs]
+        events += [("rx", queue_state(q)) for o in outs for q in o.queues]
+        assert [queue_state(q) for q in disabled] == untouched, "a disabled ring was used"
         for ram in rams:
             events.append(("written", [r.bytes_written for r in ram.mem.regions]))
             events.append(("memory", ram.image()))
@@ -248,7 +305,8 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
 #: Bursts of many distinct MACs: the per-burst limit is reached.
 MANY_MACS = [Case(seed=s, in_hdr=12, event_idx=False, tx_size=64, tx_base=0, limit=64,
                   hostility=0.0, indirect=0.0, tx_jump=False, frames=1.0, slow=0.0,
-                  random_macs=1.0, outs=[(12, True, 16, 0, 65550, False)], route_seed=s)
+                  random_macs=1.0, outs=[(12, True, 16, 0, 65550, False, (True,))], l3=0.0,
+                  route_seed=s)
              for s in (0, 4, 5)]  # seeds whose rings hold more than 16 frames
 
 
@@ -302,6 +360,8 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
                     outcomes.add("rx error")
                 if ev[2]["same_port"]:
                     outcomes.add("same_port")
+                if any(q[0] for per in ev[5] for q in per[1:]):
+                    outcomes.add("sent on a second queue")
             elif ev[0] in ("slow", "frame"):
                 outcomes.add(ev[0])
             elif ev[0] == "log":
@@ -316,6 +376,47 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
     sample()
     wanted = {"in malformed", "in too_big", "in frames", "tx error", "stopped early",
               "mac limit", "out tx_frames", "out too_big", "out no_rx_buffer",
-              "out bad_descriptor", "rx error", "same_port", "slow", "frame", "log marked",
-              "log overflow", "log within"}
+              "out bad_descriptor", "rx error", "same_port", "slow", "frame",
+              "sent on a second queue", "log marked", "log overflow", "log within"}
     assert wanted <= outcomes, sorted(wanted - outcomes)
+
+
+def _frames_for_the_hash() -> st.SearchStrategy[bytes]:
+    """Ethernet frames (no header) of 14 bytes or more: random, or an IPv4/IPv6 header of
+    random fields (IHL, fragment bits, protocol) cut anywhere."""
+    random_frame = st.binary(min_size=14, max_size=HASHED + 20)
+    crafted = st.builds(
+        lambda macs, seed, extra, cut: (macs + l3_header(random.Random(seed)) + extra)[:cut],
+        st.binary(min_size=12, max_size=12), st.integers(0, 2**32),
+        st.binary(max_size=40), st.integers(14, HASHED + 60))
+    return st.one_of(random_frame, crafted)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_frames_for_the_hash(), st.sampled_from([10, 12]), st.binary(min_size=12, max_size=12))
+def test_compiled_flow_hash_equals_the_python_one(eth: bytes, start: int, hdr: bytes) -> None:
+    frame = hdr[:start] + eth
+    assert native.frame_flow_hash(frame, start) == flow_hash(frame, start)
+
+
+def test_the_flow_hash_reads_the_fields_it_names() -> None:
+    """Not vacuous: the ports split UDP flows; a fragment, or a protocol without ports,
+    hashes without them; bytes past HASHED never matter."""
+    def udp4(sport: int, frag: bytes = b"\0\0", proto: int = 17, tail: bytes = b"") -> bytes:
+        ip = (b"\x45\0" + bytes(4) + frag + bytes([64, proto]) + bytes(2)
+              + bytes([10, 0, 0, 1, 10, 0, 0, 2]))
+        return (bytes(12) + bytes(12) + b"\x08\x00" + ip + sport.to_bytes(2, "big")
+                + b"\0\x35" + tail)
+    def same(f: bytes) -> bytes:
+        return f
+
+    def longer(f: bytes) -> bytes:
+        return f + bytes(HASHED)
+
+    for make in (same, longer):
+        assert flow_hash(make(udp4(1000))) != flow_hash(make(udp4(1001)))
+        assert flow_hash(make(udp4(1000, b"\x20\0"))) == flow_hash(make(udp4(1001, b"\x20\0")))
+        assert flow_hash(make(udp4(1000, proto=1))) == flow_hash(make(udp4(1001, proto=1)))
+    long = udp4(1000, tail=bytes(200))
+    assert flow_hash(long) == flow_hash(long[:12 + HASHED] + b"x" * 100) \
+        == native.frame_flow_hash(long, 12)

@@ -3,7 +3,7 @@
 With vhost-user the control virtqueue is QEMU's: the guest asks for two pairs over it and
 QEMU turns the second pair on in the back-end with SET_VRING_ENABLE. The guest's driver
 maps each vCPU to its own transmit queue (XPS), and the switch spreads flows over the
-enabled receive queues by :func:`~pyvhost.switch.vhost.flow_hash`. Pings pinned to each
+enabled receive queues by :func:`~pyvhost.switch.flow.flow_hash`. Pings pinned to each
 vCPU, to several addresses behind a tap, must use both transmit queues and arrive on both
 receive queues, with no loss.
 
@@ -31,7 +31,7 @@ from pyvhost.hotplug.plan import AddRequest, plan_add, plan_remove
 from pyvhost.hotplug.qmp import Qmp
 from pyvhost.hotplug.state import read_state
 from pyvhost.switch.core import NET_HDR
-from pyvhost.switch.vhost import flow_hash
+from pyvhost.switch.flow import flow_hash
 from pyvhost.units import MiB
 from support.procs import Procs, wait_for_socket
 

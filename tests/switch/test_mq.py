@@ -11,7 +11,7 @@ import pytest
 
 from backend.harness import HDR, NET_FEATURES, NetPort
 from backend.rawclient import wait_until
-from pyvhost.devices.virtio_net import VIRTIO_NET_F_MQ
+from pyvhost.devices.virtio_net import VIRTIO_NET_F_CSUM, VIRTIO_NET_F_MQ
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request, VirtioFeature
 from pyvhost.switch import Switch, SwitchPort
@@ -53,12 +53,12 @@ class MqGuest:
             self.rx_bufs[ring.index, ring.add([Buffer(gpa, RX_SIZE, True)])] = gpa
         ring.kick()
 
-    def send(self, pair: int, frames: list[bytes]) -> None:
+    def send(self, pair: int, frames: list[bytes], headers: list[bytes] | None = None) -> None:
         ring = self.ring(2 * pair + 1)
         gpas = []
-        for f in frames:
+        for k, f in enumerate(frames):
             gpa = self.port.pool.alloc()
-            self.port.guest.write(gpa, bytes(HDR) + f)
+            self.port.guest.write(gpa, (headers[k] if headers else bytes(HDR)) + f)
             ring.add([Buffer(gpa, HDR + len(f))])
             gpas.append(gpa)
         ring.kick()
@@ -87,9 +87,11 @@ class MqGuest:
         self.port.close()
 
 
-@pytest.fixture
-def mq(switched: Switched) -> Iterator[tuple[MqGuest, MqGuest]]:
-    """A with three queue pairs, B with one, on the same switch."""
+@pytest.fixture(params=[NET_FEATURES], ids=["plain"])
+def mq(switched: Switched, request: pytest.FixtureRequest) -> Iterator[tuple[MqGuest, MqGuest]]:
+    """A with three queue pairs, B with one (B's features: the parameter), on the same
+    switch."""
+    b_features: int = request.param
     pairs = iter([PAIRS, 1])
 
     def factory() -> SwitchPort:
@@ -103,7 +105,7 @@ def mq(switched: Switched) -> Iterator[tuple[MqGuest, MqGuest]]:
     made: list[MqGuest] = []
     try:
         made.append(MqGuest(switched, "a", PAIRS, MQ_FEATURES))
-        made.append(MqGuest(switched, "b", 1, NET_FEATURES))
+        made.append(MqGuest(switched, "b", 1, b_features))
         yield made[0], made[1]
     finally:
         for g in made:
@@ -189,6 +191,43 @@ def test_flows_spread_over_enabled_receive_queues_and_stay_in_order(
     ring.wait_used(1)
     wait_until(lambda: b.ring(0).used_idx() == 2, "B got the frame from pair 2")
     assert b.received(0)[1] == late
+
+
+@pytest.mark.parametrize("mq", [NET_FEATURES | VIRTIO_NET_F_CSUM], ids=["b-csum"],
+                         indirect=True)
+def test_a_flow_keeps_its_queue_across_the_compiled_and_the_python_path(
+        mq: tuple[MqGuest, MqGuest]) -> None:
+    """Frames of one flow, some with a checksum offload header (they take the Python
+    path: checked, then completed for A, which did not negotiate GUEST_CSUM) and some
+    without (the forward step, compiled where built): both paths pick A's receive queue
+    by the same flow hash, so each flow arrives on one queue, in order."""
+    a, b = mq
+    for pair in range(PAIRS):
+        a.post_rx(pair, 60)
+    flows = 12
+    frames, headers = [], []
+    for seq in range(4):
+        for flow in range(flows):
+            frames.append(frame(1, 2, flow, seq))
+            # NEEDS_CSUM over the UDP datagram (csum_start 34, its checksum at +6) on
+            # every other frame of each flow.
+            offload = (seq + flow) % 2 == 1
+            headers.append(struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0) if offload
+                           else bytes(HDR))
+    b.send(0, frames, headers)
+    wait_until(lambda: sum(a.ring(2 * p).used_idx() for p in range(PAIRS)) == len(frames),
+               "A received all")
+    where: dict[int, int] = {}
+    for pair in range(PAIRS):
+        seen: dict[int, int] = {}
+        for f in a.received(pair):
+            flow = struct.unpack_from(">H", f, 34)[0] - 10000
+            seq = struct.unpack_from(">I", f, 42)[0]
+            assert where.setdefault(flow, pair) == pair, f"flow {flow} on two queues"
+            assert seen.get(flow, -1) == seq - 1, "a flow stays in order"
+            seen[flow] = seq
+    assert len(where) == flows and len(set(where.values())) > 1, where
+    assert a.device.port.counters.tx_frames == len(frames)
 
 
 @pytest.mark.parametrize("pairs", [0, -1, 65])

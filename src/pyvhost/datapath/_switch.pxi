@@ -8,6 +8,8 @@
 #   push(mem, start, masks, same_at, slow, outs)
 #                                   copy each frame from the transmitting guest's buffers
 #                                   straight into the receive buffers of its egress ports
+#                                   (of a port with several enabled receive queues, the
+#                                   one its flow hash picks: switch.flow, in C here)
 #   frame(k)                        the bytes of frame k, for the Python path
 #   finish(mem, tx)                 return the transmitted chains, decide the notification
 #
@@ -18,6 +20,8 @@
 cdef enum:
     MAX_MACS = 16           # distinct destination (and source) MACs per burst
     NEVER = 0x7FFFFFFF
+    MAX_OUTS = 64           # egress ports per push (a route is a 64-bit mask)
+    HASHED = 14 + 60 + 4    # bytes of a frame the flow hash reads (switch.flow.HASHED)
 
 # What pull and push count (Forwarder.stats, forward.STATS order).
 cdef enum:
@@ -41,7 +45,7 @@ cdef struct Frame:          # a frame pull kept, its chain not yet returned
     uint8_t src             # < nsrc
 
 
-cdef struct OutPort:        # an egress port's receive queue during one push
+cdef struct OutPort:        # one receive queue of an egress port during one push
     Burst b                 # its table, ring, scratch arrays
     uint64_t st[NOSTATS]
     uint64_t routed, done
@@ -60,8 +64,11 @@ cdef struct Fwd:
     int more                # pull stopped before the ring was empty
     int slow                # the one kept frame needs the Python path
     uint64_t st[NFSTATS]
-    OutPort *outs
-    size_t nouts, outs_cap
+    OutPort *outs           # the egress ports' receive queues: port o's are
+    size_t nouts, outs_cap  # outs[lane0[o] .. lane0[o] + nq[o]), nouts ports
+    size_t nlanes           # receive queues in all
+    uint32_t lane0[MAX_OUTS]
+    uint32_t nq[MAX_OUTS]   # >= 1
     uint64_t masks[MAX_MACS]
     uint32_t same_at[MAX_MACS]
     uint8_t slowr[MAX_MACS]
@@ -74,6 +81,92 @@ cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noex
         if memcmp(macs[i], mac, 6) == 0:
             return <int>i
     return -1
+
+
+# -- the flow hash (switch.flow.flow_hash, zlib's CRC-32) -------------------------------------
+cdef uint32_t CRC32[256]
+
+
+cdef void crc32_init() noexcept:
+    """The table of the reflected CRC-32 polynomial zlib uses (0xEDB88320)."""
+    cdef uint32_t i, c, k
+    for i in range(256):
+        c = i
+        for k in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        CRC32[i] = c
+
+
+crc32_init()
+
+
+cdef inline uint32_t crc32_add(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil:
+    """zlib.crc32(p[:n], crc)."""
+    cdef size_t i
+    crc = ~crc
+    for i in range(n):
+        crc = CRC32[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
+    return ~crc
+
+
+cdef inline uint32_t crc32_slice(uint32_t crc, const uint8_t *e, size_t a, size_t b,
+                                 size_t n) noexcept nogil:
+    """zlib.crc32(e[a:b], crc) where e holds n bytes: Python's slice, cut at the end."""
+    if b > n:
+        b = n
+    if a >= b:
+        return crc
+    return crc32_add(crc, e + a, b - a)
+
+
+cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcept nogil:
+    """switch.flow.flow_hash of the frame in ``frame`` (``total`` bytes: an ``h``-byte
+    header, then the Ethernet frame), step for step. It reads the first HASHED bytes of
+    the Ethernet frame at most (no field it hashes lies further), gathered into ``buf``:
+    ``total >= h + 14`` (pull), the pieces hold ``total`` bytes, and every index below is
+    checked against ``n``, the bytes gathered, as Python's slices cut at the end."""
+    cdef uint8_t buf[12 + HASHED]
+    cdef uint64_t soff
+    cdef uint64_t got = total if total < h + HASHED else h + HASHED
+    cdef const uint8_t *e = buf + h
+    cdef size_t n, ihl
+    cdef uint32_t crc
+    gather(frame, buf, got, &soff)
+    n = <size_t>(got - h)                    # 14 .. HASHED; the frame's length if shorter
+    if e[12] == 0x08 and e[13] == 0x00 and n >= 14 + 20:
+        ihl = (e[14] & 0xF) * 4
+        crc = crc32_add(0, e, 12)
+        crc = crc32_add(crc, e + 26, 8)      # the IP addresses
+        crc = crc32_add(crc, e + 23, 1)      # the protocol
+        # The ports only where they are: TCP or UDP, not a fragment (offset 0, no MF).
+        if (e[23] == 6 or e[23] == 17) and not ((e[20] & 0x3F) | e[21]):
+            crc = crc32_slice(crc, e, 14 + ihl, 14 + ihl + 4, n)
+        return crc
+    if e[12] == 0x86 and e[13] == 0xdd and n >= 14 + 40:
+        crc = crc32_add(0, e, 12)
+        crc = crc32_add(crc, e + 22, 32)     # the IPv6 addresses
+        crc = crc32_add(crc, e + 20, 1)      # next header
+        if e[20] == 6 or e[20] == 17:
+            crc = crc32_slice(crc, e, 54, 58, n)
+        return crc
+    return crc32_add(0, e, 14)
+
+
+def frame_flow_hash(frame: bytes, size_t start) -> int:
+    """The compiled flow hash of ``frame`` (a ``start``-byte header, 10 or 12, then an
+    Ethernet frame of 14 bytes or more): for tests against switch.flow.flow_hash."""
+    cdef Piece piece
+    cdef Pieces view
+    cdef size_t n = len(frame)
+    if (start != 10 and start != 12) or n < start + 14 or n > 0xFFFFFFFF:
+        raise ValueError("a 10- or 12-byte header, then 14 bytes or more")
+    piece.p = <uint8_t *>PyBytes_AS_STRING(frame)
+    piece.n = <uint32_t>n
+    piece.region = 0
+    view.v = &piece
+    view.len = 1
+    view.cap = 1
+    return flow_hash(&view, n, <uint32_t>start)
 
 
 cdef void unpull(Fwd *f, size_t start) noexcept nogil:
@@ -189,7 +282,9 @@ cdef int push_fn(void *arg) noexcept nogil:
     cdef Frame *fr
     cdef OutPort *out
     cdef uint64_t eth, mask
-    cdef int rc, drop, j
+    cdef uint32_t hashed, lane
+    cdef Pieces view
+    cdef int rc, drop, j, have_hash
     while k < f.nframes:
         fr = &f.frames[k]
         j = fr.dst                           # < ndst <= MAX_MACS (pull)
@@ -201,10 +296,22 @@ cdef int push_fn(void *arg) noexcept nogil:
             break
         eth = fr.total - f.b.in_hdr          # 14 .. MAX_FRAME (pull)
         mask = f.masks[j]                    # bits below nouts only (push's Python side)
+        have_hash = 0
+        hashed = 0
         o = 0
         while mask:
             if mask & 1:
-                out = &f.outs[o]
+                # The port's receive queue for this frame: its flow's, if it has several.
+                lane = f.lane0[o]
+                if f.nq[o] > 1:
+                    if not have_hash:
+                        view.v = f.allp.v + fr.start
+                        view.len = fr.npieces
+                        view.cap = fr.npieces
+                        hashed = flow_hash(&view, fr.total, f.b.in_hdr)
+                        have_hash = 1
+                    lane += hashed % f.nq[o]     # < lane0[o] + nq[o] <= nlanes
+                out = &f.outs[lane]
                 if eth > out.max_eth:
                     out.st[O_TOO_BIG] += 1
                 else:
@@ -229,7 +336,7 @@ cdef int push_fn(void *arg) noexcept nogil:
             o += 1
         k += 1
     f.k = k
-    for o in range(f.nouts):
+    for o in range(f.nlanes):
         out = &f.outs[o]
         if out.b.err:
             # _fill's rule: the frames of this call not written and those written but
@@ -258,6 +365,14 @@ cdef void free_burst(Burst *b) noexcept nogil:
     free(b.bounce)
 
 
+def _first(list errors, size_t start, size_t n):
+    """The first error of ``errors[start:start + n]`` that is not None, or None."""
+    for e in errors[start:start + n]:
+        if e is not None:
+            return e
+    return None
+
+
 def _fault(fault: int) -> MemoryFaultError:
     return MemoryFaultError(
         f"SIGBUS at host address {fault:#x} in guest memory: a region's file shrank "
@@ -276,6 +391,7 @@ cdef class Forwarder:
     cdef RegionTable table
     cdef public dict stats
     cdef public list out_stats
+    cdef public list out_queue_stats
     cdef public list out_errors
     cdef public object in_fault
     cdef public bint more
@@ -285,6 +401,7 @@ cdef class Forwarder:
         memset(&self.f, 0, sizeof(Fwd))
         self.stats = dict.fromkeys(_FSTATS, 0)
         self.out_stats = []
+        self.out_queue_stats = []
         self.out_errors = []
         self.in_fault = None
         install_guard()
@@ -386,7 +503,7 @@ cdef class Forwarder:
              outs: list) -> int:
         """See forward.Forwarder.push."""
         cdef Fwd *f = &self.f
-        cdef size_t o, j, nouts = len(outs), ndst = f.ndst
+        cdef size_t o, j, q, lane, nouts = len(outs), ndst = f.ndst, nlanes = 0
         cdef OutPort *out
         cdef RegionTable t
         cdef uintptr_t fault = 0
@@ -395,7 +512,7 @@ cdef class Forwarder:
         cdef size_t old
         if len(masks) != ndst or len(same_at) != ndst or len(slow) != ndst:
             raise ValueError("one route per destination MAC")
-        if nouts > 64:
+        if nouts > MAX_OUTS:
             raise ValueError("at most 64 egress ports per push")
         for j in range(ndst):
             m = masks[j]
@@ -404,15 +521,25 @@ cdef class Forwarder:
             f.masks[j] = m
             f.same_at[j] = min(<uint64_t>same_at[j], <uint64_t>NEVER)
             f.slowr[j] = bool(slow[j])
+        # Each port's receive queues, one lane each: port o's are lanes lane0[o] ..
+        # lane0[o] + nq[o] - 1, so a lane chosen by push_fn is below nlanes.
+        queues = []
+        for o in range(nouts):
+            spec = outs[o]
+            qs = (spec.rx, *spec.more_rx)
+            queues.append(qs)
+            f.lane0[o] = <uint32_t>nlanes
+            f.nq[o] = <uint32_t>len(qs)
+            nlanes += len(qs)
         old = f.outs_cap
-        if reserve(<void **>&f.outs, &f.outs_cap, nouts, sizeof(OutPort)):
+        if reserve(<void **>&f.outs, &f.outs_cap, nlanes, sizeof(OutPort)):
             raise MemoryError()
         if f.outs_cap > old:
             memset(&f.outs[old], 0, (f.outs_cap - old) * sizeof(OutPort))
         tables = <pv_table *>calloc(nouts + 1, sizeof(pv_table))
         if tables == NULL:
             raise MemoryError()
-        self.out_errors = [None] * nouts
+        errors = [None] * nlanes
         self.in_fault = None
         keep = [self.table]
         try:
@@ -420,41 +547,46 @@ cdef class Forwarder:
             tables[0].n = f.b.nregions
             for o in range(nouts):
                 spec = outs[o]
-                out = &f.outs[o]
-                if out.b.bounce == NULL:
-                    out.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
-                    if out.b.bounce == NULL:
-                        raise MemoryError()
                 t = region_table(spec.mem)
                 keep.append(t)
-                out.b.regions = t.regions
-                out.b.nregions = t.n
-                out.b.writes = t.writes
-                out.b.written = t.written
+                # One table per port (its queues share its memory): a fault in table
+                # o + 1 is port o's.
                 tables[o + 1].r = t.regions
                 tables[o + 1].n = t.n
                 hdr = spec.hdr_len
                 if hdr != 10 and hdr != 12:
                     raise ValueError(f"virtio-net header length {hdr}: 10 or 12")
-                out.b.hdr_len = hdr
-                out.b.in_hdr = f.b.in_hdr
-                out.b.swap = 0
-                out.b.mrg_rxbuf = spec.mrg_rxbuf
-                out.max_eth = spec.max_eth
-                out.b.rx_used_len = 0
-                out.b.err = 0
-                out.b.err_a = out.b.err_b = 0
-                out.routed = out.done = 0
-                memset(out.st, 0, sizeof(out.st))
-                if spec.rx.broken is not None:
-                    out.b.err = -1               # broken before: its frames count bad
-                    continue
-                try:
-                    load_ring(&out.b.rx, spec.rx, t)
-                except VirtqueueError as e:
-                    self.out_errors[o] = e
-                    out.b.err = -1           # nothing written to it; its frames count bad
+                for q, rxq in enumerate(queues[o]):
+                    lane = f.lane0[o] + q
+                    out = &f.outs[lane]
+                    if out.b.bounce == NULL:
+                        out.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
+                        if out.b.bounce == NULL:
+                            raise MemoryError()
+                    out.b.regions = t.regions
+                    out.b.nregions = t.n
+                    out.b.writes = t.writes
+                    out.b.written = t.written
+                    out.b.hdr_len = hdr
+                    out.b.in_hdr = f.b.in_hdr
+                    out.b.swap = 0
+                    out.b.mrg_rxbuf = spec.mrg_rxbuf
+                    out.max_eth = spec.max_eth
+                    out.b.rx_used_len = 0
+                    out.b.err = 0
+                    out.b.err_a = out.b.err_b = 0
+                    out.routed = out.done = 0
+                    memset(out.st, 0, sizeof(out.st))
+                    if rxq.broken is not None:
+                        out.b.err = -1           # broken before: its frames count bad
+                        continue
+                    try:
+                        load_ring(&out.b.rx, rxq, t)
+                    except VirtqueueError as e:
+                        errors[lane] = e
+                        out.b.err = -1       # nothing written to it; its frames count bad
             f.nouts = nouts
+            f.nlanes = nlanes
             f.k = start
             f.st[F_SAME_PORT] = 0
             with nogil:
@@ -464,29 +596,42 @@ cdef class Forwarder:
         if rc == PV_FAULT:
             # Nothing is written back: the connection whose memory faulted is closed
             # for it, and the others' queues keep the state they had before this push.
+            self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(nouts)]
             if which == 0:
                 self.in_fault = _fault(fault)
             else:
                 self.out_errors[which - 1] = _fault(fault)
             self.out_stats = [[0] * NOSTATS for _ in range(nouts)]
+            self.out_queue_stats = [[[0] * NOSTATS for _ in qs] for qs in queues]
             self.stats["same_port"] = 0
             return start
         for t in keep:
             (<RegionTable>t).flush()
         self.stats["same_port"] = f.st[F_SAME_PORT]
         stats = []
+        qstats = []
         for o in range(nouts):
-            out = &f.outs[o]
-            stats.append([out.st[i] for i in range(NOSTATS)])
-            spec = outs[o]
-            if out.b.err != -1:              # loaded: its state, as the reference's
-                store_ring(spec.rx, &out.b.rx)
-            if out.b.err == E_NOMEM:
-                self.out_errors[o] = MemoryError("data path scratch arrays")
-            elif out.b.err > 0:
-                self.out_errors[o] = spec.rx.break_(reason(out.b.err, out.b.err_a,
-                                                           out.b.err_b))
+            per = []
+            total = [0] * NOSTATS
+            for q, rxq in enumerate(queues[o]):
+                lane = f.lane0[o] + q
+                out = &f.outs[lane]
+                st = [out.st[i] for i in range(NOSTATS)]
+                per.append(st)
+                for i in range(NOSTATS):
+                    total[i] += st[i]
+                if out.b.err != -1:          # loaded: its state, as the reference's
+                    store_ring(rxq, &out.b.rx)
+                if out.b.err == E_NOMEM:
+                    errors[lane] = MemoryError("data path scratch arrays")
+                elif out.b.err > 0:
+                    errors[lane] = rxq.break_(reason(out.b.err, out.b.err_a, out.b.err_b))
+            stats.append(total)
+            qstats.append(per)
         self.out_stats = stats
+        self.out_queue_stats = qstats
+        # A port's error: its first queue's (in queue order) that broke.
+        self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(nouts)]
         return f.k
 
     def finish(self, mem: object, tx: object) -> None:

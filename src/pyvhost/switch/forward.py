@@ -28,17 +28,19 @@ consulted and updated once per burst, never per frame):
    once ``dst`` was learned as a source at a frame ``<= k`` - exactly what learning and
    looking up frame by frame gives.
 3. :meth:`Forwarder.push` copies the kept frames, in order from ``start``, into the
-   receive queues (:class:`Out`) their destination's route names (a bit mask), each
+   egress ports (:class:`Out`) their destination's route names (a bit mask), each
    with a zeroed header ("no offload") of the port's length, ``num_buffers`` set, never
-   truncated; it stops at a frame whose route is ``slow`` (a tap, a port with several or
-   no receive queues, a port whose log the step can not mark: the Python path) and
-   returns its index.
+   truncated; of a port with several enabled receive queues, into the one the frame's
+   flow hash picks (:mod:`.flow`, the Python path's choice). It stops at a frame whose
+   route is ``slow`` (a tap, a port with no receive queue, a port whose log the step can
+   not mark: the Python path) and returns its index.
 4. :meth:`Forwarder.frame` gives such a frame's bytes; :meth:`Forwarder.finish` returns
    every chain taken, as used with length 0, and decides the notification.
 
 Errors: a transmit queue error in pull breaks the queue (returned, the frames kept before
-it are still pushed); a receive queue error in push breaks that port's queue only
-(:attr:`Forwarder.out_errors`); counters follow ``_fill``'s rule (a broken port's frames
+it are still pushed); a receive queue error in push breaks that queue only
+(:attr:`Forwarder.out_errors`: per port, the error of its first queue that broke; the
+port's other queues go on); counters follow ``_fill``'s rule (a broken queue's frames
 of the call count as ``bad_descriptor``, none as sent). A queue already broken when push
 is called takes nothing: the frames routed to it count as ``bad_descriptor``. A
 truncated region: this path can not catch SIGBUS (see :mod:`pyvhost.datapath.reference`).
@@ -55,6 +57,7 @@ from pyvhost.memory import GuestMemory
 from pyvhost.virtq import DescriptorChain, SplitQueue, VirtqueueError
 
 from .core import MAX_ETHERNET
+from .flow import flow_hash
 
 #: Distinct destination (and source) MACs per burst: bounds the Python work per burst.
 MAX_MACS = 16
@@ -62,7 +65,9 @@ MAX_MACS = 16
 NEVER = 0x7FFFFFFF
 #: What pull and push count (:attr:`Forwarder.stats`).
 STATS = ("malformed", "too_big", "same_port", "frames", "bytes")
-#: What push counts per egress port (:attr:`Forwarder.out_stats`), in this order.
+#: What push counts per egress port (:attr:`Forwarder.out_stats`), and per receive queue
+#: of each (:attr:`Forwarder.out_queue_stats`, the port's queues in :attr:`Out.queues`
+#: order), in this order.
 OUT_STATS = ("tx_frames", "tx_bytes", "too_big", "no_rx_buffer", "bad_descriptor")
 _SENT, _BYTES, _TOO_BIG, _NO_RX, _BAD = range(5)
 
@@ -71,15 +76,24 @@ assert MAX_ETHERNET == MAX_FRAME  # the compiled step bounds frames with MAX_FRA
 
 @dataclass(slots=True)
 class Out:
-    """One egress port's receive queue for a push: its held memory, the queue, its
-    header length and MRG_RXBUF, and the largest Ethernet frame it takes (mtu plus an
-    Ethernet header and a VLAN tag; larger ones are dropped as ``too_big``)."""
+    """One egress port for a push: its held memory, its enabled receive queues (``rx``,
+    then ``more_rx``, in queue order), its header length and MRG_RXBUF, and the largest
+    Ethernet frame it takes (mtu plus an Ethernet header and a VLAN tag; larger ones are
+    dropped as ``too_big``). With several queues each frame goes to
+    ``queues[flow_hash(frame) % len(queues)]`` (:mod:`.flow`), as the Python path sends
+    it, so a flow stays on one queue and in order."""
 
     mem: GuestMemory
     rx: SplitQueue
     hdr_len: int
     mrg_rxbuf: bool
     max_eth: int
+    more_rx: tuple[SplitQueue, ...] = ()
+
+    @property
+    def queues(self) -> tuple[SplitQueue, ...]:
+        """Every receive queue of the port a frame may go to, in queue order."""
+        return (self.rx, *self.more_rx)
 
 
 class ForwardStep(Protocol):
@@ -88,6 +102,7 @@ class ForwardStep(Protocol):
 
     stats: dict[str, int]
     out_stats: list[list[int]]
+    out_queue_stats: list[list[list[int]]]
     out_errors: list[BaseException | None]
     in_fault: BaseException | None
     more: bool
@@ -115,6 +130,7 @@ class Forwarder:
     def __init__(self) -> None:
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         self.out_stats: list[list[int]] = []
+        self.out_queue_stats: list[list[list[int]]] = []
         self.out_errors: list[BaseException | None] = []
         #: A guest-memory fault of the ingress port during push (compiled step only).
         self.in_fault: BaseException | None = None
@@ -224,8 +240,10 @@ class Forwarder:
         """Copy kept frames from ``start`` on to their egress ports; per destination
         (``macs()``'s order) a bit mask of ``outs``, the frame index from which it is a
         ``same_port`` drop, and whether its frames need the Python path. Returns the
-        index of the first frame not done (a slow one), or :attr:`frames`. Each port's
-        used elements are published once, at the end, and its notification decided."""
+        index of the first frame not done (a slow one), or :attr:`frames`. A port with
+        several receive queues takes each frame on the queue its flow hash picks; every
+        outcome of the frame there counts on that queue. Each queue's used elements are
+        published once, at the end, and its notification decided."""
         n = len(self._dsts)
         if len(masks) != n or len(same_at) != n or len(slow) != n:
             raise ValueError("one route per destination MAC")
@@ -235,13 +253,15 @@ class Forwarder:
             if m < 0 or m >> len(outs):
                 raise ValueError("a route names an egress port out of range")
         h = self._in_hdr
-        stats = [[0] * len(OUT_STATS) for _ in outs]
-        errors: list[BaseException | None] = [None] * len(outs)
-        used: list[list[tuple[int, int]]] = [[] for _ in outs]
-        # A queue broken before this call takes nothing: its frames count as bad.
-        dead = [out.rx.broken is not None for out in outs]
-        routed = [0] * len(outs)
-        done = [0] * len(outs)
+        queues = [out.queues for out in outs]
+        # Per receive queue of each port: its counts, used elements, error, whether it
+        # was broken before this call (then it takes nothing: its frames count as bad).
+        stats = [[[0] * len(OUT_STATS) for _ in qs] for qs in queues]
+        errors: list[list[VirtqueueError | None]] = [[None] * len(qs) for qs in queues]
+        used: list[list[list[tuple[int, int]]]] = [[[] for _ in qs] for qs in queues]
+        dead = [[q.broken is not None for q in qs] for qs in queues]
+        routed = [[0] * len(qs) for qs in queues]
+        done = [[0] * len(qs) for qs in queues]
         self.in_fault = None
         same_port = 0
         k = start
@@ -255,28 +275,37 @@ class Forwarder:
                 break
             eth = total - h
             data: bytes | None = None
+            hashed: int | None = None
             mask = masks[j]
             o = 0
             while mask:
                 if mask & 1:
                     out = outs[o]
-                    st = stats[o]
+                    qs = queues[o]
+                    q = 0
+                    if len(qs) > 1:
+                        if hashed is None:
+                            if data is None:
+                                data = chain.read(mem, total)[h:]
+                            hashed = flow_hash(data, 0)
+                        q = hashed % len(qs)
+                    st = stats[o][q]
                     if eth > out.max_eth:
                         st[_TOO_BIG] += 1
                     else:
-                        routed[o] += 1
-                        if errors[o] is None and not dead[o]:
+                        routed[o][q] += 1
+                        if errors[o][q] is None and not dead[o][q]:
                             if data is None:
                                 data = chain.read(mem, total)[h:]
                             try:
                                 reason = write_rx_frame(
-                                    out.mem, out.rx, bytes(out.hdr_len) + data,
+                                    out.mem, qs[q], bytes(out.hdr_len) + data,
                                     hdr_len=out.hdr_len, mrg_rxbuf=out.mrg_rxbuf,
-                                    used=used[o])
+                                    used=used[o][q])
                             except VirtqueueError as e:
-                                errors[o] = e
+                                errors[o][q] = e
                             else:
-                                done[o] += 1
+                                done[o][q] += 1
                                 if reason is None:
                                     st[_SENT] += 1
                                     st[_BYTES] += eth
@@ -285,17 +314,20 @@ class Forwarder:
                 mask >>= 1
                 o += 1
             k += 1
-        for o, out in enumerate(outs):
-            st = stats[o]
-            if errors[o] is not None or dead[o]:
-                st[_BAD] += routed[o] - done[o] + st[_SENT]
-                st[_SENT] = st[_BYTES] = 0
-            elif used[o]:
-                out.rx.push_used_batch(used[o])
-                out.rx.decide_notify()
+        for o, qs in enumerate(queues):
+            for q, rx in enumerate(qs):
+                st = stats[o][q]
+                if errors[o][q] is not None or dead[o][q]:
+                    st[_BAD] += routed[o][q] - done[o][q] + st[_SENT]
+                    st[_SENT] = st[_BYTES] = 0
+                elif used[o][q]:
+                    rx.push_used_batch(used[o][q])
+                    rx.decide_notify()
         self.stats["same_port"] = same_port
-        self.out_stats = stats
-        self.out_errors = errors
+        self.out_queue_stats = stats
+        self.out_stats = [[sum(col) for col in zip(*per, strict=True)] for per in stats]
+        # A port's error: its first queue's (in queue order) that broke.
+        self.out_errors = [next((e for e in errs if e is not None), None) for errs in errors]
         return k
 
     def finish(self, mem: GuestMemory, tx: SplitQueue) -> None:

@@ -12,10 +12,12 @@ path: bytes handed to the :class:`~.core.Switch`, which calls :meth:`VhostPort.d
 on each egress port, which writes them into this device's receive queue. Those are
 frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
 segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
-frames to a tap, to a port with several receive queues enabled (the flow hash picks one),
-none (``port_down``), or a receive queue that carries a dirty log the compiled step can
-not mark (no libatomic: :func:`pyvhost.datapath.serves_log`). A transmit queue that
-carries such a log runs the pure-Python step; both steps mark the logs they serve.
+frames to a tap, to a port with no receive queue enabled (``port_down``), or to a port
+with a receive queue that carries a dirty log the compiled step can not mark (no
+libatomic: :func:`pyvhost.datapath.serves_log`). Of a port with several receive queues
+enabled, each frame goes to the one its flow hash picks (:func:`~.flow.flow_hash`), on
+either path. A transmit queue that carries such a log runs the pure-Python step; both
+steps mark the logs they serve.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
@@ -44,7 +46,6 @@ from __future__ import annotations
 import functools
 import logging
 import struct
-import zlib
 from collections.abc import Callable, Sequence
 
 from pyvhost import datapath
@@ -71,6 +72,7 @@ from pyvhost.virtq import SplitQueue, VirtqueueError
 
 from . import forward
 from .core import MAX_ETHERNET, NET_HDR, Port, Switch
+from .flow import flow_hash
 from .offload import HeaderError, Offload, adapt_egress, check_ingress
 
 log = logging.getLogger(__name__)
@@ -257,8 +259,9 @@ class SwitchPort(VirtioDevice):
 
     def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
         """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
-        the forward step into every egress port it can serve, the Python path for the
-        rest (offload headers, taps, ports with several receive queues, a log the compiled
+        the forward step into every egress port it can serve (of one with several
+        receive queues, the one each frame's flow hash picks), the Python path for the
+        rest (offload headers, taps, ports without a receive queue, a log the compiled
         step can not mark)."""
         counters = self.port.counters
         st = fwd.stats
@@ -335,7 +338,7 @@ class SwitchPort(VirtioDevice):
                 k = fwd.push(mem, k, masks, same_at, slow, outs)
                 faulted = False
                 for o, ((dev, c), ost) in enumerate(zip(out_dev, fwd.out_stats, strict=True)):
-                    dev._count_out(c, outs[o].rx, ost)
+                    dev._count_out(c, outs[o], ost, fwd.out_queue_stats[o])
                     err = fwd.out_errors[o]
                     if err is None:
                         continue
@@ -371,8 +374,10 @@ class SwitchPort(VirtioDevice):
         if fwd.in_fault is not None:
             raise fwd.in_fault
 
-    def _count_out(self, ctx: QueueContext, rx: SplitQueue, st: list[int]) -> None:
-        """What a push did to this port's receive queue: counters, and the interrupt."""
+    def _count_out(self, ctx: QueueContext, out: forward.Out, st: list[int],
+                   per_queue: list[list[int]]) -> None:
+        """What a push did to this port's receive queues: counters (``st`` the port's,
+        ``per_queue`` each queue's), and the interrupts."""
         counters = self.port.counters
         sent, nbytes, too_big, no_rx, bad = st
         counters.tx_frames += sent
@@ -383,9 +388,10 @@ class SwitchPort(VirtioDevice):
             counters.drop_tx("no_rx_buffer", no_rx)
         if bad:
             counters.drop_tx("bad_descriptor", bad)
-        ctx.account(rx.index, sent, nbytes)
-        if rx.notify_decided is not None:
-            ctx.notify(rx.index)
+        for rx, qst in zip(out.queues, per_queue, strict=True):
+            ctx.account(rx.index, qst[0], qst[1])
+            if rx.notify_decided is not None:
+                ctx.notify(rx.index)
 
     def _check(self, raw: list[bytes]) -> list[bytes]:
         """Frames as the driver wrote them (its header, then the frame) that may enter the
@@ -530,42 +536,24 @@ def _offloads(features: int, csum: int, tso4: int, tso6: int) -> Offload:
     return result
 
 
-def flow_hash(frame: bytes | bytearray) -> int:
-    """A hash of a frame's flow: Ethernet addresses and type, and for IPv4/IPv6 the IP
-    addresses, protocol and (TCP/UDP) ports. Only reads inside the frame (slices)."""
-    e = NET_HDR
-    ethertype = frame[e + 12:e + 14]
-    l3 = e + 14
-    if ethertype == b"\x08\x00" and len(frame) >= l3 + 20:
-        ihl = (frame[l3] & 0xF) * 4
-        key = frame[l3 + 12:l3 + 20] + frame[l3 + 9:l3 + 10]
-        if frame[l3 + 9] in (6, 17) and not frame[l3 + 6] & 0x3F | frame[l3 + 7]:
-            key += frame[l3 + ihl:l3 + ihl + 4]
-        return zlib.crc32(key, zlib.crc32(frame[e:e + 12]))
-    if ethertype == b"\x86\xdd" and len(frame) >= l3 + 40:
-        key = frame[l3 + 8:l3 + 40] + frame[l3 + 6:l3 + 7]
-        if frame[l3 + 6] in (6, 17):
-            key += frame[l3 + 40:l3 + 44]
-        return zlib.crc32(key, zlib.crc32(frame[e:e + 12]))
-    return zlib.crc32(frame[e:e + 14])
-
-
 def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     """The forward step's view of an egress port, or None when it takes the Python path:
-    not a vhost-user port, gone, not one ready receive queue (none: port_down; several:
-    the flow hash picks one), or a queue that carries a dirty log the compiled step can
-    not mark (:func:`pyvhost.datapath.serves_log`; the pure step marks every log, the
-    Python path too)."""
+    not a vhost-user port, gone, no ready receive queue (port_down), or a queue broken or
+    carrying a dirty log the compiled step can not mark (:func:`pyvhost.datapath.serves_log`;
+    the pure step marks every log, the Python path too). Its ready receive queues are
+    those :meth:`SwitchPort._write` chooses from, in the same order, so the flow hash
+    sends a flow to the same queue on either path."""
     if ctx is None or not isinstance(port, VhostPort):
         return None
     dev = port.device
     queues = [q for i in range(0, dev.num_queues, 2) if (q := ctx.queue(i)) is not None]
-    if len(queues) != 1:
+    if not queues:
         return None
-    rx = queues[0]
-    if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
-        return None
-    return forward.Out(ctx.mem, rx, dev.hdr_len, dev.mrg_rxbuf, dev.mtu + ETH_OVERHEAD)
+    for rx in queues:
+        if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
+            return None
+    return forward.Out(ctx.mem, queues[0], dev.hdr_len, dev.mrg_rxbuf,
+                       dev.mtu + ETH_OVERHEAD, tuple(queues[1:]))
 
 
 def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
