@@ -336,7 +336,7 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
     for each reason, routed the slow way, stopped by the MAC limit, and queues break."""
     outcomes: set[str] = set()
 
-    @settings(max_examples=300, deadline=None, database=None,
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(cases())
     @example(MANY_MACS[1])
