@@ -63,6 +63,10 @@ class Loop:
         """Run ``callback`` once, ``delay`` seconds from now (on the loop's thread)."""
         raise NotImplementedError
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop's thread soon."""
+        raise NotImplementedError
+
 
 class SelectorLoop(Loop):
     """A single-threaded ``selectors`` loop with timers and a wake-up pipe."""
@@ -100,6 +104,16 @@ class SelectorLoop(Loop):
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (timer.when, next(self._timer_seq), timer))
         return timer
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop's thread, at the end of its next
+        turn (the loop is woken). Does nothing once the loop is closed."""
+        with self._threads_lock:
+            if self._loop_closed:
+                return
+            self._from_threads.append(callback)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def call_from_thread(self, fn: Callable[[], T], timeout: float) -> T:
         """From another thread: run ``fn`` on the loop's thread (between two turns) and
