@@ -21,6 +21,12 @@ offers VHOST_F_LOG_ALL and PROTOCOL_F_LOG_SHMFD. SET_LOG_BASE maps the front-end
 VHOST_F_LOG_ALL turns logging on and off, and SET_VRING_ADDR with VHOST_VRING_F_LOG says
 where each used ring is logged. While logging is on, every queue carries the log and marks
 what it writes; GET_VRING_BASE stops a ring and answers where the destination resumes.
+
+Threads: without workers everything runs on the server's loop. With ``workers`` (``pyvhost
+net --workers N``) each queue pair's kicks are served on a worker thread
+(:meth:`Connection.kick_loop`), under the queue locks of :mod:`.queuelock`; the handlers
+of :data:`RING_REQUESTS` and :meth:`Connection.close` hold every lock of the connection,
+and a close a worker asks for (a guest-memory fault) runs on the loop.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ implementation, a ``selectors`` loop with a self-pipe so that :meth:`SelectorLoo
 works from a signal handler or another thread. Everything runs on the loop's one thread;
 another thread (the metrics server's) asks it for something with
 :meth:`SelectorLoop.call_from_thread`, which runs the function on the loop's thread between
-two turns and waits for its result, so nothing the loop owns is ever read mid-change.
+two turns and waits for its result, so nothing the loop owns is ever read mid-change;
+:meth:`SelectorLoop.call_soon_threadsafe` queues a callback without waiting (a worker
+thread of :mod:`.workers` asking the main loop to close a connection).
 Nothing here reads a vhost-user message or knows what a socket is for: :mod:`.server` does.
 """
 
