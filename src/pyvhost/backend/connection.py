@@ -345,12 +345,15 @@ class Connection(DeviceHost):
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self, reason: str) -> None:
-        """Drop everything this connection holds. Idempotent. Called on a worker thread
-        (a guest-memory fault in a burst), it stops the connection's bursts at once and
-        closes it on the loop's thread."""
+        """Drop everything this connection holds. Idempotent. With workers, called on a
+        worker thread (a guest-memory fault in a burst) or with a queue lock held (a tap's
+        frames written into this connection on the loop's thread), it stops the
+        connection's bursts at once and closes it on the loop's thread, holding no other
+        lock, at the end of the loop's turn."""
         if self.phase is Phase.CLOSED:
             return
-        if self.workers is not None and self.workers.on_worker_thread():
+        if self.workers is not None and (self.workers.on_worker_thread()
+                                         or queuelock.holding_any()):
             if self._doomed is None:
                 self._doomed = reason
                 self.loop.call_soon_threadsafe(lambda: self.close(reason))
@@ -358,8 +361,10 @@ class Connection(DeviceHost):
         self.phase = Phase.CLOSED
         self.close_reason = reason
         log.debug("%s: closed: %s", self.name, reason)  # the server logs the disconnect
-        with self._locked(range(len(self.locks))):
-            # No burst is in flight; the phase stops the next one.
+        with self._locked(range(len(self.locks))) as ok:
+            # No burst is in flight; the phase stops the next one. (This thread holds no
+            # other queue lock: the locks are taken in order, never refused.)
+            assert ok
             self._stop_all_rings()
             self._drop_log()
             self.memory.clear()

@@ -70,6 +70,11 @@ def held_by_this_thread(lock: QueueLock) -> bool:
     return lock in _held.locks
 
 
+def holding_any() -> bool:
+    """Whether this thread holds a queue lock (it is inside a burst or a control handler)."""
+    return bool(_held.locks)
+
+
 @contextmanager
 def hold(locks: Iterable[QueueLock]) -> Iterator[bool]:
     """Take ``locks`` (those this thread does not hold yet) in rank order; yield True.
