@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from pyvhost.devices.reflect import ReflectNet
 from pyvhost.memory import MemoryFaultError
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request
+from pyvhost.tools.process import pyvhost_argv
 from support.procs import Procs, wait_for_socket
 from support.ring import Buffer
 
@@ -277,6 +279,9 @@ def test_pyvhost_net_with_workers_stops_cleanly(procs: Procs, short_dir: Path,
         state: Any = fetch_status(str(ctl))
         assert [q["worker"] for q in state["connections"][0]["queues"]] == \
             ["worker-0", "worker-0"]
+        shown = subprocess.run(pyvhost_argv("status", str(ctl)), capture_output=True,
+                               text=True, timeout=TIMEOUT, check=True).stdout
+        assert "worker" in shown and "worker-0" in shown, shown
         tasks = os.listdir(f"/proc/{net.pid}/task")
         assert len(tasks) == 3  # the main thread and two workers
         net.proc.send_signal(sig)

@@ -54,7 +54,8 @@ class Switched:
         self.thread = start_loop(self.server, self.errors, "pyvhost-switch")
 
     def learned(self) -> dict[bytes, str]:
-        return {mac: port.name for mac, port, _ in self.switch.table.entries(self.clock())}
+        with self.switch.lock:  # the workers' bursts learn meanwhile
+            return {mac: port.name for mac, port, _ in self.switch.table.entries(self.clock())}
 
 
 class Guest:
