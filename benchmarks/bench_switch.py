@@ -236,6 +236,9 @@ class Setup:
     seconds: float = 10.0
     queue_size: int = 4096
     extra: tuple[str, ...] = ()
+    #: The CPUs pyvhost may run on (taskset -c); DPDK's back-end always forwards on
+    #: BACKEND_CPU.
+    pyvhost_cpus: str = str(BACKEND_CPU)
 
 
 def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool) -> Proc:
@@ -250,7 +253,7 @@ def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool)
             args.append("--reflect")
         if qp > 1:
             args += ["--queue-pairs", str(qp)]
-        proc = run.start(["taskset", "-c", str(BACKEND_CPU),
+        proc = run.start(["taskset", "-c", setup.pyvhost_cpus,
                           *pyvhost_argv(*args, "--no-stats", "-q", *setup.extra)],
                          setup.kind, env=pyvhost_env(setup.kind))
     else:
@@ -416,6 +419,10 @@ def main(argv: list[str] | None = None) -> None:
                          "front-end and a reflecting back-end, each on its own CPU; "
                          "switch-loop: one front-end with two ports in io mode, looped "
                          "through the back-end's two ports")
+    ap.add_argument("--pyvhost-cpus", default=str(BACKEND_CPU),
+                    help="CPUs pyvhost runs on (taskset -c), e.g. 0-1 for --workers 2 "
+                         "on both cores (then it shares CPU 1 with the front-end); DPDK's "
+                         f"back-end forwards on CPU {BACKEND_CPU} either way")
     ap.add_argument("--pyvhost-args", default="",
                     help="extra pyvhost net options, e.g. \"--workers 2 --poll-us 50\" "
                          "(those this pyvhost net lacks are skipped with a note)")
@@ -439,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                 row = runs.setdefault(label, {})
                 for i in range(args.repeat):
                     for kind in kinds:
-                        setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra)
+                        setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra,
+                                      args.pyvhost_cpus)
                         try:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
@@ -461,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
           f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); "
           f"date {time.strftime('%Y-%m-%d %H:%M')}; topology {args.topology}; "
           f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
-          f"{' '.join(extra) or 'none'}; 1-min load average {load_before:.1f} before, "
+          f"{' '.join(extra) or 'none'}; pyvhost on CPUs {args.pyvhost_cpus}; "
+          f"1-min load average {load_before:.1f} before, "
           f"{load_after:.1f} after (other processes on the machine compete for the same "
           "2 CPUs)\n")
     print(table(results, kinds))
@@ -472,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
                                                "topology": args.topology,
                                                "seconds": args.seconds,
                                                "pyvhost_args": list(extra),
+                                               "pyvhost_cpus": args.pyvhost_cpus,
                                                "loadavg": [load_before, load_after],
                                                "failures": failures,
                                                "results": results}, indent=2))

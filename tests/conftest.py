@@ -120,3 +120,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         version = f"not runnable ({e})"
     return [f"pyvhost data path: {datapath.name()}",
             f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"]
+
+
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def net_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Every ``pyvhost net`` the test starts serves its queues on the main loop
+    (``--workers 1``) or on two worker threads (``PYVHOST_WORKERS``, which the option
+    reads, inherited by the process)."""
+    monkeypatch.setenv("PYVHOST_WORKERS", str(request.param))
+    return int(request.param)

@@ -79,11 +79,13 @@ def socket_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(short, ignore_errors=True)
 
 
-@pytest.fixture
-def backend(socket_dir: Path) -> Iterator[Backend]:
-    """A server listening on ``socket_dir/vhost.sock``, its loop running in a thread."""
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def backend(socket_dir: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """A server listening on ``socket_dir/vhost.sock``, its loop running in a thread;
+    the kicks served on that thread (``--workers 1``) or on two worker threads."""
     b = Backend(str(socket_dir / "vhost.sock"))
     try:
+        b.server.use_workers(request.param)
         b.server.listen(b.path)
         b.start()
         yield b

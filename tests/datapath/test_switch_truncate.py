@@ -64,6 +64,7 @@ def broadcast_reaches(src: NetDriver, dst: NetDriver, seq: int) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("pyvhost.datapath._native") is None,
                     reason="the compiled data path is not built")
 @pytest.mark.parametrize("side", ["ingress", "egress"])
+@pytest.mark.usefixtures("net_workers")
 def test_switch_survives_a_shrunken_region(procs: Procs, short_dir: Path, side: str) -> None:
     paths = [short_dir / f"{n}.sock" for n in "abc"]
     be = start_switch(procs, paths, pure=False)

@@ -58,6 +58,7 @@ def wait_held(pid: int, names: list[str], expected: tuple[int, int]) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("pyvhost.datapath._native") is None,
                     reason="the compiled data path is not built")
+@pytest.mark.usefixtures("net_workers")
 def test_compiled_path_survives_a_shrunken_region(procs: Procs, short_dir: Path) -> None:
     be, a_path, b_path = start_reflector(procs, short_dir, pure=False)
     rng = random.Random(7)

@@ -40,6 +40,7 @@ def _pyvhost_stats(output: str) -> dict[str, int]:
     raise AssertionError(f"pyvhost printed no stats:\n{output[-2000:]}")
 
 
+@pytest.mark.usefixtures("net_workers")
 def test_testpmd_virtio_user_traffic_through_reflector(procs: Procs, tmp_path: Path) -> None:
     sock = tmp_path / "vh0.sock"
     backend = procs.pyvhost("net", "--socket", str(sock), "--reflect")

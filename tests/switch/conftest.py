@@ -54,7 +54,8 @@ class Switched:
         self.thread = start_loop(self.server, self.errors, "pyvhost-switch")
 
     def learned(self) -> dict[bytes, str]:
-        return {mac: port.name for mac, port, _ in self.switch.table.entries(self.clock())}
+        with self.switch.lock:  # the workers' bursts learn meanwhile
+            return {mac: port.name for mac, port, _ in self.switch.table.entries(self.clock())}
 
 
 class Guest:
@@ -113,10 +114,12 @@ class Guest:
         self.port.close()
 
 
-@pytest.fixture
-def switched(socket_dir: Path) -> Iterator[Switched]:  # noqa: F811
+@pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])
+def switched(socket_dir: Path, request: pytest.FixtureRequest) -> Iterator[Switched]:  # noqa: F811
+    """The switch on one thread (``--workers 1``) and with two worker threads."""
     s = Switched(str(socket_dir / "switch.sock"))
     try:
+        s.server.use_workers(request.param)
         s.server.listen(s.path)
         s.start()
         yield s

@@ -96,6 +96,7 @@ def _macswap_for_5s(a: Started, b: Started) -> tuple[ForwardStats, ForwardStats]
     return accumulated_stats(a.output()), accumulated_stats(b.output())
 
 
+@pytest.mark.usefixtures("net_workers")
 def test_two_testpmds_through_the_switch(procs: Procs, tmp_path: Path) -> None:
     sock_a, sock_b, ctl = tmp_path / "a.sock", tmp_path / "b.sock", tmp_path / "ctl.sock"
     sw = procs.pyvhost("net", "--socket", str(sock_a), "--socket", str(sock_b),
@@ -136,6 +137,7 @@ def _rx_per_queue(output: str) -> dict[int, int]:
     return found
 
 
+@pytest.mark.usefixtures("net_workers")
 def test_two_testpmds_with_two_queue_pairs(procs: Procs, tmp_path: Path) -> None:
     """Both front-ends with queues=2: DPDK's virtio_user serves the control queue itself
     and enables both pairs with SET_VRING_ENABLE; the switch serves both transmit queues

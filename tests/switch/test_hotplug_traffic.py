@@ -150,6 +150,7 @@ def two_guests(procs: Procs, socket_dir: Path,
 
 @pytest.mark.parametrize("two_guests", [False, True], ids=["set_mem_table", "mem_slots"],
                          indirect=True)
+@pytest.mark.usefixtures("net_workers")
 def test_traffic_survives_memory_hotplug(
         two_guests: tuple[int, Path, NetDriver, NetDriver]) -> None:
     pid, ctl, a, b = two_guests

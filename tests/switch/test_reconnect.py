@@ -186,6 +186,7 @@ def _memfd_inodes(pid: int) -> set[int]:
 
 @pytest.mark.dpdk
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+@pytest.mark.usefixtures("net_workers")
 def test_pyvhost_restart_under_running_testpmds(procs: Procs, tmp_path: Path,
                                                 kill: signal.Signals) -> None:
     a, b, sw = _forwarding_pair(procs, tmp_path, "pyvhost-1")
@@ -274,6 +275,7 @@ def test_pyvhost_before_the_front_ends(procs: Procs, tmp_path: Path) -> None:
 
 
 @pytest.mark.dpdk
+@pytest.mark.usefixtures("net_workers")
 def test_front_end_restart_under_running_pyvhost(procs: Procs, tmp_path: Path) -> None:
     """testpmd A is restarted: pyvhost reconnects, with the old connection's memory
     unmapped and its fds closed, and B's port untouched meanwhile."""

@@ -21,16 +21,23 @@ offers VHOST_F_LOG_ALL and PROTOCOL_F_LOG_SHMFD. SET_LOG_BASE maps the front-end
 VHOST_F_LOG_ALL turns logging on and off, and SET_VRING_ADDR with VHOST_VRING_F_LOG says
 where each used ring is logged. While logging is on, every queue carries the log and marks
 what it writes; GET_VRING_BASE stops a ring and answers where the destination resumes.
+
+Threads: without workers everything runs on the server's loop. With ``workers`` (``pyvhost
+net --workers N``) each queue pair's kicks are served on a worker thread
+(:meth:`Connection.kick_loop`), under the queue locks of :mod:`.queuelock`; the handlers
+of :data:`RING_REQUESTS` and :meth:`Connection.close` hold every lock of the connection,
+and a close a worker asks for (a guest-memory fault) runs on the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 
 from pyvhost.errors import PeerError
@@ -66,10 +73,13 @@ from pyvhost.protocol.constants import (
 from pyvhost.protocol.transport import TransportError, peer_pid, recv_chunk, send_message
 from pyvhost.virtq import VirtqueueError
 
+from . import queuelock
 from .device import DeviceConfigError, DeviceHost, QueueContext, QueueCounters, VirtioDevice
 from .loop import Loop
+from .queuelock import QueueLock
 from .registry import RequestTable
 from .vring import Vring
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,18 @@ OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                              | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD
                              | ProtocolFeature.RARP)
 LOG_ALL = int(VirtioFeature.LOG_ALL)
+#: Connections' places in the lock order (:mod:`.queuelock`), in order of creation.
+_ORDER = itertools.count(1)
+#: Requests whose handlers change a vring, the memory table or the dirty log: with worker
+#: threads they run holding every queue lock of the connection, so no burst is in flight
+#: meanwhile (GET_VRING_BASE answers once the ring's burst is finished). SEND_RARP is not
+#: one: it forwards a frame into other ports, whose locks it takes itself.
+RING_REQUESTS = frozenset({
+    Request.SET_FEATURES, Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.ADD_MEM_REG,
+    Request.REM_MEM_REG, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,
+    Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_KICK,
+    Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_VRING_ENABLE,
+    Request.SET_LOG_BASE})
 
 
 def protocol_features_for(device: VirtioDevice) -> ProtocolFeature:
@@ -113,11 +135,24 @@ class Connection(DeviceHost):
     """The back-end side of one vhost-user socket."""
 
     def __init__(self, sock: socket.socket, device: VirtioDevice, loop: Loop,
-                 name: str = "conn", *, owner_implied: bool = False) -> None:
+                 name: str = "conn", *, owner_implied: bool = False,
+                 workers: WorkerPool | None = None) -> None:
         self.sock = sock
         self.device = device
         self.loop = loop
         self.name = name
+        self.order = next(_ORDER)
+        #: Kicks served on worker threads (``--workers`` > 1), else on ``loop``: then
+        #: every vring has a lock (:mod:`.queuelock`), else nothing is locked.
+        self.workers = workers
+        self.threaded = workers is not None
+        receive = set(device.receive_queues())
+        self.locks = [QueueLock((1 if i in receive else 0, self.order, i))
+                      for i in range(device.num_queues)]
+        #: The worker of each queue pair (index // 2), given at its first kick fd.
+        self._kick_loops: dict[int, Loop] = {}
+        #: Why a worker closed this connection; the close itself runs on ``loop``.
+        self._doomed: str | None = None
         self.peer_pid = peer_pid(sock)
         self.phase = Phase.CONNECTED
         #: A connection the back-end made (client mode) may resume a session the
@@ -235,7 +270,14 @@ class Connection(DeviceHost):
         with msg.fds:
             try:
                 handler = self._check_allowed(msg.request)
-                reply = handler(self, msg)
+                if self.threaded and msg.request in RING_REQUESTS:
+                    # Every burst of this connection finishes first (the loop's thread
+                    # holds no other queue lock: this is in order).
+                    with queuelock.hold(self.locks) as ok:
+                        assert ok
+                        reply = handler(self, msg)
+                else:
+                    reply = handler(self, msg)
             except (PeerError, DeviceConfigError) as e:
                 self._refuse(msg.request, msg.flags, str(e))
                 return
@@ -303,15 +345,31 @@ class Connection(DeviceHost):
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self, reason: str) -> None:
-        """Drop everything this connection holds. Idempotent."""
+        """Drop everything this connection holds. Idempotent. With workers, called on a
+        worker thread (a guest-memory fault in a burst) or with a queue lock held (a tap's
+        frames written into this connection on the loop's thread), it stops the
+        connection's bursts at once and closes it on the loop's thread, holding no other
+        lock, at the end of the loop's turn."""
         if self.phase is Phase.CLOSED:
+            return
+        if self.workers is not None and (self.workers.on_worker_thread()
+                                         or queuelock.holding_any()):
+            if self._doomed is None:
+                self._doomed = reason
+                self.loop.call_soon_threadsafe(lambda: self.close(reason))
             return
         self.phase = Phase.CLOSED
         self.close_reason = reason
         log.debug("%s: closed: %s", self.name, reason)  # the server logs the disconnect
-        self._stop_all_rings()
-        self._drop_log()
-        self.memory.clear()
+        with self._locked(range(len(self.locks))) as ok:
+            # No burst is in flight; the phase stops the next one. (This thread holds no
+            # other queue lock: the locks are taken in order, never refused.)
+            assert ok
+            self._stop_all_rings()
+            self._drop_log()
+            self.memory.clear()
+        if self.workers is not None:
+            self.workers.release(self.order)
         self.decoder.close()
         try:
             self.device.reset()
@@ -323,12 +381,55 @@ class Connection(DeviceHost):
     def _stop_all_rings(self) -> None:
         for vring in self.vrings:
             if vring.kick_fd is not None:
-                self.loop.unwatch(vring.kick_fd)
+                self.kick_loop(vring.queue.index).unwatch(vring.kick_fd)
             vring.close()
             vring.queue.detach()
 
+    # -- threads and locks ---------------------------------------------------------------
+    def kick_loop(self, index: int) -> Loop:
+        """The loop that serves queue ``index``'s kicks: its pair's worker (given now if
+        it has none yet), or the connection's loop without workers."""
+        if self.workers is None:
+            return self.loop
+        pair = index // 2
+        loop = self._kick_loops.get(pair)
+        if loop is None:
+            loop = self._kick_loops[pair] = self.workers.assign(self.order, pair)
+        return loop
+
+    def worker_of(self, index: int) -> str | None:
+        """The name of the worker that serves queue ``index`` (None: the main loop)."""
+        loop = self._kick_loops.get(index // 2)
+        return getattr(loop, "name", None)
+
+    @contextlib.contextmanager
+    def _locked(self, indices: Iterable[int]) -> Iterator[bool]:
+        """Hold the locks of queues ``indices`` (see :func:`queuelock.hold`); nothing to
+        hold without workers."""
+        if not self.threaded:
+            yield True
+            return
+        n = len(self.locks)
+        with queuelock.hold(self.locks[i] for i in indices if 0 <= i < n) as ok:
+            yield ok
+
+    def _kick_set(self, index: int) -> tuple[int, ...]:
+        queues = self.device.kick_queues(index)
+        return queues if index in queues else (index, *queues)
+
     # -- kicks ---------------------------------------------------------------------------
     def on_kick(self, index: int) -> None:
+        if not self.threaded:
+            self._on_kick(index)
+            return
+        # The kick fd is read under its queue's lock: a control handler replaces and
+        # closes it only under the same lock, so the number read is never another fd's.
+        queues = self._kick_set(index)
+        with self._locked(queues) as ok:
+            if ok:
+                self._on_kick(index, queues)
+
+    def _on_kick(self, index: int, queues: tuple[int, ...] | None = None) -> None:
         vring = self.vrings[index]
         if vring.kick_fd is None:
             return
@@ -340,15 +441,33 @@ class Connection(DeviceHost):
             log.warning("%s: kick fd of queue %d failed: %s", self.name, index, e)
             return
         self.counters["kicks"] += 1
-        self.serve_queue(index)
+        self._serve(index, queues)
 
     def serve_queue(self, index: int) -> None:
-        """Hand queue ``index`` to the device with the current memory held."""
+        """Hand queue ``index`` to the device with the current memory held (and, with
+        workers, the locks of the queues its kick serves)."""
+        if not self.threaded:
+            self._serve(index)
+            return
+        queues = self._kick_set(index)
+        with self._locked(queues) as ok:
+            if ok:
+                self._serve(index, queues)
+
+    def serve_soon(self, index: int) -> None:
+        """Serve queue ``index`` on its own loop: now without workers (as ever), else
+        on the next turn of its worker."""
+        if not self.threaded:
+            self.serve_queue(index)
+        else:
+            self.kick_loop(index).call_soon(lambda: self.serve_queue(index))
+
+    def _serve(self, index: int, queues: tuple[int, ...] | None = None) -> None:
         if not self.vrings[index].ready:
             return
         device = self.device
         if not self.poll_s:
-            self.run_device(index, lambda ctx: device.handle_kick(ctx, index))
+            self._run(index, lambda ctx: device.handle_kick(ctx, index), queues)
             return
         counters = self.queue_counters[index]
 
@@ -364,13 +483,32 @@ class Connection(DeviceHost):
                 q.enable_kicks(False)  # polled: the driver need not kick meanwhile
                 self.serve_again(index)
 
-        self.run_device(index, serve)
+        self._run(index, serve, queues)
 
     def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
-        if self.phase is Phase.CLOSED:
+        """See :meth:`DeviceHost.run_device`; with workers, the locks of the device's
+        receive queues are held for the call (taken after the caller's own, in the
+        lock order; if that can not be, ``fn`` is not called: as for a closed one)."""
+        if not self.threaded:
+            self._run(index, fn)
+            return
+        queues = self.device.receive_queues()
+        with self._locked(queues) as ok:
+            if ok:
+                self._run(index, fn, queues)
+
+    def _run(self, index: int, fn: Callable[[QueueContext], None],
+             queues: Iterable[int] | None = None) -> None:
+        """``fn`` with a context of the ready queues (with workers: of ``queues``, whose
+        locks the caller holds), the memory held, guest errors handled."""
+        if self.phase is Phase.CLOSED or self._doomed is not None:
             return
         with self.memory.hold() as mem:
-            ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
+            if queues is None:
+                ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
+            else:
+                vrings = self.vrings
+                ready = {i: vrings[i].queue for i in queues if vrings[i].ready}
             ctx = QueueContext(mem, ready, self._notify, self.queue_counters)
             try:
                 fn(ctx)
@@ -399,7 +537,7 @@ class Connection(DeviceHost):
             self._again.discard(index)
             self.serve_queue(index)
 
-        self.loop.call_soon(again)
+        self.kick_loop(index).call_soon(again)
 
     def _notify(self, index: int) -> None:
         vring = self.vrings[index]
@@ -467,9 +605,11 @@ class Connection(DeviceHost):
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
                         "enabled": v.enabled, "broken": v.queue.broken,
                         "last_avail_idx": v.queue.last_avail_idx,
-                        "used_idx": v.queue.used_idx, "frames": q.frames,
+                        "used_idx": v.queue.used_idx, "worker": self.worker_of(i),
+                        "frames": q.frames,
                         "bytes": q.bytes, "errors": q.errors}
-                       for v, q in zip(self.vrings, self.queue_counters, strict=True)],
+                       for i, (v, q) in enumerate(zip(self.vrings, self.queue_counters,
+                                                      strict=True))],
             "held": self.held(),
             "counters": dict(self.counters),
             "device": self.device.describe(),
@@ -668,7 +808,7 @@ def _get_vring_base(c: Connection, msg: Message) -> m.Payload:
     # within the same turn of the loop (this handler runs between turns), so the used
     # index has caught up with it: no chain is in flight.
     if vring.kick_fd is not None:
-        c.loop.unwatch(vring.kick_fd)
+        c.kick_loop(vring.queue.index).unwatch(vring.kick_fd)
     vring.replace_fd("kick_fd", None)
     vring.started = False
     queue = vring.queue
@@ -696,14 +836,15 @@ def _set_vring_kick(c: Connection, msg: Message) -> None:
                            "supported")
     vring, fd = _vring_fd(c, msg)
     assert fd is not None
-    if vring.kick_fd is not None:
-        c.loop.unwatch(vring.kick_fd)
-    vring.replace_fd("kick_fd", fd)
     index = vring.queue.index
-    c.loop.watch(fd, lambda: c.on_kick(index))
+    loop = c.kick_loop(index)
+    if vring.kick_fd is not None:
+        loop.unwatch(vring.kick_fd)
+    vring.replace_fd("kick_fd", fd)
+    loop.watch(fd, lambda: c.on_kick(index))
     vring.started = True
     # Buffers may already be waiting (e.g. a restarted back-end): serve them now.
-    c.serve_queue(index)
+    c.serve_soon(index)
 
 
 @REQUEST_TABLE.handles(Request.SET_VRING_CALL)
@@ -730,7 +871,7 @@ def _set_vring_enable(c: Connection, msg: Message) -> None:
     vring = c._vring(msg.payload.index)
     vring.enabled = bool(msg.payload.num)
     if vring.enabled:
-        c.serve_queue(vring.queue.index)
+        c.serve_soon(vring.queue.index)
 
 
 @REQUEST_TABLE.handles(Request.SET_LOG_BASE, needs=ProtocolFeature.LOG_SHMFD)

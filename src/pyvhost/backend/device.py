@@ -75,6 +75,9 @@ class DeviceHost(ABC):
 
     #: Shown in logs and status output (the connection's name).
     name: str
+    #: Where this host's queues come in the lock order (:mod:`.queuelock`): egress ports
+    #: are held in increasing order.
+    order: int = 0
 
     @abstractmethod
     def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
@@ -156,6 +159,18 @@ class VirtioDevice(ABC):
 
     def memory_changed(self, mem: GuestMemory) -> None:  # noqa: B027 - optional hook
         """A new memory table is in force (after SET_MEM_TABLE / ADD / REM_MEM_REG)."""
+
+    def kick_queues(self, index: int) -> tuple[int, ...]:
+        """The queues a kick of queue ``index`` reads or writes (:meth:`handle_kick`):
+        with worker threads (``--workers``) their locks are held for the burst
+        (:mod:`pyvhost.backend.queuelock`). The kicked queue by default."""
+        return (index,)
+
+    def receive_queues(self) -> tuple[int, ...]:
+        """The queues :meth:`DeviceHost.run_device` may write outside a kick (a switch
+        port's receive queues, written by other ports' bursts): their locks are held
+        for such a call. Every queue by default."""
+        return tuple(range(self.num_queues))
 
     @abstractmethod
     def handle_kick(self, ctx: QueueContext, index: int) -> None:

@@ -6,7 +6,9 @@ implementation, a ``selectors`` loop with a self-pipe so that :meth:`SelectorLoo
 works from a signal handler or another thread. Everything runs on the loop's one thread;
 another thread (the metrics server's) asks it for something with
 :meth:`SelectorLoop.call_from_thread`, which runs the function on the loop's thread between
-two turns and waits for its result, so nothing the loop owns is ever read mid-change.
+two turns and waits for its result, so nothing the loop owns is ever read mid-change;
+:meth:`SelectorLoop.call_soon_threadsafe` queues a callback without waiting (a worker
+thread of :mod:`.workers` asking the main loop to close a connection).
 Nothing here reads a vhost-user message or knows what a socket is for: :mod:`.server` does.
 """
 
@@ -63,6 +65,10 @@ class Loop:
         """Run ``callback`` once, ``delay`` seconds from now (on the loop's thread)."""
         raise NotImplementedError
 
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop's thread soon."""
+        raise NotImplementedError
+
 
 class SelectorLoop(Loop):
     """A single-threaded ``selectors`` loop with timers and a wake-up pipe."""
@@ -100,6 +106,16 @@ class SelectorLoop(Loop):
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (timer.when, next(self._timer_seq), timer))
         return timer
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """From any thread: run ``callback`` on the loop's thread, at the end of its next
+        turn (the loop is woken). Does nothing once the loop is closed."""
+        with self._threads_lock:
+            if self._loop_closed:
+                return
+            self._from_threads.append(callback)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
 
     def call_from_thread(self, fn: Callable[[], T], timeout: float) -> T:
         """From another thread: run ``fn`` on the loop's thread (between two turns) and

@@ -47,6 +47,7 @@ from pyvhost.tools.procfs import unix_listening
 from .connection import Connection
 from .device import VirtioDevice
 from .loop import SelectorLoop, Timer
+from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ class Server(SelectorLoop):
         self._count = 0
         #: Busy-poll queues this many microseconds after work (Connection.poll_s).
         self.poll_us = 0
+        #: Worker threads that serve the queues' kicks (:meth:`use_workers`); None: the
+        #: kicks are served on this loop, as everything else.
+        self.workers: WorkerPool | None = None
         #: Connections that ended (the others are in :attr:`connections`).
         self.closed_count = 0
         self._control: set[str] = set()
@@ -187,6 +191,16 @@ class Server(SelectorLoop):
         #: Called with the connection and its ``last_memory_update`` record after every
         #: memory table change.
         self.on_memory_update: list[MemoryUpdateHook] = []
+
+    def use_workers(self, count: int) -> None:
+        """Serve the kicks of every connection made from now on on ``count`` worker
+        threads (started here); 1: on this loop (no thread, no lock)."""
+        if self.workers is not None:
+            raise LocalError("the server already has workers")
+        if count > 1:
+            self.workers = WorkerPool(count)
+            self.workers.start()
+            log.info("serving queues on %d worker threads", count)
 
     @property
     def opened_count(self) -> int:
@@ -280,7 +294,7 @@ class Server(SelectorLoop):
         tests), with a device from ``factory`` (the server's by default). See
         :class:`Connection` for ``owner_implied``."""
         conn = Connection(sock, (factory or self.factory)(), self, name,
-                          owner_implied=owner_implied)
+                          owner_implied=owner_implied, workers=self.workers)
         conn.poll_s = self.poll_us / 1e6
         conn.memory_observer = self._memory_updated
         fileno = sock.fileno()
@@ -375,6 +389,9 @@ class Server(SelectorLoop):
         if self._closed:
             return
         self._closed = True
+        if self.workers is not None:
+            # No burst runs after this: the connections close with no worker in them.
+            self.workers.stop()
         for client in self.clients.values():
             client._stop()
         self._timers.clear()
@@ -387,6 +404,8 @@ class Server(SelectorLoop):
                 os.unlink(path)
         self.listeners.clear()
         self.close_loop()
+        if self.workers is not None:
+            self.workers.close()
 
     def describe(self) -> dict[str, object]:
         state: dict[str, object] = {
@@ -394,7 +413,8 @@ class Server(SelectorLoop):
             "listening": sorted(p for p in self.listeners if p not in self._control),
             "clients": [c.describe() for c in self.clients.values()],
             "connections": [c.describe() for c in self.connections],
-            "connections_opened": self._count, "connections_closed": self.closed_count}
+            "connections_opened": self._count, "connections_closed": self.closed_count,
+            "workers": self.workers.describe() if self.workers is not None else []}
         for key, describe in self.describers.items():
             state[key] = describe()
         return state

@@ -126,12 +126,19 @@ def _metrics_address(ctx: click.Context, param: click.Parameter,
                    "50 us did not change the switch's rate relative to DPDK's beyond "
                    "the noise (BENCHMARKS.md), and a polling back-end takes CPU its "
                    "front-ends need; try it where the back-end has a core of its own.")
+@click.option("--workers", metavar="N", type=click.IntRange(1, 64), default=1,
+              show_default=True, envvar="PYVHOST_WORKERS",
+              help="Serve the queues' kicks on N worker threads (each queue pair of each "
+                   "connection on one of them, spread evenly; the compiled bursts release "
+                   "the GIL); control messages, taps and the control socket stay on the "
+                   "main loop. 1: everything on one thread, no locks. See BENCHMARKS.md "
+                   "for 1 and 2 on a 2-core machine.")
 @verbosity
 def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
         control: str | None, stats: bool, mem_slots: bool = True,
         queue_pairs: int = 1, metrics_at: tuple[str, int] | None = None,
-        poll_us: int = 0) -> None:
+        poll_us: int = 0, workers: int = 1) -> None:
     """Serve virtio-net ports on vhost-user sockets (listening, or connecting with
     --client) and taps: an L2 learning switch between all of them, until SIGTERM or
     Ctrl-C.
@@ -198,6 +205,7 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     accepted = itertools.count()
     server = Server(lambda: make_device(next(accepted)))
     server.poll_us = poll_us
+    server.use_workers(workers)
     if reflect:
         server.on_disconnect.append(totals.fold)
     else:
@@ -251,6 +259,8 @@ def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
     finally:
         if metrics is not None:
             metrics.close()
+        if server.workers is not None:
+            server.workers.stop()  # no burst writes into a tap closed here
         for tap in tap_ports:
             tap.close()
         server.close()

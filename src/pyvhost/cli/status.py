@@ -155,6 +155,14 @@ def print_status(state: dict[str, Any], out: Console) -> None:
         _print_switch(switch, out)
 
 
+def _worker(queue: dict[str, Any]) -> str:
+    """The thread that serves a queue's kicks: a worker (``--workers`` > 1) or the main
+    loop; ``-`` from a back-end that does not say."""
+    if "worker" not in queue:
+        return "-"
+    return "main loop" if queue["worker"] is None else _cell(queue["worker"])
+
+
 def _logging(conn: dict[str, Any]) -> str:
     """Whether the front-end has dirty logging on (VHOST_F_LOG_ALL acked: the VM is being
     live-migrated) and whether the back-end holds its log (SET_LOG_BASE)."""
@@ -197,9 +205,11 @@ def _print_connection(conn: dict[str, Any], out: Console) -> None:
     if queues:
         out.print(_table(
             f"{name}: queues",
-            ("queue", "size", "started", "enabled", "last avail idx", "used idx", "broken"),
-            ([_cell(q.get(k)) for k in ("index", "size", "started", "enabled",
-                                        "last_avail_idx", "used_idx", "broken")]
+            ("queue", "size", "started", "enabled", "last avail idx", "used idx", "broken",
+             "worker"),
+            ([*(_cell(q.get(k)) for k in ("index", "size", "started", "enabled",
+                                          "last_avail_idx", "used_idx", "broken")),
+              _worker(q)]
              for q in queues),
             right=("queue", "size", "last avail idx", "used idx")))
     counters = conn.get("counters")

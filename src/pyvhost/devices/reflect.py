@@ -104,6 +104,13 @@ class ReflectNet(VirtioDevice):
     def attach(self, host: DeviceHost) -> None:
         self._host = weakref.ref(host)
 
+    def kick_queues(self, index: int) -> tuple[int, ...]:
+        # A kick of either queue runs the burst, which takes from TX and writes into RX.
+        return (TX, RX)
+
+    def receive_queues(self) -> tuple[int, ...]:
+        return (RX,)
+
     def reset(self) -> None:
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False

@@ -53,6 +53,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+import threading
 from collections.abc import Callable
 
 from pyvhost.errors import PeerError
@@ -99,7 +100,7 @@ class DirtyLog:
     """One mapped dirty log: ``mm[base : base + size]`` is the bitmap, bit ``p`` of it
     (byte ``p // 8``, bit ``p % 8``) for guest page ``p`` (GPA ``p * 4096``)."""
 
-    __slots__ = ("_address", "_warned", "base", "closed", "marks", "mm", "offset",
+    __slots__ = ("_address", "_lock", "_warned", "base", "closed", "marks", "mm", "offset",
                  "overflows", "shrink_sealed", "size")
 
     def __init__(self, mm: mmap.mmap, base: int, size: int, offset: int,
@@ -123,6 +124,10 @@ class DirtyLog:
         self.marks = 0
         self.overflows = 0
         self._warned = False
+        #: Guards the counts and the read-modify-write fallback: bursts of one connection
+        #: may run on several worker threads (``pyvhost net --workers``), and ``+=`` on an
+        #: attribute is not atomic between threads, even under the GIL.
+        self._lock = threading.Lock()
 
     @classmethod
     def map(cls, desc: LogDescription, fd: int) -> DirtyLog:
@@ -164,7 +169,8 @@ class DirtyLog:
         written, whatever they say."""
         if length <= 0 or gpa < 0 or self.closed:
             return
-        self.marks += 1
+        with self._lock:
+            self.marks += 1
         page = gpa >> _PAGE_SHIFT
         last = (gpa + length - 1) >> _PAGE_SHIFT
         if last >> 3 >= self.size:
@@ -182,28 +188,34 @@ class DirtyLog:
                 fetch_or(address + byte, bits, _RELEASE)
             else:
                 at = self.base + byte
-                old = self.mm[at]
-                if old & bits != bits:
-                    self.mm[at] = old | bits
+                with self._lock:      # our own threads at least never lose a bit
+                    old = self.mm[at]
+                    if old & bits != bits:
+                        self.mm[at] = old | bits
             page = end + 1
 
     def record(self, marks: int, overflows: int) -> None:
         """Count what the compiled data path marked itself, at :attr:`address` (its
         ``log_mark`` counts as :meth:`mark` does), after its burst."""
-        self.marks += marks
-        if overflows:
+        with self._lock:
+            self.marks += marks
+            if not overflows:
+                return
             self.overflows += overflows
-            if not self._warned:
-                self._warned = True
-                log.warning("dirty log of %#x bytes covers guest-physical memory up to "
-                            "%#x; %d writes of the compiled data path lie past it and are "
-                            "not logged (further ones are counted)", self.size, self.covers,
-                            overflows)
+            warn = not self._warned
+            self._warned = True
+        if warn:
+            log.warning("dirty log of %#x bytes covers guest-physical memory up to %#x; "
+                        "%d writes of the compiled data path lie past it and are not "
+                        "logged (further ones are counted)", self.size, self.covers,
+                        overflows)
 
     def _overflow(self, gpa: int, length: int) -> None:
-        self.overflows += 1
-        if not self._warned:
+        with self._lock:
+            self.overflows += 1
+            warn = not self._warned
             self._warned = True
+        if warn:
             log.warning("dirty log of %#x bytes covers guest-physical memory up to %#x; "
                         "a write at %#x+%#x lies past it and is not logged (further ones "
                         "are counted)", self.size, self.covers, gpa, length)

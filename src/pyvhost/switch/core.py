@@ -16,7 +16,12 @@ over (at least a header and an Ethernet header; see :data:`MIN_FRAME`), so the s
 reads addresses without checks.
 
 This module owns no fd and knows nothing of vhost-user or taps: the ports do
-(:mod:`.vhost`, :mod:`.tap`). Everything runs on the server's one thread.
+(:mod:`.vhost`, :mod:`.tap`). Ports' bursts may run on several threads (``pyvhost net
+--workers``): :attr:`Switch.lock` guards the MAC table and the port list, and a port's
+counters have a lock of their own for the drop dictionaries (the frame and byte counts
+are added under the switch's lock on the way in, under the egress port's receive queue
+locks on the way out). Both are leaves of the lock order (:mod:`pyvhost.backend.queuelock`):
+no other lock is taken, and no frame is delivered, while one is held.
 
 A vhost-user port's frames normally do not come here as bytes: its forward step
 (:mod:`.forward`, compiled where built) copies them from guest to guest and consults and
@@ -26,6 +31,7 @@ tap among the egress ports) come through :meth:`Switch.receive` / :meth:`Switch.
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -52,9 +58,11 @@ class PortCounters:
     in (malformed, too_big, bad_descriptor), ``tx_drops`` for frames the port could not
     take (no_rx_buffer, too_big, port_down, error, malformed)."""
 
-    __slots__ = ("rx_bytes", "rx_drops", "rx_frames", "tx_bytes", "tx_drops", "tx_frames")
+    __slots__ = ("_lock", "rx_bytes", "rx_drops", "rx_frames", "tx_bytes", "tx_drops",
+                 "tx_frames")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self.rx_frames = 0
         self.rx_bytes = 0
         self.tx_frames = 0
@@ -63,15 +71,18 @@ class PortCounters:
         self.tx_drops: dict[str, int] = {}
 
     def drop_rx(self, reason: str, n: int = 1) -> None:
-        self.rx_drops[reason] = self.rx_drops.get(reason, 0) + n
+        with self._lock:
+            self.rx_drops[reason] = self.rx_drops.get(reason, 0) + n
 
     def drop_tx(self, reason: str, n: int = 1) -> None:
-        self.tx_drops[reason] = self.tx_drops.get(reason, 0) + n
+        with self._lock:
+            self.tx_drops[reason] = self.tx_drops.get(reason, 0) + n
 
     def as_dict(self) -> dict[str, object]:
-        return {"rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
-                "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
-                "rx_drops": dict(self.rx_drops), "tx_drops": dict(self.tx_drops)}
+        with self._lock:
+            return {"rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
+                    "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
+                    "rx_drops": dict(self.rx_drops), "tx_drops": dict(self.tx_drops)}
 
 
 class Port(ABC):
@@ -105,24 +116,32 @@ class Switch:
         self.ports: list[Port] = []
         self.departed: list[dict[str, object]] = []
         self._next_sweep = clock() + SWEEP_EVERY
+        #: Guards :attr:`table`, :attr:`ports` and :attr:`departed` (bursts of several
+        #: worker threads): a leaf lock, held for table operations only.
+        self.lock = threading.Lock()
 
     # -- membership ----------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
-        if port not in self.ports:
-            self.ports.append(port)
+        with self.lock:
+            if port not in self.ports:
+                self.ports.append(port)
 
     def remove_port(self, port: Port) -> None:
         """The port left: forget the addresses learned on it; keep its final counters."""
-        if port not in self.ports:
-            return
-        self.ports.remove(port)
-        self.table.flush(port)
-        self.departed.append(port.describe())
-        del self.departed[:-DEPARTED_KEPT]
+        with self.lock:
+            if port not in self.ports:
+                return
+            self.ports.remove(port)
+            self.table.flush(port)
+        described = port.describe()
+        with self.lock:
+            self.departed.append(described)
+            del self.departed[:-DEPARTED_KEPT]
 
     # -- forwarding ----------------------------------------------------------------------
     def tick(self) -> float:
-        """The switch's clock now; sweeps aged MAC entries out once per SWEEP_EVERY."""
+        """The switch's clock now; sweeps aged MAC entries out once per SWEEP_EVERY.
+        Called with :attr:`lock` held."""
         now = self.clock()
         if now >= self._next_sweep:
             self.table.expire(now)
@@ -133,15 +152,24 @@ class Switch:
         """Forward frames that ``ingress`` received (each at least :data:`MIN_FRAME` long)."""
         if not frames:
             return
-        now = self.tick()
-        c = ingress.counters
-        c.rx_frames += len(frames)
-        c.rx_bytes += sum(map(len, frames)) - NET_HDR * len(frames)
+        with self.lock:
+            now = self.tick()
+            c = ingress.counters
+            c.rx_frames += len(frames)
+            c.rx_bytes += sum(map(len, frames)) - NET_HDR * len(frames)
         self.forward(ingress, frames, now)
 
     def forward(self, ingress: Port, frames: Sequence[bytes | bytearray], now: float) -> None:
         """Learn, decide and deliver ``frames`` already counted as received on
         ``ingress`` (:meth:`receive`; the compiled forward step counts its own)."""
+        with self.lock:
+            out = self._decide(ingress, frames, now)
+        for port, batch in out.items():
+            port.deliver(batch)
+
+    def _decide(self, ingress: Port, frames: Sequence[bytes | bytearray],
+                now: float) -> dict[Port, list[bytes | bytearray]]:
+        """Learn and look up (with :attr:`lock` held): the frames each port gets."""
         table = self.table
         c = ingress.counters
         out: dict[Port, list[bytes | bytearray]] = {}
@@ -170,8 +198,7 @@ class Switch:
                     out[port] = [frame]
                 else:
                     batch.append(frame)
-        for port, batch in out.items():
-            port.deliver(batch)
+        return out
 
     def others(self, ingress: Port) -> list[Port]:
         """Where a flooded frame from ``ingress`` goes: every other port."""
@@ -180,10 +207,14 @@ class Switch:
     # -- status --------------------------------------------------------------------------
     def describe(self) -> dict[str, object]:
         now = self.clock()
+        with self.lock:
+            entries = list(self.table.entries(now))
+            ports = list(self.ports)
+            departed = list(self.departed)
         return {
             "mac_aging": self.table.aging,
             "mac_table": [{"mac": mac.hex(":"), "port": port.name, "age": round(age, 3)}
-                          for mac, port, age in self.table.entries(now)],
-            "ports": [p.describe() for p in self.ports],
-            "departed": list(self.departed),
+                          for mac, port, age in entries],
+            "ports": [p.describe() for p in ports],
+            "departed": departed,
         }

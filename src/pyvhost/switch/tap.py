@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 
 from pyvhost.backend.loop import Loop
@@ -74,6 +75,9 @@ class TapPort(Port):
         self.switch = switch
         self.loop = loop
         self.fd = -1
+        #: Serialises writes into the tap and its closing: with worker threads several
+        #: ports' bursts deliver here at once (a leaf lock: nothing is taken under it).
+        self._write_lock = threading.Lock()
 
     def open(self) -> TapPort:
         """Create the tap, bring it up, join the switch and start reading."""
@@ -100,8 +104,9 @@ class TapPort(Port):
         if self.fd < 0:
             return
         self.loop.unwatch(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        with self._write_lock:  # no write is under way into the fd closed here
+            os.close(self.fd)
+            self.fd = -1
         self.switch.remove_port(self)
 
     # -- from the tap into the switch ------------------------------------------------------
@@ -134,6 +139,13 @@ class TapPort(Port):
 
     # -- from the switch out of the tap ----------------------------------------------------
     def deliver(self, frames: Sequence[bytes | bytearray]) -> None:
+        with self._write_lock:
+            if self.fd < 0:
+                self.counters.drop_tx("port_down", len(frames))
+                return
+            self._deliver(frames)
+
+    def _deliver(self, frames: Sequence[bytes | bytearray]) -> None:
         counters = self.counters
         sent = nbytes = 0
         for frame in frames:

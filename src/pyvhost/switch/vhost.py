@@ -177,6 +177,10 @@ class SwitchPort(VirtioDevice):
         self.port.name = host.name
         self._join()
 
+    def receive_queues(self) -> tuple[int, ...]:
+        # Other ports' bursts write frames into the receive queues (run_device).
+        return tuple(range(0, self.num_queues, 2))
+
     def features_acked(self, features: int) -> None:
         self.mrg_rxbuf = bool(features & VIRTIO_NET_F_MRG_RXBUF)
         self.hdr_len = HDR_V1 if features & (int(VirtioFeature.VERSION_1)
@@ -279,44 +283,10 @@ class SwitchPort(VirtioDevice):
             _account(ctx, index, frames)
             switch.receive(self.port, frames)
             return
-        now = switch.tick()
-        table = switch.table
         srcs, dsts, src_at = fwd.macs()
-        # Look up before learning: within a burst learning only points MACs at this port,
-        # which same_at accounts for frame by frame (see forward's docstring).
-        before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
-        for src in srcs:
-            table.learn(src, self.port, now)
-        counters.rx_frames += m
-        counters.rx_bytes += st["bytes"]
         ctx.account(index, m, st["bytes"])
-        ports: list[Port] = []
-        slots: dict[Port, int] = {}
-        targets: list[int] = []
-        same_at: list[int] = []
-        others: list[Port] | None = None
-        for j, dst in enumerate(dsts):
-            owner = before[j]
-            at = src_at[j] if table.owner(dst) is self.port else forward.NEVER
-            if owner is self.port:
-                targets.append(0)
-                same_at.append(0)
-                continue
-            if owner is None:
-                if others is None:
-                    others = switch.others(self.port)
-                to = others
-            else:
-                to = [owner]
-            mask = 0
-            for p in to:
-                slot = slots.get(p)
-                if slot is None:
-                    slot = slots[p] = len(ports)
-                    ports.append(p)
-                mask |= 1 << slot
-            targets.append(mask)
-            same_at.append(at)
+        with switch.lock:  # the table is shared by every port's bursts (--workers)
+            now, ports, targets, same_at = self._route(srcs, dsts, src_at, m, st["bytes"])
         failed: list[tuple[SwitchPort, BaseException]] = []
 
         def run(held: list[QueueContext | None]) -> None:
@@ -373,6 +343,50 @@ class SwitchPort(VirtioDevice):
                 dev.host.run_device(RX, functools.partial(_raise, err))
         if fwd.in_fault is not None:
             raise fwd.in_fault
+
+    def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
+               nbytes: int) -> tuple[float, list[Port], list[int], list[int]]:
+        """The burst's decisions, with the switch's lock held: the clock, the egress
+        ports, each destination's route over them (a bit mask) and ``same_at``."""
+        switch = self.switch
+        counters = self.port.counters
+        now = switch.tick()
+        table = switch.table
+        # Look up before learning: within a burst learning only points MACs at this port,
+        # which same_at accounts for frame by frame (see forward's docstring).
+        before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
+        for src in srcs:
+            table.learn(src, self.port, now)
+        counters.rx_frames += m
+        counters.rx_bytes += nbytes
+        ports: list[Port] = []
+        slots: dict[Port, int] = {}
+        targets: list[int] = []
+        same_at: list[int] = []
+        others: list[Port] | None = None
+        for j, dst in enumerate(dsts):
+            owner = before[j]
+            at = src_at[j] if table.owner(dst) is self.port else forward.NEVER
+            if owner is self.port:
+                targets.append(0)
+                same_at.append(0)
+                continue
+            if owner is None:
+                if others is None:
+                    others = switch.others(self.port)
+                to = others
+            else:
+                to = [owner]
+            mask = 0
+            for p in to:
+                slot = slots.get(p)
+                if slot is None:
+                    slot = slots[p] = len(ports)
+                    ports.append(p)
+                mask |= 1 << slot
+            targets.append(mask)
+            same_at.append(at)
+        return now, ports, targets, same_at
 
     def _count_out(self, ctx: QueueContext, out: forward.Out, st: list[int],
                    per_queue: list[list[int]]) -> None:
@@ -581,24 +595,41 @@ def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]
 
 def _hold_each(ports: list[Port], i: int, held: list[QueueContext | None],
                fn: Callable[[list[QueueContext | None]], None]) -> None:
-    """Call ``fn`` with every vhost-user port's context (its memory held, through its
-    connection's run_device), None for the others and for connections gone."""
-    if i == len(ports):
-        fn(held)
-        return
-    port = ports[i]
-    if isinstance(port, VhostPort) and port.device.host is not None:
-        called = False
+    """Call ``fn`` with every vhost-user port's context (its memory held and, with worker
+    threads, its receive queues locked, through its connection's run_device), None for
+    the others and for connections gone. The ports are held in the lock order (their
+    hosts' ``order``: :mod:`pyvhost.backend.queuelock`); ``fn`` gets them in the order of
+    ``ports``."""
+    order = sorted(range(len(ports)), key=lambda k: _lock_order(ports[k]))
+    slots: list[QueueContext | None] = [None] * len(ports)
 
-        def inner(ctx: QueueContext) -> None:
-            nonlocal called
-            called = True
-            _hold_each(ports, i + 1, [*held, ctx], fn)
-
-        port.device.host.run_device(RX, inner)
-        if called:
+    def step(n: int) -> None:
+        if n == len(order):
+            fn(slots)
             return
-    _hold_each(ports, i + 1, [*held, None], fn)
+        k = order[n]
+        port = ports[k]
+        if isinstance(port, VhostPort) and port.device.host is not None:
+            called = False
+
+            def inner(ctx: QueueContext) -> None:
+                nonlocal called
+                called = True
+                slots[k] = ctx
+                step(n + 1)
+
+            port.device.host.run_device(RX, inner)
+            if called:
+                return
+        slots[k] = None
+        step(n + 1)
+
+    step(0)
+
+
+def _lock_order(port: Port) -> int:
+    host = port.device.host if isinstance(port, VhostPort) else None
+    return -1 if host is None else host.order
 
 
 def _raise(error: BaseException, ctx: QueueContext) -> None:
