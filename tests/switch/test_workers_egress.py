@@ -22,7 +22,7 @@ from pyvhost.backend.device import QueueContext
 from pyvhost.protocol import messages as m
 from pyvhost.protocol.constants import Request
 from pyvhost.switch import SwitchPort
-from pyvhost.virtq import SplitQueue
+from pyvhost.switch.forward import Out
 from support.ring import Buffer
 
 from .conftest import Guest, Switched
@@ -39,15 +39,16 @@ class GatedPort(SwitchPort):
         self.finished = False
         self.armed = True
 
-    def _count_out(self, ctx: QueueContext, rx: SplitQueue, st: list[int]) -> None:
+    def _count_out(self, ctx: QueueContext, out: Out, st: list[int],
+                   per_queue: list[list[int]]) -> None:
         if self.armed:
             self.armed = False
             self.entered.set()
             assert self.release.wait(TIMEOUT)
-            super()._count_out(ctx, rx, st)
+            super()._count_out(ctx, out, st, per_queue)
             self.finished = True
             return
-        super()._count_out(ctx, rx, st)
+        super()._count_out(ctx, out, st, per_queue)
 
 
 class GatedSwitch(Switched):
