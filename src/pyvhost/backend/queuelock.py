@@ -83,26 +83,40 @@ def hold(locks: Iterable[QueueLock]) -> Iterator[bool]:
     what this call took is released and it yields False (the caller must not touch the
     queues). Released on exit, newest first.
     """
+    taken = take(locks)
+    try:
+        yield taken is not None
+    finally:
+        if taken:
+            release(taken)
+
+
+def take(locks: Iterable[QueueLock]) -> list[QueueLock] | None:
+    """:func:`hold` without a ``with``: take ``locks`` by the same rules and return what
+    was taken, to be given to :func:`release` (newest released first); or None, holding
+    nothing, if a lock out of order was busy."""
     mine = _held.locks
     top = max((lock.rank for lock in mine), default=None)
     todo = sorted({lock for lock in locks if lock not in mine}, key=_rank)
     taken: list[QueueLock] = []
-    ok = True
     try:
         for lock in todo:
             # In order: wait. Out of order: only try, never wait (a thread holding it may
             # wait for one of ours).
             if not lock._lock.acquire(top is None or lock.rank > top):
-                ok = False
-                break
+                _release(taken)
+                return None
             taken.append(lock)
             mine.append(lock)
-        if not ok:
-            _release(taken)
-            taken = []
-        yield ok
-    finally:
+    except BaseException:
         _release(taken)
+        raise
+    return taken
+
+
+def release(taken: list[QueueLock]) -> None:
+    """Release what :func:`take` took, newest first."""
+    _release(taken)
 
 
 def _release(taken: list[QueueLock]) -> None:

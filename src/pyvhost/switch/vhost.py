@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from pyvhost import datapath
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
@@ -288,9 +288,10 @@ class SwitchPort(VirtioDevice):
         with switch.lock:  # the table is shared by every port's bursts (--workers)
             now, ports, targets, same_at = self._route(srcs, dsts, src_at, m, st["bytes"])
         failed: list[tuple[SwitchPort, BaseException]] = []
-
-        def run(held: list[QueueContext | None]) -> None:
-            # Every egress port's memory is held here: its Out, or None (Python path).
+        # Every egress port's memory is held for the burst (and, with workers, its receive
+        # queues locked): its Out, or None (Python path).
+        hosts, held, order = _enter_each(ports)
+        try:
             outs: list[forward.Out] = []
             out_of: list[int] = []            # slot -> index in outs, or -1
             out_dev: list[tuple[SwitchPort, QueueContext]] = []
@@ -326,7 +327,7 @@ class SwitchPort(VirtioDevice):
                 if st["same_port"]:
                     counters.drop_rx("same_port", st["same_port"])
                 if fwd.in_fault is not None or k >= m:
-                    return
+                    break
                 if faulted:
                     continue  # nothing of that push was kept: the same frames again
                 # Frame k goes where the forward step can not: the Python path.
@@ -335,8 +336,8 @@ class SwitchPort(VirtioDevice):
                     data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
                 switch.forward(self.port, [data], now)
                 k += 1
-
-        _hold_each(ports, 0, [], run)
+        finally:
+            _leave_each(hosts, held, order)
         for dev, err in failed:
             # Each egress port's error is its own connection's: broken queue or closed.
             if dev.host is not None:
@@ -593,38 +594,39 @@ def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]
     return masks, slow
 
 
-def _hold_each(ports: list[Port], i: int, held: list[QueueContext | None],
-               fn: Callable[[list[QueueContext | None]], None]) -> None:
-    """Call ``fn`` with every vhost-user port's context (its memory held and, with worker
-    threads, its receive queues locked, through its connection's run_device), None for
-    the others and for connections gone. The ports are held in the lock order (their
-    hosts' ``order``: :mod:`pyvhost.backend.queuelock`); ``fn`` gets them in the order of
-    ``ports``."""
-    order = sorted(range(len(ports)), key=lambda k: _lock_order(ports[k]))
-    slots: list[QueueContext | None] = [None] * len(ports)
+def _enter_each(ports: list[Port]) -> tuple[list[DeviceHost | None],
+                                            list[QueueContext | None], list[int]]:
+    """Every vhost-user port's context, its memory held and, with worker threads, its
+    receive queues locked (:meth:`DeviceHost.enter_device`), None for the others and for
+    connections gone, in the order of ``ports``; with their hosts and the order they were
+    taken in: the lock order (their hosts' ``order``: :mod:`pyvhost.backend.queuelock`).
+    :func:`_leave_each` gives them back, newest first."""
+    n = len(ports)
+    hosts: list[DeviceHost | None] = [None] * n
+    held: list[QueueContext | None] = [None] * n
+    order = sorted(range(n), key=lambda k: _lock_order(ports[k])) if n > 1 else [0] * n
+    try:
+        for k in order:
+            port = ports[k]
+            if isinstance(port, VhostPort):
+                host = port.device.host
+                if host is not None:
+                    held[k] = host.enter_device()
+                    hosts[k] = host
+    except BaseException:
+        _leave_each(hosts, held, order)
+        raise
+    return hosts, held, order
 
-    def step(n: int) -> None:
-        if n == len(order):
-            fn(slots)
-            return
-        k = order[n]
-        port = ports[k]
-        if isinstance(port, VhostPort) and port.device.host is not None:
-            called = False
 
-            def inner(ctx: QueueContext) -> None:
-                nonlocal called
-                called = True
-                slots[k] = ctx
-                step(n + 1)
-
-            port.device.host.run_device(RX, inner)
-            if called:
-                return
-        slots[k] = None
-        step(n + 1)
-
-    step(0)
+def _leave_each(hosts: list[DeviceHost | None], held: list[QueueContext | None],
+                order: list[int]) -> None:
+    """Give back what :func:`_enter_each` took, newest first."""
+    for k in reversed(order):
+        ctx, host = held[k], hosts[k]
+        if ctx is not None and host is not None:
+            held[k] = None
+            host.leave_device(ctx)
 
 
 def _lock_order(port: Port) -> int:
