@@ -88,6 +88,8 @@ MAX_QUEUE_PAIRS = 64
 DEFAULT_MTU = 1500
 ETH_OVERHEAD = 18
 _ZERO_FIELDS = bytes(8)  # virtio_net_hdr hdr_len .. csum_offset
+#: The oldest sighting of no destination: routes that found none never age.
+_NEVER_SEEN = float("inf")
 #: Chains taken from the transmit ring per burst (the forward step's Python work is per
 #: burst: profiled, a burst of 64 spent more time in Python than in the copies), and per
 #: turn of the loop: a busy port yields after TX_BUDGET frames so that the others (and
@@ -152,6 +154,11 @@ class SwitchPort(VirtioDevice):
         self._engine = forward.engine()
         self._forwarders: dict[int, forward.ForwardStep] = {}
         self._reference: dict[int, forward.ForwardStep] = {}
+        #: The last burst's routes, while they hold (see :meth:`_route`): the table's
+        #: and the port set's versions, the destinations, src_at, the oldest sighting of
+        #: a destination found, then ports, targets, same_at and the lookups.
+        self._routes: tuple[int, int, list[bytes], list[int], float, list[Port], list[int],
+                            list[int], list[Port | None]] | None = None
 
     # -- VirtioDevice --------------------------------------------------------------------
     def device_features(self) -> int:
@@ -348,18 +355,42 @@ class SwitchPort(VirtioDevice):
     def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
                nbytes: int) -> tuple[float, list[Port], list[int], list[int]]:
         """The burst's decisions, with the switch's lock held: the clock, the egress
-        ports, each destination's route over them (a bit mask) and ``same_at``."""
+        ports, each destination's route over them (a bit mask) and ``same_at`` (lists
+        the caller must not change: they may be the cached ones).
+
+        Cached (:attr:`_routes`) while the MAC table maps every address to the same port
+        (:attr:`MacTable.version <.table.MacTable.version>`), the switch has the same
+        ports, the burst has the same destinations and ``src_at``, and no destination
+        the lookups found can have aged out: the lookups, the learning and so the routes
+        are then what they were. Learning still runs for every burst (it refreshes the
+        entries' ages). This relies on a clock that never goes back, as
+        :meth:`MacTable.expire <.table.MacTable.expire>` does: an entry's last sighting
+        then only moves forward, so one not aged by the oldest sighting the cache saw
+        is not aged now."""
         switch = self.switch
         counters = self.port.counters
         now = switch.tick()
         table = switch.table
-        # Look up before learning: within a burst learning only points MACs at this port,
-        # which same_at accounts for frame by frame (see forward's docstring).
-        before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
-        for src in srcs:
-            table.learn(src, self.port, now)
-        counters.rx_frames += m
-        counters.rx_bytes += nbytes
+        version = table.version
+        port = self.port
+        cached = self._routes
+        if cached is not None and cached[0] == version and cached[1] == switch.ports_version \
+                and cached[2] == dsts and cached[3] == src_at and now - cached[4] <= table.aging:
+            for src in srcs:
+                table.learn(src, port, now)
+            counters.rx_frames += m
+            counters.rx_bytes += nbytes
+            if table.version == version:
+                return now, cached[5], cached[6], cached[7]
+            before = cached[8]   # the table was the cached one until this learning
+        else:
+            # Look up before learning: within a burst learning only points MACs at this
+            # port, which same_at accounts for frame by frame (see forward's docstring).
+            before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
+            for src in srcs:
+                table.learn(src, port, now)
+            counters.rx_frames += m
+            counters.rx_bytes += nbytes
         ports: list[Port] = []
         slots: dict[Port, int] = {}
         targets: list[int] = []
@@ -367,14 +398,14 @@ class SwitchPort(VirtioDevice):
         others: list[Port] | None = None
         for j, dst in enumerate(dsts):
             owner = before[j]
-            at = src_at[j] if table.owner(dst) is self.port else forward.NEVER
-            if owner is self.port:
+            at = src_at[j] if table.owner(dst) is port else forward.NEVER
+            if owner is port:
                 targets.append(0)
                 same_at.append(0)
                 continue
             if owner is None:
                 if others is None:
-                    others = switch.others(self.port)
+                    others = switch.others(port)
                 to = others
             else:
                 to = [owner]
@@ -387,6 +418,15 @@ class SwitchPort(VirtioDevice):
                 mask |= 1 << slot
             targets.append(mask)
             same_at.append(at)
+        if table.version == version:
+            # Nothing moved since the lookups: cache the routes, with the oldest sighting
+            # of a destination found (an entry older than the aging time is not found).
+            oldest = min((seen for j, d in enumerate(dsts) if before[j] is not None
+                          and (seen := table.seen(d)) is not None), default=_NEVER_SEEN)
+            self._routes = (version, switch.ports_version, list(dsts), list(src_at),
+                            oldest, ports, targets, same_at, before)
+        else:
+            self._routes = None
         return now, ports, targets, same_at
 
     def _count_out(self, ctx: QueueContext, out: forward.Out, st: list[int],
