@@ -11,7 +11,9 @@ messages and other workers serve other queues. Every vring of a connection then 
   from before it reads the kick eventfd until it has published and notified;
 - another connection's burst that writes frames into this connection (the switch's
   egress): every queue of the device's ``receive_queues``, for as long as it holds this
-  connection's memory (:meth:`~.connection.Connection.run_device`);
+  connection's memory (:meth:`~.connection.Connection.run_device`, or
+  :meth:`~.connection.Connection.enter_device` to :meth:`~.connection.Connection.leave_device`
+  for the switch's egress ports, once per burst);
 - a control handler that changes a vring, the memory table or the dirty log (and
   ``close``): every queue of the connection. So GET_VRING_BASE answers once the ring's
   burst is finished, and SET_VRING_*, SET_MEM_TABLE, ADD/REM_MEM_REG, SET_LOG_BASE,

@@ -2,8 +2,10 @@
 
 On a kick of its transmit queue the device runs its forward step (:mod:`.forward`,
 compiled where the extension is built) one burst at a time: the step takes the chains,
-the device consults and updates the switch's MAC table once for the burst, holds every
-egress port's memory through its connection (:meth:`DeviceHost.run_device`), and the step
+the device consults and updates the switch's MAC table once for the burst (routes are
+cached while the table and the ports do not change: :meth:`SwitchPort._route`), holds
+every egress port's memory through its connection for the burst (the host's
+``enter_device``: :meth:`~pyvhost.backend.device.DeviceHost.enter_device`), and the step
 copies each frame from this guest's buffers straight into the egress ports' receive
 chains, then returns the transmitted chains. A guest error breaks the queue of the port
 whose guest made it, a guest-memory fault (a region's file shrank) closes that port's
