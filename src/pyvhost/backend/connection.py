@@ -147,6 +147,8 @@ class Connection(DeviceHost):
         self.workers = workers
         self.threaded = workers is not None
         receive = set(device.receive_queues())
+        #: The queues :meth:`enter_device` serves (the device's receive queues).
+        self._receive = tuple(sorted(i for i in receive if 0 <= i < device.num_queues))
         self.locks = [QueueLock((1 if i in receive else 0, self.order, i))
                       for i in range(device.num_queues)]
         #: The worker of each queue pair (index // 2), given at its first kick fd.
@@ -497,13 +499,54 @@ class Connection(DeviceHost):
             if ok:
                 self._run(index, fn, queues)
 
+    def enter_device(self) -> QueueContext | None:
+        """What :meth:`run_device` gives ``fn``, for a caller that holds several
+        connections at once (the switch's egress ports, once per burst): a context of
+        the device's ready receive queues, the memory held and, with workers, their locks
+        taken (after the caller's own, in the lock order); None where ``run_device``
+        would not call ``fn``. The caller must give it back with :meth:`leave_device`
+        on every path, and handle what goes wrong meanwhile itself (a guest error of
+        this connection's: through ``run_device``, as the switch does)."""
+        taken = None
+        if self.threaded:
+            n = len(self.locks)
+            taken = queuelock.take(self.locks[i] for i in self._receive if i < n)
+            if taken is None:
+                return None
+        if self.phase is Phase.CLOSED or self._doomed is not None:
+            if taken:
+                queuelock.release(taken)
+            return None
+        try:
+            mem = self.memory.acquire()
+        except BaseException:
+            if taken:
+                queuelock.release(taken)
+            raise
+        vrings = self.vrings
+        ready = {i: vrings[i].queue for i in self._receive if vrings[i].ready}
+        ctx = QueueContext(mem, ready, self._notify, self.queue_counters)
+        ctx.locks = taken
+        return ctx
+
+    def leave_device(self, ctx: QueueContext) -> None:
+        """Release what :meth:`enter_device` took: the memory, then the locks."""
+        try:
+            ctx.mem.release()
+        finally:
+            if ctx.locks:
+                queuelock.release(ctx.locks)
+                ctx.locks = None
+
     def _run(self, index: int, fn: Callable[[QueueContext], None],
              queues: Iterable[int] | None = None) -> None:
         """``fn`` with a context of the ready queues (with workers: of ``queues``, whose
         locks the caller holds), the memory held, guest errors handled."""
         if self.phase is Phase.CLOSED or self._doomed is not None:
             return
-        with self.memory.hold() as mem:
+        # The snapshot is held for the call (MemoryManager.hold, without a generator).
+        mem = self.memory.acquire()
+        try:
             if queues is None:
                 ready = {v.queue.index: v.queue for v in self.vrings if v.ready}
             else:
@@ -527,6 +570,8 @@ class Connection(DeviceHost):
             except Exception as e:  # a device bug breaks this queue, not the process
                 log.exception("%s: device failed on queue %d", self.name, index)
                 self._break_queue(index, f"device error: {e!r}")
+        finally:
+            mem.release()
 
     def serve_again(self, index: int) -> None:
         if index in self._again or self.phase is Phase.CLOSED:

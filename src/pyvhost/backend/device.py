@@ -15,6 +15,8 @@ from pyvhost.memory import GuestMemory
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.virtq import SplitQueue
 
+from .queuelock import QueueLock
+
 
 class DeviceConfigError(Exception):
     """A SET_CONFIG the device refuses (turned into a NACK by the connection)."""
@@ -38,7 +40,7 @@ class QueueContext:
     """What a device may touch while handling a kick: the held memory snapshot, the
     queues that are ready, a way to interrupt the driver, and per-queue counters."""
 
-    __slots__ = ("_counters", "_notify", "_queues", "mem")
+    __slots__ = ("_counters", "_notify", "_queues", "locks", "mem")
 
     def __init__(self, mem: GuestMemory, queues: dict[int, SplitQueue],
                  notify: Callable[[int], None],
@@ -47,6 +49,8 @@ class QueueContext:
         self._queues = queues
         self._notify = notify
         self._counters = counters
+        #: The queue locks a :meth:`DeviceHost.enter_device` took for this context.
+        self.locks: list[QueueLock] | None = None
 
     def queue(self, index: int) -> SplitQueue | None:
         """The queue if it is started, enabled and attached to memory; else None."""
@@ -54,6 +58,13 @@ class QueueContext:
 
     def notify(self, index: int) -> None:
         """Signal the driver for queue ``index`` if it asked to be (EVENT_IDX honoured)."""
+        q = self._queues.get(index)
+        if q is not None and q.notify_decided is False:
+            # The data path decided, inside its burst, that the driver wants no interrupt
+            # (SplitQueue.decide_notify): should_notify would hand out that False and
+            # forget it; the same here, without the host's round trip.
+            q.notify_decided = None
+            return
         self._notify(index)
 
     def account(self, index: int, frames: int, nbytes: int) -> None:
@@ -83,6 +94,17 @@ class DeviceHost(ABC):
     def run_device(self, index: int, fn: Callable[[QueueContext], None]) -> None:
         """Call ``fn`` with a context of the ready queues; ``index`` is the queue blamed
         for an error no queue claims. Does nothing once the connection is closed."""
+
+    def enter_device(self) -> QueueContext | None:
+        """:meth:`run_device` for a caller that holds several hosts at once (a switch
+        burst's egress ports): the context ``fn`` would get, for the device's receive
+        queues, or None where ``fn`` would not be called. Give it back with
+        :meth:`leave_device` on every path; errors meanwhile are the caller's."""
+        raise NotImplementedError(f"{type(self).__name__} has no enter_device")
+
+    def leave_device(self, ctx: QueueContext) -> None:
+        """Release what :meth:`enter_device` took."""
+        raise NotImplementedError(f"{type(self).__name__} has no leave_device")
 
     @abstractmethod
     def serve_again(self, index: int) -> None:

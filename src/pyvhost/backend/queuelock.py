@@ -11,7 +11,9 @@ messages and other workers serve other queues. Every vring of a connection then 
   from before it reads the kick eventfd until it has published and notified;
 - another connection's burst that writes frames into this connection (the switch's
   egress): every queue of the device's ``receive_queues``, for as long as it holds this
-  connection's memory (:meth:`~.connection.Connection.run_device`);
+  connection's memory (:meth:`~.connection.Connection.run_device`, or
+  :meth:`~.connection.Connection.enter_device` to :meth:`~.connection.Connection.leave_device`
+  for the switch's egress ports, once per burst);
 - a control handler that changes a vring, the memory table or the dirty log (and
   ``close``): every queue of the connection. So GET_VRING_BASE answers once the ring's
   burst is finished, and SET_VRING_*, SET_MEM_TABLE, ADD/REM_MEM_REG, SET_LOG_BASE,
@@ -83,26 +85,40 @@ def hold(locks: Iterable[QueueLock]) -> Iterator[bool]:
     what this call took is released and it yields False (the caller must not touch the
     queues). Released on exit, newest first.
     """
+    taken = take(locks)
+    try:
+        yield taken is not None
+    finally:
+        if taken:
+            release(taken)
+
+
+def take(locks: Iterable[QueueLock]) -> list[QueueLock] | None:
+    """:func:`hold` without a ``with``: take ``locks`` by the same rules and return what
+    was taken, to be given to :func:`release` (newest released first); or None, holding
+    nothing, if a lock out of order was busy."""
     mine = _held.locks
     top = max((lock.rank for lock in mine), default=None)
     todo = sorted({lock for lock in locks if lock not in mine}, key=_rank)
     taken: list[QueueLock] = []
-    ok = True
     try:
         for lock in todo:
             # In order: wait. Out of order: only try, never wait (a thread holding it may
             # wait for one of ours).
             if not lock._lock.acquire(top is None or lock.rank > top):
-                ok = False
-                break
+                _release(taken)
+                return None
             taken.append(lock)
             mine.append(lock)
-        if not ok:
-            _release(taken)
-            taken = []
-        yield ok
-    finally:
+    except BaseException:
         _release(taken)
+        raise
+    return taken
+
+
+def release(taken: list[QueueLock]) -> None:
+    """Release what :func:`take` took, newest first."""
+    _release(taken)
 
 
 def _release(taken: list[QueueLock]) -> None:

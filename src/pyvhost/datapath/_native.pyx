@@ -952,16 +952,21 @@ cdef load_ring(Ring *r, q: object, RegionTable t):
     if gpas is None or q.broken is not None:
         raise VirtqueueError(f"queue {q.index} is not ready"
                              + (f" (broken: {q.broken})" if q.broken else ""))
-    lengths = (16 * size, 6 + 2 * size, 6 + 8 * size)
-    ptrs = []
-    for gpa, length in zip(gpas, lengths):
-        p = locate_in(t, gpa, length)
-        if p == 0:
-            raise q.break_(reason(E_RING_RANGE, gpa, length))
-        ptrs.append(p)
-    r.desc = <uint8_t *><uintptr_t>ptrs[0]
-    r.avail = <uint8_t *><uintptr_t>ptrs[1]
-    r.used = <uint8_t *><uintptr_t>ptrs[2]
+    # The three parts, each inside one region, checked in this order (size <= 32768).
+    cdef uint64_t lengths[3]
+    cdef uintptr_t ptrs[3]
+    cdef int i
+    lengths[0] = 16 * <uint64_t>size
+    lengths[1] = 6 + 2 * <uint64_t>size
+    lengths[2] = 6 + 8 * <uint64_t>size
+    for i in range(3):
+        gpa = gpas[i]
+        ptrs[i] = locate_in(t, gpa, lengths[i])
+        if ptrs[i] == 0:
+            raise q.break_(reason(E_RING_RANGE, gpa, lengths[i]))
+    r.desc = <uint8_t *>ptrs[0]
+    r.avail = <uint8_t *>ptrs[1]
+    r.used = <uint8_t *>ptrs[2]
     r.size = size
     r.last_avail = q.last_avail_idx
     r.used_idx = q.used_idx

@@ -365,9 +365,11 @@ cdef void free_burst(Burst *b) noexcept nogil:
     free(b.bounce)
 
 
-def _first(list errors, size_t start, size_t n):
+cdef object _first(list errors, size_t start, size_t n):
     """The first error of ``errors[start:start + n]`` that is not None, or None."""
-    for e in errors[start:start + n]:
+    cdef size_t i
+    for i in range(start, start + n):
+        e = errors[i]
         if e is not None:
             return e
     return None
@@ -508,7 +510,7 @@ cdef class Forwarder:
         cdef RegionTable t
         cdef uintptr_t fault = 0
         cdef int rc, which = 0
-        cdef pv_table *tables
+        cdef pv_table tables[MAX_OUTS + 1]
         cdef size_t old
         if len(masks) != ndst or len(same_at) != ndst or len(slow) != ndst:
             raise ValueError("one route per destination MAC")
@@ -536,63 +538,57 @@ cdef class Forwarder:
             raise MemoryError()
         if f.outs_cap > old:
             memset(&f.outs[old], 0, (f.outs_cap - old) * sizeof(OutPort))
-        tables = <pv_table *>calloc(nouts + 1, sizeof(pv_table))
-        if tables == NULL:
-            raise MemoryError()
         errors = [None] * nlanes
         self.in_fault = None
         keep = [self.table]
-        try:
-            tables[0].r = f.b.regions
-            tables[0].n = f.b.nregions
-            for o in range(nouts):
-                spec = outs[o]
-                t = region_table(spec.mem)
-                keep.append(t)
-                # One table per port (its queues share its memory): a fault in table
-                # o + 1 is port o's.
-                tables[o + 1].r = t.regions
-                tables[o + 1].n = t.n
-                hdr = spec.hdr_len
-                if hdr != 10 and hdr != 12:
-                    raise ValueError(f"virtio-net header length {hdr}: 10 or 12")
-                for q, rxq in enumerate(queues[o]):
-                    lane = f.lane0[o] + q
-                    out = &f.outs[lane]
+        tables[0].r = f.b.regions
+        tables[0].n = f.b.nregions
+        for o in range(nouts):
+            spec = outs[o]
+            t = region_table(spec.mem)
+            keep.append(t)
+            # One table per port (its queues share its memory): a fault in table
+            # o + 1 is port o's.
+            tables[o + 1].r = t.regions
+            tables[o + 1].n = t.n
+            hdr = spec.hdr_len
+            if hdr != 10 and hdr != 12:
+                raise ValueError(f"virtio-net header length {hdr}: 10 or 12")
+            for q, rxq in enumerate(queues[o]):
+                lane = f.lane0[o] + q
+                out = &f.outs[lane]
+                if out.b.bounce == NULL:
+                    out.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
                     if out.b.bounce == NULL:
-                        out.b.bounce = <uint8_t *>calloc(BOUNCE, 1)
-                        if out.b.bounce == NULL:
-                            raise MemoryError()
-                    out.b.regions = t.regions
-                    out.b.nregions = t.n
-                    out.b.writes = t.writes
-                    out.b.written = t.written
-                    out.b.hdr_len = hdr
-                    out.b.in_hdr = f.b.in_hdr
-                    out.b.swap = 0
-                    out.b.mrg_rxbuf = spec.mrg_rxbuf
-                    out.max_eth = spec.max_eth
-                    out.b.rx_used_len = 0
-                    out.b.err = 0
-                    out.b.err_a = out.b.err_b = 0
-                    out.routed = out.done = 0
-                    memset(out.st, 0, sizeof(out.st))
-                    if rxq.broken is not None:
-                        out.b.err = -1           # broken before: its frames count bad
-                        continue
-                    try:
-                        load_ring(&out.b.rx, rxq, t)
-                    except VirtqueueError as e:
-                        errors[lane] = e
-                        out.b.err = -1       # nothing written to it; its frames count bad
-            f.nouts = nouts
-            f.nlanes = nlanes
-            f.k = start
-            f.st[F_SAME_PORT] = 0
-            with nogil:
-                rc = pv_guarded(push_fn, f, tables, nouts + 1, &fault, &which)
-        finally:
-            free(tables)
+                        raise MemoryError()
+                out.b.regions = t.regions
+                out.b.nregions = t.n
+                out.b.writes = t.writes
+                out.b.written = t.written
+                out.b.hdr_len = hdr
+                out.b.in_hdr = f.b.in_hdr
+                out.b.swap = 0
+                out.b.mrg_rxbuf = spec.mrg_rxbuf
+                out.max_eth = spec.max_eth
+                out.b.rx_used_len = 0
+                out.b.err = 0
+                out.b.err_a = out.b.err_b = 0
+                out.routed = out.done = 0
+                memset(out.st, 0, sizeof(out.st))
+                if rxq.broken is not None:
+                    out.b.err = -1           # broken before: its frames count bad
+                    continue
+                try:
+                    load_ring(&out.b.rx, rxq, t)
+                except VirtqueueError as e:
+                    errors[lane] = e
+                    out.b.err = -1       # nothing written to it; its frames count bad
+        f.nouts = nouts
+        f.nlanes = nlanes
+        f.k = start
+        f.st[F_SAME_PORT] = 0
+        with nogil:
+            rc = pv_guarded(push_fn, f, tables, nouts + 1, &fault, &which)
         if rc == PV_FAULT:
             # Nothing is written back: the connection whose memory faulted is closed
             # for it, and the others' queues keep the state they had before this push.

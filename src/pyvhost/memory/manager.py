@@ -93,12 +93,17 @@ class MemoryManager:
     @contextmanager
     def hold(self) -> Iterator[GuestMemory]:
         """Hold the current snapshot for reading; its mappings outlive any swap meanwhile."""
-        with self._lock:
-            mem = self._current.acquire()
+        mem = self.acquire()
         try:
             yield mem
         finally:
             mem.release()
+
+    def acquire(self) -> GuestMemory:
+        """:meth:`hold` without a ``with``: the current snapshot, held until the caller
+        calls its ``release()`` (once, on every path)."""
+        with self._lock:
+            return self._current.acquire()
 
     @property
     def pending_unmap(self) -> int:

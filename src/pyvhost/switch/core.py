@@ -115,6 +115,8 @@ class Switch:
         self.clock = clock
         self.ports: list[Port] = []
         self.departed: list[dict[str, object]] = []
+        #: Changes whenever :attr:`ports` does.
+        self.ports_version = 0
         self._next_sweep = clock() + SWEEP_EVERY
         #: Guards :attr:`table`, :attr:`ports` and :attr:`departed` (bursts of several
         #: worker threads): a leaf lock, held for table operations only.
@@ -125,6 +127,7 @@ class Switch:
         with self.lock:
             if port not in self.ports:
                 self.ports.append(port)
+                self.ports_version += 1
 
     def remove_port(self, port: Port) -> None:
         """The port left: forget the addresses learned on it; keep its final counters."""
@@ -132,6 +135,7 @@ class Switch:
             if port not in self.ports:
                 return
             self.ports.remove(port)
+            self.ports_version += 1
             self.table.flush(port)
         described = port.describe()
         with self.lock:

@@ -32,7 +32,7 @@ DEFAULT_MAX_ENTRIES = 8192
 class MacTable(Generic[P]):
     """MAC address -> (port, last seen). ``now`` values come from ``clock``."""
 
-    __slots__ = ("_port", "_seen", "aging", "clock", "max_entries")
+    __slots__ = ("_port", "_seen", "aging", "clock", "max_entries", "version")
 
     def __init__(self, aging: float = DEFAULT_AGING, *,
                  clock: Callable[[], float] = time.monotonic,
@@ -44,6 +44,9 @@ class MacTable(Generic[P]):
         self.max_entries = max_entries
         self._port: dict[bytes, P] = {}
         self._seen: dict[bytes, float] = {}
+        #: Changes whenever a MAC's port does (learned, moved, aged out, flushed); not
+        #: when a sighting only refreshes an entry. Equal versions: equal mappings.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._port)
@@ -67,6 +70,7 @@ class MacTable(Generic[P]):
         self._port[mac] = port
         seen.pop(mac, None)
         seen[mac] = now
+        self.version += 1
         return True
 
     def lookup(self, mac: bytes, now: float) -> P | None:
@@ -77,8 +81,13 @@ class MacTable(Generic[P]):
         if now - self._seen[mac] > self.aging:
             del self._port[mac]
             del self._seen[mac]
+            self.version += 1
             return None
         return port
+
+    def seen(self, mac: bytes) -> float | None:
+        """When ``mac`` was last seen (its entry aged or not), or None."""
+        return self._seen.get(mac)
 
     def owner(self, mac: bytes) -> P | None:
         """The port ``mac`` is recorded on, aged or not (right after :meth:`learn` with the
@@ -97,6 +106,8 @@ class MacTable(Generic[P]):
         for mac in old:
             del self._port[mac]
             del self._seen[mac]
+        if old:
+            self.version += 1
         return len(old)
 
     def flush(self, port: P) -> int:
@@ -105,6 +116,8 @@ class MacTable(Generic[P]):
         for mac in gone:
             del self._port[mac]
             del self._seen[mac]
+        if gone:
+            self.version += 1
         return len(gone)
 
     def entries(self, now: float) -> Iterator[tuple[bytes, P, float]]:

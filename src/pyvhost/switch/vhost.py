@@ -2,8 +2,10 @@
 
 On a kick of its transmit queue the device runs its forward step (:mod:`.forward`,
 compiled where the extension is built) one burst at a time: the step takes the chains,
-the device consults and updates the switch's MAC table once for the burst, holds every
-egress port's memory through its connection (:meth:`DeviceHost.run_device`), and the step
+the device consults and updates the switch's MAC table once for the burst (routes are
+cached while the table and the ports do not change: :meth:`SwitchPort._route`), holds
+every egress port's memory through its connection for the burst (the host's
+``enter_device``: :meth:`~pyvhost.backend.device.DeviceHost.enter_device`), and the step
 copies each frame from this guest's buffers straight into the egress ports' receive
 chains, then returns the transmitted chains. A guest error breaks the queue of the port
 whose guest made it, a guest-memory fault (a region's file shrank) closes that port's
@@ -46,7 +48,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from pyvhost import datapath
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
@@ -88,6 +90,8 @@ MAX_QUEUE_PAIRS = 64
 DEFAULT_MTU = 1500
 ETH_OVERHEAD = 18
 _ZERO_FIELDS = bytes(8)  # virtio_net_hdr hdr_len .. csum_offset
+#: The oldest sighting of no destination: routes that found none never age.
+_NEVER_SEEN = float("inf")
 #: Chains taken from the transmit ring per burst (the forward step's Python work is per
 #: burst: profiled, a burst of 64 spent more time in Python than in the copies), and per
 #: turn of the loop: a busy port yields after TX_BUDGET frames so that the others (and
@@ -152,6 +156,11 @@ class SwitchPort(VirtioDevice):
         self._engine = forward.engine()
         self._forwarders: dict[int, forward.ForwardStep] = {}
         self._reference: dict[int, forward.ForwardStep] = {}
+        #: The last burst's routes, while they hold (see :meth:`_route`): the table's
+        #: and the port set's versions, the destinations, src_at, the oldest sighting of
+        #: a destination found, then ports, targets, same_at and the lookups.
+        self._routes: tuple[int, int, list[bytes], list[int], float, list[Port], list[int],
+                            list[int], list[Port | None]] | None = None
 
     # -- VirtioDevice --------------------------------------------------------------------
     def device_features(self) -> int:
@@ -288,9 +297,10 @@ class SwitchPort(VirtioDevice):
         with switch.lock:  # the table is shared by every port's bursts (--workers)
             now, ports, targets, same_at = self._route(srcs, dsts, src_at, m, st["bytes"])
         failed: list[tuple[SwitchPort, BaseException]] = []
-
-        def run(held: list[QueueContext | None]) -> None:
-            # Every egress port's memory is held here: its Out, or None (Python path).
+        # Every egress port's memory is held for the burst (and, with workers, its receive
+        # queues locked): its Out, or None (Python path).
+        hosts, held, order = _enter_each(ports)
+        try:
             outs: list[forward.Out] = []
             out_of: list[int] = []            # slot -> index in outs, or -1
             out_dev: list[tuple[SwitchPort, QueueContext]] = []
@@ -326,7 +336,7 @@ class SwitchPort(VirtioDevice):
                 if st["same_port"]:
                     counters.drop_rx("same_port", st["same_port"])
                 if fwd.in_fault is not None or k >= m:
-                    return
+                    break
                 if faulted:
                     continue  # nothing of that push was kept: the same frames again
                 # Frame k goes where the forward step can not: the Python path.
@@ -335,8 +345,8 @@ class SwitchPort(VirtioDevice):
                     data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
                 switch.forward(self.port, [data], now)
                 k += 1
-
-        _hold_each(ports, 0, [], run)
+        finally:
+            _leave_each(hosts, held, order)
         for dev, err in failed:
             # Each egress port's error is its own connection's: broken queue or closed.
             if dev.host is not None:
@@ -347,18 +357,42 @@ class SwitchPort(VirtioDevice):
     def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
                nbytes: int) -> tuple[float, list[Port], list[int], list[int]]:
         """The burst's decisions, with the switch's lock held: the clock, the egress
-        ports, each destination's route over them (a bit mask) and ``same_at``."""
+        ports, each destination's route over them (a bit mask) and ``same_at`` (lists
+        the caller must not change: they may be the cached ones).
+
+        Cached (:attr:`_routes`) while the MAC table maps every address to the same port
+        (:attr:`MacTable.version <.table.MacTable.version>`), the switch has the same
+        ports, the burst has the same destinations and ``src_at``, and no destination
+        the lookups found can have aged out: the lookups, the learning and so the routes
+        are then what they were. Learning still runs for every burst (it refreshes the
+        entries' ages). This relies on a clock that never goes back, as
+        :meth:`MacTable.expire <.table.MacTable.expire>` does: an entry's last sighting
+        then only moves forward, so one not aged by the oldest sighting the cache saw
+        is not aged now."""
         switch = self.switch
         counters = self.port.counters
         now = switch.tick()
         table = switch.table
-        # Look up before learning: within a burst learning only points MACs at this port,
-        # which same_at accounts for frame by frame (see forward's docstring).
-        before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
-        for src in srcs:
-            table.learn(src, self.port, now)
-        counters.rx_frames += m
-        counters.rx_bytes += nbytes
+        version = table.version
+        port = self.port
+        cached = self._routes
+        if cached is not None and cached[0] == version and cached[1] == switch.ports_version \
+                and cached[2] == dsts and cached[3] == src_at and now - cached[4] <= table.aging:
+            for src in srcs:
+                table.learn(src, port, now)
+            counters.rx_frames += m
+            counters.rx_bytes += nbytes
+            if table.version == version:
+                return now, cached[5], cached[6], cached[7]
+            before = cached[8]   # the table was the cached one until this learning
+        else:
+            # Look up before learning: within a burst learning only points MACs at this
+            # port, which same_at accounts for frame by frame (see forward's docstring).
+            before = [None if d[0] & 1 else table.lookup(d, now) for d in dsts]
+            for src in srcs:
+                table.learn(src, port, now)
+            counters.rx_frames += m
+            counters.rx_bytes += nbytes
         ports: list[Port] = []
         slots: dict[Port, int] = {}
         targets: list[int] = []
@@ -366,14 +400,14 @@ class SwitchPort(VirtioDevice):
         others: list[Port] | None = None
         for j, dst in enumerate(dsts):
             owner = before[j]
-            at = src_at[j] if table.owner(dst) is self.port else forward.NEVER
-            if owner is self.port:
+            at = src_at[j] if table.owner(dst) is port else forward.NEVER
+            if owner is port:
                 targets.append(0)
                 same_at.append(0)
                 continue
             if owner is None:
                 if others is None:
-                    others = switch.others(self.port)
+                    others = switch.others(port)
                 to = others
             else:
                 to = [owner]
@@ -386,6 +420,15 @@ class SwitchPort(VirtioDevice):
                 mask |= 1 << slot
             targets.append(mask)
             same_at.append(at)
+        if table.version == version:
+            # Nothing moved since the lookups: cache the routes, with the oldest sighting
+            # of a destination found (an entry older than the aging time is not found).
+            oldest = min((seen for j, d in enumerate(dsts) if before[j] is not None
+                          and (seen := table.seen(d)) is not None), default=_NEVER_SEEN)
+            self._routes = (version, switch.ports_version, list(dsts), list(src_at),
+                            oldest, ports, targets, same_at, before)
+        else:
+            self._routes = None
         return now, ports, targets, same_at
 
     def _count_out(self, ctx: QueueContext, out: forward.Out, st: list[int],
@@ -593,38 +636,39 @@ def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]
     return masks, slow
 
 
-def _hold_each(ports: list[Port], i: int, held: list[QueueContext | None],
-               fn: Callable[[list[QueueContext | None]], None]) -> None:
-    """Call ``fn`` with every vhost-user port's context (its memory held and, with worker
-    threads, its receive queues locked, through its connection's run_device), None for
-    the others and for connections gone. The ports are held in the lock order (their
-    hosts' ``order``: :mod:`pyvhost.backend.queuelock`); ``fn`` gets them in the order of
-    ``ports``."""
-    order = sorted(range(len(ports)), key=lambda k: _lock_order(ports[k]))
-    slots: list[QueueContext | None] = [None] * len(ports)
+def _enter_each(ports: list[Port]) -> tuple[list[DeviceHost | None],
+                                            list[QueueContext | None], list[int]]:
+    """Every vhost-user port's context, its memory held and, with worker threads, its
+    receive queues locked (:meth:`DeviceHost.enter_device`), None for the others and for
+    connections gone, in the order of ``ports``; with their hosts and the order they were
+    taken in: the lock order (their hosts' ``order``: :mod:`pyvhost.backend.queuelock`).
+    :func:`_leave_each` gives them back, newest first."""
+    n = len(ports)
+    hosts: list[DeviceHost | None] = [None] * n
+    held: list[QueueContext | None] = [None] * n
+    order = sorted(range(n), key=lambda k: _lock_order(ports[k])) if n > 1 else [0] * n
+    try:
+        for k in order:
+            port = ports[k]
+            if isinstance(port, VhostPort):
+                host = port.device.host
+                if host is not None:
+                    held[k] = host.enter_device()
+                    hosts[k] = host
+    except BaseException:
+        _leave_each(hosts, held, order)
+        raise
+    return hosts, held, order
 
-    def step(n: int) -> None:
-        if n == len(order):
-            fn(slots)
-            return
-        k = order[n]
-        port = ports[k]
-        if isinstance(port, VhostPort) and port.device.host is not None:
-            called = False
 
-            def inner(ctx: QueueContext) -> None:
-                nonlocal called
-                called = True
-                slots[k] = ctx
-                step(n + 1)
-
-            port.device.host.run_device(RX, inner)
-            if called:
-                return
-        slots[k] = None
-        step(n + 1)
-
-    step(0)
+def _leave_each(hosts: list[DeviceHost | None], held: list[QueueContext | None],
+                order: list[int]) -> None:
+    """Give back what :func:`_enter_each` took, newest first."""
+    for k in reversed(order):
+        ctx, host = held[k], hosts[k]
+        if ctx is not None and host is not None:
+            held[k] = None
+            host.leave_device(ctx)
 
 
 def _lock_order(port: Port) -> int:
