@@ -37,6 +37,7 @@ from rich.text import Text
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import (
     Outcome,
+    StateUnknownError,
     describe_ost,
     execute_add,
     execute_remove,
@@ -260,13 +261,27 @@ def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Con
         console.print(_line(("done", "green"), f" {plan.action} {plan.device_id} in "
                                                f"{outcome.seconds:.2f} s"))
     else:
-        console.print(_line(("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"))
+        # One line: the step, why, what was undone, what is left.
+        parts: list[str | tuple[str, str]] = [
+            ("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"]
         if outcome.rolled_back:
-            console.print(_line(f"undone: {', '.join(outcome.rolled_back)}"))
+            parts.append(f"; undone: {', '.join(_undone(plan, outcome.rolled_back))}")
         if outcome.orphans:
-            console.print(_line(("left behind", "red"), f": {', '.join(outcome.orphans)}"))
+            parts += ["; ", ("left behind", "red"), f": {', '.join(outcome.orphans)}"]
+        console.print(_line(*parts))
     for info in outcome.acpi_ost:
         console.print(_line(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}"))
+
+
+def _undone(plan: Plan, rolled_back: list[str]) -> list[str]:
+    """``rolled_back`` with the id each undo command acted on ("object-del d1-mem"): they
+    are the undo steps of the plan's first steps, last first, so the last ones of all."""
+    undos = plan.undo_steps()[-len(rolled_back):] if rolled_back else ()
+    out = []
+    for text, undo in zip(rolled_back, undos, strict=False):
+        ident = undo.arguments.get("id")
+        out.append(f"{text} {ident}" if text == undo.command and ident else text)
+    return out
 
 
 @contextlib.contextmanager
@@ -287,6 +302,9 @@ def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
                              answered="not as QEMU's QMP monitor"), "connect")
     try:
         yield qmp
+    except StateUnknownError as e:
+        # A change was under way: the message says what may be left and how to clear it.
+        fail(str(e), "connect")
     except QmpConnectError as e:
         fail(f"lost the QMP connection to {path}: {e}", "connect")
     except QmpCommandError as e:
