@@ -109,3 +109,28 @@ def test_an_ignored_eject_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> Non
     assert out.rolled_back == ["detach-device"] and out.orphans == [], out
     assert dom.detaches == 2 and time.monotonic() - start < 5
     assert "ua-x is still in the domain: asking libvirt to detach it again" in said
+
+
+class SlowXmlAfterAttach(FakeDom):
+    """Attaches at once, then the first read of the live XML takes ``slow`` seconds."""
+
+    def __init__(self, slow: float) -> None:
+        super().__init__(attach_after=0)
+        self.slow = slow
+
+    def XMLDesc(self, flags: int) -> str:  # noqa: N802
+        if self.dimms and self.slow:
+            slow, self.slow = self.slow, 0.0
+            time.sleep(slow)
+        return super().XMLDesc(flags)
+
+
+def test_an_attach_whose_check_is_not_answered_is_detached() -> None:
+    # The verification's read of the live XML outlasts the timeout: not verified, so
+    # detached again, and the outcome says so (before: the error escaped, DIMM attached).
+    dom = SlowXmlAfterAttach(slow=1.0)
+    out, _ = run(dom, timeout=0.3, grace=30)
+    assert not out.ok and out.failed_step == "verify", out
+    assert out.error.startswith("could not read the live XML to check ua-x: domain XML: "
+                                "no answer within 0.3 s"), out
+    assert out.rolled_back == ["detach-device"] and out.orphans == [] and dom.dimms == []

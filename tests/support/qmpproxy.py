@@ -4,9 +4,13 @@ known point of a ``pyvhost mem`` run without any test hook in pyvhost:
 
 - ``hold="request"``: the command is kept from QEMU (sent, never run: "not yet");
 - ``hold="answer"``: QEMU runs it and its answer is kept from the client ("in flight":
-  done in QEMU, the client still waiting).
+  done in QEMU, the client still waiting);
+- ``hold="silence"``: as ``"answer"``, and nothing QEMU sends afterwards reaches the
+  client either (a monitor that stopped answering: every later command goes unanswered).
 
-``held`` is set once that point is reached (for ``"answer"``, once QEMU has answered).
+``skip`` lets that many of the command pass first (the second ``query-memory-devices``
+of a run, say). ``held`` is set once that point is reached (for ``"answer"`` and
+``"silence"``, once QEMU has answered).
 QMP is a stream of JSON objects (QEMU ends each with CRLF; qemu.qmp sends none between
 them), so both directions are split with a streaming decoder, not by lines.
 """
@@ -21,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-Hold = Literal["request", "answer"]
+Hold = Literal["request", "answer", "silence"]
 
 
 def _split(buf: str) -> tuple[list[tuple[Any, str]], str]:
@@ -41,8 +45,10 @@ def _split(buf: str) -> tuple[list[tuple[Any, str]], str]:
 
 
 class QmpProxy:
-    def __init__(self, listen: Path, target: Path, command: str, hold: Hold) -> None:
+    def __init__(self, listen: Path, target: Path, command: str, hold: Hold,
+                 skip: int = 0) -> None:
         self.listen, self.target, self.command, self.hold = listen, target, command, hold
+        self.skip = skip
         self.held = threading.Event()
         self.held_message: Any = None
         self._held_id: Any = None
@@ -83,12 +89,17 @@ class QmpProxy:
         if from_client:
             if msg.get("execute") != self.command or self.held_message is not None:
                 return True
+            if self.skip > 0:
+                self.skip -= 1
+                return True
             self.held_message = msg
             if self.hold == "request":
                 self.held.set()
                 return False
             self._held_id = msg.get("id")
             return True
+        if self.hold == "silence" and self.held.is_set():
+            return False
         if self._held_id is not None and "event" not in msg and msg.get("id") == self._held_id:
             self.held_message = msg  # QEMU's answer, never delivered
             self.held.set()
@@ -105,8 +116,9 @@ class QmpProxy:
 
 
 @contextlib.contextmanager
-def qmp_proxy(listen: Path, target: Path, command: str, hold: Hold) -> Iterator[QmpProxy]:
-    proxy = QmpProxy(listen, target, command, hold)
+def qmp_proxy(listen: Path, target: Path, command: str, hold: Hold,
+              skip: int = 0) -> Iterator[QmpProxy]:
+    proxy = QmpProxy(listen, target, command, hold, skip)
     try:
         yield proxy
     finally:

@@ -11,10 +11,12 @@ its preflight in :mod:`pyvhost.hotplug.migrate` and its run in
 :mod:`pyvhost.hotplug.migrate_run`. It decides nothing itself.
 
 Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
-(nothing was changed), 2 usage error, cannot connect to QMP or lost the connection,
-3 QEMU failed a step (what was done was undone) or answered a query with an error,
-4 the guest did not complete an unplug or resize within --timeout (or refused the
-unplug), 130 interrupted.
+(nothing was changed), 2 usage error, cannot connect to QMP or lost the connection
+(in the middle of a change: what may be left and how to remove it), 3 QEMU failed a
+step or did not answer it within --timeout (what was done was undone) or answered a
+query with an error, 4 the guest did not complete an unplug or resize within --timeout
+(or refused the unplug; also when QEMU did not answer its command in time and the
+unplug or resize stays pending), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from rich.text import Text
 from pyvhost.errors import PyvhostError
 from pyvhost.hotplug.execute import (
     Outcome,
+    StateUnknownError,
     describe_ost,
     execute_add,
     execute_remove,
@@ -260,13 +263,27 @@ def _print_plan(plan: Plan, dry_run: bool, outcome: Outcome | None, console: Con
         console.print(_line(("done", "green"), f" {plan.action} {plan.device_id} in "
                                                f"{outcome.seconds:.2f} s"))
     else:
-        console.print(_line(("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"))
+        # One line: the step, why, what was undone, what is left.
+        parts: list[str | tuple[str, str]] = [
+            ("failed", "red"), f" at {outcome.failed_step}: {outcome.error}"]
         if outcome.rolled_back:
-            console.print(_line(f"undone: {', '.join(outcome.rolled_back)}"))
+            parts.append(f"; undone: {', '.join(_undone(plan, outcome.rolled_back))}")
         if outcome.orphans:
-            console.print(_line(("left behind", "red"), f": {', '.join(outcome.orphans)}"))
+            parts += ["; ", ("left behind", "red"), f": {', '.join(outcome.orphans)}"]
+        console.print(_line(*parts))
     for info in outcome.acpi_ost:
         console.print(_line(f"guest ACPI _OST for {info.get('device')}: {describe_ost(info)}"))
+
+
+def _undone(plan: Plan, rolled_back: list[str]) -> list[str]:
+    """``rolled_back`` with the id each undo command acted on ("object-del d1-mem"): they
+    are the undo steps of the plan's first steps, last first, so the last ones of all."""
+    undos = plan.undo_steps()[-len(rolled_back):] if rolled_back else ()
+    out = []
+    for text, undo in zip(rolled_back, undos, strict=False):
+        ident = undo.arguments.get("id")
+        out.append(f"{text} {ident}" if text == undo.command and ident else text)
+    return out
 
 
 @contextlib.contextmanager
@@ -287,6 +304,9 @@ def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
                              answered="not as QEMU's QMP monitor"), "connect")
     try:
         yield qmp
+    except StateUnknownError as e:
+        # A change was under way: the message says what may be left and how to clear it.
+        fail(str(e), "connect")
     except QmpConnectError as e:
         fail(f"lost the QMP connection to {path}: {e}", "connect")
     except QmpCommandError as e:
@@ -298,9 +318,10 @@ def _qmp(path: str, timeout: float = 30.0) -> Iterator[Qmp]:
 
 
 EXIT_HELP = ("\b\nExit codes: 0 done (or a dry run that would be done), 1 refused by the "
-             "preflight\n(nothing changed), 2 usage error or cannot connect, 3 QEMU failed "
-             "a step\n(undone), 4 the guest did not finish in --timeout (or refused), "
-             "130 interrupted.")
+             "preflight\n(nothing changed), 2 usage error or cannot connect (or QEMU "
+             "stopped answering:\nwhat may be left is said), 3 QEMU failed a step or did "
+             "not answer it in\n--timeout (undone), 4 the guest did not finish in --timeout "
+             "(or refused; the\nstate is said), 130 interrupted.")
 
 def timeout_option(default: float, help: str) -> Callable[[Any], Any]:
     return click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
@@ -366,10 +387,13 @@ def mem() -> None:
     (pyvhost.mem.status/1, pyvhost.mem.add/1, ...; errors pyvhost.error/1).
     \b
     Exit codes: 0 done (or a dry run that would be done), 1 refused by the preflight
-    (nothing changed), 2 usage error, cannot connect to QMP or lost the connection,
-    3 QEMU failed a step (undone) or answered a query with an error, 4 the guest did
-    not finish an unplug or resize in --timeout (or refused the unplug: its ACPI _OST
-    status is reported), 130 interrupted (Ctrl-C, SIGTERM).
+    (nothing changed), 2 usage error, cannot connect to QMP or lost the connection
+    (QEMU stopped answering in the middle of a change: what may be left in QEMU and
+    how to remove it is said), 3 QEMU failed a step or did not answer it within
+    --timeout (undone) or answered a query with an error, 4 the guest did not finish
+    an unplug or resize in --timeout (or refused the unplug: its ACPI _OST status is
+    reported; or QEMU did not answer the unplug or resize in time and it stays
+    pending), 130 interrupted (Ctrl-C, SIGTERM).
     """
 
 
@@ -530,6 +554,7 @@ def remove(qmp_path: str | None, libvirt_domain: str | None, connect_uri: str | 
            as_json: bool) -> None:
     """Hot-remove a DIMM, or on QEMU 10.0 an empty virtio-mem device (shrink it to 0
     first; 7.2 cannot unplug those): device_del, wait for the guest, object-del its backend.
+    ID may also name a memory backend no device uses (what an add cut short can leave).
     With --libvirt: detach the DIMM, wait until it leaves the domain."""
     configure_logging()
     _source(qmp_path, libvirt_domain)

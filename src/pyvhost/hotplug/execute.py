@@ -8,6 +8,11 @@ behind (QEMU 7.2 keeps an ``object-add``ed backend after a failed ``device_add``
 Ctrl-C (or SIGTERM) during an add is a failure too: the step in flight is looked up in
 QEMU (its command may have run although its answer never came), what was done is undone
 with further interrupts held, and :class:`~pyvhost.interrupts.Interrupted` says what.
+A command QEMU does not answer within the timeout (or a connection QEMU closes) in the
+middle of a change is handled the same way: the step in flight is looked up under a
+fresh, short time limit (:data:`RECHECK`; on a new connection if QEMU closed the old
+one), an add is undone, a remove or resize says the state it is in; when QEMU cannot be
+asked at all, :class:`StateUnknownError` says what may be left and how to clear it.
 
 It must not decide whether a plan is wise (:mod:`.plan` does) and runs a refused plan only
 when forced (tests use that to see QEMU's own verdict past the planner).
@@ -15,15 +20,19 @@ when forced (tests use that to see QEMU's own verdict past the planner).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pyvhost.errors import LocalError, PyvhostError
 from pyvhost.interrupts import Interrupted, deferred_interrupts
 
 from .plan import Plan, Step
-from .qmp import Monitor, QmpCommandError
+from .qmp import Monitor, QmpCommandError, QmpConnectError, QmpTimeoutError
+
+T = TypeVar("T")
 
 # ACPI 6.x, _OST status codes for an eject request (source 0x03).
 EJECT_STATUS = {
@@ -41,8 +50,24 @@ EJECT = 3  # _OST source: eject request
 EJECT_REFUSED = frozenset({0x01, 0x80, 0x81, 0x82, 0x83})
 
 
+#: The time limit of a look-up after a command that was not answered in time (at most the
+#: timeout): QEMU runs one connection's commands in order, so a look-up that answers comes
+#: after the unanswered command has run, or been given up by QEMU.
+RECHECK = 10.0
+#: The least time an undo waits for the guest to release a DIMM it was just given: a
+#: short --timeout bounds QEMU's answers, not the guest's ACPI eject, which takes a TCG
+#: guest several seconds right after the DIMM arrived.
+UNDO_WAIT = 30.0
+
+
 class PlanRefusedError(LocalError):
     """The plan has refusals and was not forced."""
+
+
+class StateUnknownError(QmpConnectError):
+    """A command of a change was not answered (or QEMU closed the connection), and QEMU
+    did not answer a look-up after it either: the message says what may be left in QEMU
+    and how to check and clear it."""
 
 
 @dataclass
@@ -151,13 +176,91 @@ def _orphans(monitor: Monitor, plan: Plan) -> list[str]:
 
 
 def _rollback(monitor: Monitor, plan: Plan, done: int, timeout: float, out: Outcome) -> None:
+    """Run the undo steps of the first ``done`` steps, last first, each failure recorded
+    in ``out.rolled_back``; then ``out.orphans``. Raises :class:`StateUnknownError` when
+    QEMU cannot be asked what is left."""
     for undo in plan.undo_steps(done):
+        wait = max(timeout, UNDO_WAIT) if undo.wait_deleted is not None else timeout
         try:
-            _run(monitor, undo, timeout, out)
+            _run(monitor, undo, wait, out)
             out.rolled_back.append(undo.command)
-        except (QmpCommandError, TimeoutError) as e:
+        except (QmpCommandError, TimeoutError, QmpConnectError) as e:
             out.rolled_back.append(f"{undo.command} failed: {e}")
-    out.orphans = _orphans(monitor, plan)
+    try:
+        out.orphans = _recheck(monitor, timeout, lambda: _orphans(monitor, plan))
+    except QmpConnectError as e:
+        undone = [u for u in out.rolled_back if " failed: " not in u]
+        raise StateUnknownError(
+            f"the undo of {plan.device_id} ran ({', '.join(out.rolled_back) or 'nothing'}) "
+            f"but QEMU did not answer the check after it ({e}): "
+            + _may_be_left(monitor, plan, done - len(undone), False)) from None
+
+
+@contextlib.contextmanager
+def _time_limit(monitor: Monitor, seconds: float) -> Iterator[None]:
+    limit = getattr(monitor, "time_limit", None)
+    if limit is None:
+        yield
+        return
+    with limit(seconds):
+        yield
+
+
+def _recheck(monitor: Monitor, timeout: float, look: Callable[[], T]) -> T:
+    """``look()`` under a fresh time limit of at most :data:`RECHECK` seconds; when QEMU
+    had closed the connection, once more on a new one (a monitor that can reconnect).
+    Raises :class:`~.qmp.QmpConnectError` when QEMU cannot be asked."""
+    limit = min(timeout, RECHECK)
+    with _time_limit(monitor, limit):
+        try:
+            return look()
+        except QmpTimeoutError:
+            raise
+        except QmpConnectError:
+            reconnect = getattr(monitor, "reconnect", None)
+            if reconnect is None:
+                raise
+            reconnect(limit)
+            return look()
+
+
+def _unanswered(e: QmpConnectError, command: str) -> str:
+    """What happened to ``command``, in words, for an error of the QMP layer."""
+    if isinstance(e, QmpTimeoutError):
+        return f"QEMU did not answer {e.command or command} within {e.seconds:g} s"
+    if e.command is not None:
+        return f"QEMU closed the QMP connection during {e.command}"
+    return f"{command}: {e}"
+
+
+def _mem_status(monitor: Monitor) -> str:
+    path = getattr(monitor, "path", None) or getattr(getattr(monitor, "inner", None),
+                                                      "path", None)
+    return f"pyvhost mem status --qmp {path}" if path else "pyvhost mem status"
+
+
+def _may_be_left(monitor: Monitor, plan: Plan, done: int, in_flight: bool) -> str:
+    """What an add may have left in QEMU, when QEMU cannot be asked: the steps ``done``
+    and the one ``in_flight`` (sent, its outcome unknown), with how to check and clear."""
+    sent = plan.steps[:done + (1 if in_flight else 0)]
+    items: list[str] = []
+    for i, step in enumerate(sent):
+        ident = step.arguments.get("id")
+        how = "ran" if i < done else "was sent; whether QEMU ran it is unknown"
+        if step.command == "object-add":
+            items.append(f"memory backend {ident} ({step.command} {how})")
+        elif step.command == "device_add":
+            items.append(f"DIMM {ident} ({step.command} {how})")
+    if not items:
+        return "nothing was sent to QEMU: nothing is left"
+    dimm = [s for s in sent if s.command == "device_add"]
+    fix = (f"remove them with pyvhost mem remove {plan.device_id} (the DIMM, then its "
+           f"backend)" if dimm else "")
+    if plan.backend_id is not None:
+        alone = f"pyvhost mem remove {plan.backend_id} (the backend alone, unused)"
+        fix = f"{fix}, or {alone}" if fix else f"remove it with {alone}"
+    return (f"what QEMU has is unknown; it may have {' and '.join(items)}: check with "
+            f"{_mem_status(monitor)}, {fix}")
 
 
 def _refused(plan: Plan) -> PlanRefusedError:
@@ -200,12 +303,21 @@ def execute_add(monitor: Monitor, plan: Plan, *, timeout: float = 30.0,
     """
     start, out = begin(plan, force)
     try:
-        if not _run_steps(monitor, plan, timeout, out):
+        try:
+            finished = _run_steps(monitor, plan, timeout, out)
+            devices = monitor.execute("query-memory-devices") if finished else []
+        except QmpConnectError as e:
+            # Not answered in time, or the connection lost: as on an interrupt, what
+            # QEMU has is looked up and what was done is undone.
+            with deferred_interrupts():
+                _undo_unanswered(monitor, plan, timeout, out, e)
+            out.seconds = time.monotonic() - start
+            return out
+        if not finished:
             with deferred_interrupts():
                 _rollback(monitor, plan, len(out.done), timeout, out)
             out.seconds = time.monotonic() - start
             return out
-        devices = monitor.execute("query-memory-devices")
     except KeyboardInterrupt:
         # Until it is verified the add is all or nothing, as on a failure.
         raise _undo_interrupted(monitor, plan, len(out.done), timeout, out) from None
@@ -245,6 +357,38 @@ def _took_effect(monitor: Monitor, step: Step) -> bool:
     return True  # unknown: try its undo (a "not found" is recorded, nothing worse)
 
 
+_SEEN_IN = {"object-add": "/objects", "device_add": "query-memory-devices"}
+
+
+def _undo_unanswered(monitor: Monitor, plan: Plan, timeout: float, out: Outcome,
+                     e: QmpConnectError) -> None:
+    """Undo an add whose command in flight was not answered within the timeout (or QEMU
+    closed the connection): look up whether QEMU ran it, undo what was done, and say it
+    in ``out`` (``failed_step``, ``error``). Raises :class:`StateUnknownError` when QEMU
+    cannot be asked."""
+    done = len(out.done)
+    in_flight = plan.steps[done] if done < len(plan.steps) else None
+    command = in_flight.command if in_flight is not None else "query-memory-devices"
+    out.failed_step = command if in_flight is not None else "verify"
+    cause = _unanswered(e, command)
+    if in_flight is None:
+        cause += f" (the check of {plan.device_id})"
+    try:
+        ran = in_flight is not None and _recheck(monitor, timeout,
+                                                 lambda: _took_effect(monitor, in_flight))
+    except QmpConnectError as again:
+        raise StateUnknownError(
+            f"{cause}, and a look-up after it failed too ({again}): "
+            + _may_be_left(monitor, plan, done, in_flight is not None)) from None
+    if in_flight is not None:
+        ident = in_flight.arguments.get("id")
+        where = _SEEN_IN.get(in_flight.command, "QEMU")
+        cause += (f"; QEMU had run it ({ident} was in {where} afterwards)" if ran else
+                  f"; QEMU had not run it ({ident} was not in {where} afterwards)")
+    out.error = cause
+    _rollback(monitor, plan, done + int(ran), timeout, out)
+
+
 def _undo_interrupted(monitor: Monitor, plan: Plan, done: int, timeout: float,
                       out: Outcome) -> Interrupted:
     """Undo an add interrupted after ``done`` steps (the next one maybe in flight); the
@@ -280,10 +424,16 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
     """
     start, out = begin(plan)
     try:
-        if not _run_steps(monitor, plan, timeout, out):
+        try:
+            if not _run_steps(monitor, plan, timeout, out):
+                out.seconds = time.monotonic() - start
+                return out
+            devices = monitor.execute("query-memory-devices")
+        except QmpConnectError as e:
+            with deferred_interrupts():
+                _remove_unanswered(monitor, plan, timeout, out, e)
             out.seconds = time.monotonic() - start
             return out
-        devices = monitor.execute("query-memory-devices")
     except KeyboardInterrupt:
         raise _remove_interrupted(monitor, plan, timeout) from None
     if any(d.get("data", {}).get("id") == plan.device_id for d in devices):
@@ -295,6 +445,62 @@ def execute_remove(monitor: Monitor, plan: Plan, *, timeout: float = 30.0) -> Ou
             out.failed_step, out.error = "verify", f"backend {plan.backend_id} still exists"
     out.seconds = time.monotonic() - start
     return out
+
+
+def _remove_unanswered(monitor: Monitor, plan: Plan, timeout: float, out: Outcome,
+                       e: QmpConnectError) -> None:
+    """A remove whose command in flight was not answered within the timeout (or QEMU
+    closed the connection): look up what QEMU has, finish what is left to do (the
+    backend of a DIMM that is gone), or say the state it is in, in ``out``: the DIMM
+    still there is the guest not (yet) releasing it (``timed_out``: the unplug request
+    may stay pending). Raises :class:`StateUnknownError` when QEMU cannot be asked."""
+    name, backend = plan.device_id, plan.backend_id
+    done = len(out.done)
+    command = plan.steps[done].command if done < len(plan.steps) else "query-memory-devices"
+    out.failed_step = command if done < len(plan.steps) else "verify"
+    cause = _unanswered(e, command)
+
+    def look() -> tuple[bool, bool]:
+        present = any(d.get("data", {}).get("id") == name
+                      for d in monitor.execute("query-memory-devices"))
+        return present, bool(_orphans(monitor, plan))
+
+    try:
+        present, backend_left = _recheck(monitor, timeout, look)
+    except QmpConnectError as again:
+        raise StateUnknownError(
+            f"{cause}, and a look-up after it failed too ({again}): what QEMU has is "
+            f"unknown; {name} may still be plugged, its unplug request pending"
+            + (f", and its backend {backend} stays until it is gone" if backend else "")
+            + f": check with {_mem_status(monitor)}; run pyvhost mem remove {name} again "
+            f"to finish") from None
+    if present:
+        out.timed_out = True
+        out.error = (f"{cause}; {name} is still plugged: the unplug request may stay "
+                     f"pending in QEMU (the guest may still release the DIMM)"
+                     + (f" and {backend} stays" if backend else "")
+                     + f"; run pyvhost mem remove {name} again to finish")
+        return
+    out.done[:] = [s.command for s in plan.steps if s.command == "device_del"]
+    if backend_left:
+        # The DIMM is gone: its backend goes too, as the remove would have done.
+        try:
+            with _time_limit(monitor, min(timeout, RECHECK)):
+                monitor.execute("object-del", {"id": backend})
+                backend_left = bool(_orphans(monitor, plan))
+        except (QmpCommandError, QmpConnectError) as again:
+            out.error = (f"{cause}; {name} was unplugged, its backend {backend} stays "
+                         f"(object-del: {again}): check with {_mem_status(monitor)}; "
+                         f"pyvhost mem remove {backend} deletes it")
+            out.orphans = [str(backend)]
+            return
+        if backend_left:
+            out.error = f"{cause}; {name} was unplugged, its backend {backend} stays"
+            out.orphans = [str(backend)]
+            return
+    if backend is not None:
+        out.done.append("object-del")
+    out.failed_step, out.ok = None, True
 
 
 def _remove_interrupted(monitor: Monitor, plan: Plan, timeout: float) -> Interrupted:
@@ -328,12 +534,56 @@ def execute_resize(monitor: Monitor, plan: Plan, *, timeout: float = 60.0) -> Ou
     plugged so far).
     """
     start, out = begin(plan)
-    out.ok = _run_steps(monitor, plan, timeout, out, timeout_done=True)
-    mine = [d for d in monitor.execute("query-memory-devices")
-            if d.get("data", {}).get("id") == plan.device_id]
+    try:
+        out.ok = _run_steps(monitor, plan, timeout, out, timeout_done=True)
+        mine = [d for d in monitor.execute("query-memory-devices")
+                if d.get("data", {}).get("id") == plan.device_id]
+    except QmpConnectError as e:
+        _resize_unanswered(monitor, plan, timeout, out, e)
+        out.seconds = time.monotonic() - start
+        return out
     out.device = dict(mine[0]["data"]) if mine else None
     out.seconds = time.monotonic() - start
     return out
+
+
+def _resize_unanswered(monitor: Monitor, plan: Plan, timeout: float, out: Outcome,
+                       e: QmpConnectError) -> None:
+    """A resize whose qom-set, or a look at the plugged size, was not answered in time:
+    whether the request is set says its state (set: the guest's driver works towards it,
+    ``timed_out``; not set: nothing changed). Raises :class:`StateUnknownError` when QEMU
+    cannot be asked."""
+    (step,) = plan.steps
+    name, size = plan.device_id, int(step.arguments["value"])
+    cause = _unanswered(e, step.command)
+    undo = step.undo.arguments["value"] if step.undo is not None else None
+
+    def look() -> dict[str, Any] | None:
+        mine = [d for d in monitor.execute("query-memory-devices")
+                if d.get("data", {}).get("id") == name]
+        return dict(mine[0]["data"]) if mine else None
+
+    out.ok, out.failed_step = False, step.command
+    try:
+        out.device = _recheck(monitor, timeout, look)
+    except QmpConnectError as again:
+        back = f"; pyvhost mem resize {name} --size {undo} sets it back" if undo else ""
+        raise StateUnknownError(
+            f"{cause}, and a look-up after it failed too ({again}): what QEMU has is "
+            f"unknown; {name}'s requested-size may be {size} (asked for) or as it was"
+            f": check with {_mem_status(monitor)}{back}") from None
+    requested = (out.device or {}).get("requested-size")
+    plugged = (out.device or {}).get("size")
+    if requested == size:
+        out.done[:] = [step.command]
+        out.timed_out = True
+        out.error = (f"{cause}; the request is set ({name} requested-size {size}, "
+                     f"{plugged} plugged so far): the guest's driver keeps working "
+                     f"towards it")
+    else:
+        out.done.clear()
+        out.error = (f"{cause}; QEMU had not run it ({name} still requests {requested}): "
+                     f"nothing changed")
 
 
 def describe_ost(info: dict[str, Any]) -> str:

@@ -519,7 +519,14 @@ def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
         answered = call.wait(c.timeout)
         if answered and call.error is None:
             out.done.append(step.command)
-            mine = _verify(c, plan, out)
+            try:
+                mine = _verify(c, plan, out)
+            except (LibvirtError, lv.libvirtError) as e:
+                # Attached, but not verified (the live XML not read in time): undone, as
+                # a DIMM that is not there as asked would be.
+                out.failed_step, out.error = "verify", (
+                    f"could not read the live XML to check {plan.device_id}: "
+                    f"{_one_line(e)}")
     except KeyboardInterrupt:
         # Until the DIMM is verified the add is all or nothing, as on a failure.
         raise _add_interrupted(c, plan, call, out, flags, grace, progress,
@@ -540,7 +547,15 @@ def execute_libvirt_add(c: Connection, plan: Plan, *, force: bool = False,
             _leftovers(c, plan, out, qemu_monitor)
         elif mine is None:
             _undo(c, plan, flags, out, progress)
-            _leftovers(c, plan, out, qemu_monitor)
+            try:
+                _leftovers(c, plan, out, qemu_monitor)
+            except (LibvirtError, lv.libvirtError) as e:
+                out.orphans = [plan.device_id]
+                domain = c.dom.name()
+                out.error = (f"{out.error}; could not look at what is left "
+                             f"({_one_line(e)}): {plan.device_id} may still be attached; "
+                             f"see pyvhost mem status --libvirt {domain}, and remove it "
+                             f"with pyvhost mem remove --libvirt {domain} {plan.device_id}")
         else:
             out.device = {"id": mine.id, "memdev": mine.memdev, "addr": mine.addr,
                           "size": mine.size, "slot": mine.slot, "node": mine.node}

@@ -335,9 +335,19 @@ def plan_remove(device_id: str, state: VmState) -> Plan:
     """Plan ``device_del`` (wait for DEVICE_DELETED) then ``object-del`` of its backend.
 
     A DIMM, or a virtio-mem device where the QEMU version unplugs those (10.0, not 7.2)
-    and nothing is plugged or requested in it."""
+    and nothing is plugged or requested in it. An id that names a memory backend no
+    device and no boot RAM uses (what an add cut short can leave) plans its ``object-del``
+    alone."""
     dev = state.device(device_id)
     if dev is None:
+        backend = state.backend(device_id)
+        used = {d.memdev for d in state.memory_devices} | {
+            b.id for b in state.boot_backends}
+        if backend is not None and backend.id not in used:
+            return Plan("remove", device_id, backend.id,
+                        (Step("object-del", {"id": backend.id}),), (),
+                        Prediction(state.slots_used, state.maxmem_left, None, None),
+                        (f"{device_id} is a memory backend no device uses: it is deleted",))
         return Plan("remove", device_id, None, (), (_not_found(device_id, state),))
     if dev.kind == "virtio-mem":
         refusal = _virtio_mem_unplug_refusal(dev, state)

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
@@ -47,7 +47,10 @@ T = TypeVar("T")
 
 
 class QmpConnectError(LocalError):
-    """Nothing answers QMP on that socket (wrong path, QEMU gone, not a QMP socket)."""
+    """Nothing answers QMP on that socket (wrong path, QEMU gone, not a QMP socket).
+    ``command``: the command whose answer was lost, when it was lost during one."""
+
+    command: str | None = None
 
 
 class QmpMonitorHeldError(QmpConnectError):
@@ -56,7 +59,12 @@ class QmpMonitorHeldError(QmpConnectError):
 
 
 class QmpTimeoutError(QmpConnectError):
-    """QEMU did not answer a command within the timeout."""
+    """QEMU did not answer ``command`` within ``seconds``."""
+
+    def __init__(self, command: str, seconds: float) -> None:
+        super().__init__(f"{command}: QEMU did not answer within {seconds:g} s")
+        self.command = command
+        self.seconds = seconds
 
 
 class QmpCommandError(PeerError):
@@ -210,6 +218,26 @@ class Qmp:
                     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
+    def reconnect(self, timeout: float) -> None:
+        """Drop this connection and open a new one to the same monitor, the connect
+        bounded by ``timeout`` (after QEMU closed the old one in the middle of a change:
+        what QEMU has must be looked up)."""
+        self.close()
+        with self.time_limit(timeout):
+            self.connect()
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float) -> Iterator[None]:
+        """Bound each exchange of the block by ``seconds`` instead of the timeout (a
+        look-up after a command that was not answered in time gets a fresh, short one)."""
+        if seconds <= 0:
+            raise ValueError("a QMP time limit must be positive")
+        old, self.timeout = self.timeout, seconds
+        try:
+            yield
+        finally:
+            self.timeout = old
+
     def __enter__(self) -> Qmp:
         return self.connect()
 
@@ -230,11 +258,12 @@ class Qmp:
         except ExecuteError as e:
             raise QmpCommandError(command, str(e.error_class), str(e)) from e
         except TimeoutError as e:
-            raise QmpTimeoutError(f"{command}: QEMU did not answer within "
-                                  f"{self.timeout:g} s") from e
+            raise QmpTimeoutError(command, self.timeout) from e
         except (QMPError, EOFError, OSError) as e:
-            raise QmpConnectError(f"{command}: QEMU closed the QMP connection "
-                                  f"(QEMU quit or crashed?)") from e
+            closed = QmpConnectError(f"{command}: QEMU closed the QMP connection "
+                                     f"(QEMU quit or crashed?)")
+            closed.command = command
+            raise closed from e
 
     def hmp(self, command_line: str) -> str:
         return str(self.execute("human-monitor-command", {"command-line": command_line}))

@@ -13,6 +13,7 @@ It decides nothing (:mod:`.checks` does) and starts nothing (:mod:`.machines` do
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,12 @@ class TimedMonitor:
         if event is not None:
             self.events.append(event)
         return event
+
+    def time_limit(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        return self.inner.time_limit(seconds)
+
+    def reconnect(self, timeout: float) -> None:
+        self.inner.reconnect(timeout)
 
     def clear(self) -> None:
         self.calls.clear()
