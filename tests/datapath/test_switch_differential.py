@@ -4,21 +4,23 @@ on the same random rings.
 Each example builds the ingress port's guest memory (random bytes, a transmit ring with
 random descriptor tables, indirect tables and available rings: valid chains and hostile
 ones, as in test_differential) with frames written at most of its buffers (a zero header
-or an offload header, MACs from a small pool or random ones, so bursts hit the
-per-burst MAC limit, then often an IPv4 or IPv6 header of a few flows, so the flow hash
-takes each of its branches), and one or two egress ports, each with its own memory or
-sharing the ingress memory (buffers that overlap the transmitted ones), and one to four
-receive rings (random and hostile chains, header length 10 or 12, MRG_RXBUF, EVENT_IDX,
-MTU), some of them disabled: the push gets the enabled ones, and a port with several
-picks one per frame by its flow hash (multiqueue egress). It runs the
-burst as SwitchPort drives it - pull, macs, push with random routes (bit masks,
-same-port points, slow routes), frame for each slow frame, finish - through each
-step, on two copies, and asserts: the same results of every call (taken, errors,
-``more``/``slow``, the MACs, the stats, each port's counters and errors), the same
-queue states and notification decisions, every byte of every guest memory equal (used
-rings and frames included), the same bytes written per region, and the disabled rings
-untouched. The compiled flow hash is also held equal to :func:`pyvhost.switch.flow.flow_hash`
-on its own, on random and crafted frames.
+or an offload header, valid or hostile: :func:`offload_frame`; the sender and each egress
+port negotiate random offload sets, so offload frames are dropped as malformed, pushed
+with their header, or left to the Python path; MACs from a small pool or random ones, so
+bursts hit the per-burst MAC limit, then often an IPv4 or IPv6 header of a few flows, so
+the flow hash takes each of its branches), and one or two egress ports, each with its own
+memory or sharing the ingress memory (buffers that overlap the transmitted ones), and one
+to four receive rings (random and hostile chains, header length 10 or 12, MRG_RXBUF,
+EVENT_IDX, MTU), some of them disabled: the push gets the enabled ones, and a port with
+several picks one per frame by its flow hash (multiqueue egress). It runs the burst as
+SwitchPort drives it - pull, macs, push with random routes (bit masks, same-port points,
+slow routes), frame for each kept frame, finish - through each step, on two copies, and
+asserts: the same results of every call (taken, errors, ``more``, the MACs, the stats, the
+kept headers, each port's counters and errors), the same queue states and notification
+decisions, every byte of every guest memory equal (used rings and frames included), the
+same bytes written per region, and the disabled rings untouched. The compiled flow hash is
+also held equal to :func:`pyvhost.switch.flow.flow_hash` on its own, on random and crafted
+frames.
 
 Most examples run while the front-end logs: each connection (the ingress port, each egress
 port with memory of its own) gets its own memfd-backed dirty log on each path, on every
@@ -71,6 +73,11 @@ MAC_POOL = [bytes.fromhex(h) for h in ("020000000001", "020000000002", "02000000
 RX_RINGS = [RX_RING] + [(b, b + 0x100, b + 0x140) for b in (0x2800, 0x2A00, 0x2C00)]
 
 
+#: Offload sets a port negotiates (Offload bits: CSUM 1, TSO4 2, TSO6 4), the usual ones
+#: more often; TSO without CSUM is what a test may hand the step, not a port.
+OFFLOADS = [0, 1, 7, 7, 3, 5, 2, 6]
+
+
 @dataclass
 class Case:
     seed: int
@@ -91,6 +98,8 @@ class Case:
     route_seed: int
     log_bytes: int = 0      # per connection; 0: not logging
     log_used: tuple[int | None, ...] = ()  # log_guest_addr: the transmit queue's, then each out's
+    offload: int = 0        # what the sender negotiated (an Offload: CSUM, TSO4, TSO6)
+    accepts: tuple[int, ...] = ()  # what each egress port takes (default: nothing)
 
 
 @st.composite
@@ -117,12 +126,14 @@ def cases(draw: st.DrawFn) -> Case:
         indirect=draw(st.sampled_from([0.0, 0.1, 0.3])),
         tx_jump=draw(st.integers(0, 9)) == 0,
         frames=draw(st.sampled_from([0.5, 0.9, 1.0])),
-        slow=draw(st.sampled_from([0.0, 0.05, 0.3])),
+        slow=draw(st.sampled_from([0.0, 0.05, 0.3, 0.8])),
         random_macs=draw(st.sampled_from([0.0, 0.1, 0.6])),
         outs=outs, l3=draw(st.sampled_from([0.0, 0.5, 0.9])),
         route_seed=draw(st.integers(0, 2**32)),
         log_bytes=draw(st.sampled_from(LOG_BYTES)),
-        log_used=tuple(draw(st.sampled_from(LOG_USED)) for _ in range(len(outs) + 1)))
+        log_used=tuple(draw(st.sampled_from(LOG_USED)) for _ in range(len(outs) + 1)),
+        offload=draw(st.sampled_from(OFFLOADS)),
+        accepts=tuple(draw(st.sampled_from(OFFLOADS)) for _ in outs))
 
 
 def _plain(addr: int) -> bool:
@@ -153,6 +164,63 @@ def l3_header(r: random.Random) -> bytes:
     return b"\x86\xdd" + ip6 + ports
 
 
+def offload_frame(r: random.Random, hdr: int, length: int, macs: bytes) -> bytes:
+    """A frame with an offload header of ``length`` bytes (``hdr`` of header; as long as
+    the buffer, so its IP lengths agree with the frame when the chain is this one
+    buffer): TCP over IPv4 or IPv6 (a VLAN tag sometimes), or random bytes, and a header
+    valid for it or hostile in one or more fields (unknown flags, DATA_VALID, UDP or ECN
+    gso_type, GSO without NEEDS_CSUM, csum_start/offset out of range or off the TCP
+    checksum, hdr_len past the frame, gso_size 0 or too small or too large)."""
+    n = length - hdr                                 # the Ethernet frame's length
+    vlan = b"\x81\x00" + r.randbytes(2) if r.random() < 0.2 else b""
+    l3 = 14 + len(vlan)
+    v6 = r.random() < 0.4
+    doff = 5 if r.random() < 0.8 else r.randrange(5, 16)
+    tcp = bytes(4) + r.randbytes(8) + bytes([doff << 4, r.randrange(256)]) + bytes(6)
+    tcp += bytes(max(0, 4 * doff - 20))
+    if v6:
+        ip = (bytes([0x60, 0, 0, 0]) + (max(0, n - l3 - 40) & 0xFFFF).to_bytes(2, "big")
+              + bytes([6 if r.random() < 0.9 else 17, 64]) + r.randbytes(32))
+        etype = b"\x86\xdd"
+    else:
+        ihl = 5 if r.random() < 0.8 else r.randrange(16)
+        frag = r.choice([b"\0\0", b"\x40\0", b"\x40\0", b"\0\0", b"\x20\0", b"\0\x08"])
+        ip = (bytes([0x40 | ihl, 0]) + (max(0, n - l3) & 0xFFFF).to_bytes(2, "big") + bytes(2)
+              + frag + bytes([64, 6 if r.random() < 0.9 else 17]) + bytes(2) + r.randbytes(8))
+        ip += r.randbytes(max(0, 4 * ihl - 20))
+        etype = b"\x08\x00"
+    hostile = r.random() < 0.5
+    if hostile and r.random() < 0.2:                 # a length that does not match
+        ip = ip[:2] + r.randbytes(4) + ip[6:]
+    l4 = l3 + len(ip)
+    body = (vlan + etype + ip + tcp) if not hostile or r.random() < 0.9 else r.randbytes(60)
+    payload = n - l4 - 4 * doff
+    # Valid: NEEDS_CSUM at the TCP checksum, GSO of the frame's IP version or none.
+    flags = 1
+    gso = r.choice([0, 4 if v6 else 1])
+    gso_size = r.choice([1448, 536, max(1, payload // 3), 48])
+    csum_start, csum_offset, hdr_len = l4, 16, r.choice([0, l4 + 4 * doff])
+    if hostile:
+        # One or more fields hostile.
+        for _ in range(r.randrange(1, 4)):
+            field = r.randrange(6)
+            if field == 0:
+                flags = r.choice([0, 2, 3, 4, 0x81, r.randrange(256)])
+            elif field == 1:
+                gso = r.choice([1, 4, 3, 0x81, 0x84, 5, r.randrange(256)])
+            elif field == 2:
+                gso_size = r.choice([0, 1, r.randrange(0x10000), MAX_FRAME, MAX_FRAME + 1])
+            elif field == 3:
+                csum_start = r.choice([r.randrange(n + 2), r.randrange(0x10000), 0xFFFF])
+            elif field == 4:
+                csum_offset = r.choice([6, r.randrange(n + 2), 0xFFFF])
+            else:
+                hdr_len = r.choice([n, n + 1, r.randrange(n + 2), r.randrange(0x10000)])
+    header = bytes([flags, gso]) + b"".join(
+        (v & 0xFFFF).to_bytes(2, "little") for v in (hdr_len, gso_size, csum_start, csum_offset))
+    return header + r.randbytes(hdr - 10) + macs + body
+
+
 def _fill_ring(ram: Ram, ring_gpas: tuple[int, int, int], index: int, size: int, base: int,
                hdr: int, case: Case, r: random.Random, writable: float, jump: bool,
                frames: bool) -> tuple[SplitQueue, list[tuple[int, int, int, int]]]:
@@ -176,10 +244,13 @@ def _fill_ring(ram: Ram, ring_gpas: tuple[int, int, int], index: int, size: int,
     if frames:
         for addr, length, _, _ in descs:
             if _plain(addr) and length >= hdr + 12 and r.random() < case.frames:
-                header = bytes(10) if r.random() >= case.slow else bytes([1, 0]) + bytes(8)
-                data = header + bytes(hdr - 10) + _mac(r, case) + _mac(r, case)
-                if r.random() < case.l3:
-                    data += l3_header(r)
+                macs = _mac(r, case) + _mac(r, case)
+                if r.random() < case.slow:
+                    data = offload_frame(r, hdr, length, macs)
+                else:
+                    data = bytes(hdr) + macs
+                    if r.random() < case.l3:
+                        data += l3_header(r)
                 # Never past the buffer (a longer frame reads on into the random data).
                 ram.write(addr, data[:length])
     return q, descs
@@ -213,7 +284,9 @@ def build(case: Case, content: bytes) -> tuple[list[Ram], SplitQueue, list[forwa
             rx, _ = _fill_ring(out_ram, RX_RINGS[q], 2 * q, size, base, hdr, case, r, 0.97,
                                r.randrange(10) == 0, False)
             (rxs if on else disabled).append(rx)
-        outs.append(forward.Out(out_ram.mem, rxs[0], hdr, mrg, max_eth, tuple(rxs[1:])))
+        accepts = case.accepts[k] if k < len(case.accepts) else 0
+        outs.append(forward.Out(out_ram.mem, rxs[0], hdr, mrg, max_eth, tuple(rxs[1:]),
+                                accepts))
     return rams, tx, outs, disabled
 
 
@@ -245,12 +318,11 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
         logs = attach_logs(case, rams, tx, outs)
         with rams[0].manager.hold() as mem:
             for _ in range(MAX_BURSTS):
-                taken, error = fwd.pull(mem, tx, case.in_hdr, case.limit)
+                taken, error = fwd.pull(mem, tx, case.in_hdr, case.limit, case.offload)
                 events.append(("pull", taken, str(error) if error else None, fwd.more,
-                               fwd.slow, fwd.frames, dict(fwd.stats), fwd.macs()))
-                if fwd.frames and fwd.slow:
-                    events.append(("slow", fwd.frame(mem, 0)))
-                elif fwd.frames:
+                               fwd.frames, dict(fwd.stats), fwd.macs(),
+                               [fwd.frame(mem, k)[:10] for k in range(fwd.frames)]))
+                if fwd.frames:
                     _, dsts, src_at = fwd.macs()
                     # SwitchPort never hands over a broken queue (it takes the Python path).
                     active = [o for o in outs
@@ -261,9 +333,13 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                                                                            forward.NEVER])
                             for a in src_at]
                     slow = [routes.random() < 0.15 for _ in dsts]
+                    heads = [fwd.frame(mem, k)[:10] for k in range(fwd.frames)]
                     k = 0
                     while k < fwd.frames:
+                        before = k
                         k = fwd.push(mem, k, masks, same, slow, active)
+                        events.append(("offload pushed",
+                                       sum(1 for h in heads[before:k] if h[0] or h[1])))
                         events.append(("push", k, dict(fwd.stats), fwd.out_stats,
                                        [str(e) if e else None for e in fwd.out_errors],
                                        fwd.out_queue_stats))
@@ -308,12 +384,28 @@ MANY_MACS = [Case(seed=s, in_hdr=12, event_idx=False, tx_size=64, tx_base=0, lim
                   random_macs=1.0, outs=[(12, True, 16, 0, 65550, False, (True,))], l3=0.0,
                   route_seed=s)
              for s in (0, 4, 5)]  # seeds whose rings hold more than 16 frames
+#: Mostly offload frames from a sender with every offload, to two ports: one that takes
+#: them all (header 10 or 12, MRG_RXBUF or not) and one with a varying set (the Python
+#: path for what it lacks).
+OFFLOAD = [Case(seed=s, in_hdr=(12, 10)[s % 2], event_idx=False, tx_size=16, tx_base=0,
+                limit=64, hostility=0.0, indirect=0.0, tx_jump=False, frames=1.0, slow=0.8,
+                random_macs=0.0, outs=[((12, 10)[s // 2 % 2], s % 3 == 0, 16, 0, 1518, False,
+                                        (True,)), (12, True, 16, 0, 1518, False, (True,))],
+                l3=0.0, route_seed=s, log_used=(None, None, None), offload=7,
+                accepts=(7, OFFLOADS[s % len(OFFLOADS)]))
+           for s in range(8)]
 
 
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
 @example(MANY_MACS[0])
+@example(OFFLOAD[0])
+@example(OFFLOAD[1])
+@example(OFFLOAD[2])
+@example(OFFLOAD[3])
+@example(OFFLOAD[4])
+@example(OFFLOAD[5])
 def test_compiled_forward_equals_reference(case: Case) -> None:
     content = random.Random(case.seed).randbytes(Ram.END)
     expected = run(case, content, forward.Forwarder)
@@ -341,18 +433,25 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
     @given(cases())
     @example(MANY_MACS[1])
     @example(MANY_MACS[2])
+    @example(OFFLOAD[6])
+    @example(OFFLOAD[7])
     def sample(case: Case) -> None:
         events = run(case, random.Random(case.seed).randbytes(Ram.END), native.Forwarder)
         for ev in events:
             assert isinstance(ev, tuple)
             if ev[0] == "pull":
-                outcomes.update(f"in {k}" for k, v in ev[6].items() if v)
+                outcomes.update(f"in {k}" for k, v in ev[5].items() if v)
                 if ev[2]:
                     outcomes.add("tx error")
-                if ev[3] and not ev[4]:
+                if ev[3]:
                     outcomes.add("stopped early")
-                if len(ev[7][1]) == forward.MAX_MACS:
+                if len(ev[6][1]) == forward.MAX_MACS:
                     outcomes.add("mac limit")
+                if any(h[0] or h[1] for h in ev[7]):
+                    outcomes.add("offload kept")
+            elif ev[0] == "offload pushed":
+                if ev[1]:
+                    outcomes.add("offload pushed")
             elif ev[0] == "push":
                 outcomes.update(f"out {forward.OUT_STATS[i]}" for st in ev[3]
                                 for i, v in enumerate(st) if v)
@@ -362,8 +461,10 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
                     outcomes.add("same_port")
                 if any(q[0] for per in ev[5] for q in per[1:]):
                     outcomes.add("sent on a second queue")
-            elif ev[0] in ("slow", "frame"):
-                outcomes.add(ev[0])
+            elif ev[0] == "frame":
+                outcomes.add("frame")
+                if ev[1][0] or ev[1][1]:
+                    outcomes.add("offload to python")
             elif ev[0] == "log":
                 bitmap, marks, overflows = ev[1]
                 if any(bitmap):
@@ -376,7 +477,8 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
     sample()
     wanted = {"in malformed", "in too_big", "in frames", "tx error", "stopped early",
               "mac limit", "out tx_frames", "out too_big", "out no_rx_buffer",
-              "out bad_descriptor", "rx error", "same_port", "slow", "frame",
+              "out bad_descriptor", "rx error", "same_port", "frame", "offload kept",
+              "offload pushed", "offload to python",
               "sent on a second queue", "log marked", "log overflow", "log within"}
     assert wanted <= outcomes, sorted(wanted - outcomes)
 

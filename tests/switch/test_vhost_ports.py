@@ -290,3 +290,42 @@ def test_frames_larger_than_the_receiver_takes_are_dropped_not_cut(
     finally:
         for g in (a, t, p):
             g.close()
+
+
+def test_offload_frames_between_ports_that_negotiated_them_take_the_forward_step(
+        switched: Switched) -> None:
+    """NEEDS_CSUM and TSO frames from a port with CSUM/HOST_TSO to one with GUEST_CSUM/
+    GUEST_TSO go through the forward step with their header (issue 12): none of them is
+    counted as having taken the Python path (``rx_python``); one to a port without the
+    offloads is."""
+    a = Guest(switched, "a2", features=CSUM_TSO_TX | GUEST_TSO, rx_size=SLOT_RX)
+    t = Guest(switched, "t2", features=GUEST_TSO, rx_size=SLOT_RX)
+    try:
+        t.post_rx(48)
+        sent = []
+        for ipv6 in (False, True):
+            sent.append(tcp_frame(bytes(range(256)) * 4, ipv6=ipv6, gso=False).frame)
+            sent.append(tcp_frame(bytes(3000), ipv6=ipv6, mss=1000).frame)
+        for f in sent:
+            _send_whole(a, f)
+        got = recv_whole(t, len(sent))
+        assert [g[:10] + g[HDR:] for g in got] == [f[:10] + f[HDR:] for f in sent]
+        assert _python_path(a) == 0
+        assert a.counters["rx_drops"] == {} and t.counters["tx_drops"] == {}
+        p = Guest(switched, "p2", features=NET_FEATURES, rx_size=SLOT_RX)
+        try:
+            p.post_rx(48)
+            _send_whole(a, sent[0])
+            recv_whole(t, 1)
+            recv_whole(p, 1)
+            assert _python_path(a) == 1
+        finally:
+            p.close()
+    finally:
+        a.close()
+        t.close()
+
+
+def _python_path(g: Guest) -> object:
+    """The frames ``g``'s port left to the Python path."""
+    return g.counters["rx_python"]

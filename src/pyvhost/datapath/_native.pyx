@@ -306,6 +306,7 @@ cdef struct Burst:
     uint32_t hdr_len        # 10 or 12: the receive side's header
     uint32_t in_hdr         # 10 or 12: the header of the frame in txp
     int swap                # swap the MACs (the reflector)
+    uint8_t vnet[10]        # flags .. csum_offset of the header written (zero: no offload)
     int mrg_rxbuf
     uint32_t limit
     Pieces txp              # the readable pieces of the transmitted chain
@@ -680,8 +681,9 @@ cdef int overlapping(const Pieces *a, const Pieces *b) noexcept nogil:
 
 cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept nogil:
     """Copy the frame in ``txp`` (an ``in_hdr``-byte header, then the Ethernet frame) into
-    the receive pieces as ``size`` bytes: a zeroed ``hdr_len``-byte header ("no
-    offload"), num_buffers set, then the Ethernet frame, MACs swapped if ``swap``.
+    the receive pieces as ``size`` bytes: an ``hdr_len``-byte header (``vnet``, the
+    forward step's checked offload header or zero: "no offload", then zero), num_buffers
+    set, then the Ethernet frame, MACs swapped if ``swap``.
 
     One copy, guest to guest, unless the receive buffers overlap the transmitted ones
     (a driver may post such): then the frame goes through ``bounce`` first, so the
@@ -716,7 +718,8 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
         memcpy(mac, <uint8_t *>head + h, 6)
         memcpy(<uint8_t *>head + h, head + h + 6, 6)
         memcpy(<uint8_t *>head + h + 6, mac, 6)
-    memset(<uint8_t *>head, 0, h)            # a plain "no offload" header
+    memset(<uint8_t *>head, 0, h)            # a plain "no offload" header, or
+    memcpy(<uint8_t *>head, b.vnet, 10)      # the checked offload header (h >= 10)
     if set_nb:                               # num_buffers, at offset 10 (le16)
         (<uint8_t *>head)[10] = nb & 0xFF
         (<uint8_t *>head)[11] = (nb >> 8) & 0xFF

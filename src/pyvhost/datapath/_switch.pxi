@@ -13,6 +13,12 @@
 #   frame(k)                        the bytes of frame k, for the Python path
 #   finish(mem, tx)                 return the transmitted chains, decide the notification
 #
+# Offload headers (issue 12): a header with flags or gso_type set is checked in pull by
+# vnet_check, switch.offload.check_ingress's checks for a driver, and the frame is kept
+# with its header (or dropped as malformed); push writes that header to a port that takes
+# it as it is (its negotiated GUEST_CSUM / GUEST_TSO4/6: switch.offload.needs) and stops
+# at the frame otherwise (checksum completion or segmentation: the Python path).
+#
 # Memory safety: as in the reflector. Chains are walked by walk() (every guest number
 # bounded there), frames are read through the pieces walk() stored, each inside one
 # region; each egress port's receive chains are walked against that port's own table.
@@ -22,6 +28,18 @@ cdef enum:
     NEVER = 0x7FFFFFFF
     MAX_OUTS = 64           # egress ports per push (a route is a 64-bit mask)
     HASHED = 14 + 60 + 4    # bytes of a frame the flow hash reads (switch.flow.HASHED)
+    # Bytes of an Ethernet frame vnet_check reads at most: an Ethernet header, one VLAN
+    # tag, an IPv4 header of 60 bytes, a TCP header of 60 (its data offset's largest).
+    CHECKED = 14 + 4 + 60 + 60
+    # Offloads (switch.offload.Offload) and the header's values (virtio 1.2, 5.1.6).
+    OFF_CSUM = 1
+    OFF_TSO4 = 2
+    OFF_TSO6 = 4
+    F_NEEDS_CSUM = 1
+    GSO_NONE = 0
+    GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
+    MAX_SEGMENTS = 1400     # switch.offload.MAX_SEGMENTS
 
 # What pull and push count (Forwarder.stats, forward.STATS order).
 cdef enum:
@@ -43,6 +61,8 @@ cdef struct Frame:          # a frame pull kept, its chain not yet returned
     uint64_t total          # readable bytes: in_hdr + the Ethernet frame (checked)
     uint8_t dst             # < ndst
     uint8_t src             # < nsrc
+    uint8_t need            # the offloads a receiver needs to take it as it is (or 0)
+    uint8_t vnet[10]        # its header's flags .. csum_offset, checked (zero if need 0)
 
 
 cdef struct OutPort:        # one receive queue of an egress port during one push
@@ -62,7 +82,7 @@ cdef struct Fwd:
     uint32_t src_first[MAX_MACS]
     size_t ndst, nsrc
     int more                # pull stopped before the ring was empty
-    int slow                # the one kept frame needs the Python path
+    uint32_t offload        # what the sender negotiated (OFF_*): pull checks against it
     uint64_t st[NFSTATS]
     OutPort *outs           # the egress ports' receive queues: port o's are
     size_t nouts, outs_cap  # outs[lane0[o] .. lane0[o] + nq[o]), nouts ports
@@ -72,6 +92,7 @@ cdef struct Fwd:
     uint64_t masks[MAX_MACS]
     uint32_t same_at[MAX_MACS]
     uint8_t slowr[MAX_MACS]
+    uint8_t accepts[MAX_OUTS]   # each egress port's negotiated receive offloads (OFF_*)
     size_t k                # push's position
 
 
@@ -169,6 +190,108 @@ def frame_flow_hash(frame: bytes, size_t start) -> int:
     return flow_hash(&view, n, <uint32_t>start)
 
 
+cdef inline uint32_t le16(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8)
+
+
+cdef inline uint32_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef int vnet_check(const uint8_t *hd, const uint8_t *e, uint64_t n,
+                    uint32_t allowed) noexcept nogil:
+    """switch.offload.check_ingress for a driver (``kernel`` false), of a header whose
+    flags or gso_type are not zero: -1 if it refuses the frame (malformed), else what a
+    receiver needs to take the frame as it is (switch.offload.needs).
+
+    ``hd`` is the header (10 bytes read), ``e`` the first min(n, CHECKED) bytes of the
+    Ethernet frame, ``n`` its length (14 .. MAX_FRAME: pull). Memory safety: every field
+    of ``hd`` is guest-controlled and is only compared, never used as an index; every
+    index into ``e`` is a constant or an offset bounded by the layout (l3 <= 18, an IPv4
+    header length <= 60, l4 <= 78, a TCP header <= 60: each below CHECKED) and is read
+    only after a check that ``n`` is past it, so it lies inside the bytes gathered."""
+    cdef uint32_t flags = hd[0], gso = hd[1]
+    cdef uint64_t hdr_len = le16(hd + 2), gso_size = le16(hd + 4)
+    cdef uint64_t csum_start = le16(hd + 6), csum_offset = le16(hd + 8)
+    cdef uint64_t l3 = 14, l4, ihl, doff, payload
+    cdef uint32_t ethertype, need
+    cdef int needs_csum
+    # "The driver MUST NOT set the VIRTIO_NET_HDR_F_DATA_VALID and
+    # VIRTIO_NET_HDR_F_RSC_INFO bits in flags."
+    if flags & ~F_NEEDS_CSUM:
+        return -1
+    needs_csum = flags & F_NEEDS_CSUM
+    if needs_csum:
+        # "If VIRTIO_NET_F_CSUM is not negotiated, the driver MUST set flags to zero".
+        if not allowed & OFF_CSUM:
+            return -1
+        # The checksum field lies inside the frame (both fields < 2**16: no overflow).
+        if csum_start + csum_offset + 2 > n:
+            return -1
+    if hdr_len > n:
+        return -1
+    if gso == GSO_NONE:
+        return OFF_CSUM                      # flags is NEEDS_CSUM here
+    if gso == GSO_TCPV4:
+        need = OFF_TSO4
+    elif gso == GSO_TCPV6:
+        need = OFF_TSO6
+    else:
+        return -1                            # UDP or the ECN bit: never offered
+    # "If none of the VIRTIO_NET_F_HOST_TSO4, TSO6 or UFO options have been negotiated,
+    # the driver MUST set gso_type to VIRTIO_NET_HDR_GSO_NONE."
+    if not allowed & need:
+        return -1
+    # "If gso_type differs from VIRTIO_NET_HDR_GSO_NONE, then the driver MUST also set
+    # the VIRTIO_NET_HDR_F_NEEDS_CSUM bit in flags and MUST set gso_size to indicate the
+    # desired MSS."
+    if not needs_csum:
+        return -1
+    # switch.offload.tcp_layout, on Ethernet offsets (n >= 14: e[12], e[13] are there).
+    ethertype = be16(e + 12)
+    if ethertype == 0x8100:
+        l3 = 18
+        if n < l3:
+            return -1
+        ethertype = be16(e + 16)
+    if gso == GSO_TCPV4:
+        if ethertype != 0x0800 or n < l3 + 20 or e[l3] >> 4 != 4:
+            return -1
+        ihl = (e[l3] & 0xF) * 4
+        if ihl < 20 or n < l3 + ihl:
+            return -1
+        if be16(e + l3 + 2) != n - l3:
+            return -1
+        if be16(e + l3 + 6) & 0x3FFF:        # a fragment
+            return -1
+        if e[l3 + 9] != 6:                   # not TCP
+            return -1
+        l4 = l3 + ihl
+    else:
+        if ethertype != 0x86DD or n < l3 + 40 or e[l3] >> 4 != 6:
+            return -1
+        if e[l3 + 6] != 6:                   # not TCP (no extension headers)
+            return -1
+        if be16(e + l3 + 4) != n - l3 - 40:
+            return -1
+        l4 = l3 + 40
+    if n < l4 + 20:
+        return -1
+    doff = (e[l4 + 12] >> 4) * 4
+    if doff < 20 or n < l4 + doff:
+        return -1
+    if csum_start != l4 or csum_offset != 16:    # the TCP checksum
+        return -1
+    payload = n - l4 - doff
+    if gso_size == 0 or gso_size > MAX_FRAME:
+        return -1
+    if payload == 0:
+        return -1
+    if (payload + gso_size - 1) // gso_size > MAX_SEGMENTS:
+        return -1
+    return need
+
+
 cdef void unpull(Fwd *f, size_t start) noexcept nogil:
     """Give the chain just taken back to the ring (SplitQueue.unpop(1)): it is walked
     again by the next pull."""
@@ -187,8 +310,10 @@ cdef int pull_fn(void *arg) noexcept nogil:
     cdef uint16_t head
     cdef uint32_t n, h = b.in_hdr
     cdef size_t start, i
-    cdef int rc, di, si, fast
+    cdef int rc, di, si, need
     cdef uint8_t hdr[24]
+    cdef uint8_t whole[12 + CHECKED]
+    cdef uint64_t got
     cdef Pieces view
     cdef Frame *fr
     enable_kicks(&b.tx, 0)
@@ -231,30 +356,33 @@ cdef int pull_fn(void *arg) noexcept nogil:
         view.len = f.allp.len - start
         view.cap = view.len
         gather(&view, hdr, h + 12, &soff)
-        fast = 1
-        for i in range(10):                  # flags .. csum_offset all zero: no offload
-            if hdr[i]:
-                fast = 0
-        if not fast and f.nframes:
-            unpull(f, start)                 # it starts the next burst, alone
+        need = 0
+        if hdr[0] or hdr[1]:
+            # An offload header (flags, gso_type): check_ingress's checks on the header
+            # and the frame's first min(total, h + CHECKED) bytes (inside the pieces,
+            # which hold total bytes; whole holds 12 + CHECKED >= h + CHECKED).
+            got = total if total < h + CHECKED else h + CHECKED
+            gather(&view, whole, got, &soff)
+            need = vnet_check(whole, whole + h, total - h, f.offload)
+            if need < 0:
+                f.st[F_MALFORMED] += 1
+                f.allp.len = start
+                continue
+        # Flags and gso_type zero: no offload; the other fields are not kept (zeroed).
+        di = mac_index(f.dsts, f.ndst, hdr + h)
+        si = mac_index(f.srcs, f.nsrc, hdr + h + 6)
+        if (di < 0 and f.ndst == MAX_MACS) or (si < 0 and f.nsrc == MAX_MACS):
+            unpull(f, start)
             break
-        if fast:
-            di = mac_index(f.dsts, f.ndst, hdr + h)
-            si = mac_index(f.srcs, f.nsrc, hdr + h + 6)
-            if (di < 0 and f.ndst == MAX_MACS) or (si < 0 and f.nsrc == MAX_MACS):
-                unpull(f, start)
-                break
-            if di < 0:
-                memcpy(f.dsts[f.ndst], hdr + h, 6)
-                di = <int>f.ndst
-                f.ndst += 1
-            if si < 0:
-                memcpy(f.srcs[f.nsrc], hdr + h + 6, 6)
-                f.src_first[f.nsrc] = <uint32_t>f.nframes
-                si = <int>f.nsrc
-                f.nsrc += 1
-        else:
-            di = si = 0
+        if di < 0:
+            memcpy(f.dsts[f.ndst], hdr + h, 6)
+            di = <int>f.ndst
+            f.ndst += 1
+        if si < 0:
+            memcpy(f.srcs[f.nsrc], hdr + h + 6, 6)
+            f.src_first[f.nsrc] = <uint32_t>f.nframes
+            si = <int>f.nsrc
+            f.nsrc += 1
         if reserve(<void **>&f.frames, &f.frames_cap, f.nframes + 1, sizeof(Frame)):
             b.err = E_NOMEM
             break
@@ -265,11 +393,12 @@ cdef int pull_fn(void *arg) noexcept nogil:
         fr.total = total
         fr.dst = <uint8_t>di
         fr.src = <uint8_t>si
+        fr.need = <uint8_t>need
+        if need:
+            memcpy(fr.vnet, hdr, 10)
+        else:
+            memset(fr.vnet, 0, 10)
         f.nframes += 1
-        if not fast:
-            f.slow = 1
-            f.more = 1
-            break
         f.st[F_FRAMES] += 1
         f.st[F_BYTES] += total - h
     return 0
@@ -281,7 +410,7 @@ cdef int push_fn(void *arg) noexcept nogil:
     cdef size_t k = f.k, o
     cdef Frame *fr
     cdef OutPort *out
-    cdef uint64_t eth, mask
+    cdef uint64_t eth, mask, m
     cdef uint32_t hashed, lane
     cdef Pieces view
     cdef int rc, drop, j, have_hash
@@ -294,8 +423,23 @@ cdef int push_fn(void *arg) noexcept nogil:
             continue
         if f.slowr[j]:
             break
-        eth = fr.total - f.b.in_hdr          # 14 .. MAX_FRAME (pull)
         mask = f.masks[j]                    # bits below nouts only (push's Python side)
+        if fr.need:
+            # "If VIRTIO_NET_F_GUEST_CSUM is not negotiated, the device MUST set flags to
+            # zero and SHOULD supply a fully checksummed packet to the driver"; "If none
+            # of the VIRTIO_NET_F_GUEST_TSO4, TSO6 ... options have been negotiated, the
+            # device MUST set gso_type to VIRTIO_NET_HDR_GSO_NONE": a port without what
+            # the header needs gets the frame from the Python path (adapt_egress).
+            m = mask
+            o = 0
+            while m:
+                if m & 1 and fr.need & ~f.accepts[o]:   # o < nouts <= MAX_OUTS
+                    break
+                m >>= 1
+                o += 1
+            if m:
+                break
+        eth = fr.total - f.b.in_hdr          # 14 .. MAX_FRAME (pull)
         have_hash = 0
         hashed = 0
         o = 0
@@ -312,7 +456,9 @@ cdef int push_fn(void *arg) noexcept nogil:
                         have_hash = 1
                     lane += hashed % f.nq[o]     # < lane0[o] + nq[o] <= nlanes
                 out = &f.outs[lane]
-                if eth > out.max_eth:
+                # A GSO frame is not held to the mtu: the receive buffers decide (as
+                # SwitchPort._egress).
+                if eth > out.max_eth and not fr.vnet[1]:
                     out.st[O_TOO_BIG] += 1
                 else:
                     out.routed += 1
@@ -320,6 +466,7 @@ cdef int push_fn(void *arg) noexcept nogil:
                         out.b.txp.v = f.allp.v + fr.start
                         out.b.txp.len = fr.npieces
                         out.b.txp.cap = fr.npieces
+                        memcpy(out.b.vnet, fr.vnet, 10)
                         rc = write_frame(&out.b, out.b.hdr_len + eth, &drop)
                         if rc:
                             out.b.err = rc
@@ -397,7 +544,6 @@ cdef class Forwarder:
     cdef public list out_errors
     cdef public object in_fault
     cdef public bint more
-    cdef public bint slow
 
     def __cinit__(self) -> None:
         memset(&self.f, 0, sizeof(Fwd))
@@ -421,7 +567,8 @@ cdef class Forwarder:
     def frames(self) -> int:
         return self.f.nframes
 
-    def pull(self, mem: object, tx: object, int hdr_len, int limit) -> tuple:
+    def pull(self, mem: object, tx: object, int hdr_len, int limit,
+             int offload=0) -> tuple:
         """See forward.Forwarder.pull."""
         cdef Fwd *f = &self.f
         cdef Burst *b = &f.b
@@ -445,7 +592,8 @@ cdef class Forwarder:
         b.tx_used_len = 0
         f.allp.len = 0
         f.nframes = f.ndst = f.nsrc = 0
-        f.more = f.slow = 0
+        f.more = 0
+        f.offload = <uint32_t>(offload & 7)
         memset(f.st, 0, sizeof(f.st))
         tables[0].r = b.regions
         tables[0].n = b.nregions
@@ -455,7 +603,6 @@ cdef class Forwarder:
             raise _fault(fault)
         store_ring(tx, &b.tx)
         self.more = f.more
-        self.slow = f.slow
         st = self.stats
         for i in range(NFSTATS):
             st[_FSTATS[i]] = f.st[i]
@@ -499,6 +646,8 @@ cdef class Forwarder:
         if copy_guarded(&view, <uint8_t *>PyBytes_AS_STRING(out), fr.total, self.table,
                         &fault):
             raise _fault(fault)
+        if not fr.need:                      # the header as the switch carries it
+            memset(PyBytes_AS_STRING(out), 0, 10)
         return out
 
     def push(self, mem: object, size_t start, masks: list, same_at: list, slow: list,
@@ -523,6 +672,8 @@ cdef class Forwarder:
             f.masks[j] = m
             f.same_at[j] = min(<uint64_t>same_at[j], <uint64_t>NEVER)
             f.slowr[j] = bool(slow[j])
+        for o in range(nouts):
+            f.accepts[o] = <uint8_t>(outs[o].accepts & 7)
         # Each port's receive queues, one lane each: port o's are lanes lane0[o] ..
         # lane0[o] + nq[o] - 1, so a lane chosen by push_fn is below nlanes.
         queues = []

@@ -56,15 +56,19 @@ class PortCounters:
     the port. Bytes count Ethernet frames, without the virtio-net header. Drops are counted
     by reason, on the port where they happened: ``rx_drops`` for frames refused on the way
     in (malformed, too_big, bad_descriptor), ``tx_drops`` for frames the port could not
-    take (no_rx_buffer, too_big, port_down, error, malformed)."""
+    take (no_rx_buffer, too_big, port_down, error, malformed). ``rx_python``: of the frames
+    a vhost-user port's forward step kept, those it left to the Python path (bytes through
+    :meth:`Switch.forward`: to a tap, to a port without a ready receive queue, or with an
+    offload header the receiver did not negotiate), counted once per frame."""
 
-    __slots__ = ("_lock", "rx_bytes", "rx_drops", "rx_frames", "tx_bytes", "tx_drops",
-                 "tx_frames")
+    __slots__ = ("_lock", "rx_bytes", "rx_drops", "rx_frames", "rx_python", "tx_bytes",
+                 "tx_drops", "tx_frames")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.rx_frames = 0
         self.rx_bytes = 0
+        self.rx_python = 0
         self.tx_frames = 0
         self.tx_bytes = 0
         self.rx_drops: dict[str, int] = {}
@@ -82,7 +86,8 @@ class PortCounters:
         with self._lock:
             return {"rx_frames": self.rx_frames, "rx_bytes": self.rx_bytes,
                     "tx_frames": self.tx_frames, "tx_bytes": self.tx_bytes,
-                    "rx_drops": dict(self.rx_drops), "tx_drops": dict(self.tx_drops)}
+                    "rx_drops": dict(self.rx_drops), "tx_drops": dict(self.tx_drops),
+                    "rx_python": self.rx_python}
 
 
 class Port(ABC):

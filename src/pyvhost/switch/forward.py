@@ -16,10 +16,13 @@ consulted and updated once per burst, never per frame):
 1. :meth:`Forwarder.pull` takes up to ``limit`` chains of the transmit queue. A chain
    whose readable part is shorter than a header and an Ethernet header, or longer than
    the largest frame, is dropped (``malformed``, ``too_big``); the others are *kept*,
-   unread but for their header and MACs. A frame whose header asks for an offload
-   (flags, gso_type or another field non-zero) needs the Python path
-   (:func:`~.offload.check_ingress`): it is taken alone, in a burst of its own
-   (:attr:`Forwarder.slow`). A burst holds at most :data:`MAX_MACS` distinct destination
+   unread but for their header and MACs. A header that asks for an offload (flags or
+   gso_type non-zero) is checked here as :func:`~.offload.check_ingress` checks it
+   against the sender's negotiated offloads (``offload``): a frame it refuses is
+   dropped as ``malformed``, the others are kept with their header and the offloads a
+   receiver needs to take them as they are (:func:`~.offload.needs`). A header with
+   flags and gso_type zero asks for nothing: its other fields are zeroed (as
+   check_ingress does). A burst holds at most :data:`MAX_MACS` distinct destination
    and source MACs; the chain that would bring one more is left in the ring.
 2. :meth:`Forwarder.macs`: the distinct sources (to learn), the distinct destinations
    (to look up) and, for each destination, the first kept frame whose *source* it is.
@@ -29,12 +32,17 @@ consulted and updated once per burst, never per frame):
    looking up frame by frame gives.
 3. :meth:`Forwarder.push` copies the kept frames, in order from ``start``, into the
    egress ports (:class:`Out`) their destination's route names (a bit mask), each
-   with a zeroed header ("no offload") of the port's length, ``num_buffers`` set, never
-   truncated; of a port with several enabled receive queues, into the one the frame's
-   flow hash picks (:mod:`.flow`, the Python path's choice). It stops at a frame whose
-   route is ``slow`` (a tap, a port with no receive queue, a port whose log the step can
-   not mark: the Python path) and returns its index.
-4. :meth:`Forwarder.frame` gives such a frame's bytes; :meth:`Forwarder.finish` returns
+   with its header (zero: "no offload", or the sender's checked one) of the port's
+   length, ``num_buffers`` set, never truncated; of a port with several enabled receive
+   queues, into the one the frame's flow hash picks (:mod:`.flow`, the Python path's
+   choice). It stops at a frame whose route is ``slow`` (a tap, a port with no receive
+   queue, a port whose log the step can not mark: the Python path), or at a frame with an
+   offload header that one of its egress ports does not take as it is
+   (:attr:`Out.accepts`: the checksum must be completed or the frame segmented,
+   :func:`~.offload.adapt_egress`), and returns its index. A GSO frame is not held to a
+   port's ``max_eth`` (the receive buffers decide, as on the Python path).
+4. :meth:`Forwarder.frame` gives such a frame's bytes (the header as the switch carries
+   it); :meth:`Forwarder.finish` returns
    every chain taken, as used with length 0, and decides the notification.
 
 Errors: a transmit queue error in pull breaks the queue (returned, the frames kept before
@@ -56,8 +64,9 @@ from pyvhost.devices.virtio_net import MAX_FRAME, write_rx_frame
 from pyvhost.memory import GuestMemory
 from pyvhost.virtq import DescriptorChain, SplitQueue, VirtqueueError
 
-from .core import MAX_ETHERNET
+from .core import MAX_ETHERNET, NET_HDR
 from .flow import flow_hash
+from .offload import HeaderError, Offload, check_ingress, needs
 
 #: Distinct destination (and source) MACs per burst: bounds the Python work per burst.
 MAX_MACS = 16
@@ -70,6 +79,7 @@ STATS = ("malformed", "too_big", "same_port", "frames", "bytes")
 #: order), in this order.
 OUT_STATS = ("tx_frames", "tx_bytes", "too_big", "no_rx_buffer", "bad_descriptor")
 _SENT, _BYTES, _TOO_BIG, _NO_RX, _BAD = range(5)
+_NO_OFFLOAD = bytes(10)  # flags .. csum_offset
 
 assert MAX_ETHERNET == MAX_FRAME  # the compiled step bounds frames with MAX_FRAME
 
@@ -89,6 +99,9 @@ class Out:
     mrg_rxbuf: bool
     max_eth: int
     more_rx: tuple[SplitQueue, ...] = ()
+    #: The offloads its driver takes (its negotiated GUEST_CSUM / GUEST_TSO4/6): a frame
+    #: whose header needs more takes the Python path (:func:`~.offload.adapt_egress`).
+    accepts: int = 0
 
     @property
     def queues(self) -> tuple[SplitQueue, ...]:
@@ -106,13 +119,12 @@ class ForwardStep(Protocol):
     out_errors: list[BaseException | None]
     in_fault: BaseException | None
     more: bool
-    slow: bool
 
     @property
     def frames(self) -> int: ...
 
-    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int,
-             limit: int) -> tuple[int, VirtqueueError | None]: ...
+    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int, limit: int,
+             offload: int = 0) -> tuple[int, VirtqueueError | None]: ...
 
     def macs(self) -> tuple[list[bytes], list[bytes], list[int]]: ...
 
@@ -136,9 +148,8 @@ class Forwarder:
         self.in_fault: BaseException | None = None
         #: pull stopped before it saw the ring empty (kicks are still off).
         self.more = False
-        #: The one kept frame asks for an offload: the Python path.
-        self.slow = False
-        self._frames: list[tuple[DescriptorChain, int, int]] = []  # chain, total, dst
+        #: chain, total, dst, the offloads a receiver needs, the header (10 bytes)
+        self._frames: list[tuple[DescriptorChain, int, int, int, bytes]] = []
         self._used: list[tuple[int, int]] = []
         self._in_hdr = 12
         self._srcs: list[bytes] = []
@@ -150,17 +161,20 @@ class Forwarder:
         """Frames kept by the last pull."""
         return len(self._frames)
 
-    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int,
-             limit: int) -> tuple[int, VirtqueueError | None]:
+    def pull(self, mem: GuestMemory, tx: SplitQueue, hdr_len: int, limit: int,
+             offload: int = 0) -> tuple[int, VirtqueueError | None]:
         """Take up to ``limit`` chains; returns how many, and the error that broke the
-        queue (if one did). ``mem`` must be held until :meth:`finish`."""
+        queue (if one did). ``offload`` is what the sender negotiated (an
+        :class:`~.offload.Offload`: CSUM, HOST_TSO4/6), which its headers are checked
+        against. ``mem`` must be held until :meth:`finish`."""
         if hdr_len not in (10, 12):
             raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
         self._frames = []
         self._used = []
         self._in_hdr = hdr_len
         self._srcs, self._dsts, self._src_first = [], [], []
-        self.more = self.slow = False
+        self.more = False
+        allowed = Offload(offload & 7)
         st = self.stats = dict.fromkeys(STATS, 0)
         taken = 0
         try:
@@ -183,30 +197,34 @@ class Forwarder:
                     st["too_big"] += 1
                     continue
                 head = chain.read(mem, hdr_len + 12)
-                fast = not any(head[:10])
-                if not fast and self._frames:
+                need = 0
+                vnet = _NO_OFFLOAD
+                if head[0] or head[1]:
+                    # An offload header: check_ingress's checks, its drops (malformed).
+                    raw = chain.read(mem, total)
+                    if hdr_len != NET_HDR:
+                        raw = raw[:hdr_len] + b"\0\0" + raw[hdr_len:]
+                    try:
+                        check_ingress(raw, allowed)
+                    except HeaderError:
+                        st["malformed"] += 1
+                        continue
+                    need = needs(head[0], head[1])
+                    vnet = bytes(head[:10])
+                dst, src = head[hdr_len:hdr_len + 6], head[hdr_len + 6:hdr_len + 12]
+                new_dst, new_src = dst not in self._dsts, src not in self._srcs
+                if (new_dst and len(self._dsts) == MAX_MACS) or \
+                        (new_src and len(self._srcs) == MAX_MACS):
                     self._unpull(tx)
                     taken -= 1
                     break
-                di = 0
-                if fast:
-                    dst, src = head[hdr_len:hdr_len + 6], head[hdr_len + 6:hdr_len + 12]
-                    new_dst, new_src = dst not in self._dsts, src not in self._srcs
-                    if (new_dst and len(self._dsts) == MAX_MACS) or \
-                            (new_src and len(self._srcs) == MAX_MACS):
-                        self._unpull(tx)
-                        taken -= 1
-                        break
-                    if new_dst:
-                        self._dsts.append(dst)
-                    if new_src:
-                        self._srcs.append(src)
-                        self._src_first.append(len(self._frames))
-                    di = self._dsts.index(dst)
-                self._frames.append((chain, total, di))
-                if not fast:
-                    self.slow = self.more = True
-                    break
+                if new_dst:
+                    self._dsts.append(dst)
+                if new_src:
+                    self._srcs.append(src)
+                    self._src_first.append(len(self._frames))
+                di = self._dsts.index(dst)
+                self._frames.append((chain, total, di, need, vnet))
                 st["frames"] += 1
                 st["bytes"] += total - hdr_len
         except VirtqueueError as e:
@@ -231,9 +249,13 @@ class Forwarder:
         return list(self._srcs), list(self._dsts), src_at
 
     def frame(self, mem: GuestMemory, k: int) -> bytes:
-        """Kept frame ``k`` as the driver wrote it (its header, then the frame)."""
-        chain, total, _ = self._frames[k]
-        return chain.read(mem, total)
+        """Kept frame ``k``: its header as the switch carries it (the driver's, checked, or
+        zero where flags and gso_type are: check_ingress's), then the frame."""
+        chain, total, _, need, _ = self._frames[k]
+        data = chain.read(mem, total)
+        if not need:
+            data = _NO_OFFLOAD + data[10:]
+        return data
 
     def push(self, mem: GuestMemory, start: int, masks: list[int], same_at: list[int],
              slow: list[bool], outs: list[Out]) -> int:
@@ -266,14 +288,15 @@ class Forwarder:
         same_port = 0
         k = start
         while k < len(self._frames):
-            chain, total, j = self._frames[k]
+            chain, total, j, need, vnet = self._frames[k]
             if k >= same_at[j]:
                 same_port += 1
                 k += 1
                 continue
-            if slow[j]:
+            if slow[j] or (need and _refused(need, masks[j], outs)):
                 break
             eth = total - h
+            gso = vnet[1]
             data: bytes | None = None
             hashed: int | None = None
             mask = masks[j]
@@ -290,7 +313,7 @@ class Forwarder:
                             hashed = flow_hash(data, 0)
                         q = hashed % len(qs)
                     st = stats[o][q]
-                    if eth > out.max_eth:
+                    if eth > out.max_eth and not gso:
                         st[_TOO_BIG] += 1
                     else:
                         routed[o][q] += 1
@@ -299,7 +322,7 @@ class Forwarder:
                                 data = chain.read(mem, total)[h:]
                             try:
                                 reason = write_rx_frame(
-                                    out.mem, qs[q], bytes(out.hdr_len) + data,
+                                    out.mem, qs[q], vnet + bytes(out.hdr_len - 10) + data,
                                     hdr_len=out.hdr_len, mrg_rxbuf=out.mrg_rxbuf,
                                     used=used[o][q])
                             except VirtqueueError as e:
@@ -337,6 +360,18 @@ class Forwarder:
             tx.push_used_batch(self._used)
             tx.decide_notify()
         self._used = []
+
+
+def _refused(need: int, mask: int, outs: list[Out]) -> bool:
+    """Whether a port of ``mask`` does not take a frame needing ``need`` as it is: the
+    switch must complete its checksum or segment it (the Python path's adapt_egress)."""
+    o = 0
+    while mask:
+        if mask & 1 and need & ~outs[o].accepts:
+            return True
+        mask >>= 1
+        o += 1
+    return False
 
 
 def engine() -> Callable[[], ForwardStep]:

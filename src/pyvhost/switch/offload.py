@@ -179,6 +179,22 @@ def check_ingress(frame: bytes | bytearray, allowed: Offload, *,
     return frame
 
 
+def needs(flags: int, gso_type: int) -> Offload:
+    """What a receiver must have negotiated to be given a frame whose header
+    :func:`check_ingress` accepted (from a driver: ``kernel`` false) *as it is*, i.e.
+    what :func:`adapt_egress` leaves unchanged for it: TSO4 or TSO6 for a GSO frame (its
+    NEEDS_CSUM is then set), CSUM for NEEDS_CSUM alone, nothing for no offload. The
+    forward step (:mod:`.forward`, compiled too) sends such a frame itself to a receiver
+    that has it; any other receiver takes it on the Python path."""
+    if gso_type == VIRTIO_NET_HDR_GSO_TCPV4:
+        return Offload.TSO4
+    if gso_type == VIRTIO_NET_HDR_GSO_TCPV6:
+        return Offload.TSO6
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return Offload.CSUM
+    return Offload.NONE
+
+
 def tcp_layout(frame: bytes | bytearray, gso_type: int) -> TcpLayout:
     """Where the IP and TCP headers and the payload of a GSO frame are; checks that it
     really is TCP over the IP version ``gso_type`` names, unfragmented, with lengths that

@@ -12,14 +12,14 @@ whose guest made it, a guest-memory fault (a region's file shrank) closes that p
 connection only; the other ports go on. Frames the step leaves to Python take the old
 path: bytes handed to the :class:`~.core.Switch`, which calls :meth:`VhostPort.deliver`
 on each egress port, which writes them into this device's receive queue. Those are
-frames with an offload header (checked by :func:`~.offload.check_ingress`, completed or
-segmented by :func:`~.offload.adapt_egress` where the receiver did not negotiate it), and
-frames to a tap, to a port with no receive queue enabled (``port_down``), or to a port
-with a receive queue that carries a dirty log the compiled step can not mark (no
-libatomic: :func:`pyvhost.datapath.serves_log`). Of a port with several receive queues
-enabled, each frame goes to the one its flow hash picks (:func:`~.flow.flow_hash`), on
-either path. A transmit queue that carries such a log runs the pure-Python step; both
-steps mark the logs they serve.
+frames with an offload header (checked by the step as :func:`~.offload.check_ingress`
+checks it) to a port that did not negotiate what it asks (completed or segmented by
+:func:`~.offload.adapt_egress`), and frames to a tap, to a port with no receive queue
+enabled (``port_down``), or to a port with a receive queue that carries a dirty log the
+compiled step can not mark (no libatomic: :func:`pyvhost.datapath.serves_log`). Of a port
+with several receive queues enabled, each frame goes to the one its flow hash picks
+(:func:`~.flow.flow_hash`), on either path. A transmit queue that carries such a log runs
+the pure-Python step; both steps mark the logs they serve.
 
 Queues 2k and 2k+1 are receiveq(k+1) and transmitq(k+1) (virtio 1.2, 5.1.2); with
 ``queue_pairs`` > 1 the port offers VIRTIO_NET_F_MQ and max_virtqueue_pairs. With
@@ -29,11 +29,11 @@ its kicks, and frames for the driver go to one enabled receive queue chosen by a
 their flow (:func:`flow_hash`), so one flow stays in order.
 
 Features offered: VERSION_1, RING_INDIRECT_DESC, EVENT_IDX, MAC, STATUS, MRG_RXBUF, CSUM,
-GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6 (and MQ). A transmitted header is checked against what the
-driver negotiated (:func:`~.offload.check_ingress`; bad ones are dropped and counted as
-``malformed``) and travels with the frame; on the way to a driver that did not negotiate
-what a header asks for, the switch completes the checksum or segments the frame
-(:func:`~.offload.adapt_egress`).
+GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6 (and MQ). A transmitted header is checked against
+what the driver negotiated (by the forward step, as :func:`~.offload.check_ingress`; bad
+ones are dropped and counted as ``malformed``) and travels with the frame; on the way to
+a driver that did not negotiate what a header asks for, the switch completes the checksum
+or segments the frame (:func:`~.offload.adapt_egress`).
 (RING_INDIRECT_DESC was withheld for a while, wrongly blamed for a DPDK testpmd crash
 whose cause was the used index briefly reading 0: see ``store_le16`` in
 :mod:`pyvhost.virtq.split`.)
@@ -75,7 +75,7 @@ from pyvhost.virtq import SplitQueue, VirtqueueError
 from . import forward
 from .core import MAX_ETHERNET, NET_HDR, Port, Switch
 from .flow import flow_hash
-from .offload import HeaderError, Offload, adapt_egress, check_ingress
+from .offload import HeaderError, Offload, adapt_egress
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ MAX_QUEUE_PAIRS = 64
 #: receive buffers for without GUEST_TSO (GOOD_PACKET_LEN).
 DEFAULT_MTU = 1500
 ETH_OVERHEAD = 18
-_ZERO_FIELDS = bytes(8)  # virtio_net_hdr hdr_len .. csum_offset
 #: The oldest sighting of no destination: routes that found none never age.
 _NEVER_SEEN = float("inf")
 #: Chains taken from the transmit ring per burst (the forward step's Python work is per
@@ -250,7 +249,7 @@ class SwitchPort(VirtioDevice):
             # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
             # chain made available meanwhile is seen by the pending() check after they are
             # back on (inside pull). Each transmit queue has its own avail_event.
-            taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH)
+            taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH, self.tx_offload)
             self._forward(ctx, index, fwd)
             if error is not None:
                 # A chain the queue can not serve (a descriptor outside guest memory, a
@@ -286,12 +285,6 @@ class SwitchPort(VirtioDevice):
             return
         mem = ctx.mem
         switch = self.switch
-        if fwd.slow:
-            # An offload header: checked in Python (check_ingress), switched as bytes.
-            frames = self._check([fwd.frame(mem, 0)])
-            _account(ctx, index, frames)
-            switch.receive(self.port, frames)
-            return
         srcs, dsts, src_at = fwd.macs()
         ctx.account(index, m, st["bytes"])
         with switch.lock:  # the table is shared by every port's bursts (--workers)
@@ -340,6 +333,7 @@ class SwitchPort(VirtioDevice):
                 if faulted:
                     continue  # nothing of that push was kept: the same frames again
                 # Frame k goes where the forward step can not: the Python path.
+                counters.rx_python += 1
                 data = fwd.frame(mem, k)
                 if self.hdr_len != NET_HDR:
                     data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
@@ -450,26 +444,6 @@ class SwitchPort(VirtioDevice):
             if rx.notify_decided is not None:
                 ctx.notify(rx.index)
 
-    def _check(self, raw: list[bytes]) -> list[bytes]:
-        """Frames as the driver wrote them (its header, then the frame) that may enter the
-        switch, with a 12-byte header: offload headers checked (check_ingress)."""
-        hdr_len = self.hdr_len
-        counters = self.port.counters
-        frames: list[bytes] = []
-        for data0 in raw:
-            data: bytes | bytearray = data0
-            if hdr_len != NET_HDR:
-                data = data[:hdr_len] + b"\0\0" + data[hdr_len:]
-            if data[0] or data[1] or data[2:10] != _ZERO_FIELDS:
-                try:
-                    data = check_ingress(data, self.tx_offload)
-                except HeaderError as e:
-                    counters.drop_rx("malformed")
-                    log.debug("%s: malformed header: %s", self.port.name, e)
-                    continue
-            frames.append(bytes(data))
-        return frames
-
     # -- receive queues: frames from the switch to the guest -------------------------------
     def deliver(self, frames: Sequence[bytes | bytearray]) -> None:
         """Write ``frames`` into the receive queues; count what went and what was dropped."""
@@ -574,11 +548,6 @@ def rarp_frame(mac: bytes) -> bytes:
     return (b"\xff" * 6 + mac + b"\x80\x35" + rarp).ljust(60, b"\0")
 
 
-def _account(ctx: QueueContext, index: int, frames: Sequence[bytes]) -> None:
-    """Count the frames taken from transmit queue ``index`` (bytes without the header)."""
-    ctx.account(index, len(frames), sum(map(len, frames)) - NET_HDR * len(frames))
-
-
 def _offloads(features: int, csum: int, tso4: int, tso6: int) -> Offload:
     """The offloads a set of negotiated bits gives. TSO needs the checksum offload too
     ("VIRTIO_NET_F_HOST_TSO4 Requires VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_TSO4
@@ -610,7 +579,7 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
         if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
             return None
     return forward.Out(ctx.mem, queues[0], dev.hdr_len, dev.mrg_rxbuf,
-                       dev.mtu + ETH_OVERHEAD, tuple(queues[1:]))
+                       dev.mtu + ETH_OVERHEAD, tuple(queues[1:]), int(dev.rx_offload))
 
 
 def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
