@@ -1,6 +1,7 @@
 """``pyvhost mem add --libvirt`` when libvirt's attach does not return in time: Ctrl-C while
 it is in flight, and an attach that outlasts ``--timeout``, against a real libvirtd
-(tests/support/libvirtd.py: Debian 12's libvirt 9.0 driving QEMU 7.2, TCG).
+(tests/support/libvirtd.py: Debian 12's libvirt 9.0 driving QEMU 7.2, or libvirt 11.3
+driving QEMU 10.0; TCG).
 
 libvirt cannot cancel an attach, so pyvhost waits a grace period for it to return, then
 detaches the DIMM if it took effect and says what the domain has; nothing may be left in
