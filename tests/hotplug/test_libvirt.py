@@ -129,6 +129,10 @@ def test_status_add_remove_follow_memtotal(libvirtd: Libvirtd, domains: Any, pro
     sock = pyvhost_net(procs, short_dir)
     d = domains(DomainSpec("pv-add", vhost_user=(sock,)))
     assert d.console is not None
+    # The <qemu:override> reached QEMU: the NIC's -device has vectors 0 (docs/libvirt.md).
+    (nic,) = [a for a in libvirtd.qemu_log("pv-add").splitlines()
+              if a.startswith("-device ") and "virtio-net-pci" in a and "ua-net0" in a]
+    assert '"vectors":0' in nic or "vectors=0" in nic, nic
     before = d.console.meminfo()["MemTotal"]
 
     code, status = lv_json(libvirtd, "status", "--libvirt", "pv-add")
