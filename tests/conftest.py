@@ -118,8 +118,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         version = ".".join(map(str, qemu_version(binary)))
     except Exception as e:  # reported, not fatal: the QEMU tests say more
         version = f"not runnable ({e})"
+    from support.libvirtd import LIBVIRT_ENV, libvirt_prefix
+
+    prefix = libvirt_prefix()
+    libvirt = (f"{prefix} driving ${QEMU_ENV}'s QEMU" if prefix is not None
+               else "the system's, driving Debian's QEMU")
     return [f"pyvhost data path: {datapath.name()}",
-            f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})"]
+            f"QEMU: {binary} {version} (${QEMU_ENV}={os.environ.get(QEMU_ENV, '')})",
+            f"libvirtd: {libvirt} (${LIBVIRT_ENV}={os.environ.get(LIBVIRT_ENV, '')})"]
 
 
 @pytest.fixture(params=[1, 2], ids=["workers1", "workers2"])

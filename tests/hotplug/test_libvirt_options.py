@@ -1,9 +1,9 @@
-"""``pyvhost mem --libvirt`` options against a real libvirtd (Debian 12's libvirt 9.0,
-QEMU 7.2, TCG): ``--host-nodes`` and ``--hugepages`` land in the DIMM's ``<source>``
-and in QEMU's backend; ``--policy`` and ``--prealloc``, which libvirt has no per-DIMM
-knob for, are refused with exit 2 and what to set instead; BAD_REQUEST (a bad alias, a
-bad size) and DEVICE_NOT_FOUND are refused with exit 1. Every refusal leaves the domain
-as it was.
+"""``pyvhost mem --libvirt`` options against a real libvirtd (Debian 12's libvirt 9.0
+and QEMU 7.2, or libvirt 11.3 and QEMU 10.0; TCG): ``--host-nodes`` and ``--hugepages``
+land in the DIMM's ``<source>`` and in QEMU's backend; ``--policy`` and ``--prealloc``,
+which libvirt has no per-DIMM knob for, are refused with exit 2 and what to set instead;
+BAD_REQUEST (a bad alias, a bad size) and DEVICE_NOT_FOUND are refused with exit 1.
+Every refusal leaves the domain as it was.
 """
 
 from __future__ import annotations

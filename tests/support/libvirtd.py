@@ -1,5 +1,13 @@
-"""A private libvirtd for tests (Debian 12's libvirt 9.0), and TCG domains that boot the
-project's guest image.
+"""A private libvirtd for tests, and TCG domains that boot the project's guest image.
+
+Which libvirt: Debian 12's libvirt 9.0 (``/usr/sbin/libvirtd``) driving Debian 12's QEMU
+7.2, or, with ``$PYVHOST_LIBVIRT`` naming a prefix that .ci/libvirt11.sh unpacked,
+libvirt 11.3 from bookworm-backports driving ``$PYVHOST_QEMU``'s QEMU (CI: 10.0). The
+prefix's daemon gets ``LD_LIBRARY_PATH`` (its libvirt.so.0), ``LIBVIRT_DRIVER_DIR`` (its
+QEMU driver module: without it libvirtd loads the system's 9.0 module) and, in its
+mount namespace, PREFIX/usr/share/libvirt over /usr/share/libvirt (cpu_map and schemas:
+libvirt has no variable for them). The tests' client, libvirt-python, stays linked to the
+system's libvirt.so.0 (9.0): it speaks libvirt's RPC protocol to the 11.3 daemon.
 
 libvirtd runs as root (its QEMU driver's "system" mode) in a mount namespace of its own
 (``unshare -m``), where /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt
@@ -39,12 +47,28 @@ import pytest
 
 from pyvhost.lab.guest import GuestConsole
 from pyvhost.lab.image import GuestImage
-from pyvhost.lab.qemu import BOOT_TIMEOUT, QEMU_BINARY, firmware_dirs, qboot_path
+from pyvhost.lab.qemu import (
+    BOOT_TIMEOUT,
+    QEMU_BINARY,
+    QEMU_ENV,
+    firmware_dirs,
+    qboot_path,
+    qemu_binary,
+)
 
 #: libvirt's system directories; each is ROOT + the same path inside the namespace.
 SYSTEM_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt",
                "/var/cache/libvirt")
+#: libvirt's data (cpu_map, schemas): a prefix's own copy is mounted over it.
+SHARE_DIR = "/usr/share/libvirt"
 QEMU_USER = "libvirt-qemu"  # Debian's compile-time qemu_user
+#: Names the prefix of another libvirt (.ci/libvirt11.sh's, with PREFIX/usr/sbin/libvirtd)
+#: that the tests start instead of the system's, driving $PYVHOST_QEMU's QEMU.
+LIBVIRT_ENV = "PYVHOST_LIBVIRT"
+LIBDIR = "usr/lib/x86_64-linux-gnu"  # Debian's multiarch library directory in a prefix
+#: QEMU's module directory (Debian's CONFIG_QEMU_MODDIR): a private-prefix QEMU's own is
+#: mounted over it in the daemon's namespace, where every QEMU it starts runs.
+QEMU_MODULE_DIR = "/usr/lib/x86_64-linux-gnu/qemu"
 
 QEMU_CONF = """\
 user = "root"
@@ -58,10 +82,48 @@ stdio_handler = "file"
 """
 
 
-def _need_root_and_binaries() -> str:
-    if os.geteuid() != 0:
+def libvirt_prefix() -> Path | None:
+    """``$PYVHOST_LIBVIRT``'s prefix, or None for the system's libvirt."""
+    value = os.environ.get(LIBVIRT_ENV)
+    return Path(value).resolve() if value else None
+
+
+def daemon_env(prefix: Path | None) -> dict[str, str]:
+    """The environment of the daemon of ``prefix`` (module docstring)."""
+    env = dict(os.environ)
+    if prefix is not None:
+        libdir = prefix / LIBDIR
+        env["LD_LIBRARY_PATH"] = str(libdir)
+        env["LIBVIRT_DRIVER_DIR"] = str(libdir / "libvirt" / "connection-driver")
+    return env
+
+
+def qemu_modules(binary: str) -> Path | None:
+    """The module directory of a QEMU unpacked into a private prefix, None for Debian's.
+
+    Such a QEMU still loads its modules from Debian's ``/usr/lib/x86_64-linux-gnu/qemu``
+    (QEMU 7.2's), falling back there for any it does not ship even with
+    ``QEMU_MODULE_DIR``; ``qom-list-types``, which libvirt's capability probe sends, loads
+    them all, and QEMU 10.0 aborts ("Only modules from the same build can be loaded",
+    then an assertion in module_load_dso): libvirt reports "Unable to read from monitor:
+    Connection reset by peer"."""
+    if not firmware_dirs(binary):
+        return None
+    moddir = Path(binary).parents[1] / "lib" / "x86_64-linux-gnu" / "qemu"
+    return moddir if moddir.is_dir() else None
+
+
+def _need_root_and_binaries(prefix: Path | None) -> str:
+    if prefix is not None:
+        # Asked for by name: missing is a failure, never a skip.
+        daemon = prefix / "usr" / "sbin" / "libvirtd"
+        if not os.access(daemon, os.X_OK):
+            pytest.fail(f"${LIBVIRT_ENV}={prefix}: no {daemon} (.ci/libvirt11.sh installs it)")
+        if os.geteuid() != 0:
+            pytest.fail(f"${LIBVIRT_ENV} is set, but a private libvirtd needs root")
+    elif os.geteuid() != 0:
         pytest.skip("a private libvirtd needs root (CI runs as root)")
-    libvirtd = shutil.which("libvirtd")
+    libvirtd = str(daemon) if prefix is not None else shutil.which("libvirtd")
     if libvirtd is None:
         pytest.skip("libvirtd not installed (Debian packages libvirt-daemon "
                     "libvirt-daemon-driver-qemu; ./dev setup installs them)")
@@ -87,6 +149,9 @@ class Libvirtd:
     root: Path
     pid: int
     created_dirs: list[str]
+    #: The QEMU its domains run: Debian's 7.2 under the system's libvirt 9.0, else
+    #: $PYVHOST_QEMU's.
+    qemu: str = QEMU_BINARY
     conn: Any = field(default=None, repr=False)
 
     @property
@@ -169,8 +234,15 @@ def _end_pid(pid: int, timeout: float = 20) -> None:
 
 
 def start_libvirtd(timeout: float = 60) -> Libvirtd:
-    """Start a private libvirtd (module docstring); stopped with :meth:`Libvirtd.stop`."""
-    libvirtd = _need_root_and_binaries()
+    """Start a private libvirtd (module docstring): the system's, or $PYVHOST_LIBVIRT's;
+    stopped with :meth:`Libvirtd.stop`."""
+    prefix = libvirt_prefix()
+    libvirtd = _need_root_and_binaries(prefix)
+    qemu = QEMU_BINARY
+    if prefix is not None:
+        qemu = qemu_binary()
+        if shutil.which(qemu) is None:
+            pytest.fail(f"${QEMU_ENV}={qemu} does not exist")
     root = Path(tempfile.mkdtemp(prefix="pyvhost-lv-"))
     for d in SYSTEM_DIRS:
         (root / d.lstrip("/")).mkdir(parents=True)
@@ -180,12 +252,25 @@ def start_libvirtd(timeout: float = 60) -> Libvirtd:
         f'unix_sock_dir = "{root}"\nunix_sock_rw_perms = "0700"\n'
         f'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
         f'log_outputs = "3:file:{root}/libvirtd.log"\n')
-    created = [d for d in SYSTEM_DIRS if not os.path.isdir(d)]
-    script = "set -e\n" + "".join(f"mkdir -p {d}\n" for d in SYSTEM_DIRS) + "".join(
-        f"mount --bind {root / d.lstrip('/')} {d}\n" for d in SYSTEM_DIRS) + (
+    mounts = {d: root / d.lstrip("/") for d in SYSTEM_DIRS}
+    if prefix is not None:
+        mounts[SHARE_DIR] = prefix / SHARE_DIR.lstrip("/")
+        moddir = qemu_modules(qemu)
+        if moddir is not None:
+            mounts[QEMU_MODULE_DIR] = moddir
+    created = [d for d in mounts if not os.path.isdir(d)]
+    files: dict[str, Path] = {}
+    system_qemu = shutil.which(QEMU_BINARY)
+    if prefix is not None and system_qemu is not None and qemu_wrapper(root, qemu) != qemu:
+        # libvirt probes /usr/bin/qemu-system-x86_64 for the host's x86_64 guests (without
+        # them, "could not find capabilities for arch=x86_64") and for getVersion(): in
+        # this namespace it is $PYVHOST_QEMU's QEMU, whose modules the one above are.
+        files[system_qemu] = root / "qemu-system-x86_64"
+    script = "set -e\n" + "".join(f"mkdir -p {d}\n" for d in mounts) + "".join(
+        f"mount --bind {src} {d}\n" for d, src in {**mounts, **files}.items()) + (
         f"exec {libvirtd} -d -p {root}/libvirtd.pid -f {etc}/libvirtd.conf\n")
     subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                   check=True, timeout=timeout)
+                   check=True, timeout=timeout, env=daemon_env(prefix))
     deadline = time.monotonic() + timeout
     pidfile, sock = root / "libvirtd.pid", root / "libvirt-sock"
     while not (pidfile.exists() and sock.exists()):
@@ -195,7 +280,7 @@ def start_libvirtd(timeout: float = 60) -> Libvirtd:
             shutil.rmtree(root, ignore_errors=True)
             raise RuntimeError(f"libvirtd did not start within {timeout} s:\n{log}")
         time.sleep(0.1)
-    return Libvirtd(root, int(pidfile.read_text()), created)
+    return Libvirtd(root, int(pidfile.read_text()), created, qemu)
 
 
 @dataclass(frozen=True)
@@ -215,8 +300,9 @@ class DomainSpec:
 
 
 def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
-               emulator: str | None = None) -> str:
-    """The domain XML for ``spec``; ``emulator`` defaults to Debian's QEMU."""
+               emulator: str | None = None, qemu: str | None = None) -> str:
+    """The domain XML for ``spec``; ``emulator`` defaults to Debian's QEMU, ``qemu`` (the
+    binary whose qboot is the loader) to ``emulator``."""
     emulator = emulator or QEMU_BINARY
     exe = shutil.which(emulator) or emulator
     cells = max(spec.numa_cells, 1)
@@ -255,7 +341,7 @@ def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
   {backing}
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type>
-    <loader type='rom'>{escape(str(qboot_path(emulator)))}</loader>
+    <loader type='rom'>{escape(str(qboot_path(qemu or emulator)))}</loader>
     <kernel>{escape(str(image_dir / 'vmlinuz'))}</kernel>
     <initrd>{escape(str(image_dir / 'initrd.cpio'))}</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
@@ -274,17 +360,24 @@ def domain_xml(spec: DomainSpec, image_dir: Path, console: Path,
 </domain>"""
 
 
-def emulator_for(lv: Libvirtd, binary: str = QEMU_BINARY) -> str:
-    """A QEMU as libvirt's ``<emulator>``: a private-prefix QEMU gets a wrapper script that
-    adds its -L directories.
+def emulator_for(lv: Libvirtd, binary: str | None = None) -> str:
+    """A QEMU as libvirt's ``<emulator>`` (default: ``lv.qemu``): a private-prefix QEMU
+    gets a wrapper script that adds its -L directories.
 
     Debian 12's libvirt 9.0 drives Debian 12's QEMU 7.2, whatever ``PYVHOST_QEMU`` says:
     it cannot drive QEMU 10.0 (its capability probe of QEMU 10.0.2 fails, "Unable to read
-    from monitor: Connection reset by peer"); QEMU 10.0 goes with libvirt 11.3."""
+    from monitor: Connection reset by peer"); QEMU 10.0 goes with libvirt 11.3
+    (``PYVHOST_LIBVIRT``)."""
+    return qemu_wrapper(lv.root, binary or lv.qemu)
+
+
+def qemu_wrapper(root: Path, binary: str) -> str:
+    """``binary``, or for a private-prefix QEMU ROOT/qemu-system-x86_64, a script that runs
+    it with its -L directories."""
     dirs = firmware_dirs(binary)
     if not dirs:
         return binary
-    wrapper = lv.root / "qemu-system-x86_64"
+    wrapper = root / "qemu-system-x86_64"
     args = " ".join(f"-L {d}" for d in dirs)
     wrapper.write_text(f"#!/bin/sh\nexec {binary} {args} \"$@\"\n")
     wrapper.chmod(0o755)
@@ -311,7 +404,7 @@ def create_domain(lv: Libvirtd, image: GuestImage, spec: DomainSpec, *,
         shutil.copy(image.kernel, image_dir / "vmlinuz")
         shutil.copy(image.initrd, image_dir / "initrd.cpio")
     console = lv.root / f"{spec.name}.console"
-    xml = domain_xml(spec, image_dir, console, emulator_for(lv))
+    xml = domain_xml(spec, image_dir, console, emulator_for(lv), lv.qemu)
     try:
         if persistent:
             dom = lv.connection().defineXML(xml)

@@ -725,8 +725,12 @@ def _remove_interrupted(c: Connection, plan: Plan) -> Interrupted:
         try:
             present = name in _live_aliases(c)
         except (PyvhostError, binding()[0].libvirtError) as e:
+            # libvirt 11.3 answers the look only once the detach's job has ended, and
+            # gives up after 30 s ("cannot acquire state change lock"); 9.0 answers.
             return Interrupted(f"interrupted during the removal of {name}; could not look "
-                               f"at what is left: {_one_line(e)}")
+                               f"at what is left: {_one_line(e)}; a detach cannot be taken "
+                               f"back; if {name} is still in the domain, run pyvhost mem "
+                               f"remove --libvirt {c.dom.name()} {name} again to finish")
     if not present:
         return Interrupted(f"interrupted after {name} left the domain: removed")
     return Interrupted(f"interrupted while {name} was being detached: it is still in the "
