@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvhost.tools import procfs
 from pyvhost.tools.process import end_process, pyvhost_argv
 
 DPDK_RUNTIME = Path("/var/run/dpdk")
@@ -31,6 +32,22 @@ def need(binary: str, package: str) -> str:
     if path is None:
         pytest.skip(f"{binary} not installed (Debian package {package}); .ci/run installs it")
     return path
+
+
+def settled_fd_count(pid: int, timeout: float = 30.0) -> int:
+    """``pid``'s fd count once it has stayed the same for half a second. For a baseline
+    taken right after :func:`wait_for_socket`: its probe is a connection the process
+    closes on a later turn of its loop, so a count taken at once may still hold it (seen
+    on a loaded machine: 17 before the guests, 16 after them)."""
+    deadline = time.monotonic() + timeout
+    last, since = procfs.count_fds(pid), time.monotonic()
+    while time.monotonic() - since < 0.5:
+        assert time.monotonic() < deadline, f"process {pid}'s fd count never settled"
+        time.sleep(0.05)
+        now = procfs.count_fds(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -43,7 +43,7 @@ from pyvhost.tools import procfs
 from pyvhost.tools.process import pyvhost_argv
 from pyvhost.units import MiB
 from support.netdriver import TIMEOUT, Duplex, Flow, NetDriver, mac
-from support.procs import Procs, wait_for_socket
+from support.procs import Procs, settled_fd_count, wait_for_socket
 
 #: Memory table changes per front-end and run.
 STEPS = 100
@@ -155,7 +155,7 @@ def test_traffic_survives_memory_hotplug(
         two_guests: tuple[int, Path, NetDriver, NetDriver]) -> None:
     pid, ctl, a, b = two_guests
     needle = name_prefix()
-    fds_before = procfs.count_fds(pid)
+    fds_before = settled_fd_count(pid)
     assert procfs.measure(pid, needle).matching_fds == 0
 
     for drv in (a, b):

@@ -34,7 +34,7 @@ from pyvhost.protocol.constants import Request
 from pyvhost.tools import procfs
 from pyvhost.units import MiB
 from support.netdriver import TIMEOUT, NetDriver, frame_tag, mac, make_frame, wait_any
-from support.procs import Procs, wait_for_socket
+from support.procs import Procs, settled_fd_count, wait_for_socket
 
 #: Control actions in one run; frames each flow carries between two of them.
 STEPS = 60
@@ -152,22 +152,6 @@ def restart_ring(drv: NetDriver, index: int) -> None:
     os.eventfd_write(vring.kick_fd, 1)  # chains made available meanwhile
 
 
-def settled_fds(pid: int) -> int:
-    """The switch's fd count once it has stayed the same for half a second: the
-    readiness probe of its control socket (``wait_for_socket``) is a connection the
-    switch closes on a later turn of its loop, so a count taken at once may still hold
-    it (seen once on a loaded machine: 17 before the guests, 16 after them)."""
-    deadline = time.monotonic() + TIMEOUT
-    last, since = procfs.count_fds(pid), time.monotonic()
-    while time.monotonic() - since < 0.5:
-        assert time.monotonic() < deadline, "the switch's fd count never settled"
-        time.sleep(0.05)
-        now = procfs.count_fds(pid)
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
-
-
 @pytest.fixture
 def three_guests(procs: Procs, short_dir: Path) -> Iterator[tuple[int, Path, dict[str, NetDriver]]]:
     paths = {k: short_dir / f"{k}.sock" for k in "abc"}
@@ -214,7 +198,7 @@ def _learn(drivers: dict[str, NetDriver]) -> None:
 def test_control_messages_while_two_workers_forward(
         three_guests: tuple[int, Path, dict[str, NetDriver]]) -> None:
     pid, ctl, drivers = three_guests
-    fds_before = settled_fds(pid)
+    fds_before = settled_fd_count(pid)
     for drv in drivers.values():
         drv.start()
         drv.plug(4 * MiB)  # the buffers' DIMM
