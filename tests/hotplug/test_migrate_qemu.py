@@ -1,7 +1,7 @@
-"""``pyvhost mem migrate-args`` and ``pyvhost mem migrate`` against real QEMU 7.2 (TCG)
-guests on a real ``pyvhost net``: a VM with a hot-added DIMM migrates to a second QEMU
-started with migrate-args, on another socket of the same switch, while the back-end
-writes into its receive buffers (in the DIMM) the whole time.
+"""``pyvhost mem migrate-args`` and ``pyvhost mem migrate`` against real QEMU (TCG: 7.2,
+and 10.0 in the QEMU 10.0 pass) guests on a real ``pyvhost net``: a VM with a hot-added
+DIMM migrates to a second QEMU started with migrate-args, on another socket of the same
+switch, while the back-end writes into its receive buffers (in the DIMM) the whole time.
 
 The frames written during the migration are checked where it matters, in the migrated
 guest: its TCP receiver is stopped for the migration (SIGSTOP), so everything that
