@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,15 @@ from pathlib import Path
 import pytest
 
 from support.procs import Procs
+
+# A run started in the background by a non-interactive shell (`./dev test &`, nohup)
+# inherits SIGINT ignored, and so would every process the tests start: Python then never
+# raises KeyboardInterrupt, and the tests that press Ctrl-C on pyvhost (exit 130) would
+# wait for nothing. Give this process Python's own handler, as a terminal start has it:
+# its children then start with SIGINT at its default (a Python handler is not inherited
+# across exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
