@@ -1,0 +1,37 @@
+# Sourced by .ci/qemu10.sh and .ci/libvirt11.sh: unpack packages of Debian 12's
+# bookworm-backports suite into a private prefix, beside the system's own versions.
+# The .debs are fetched with apt-get download through a private sources list and lists
+# directory (the machine's apt configuration is not touched) and unpacked with dpkg -x;
+# nothing is installed, and their dependencies are Debian 12's own.
+#   backports_unpack PREFIX PACKAGE...    PREFIX is emptied first
+backports_unpack() {
+    local prefix="$1" work mirror deb
+    shift
+    work="$(mktemp -d)"
+    # The machine's own Debian mirror (deb822 or one-line sources), with the backports suite.
+    mirror="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)"
+    if [[ -z "$mirror" ]]; then
+        mirror="$(awk '$1 == "deb" && $3 ~ /^bookworm/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)"
+    fi
+    if [[ -z "$mirror" ]]; then
+        echo "no Debian mirror in /etc/apt sources" >&2
+        rm -rf "$work"
+        return 1
+    fi
+    echo "deb $mirror bookworm-backports main" > "$work/sources.list"
+    mkdir -p "$work/lists/partial" "$work/debs"
+    local apt=(-q -o Dir::Etc::sourcelist="$work/sources.list" -o Dir::Etc::sourceparts=-
+               -o Dir::State::Lists="$work/lists" -o APT::Get::List-Cleanup=0
+               -o APT::Sandbox::User=root)
+    if ! apt-get "${apt[@]}" update >&2 \
+            || ! (cd "$work/debs" && apt-get "${apt[@]}" download "$@" >&2); then
+        rm -rf "$work"
+        return 1
+    fi
+    rm -rf "$prefix"
+    mkdir -p "$prefix"
+    for deb in "$work"/debs/*.deb; do
+        dpkg -x "$deb" "$prefix"
+    done
+    rm -rf "$work"
+}
