@@ -69,8 +69,7 @@ class Command:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
             pyvhost_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            stdin=subprocess.DEVNULL, text=True)
         self.stderr: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -1,10 +1,9 @@
 """Run ``pyvhost`` commands as a user does: a child process (``pyvhost_argv``), stdout and
 stderr kept apart, and Ctrl-C delivered as SIGINT.
 
-A child inherits an ignored SIGINT from a parent that ignores it (a test run started in
-the background by a non-interactive shell), and Python then never raises
-KeyboardInterrupt; the children here start with SIGINT at its default, as they would
-from a terminal.
+The children start with SIGINT at its default, as they would from a terminal, even in a
+test run started in the background by a non-interactive shell: tests/conftest.py gives
+the test process Python's own handler in that case.
 """
 
 from __future__ import annotations
@@ -22,10 +21,6 @@ from typing import Any
 from pyvhost.tools.process import pyvhost_argv
 
 TIMEOUT = 120.0
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -59,8 +54,7 @@ def run_pyvhost(*args: str, timeout: float = TIMEOUT,
     """``pyvhost ARGS`` to the end, stdout a pipe (as under ``| cat``), stdin closed."""
     argv = pyvhost_argv(*args)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=_env(env),
-                          preexec_fn=_default_sigint)
+                          stdin=subprocess.DEVNULL, env=_env(env))
     return Done(argv, done.returncode, done.stdout, done.stderr)
 
 
@@ -100,8 +94,7 @@ def started(*args: str, env: Mapping[str, str] | None = None) -> Iterator[Runnin
     end of the block."""
     argv = pyvhost_argv(*args)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, env=_env(env),
-                            preexec_fn=_default_sigint)
+                            stdin=subprocess.DEVNULL, text=True, env=_env(env))
     try:
         yield Running(argv, proc)
     finally:
