@@ -507,6 +507,13 @@ cdef int pending(Burst *b, Ring *q, uint32_t *n) noexcept nogil:
     return 0
 
 
+cdef inline uint16_t avail_entry(const Ring *q, uint32_t i) noexcept nogil:
+    """The head the driver put in the available ring at index ``i``. The slot is reduced
+    modulo the size (a power of 2): inside the ring (6 + 2 * size bytes, located in
+    load_ring). The value is the driver's: checked by whoever uses it."""
+    return pv_load16(q.avail + 4 + 2 * <size_t>(i & (q.size - 1)))
+
+
 #: How far ahead of the chain being popped its successors are prefetched: the
 #: descriptor of the chain PF_DESC ahead, the first buffer of the one PF_BUF ahead (whose
 #: descriptor was prefetched PF_DESC - PF_BUF chains earlier).
@@ -531,15 +538,12 @@ cdef inline void prefetch_ahead(const Burst *b, const Ring *q, int writable_part
     inside guest memory."""
     cdef uint32_t mask = q.size - 1
     cdef uint16_t ahead = <uint16_t>(q.shadow_avail - q.last_avail)
-    cdef uint16_t h
     cdef const uint8_t *d
     cdef const uint8_t *p
     if ahead > PF_DESC:
-        h = pv_load16(q.avail + 4 + 2 * <size_t>((q.last_avail + PF_DESC) & mask))
-        pv_prefetch(q.desc + 16 * <size_t>(h & mask))
+        pv_prefetch(q.desc + 16 * <size_t>(avail_entry(q, q.last_avail + PF_DESC) & mask))
     if ahead > PF_BUF:
-        h = pv_load16(q.avail + 4 + 2 * <size_t>((q.last_avail + PF_BUF) & mask))
-        d = q.desc + 16 * <size_t>(h & mask)
+        d = q.desc + 16 * <size_t>(avail_entry(q, q.last_avail + PF_BUF) & mask)
         p = locate(b, pv_load64(d), 1)
         if p != NULL:
             if writable_part:
@@ -560,8 +564,7 @@ cdef int pop(Burst *b, Ring *q, int writable_part, Pieces *out, uint64_t want,
         if n == 0:
             return EMPTY
     prefetch_ahead(b, q, writable_part)
-    # The slot is reduced modulo the size (a power of 2): inside the ring.
-    head[0] = pv_load16(q.avail + 4 + 2 * <size_t>(q.last_avail & (q.size - 1)))
+    head[0] = avail_entry(q, q.last_avail)
     rc = walk(b, q, head[0], writable_part, out, want, total)
     if rc:
         return rc
