@@ -232,7 +232,18 @@ class SwitchPort(VirtioDevice):
     # -- transmit queues: frames from the guest into the switch ----------------------------
     def handle_kick(self, ctx: QueueContext, index: int) -> None:
         if index % 2 == 0:
-            return  # new receive buffers: frames only wait in the sender's ring, not here
+            # New receive buffers. The switch never waits for them (a frame for a ring
+            # without a buffer is dropped at once, as no_rx_buffer), so it never needs
+            # this kick: each one would cost a wake-up and a turn of the loop per burst
+            # the driver refills. Ask the driver not to send it again (as DPDK's vhost
+            # PMD does for every queue it polls): without EVENT_IDX, set
+            # VIRTQ_USED_F_NO_NOTIFY; with it, avail_event of a receive queue is never
+            # moved, so the driver kicks only when its index wraps past it. A new ring
+            # (reconnect, resume) starts with kicks on again: its first kick ends here.
+            rx = ctx.queue(index)
+            if rx is not None and rx.broken is None:
+                rx.enable_kicks(False)
+            return
         tx = ctx.queue(index)
         if tx is None:
             return
