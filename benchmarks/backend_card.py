@@ -54,7 +54,7 @@ from pyvhost import datapath
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend import ProbeConfig, run_probe
 from pyvhost.frontend.hostile import CASES, FAILING, HostileConfig, run_hostile
-from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
 from pyvhost.tools.procfs import unix_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -599,4 +599,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

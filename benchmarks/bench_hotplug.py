@@ -47,7 +47,7 @@ from pyvhost.hotplug.qmp import Qmp
 from pyvhost.lab.image import build_image
 from pyvhost.lab.qemu import BOOT_TIMEOUT, Qemu, VhostUserNet, guest_config
 from pyvhost.protocol.constants import ProtocolFeature
-from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
 from pyvhost.tools.procfs import unix_listening
 from pyvhost.tools.relay import MemoryUpdate, Relay
 from pyvhost.units import MiB
@@ -293,4 +293,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -70,7 +70,7 @@ from pyvhost.frontend.frontend import Frontend, Vring
 from pyvhost.frontend.memory import FrontendMemory, GuestRam
 from pyvhost.frontend.profiles import QEMU_72, Session
 from pyvhost.protocol.constants import ProtocolFeature
-from pyvhost.tools.process import pyvhost_argv
+from pyvhost.tools.process import exit_on_sigterm, pyvhost_argv
 
 MiB = 1 << 20
 #: Back-ends, and whether each is updated by ADD/REM_MEM_REG (True) or SET_MEM_TABLE.
@@ -470,4 +470,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

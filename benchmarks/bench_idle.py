@@ -49,7 +49,7 @@ from bench_switch import (
 )
 
 from pyvhost import datapath
-from pyvhost.tools.process import pyvhost_argv
+from pyvhost.tools.process import exit_on_sigterm, pyvhost_argv
 
 KINDS = ("pyvhost", "pyvhost-pure", "dpdk")
 MACS = ("02:00:00:00:00:01", "02:00:00:00:00:02")
@@ -193,4 +193,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

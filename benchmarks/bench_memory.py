@@ -40,7 +40,7 @@ from pyvhost.frontend.memory import FrontendMemory
 from pyvhost.memory import MemoryManager
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.protocol.messages import MemoryRegion
-from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
 from pyvhost.units import GiB, MiB
 
 PF = ProtocolFeature
@@ -240,4 +240,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -63,7 +63,7 @@ from pyvhost.lab.traffic import Stream
 from pyvhost.memory import DirtyLog, MemoryManager
 from pyvhost.protocol.fds import FdBag
 from pyvhost.protocol.messages import LogDescription, MemoryRegion
-from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
 from pyvhost.virtq import SplitQueue
 
 MAC_A, MAC_B = "52:54:00:00:91:01", "52:54:00:00:91:02"
@@ -285,4 +285,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

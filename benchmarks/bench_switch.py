@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvhost import datapath
-from pyvhost.tools.process import end_process, pyvhost_argv
+from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SINK_MAC = "02:00:00:00:00:02"
@@ -127,6 +127,11 @@ class Run:
                 p.stdin.write(b"\n")  # testpmd's "Press enter to exit"
                 p.stdin.flush()
                 asked = True
+        if not asked and p.stdin is not None:
+            # testpmd signalled before its prompt runs (a benchmark ended during its
+            # start) does not quit until the prompt reads its end of input.
+            with contextlib.suppress(OSError):
+                p.stdin.close()
         end_process(p, None if asked else signal.SIGINT, timeout=30)
         if proc.prefix:
             shutil.rmtree(Path("/var/run/dpdk") / proc.prefix, ignore_errors=True)
@@ -488,4 +493,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     main()

@@ -5,8 +5,12 @@ BENCHMARKS.md, never into a test."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,8 @@ import bench_hotplug_gap as gap  # noqa: E402
 import bench_idle as idle  # noqa: E402
 import bench_switch as sw  # noqa: E402
 
-from pyvhost.tools.process import pyvhost_argv  # noqa: E402
+from pyvhost.tools.process import end_process, pyvhost_argv  # noqa: E402
+from support.procs import need  # noqa: E402
 
 
 @pytest.mark.parametrize("script", ["bench_switch.py", "bench_idle.py",
@@ -27,6 +32,55 @@ def test_help(script: str) -> None:
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "--json" in out and "--quick" in out
+
+
+def children(pid: int) -> dict[int, str]:
+    """``pid``'s child processes: pid -> command line."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return out
+
+
+def test_sigterm_ends_a_benchmark_and_every_process_it_started() -> None:
+    """A benchmark killed mid-run (``kill``, a CI timeout) ends its pyvhost net and its
+    testpmd and removes its work directory, as Ctrl-C does: Python's default for SIGTERM
+    would leave them running."""
+    need("dpdk-testpmd", "dpdk")
+    bench = subprocess.Popen([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                              "--topology", "loop", "--kinds", "pyvhost,dpdk",
+                              "--sizes", "64", "--queue-pairs", "1", "--seconds", "60"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    kids: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while not (any("pyvhost net" in c for c in kids.values())
+                   and any("testpmd" in c for c in kids.values())):
+            assert bench.poll() is None, "the benchmark exited before its run"
+            assert time.monotonic() < deadline, f"no pyvhost net and testpmd: {kids}"
+            time.sleep(0.2)
+            kids = children(bench.pid)
+        socket = next(w for c in kids.values() if "pyvhost net" in c
+                      for w in c.split() if w.endswith(".sock"))
+        os.kill(bench.pid, signal.SIGTERM)
+        assert bench.wait(90) == 128 + signal.SIGTERM
+        for pid, cmd in kids.items():
+            assert not Path(f"/proc/{pid}").exists(), f"left running: {pid} {cmd}"
+        assert not Path(socket).parent.exists(), "its work directory was left behind"
+    finally:
+        end_process(bench, signal.SIGKILL, 30)
+        for pid in kids:  # what a failed run left behind (started by the benchmark)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- bench_hotplug_gap --------------------------------------------------------------------

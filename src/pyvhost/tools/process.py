@@ -36,3 +36,14 @@ def end_process(proc: subprocess.Popen[bytes], sig: int | None = signal.SIGINT,
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout)
     return proc.returncode
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this program the way Ctrl-C does, through its ``finally`` blocks
+    and context managers, so the helpers it started are ended and its temporary files
+    removed. (Python's default for SIGTERM is to die at once and leave them behind: a
+    benchmark killed by ``kill`` or a CI timeout left a ``pyvhost net`` running.)"""
+    def raise_exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, raise_exit)
