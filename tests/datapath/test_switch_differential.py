@@ -495,10 +495,16 @@ def _frames_for_the_hash() -> st.SearchStrategy[bytes]:
 
 
 @settings(max_examples=3000, deadline=None)
-@given(_frames_for_the_hash(), st.sampled_from([10, 12]), st.binary(min_size=12, max_size=12))
-def test_compiled_flow_hash_equals_the_python_one(eth: bytes, start: int, hdr: bytes) -> None:
+@example(eth=bytes(12) + b"\x08\x00" + bytes(64), start=12, hdr=bytes(12), cut=3)
+@given(_frames_for_the_hash(), st.sampled_from([10, 12]), st.binary(min_size=12, max_size=12),
+       st.integers(0, 200))
+def test_compiled_flow_hash_equals_the_python_one(eth: bytes, start: int, hdr: bytes,
+                                                  cut: int) -> None:
+    """Read in place (one piece) and gathered from two pieces split at ``cut``."""
     frame = hdr[:start] + eth
-    assert native.frame_flow_hash(frame, start) == flow_hash(frame, start)
+    expected = flow_hash(frame, start)
+    assert native.frame_flow_hash(frame, start) == expected
+    assert native.frame_flow_hash(frame, start, cut % len(frame)) == expected
 
 
 def test_the_flow_hash_reads_the_fields_it_names() -> None:

@@ -105,88 +105,132 @@ cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noex
 
 
 # -- the flow hash (switch.flow.flow_hash, zlib's CRC-32) -------------------------------------
-cdef uint32_t CRC32[256]
+# Eight tables, for eight bytes per step ("slicing-by-8"): the same CRC-32 as zlib's, with
+# eight independent lookups per step instead of a chain of eight dependent ones. Profiled
+# at 2 queue pairs (64 B), the byte-at-a-time loop was a quarter of the back-end's time.
+cdef uint32_t CRC32[8][256]
 
 
 cdef void crc32_init() noexcept:
-    """The table of the reflected CRC-32 polynomial zlib uses (0xEDB88320)."""
+    """The tables of the reflected CRC-32 polynomial zlib uses (0xEDB88320): CRC32[0] for
+    one byte, CRC32[k] for a byte followed by k zero bytes."""
     cdef uint32_t i, c, k
     for i in range(256):
         c = i
         for k in range(8):
             c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        CRC32[i] = c
+        CRC32[0][i] = c
+    for i in range(256):
+        for k in range(1, 8):
+            CRC32[k][i] = (CRC32[k - 1][i] >> 8) ^ CRC32[0][CRC32[k - 1][i] & 0xFF]
 
 
 crc32_init()
 
 
+cdef inline uint32_t le32(const uint8_t *p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
 cdef inline uint32_t crc32_add(uint32_t crc, const uint8_t *p, size_t n) noexcept nogil:
-    """zlib.crc32(p[:n], crc)."""
-    cdef size_t i
+    """zlib.crc32(p[:n], crc): reads p[0] .. p[n - 1] and nothing else."""
+    cdef uint32_t one, two
     crc = ~crc
-    for i in range(n):
-        crc = CRC32[(crc ^ p[i]) & 0xFF] ^ (crc >> 8)
+    while n >= 8:
+        one = le32(p) ^ crc
+        two = le32(p + 4)
+        crc = (CRC32[7][one & 0xFF] ^ CRC32[6][(one >> 8) & 0xFF]
+               ^ CRC32[5][(one >> 16) & 0xFF] ^ CRC32[4][one >> 24]
+               ^ CRC32[3][two & 0xFF] ^ CRC32[2][(two >> 8) & 0xFF]
+               ^ CRC32[1][(two >> 16) & 0xFF] ^ CRC32[0][two >> 24])
+        p += 8
+        n -= 8
+    while n:
+        crc = CRC32[0][(crc ^ p[0]) & 0xFF] ^ (crc >> 8)
+        p += 1
+        n -= 1
     return ~crc
 
 
-cdef inline uint32_t crc32_slice(uint32_t crc, const uint8_t *e, size_t a, size_t b,
-                                 size_t n) noexcept nogil:
-    """zlib.crc32(e[a:b], crc) where e holds n bytes: Python's slice, cut at the end."""
+cdef inline size_t key_slice(uint8_t *key, size_t k, const uint8_t *e, size_t a, size_t b,
+                             size_t n) noexcept nogil:
+    """Append e[a:b] to ``key`` at ``k`` where e holds n bytes (Python's slice, cut at the
+    end); returns the new length."""
     if b > n:
         b = n
     if a >= b:
-        return crc
-    return crc32_add(crc, e + a, b - a)
+        return k
+    memcpy(key + k, e + a, b - a)
+    return k + b - a
 
 
 cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcept nogil:
     """switch.flow.flow_hash of the frame in ``frame`` (``total`` bytes: an ``h``-byte
-    header, then the Ethernet frame), step for step. It reads the first HASHED bytes of
-    the Ethernet frame at most (no field it hashes lies further), gathered into ``buf``:
-    ``total >= h + 14`` (pull), the pieces hold ``total`` bytes, and every index below is
-    checked against ``n``, the bytes gathered, as Python's slices cut at the end."""
+    header, then the Ethernet frame), step for step: the fields it hashes are put one
+    after another in ``key`` (a CRC over pieces in turn is the CRC of their
+    concatenation), then hashed in one pass.
+
+    It reads the first HASHED bytes of the Ethernet frame at most (no field it hashes
+    lies further): in place when the first piece holds them (``got`` bytes, one
+    descriptor's buffer inside one region), else gathered into ``buf``. ``total >= h +
+    14`` (pull), the pieces hold ``total`` bytes, and every index below is checked
+    against ``n``, the bytes there, as Python's slices cut at the end. Read in place, a
+    byte the guest changes meanwhile changes only the hash (``ihl`` is read once, and no
+    index depends on a byte read twice), never where it reads."""
     cdef uint8_t buf[12 + HASHED]
+    cdef uint8_t key[12 + 32 + 1 + 4]         # the longest key: IPv6 with ports
     cdef uint64_t soff
     cdef uint64_t got = total if total < h + HASHED else h + HASHED
-    cdef const uint8_t *e = buf + h
-    cdef size_t n, ihl
-    cdef uint32_t crc
-    gather(frame, buf, got, &soff)
+    cdef const uint8_t *e
+    cdef size_t n, ihl, k
+    if frame.len and frame.v[0].n >= got:
+        e = frame.v[0].p + h
+    else:
+        gather(frame, buf, got, &soff)
+        e = buf + h
     n = <size_t>(got - h)                    # 14 .. HASHED; the frame's length if shorter
     if e[12] == 0x08 and e[13] == 0x00 and n >= 14 + 20:
         ihl = (e[14] & 0xF) * 4
-        crc = crc32_add(0, e, 12)
-        crc = crc32_add(crc, e + 26, 8)      # the IP addresses
-        crc = crc32_add(crc, e + 23, 1)      # the protocol
+        memcpy(key, e, 12)                   # the Ethernet addresses
+        memcpy(key + 12, e + 26, 8)          # the IP addresses
+        key[20] = e[23]                      # the protocol
+        k = 21
         # The ports only where they are: TCP or UDP, not a fragment (offset 0, no MF).
-        if (e[23] == 6 or e[23] == 17) and not ((e[20] & 0x3F) | e[21]):
-            crc = crc32_slice(crc, e, 14 + ihl, 14 + ihl + 4, n)
-        return crc
+        if (key[20] == 6 or key[20] == 17) and not ((e[20] & 0x3F) | e[21]):
+            k = key_slice(key, k, e, 14 + ihl, 14 + ihl + 4, n)
+        return crc32_add(0, key, k)
     if e[12] == 0x86 and e[13] == 0xdd and n >= 14 + 40:
-        crc = crc32_add(0, e, 12)
-        crc = crc32_add(crc, e + 22, 32)     # the IPv6 addresses
-        crc = crc32_add(crc, e + 20, 1)      # next header
-        if e[20] == 6 or e[20] == 17:
-            crc = crc32_slice(crc, e, 54, 58, n)
-        return crc
+        memcpy(key, e, 12)
+        memcpy(key + 12, e + 22, 32)         # the IPv6 addresses
+        key[44] = e[20]                      # next header
+        k = 45
+        if key[44] == 6 or key[44] == 17:
+            k = key_slice(key, k, e, 54, 58, n)
+        return crc32_add(0, key, k)
     return crc32_add(0, e, 14)
 
 
-def frame_flow_hash(frame: bytes, size_t start) -> int:
+def frame_flow_hash(frame: bytes, size_t start, size_t cut=0) -> int:
     """The compiled flow hash of ``frame`` (a ``start``-byte header, 10 or 12, then an
-    Ethernet frame of 14 bytes or more): for tests against switch.flow.flow_hash."""
-    cdef Piece piece
+    Ethernet frame of 14 bytes or more): for tests against switch.flow.flow_hash. With
+    ``cut`` (0 < cut < len(frame)) the frame is seen as two pieces, split there, as a
+    chain of two descriptors would give it."""
+    cdef Piece piece[2]
     cdef Pieces view
     cdef size_t n = len(frame)
     if (start != 10 and start != 12) or n < start + 14 or n > 0xFFFFFFFF:
         raise ValueError("a 10- or 12-byte header, then 14 bytes or more")
-    piece.p = <uint8_t *>PyBytes_AS_STRING(frame)
-    piece.n = <uint32_t>n
-    piece.region = 0
-    view.v = &piece
-    view.len = 1
-    view.cap = 1
+    if cut >= n:
+        raise ValueError("cut must be inside the frame")
+    piece[0].p = <uint8_t *>PyBytes_AS_STRING(frame)
+    piece[0].n = <uint32_t>(cut if cut else n)
+    piece[0].region = 0
+    piece[1].p = piece[0].p + cut
+    piece[1].n = <uint32_t>(n - cut)
+    piece[1].region = 0
+    view.v = piece
+    view.len = 2 if cut else 1
+    view.cap = 2
     return flow_hash(&view, n, <uint32_t>start)
 
 
