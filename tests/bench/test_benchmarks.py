@@ -22,6 +22,7 @@ import bench_hotplug_gap as gap  # noqa: E402
 import bench_idle as idle  # noqa: E402
 import bench_switch as sw  # noqa: E402
 
+from pyvhost.frontend.peer import descendants  # noqa: E402
 from pyvhost.tools.process import end_process, pyvhost_argv  # noqa: E402
 from support.procs import need  # noqa: E402
 
@@ -34,19 +35,13 @@ def test_help(script: str) -> None:
     assert "--json" in out and "--quick" in out
 
 
-def children(pid: int) -> dict[int, str]:
-    """``pid``'s child processes: pid -> command line."""
+def started_by(pid: int) -> dict[int, str]:
+    """The processes below ``pid``: pid -> command line."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            out[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(
+                b"\0", b" ").decode(errors="replace")
     return out
 
 
@@ -68,7 +63,7 @@ def test_sigterm_ends_a_benchmark_and_every_process_it_started() -> None:
             assert bench.poll() is None, "the benchmark exited before its run"
             assert time.monotonic() < deadline, f"no pyvhost net and testpmd: {kids}"
             time.sleep(0.2)
-            kids = children(bench.pid)
+            kids = started_by(bench.pid)
         socket = next(w for c in kids.values() if "pyvhost net" in c
                       for w in c.split() if w.endswith(".sock"))
         os.kill(bench.pid, signal.SIGTERM)
