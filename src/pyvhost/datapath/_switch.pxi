@@ -107,7 +107,8 @@ cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noex
 # -- the flow hash (switch.flow.flow_hash, zlib's CRC-32) -------------------------------------
 # Eight tables, for eight bytes per step ("slicing-by-8"): the same CRC-32 as zlib's, with
 # eight independent lookups per step instead of a chain of eight dependent ones. Profiled
-# at 2 queue pairs (64 B), the byte-at-a-time loop was a quarter of the back-end's time.
+# at 2 queue pairs (64 B), the hash was a quarter of the back-end's samples, the first
+# touch of each frame's IP header included (BENCHMARKS.md, "a cheaper flow hash").
 cdef uint32_t CRC32[8][256]
 
 
