@@ -19,13 +19,12 @@ import os
 import select
 import signal
 import sys
-from types import FrameType
 from typing import Any, NoReturn
 
 import click
 
 from pyvhost import __version__
-from pyvhost.interrupts import Interrupted
+from pyvhost.interrupts import Interrupted, raise_interrupt
 
 from .common import (
     CommandError,
@@ -81,10 +80,6 @@ def cli() -> None:
     configure_logging()
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def _command_in(argv: list[str]) -> str:
     """The subcommand ``argv`` names (``mem add``), for an error raised outside any
     command's context (Ctrl-C while options are parsed, ...)."""
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM ends a command the way Ctrl-C does (cleanup, exit 130). A daemon such as
     # pyvhost net installs its own handler for both while it serves.
     with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         code = cli.main(args=args, prog_name="pyvhost", standalone_mode=False)
     except CommandError as e:

@@ -36,6 +36,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError
 
 from pyvhost.errors import LocalError, PeerError
+from pyvhost.interrupts import loop_interrupts
 
 from .owner import describe_owner
 
@@ -138,7 +139,17 @@ class Qmp:
             raise QmpConnectError("QMP is not connected")
         task = loop.create_task(asyncio.wait_for(coro, timeout))
         try:
-            return loop.run_until_complete(task)
+            with loop_interrupts(loop, task) as came:
+                try:
+                    result = loop.run_until_complete(task)
+                except asyncio.CancelledError:
+                    if not came:
+                        raise
+            if came:
+                # The task was cancelled (or had just finished): the interrupt goes on
+                # from here, as if it had come between two commands.
+                raise KeyboardInterrupt
+            return result
         except BaseException:
             if not task.done():
                 task.cancel()
