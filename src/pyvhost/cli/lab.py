@@ -280,14 +280,14 @@ def lab(vms: int, dimms: tuple[int, int], unplug: bool, mem_slots: bool, probe_l
 
     \b
     Builds (or loads) the guest image, starts `pyvhost net` with one vhost-user socket
-    per VM, boots the VMs (QEMU 7.2; 10.99.0.1, .2, ...), pings between them,
-    starts a continuous ping to VM 1, then hot-adds DIMMs into VM 1 one at a time with
-    pyvhost's planner (what `pyvhost mem add` does). After every step it shows QEMU's
-    memory devices, VM 1's MemTotal, the back-end's memory table for VM 1 and the fds
-    and mappings of the back-end process, and checks: one fd and one mapping per
-    region, no other fd, the table equal to what QEMU sends. Ends with a summary:
-    pings lost, fds and mappings before and after, each step's time split into QEMU's
-    part and the back-end's. The first run downloads the Debian cloud kernel with
+    per VM, boots the VMs (Debian's QEMU 7.2, or $PYVHOST_QEMU; 10.99.0.1, .2, ...),
+    pings between them, starts a continuous ping to VM 1, then hot-adds DIMMs into VM 1
+    one at a time with pyvhost's planner (what `pyvhost mem add` does). After every step
+    it shows QEMU's memory devices, VM 1's MemTotal, the back-end's memory table for VM
+    1 and the fds and mappings of the back-end process, and checks: one fd and one
+    mapping per region, no other fd, the table equal to what QEMU sends. Ends with a
+    summary: pings lost, fds and mappings before and after, each step's time split into
+    QEMU's part and the back-end's. The first run downloads the Debian cloud kernel with
     apt-get to build the guest image (cached afterwards).
 
     \b

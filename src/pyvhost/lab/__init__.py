@@ -1,9 +1,9 @@
 """Labs: real QEMU guests started by pyvhost for tests and demonstrations.
 
-The guests: :mod:`.qemu` starts QEMU 7.2, connects to its QMP monitors and boots the test
-guest; :mod:`.accel` picks KVM or TCG; :mod:`.image` (with :mod:`.initramfs`) builds the
-guest's kernel and initramfs; :mod:`.guest` talks to it over its command channel, whose
-wire format is :mod:`.channel`.
+The guests: :mod:`.qemu` starts QEMU (Debian 12's 7.2, or $PYVHOST_QEMU), connects to
+its QMP monitors and boots the test guest; :mod:`.accel` picks KVM or TCG; :mod:`.image`
+(with :mod:`.initramfs`) builds the guest's kernel and initramfs; :mod:`.guest` talks to
+it over its command channel, whose wire format is :mod:`.channel`.
 
 ``pyvhost lab`` (its command line is :mod:`pyvhost.cli.lab`; nothing here imports the
 command line): :mod:`.config` says what to run, :mod:`.machines` starts and ends

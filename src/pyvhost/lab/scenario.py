@@ -52,7 +52,7 @@ from .measure import (
     qemu_outcome,
     step_timing,
 )
-from .qemu import QBOOT
+from .qemu import QBOOT, QemuError, qemu_binary, qemu_version
 from .records import (
     Action,
     Backend,
@@ -159,7 +159,12 @@ class Lab(Closing):
         if not QBOOT.is_file():
             raise LabError(f"{QBOOT} is missing (Debian package qemu-system-data)")
         self.accel = choice = choose_accel(c.accel, image, say=self.say)
-        self.say(f"booting {c.vms} VMs (QEMU 7.2, {choice.accel.upper()}: {choice.reason})")
+        binary = qemu_binary()
+        try:
+            version = "QEMU " + ".".join(map(str, qemu_version(binary)))
+        except QemuError:
+            version = binary  # QEMU itself will say what is wrong when it starts
+        self.say(f"booting {c.vms} VMs ({version}, {choice.accel.upper()}: {choice.reason})")
         self.machines.boot(image, choice.accel)
         self._vm_by_pid = self.machines.vm_by_pid
         self.say(f"QEMU pids {', '.join(map(str, self.machines.qemu_pids))}")
