@@ -139,7 +139,9 @@ class _Printer:
                 highlight=False)
         c.print(f"  stream from VM 2: {m['stream_bytes']} bytes, "
                 f"{'intact' if m['stream_intact'] else '[red]CORRUPTED[/red]'} in the migrated "
-                f"guest; pings: {m['pings_sent']} sent, {m['pings_lost']} lost, longest gap "
+                f"guest; pings: {m['pings_sent']} sent, {m['pings_lost']} lost "
+                f"({m['pings_lost_switchover']} at the switchover, where the source's port "
+                f"dropped {m['source_drops'].get('port_down', 0)} frames), longest gap "
                 f"{m['longest_gap'] * 1000:.0f} ms", highlight=False)
         failed = [ch for ch in step["checks"] if not ch["ok"]]
         c.print(f"  checks: {len(step['checks']) - len(failed)}/{len(step['checks'])} ok",
@@ -230,12 +232,16 @@ class _Printer:
                         f"{_ms(m['total_time'])} ms, downtime {_ms(m['downtime'])} ms; "
                         f"{m['dimm_frames']} frames written into the hot-added DIMMs "
                         f"meanwhile, stream {'intact' if m['stream_intact'] else 'CORRUPTED'}; "
-                        f"pings {m['pings_lost']}/{m['pings_sent']} lost, longest gap "
+                        f"pings {m['pings_lost']}/{m['pings_sent']} lost "
+                        f"({m['pings_lost_switchover']} at the switchover), longest gap "
                         f"{m['longest_gap'] * 1000:.0f} ms; source released: "
                         f"{'yes' if m['source_gone'] and not m['log_held'] else 'NO'}",
                         highlight=False)
         c.print(f"DIMMs: {s['dimms_added']} added, {s['dimms_removed']} removed; pings: "
-                f"{s['pings_sent']} sent, {s['pings_lost']} lost; {r['seconds']:.1f} s",
+                f"{s['pings_sent']} sent, {s['pings_lost']} lost"
+                + (f" ({s['pings_lost_switchover']} at a migration's switchover)"
+                   if s.get("pings_lost_switchover") else "")
+                + f"; {r['seconds']:.1f} s",
                 highlight=False)
         if r["ok"]:
             c.print("[bold green]OK[/bold green]: no ping lost; the back-end held one fd "

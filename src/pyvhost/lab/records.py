@@ -263,6 +263,14 @@ class Migration:
     pings_sent: int
     pings_lost: int
     longest_gap: float
+    #: Of ``pings_lost``, those sent while the migration's command ran: frames for VM 1
+    #: between the source's stop and the destination's start have no ring to go to.
+    pings_lost_switchover: int
+    #: Pings sent after the migration's command ended and answered (by the destination).
+    pings_answered_after: int
+    #: What the switch dropped on its way out of the source's port until it left, by
+    #: reason (``port_down``: its queues stopped for the switchover).
+    source_drops: dict[str, int]
     stream_bytes: int
     stream_md5: str
     stream_expected_md5: str
@@ -329,6 +337,8 @@ class Summary:
     frames_dropped: int
     released_after_vms: bool
     migrated: bool = False
+    #: Of ``pings_lost``, those a migration's check put down to its switchover.
+    pings_lost_switchover: int = 0
 
 
 @dataclass(frozen=True)

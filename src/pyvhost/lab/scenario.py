@@ -72,6 +72,12 @@ from .traffic import PING_INTERVAL, PING_WAIT, PingLoops, Stream
 #: How long the stream runs before the migration: until the guest's receive buffers are
 #: in the DIMMs (the ones posted before they were onlined in ZONE_NORMAL are used up).
 WARMUP_FRAMES = 300
+#: Seconds before the end of the migration's command (as the pinging guest's clock saw
+#: it) in which a ping may meet the switchover: the source stops, its queues with it, and
+#: until the destination runs, frames for VM 1 have no ring to go to (the switch drops
+#: them as port_down, as any back-end must). The command's end is seen late: the progress
+#: poll, the destination's resume, and a console round trip to read the clock.
+SWITCHOVER_SPAN = 2.0
 
 Say = Callable[[str], None]
 StepHook = Callable[[Step], None]
@@ -360,6 +366,19 @@ class Lab(Closing):
                 return conn
         return {}
 
+    def _departed_drops(self, name: str) -> dict[str, int]:
+        """The frames the switch dropped on its way out of port ``name``, which left
+        (the final counters it keeps of departed ports), by reason; {} when it is not
+        among them."""
+        switch = self.meter.status().get("switch")
+        departed = switch.get("departed") if isinstance(switch, dict) else None
+        for port in departed if isinstance(departed, list) else []:
+            if isinstance(port, dict) and port.get("name") == name:
+                drops = port.get("tx_drops")
+                if isinstance(drops, dict):
+                    return {str(k): v for k, v in drops.items() if isinstance(v, int)}
+        return {}
+
     def _online_dimms_in_kernel_zone(self) -> None:
         """Move the hot-added DIMMs' memory blocks to ZONE_NORMAL, where the guest's
         receive buffers (kernel allocations) come from: frames then land in the DIMMs."""
@@ -408,10 +427,14 @@ class Lab(Closing):
                     f"{r.code}: {r.message}" for r in pre.refusals))
             stream.pause_receiver()
             self.say(f"migrating VM 1 to QEMU pid {dest.pid} over {uri}")
+            # The pingers' clocks around the migration's command: a ping sent in its last
+            # SWITCHOVER_SPAN s can meet the switchover (see checks.migration_checks).
+            migrating_from = self._loops.uptimes()
             outcome = run_migration(self.qmp, dst, uri, timeout=c.step_timeout,
                                     on_progress=lambda p: self.say(
                                         f"  {p.status}: {p.transferred >> 20} MiB sent, "
                                         f"{p.remaining >> 20} MiB left"))
+            migrating_to = self._loops.uptimes()
         src_conn = self._vm1_status(source.pid)
         written = self._dimm_writes() if src_conn else writes
         log = src_conn.get("dirty_log")
@@ -426,16 +449,21 @@ class Lab(Closing):
         self.qmp = TimedMonitor(Qmp(str(dest.qmp_path), timeout=c.step_timeout).connect())
         stream.resume_receiver(console)
         result = stream.finish(console)
-        window = self._loops.window(since)
+        window = self._loops.window(since, {
+            vm: (max(migrating_from[vm], migrating_to[vm] - SWITCHOVER_SPAN), to)
+            for vm, to in migrating_to.items()})
         self.say(f"stream: {result.received} bytes, "
                  f"{'intact' if result.intact else 'CORRUPTED'}; pings across the "
-                 f"migration: {window.sent} sent, {window.lost} lost, longest gap "
+                 f"migration: {window.sent} sent, {window.lost} lost "
+                 f"({window.lost_during} sent at the switchover), longest gap "
                  f"{window.longest_gap} s; stopping the source QEMU")
+        source_port = str(src_conn.get("name", "")) if src_conn else ""
         self.machines.stop_retired()
         deadline = time.monotonic() + 30
         while self._vm1_status(source.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         gone = not self._vm1_status(source.pid)
+        source_drops = self._departed_drops(source_port)
         try:
             held_log = procfs.measure(self.machines.net_pid, "vhost-log")
             log_held = held_log.matching_fds + held_log.mappings
@@ -451,6 +479,8 @@ class Lab(Closing):
             dimm_bytes=written[1] - writes[1], log_size=int(log.get("mmap_size", 0)),
             log_marks=int(log.get("marks", 0)), log_overflows=int(log.get("overflows", 0)),
             pings_sent=window.sent, pings_lost=window.lost, longest_gap=window.longest_gap,
+            pings_lost_switchover=window.lost_during,
+            pings_answered_after=window.answered_after, source_drops=source_drops,
             stream_bytes=result.received, stream_md5=result.md5,
             stream_expected_md5=result.expected_md5, source_gone=gone, log_held=log_held,
             drops_before=drops_before,

@@ -24,15 +24,18 @@ from .records import PingCounts, TrafficWait
 PING_INTERVAL = 0.2
 PING_WAIT = 5  # seconds a ping waits for its reply before it counts as lost
 # The guest's ping loop: one `ping -c 1` at a time, so a stop never cuts a ping in flight
-# and every ping sent is either answered within PING_WAIT seconds or counted lost.
+# and every ping sent is either answered within PING_WAIT seconds or counted lost. Its
+# log has a line per ping: when it ended, 1 answered or 0 lost, when it was sent (uptimes):
+# a lost ping is placed by when it was sent, PING_WAIT s before its line is written.
 PING_LOOP = f"""\
 peer=$1; stop=/tmp/lab-ping.stop; out=/tmp/lab-ping.count
 n=0; ok=0
 while [ ! -e $stop ]; do
     n=$((n + 1))
+    t0=$(cut -d' ' -f1 /proc/uptime)
     if ping -c 1 -W {PING_WAIT} "$peer" >/dev/null 2>&1; then ok=$((ok + 1)); r=1; else r=0; fi
     echo "$n $ok" >$out
-    echo "$(cut -d' ' -f1 /proc/uptime) $r" >>/tmp/lab-ping.log
+    echo "$(cut -d' ' -f1 /proc/uptime) $r $t0" >>/tmp/lab-ping.log
     sleep {PING_INTERVAL}
 done
 echo "done $n $ok" >$out
@@ -84,29 +87,55 @@ class PingLoops:
         """Each pinging VM's clock (``/proc/uptime``): where a window of its log starts."""
         return {vm: uptime(con) for vm, con in self.consoles.items()}
 
-    def window(self, since: Mapping[int, float]) -> PingWindow:
-        """The pings each VM's loop ended since its uptime ``since[vm]``: sent, lost, and
-        the longest time between two answered ones (seconds; the first is measured from
-        ``since``)."""
-        sent = lost = 0
+    def window(self, since: Mapping[int, float],
+               during: Mapping[int, tuple[float, float]] | None = None) -> PingWindow:
+        """The pings each VM's loop sent since its uptime ``since[vm]``, counted by when
+        they were sent: sent, lost, and the longest time between two answered ones
+        (seconds; the first is measured from ``since``).
+
+        ``during[vm]`` (from, to) is a span inside the window (a migration's command, in
+        the VM's clock): first every ping sent before its end is waited for (a lost one
+        ends PING_WAIT s after it was sent), then those of them that were lost are
+        counted in ``lost_during`` and those sent after it that were answered in
+        ``answered_after``."""
+        sent = lost = lost_during = answered_after = 0
         gap = 0.0
         for vm, con in self.consoles.items():
             start = since[vm]
-            out = con.check(f"awk '$1 >= {start:.2f}' /tmp/lab-ping.log 2>/dev/null || true")
+            span = during.get(vm) if during is not None else None
+            if span is not None:
+                self._settle(vm, con, span[1])
+            out = con.check(f"awk '$3 >= {start:.2f}' /tmp/lab-ping.log 2>/dev/null || true")
             last = start
             for line in out.splitlines():
-                words = line.split()
-                if len(words) != 2 or words[1] not in ("0", "1"):
+                ping = _ping_line(line)
+                if ping is None:
                     continue
-                at = float(words[0])
+                ended, answered, sent_at = ping
                 sent += 1
-                if words[1] == "1":
-                    gap = max(gap, at - last)
-                    last = at
+                if answered:
+                    gap = max(gap, ended - last)
+                    last = ended
+                    if span is not None and sent_at >= span[1]:
+                        answered_after += 1
                 else:
                     lost += 1
+                    if span is not None and span[0] <= sent_at <= span[1]:
+                        lost_during += 1
             gap = max(gap, uptime(con) - last)
-        return PingWindow(sent, lost, round(gap, 3))
+        return PingWindow(sent, lost, round(gap, 3), lost_during, answered_after)
+
+    def _settle(self, vm: int, con: GuestConsole, until: float) -> None:
+        """Wait until VM ``vm``'s loop logged a ping sent at or after its uptime
+        ``until``: the pings are sent one at a time, so every one sent before has
+        ended."""
+        deadline = time.monotonic() + PING_WAIT + 30
+        while con.run(f"awk '$3 >= {until:.2f} {{ f = 1 }} END {{ exit !f }}' "
+                      "/tmp/lab-ping.log")[0] != 0:
+            if time.monotonic() > deadline:
+                raise LabError(f"VM {vm + 1}'s ping loop logged no ping sent after "
+                               f"uptime {until:.2f} within {PING_WAIT + 30} s")
+            time.sleep(0.3)
 
     def wait_for_more(self, answers: int) -> TrafficWait:
         """Wait until ``answers`` more pings were answered (or a deadline long enough for
@@ -141,14 +170,29 @@ def uptime(console: GuestConsole) -> float:
     return float(console.check("cut -d' ' -f1 /proc/uptime").split()[0])
 
 
+def _ping_line(line: str) -> tuple[float, bool, float] | None:
+    """A line of the ping loop's log, "ENDED RESULT SENT" (uptimes; RESULT 1 answered,
+    0 lost): (ended, answered, sent), or None for a line that is not one."""
+    words = line.split()
+    if len(words) != 3 or words[1] not in ("0", "1"):
+        return None
+    try:
+        return float(words[0]), words[1] == "1", float(words[2])
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class PingWindow:
-    """The continuous ping over a window (a migration): pings ended in it, those lost, and
-    the longest time without an answer (seconds)."""
+    """The continuous ping over a window (a migration): pings sent in it, those lost, and
+    the longest time without an answer (seconds); of a span inside it (the migration's
+    command), the pings sent in it and lost, and those sent after it and answered."""
 
     sent: int
     lost: int
     longest_gap: float
+    lost_during: int = 0
+    answered_after: int = 0
 
 
 # -- the stream ------------------------------------------------------------------------------
