@@ -35,10 +35,14 @@ SET_MEM_TABLE and unmaps and maps every region again; its PMD skips a locked que
 
 Reported per back-end (medians over ``--repeat`` runs): update round trip (median and
 longest), the longest gap overlapping any update, the median over updates of each
-update's longest gap, the median gap between completions during updates, the same two
-gap figures over a window with no update (``--baseline`` seconds, before the updates),
-and the frames/s the loop ran at. The machine is shared: the baseline says what gaps
-the machine itself causes.
+update's longest gap (and the same over the hot-adds and the removals apart), the median
+gap between completions during updates, the same two gap figures over a window with no
+update (``--baseline`` seconds, before the updates), and the frames/s the loop ran at.
+The machine is shared: the baseline says what gaps the machine itself causes. A control
+says what the measuring causes: after the updates, as many GET_FEATURES round trips at
+the same pace, which the back-end only answers; the median over them of each one's
+longest gap is the floor an update's own gap stands on (this process runs on the
+driver's CPU ahead of it, and the driver stamps nothing while it does).
 """
 
 from __future__ import annotations
@@ -253,6 +257,10 @@ def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int,
         "update_slowest": round_trips.index(max(round_trips)),
         "gap_ms_max_during_updates": max(longest) / 1e6,
         "gap_ms_median_of_update_max": statistics.median(longest) / 1e6,
+        # The same over the hot-adds (even updates) and the removals (odd) apart: with
+        # worker threads ADD_MEM_REG lets the bursts run, REM_MEM_REG waits for them.
+        "gap_ms_median_of_add_max": statistics.median(longest[0::2]) / 1e6,
+        "gap_ms_median_of_remove_max": statistics.median(longest[1::2] or longest) / 1e6,
         "gap_us_median_during_updates": statistics.median(during) / 1e3,
         "gap_ms_max_baseline": max(b_gaps) / 1e6,
         "gap_us_median_baseline": statistics.median(b_gaps) / 1e3,
@@ -310,6 +318,19 @@ def _hotplug(session: Session, memory: FrontendMemory, cycles: int, dimm_mib: in
         time.sleep(interval_s)
 
 
+def _null_round_trips(fe: Frontend, count: int, interval_s: float,
+                      trips: list[tuple[int, int]]) -> None:
+    """The control: ``count`` GET_FEATURES round trips, as far apart as the updates, each
+    appended as (start, end) ns. The back-end only answers them, so their gaps are what
+    the measuring costs: this process runs its round trip on the driver's CPU, ahead of
+    the driver (SCHED_FIFO), which stamps nothing meanwhile."""
+    for _ in range(count):
+        t0 = time.monotonic_ns()
+        fe.get_features()
+        trips.append((t0, time.monotonic_ns()))
+        time.sleep(interval_s)
+
+
 def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: float,
             interval_s: float, work: Path) -> dict[str, float]:
     mem_slots = KINDS[kind]
@@ -349,6 +370,9 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             # Frames after the last update close its gap: a back-end that resumes slowly
             # (DPDK after a remap) would otherwise leave its last window without an end.
             time.sleep(1.0)
+            trips: list[tuple[int, int]] = []
+            _null_round_trips(fe, 2 * cycles, interval_s, trips)
+            time.sleep(0.2)
             ctl[0] = STOP
             _, status = os.waitpid(child, 0)
             child = 0
@@ -370,7 +394,11 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
         print(f"  {kind}: SCHED_FIFO refused; update round trips include waiting for the "
               "driver's time slice", file=sys.stderr)
     try:
-        return summarize(stamps, counts, (b0, b1), updates)
+        figures = summarize(stamps, counts, (b0, b1), updates)
+        null = summarize(stamps, counts, (b0, b1), trips)
+        figures["null_ms_median"] = null["update_ms_median"]
+        figures["gap_ms_median_of_null_max"] = null["gap_ms_median_of_update_max"]
+        return figures
     except ValueError as e:
         raise BenchError(f"{kind}: {e}") from e
 
@@ -382,6 +410,10 @@ ROWS = (
     ("update round trip, longest (ms)", "update_ms_max", 3),
     ("longest gap overlapping an update (ms)", "gap_ms_max_during_updates", 3),
     ("median over updates of the longest gap (ms)", "gap_ms_median_of_update_max", 3),
+    ("  the same over the hot-adds (ms)", "gap_ms_median_of_add_max", 3),
+    ("  the same over the removals (ms)", "gap_ms_median_of_remove_max", 3),
+    ("control: a GET_FEATURES round trip, median (ms)", "null_ms_median", 3),
+    ("control: median over them of the longest gap (ms)", "gap_ms_median_of_null_max", 3),
     ("median gap between completions during updates (µs)",
      "gap_us_median_during_updates", 1),
     ("longest gap without updates (ms)", "gap_ms_max_baseline", 3),

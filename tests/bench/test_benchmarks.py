@@ -97,6 +97,9 @@ def test_summarize_reports_the_stall_of_an_update() -> None:
     assert s["updates"] == 3
     assert s["gap_ms_max_during_updates"] == pytest.approx(5.0)
     assert s["gap_ms_median_of_update_max"] == pytest.approx(0.01)
+    # Updates 0 and 2 are hot-adds, 1 the removal with the hole.
+    assert s["gap_ms_median_of_add_max"] == pytest.approx(0.01)
+    assert s["gap_ms_median_of_remove_max"] == pytest.approx(5.0)
     assert s["gap_ms_max_baseline"] == pytest.approx(0.01)
     assert s["gap_us_median_baseline"] == pytest.approx(10.0)
     assert s["update_ms_median"] == pytest.approx(0.5)

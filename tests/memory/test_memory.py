@@ -7,6 +7,7 @@ never through the code under test, so a wrong offset in a mapping can not hide i
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, closing
 
@@ -764,3 +765,38 @@ def test_repeated_add_and_rem_mem_reg_change_nothing(mgr: MemoryManager, ram: Ra
     # Once C is back, its removal is a real one again.
     assert mgr.add_region(C, ram.fd).added == 1
     assert mgr.remove_region(C).removed == 1
+
+
+def test_add_region_lets_readers_take_the_snapshot_while_it_maps(
+        mgr: MemoryManager, ram: Ram, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With worker threads a burst takes the current snapshot (acquire) while the loop's
+    # thread handles ADD_MEM_REG: the mmap and the new snapshot are made outside the
+    # manager's lock, so the burst does not wait for them, and gets the old table until
+    # the swap. (Before, acquire waited for the whole update.)
+    mapping = threading.Event()
+    go_on = threading.Event()
+    real_map = MappedRegion.map
+
+    def slow_map(desc: MemoryRegion, fd: int) -> MappedRegion:
+        mapping.set()
+        assert go_on.wait(30)
+        return real_map(desc, fd)
+
+    monkeypatch.setattr(MappedRegion, "map", staticmethod(slow_map))
+    before = mgr.current.generation
+    adder = threading.Thread(target=mgr.add_region, args=(FREE, ram.fd))
+    adder.start()
+    try:
+        assert mapping.wait(30)
+        seen: list[GuestMemory] = []
+        reader = threading.Thread(target=lambda: seen.append(mgr.acquire()))
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), "acquire waited for the mmap"
+        assert [m.generation for m in seen] == [before]
+        seen[0].release()
+    finally:
+        go_on.set()
+        adder.join(30)
+    assert mgr.current.generation == before + 1
+    assert mgr.current.region_at(FREE.guest_phys_addr) is not None

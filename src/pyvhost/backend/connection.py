@@ -25,8 +25,9 @@ what it writes; GET_VRING_BASE stops a ring and answers where the destination re
 Threads: without workers everything runs on the server's loop. With ``workers`` (``pyvhost
 net --workers N``) each queue pair's kicks are served on a worker thread
 (:meth:`Connection.kick_loop`), under the queue locks of :mod:`.queuelock`; the handlers
-of :data:`RING_REQUESTS` and :meth:`Connection.close` hold every lock of the connection,
-and a close a worker asks for (a guest-memory fault) runs on the loop.
+of :data:`RING_REQUESTS` and :meth:`Connection.close` hold every lock of the connection
+(ADD_MEM_REG only while it re-attaches the rings: see its handler), and a close a worker
+asks for (a guest-memory fault) runs on the loop.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ _ORDER = itertools.count(1)
 #: meanwhile (GET_VRING_BASE answers once the ring's burst is finished). SEND_RARP is not
 #: one: it forwards a frame into other ports, whose locks it takes itself.
 RING_REQUESTS = frozenset({
-    Request.SET_FEATURES, Request.RESET_OWNER, Request.SET_MEM_TABLE, Request.ADD_MEM_REG,
+    Request.SET_FEATURES, Request.RESET_OWNER, Request.SET_MEM_TABLE,
     Request.REM_MEM_REG, Request.SET_VRING_NUM, Request.SET_VRING_ADDR,
     Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_KICK,
     Request.SET_VRING_CALL, Request.SET_VRING_ERR, Request.SET_VRING_ENABLE,
@@ -768,12 +769,23 @@ def _set_mem_table(c: Connection, msg: Message) -> None:
 
 @REQUEST_TABLE.handles(Request.ADD_MEM_REG, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS)
 def _add_mem_reg(c: Connection, msg: Message) -> None:
+    # Not in RING_REQUESTS: with workers, the bursts go on while the region is mapped and
+    # the new snapshot built and swapped in (MemoryManager.add_region). That is safe
+    # because an added region changes no mapping a ring or a burst uses: every region of
+    # the old snapshot is in the new one, mapped where it was, and a burst translates
+    # descriptors with the snapshot it holds, old or new. Only re-attaching the rings to
+    # the new snapshot waits for the bursts (every queue lock of the connection).
     assert isinstance(msg.payload, m.SingleMemoryRegion)
     if not c.memory.add_region(msg.payload.region, msg.fds.peek(0)).added:
         # QEMU 7.2 sends ADD_MEM_REG once per queue pair; the repeat changes nothing.
         log.debug("%s: ADD_MEM_REG repeats a region of the table", c.name)
         return
-    c._memory_changed()
+    if c.threaded:
+        with queuelock.hold(c.locks) as ok:
+            assert ok
+            c._memory_changed()
+    else:
+        c._memory_changed()
 
 
 @REQUEST_TABLE.handles(Request.REM_MEM_REG, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS)

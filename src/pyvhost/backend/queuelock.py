@@ -16,8 +16,10 @@ messages and other workers serve other queues. Every vring of a connection then 
   for the switch's egress ports, once per burst);
 - a control handler that changes a vring, the memory table or the dirty log (and
   ``close``): every queue of the connection. So GET_VRING_BASE answers once the ring's
-  burst is finished, and SET_VRING_*, SET_MEM_TABLE, ADD/REM_MEM_REG, SET_LOG_BASE,
-  RESET_OWNER and close never change what a burst is reading.
+  burst is finished, and SET_VRING_*, SET_MEM_TABLE, REM_MEM_REG, SET_LOG_BASE,
+  RESET_OWNER and close never change what a burst is reading. ADD_MEM_REG maps its
+  region and swaps the new snapshot in without them (it changes no mapping a burst
+  uses) and holds them only to re-attach the rings.
 
 The order (deadlock freedom): every lock has a rank ``(tier, connection order, queue
 index)``, tier 0 for queues a burst holds as its own (transmit queues), tier 1 for

@@ -187,22 +187,35 @@ class MemoryManager:
         (``added=0``); the caller closes ``fd``.
         """
         desc.check()
-        with self._lock:
-            old = self._current
-            same = old.region_at(desc.guest_phys_addr)
-            if same is not None and same.same_as(desc, file_id_of(fd)):
-                return MemoryUpdate(added=0, kept=len(old), removed=0)
-            if len(old) >= self.max_slots:
-                raise MemoryTableError(f"no free memory slot: all {self.max_slots} are used")
-            clash = old.neighbours_overlap(None, desc.guest_phys_addr, desc.userspace_addr,
-                                           desc.memory_size)
-            if clash is not None:
-                raise MemoryTableError(f"region [{desc.describe()}] overlaps in {clash}")
-            region = MappedRegion.map(desc, fd)
+        # Only the connection's own thread changes the table, so the new snapshot is
+        # mapped and built outside the lock and swapped in under it: readers (a burst
+        # taking the snapshot, on a worker thread) wait for the swap only, not for the
+        # mmap and the native table.
+        old = self._current
+        same = old.region_at(desc.guest_phys_addr)
+        if same is not None and same.same_as(desc, file_id_of(fd)):
+            return MemoryUpdate(added=0, kept=len(old), removed=0)
+        if len(old) >= self.max_slots:
+            raise MemoryTableError(f"no free memory slot: all {self.max_slots} are used")
+        clash = old.neighbours_overlap(None, desc.guest_phys_addr, desc.userspace_addr,
+                                       desc.memory_size)
+        if clash is not None:
+            raise MemoryTableError(f"region [{desc.describe()}] overlaps in {clash}")
+        region = MappedRegion.map(desc, fd)
+        try:
             i, j = old.gpa_index(region), old.va_index(region)
             regions = (*old.regions[:i], region, *old.regions[i:])
             va_order = (*old.va_order[:j], region, *old.va_order[j:])
-            self._swap(self._next(regions, va_order), [region], [])
+            new = self._next(regions, va_order)
+            with self._lock:
+                if self._current is not old:
+                    raise RuntimeError("the memory table changed during ADD_MEM_REG: "
+                                       "only the connection's thread may change it")
+                self._swap(new, [region], [])
+        except BaseException:
+            if self._current is old:
+                region.unmap()
+            raise
         return MemoryUpdate(added=1, kept=len(old), removed=0)
 
     # -- REM_MEM_REG ---------------------------------------------------------------------
