@@ -207,15 +207,15 @@ class MemoryManager:
             regions = (*old.regions[:i], region, *old.regions[i:])
             va_order = (*old.va_order[:j], region, *old.va_order[j:])
             new = self._next(regions, va_order)
-            with self._lock:
-                if self._current is not old:
-                    raise RuntimeError("the memory table changed during ADD_MEM_REG: "
-                                       "only the connection's thread may change it")
-                self._swap(new, [region], [])
         except BaseException:
-            if self._current is old:
-                region.unmap()
+            region.unmap()  # not in any snapshot yet
             raise
+        with self._lock:
+            if self._current is not old:
+                region.unmap()
+                raise RuntimeError("the memory table changed during ADD_MEM_REG: only "
+                                   "the connection's thread may change it")
+            self._swap(new, [region], [])
         return MemoryUpdate(added=1, kept=len(old), removed=0)
 
     # -- REM_MEM_REG ---------------------------------------------------------------------
