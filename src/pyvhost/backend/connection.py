@@ -780,11 +780,8 @@ def _add_mem_reg(c: Connection, msg: Message) -> None:
         # QEMU 7.2 sends ADD_MEM_REG once per queue pair; the repeat changes nothing.
         log.debug("%s: ADD_MEM_REG repeats a region of the table", c.name)
         return
-    if c.threaded:
-        with queuelock.hold(c.locks) as ok:
-            assert ok
-            c._memory_changed()
-    else:
+    with c._locked(range(len(c.locks))) as ok:
+        assert ok
         c._memory_changed()
 
 
