@@ -56,6 +56,12 @@ class QueueContext:
         """The queue if it is started, enabled and attached to memory; else None."""
         return self._queues.get(index)
 
+    def ready_queues(self, start: int, stop: int, step: int = 1) -> tuple[SplitQueue, ...]:
+        """The ready queues among ``range(start, stop, step)``, in that order (what
+        :meth:`queue` gives for each index, the Nones left out)."""
+        get = self._queues.get
+        return tuple(q for i in range(start, stop, step) if (q := get(i)) is not None)
+
     def notify(self, index: int) -> None:
         """Signal the driver for queue ``index`` if it asked to be (EVENT_IDX honoured)."""
         q = self._queues.get(index)

@@ -57,7 +57,7 @@ truncated region: this path can not catch SIGBUS (see :mod:`pyvhost.datapath.ref
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyvhost.devices.virtio_net import MAX_FRAME, write_rx_frame
@@ -102,11 +102,12 @@ class Out:
     #: The offloads its driver takes (its negotiated GUEST_CSUM / GUEST_TSO4/6): a frame
     #: whose header needs more takes the Python path (:func:`~.offload.adapt_egress`).
     accepts: int = 0
+    #: Every receive queue of the port a frame may go to, in queue order (``rx``, then
+    #: ``more_rx``).
+    queues: tuple[SplitQueue, ...] = field(init=False)
 
-    @property
-    def queues(self) -> tuple[SplitQueue, ...]:
-        """Every receive queue of the port a frame may go to, in queue order."""
-        return (self.rx, *self.more_rx)
+    def __post_init__(self) -> None:
+        self.queues = (self.rx, *self.more_rx)
 
 
 class ForwardStep(Protocol):

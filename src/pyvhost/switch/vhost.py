@@ -160,6 +160,10 @@ class SwitchPort(VirtioDevice):
         #: a destination found, then ports, targets, same_at and the lookups.
         self._routes: tuple[int, int, list[bytes], list[int], float, list[Port], list[int],
                             list[int], list[Port | None]] | None = None
+        #: The last burst's routes as masks over its outs (:meth:`_remap`).
+        self._remapped: tuple[list[int], list[int], list[int], list[bool]] | None = None
+        #: This port as the forward step's egress (:func:`_out`), while it holds.
+        self._as_out: forward.Out | None = None
 
     # -- VirtioDevice --------------------------------------------------------------------
     def device_features(self) -> int:
@@ -316,7 +320,8 @@ class SwitchPort(VirtioDevice):
                 out_of.append(len(outs))
                 outs.append(spec)
                 out_dev.append((p.device, c))
-            masks, slow = _remap(targets, out_of)
+            masks, slow = self._remap(targets, out_of)
+            own = False                       # masks and slow are the cached lists
             k = 0
             while True:
                 k = fwd.push(mem, k, masks, same_at, slow, outs)
@@ -327,6 +332,8 @@ class SwitchPort(VirtioDevice):
                     if err is None:
                         continue
                     failed.append((dev, err))
+                    if not own:
+                        masks, slow, own = list(masks), list(slow), True
                     for j in range(len(masks)):
                         if not masks[j] >> o & 1:
                             continue
@@ -436,6 +443,17 @@ class SwitchPort(VirtioDevice):
             self._routes = None
         return now, ports, targets, same_at
 
+    def _remap(self, targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
+        """:func:`_remap`, cached while the routes (the same ``targets`` list: see
+        :meth:`_route`) and the ports' outs are the ones of the last burst; lists the
+        caller must not change (it copies them first)."""
+        last = self._remapped
+        if last is not None and last[0] is targets and last[1] == out_of:
+            return last[2], last[3]
+        masks, slow = _remap(targets, out_of)
+        self._remapped = (targets, out_of, masks, slow)
+        return masks, slow
+
     def _count_out(self, ctx: QueueContext, out: forward.Out, st: list[int],
                    per_queue: list[list[int]]) -> None:
         """What a push did to this port's receive queues: counters (``st`` the port's,
@@ -451,7 +469,8 @@ class SwitchPort(VirtioDevice):
         if bad:
             counters.drop_tx("bad_descriptor", bad)
         for rx, qst in zip(out.queues, per_queue, strict=True):
-            ctx.account(rx.index, qst[0], qst[1])
+            if qst[0]:
+                ctx.account(rx.index, qst[0], qst[1])
             if rx.notify_decided is not None:
                 ctx.notify(rx.index)
 
@@ -583,14 +602,24 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     if ctx is None or not isinstance(port, VhostPort):
         return None
     dev = port.device
-    queues = [q for i in range(0, dev.num_queues, 2) if (q := ctx.queue(i)) is not None]
+    queues = ctx.ready_queues(0, dev.num_queues, 2)
     if not queues:
         return None
     for rx in queues:
         if rx.broken is not None or (rx.log is not None and not datapath.serves_log(rx.log)):
             return None
-    return forward.Out(ctx.mem, queues[0], dev.hdr_len, dev.mrg_rxbuf,
-                       dev.mtu + ETH_OVERHEAD, tuple(queues[1:]), int(dev.rx_offload))
+    # The last burst's view of this port, if nothing it holds changed (the same snapshot
+    # and queues, the same negotiated header, offloads and mtu): one object less per
+    # burst. An Out is never changed once made.
+    last = dev._as_out
+    mem, max_eth, accepts = ctx.mem, dev.mtu + ETH_OVERHEAD, int(dev.rx_offload)
+    if last is not None and last.mem is mem and last.queues == queues \
+            and last.hdr_len == dev.hdr_len and last.mrg_rxbuf == dev.mrg_rxbuf \
+            and last.max_eth == max_eth and last.accepts == accepts:
+        return last
+    out = dev._as_out = forward.Out(mem, queues[0], dev.hdr_len, dev.mrg_rxbuf, max_eth,
+                                    queues[1:], accepts)
+    return out
 
 
 def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
