@@ -30,6 +30,11 @@ CPU time is about one core-second per second whatever the rate.
 pyvhost runs twice, on its compiled data path and forced onto the pure-Python one
 (``PYVHOST_PURE=1``, kind ``pyvhost-pure``); ``--kinds`` picks back-ends.
 
+testpmd's memory (the front-ends' guest memory, which the back-end maps, and DPDK's
+back-end's own) is ``--no-huge`` (4 KiB pages of a memfd) unless ``--hugepages`` puts it
+on 2 MiB hugepages, as DPDK and vhost-user VMs run in production (root: the pages are
+reserved and a private hugetlbfs mounted for the run, both given back after).
+
 ``--topology loop`` measures the data path alone, with nothing sharing a CPU: one
 testpmd virtio_user in ``io`` mode (``start tx_first 64``: 64 bursts circulate) against a
 back-end that sends every frame straight back, ``pyvhost net --reflect`` or testpmd
@@ -60,7 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +94,12 @@ class Proc:
 
 
 class Run:
-    """Processes of one measurement; all are ended by pid on exit."""
+    """Processes of one measurement; all are ended by pid on exit. With ``huge_dir`` (a
+    hugetlbfs mount) testpmd's memory is on 2 MiB hugepages there, else ``--no-huge``."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, huge_dir: Path | None = None) -> None:
         self.work = work
+        self.huge_dir = huge_dir
         self.procs: list[Proc] = []
 
     def start(self, argv: list[str], name: str, prefix: str | None = None,
@@ -112,8 +119,13 @@ class Run:
         if binary is None:
             raise SystemExit("dpdk-testpmd not found (Debian package dpdk-dev)")
         prefix = f"pyvhost-bsw-{name}-{uuid.uuid4().hex[:6]}"
+        # One file per process (--single-file-segments): its memory is one vhost-user
+        # region, not one per 2 MiB page (a vhost-user table holds 8 without
+        # CONFIGURE_MEM_SLOTS).
+        memory = (["--huge-dir", str(self.huge_dir), "--single-file-segments"]
+                  if self.huge_dir is not None else ["--no-huge"])
         argv = ["stdbuf", "-oL", binary, "-l", "0-1", "--main-lcore", str(1 - forward_cpu),
-                "--no-huge", "-m", "512", "--no-pci", "--file-prefix", prefix]
+                *memory, "-m", "512", "--no-pci", "--file-prefix", prefix]
         for v in vdevs:
             argv += ["--vdev", v]
         argv += ["--", "--nb-cores=1", "--total-num-mbufs=16384", *app]
@@ -135,6 +147,10 @@ class Run:
         end_process(p, None if asked else signal.SIGINT, timeout=30)
         if proc.prefix:
             shutil.rmtree(Path("/var/run/dpdk") / proc.prefix, ignore_errors=True)
+            if self.huge_dir is not None:
+                # testpmd leaves its hugepage files behind: give their pages back.
+                for f in self.huge_dir.glob(f"{proc.prefix}map_*"):
+                    f.unlink(missing_ok=True)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -244,6 +260,9 @@ class Setup:
     #: The CPUs pyvhost may run on (taskset -c); DPDK's back-end always forwards on
     #: BACKEND_CPU.
     pyvhost_cpus: str = str(BACKEND_CPU)
+    #: testpmd's memory (front-ends and DPDK's back-end) on 2 MiB hugepages there
+    #: (``--hugepages``), else ``--no-huge``.
+    huge_dir: Path | None = None
 
 
 def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool) -> Proc:
@@ -287,7 +306,7 @@ def figures(fps: float, size: int, cpu_s: float, span: float, samples: int) -> d
 
 def measure_switch(setup: Setup, work: Path) -> dict[str, float]:
     """txonly source -> back-end (two ports) -> rxonly sink (``--topology switch``)."""
-    run = Run(work)
+    run = Run(work, setup.huge_dir)
     qp, qs = setup.queue_pairs, setup.queue_size
     a, b = work / f"{setup.kind}-a.sock", work / f"{setup.kind}-b.sock"
     try:
@@ -338,7 +357,7 @@ def measure_loop(setup: Setup, work: Path, ports: int = 1) -> dict[str, float]:
     always enter by port A's socket and MAC B's by B's, so the switch forwards known
     unicast both ways. Frames/s is the sum of the ports' Rx-pps over the timed window.
     """
-    run = Run(work)
+    run = Run(work, setup.huge_dir)
     qp, qs, kind = setup.queue_pairs, setup.queue_size, setup.kind
     socks = [work / f"{kind}-loop{i}.sock" for i in range(ports)]
     macs = (SOURCE_MAC, SINK_MAC)
@@ -405,6 +424,42 @@ def table(results: dict[str, dict[str, dict[str, float]]], kinds: list[str]) -> 
     return "\n".join(lines)
 
 
+#: 2 MiB pages ``--hugepages`` adds to the pool: 512 MiB for each testpmd (at most three
+#: at a time: the source, the sink and DPDK's back-end), and some to spare.
+HUGEPAGES_NEEDED = 3 * 256 + 64
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@contextlib.contextmanager
+def hugetlbfs(work: Path, pages: int = HUGEPAGES_NEEDED) -> Iterator[Path]:
+    """``pages`` more 2 MiB hugepages in the pool and a private hugetlbfs mount for
+    testpmd; both given back on the way out (the pool to its size before). Root only."""
+    if os.geteuid() != 0:
+        raise SystemExit("--hugepages: run as root (it reserves 2 MiB hugepages and "
+                         "mounts hugetlbfs)")
+    before = int(NR_HUGEPAGES.read_text())
+    mount = work / "huge"
+    mount.mkdir()
+    mounted = False
+    try:
+        NR_HUGEPAGES.write_text(str(before + pages))
+        got = int(NR_HUGEPAGES.read_text()) - before
+        if got < pages:
+            raise SystemExit(f"--hugepages: the kernel gave {got} of {pages} 2 MiB pages "
+                             "(memory too fragmented or too small)")
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount)],
+                       check=True, capture_output=True)
+        mounted = True
+        yield mount
+    finally:
+        if mounted:
+            for f in mount.iterdir():
+                f.unlink(missing_ok=True)
+            subprocess.run(["umount", str(mount)], check=False, capture_output=True)
+        NR_HUGEPAGES.write_text(str(before))
+        mount.rmdir()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="per measurement")
@@ -431,6 +486,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pyvhost-args", default="",
                     help="extra pyvhost net options, e.g. \"--workers 2 --poll-us 50\" "
                          "(those this pyvhost net lacks are skipped with a note)")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="testpmd's memory (the front-ends' guest memory and DPDK's "
+                         "back-end) on 2 MiB hugepages, as DPDK runs in production, "
+                         "instead of --no-huge; root: reserves the pages and mounts a "
+                         "private hugetlbfs, both given back after")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.repeat = 3.0, 1
@@ -444,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     failures: list[str] = []
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp, \
+            (hugetlbfs(Path(tmp)) if args.hugepages else contextlib.nullcontext()) as huge:
         for size in (int(s) for s in args.sizes.split(",")):
             for qp in (int(q) for q in args.queue_pairs.split(",")):
                 label = f"{size} B, {qp} qp"
@@ -452,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.repeat):
                     for kind in kinds:
                         setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra,
-                                      args.pyvhost_cpus)
+                                      args.pyvhost_cpus, huge)
                         try:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
@@ -475,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
           f"date {time.strftime('%Y-%m-%d %H:%M')}; topology {args.topology}; "
           f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
           f"{' '.join(extra) or 'none'}; pyvhost on CPUs {args.pyvhost_cpus}; "
+          f"testpmd memory {'2 MiB hugepages' if args.hugepages else '--no-huge'}; "
           f"1-min load average {load_before:.1f} before, "
           f"{load_after:.1f} after (other processes on the machine compete for the same "
           "2 CPUs)\n")
@@ -487,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
                                                "seconds": args.seconds,
                                                "pyvhost_args": list(extra),
                                                "pyvhost_cpus": args.pyvhost_cpus,
+                                               "hugepages": args.hugepages,
                                                "loadavg": [load_before, load_after],
                                                "failures": failures,
                                                "results": results}, indent=2))

@@ -78,6 +78,47 @@ def test_sigterm_ends_a_benchmark_and_every_process_it_started() -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _hugetlbfs_mounts() -> list[str]:
+    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[2] == "hugetlbfs"]
+
+
+def test_hugepages_runs_testpmd_on_hugepages_and_gives_them_back() -> None:
+    """``--hugepages``: both back-ends measured with testpmd on 2 MiB hugepages (its
+    memory files on the benchmark's own hugetlbfs while it runs); afterwards the pool is
+    its size before and the mount is gone."""
+    need("dpdk-testpmd", "dpdk")
+    if os.geteuid() != 0:
+        pytest.fail("bench_switch.py --hugepages needs root (run the suite as root, as CI does)")
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    pool, mounts = nr.read_text(), _hugetlbfs_mounts()
+    bench = subprocess.Popen([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                              "--hugepages", "--topology", "loop", "--kinds", "pyvhost,dpdk",
+                              "--sizes", "64", "--seconds", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
+    try:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 120
+        while bench.poll() is None and time.monotonic() < deadline:
+            for mount in set(_hugetlbfs_mounts()) - set(mounts):
+                with contextlib.suppress(OSError):
+                    seen.update(f.name for f in Path(mount).iterdir())
+            time.sleep(0.2)
+        out, _ = bench.communicate(timeout=60)
+    finally:
+        end_process(bench, signal.SIGKILL, 30)
+    assert bench.returncode == 0, out
+    assert "testpmd memory 2 MiB hugepages" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 64 B, 1 qp |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["pyvhost", "dpdk"]
+    assert all(r.split("|")[3].strip() not in ("failed", "0") for r in rows), out
+    # testpmd's memory files (--file-prefix pyvhost-bsw-...) were on the benchmark's mount.
+    assert any(name.startswith("pyvhost-bsw-") and "map_" in name for name in seen), seen
+    assert nr.read_text() == pool
+    assert _hugetlbfs_mounts() == mounts
+
+
 # -- bench_hotplug_gap --------------------------------------------------------------------
 
 def test_gaps_overlapping_takes_the_gaps_that_touch_the_window() -> None:
