@@ -95,7 +95,7 @@ def test_hugepages_runs_testpmd_on_hugepages_and_gives_them_back() -> None:
     bench = subprocess.Popen([sys.executable, str(BENCHMARKS / "bench_switch.py"),
                               "--hugepages", "--topology", "loop", "--kinds", "pyvhost,dpdk",
                               "--sizes", "64", "--seconds", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
         seen: set[str] = set()
@@ -105,7 +105,7 @@ def test_hugepages_runs_testpmd_on_hugepages_and_gives_them_back() -> None:
                 with contextlib.suppress(OSError):
                     seen.update(f.name for f in Path(mount).iterdir())
             time.sleep(0.2)
-        out, _ = bench.communicate(timeout=60)
+        out = bench.communicate(timeout=60)[0].decode(errors="replace")
     finally:
         end_process(bench, signal.SIGKILL, 30)
     assert bench.returncode == 0, out
