@@ -138,6 +138,8 @@ def test_summarize_reports_the_stall_of_an_update() -> None:
     assert s["updates"] == 3
     assert s["gap_ms_max_during_updates"] == pytest.approx(5.0)
     assert s["gap_ms_median_of_update_max"] == pytest.approx(0.01)
+    # Inclusive 95th percentile of (0.01, 5.0, 0.01) ms: 0.01 + 0.9 * (5.0 - 0.01).
+    assert s["gap_ms_p95_of_update_max"] == pytest.approx(4.501)
     # Updates 0 and 2 are hot-adds, 1 the removal with the hole.
     assert s["gap_ms_median_of_add_max"] == pytest.approx(0.01)
     assert s["gap_ms_median_of_remove_max"] == pytest.approx(5.0)
