@@ -58,6 +58,7 @@ import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -300,6 +301,7 @@ def backend(run: Run, kind: str, sock: Path) -> Iterator[int]:
     if kind.startswith("pyvhost"):
         proc = run.start(["taskset", "-c", str(BACKEND_CPU),
                           *pyvhost_argv("net", "--socket", str(sock), "--reflect",
+                                        "--control", str(control_socket(sock)),
                                         "--no-stats", "-q")], kind, env=pyvhost_env(kind))
     else:
         proc = run.testpmd("dpdk", [f"net_vhost0,iface={sock},queues=1"],
@@ -308,6 +310,28 @@ def backend(run: Run, kind: str, sock: Path) -> Iterator[int]:
     yield proc.popen.pid
     if proc.popen.poll() is not None:
         raise SystemExit(f"{kind} exited ({proc.popen.returncode}):\n{proc.text()[-2000:]}")
+
+
+def control_socket(sock: Path) -> Path:
+    """Where pyvhost's control socket is for the vhost-user socket ``sock``."""
+    return sock.with_suffix(".ctl")
+
+
+def backend_slowest(ctl: Path) -> dict[str, float]:
+    """pyvhost's own record of its slowest table update (``pyvhost status``): from
+    receipt to in force, and of that the CPU time and the wait for the bursts, in ms. An
+    update that took long with little CPU and no wait was not running: the machine."""
+    out = subprocess.run([*pyvhost_argv("status", "--json", str(ctl))], capture_output=True,
+                         text=True, timeout=30)
+    if out.returncode != 0:
+        raise BenchError(f"pyvhost status: {out.stderr.strip()[-300:]}")
+    conns = json.loads(out.stdout).get("connections") or []
+    record = conns[0].get("slowest_memory_update") if conns else None
+    if not isinstance(record, dict):
+        raise BenchError("pyvhost status: no slowest_memory_update")
+    return {"backend_slowest_ms": (record["in_force"] - record["received"]) * 1e3,
+            "backend_slowest_cpu_ms": record["cpu_s"] * 1e3,
+            "backend_slowest_waited_ms": record["waited_s"] * 1e3}
 
 
 def _hotplug(session: Session, memory: FrontendMemory, cycles: int, dimm_mib: int,
@@ -382,6 +406,8 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             trips: list[tuple[int, int]] = []
             _null_round_trips(fe, 2 * cycles, interval_s, trips)
             time.sleep(0.2)
+            slowest = (backend_slowest(control_socket(sock)) if kind.startswith("pyvhost")
+                       else {})
             ctl[0] = STOP
             _, status = os.waitpid(child, 0)
             child = 0
@@ -409,6 +435,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
         figures["gap_ms_median_of_null_max"] = null["gap_ms_median_of_update_max"]
         figures["gap_ms_p95_of_null_max"] = null["gap_ms_p95_of_update_max"]
         figures["gap_ms_max_during_null"] = null["gap_ms_max_during_updates"]
+        figures.update(slowest)
         return figures
     except ValueError as e:
         raise BenchError(f"{kind}: {e}") from e
@@ -506,6 +533,13 @@ def main(argv: list[str] | None = None) -> None:
           f"RAM; medians of {args.repeat} alternating run(s); 1-min load average "
           f"{load_before:.1f} before, {load_after:.1f} after\n")
     print(table(results))
+    for kind, r in results.items():
+        if "backend_slowest_ms" in r:
+            print(f"\n{kind}: its own slowest table update (`pyvhost status`, medians over "
+                  f"runs): {r['backend_slowest_ms']:.3f} ms from receipt to in force, of "
+                  f"which {r['backend_slowest_cpu_ms']:.3f} ms CPU and "
+                  f"{r['backend_slowest_waited_ms']:.3f} ms waiting for the bursts (the "
+                  "rest: the process was not running)")
     for kind, why in failures.items():
         print(f"\n{kind}: {len(why)} of {args.repeat} run(s) failed: {'; '.join(why)}")
     if args.json:

@@ -185,6 +185,11 @@ class Connection(DeviceHost):
         #: closed, reply not yet sent), and the regions mapped, kept and dropped.
         #: ``pyvhost lab`` times hot-plug with it.
         self.last_memory_update: dict[str, object] | None = None
+        #: The memory table change that took longest from receipt to in force, so far.
+        self.slowest_memory_update: dict[str, object] | None = None
+        #: Seconds the request being handled has waited for the queues' bursts (their
+        #: locks, with workers): part of a table update's time that is not its own work.
+        self._waited = 0.0
         #: Told of every memory table change (the server's metrics and hooks).
         self.memory_observer: Callable[[Connection, dict[str, object]], None] | None = None
         #: Told once when the connection closes, on any path: the front-end hung up, a
@@ -270,6 +275,8 @@ class Connection(DeviceHost):
     def _dispatch(self, msg: Message) -> None:
         self.counters["requests"] += 1
         received, before = time.monotonic(), self.memory.current
+        cpu = time.thread_time()
+        self._waited = 0.0
         with msg.fds:
             try:
                 handler = self._check_allowed(msg.request)
@@ -277,6 +284,7 @@ class Connection(DeviceHost):
                     # Every burst of this connection finishes first (the loop's thread
                     # holds no other queue lock: this is in order).
                     with queuelock.hold(self.locks) as ok:
+                        self._waited += time.monotonic() - received
                         assert ok
                         reply = handler(self, msg)
                 else:
@@ -291,14 +299,18 @@ class Connection(DeviceHost):
         if self.closed:
             return
         if self.memory.current is not before:
-            self._memory_updated(msg.name, before, received)
+            self._memory_updated(msg.name, before, received, time.thread_time() - cpu)
         if reply is not None:
             self._send(encode_reply(msg.request, reply))
         elif msg.need_reply and self.reply_ack:
             self._send(encode_ack(msg.request, True))
 
-    def _memory_updated(self, request: str, before: GuestMemory, received: float) -> None:
-        """Record, log and report a table change (one INFO line per change)."""
+    def _memory_updated(self, request: str, before: GuestMemory, received: float,
+                        cpu: float) -> None:
+        """Record, log and report a table change (one INFO line per change). ``cpu`` is
+        the CPU time this thread spent on the request: with ``waited`` (waiting for the
+        bursts), what a slow update's time went to; the rest of it this process was not
+        running (another process or the host had the CPU)."""
         in_force = time.monotonic()
         after = self.memory.current
         old = {id(r) for r in before.regions}
@@ -306,8 +318,12 @@ class Connection(DeviceHost):
         record: dict[str, object] = {
             "request": request, "generation": after.generation, "received": received,
             "in_force": in_force, "regions": len(after), "mapped": len(after) - kept,
-            "kept": kept, "dropped": len(before) - kept}
+            "kept": kept, "dropped": len(before) - kept, "cpu_s": round(cpu, 6),
+            "waited_s": round(self._waited, 6)}
         self.last_memory_update = record
+        slowest = self.slowest_memory_update
+        if slowest is None or in_force - received > _took(slowest):
+            self.slowest_memory_update = record
         self.counters["memory_updates"] += 1
         log.info("%s: %s: %d region%s in the table (%d mapped, %d kept, %d dropped), "
                  "in force after %.3f ms", self.name, request, len(after),
@@ -646,6 +662,7 @@ class Connection(DeviceHost):
             "memory_generation": self.memory.current.generation,
             "memory": self.memory.current.describe(),
             "last_memory_update": self.last_memory_update,
+            "slowest_memory_update": self.slowest_memory_update,
             "logging": self.logging,
             "dirty_log": None if self.dirty_log is None else self.dirty_log.describe(),
             "queues": [{"index": v.queue.index, "size": v.queue.size, "started": v.started,
@@ -780,7 +797,10 @@ def _add_mem_reg(c: Connection, msg: Message) -> None:
         # QEMU 7.2 sends ADD_MEM_REG once per queue pair; the repeat changes nothing.
         log.debug("%s: ADD_MEM_REG repeats a region of the table", c.name)
         return
+    waiting = time.monotonic()
     with c._locked(range(len(c.locks))) as ok:
+        if c.threaded:
+            c._waited += time.monotonic() - waiting
         assert ok
         c._memory_changed()
 
@@ -1019,3 +1039,10 @@ UNSUPPORTED: dict[int, str] = {
 
 # The table is complete: it and the codec must agree, or pyvhost does not import.
 REQUEST_TABLE.check(REQUESTS, UNSUPPORTED)
+
+
+def _took(record: dict[str, object]) -> float:
+    """Seconds from receipt to in force of a ``last_memory_update`` record."""
+    received, in_force = record["received"], record["in_force"]
+    assert isinstance(received, float) and isinstance(in_force, float)
+    return in_force - received

@@ -155,6 +155,19 @@ def print_status(state: dict[str, Any], out: Console) -> None:
         _print_switch(switch, out)
 
 
+def _update(record: dict[str, Any]) -> str:
+    """A table update record: its request, generation and timing, from what it has."""
+    text = f"{_cell(record.get('request'))} (generation {_cell(record.get('generation'))})"
+    received, in_force = record.get("received"), record.get("in_force")
+    if isinstance(received, (int, float)) and isinstance(in_force, (int, float)):
+        text += f", in force after {(in_force - received) * 1e3:.3f} ms"
+        cpu, waited = record.get("cpu_s"), record.get("waited_s")
+        if isinstance(cpu, (int, float)) and isinstance(waited, (int, float)):
+            text += (f" ({cpu * 1e3:.3f} ms CPU, {waited * 1e3:.3f} ms waiting for the "
+                     "queues' bursts)")
+    return text
+
+
 def _worker(queue: dict[str, Any]) -> str:
     """The thread that serves a queue's kicks: a worker (``--workers`` > 1) or the main
     loop; ``-`` from a back-end that does not say."""
@@ -201,6 +214,10 @@ def _print_connection(conn: dict[str, Any], out: Console) -> None:
           _cell(r.get("bytes_written"))] for r in _dicts(conn.get("memory"))),
         right=("GPA start", "GPA end", "size", "front-end VA", "mmap offset", "fds held",
                "writes", "bytes written")))
+    for which in ("last", "slowest"):
+        update = conn.get(f"{which}_memory_update")
+        if isinstance(update, dict):
+            out.print(Text(f"{name}: {which} table update: {_update(update)}"))
     queues = _dicts(conn.get("queues"))
     if queues:
         out.print(_table(
