@@ -131,8 +131,10 @@ def _metrics_address(ctx: click.Context, param: click.Parameter,
               help="Serve the queues' kicks on N worker threads (each queue pair of each "
                    "connection on one of them, spread evenly; the compiled bursts release "
                    "the GIL); control messages, taps and the control socket stay on the "
-                   "main loop. 1: everything on one thread, no locks. See BENCHMARKS.md "
-                   "for 1 and 2 on a 2-core machine.")
+                   "main loop. 1: everything on one thread, no locks. Leave the main loop "
+                   "a CPU the workers do not keep busy: on a CPU shared with a busy worker "
+                   "a memory-table update waited up to a scheduler slice (4 ms, "
+                   "BENCHMARKS.md, with 1 and 2 on a 2-core machine).")
 @verbosity
 def net(sockets: tuple[str, ...], client: bool, reconnect_max: float,
         taps: tuple[str, ...], reflect: bool, mac: str, mac_aging: float,
