@@ -322,7 +322,7 @@ class Connection(DeviceHost):
             "waited_s": round(self._waited, 6)}
         self.last_memory_update = record
         slowest = self.slowest_memory_update
-        if slowest is None or in_force - received > _took(slowest):
+        if slowest is None or in_force - received > update_seconds(slowest):
             self.slowest_memory_update = record
         self.counters["memory_updates"] += 1
         log.info("%s: %s: %d region%s in the table (%d mapped, %d kept, %d dropped), "
@@ -1041,8 +1041,10 @@ UNSUPPORTED: dict[int, str] = {
 REQUEST_TABLE.check(REQUESTS, UNSUPPORTED)
 
 
-def _took(record: dict[str, object]) -> float:
-    """Seconds from receipt to in force of a ``last_memory_update`` record."""
+def update_seconds(record: dict[str, object]) -> float:
+    """Seconds from receipt to in force of a memory update record (``last_memory_update``:
+    what the metrics' histogram observes, what ``slowest_memory_update`` is the longest
+    of)."""
     received, in_force = record["received"], record["in_force"]
     assert isinstance(received, float) and isinstance(in_force, float)
     return in_force - received

@@ -48,7 +48,7 @@ from prometheus_client.core import (
 from pyvhost.errors import LocalError
 
 from .buildinfo import build_info
-from .connection import Connection
+from .connection import Connection, update_seconds
 from .server import Server
 
 #: Seconds a scrape waits for the server loop's snapshot.
@@ -226,9 +226,7 @@ class Metrics:
         self.address: tuple[str, int] | None = None
 
     def _observe(self, conn: Connection, record: dict[str, object]) -> None:
-        received, in_force = record["received"], record["in_force"]
-        assert isinstance(received, float) and isinstance(in_force, float)
-        self.latency.labels(str(record["request"])).observe(in_force - received)
+        self.latency.labels(str(record["request"])).observe(update_seconds(record))
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve ``/metrics`` (OpenMetrics when the scraper asks for it, else the
