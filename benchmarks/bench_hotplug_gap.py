@@ -58,7 +58,6 @@ import os
 import platform
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,6 +70,7 @@ from typing import Any
 from bench_switch import BACKEND_CPU, TRAFFIC_CPU, BenchError, Run, pyvhost_env, wait_for
 
 from pyvhost import datapath
+from pyvhost.backend.control import fetch_status
 from pyvhost.errors import PyvhostError
 from pyvhost.frontend.frontend import Frontend, Vring
 from pyvhost.frontend.memory import FrontendMemory, GuestRam
@@ -321,14 +321,15 @@ def backend_slowest(ctl: Path) -> dict[str, float]:
     """pyvhost's own record of its slowest table update (``pyvhost status``): from
     receipt to in force, and of that the CPU time and the wait for the bursts, in ms. An
     update that took long with little CPU and no wait was not running: the machine."""
-    out = subprocess.run([*pyvhost_argv("status", "--json", str(ctl))], capture_output=True,
-                         text=True, timeout=30)
-    if out.returncode != 0:
-        raise BenchError(f"pyvhost status: {out.stderr.strip()[-300:]}")
-    conns = json.loads(out.stdout).get("connections") or []
-    record = conns[0].get("slowest_memory_update") if conns else None
+    try:
+        state = fetch_status(str(ctl), timeout=30)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"pyvhost's control socket: {e}") from e
+    conns = state.get("connections")
+    record = conns[0].get("slowest_memory_update") if isinstance(conns, list) and conns \
+        and isinstance(conns[0], dict) else None
     if not isinstance(record, dict):
-        raise BenchError("pyvhost status: no slowest_memory_update")
+        raise BenchError("pyvhost's control socket: no slowest_memory_update")
     return {"backend_slowest_ms": (record["in_force"] - record["received"]) * 1e3,
             "backend_slowest_cpu_ms": record["cpu_s"] * 1e3,
             "backend_slowest_waited_ms": record["waited_s"] * 1e3}
