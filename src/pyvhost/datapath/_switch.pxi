@@ -724,7 +724,7 @@ cdef class Forwarder:
         queues = []
         for o in range(nouts):
             spec = outs[o]
-            qs = (spec.rx, *spec.more_rx)
+            qs = spec.queues        # Out.queues: rx, then more_rx
             queues.append(qs)
             f.lane0[o] = <uint32_t>nlanes
             f.nq[o] = <uint32_t>len(qs)
