@@ -6,6 +6,7 @@ BENCHMARKS.md, never into a test."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_cross_cpu as xcpu  # noqa: E402
 import bench_hotplug_gap as gap  # noqa: E402
 import bench_idle as idle  # noqa: E402
 import bench_switch as sw  # noqa: E402
@@ -28,7 +30,7 @@ from support.procs import need  # noqa: E402
 
 
 @pytest.mark.parametrize("script", ["bench_switch.py", "bench_idle.py",
-                                    "bench_hotplug_gap.py"])
+                                    "bench_hotplug_gap.py", "bench_cross_cpu.py"])
 def test_help(script: str) -> None:
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
@@ -231,3 +233,40 @@ def test_switch_figures_and_table() -> None:
     assert lines[2].endswith("| 4.0x | 4.0x |")
     assert lines[3] == "| 64 B, 1 qp | pyvhost-pure | failed | | | | | |"
     assert sw.queue_options(1) == [] and sw.queue_options(2) == ["--rxq=2", "--txq=2"]
+
+
+def test_cross_cpu_levels_split_where_the_samples_jump() -> None:
+    assert xcpu.levels([]) == []
+    assert xcpu.levels([60.0, 70.0, 65.0]) == [[60.0, 65.0, 70.0]]
+    assert xcpu.levels([340.0, 60.0, 330.0, 70.0]) == [[60.0, 70.0], [330.0, 340.0]]
+    figures = xcpu.summary([340.0, 60.0, 330.0, 70.0])
+    assert figures["median_ns"] == 200.0
+    assert figures["levels"] == [
+        {"count": 2, "median_ns": 65.0, "min_ns": 60.0, "max_ns": 70.0},
+        {"count": 2, "median_ns": 335.0, "min_ns": 330.0, "max_ns": 340.0}]
+    assert "2 levels" in xcpu.report(figures)
+    assert "one level" in xcpu.report(xcpu.summary([60.0, 70.0]))
+
+
+def test_cross_cpu_runs_its_program_and_writes_json(tmp_path: Path) -> None:
+    """Two real samples between two CPUs: the program builds, pins and answers (the
+    figures themselves are the machine's; none is asserted)."""
+    need("cc", "gcc")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this test needs two CPUs to pin the two threads to")
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_cross_cpu.py"),
+                           "--samples", "2", "--interval", "0", "--round-trips", "2000",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert len(figures["samples_ns"]) == 2 and all(s > 0 for s in figures["samples_ns"])
+    assert sum(g["count"] for g in figures["levels"]) == 2
+    assert "ns per round trip" in done.stdout
+
+
+def test_cross_cpu_refuses_a_cpu_it_may_not_use() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_cross_cpu.py"),
+                           "--cpus", "0,4096"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "4096" in done.stderr
