@@ -401,6 +401,37 @@ def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def pair_ratios(rounds: dict[int, dict[str, dict[str, float]]], kind: str) -> list[float]:
+    """Each round's ``kind`` frames/s over the DPDK run of the same round, in round order
+    (rounds where either failed are left out). The machine's speed moves between rounds
+    (see bench_cross_cpu.py), so a ratio within a round, over many rounds, is steadier
+    than the ratio of two medians taken from different rounds."""
+    out = []
+    for i in sorted(rounds):
+        r, c = rounds[i].get(kind), rounds[i].get("dpdk")
+        if r is not None and c is not None and c["frames_per_s"] > 0:
+            out.append(r["frames_per_s"] / c["frames_per_s"])
+    return out
+
+
+def pair_lines(pairs: dict[str, dict[int, dict[str, dict[str, float]]]],
+               kinds: list[str]) -> str:
+    """Markdown: per row and back-end, the median of the per-round ratios and each."""
+    lines = ["| frame, queue pairs | back-end | this / DPDK frames/s, same round: median "
+             "| each round |", "|---|---|---:|---|"]
+    for label, rounds in pairs.items():
+        for kind in kinds:
+            if kind == "dpdk":
+                continue
+            ratios = pair_ratios(rounds, kind)
+            if not ratios:
+                lines.append(f"| {label} | {kind} | no round with both | |")
+                continue
+            lines.append(f"| {label} | {kind} | {100 * statistics.median(ratios):.0f}% | "
+                         + ", ".join(f"{100 * x:.0f}%" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, dict[str, dict[str, float]]], kinds: list[str]) -> str:
     """Markdown: a row per (frame size and queue pairs, back-end), ratios to DPDK's row.
     A back-end whose measurements all failed shows as such."""
@@ -502,6 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--kinds: some of {', '.join(KINDS)}, dpdk included (the ratios)")
     extra = tuple(pyvhost_extra(args.pyvhost_args))
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
+    #: label -> round -> kind -> figures: which runs were taken side by side.
+    pairs: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     failures: list[str] = []
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp, \
@@ -526,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
                             print(f"  {label} {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
                             continue
                         row.setdefault(kind, []).append(r)
+                        pairs.setdefault(label, {}).setdefault(i, {})[kind] = r
                         print(f"  {label} {kind} #{i + 1}: {r}", file=sys.stderr)
     load_after = os.getloadavg()[0]
     results = {label: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
@@ -541,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{load_after:.1f} after (other processes on the machine compete for the same "
           "2 CPUs)\n")
     print(table(results, kinds))
+    if args.repeat > 1:
+        print("\nEach round's pyvhost run over the DPDK run beside it:\n")
+        print(pair_lines(pairs, kinds))
     for f in failures:
         print(f"failed: {f}")
     if args.json:
@@ -552,7 +589,12 @@ def main(argv: list[str] | None = None) -> None:
                                                "hugepages": args.hugepages,
                                                "loadavg": [load_before, load_after],
                                                "failures": failures,
-                                               "results": results}, indent=2))
+                                               "results": results,
+                                               "ratios_per_round": {
+                                                   label: {k: pair_ratios(rounds, k)
+                                                           for k in kinds if k != "dpdk"}
+                                                   for label, rounds in pairs.items()},
+                                               }, indent=2))
 
 
 if __name__ == "__main__":

@@ -270,3 +270,15 @@ def test_cross_cpu_refuses_a_cpu_it_may_not_use() -> None:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_cross_cpu.py"),
                            "--cpus", "0,4096"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "4096" in done.stderr
+
+
+def test_switch_pair_ratios_take_each_round_apart() -> None:
+    def fig(fps: float) -> dict[str, float]:
+        return {"frames_per_s": fps}
+    rounds = {0: {"pyvhost": fig(5.0), "dpdk": fig(10.0)},
+              1: {"pyvhost": fig(3.0)},                       # its DPDK run failed
+              2: {"pyvhost": fig(9.0), "dpdk": fig(6.0)}}
+    assert sw.pair_ratios(rounds, "pyvhost") == [0.5, 1.5]
+    text = sw.pair_lines({"64 B, 1 qp": rounds}, ["pyvhost", "dpdk"])
+    assert "| 64 B, 1 qp | pyvhost | 100% | 50%, 150% |" in text
+    assert "no round with both" in sw.pair_lines({"x": {1: rounds[1]}}, ["pyvhost", "dpdk"])
