@@ -40,6 +40,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pyvhost.tools.process import exit_on_sigterm
+
 #: Sorted samples more than this factor apart are taken as two levels.
 LEVEL_JUMP = 2.0
 
@@ -247,4 +249,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()   # a kill removes the compiled program's directory, as Ctrl-C does
     sys.exit(main())
