@@ -21,6 +21,11 @@ and sink share CPU 1 and run in turns, which caps the rate the C back-end can sh
 rings have 4096 entries (``--queue-size``; DPDK's default is 256) so that the back-end
 still finds frames and buffers while one of them waits for its turn.
 
+With ``--repeat`` it also gives each round's pyvhost frames/s over the DPDK run beside
+it, and their median: on a VM whose two vCPUs the host moves between a shared cache and
+none (``bench_cross_cpu.py`` shows it), both back-ends change speed from one run to the
+next, so a ratio within a round, over ten rounds or more, says more than one run.
+
 It reports frames/s and Gbit/s delivered to the sink (the median of the sink's per-second
 ``Rx-pps``; Gbit/s counts the Ethernet frame without FCS, preamble or gap), and the
 back-end process's CPU seconds per million frames delivered (utime + stime from
