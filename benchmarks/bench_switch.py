@@ -26,6 +26,16 @@ it, and their median: on a VM whose two vCPUs the host moves between a shared ca
 none (``bench_cross_cpu.py`` shows it), both back-ends change speed from one run to the
 next, so a ratio within a round, over ten rounds or more, says more than one run.
 
+``--placement`` (loop topologies) goes further: it cuts each timed window into windows of
+``--window`` seconds and, between two, measures the two CPUs' cache-line round trip with
+``bench_cross_cpu.py``'s ping-pong (2,000 round trips, under SCHED_FIFO when root so that
+it runs at once on both CPUs: about 1 ms, every window). A window whose round trips before
+and after fall in the same level (the samples of the whole benchmark split where they
+jump by more than 2x) counts for that level; the others are left out. It then gives
+each back-end's frames/s and CPU per frame at each level, and pyvhost over DPDK at the
+same level: a comparison of two back-ends under the same placement of the vCPUs, which
+rounds taken at different moments can not give.
+
 It reports frames/s and Gbit/s delivered to the sink (the median of the sink's per-second
 ``Rx-pps``; Gbit/s counts the Ethernet frame without FCS, preamble or gap), and the
 back-end process's CPU seconds per million frames delivered (utime + stime from
@@ -71,8 +81,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import bench_cross_cpu as xcpu
 
 from pyvhost import datapath
 from pyvhost.tools.process import end_process, exit_on_sigterm, pyvhost_argv
@@ -268,6 +280,32 @@ class Setup:
     #: testpmd's memory (front-ends and DPDK's back-end) on 2 MiB hugepages there
     #: (``--hugepages``), else ``--no-huge``.
     huge_dir: Path | None = None
+    #: ``--placement``: sample the CPUs' round trip between windows of the timed run.
+    placement: Placement | None = None
+
+
+@dataclass
+class Placement:
+    """``--placement``: the ping-pong program, the window, and the windows measured by the
+    last :func:`measure_loop` (each: seconds, frames/s, back-end CPU seconds, and the
+    round trip in ns before and after it)."""
+
+    exe: Path
+    window: float = 0.5
+    rounds: int = 2000
+    #: Run the ping-pong under SCHED_FIFO (root): both its threads run at once, ahead of
+    #: the busy back-end and front-end, so the sample is the placement, not the queueing.
+    fifo: bool = False
+    windows: list[dict[str, float]] = field(default_factory=list)
+
+    def sample(self) -> float:
+        argv = [str(self.exe), str(BACKEND_CPU), str(TRAFFIC_CPU), str(self.rounds)]
+        if self.fifo:
+            argv = ["chrt", "-f", "1", *argv]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise BenchError(f"the ping-pong failed: {done.stderr.strip()}")
+        return float(done.stdout)
 
 
 def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool) -> Proc:
@@ -378,20 +416,114 @@ def measure_loop(setup: Setup, work: Path, ports: int = 1) -> dict[str, float]:
         wait_for(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
         command(fe, "start tx_first 64")
         time.sleep(2)  # let the loop fill
-        command(fe, "show port stats all")  # "Throughput (since last show)" starts here
-        cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
-        time.sleep(setup.seconds)
-        off = command(fe, "show port stats all")
-        cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
-        wait_for(lambda: len(_RX_PPS.findall(fe.text()[off:])) >= ports,
-                 "the front-end's stats", fe)
-        fps = port_rates(fe.text()[off:], ports)
+        if setup.placement is not None:
+            fps, cpu_s, span = _windows(setup.placement, setup.seconds, fe, be, ports)
+        else:
+            command(fe, "show port stats all")  # "Throughput (since last show)" starts here
+            cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
+            time.sleep(setup.seconds)
+            off = command(fe, "show port stats all")
+            cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
+            wait_for(lambda: len(_RX_PPS.findall(fe.text()[off:])) >= ports,
+                     "the front-end's stats", fe)
+            fps, cpu_s, span = port_rates(fe.text()[off:], ports), cpu1 - cpu0, t1 - t0
         _alive(fe, be)
         command(fe, "stop")
         command(fe, "quit")
     finally:
         run.close()
-    return figures(fps, setup.size, cpu1 - cpu0, t1 - t0, 1)
+    return figures(fps, setup.size, cpu_s, span, 1)
+
+
+def _windows(placement: Placement, seconds: float, fe: Proc, be: Proc,
+             ports: int) -> tuple[float, float, float]:
+    """The timed run cut into ``placement.window``-second windows, the CPUs' round trip
+    sampled between them (:class:`Placement`); returns the whole run's frames/s, back-end
+    CPU seconds and span. ``show port stats`` gives the rate since the last one."""
+    placement.windows = []
+    command(fe, "show port stats all")
+    before = placement.sample()
+    cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
+    cpu, t = cpu0, t0
+    frames = 0.0
+    while t - t0 < seconds:
+        time.sleep(max(0.0, min(placement.window, seconds - (t - t0))))
+        off = command(fe, "show port stats all")
+        cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
+        after = placement.sample()
+        _wait_stats(fe, off, ports)
+        fps = port_rates(fe.text()[off:], ports)
+        placement.windows.append({"seconds": t1 - t, "frames_per_s": fps,
+                                  "cpu_s": cpu1 - cpu, "rt_before_ns": before,
+                                  "rt_after_ns": after, "start": t, "end": t1})
+        frames += fps * (t1 - t)
+        before, cpu, t = after, cpu1, t1
+    span = t - t0
+    return frames / max(span, 1e-9), cpu - cpu0, span
+
+
+def _wait_stats(fe: Proc, off: int, ports: int) -> None:
+    wait_for(lambda: len(_RX_PPS.findall(fe.text()[off:])) >= ports, "the front-end's stats",
+             fe)
+
+
+def level_of(rt: float, groups: list[list[float]]) -> int:
+    """The level (index into ``groups``, sorted, from bench_cross_cpu.levels) ``rt`` is in."""
+    for i, g in enumerate(groups):
+        if rt <= g[-1]:
+            return i
+    return len(groups) - 1
+
+
+def by_level(windows: list[dict[str, float]], groups: list[list[float]]
+             ) -> dict[int, list[dict[str, float]]]:
+    """The windows whose round trips before and after are of the same level, per level."""
+    out: dict[int, list[dict[str, float]]] = {}
+    for w in windows:
+        a, b = level_of(w["rt_before_ns"], groups), level_of(w["rt_after_ns"], groups)
+        if a == b:
+            out.setdefault(a, []).append(w)
+    return out
+
+
+def level_rows(windows: dict[str, dict[str, list[dict[str, float]]]],
+               groups: list[list[float]]) -> list[dict[str, object]]:
+    """Per frame size and queue pairs, level and back-end: the windows counted, their
+    median frames/s and CPU µs per frame, and the median frames/s over DPDK's at the
+    same level."""
+    rows: list[dict[str, object]] = []
+    for label, per_kind in windows.items():
+        levelled = {kind: by_level(ws, groups) for kind, ws in per_kind.items()}
+        for lv, g in enumerate(groups):
+            dpdk = levelled.get("dpdk", {}).get(lv, [])
+            dpdk_fps = statistics.median(w["frames_per_s"] for w in dpdk) if dpdk else None
+            for kind, lvs in levelled.items():
+                ws = lvs.get(lv, [])
+                if not ws:
+                    continue
+                fps = statistics.median(w["frames_per_s"] for w in ws)
+                us = statistics.median(w["cpu_s"] / max(w["frames_per_s"] * w["seconds"], 1)
+                                       * 1e6 for w in ws)
+                rows.append({"label": label, "level": lv,
+                             "round_trip_ns": statistics.median(g), "kind": kind,
+                             "windows": len(ws), "frames_per_s": fps, "cpu_us_per_frame": us,
+                             "over_dpdk": (fps / dpdk_fps if dpdk_fps and kind != "dpdk"
+                                           else None)})
+    return rows
+
+
+def level_lines(rows: list[dict[str, object]]) -> str:
+    """Markdown for :func:`level_rows`."""
+    lines = ["| frame, queue pairs | CPUs' round trip (level) | back-end | windows "
+             "| frames/s (median) | CPU µs / frame (median) | this / DPDK, same level |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r["over_dpdk"]
+        lines.append(f"| {r['label']} | {r['round_trip_ns']:.0f} ns ({r['level']}) | "
+                     f"{r['kind']} | {r['windows']} | {r['frames_per_s']:,.0f} | "
+                     f"{r['cpu_us_per_frame']:.3f} | "
+                     + (f"{100 * ratio:.0f}%" if isinstance(ratio, float) else "") + " |")
+    return "\n".join(lines)
 
 
 TOPOLOGIES: dict[str, Callable[[Setup, Path], dict[str, float]]] = {
@@ -527,10 +659,21 @@ def main(argv: list[str] | None = None) -> None:
                          "back-end) on 2 MiB hugepages, as DPDK runs in production, "
                          "instead of --no-huge; root: reserves the pages and mounts a "
                          "private hugetlbfs, both given back after")
+    ap.add_argument("--placement", action="store_true",
+                    help="loop topologies: sample the two CPUs' cache-line round trip "
+                         "between windows of each run and compare the back-ends at the "
+                         "same level (see above); root runs the sampler under SCHED_FIFO")
+    ap.add_argument("--window", type=float, default=0.5,
+                    help="--placement: seconds per window (default 0.5)")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.repeat = 3.0, 1
     measure_one = TOPOLOGIES[args.topology]
+    if args.placement and args.topology == "switch":
+        raise SystemExit("--placement: for --topology loop or switch-loop (the switch "
+                         "topology's rate is its source's)")
+    if not 0.1 <= args.window <= 60:
+        raise SystemExit("--window: between 0.1 and 60 seconds")
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs 2 CPUs (one for the back-end, one for the front-ends)")
     kinds = [k for k in args.kinds.split(",") if k]
@@ -541,9 +684,22 @@ def main(argv: list[str] | None = None) -> None:
     #: label -> round -> kind -> figures: which runs were taken side by side.
     pairs: dict[str, dict[int, dict[str, dict[str, float]]]] = {}
     failures: list[str] = []
+    #: --placement: label -> kind -> every window of its runs.
+    windows: dict[str, dict[str, list[dict[str, float]]]] = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp, \
             (hugetlbfs(Path(tmp)) if args.hugepages else contextlib.nullcontext()) as huge:
+        placement = None
+        if args.placement:
+            try:
+                exe = xcpu.build(Path(tmp))
+            except xcpu.BenchError as e:
+                raise SystemExit(f"--placement: {e}") from None
+            placement = Placement(exe, args.window,
+                                  fifo=os.geteuid() == 0 and shutil.which("chrt") is not None)
+            if not placement.fifo:
+                print("note: not root (or no chrt): the round trip is sampled without "
+                      "SCHED_FIFO, so a sample may wait for a busy CPU", file=sys.stderr)
         for size in (int(s) for s in args.sizes.split(",")):
             for qp in (int(q) for q in args.queue_pairs.split(",")):
                 label = f"{size} B, {qp} qp"
@@ -551,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.repeat):
                     for kind in kinds:
                         setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra,
-                                      args.pyvhost_cpus, huge)
+                                      args.pyvhost_cpus, huge, placement)
                         try:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
@@ -565,6 +721,9 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         row.setdefault(kind, []).append(r)
                         pairs.setdefault(label, {}).setdefault(i, {})[kind] = r
+                        if placement is not None:
+                            windows.setdefault(label, {}).setdefault(kind, []).extend(
+                                placement.windows)
                         print(f"  {label} {kind} #{i + 1}: {r}", file=sys.stderr)
     load_after = os.getloadavg()[0]
     results = {label: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
@@ -583,6 +742,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeat > 1:
         print("\nEach round's pyvhost run over the DPDK run beside it:\n")
         print(pair_lines(pairs, kinds))
+    levels: list[list[float]] = []
+    rows: list[dict[str, object]] = []
+    if args.placement:
+        samples = [w[k] for per in windows.values() for ws in per.values() for w in ws
+                   for k in ("rt_before_ns", "rt_after_ns")]
+        levels = xcpu.levels(samples)
+        rows = level_rows(windows, levels)
+        print("\nThe two CPUs' round trip between windows: "
+              + ("; ".join(f"level {i}: {len(g)} samples, median {statistics.median(g):.0f} "
+                           f"ns ({g[0]:.0f}-{g[-1]:.0f})" for i, g in enumerate(levels))
+                 or "no samples")
+              + ". Per level, the windows with that level before and after them:\n")
+        print(level_lines(rows))
     for f in failures:
         print(f"failed: {f}")
     if args.json:
@@ -599,6 +771,12 @@ def main(argv: list[str] | None = None) -> None:
                                                    label: {k: pair_ratios(rounds, k)
                                                            for k in kinds if k != "dpdk"}
                                                    for label, rounds in pairs.items()},
+                                               "placement": {
+                                                   "window": args.window,
+                                                   "levels_ns": levels,
+                                                   "by_level": rows,
+                                                   "windows": windows,
+                                               } if args.placement else None,
                                                }, indent=2))
 
 

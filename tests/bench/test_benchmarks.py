@@ -6,6 +6,7 @@ BENCHMARKS.md, never into a test."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -282,3 +283,71 @@ def test_switch_pair_ratios_take_each_round_apart() -> None:
     text = sw.pair_lines({"64 B, 1 qp": rounds}, ["pyvhost", "dpdk"])
     assert "| 64 B, 1 qp | pyvhost | 100% | 50%, 150% |" in text
     assert "no round with both" in sw.pair_lines({"x": {1: rounds[1]}}, ["pyvhost", "dpdk"])
+
+
+def _window(fps: float, before: float, after: float) -> dict[str, float]:
+    return {"seconds": 0.5, "frames_per_s": fps, "cpu_s": 0.5, "rt_before_ns": before,
+            "rt_after_ns": after, "start": 0.0, "end": 0.5}
+
+
+def test_switch_placement_compares_back_ends_at_the_same_level() -> None:
+    """``--placement``: a window counts for a level only when the round trips before and
+    after it are of that level; each back-end's median at a level is set beside DPDK's at
+    the same level, never beside DPDK's at the other."""
+    windows = {"64 B, 1 qp": {
+        "pyvhost": [_window(4e6, 60, 55), _window(6e6, 58, 61), _window(2e6, 330, 320),
+                    _window(9e9, 60, 330)],              # straddles the levels: left out
+        "dpdk": [_window(10e6, 57, 59), _window(5e6, 340, 310), _window(3e6, 310, 335)],
+    }}
+    samples = [w[k] for ws in windows["64 B, 1 qp"].values() for w in ws
+               for k in ("rt_before_ns", "rt_after_ns")]
+    groups = xcpu.levels(samples)
+    assert len(groups) == 2
+    assert sw.level_of(61, groups) == 0 and sw.level_of(320, groups) == 1
+    assert sw.level_of(10_000, groups) == 1
+    assert [len(ws) for ws in sw.by_level(windows["64 B, 1 qp"]["pyvhost"], groups).values()] \
+        == [2, 1]
+    rows = {(r["kind"], r["level"]): r for r in sw.level_rows(windows, groups)}
+    assert rows[("pyvhost", 0)]["windows"] == 2
+    assert rows[("pyvhost", 0)]["frames_per_s"] == 5e6
+    assert rows[("pyvhost", 0)]["over_dpdk"] == 0.5        # 5 M beside DPDK's 10 M
+    assert rows[("pyvhost", 1)]["over_dpdk"] == 0.5        # 2 M beside DPDK's median 4 M
+    assert rows[("dpdk", 1)]["over_dpdk"] is None
+    # 0.5 CPU-s over 2 M and over 3 M frames: 0.25 and 0.1667 µs, median 0.2083.
+    assert rows[("pyvhost", 0)]["cpu_us_per_frame"] == pytest.approx((0.25 + 0.5 / 3) / 2)
+    text = sw.level_lines(list(rows.values()))
+    assert "| 64 B, 1 qp |" in text and "50%" in text
+
+
+def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
+    """A real ``--placement`` run: both back-ends measured in windows, each with a round
+    trip measured before and after it, and the per-level table printed (no figure is
+    asserted: the machine's speed is what it is)."""
+    need("dpdk-testpmd", "dpdk")
+    out = tmp_path / "placement.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                           "--topology", "loop", "--kinds", "pyvhost,dpdk", "--sizes", "64",
+                           "--seconds", "2", "--window", "0.5", "--placement",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "The two CPUs' round trip between windows" in done.stdout
+    placement = json.loads(out.read_text())["placement"]
+    assert placement["window"] == 0.5
+    for kind in ("pyvhost", "dpdk"):
+        ws = placement["windows"]["64 B, 1 qp"][kind]
+        assert len(ws) >= 3, ws
+        for w in ws:
+            assert w["frames_per_s"] > 0 and w["rt_before_ns"] > 0 and w["rt_after_ns"] > 0
+        # Consecutive windows share their sample: one's "after" is the next's "before".
+        assert all(a["rt_after_ns"] == b["rt_before_ns"] for a, b in itertools.pairwise(ws))
+    assert placement["levels_ns"], placement
+    assert {r["kind"] for r in placement["by_level"]} <= {"pyvhost", "dpdk"}
+
+
+def test_switch_placement_refuses_the_switch_topology() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                           "--topology", "switch", "--kinds", "pyvhost,dpdk", "--placement"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--placement: for --topology loop or switch-loop" in done.stderr
