@@ -662,7 +662,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--placement", action="store_true",
                     help="loop topologies: sample the two CPUs' cache-line round trip "
                          "between windows of each run and compare the back-ends at the "
-                         "same level (see above); root runs the sampler under SCHED_FIFO")
+                         "same level (the docstring of this script says how); root runs the "
+                         "sampler under SCHED_FIFO")
     ap.add_argument("--window", type=float, default=0.5,
                     help="--placement: seconds per window (default 0.5)")
     args = ap.parse_args(argv)
