@@ -30,8 +30,9 @@ next, so a ratio within a round, over ten rounds or more, says more than one run
 ``--window`` seconds and, between two, measures the two CPUs' cache-line round trip with
 ``bench_cross_cpu.py``'s ping-pong (2,000 round trips, under SCHED_FIFO when root so that
 it runs at once on both CPUs: about 1 ms, every window). A window whose round trips before
-and after fall in the same level (the samples of the whole benchmark split where they
-jump by more than 2x) counts for that level; the others are left out. It then gives
+and after fall in the same level (two levels when the samples' 95th percentile is more
+than twice their 5th, split at the geometric mean of the two) counts for that level; the
+others are left out. It then gives
 each back-end's frames/s and CPU per frame at each level, and pyvhost over DPDK at the
 same level: a comparison of two back-ends under the same placement of the vCPUs, which
 rounds taken at different moments can not give.
@@ -467,8 +468,26 @@ def _wait_stats(fe: Proc, off: int, ports: int) -> None:
              fe)
 
 
+def split_levels(samples: list[float], jump: float = xcpu.LEVEL_JUMP) -> list[list[float]]:
+    """The round trips sampled over a benchmark as one level or two (sorted lists).
+
+    Two when the 95th percentile is more than ``jump`` times the 5th; the line between
+    them is their geometric mean. Over hundreds of samples a few fall between the levels
+    (a sample taken while the host moves a vCPU), so the sorted samples need not jump
+    anywhere (bench_cross_cpu.levels' test): the percentiles leave those few out."""
+    ordered = sorted(samples)
+    if not ordered:
+        return []
+    k = len(ordered) // 20
+    lo, hi = ordered[k], ordered[-1 - k]
+    if lo <= 0 or hi / lo <= jump:
+        return [ordered]
+    line = (lo * hi) ** 0.5
+    return [[x for x in ordered if x <= line], [x for x in ordered if x > line]]
+
+
 def level_of(rt: float, groups: list[list[float]]) -> int:
-    """The level (index into ``groups``, sorted, from bench_cross_cpu.levels) ``rt`` is in."""
+    """The level (index into ``groups``, from :func:`split_levels`) ``rt`` is in."""
     for i, g in enumerate(groups):
         if rt <= g[-1]:
             return i
@@ -748,7 +767,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.placement:
         samples = [w[k] for per in windows.values() for ws in per.values() for w in ws
                    for k in ("rt_before_ns", "rt_after_ns")]
-        levels = xcpu.levels(samples)
+        levels = split_levels(samples)
         rows = level_rows(windows, levels)
         print("\nThe two CPUs' round trip between windows: "
               + ("; ".join(f"level {i}: {len(g)} samples, median {statistics.median(g):.0f} "

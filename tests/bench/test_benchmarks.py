@@ -301,7 +301,7 @@ def test_switch_placement_compares_back_ends_at_the_same_level() -> None:
     }}
     samples = [w[k] for ws in windows["64 B, 1 qp"].values() for w in ws
                for k in ("rt_before_ns", "rt_after_ns")]
-    groups = xcpu.levels(samples)
+    groups = sw.split_levels(samples)
     assert len(groups) == 2
     assert sw.level_of(61, groups) == 0 and sw.level_of(320, groups) == 1
     assert sw.level_of(10_000, groups) == 1
@@ -317,6 +317,20 @@ def test_switch_placement_compares_back_ends_at_the_same_level() -> None:
     assert rows[("pyvhost", 0)]["cpu_us_per_frame"] == pytest.approx((0.25 + 0.5 / 3) / 2)
     text = sw.level_lines(list(rows.values()))
     assert "| 64 B, 1 qp |" in text and "50%" in text
+
+
+def test_switch_placement_levels_ignore_the_few_samples_between_them() -> None:
+    """Hundreds of samples: a few taken while the host moved a vCPU fall between the two
+    levels, so the sorted samples never jump by 2x; the levels are still two. One level
+    (no 2x spread between the 5th and 95th percentiles) stays one."""
+    samples = [55.0 + i % 10 for i in range(300)] + [320.0 + i % 40 for i in range(200)] \
+        + [90.0, 120.0, 160.0, 210.0, 260.0]
+    assert len(xcpu.levels(samples)) == 1        # bridged: no single 2x jump
+    groups = sw.split_levels(samples)
+    assert [len(g) for g in groups] == [302, 203]
+    assert groups[0][-1] == 120.0 and groups[1][0] == 160.0   # the line: about 140 ns
+    assert sw.split_levels([50.0 + i for i in range(40)]) == [[50.0 + i for i in range(40)]]
+    assert sw.split_levels([]) == []
 
 
 def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
