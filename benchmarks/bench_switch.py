@@ -717,9 +717,16 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"--placement: {e}") from None
             placement = Placement(exe, args.window,
                                   fifo=os.geteuid() == 0 and shutil.which("chrt") is not None)
+            if placement.fifo:
+                try:
+                    placement.sample()       # SCHED_FIFO may be refused (a container)
+                except BenchError as e:
+                    placement.fifo = False
+                    print(f"note: {e}", file=sys.stderr)
             if not placement.fifo:
-                print("note: not root (or no chrt): the round trip is sampled without "
-                      "SCHED_FIFO, so a sample may wait for a busy CPU", file=sys.stderr)
+                print("note: the round trip is sampled without SCHED_FIFO (not root, no "
+                      "chrt, or refused), so a sample may wait for a busy CPU",
+                      file=sys.stderr)
         for size in (int(s) for s in args.sizes.split(",")):
             for qp in (int(q) for q in args.queue_pairs.split(",")):
                 label = f"{size} B, {qp} qp"
