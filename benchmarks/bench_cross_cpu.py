@@ -120,10 +120,14 @@ def build(work: Path) -> Path:
     return exe
 
 
-def sample(exe: Path, cpus: tuple[int, int], rounds: int) -> float:
-    """One sample: ns per round trip between ``cpus``."""
-    done = subprocess.run([str(exe), str(cpus[0]), str(cpus[1]), str(rounds)],
-                          capture_output=True, text=True, timeout=120)
+def sample(exe: Path, cpus: tuple[int, int], rounds: int, *, fifo: bool = False) -> float:
+    """One sample: ns per round trip between ``cpus``. ``fifo``: under SCHED_FIFO (``chrt
+    -f 1``, root), so that both threads run at once even where busy processes hold the
+    CPUs (bench_switch.py samples between windows of a loaded run)."""
+    argv = [str(exe), str(cpus[0]), str(cpus[1]), str(rounds)]
+    if fifo:
+        argv = ["chrt", "-f", "1", *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise BenchError(f"pingpong failed: {done.stderr.strip()}")
     return float(done.stdout)

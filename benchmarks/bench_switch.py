@@ -32,10 +32,9 @@ next, so a ratio within a round, over ten rounds or more, says more than one run
 it runs at once on both CPUs: about 1 ms, every window). A window whose round trips before
 and after fall in the same level (two levels when the samples' 95th percentile is more
 than twice their 5th, split at the geometric mean of the two) counts for that level; the
-others are left out. It then gives
-each back-end's frames/s and CPU per frame at each level, and pyvhost over DPDK at the
-same level: a comparison of two back-ends under the same placement of the vCPUs, which
-rounds taken at different moments can not give.
+others are left out. It then gives each back-end's frames/s and CPU per frame at each
+level, and pyvhost over DPDK at the same level: a comparison of two back-ends under the
+same placement of the vCPUs, which rounds taken at different moments can not give.
 
 It reports frames/s and Gbit/s delivered to the sink (the median of the sink's per-second
 ``Rx-pps``; Gbit/s counts the Ethernet frame without FCS, preamble or gap), and the
@@ -288,8 +287,8 @@ class Setup:
 @dataclass
 class Placement:
     """``--placement``: the ping-pong program, the window, and the windows measured by the
-    last :func:`measure_loop` (each: seconds, frames/s, back-end CPU seconds, and the
-    round trip in ns before and after it)."""
+    last :func:`measure_loop` (each: seconds, frames/s, back-end CPU seconds, the round
+    trip in ns before and after it, and its start and end on the monotonic clock)."""
 
     exe: Path
     window: float = 0.5
@@ -300,13 +299,11 @@ class Placement:
     windows: list[dict[str, float]] = field(default_factory=list)
 
     def sample(self) -> float:
-        argv = [str(self.exe), str(BACKEND_CPU), str(TRAFFIC_CPU), str(self.rounds)]
-        if self.fifo:
-            argv = ["chrt", "-f", "1", *argv]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise BenchError(f"the ping-pong failed: {done.stderr.strip()}")
-        return float(done.stdout)
+        try:
+            return xcpu.sample(self.exe, (BACKEND_CPU, TRAFFIC_CPU), self.rounds,
+                               fifo=self.fifo)
+        except xcpu.BenchError as e:
+            raise BenchError(str(e)) from None
 
 
 def start_backend(run: Run, setup: Setup, sockets: list[Path], *, reflect: bool) -> Proc:
@@ -425,8 +422,7 @@ def measure_loop(setup: Setup, work: Path, ports: int = 1) -> dict[str, float]:
             time.sleep(setup.seconds)
             off = command(fe, "show port stats all")
             cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
-            wait_for(lambda: len(_RX_PPS.findall(fe.text()[off:])) >= ports,
-                     "the front-end's stats", fe)
+            _wait_stats(fe, off, ports)
             fps, cpu_s, span = port_rates(fe.text()[off:], ports), cpu1 - cpu0, t1 - t0
         _alive(fe, be)
         command(fe, "stop")
