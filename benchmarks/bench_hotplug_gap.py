@@ -44,6 +44,20 @@ GET_FEATURES round trips at the same pace, which the back-end only answers; the 
 the 95th percentile and the longest over them of each one's longest gap are the floor an
 update's own gap stands on (this process runs on the driver's CPU ahead of it, and the
 driver stamps nothing while it does).
+
+Whose gap. On this machine a gap of milliseconds is most often neither back-end's: with
+both CPUs busy, the host takes a vCPU away for 1-8 ms several times a second, and a guest
+task (a kernel thread) may run in the middle of the driver or the back-end. The driver
+says which: during a gap longer than :data:`PROBE_NS` it reads the back-end's busiest
+thread's ``/proc/PID/task/TID/schedstat`` (CPU time, time waiting to run, times run; the
+kernel leaves time the host took out of the CPU time) and again when frames come back,
+and it keeps its own longest time between two polls. A gap is the machine's when the
+driver was away for half of it or more (``driver``), or the back-end's thread ran for
+less than half of the part looked at and did not sleep: it stayed on its CPU without
+running (the host took it) or waited to run (``backend``). Every other gap, the short
+ones included, is the back-end's own (``own``): it ran, or slept, and sent nothing back.
+The table gives the longest gap of each kind, and the longest own gap beside the update
+is what the issue's target (no longer than the update itself) is about.
 """
 
 from __future__ import annotations
@@ -97,6 +111,14 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 #: The shared control page: byte 0 is the phase the parent sets.
 WARM, RECORD, STOP = 0, 1, 2
 NS = 1_000_000_000
+#: A gap longer than this gets its cause looked at (the module docstring, "Whose gap").
+PROBE_NS = 200_000
+#: Per gap looked at, in the driver's ``looks`` record: the index of the stamp that ends
+#: it, the driver's longest time between two polls in it, then the back-end thread's
+#: schedstat (CPU ns, run-delay ns, times run) at the start of the look and at its end,
+#: and the look's start and end (ns); -1 where there was no look (the driver away).
+LOOK = 10
+OWN, DRIVER_AWAY, BACKEND_AWAY = "own", "driver", "backend"
 #: How long the front-end waits for any reply (seconds); a longer update fails the run.
 UPDATE_TIMEOUT = 30.0
 
@@ -127,10 +149,50 @@ class RingView:
                    kick_fd=vring.kick_fd)
 
 
-def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap) -> tuple[
-        array[int], array[int]]:
+class BackendThread:
+    """The back-end's busiest thread as the driver sees it: ``/proc/PID/task/TID/
+    schedstat`` ("time spent on the cpu", "time spent waiting on a runqueue", "# of
+    timeslices run on this cpu"), one pread of an fd kept open. Until :meth:`pick` every
+    thread is watched; it keeps the one that ran most since then (the data path's: pyvhost's
+    loop or worker, DPDK's forwarding lcore)."""
+
+    def __init__(self, pid: int) -> None:
+        self.fds: dict[int, int] = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                self.fds[int(tid)] = os.open(f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY)
+        self.since = {tid: self._read(fd)[0] for tid, fd in self.fds.items()}
+        self.fd = -1
+
+    @staticmethod
+    def _read(fd: int) -> tuple[int, int, int]:
+        try:
+            ran, waited, runs = os.pread(fd, 128, 0).split()[:3]
+            return int(ran), int(waited), int(runs)
+        except (OSError, ValueError):
+            return -1, -1, -1
+
+    def pick(self) -> None:
+        ran = {tid: self._read(fd)[0] - self.since[tid] for tid, fd in self.fds.items()}
+        if ran:
+            busiest = max(ran, key=lambda tid: ran[tid])
+            self.fd = self.fds.pop(busiest)
+        self.close_others()
+
+    def read(self) -> tuple[int, int, int]:
+        return self._read(self.fd) if self.fd >= 0 else (-1, -1, -1)
+
+    def close_others(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap,
+          backend: BackendThread) -> tuple[array[int], array[int], array[int]]:
     """Keep both rings full until the parent says STOP; return the stamps (ns) of the
-    polls that found frames on the receive ring and how many each found.
+    polls that found frames on the receive ring, how many each found, and the looks at
+    the gaps longer than :data:`PROBE_NS` (:data:`LOOK` values each).
 
     The used ring is the device's: ``used->idx`` may claim any count, so the number of new
     entries is taken modulo 2^16 and anything above the ring size stops the driver (a
@@ -155,11 +217,30 @@ def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap) -> tup
         os.eventfd_write(r.kick_fd, 1)
     stamps: array[int] = array("q")
     counts: array[int] = array("l")
+    looks: array[int] = array("q")
     clock = time.monotonic_ns
+    # The gap in progress: the last stamp, the last poll, the longest time between two
+    # polls since the stamp, and the look at the back-end (its start, its schedstat).
+    stamp = poll = clock()
+    away = 0
+    look_t: int = -1
+    look: tuple[int, int, int] = (-1, -1, -1)
+    picked = False
     while True:
         phase = ctl[0]
         if phase == STOP:
-            return stamps, counts
+            return stamps, counts, looks
+        now = clock()
+        if now - poll > away:
+            away = now - poll
+        poll = now
+        if phase == RECORD:
+            if not picked:
+                backend.pick()
+                picked = True
+            elif look_t < 0 and now - stamp > PROBE_NS and stamps:
+                look = backend.read()
+                look_t = clock()
         for n_ring, r in enumerate(rings):
             used = r.used_hdr[1]
             n = (used - last[n_ring]) & 0xFFFF
@@ -168,8 +249,16 @@ def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap) -> tup
             if n > q:
                 raise SystemExit(f"ring {n_ring}: used idx moved by {n} > ring size {q}")
             if n_ring == RX and phase == RECORD:
-                stamps.append(clock())
+                t = clock()
+                if t - stamp > PROBE_NS and stamps:
+                    if look_t >= 0:
+                        end = backend.read()
+                        looks.extend((len(stamps), away, *look, *end, look_t, clock()))
+                    else:
+                        looks.extend((len(stamps), away, -1, -1, -1, -1, -1, -1, -1, -1))
+                stamps.append(t)
                 counts.append(n)
+                stamp, away, look_t = t, 0, -1
             # Re-post what the device used, in its order. The avail ring is kept full
             # (avail idx = last used + q), so used slot s and avail slot s coincide.
             s = last[n_ring] % q
@@ -192,8 +281,10 @@ def base_gpa(offset: int) -> int:
     return offset
 
 
-def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path) -> int:
-    """Fork the driver on TRAFFIC_CPU; returns its pid. It writes its stamps to ``out``."""
+def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path,
+               backend_pid: int) -> int:
+    """Fork the driver on TRAFFIC_CPU; returns its pid. It writes its stamps and its
+    looks at the back-end ``backend_pid`` to ``out``."""
     pid = os.fork()
     if pid:
         return pid
@@ -202,11 +293,13 @@ def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path) 
         os.sched_setaffinity(0, {TRAFFIC_CPU})
         gc.disable()  # a collection would show as a gap that is ours, not the back-end's
         mm = mmap.mmap(boot.fd, boot.memory_size, flags=mmap.MAP_SHARED)
-        stamps, counts = drive(mm, boot.userspace_addr, rx, tx, ctl)
+        stamps, counts, looks = drive(mm, boot.userspace_addr, rx, tx, ctl,
+                                      BackendThread(backend_pid))
         with open(out, "wb") as f:
-            array("q", [len(stamps)]).tofile(f)
+            array("q", [len(stamps), len(looks)]).tofile(f)
             stamps.tofile(f)
             counts.tofile(f)
+            looks.tofile(f)
         code = 0
     except BaseException as e:  # the child must never return into the parent's code
         print(f"driver: {e!r}", file=sys.stderr)
@@ -214,32 +307,81 @@ def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path) 
         os._exit(code)
 
 
-def read_stamps(path: Path) -> tuple[array[int], array[int]]:
-    stamps, counts, n = array("q"), array("l"), array("q")
+def read_stamps(path: Path) -> tuple[array[int], array[int], array[int]]:
+    stamps, counts, looks, n = array("q"), array("l"), array("q"), array("q")
     with open(path, "rb") as f:
-        n.fromfile(f, 1)
+        n.fromfile(f, 2)
         stamps.fromfile(f, n[0])
         counts.fromfile(f, n[0])
-    return stamps, counts
+        looks.fromfile(f, n[1])
+    return stamps, counts, looks
 
 
 # -- analysis (pure functions, tested) ---------------------------------------------------
 
-def gaps_overlapping(stamps: Sequence[int], start: int, end: int) -> list[int]:
-    """The gaps (ns) between consecutive stamps whose interval overlaps [start, end]."""
+def gap_ends(stamps: Sequence[int], start: int, end: int) -> list[int]:
+    """The indices ``i`` of the gaps (``stamps[i - 1]`` to ``stamps[i]``) that overlap
+    [start, end]."""
     lo = max(bisect.bisect_right(stamps, start) - 1, 0)
     hi = min(bisect.bisect_left(stamps, end) + 1, len(stamps))
-    return [stamps[i] - stamps[i - 1] for i in range(lo + 1, hi)
-            if stamps[i] > start and stamps[i - 1] < end]
+    return [i for i in range(lo + 1, hi) if stamps[i] > start and stamps[i - 1] < end]
+
+
+def gaps_overlapping(stamps: Sequence[int], start: int, end: int) -> list[int]:
+    """The gaps (ns) between consecutive stamps whose interval overlaps [start, end]."""
+    return [stamps[i] - stamps[i - 1] for i in gap_ends(stamps, start, end)]
+
+
+def cause(gap: int, look: Sequence[int]) -> str:
+    """Whose gap of ``gap`` ns is, from the driver's look at it (:data:`LOOK`; the module
+    docstring, "Whose gap"): :data:`DRIVER_AWAY`, :data:`BACKEND_AWAY` or :data:`OWN`."""
+    _, away, ran0, waited0, runs0, ran1, waited1, runs1, t0, t1 = look
+    if 2 * away >= gap:
+        return DRIVER_AWAY
+    if t0 >= 0 and min(ran0, ran1) >= 0:
+        span, ran = t1 - t0, ran1 - ran0
+        # Less than half of the look on its CPU, and not asleep: either it never left its
+        # CPU (no new timeslice: the host had the vCPU) or it waited to run.
+        if 2 * ran < span and (runs1 == runs0 or 2 * (waited1 - waited0) >= span - ran):
+            return BACKEND_AWAY
+    return OWN
+
+
+def causes(stamps: Sequence[int], looks: Sequence[int]) -> dict[int, str]:
+    """The cause of each gap the driver looked at, by the index of the stamp ending it;
+    a gap not looked at (shorter than :data:`PROBE_NS`) is the back-end's own."""
+    out: dict[int, str] = {}
+    for k in range(0, len(looks) - LOOK + 1, LOOK):
+        look = looks[k:k + LOOK]
+        i = look[0]
+        if 0 < i < len(stamps):
+            out[i] = cause(stamps[i] - stamps[i - 1], look)
+    return out
+
+
+def _whose(stamps: Sequence[int], ends: list[int], why: dict[int, str]) -> dict[str, float]:
+    """The longest gap of each cause among ``ends`` (ms, 0 if none), and how many of
+    them are longer than 1 ms."""
+    out: dict[str, float] = {}
+    for kind in (OWN, DRIVER_AWAY, BACKEND_AWAY):
+        gaps = [stamps[i] - stamps[i - 1] for i in ends if why.get(i, OWN) == kind]
+        out[f"max_{kind}"] = max(gaps, default=0) / 1e6
+        out[f"over_1ms_{kind}"] = sum(g > 1_000_000 for g in gaps)
+    return out
 
 
 def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int, int],
-              updates: Sequence[tuple[int, int]]) -> dict[str, float]:
+              updates: Sequence[tuple[int, int]],
+              looks: Sequence[int] = ()) -> dict[str, float]:
     """The figures of one run (ms, µs and frames/s as named); see the module docstring."""
     if len(stamps) < 2 or not updates:
         raise ValueError("no frames completed, or no update: nothing to summarize")
     b_gaps = gaps_overlapping(stamps, *baseline)
     per_update = [gaps_overlapping(stamps, s, e) for s, e in updates]
+    why = causes(stamps, looks)
+    during_ends = sorted({i for s, e in updates for i in gap_ends(stamps, s, e)})
+    whose = _whose(stamps, during_ends, why)
+    b_whose = _whose(stamps, gap_ends(stamps, *baseline), why)
     if not b_gaps or any(not g for g in per_update):
         raise ValueError("a window saw no completed frame at all: the loop stopped")
     during = [g for gs in per_update for g in gs]
@@ -269,6 +411,16 @@ def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int,
         "gap_us_median_baseline": statistics.median(b_gaps) / 1e3,
         "frames_per_s_baseline": sum(counts[b_first:b_last]) * NS / (baseline[1] - baseline[0]),
         "frames_per_s_during_updates": frames * NS / span,
+        # Whose the gaps are (the module docstring, "Whose gap").
+        "gap_ms_max_own_during_updates": whose[f"max_{OWN}"],
+        "gap_ms_max_driver_away_during_updates": whose[f"max_{DRIVER_AWAY}"],
+        "gap_ms_max_backend_away_during_updates": whose[f"max_{BACKEND_AWAY}"],
+        "gaps_over_1ms_own_during_updates": whose[f"over_1ms_{OWN}"],
+        "gaps_over_1ms_machine_during_updates": whose[f"over_1ms_{DRIVER_AWAY}"]
+        + whose[f"over_1ms_{BACKEND_AWAY}"],
+        "gap_ms_max_own_baseline": b_whose[f"max_{OWN}"],
+        "gaps_over_1ms_machine_baseline": b_whose[f"over_1ms_{DRIVER_AWAY}"]
+        + b_whose[f"over_1ms_{BACKEND_AWAY}"],
     }
 
 
@@ -378,7 +530,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
     out = work / f"{kind}.stamps"
     os.sched_setaffinity(0, {TRAFFIC_CPU})
     try:
-        with backend(run, kind, sock):
+        with backend(run, kind, sock) as backend_pid:
             fe.connect(sock, timeout=UPDATE_TIMEOUT)
             profile = replace(QEMU_72, queue_size={"net": QUEUE_SIZE, "blk": 128, "fs": 128})
             session = Session(profile, fe, memory)
@@ -389,7 +541,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
                                  f"{'not ' if mem_slots else ''}negotiated")
             boot = session.add_region(boot_mib * MiB, boot=True)
             session.start(boot)
-            child = run_driver(boot, fe.vrings[RX], fe.vrings[TX], ctl, out)
+            child = run_driver(boot, fe.vrings[RX], fe.vrings[TX], ctl, out, backend_pid)
             realtime = _realtime()
             time.sleep(1.0)  # let the loop fill
             ctl[0] = RECORD
@@ -414,7 +566,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             child = 0
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"{kind}: the traffic driver failed")
-            stamps, counts = read_stamps(out)
+            stamps, counts, looks = read_stamps(out)
     finally:
         if child:
             ctl[0] = STOP
@@ -430,8 +582,9 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
         print(f"  {kind}: SCHED_FIFO refused; update round trips include waiting for the "
               "driver's time slice", file=sys.stderr)
     try:
-        figures = summarize(stamps, counts, (b0, b1), updates)
-        null = summarize(stamps, counts, (b0, b1), trips)
+        figures = summarize(stamps, counts, (b0, b1), updates, looks)
+        null = summarize(stamps, counts, (b0, b1), trips, looks)
+        figures["gap_ms_max_own_during_null"] = null["gap_ms_max_own_during_updates"]
         figures["null_ms_median"] = null["update_ms_median"]
         figures["gap_ms_median_of_null_max"] = null["gap_ms_median_of_update_max"]
         figures["gap_ms_p95_of_null_max"] = null["gap_ms_p95_of_update_max"]
@@ -448,6 +601,17 @@ ROWS = (
     ("update round trip, median (ms)", "update_ms_median", 3),
     ("update round trip, longest (ms)", "update_ms_max", 3),
     ("longest gap overlapping an update (ms)", "gap_ms_max_during_updates", 3),
+    ("  of them the back-end's own: the longest (ms)", "gap_ms_max_own_during_updates", 3),
+    ("  the machine's (the driver away): the longest (ms)",
+     "gap_ms_max_driver_away_during_updates", 3),
+    ("  the machine's (the back-end's thread away): the longest (ms)",
+     "gap_ms_max_backend_away_during_updates", 3),
+    ("  gaps over 1 ms overlapping updates: the back-end's own",
+     "gaps_over_1ms_own_during_updates", 0),
+    ("  gaps over 1 ms overlapping updates: the machine's",
+     "gaps_over_1ms_machine_during_updates", 0),
+    ("control: the longest own gap overlapping a GET_FEATURES (ms)",
+     "gap_ms_max_own_during_null", 3),
     ("control: longest gap overlapping a GET_FEATURES (ms)", "gap_ms_max_during_null", 3),
     ("median over updates of the longest gap (ms)", "gap_ms_median_of_update_max", 3),
     ("95th percentile over updates of the longest gap (ms)", "gap_ms_p95_of_update_max", 3),
@@ -459,6 +623,8 @@ ROWS = (
     ("median gap between completions during updates (µs)",
      "gap_us_median_during_updates", 1),
     ("longest gap without updates (ms)", "gap_ms_max_baseline", 3),
+    ("  of them the back-end's own: the longest (ms)", "gap_ms_max_own_baseline", 3),
+    ("  gaps over 1 ms without updates: the machine's", "gaps_over_1ms_machine_baseline", 0),
     ("median gap without updates (µs)", "gap_us_median_baseline", 1),
     ("frames/s without updates", "frames_per_s_baseline", 0),
     ("frames/s during updates", "frames_per_s_during_updates", 0),
