@@ -46,18 +46,23 @@ update's own gap stands on (this process runs on the driver's CPU ahead of it, a
 driver stamps nothing while it does).
 
 Whose gap. On this machine a gap of milliseconds is most often neither back-end's: with
-both CPUs busy, the host takes a vCPU away for 1-8 ms several times a second, and a guest
-task (a kernel thread) may run in the middle of the driver or the back-end. The driver
-says which: during a gap longer than :data:`PROBE_NS` it reads the back-end's busiest
-thread's ``/proc/PID/task/TID/schedstat`` (CPU time, time waiting to run, times run; the
-kernel leaves time the host took out of the CPU time) and again when frames come back,
-and it keeps its own longest time between two polls. A gap is the machine's when the
-driver was away for half of it or more (``driver``), or the back-end's thread ran for
-less than half of the part looked at and did not sleep: it stayed on its CPU without
-running (the host took it) or waited to run (``backend``). Every other gap, the short
-ones included, is the back-end's own (``own``): it ran, or slept, and sent nothing back.
-The table gives the longest gap of each kind, and the longest own gap beside the update
-is what the issue's target (no longer than the update itself) is about.
+both CPUs busy, the host takes a vCPU away for 1-6 ms several times a second, and a guest
+task (a kernel thread) may run on the back-end's CPU for a millisecond or more. Three
+witnesses say which gaps those are. The driver keeps its own longest time between two
+polls in each gap (it was away: ``driver``). A canary on the back-end's CPU, a process at
+SCHED_FIFO priority 1 that wakes every :data:`CANARY_NS` and notes every wake-up later
+than :data:`LATE_NS`, says when that CPU ran nothing of the guest's: no task of the guest
+can delay it, only the host (or interrupts). And during a gap longer than
+:data:`PROBE_NS` the driver reads the back-end's busiest thread's time spent waiting to
+run (``/proc/PID/task/TID/schedstat``, brought up to date when it is switched in), at the
+start of its look and when frames come back: another task had its CPU. A gap half of
+which one of the three covers is the machine's (``driver`` or ``backend``, whose side
+was away); every other gap, the short ones included, is the back-end's own (``own``): it
+ran, or slept, and sent nothing back. (A thread's CPU time, as another process can read
+it, is brought up to date only at the scheduler's tick, 4 ms here: too coarse to tell a
+back-end busy with something else from one whose vCPU the host took.) The table gives
+the longest gap of each kind; the longest own gap beside the update is what the issue's
+target (no longer than the update itself) is about.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 from array import array
 from collections.abc import Iterator, Sequence
@@ -114,10 +120,14 @@ NS = 1_000_000_000
 #: A gap longer than this gets its cause looked at (the module docstring, "Whose gap").
 PROBE_NS = 200_000
 #: Per gap looked at, in the driver's ``looks`` record: the index of the stamp that ends
-#: it, the driver's longest time between two polls in it, then the back-end thread's
-#: schedstat (CPU ns, run-delay ns, times run) at the start of the look and at its end,
-#: and the look's start and end (ns); -1 where there was no look (the driver away).
-LOOK = 10
+#: it, the driver's longest time between two polls in it, then the back-end's busiest
+#: thread's time spent waiting to run (ns) at the start of the look and at its end, and
+#: the look's start and end (ns); -1 where there was no look (the driver away).
+LOOK = 6
+#: The canary on the back-end's CPU: how long it sleeps, and a wake-up later than what
+#: counts as that CPU taken (from the end of its sleep to the late wake-up).
+CANARY_NS = 250_000
+LATE_NS = 500_000
 OWN, DRIVER_AWAY, BACKEND_AWAY = "own", "driver", "backend"
 #: How long the front-end waits for any reply (seconds); a longer update fails the run.
 UPDATE_TIMEOUT = 30.0
@@ -150,42 +160,40 @@ class RingView:
 
 
 class BackendThread:
-    """The back-end's busiest thread as the driver sees it: ``/proc/PID/task/TID/
-    schedstat`` ("time spent on the cpu", "time spent waiting on a runqueue", "# of
-    timeslices run on this cpu"), one pread of an fd kept open. Until :meth:`pick` every
-    thread is watched; it keeps the one that ran most since then (the data path's: pyvhost's
-    loop or worker, DPDK's forwarding lcore)."""
+    """The back-end's busiest thread as the driver sees it: its ``/proc/PID/task/TID/
+    schedstat``, of which :meth:`read` gives the "time spent waiting on a runqueue"
+    (brought up to date when the thread is switched in). Until :meth:`pick` every thread
+    is watched; it keeps the one that ran most since then (the data path's: pyvhost's
+    loop or worker, DPDK's forwarding lcore; over a second, the CPU time's tick
+    granularity does not matter)."""
 
     def __init__(self, pid: int) -> None:
         self.fds: dict[int, int] = {}
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
                 self.fds[int(tid)] = os.open(f"/proc/{pid}/task/{tid}/schedstat", os.O_RDONLY)
-        self.since = {tid: self._read(fd)[0] for tid, fd in self.fds.items()}
+        self.since = {tid: self._schedstat(fd)[0] for tid, fd in self.fds.items()}
         self.fd = -1
 
     @staticmethod
-    def _read(fd: int) -> tuple[int, int, int]:
+    def _schedstat(fd: int) -> tuple[int, int]:
         try:
-            ran, waited, runs = os.pread(fd, 128, 0).split()[:3]
-            return int(ran), int(waited), int(runs)
+            ran, waited = os.pread(fd, 128, 0).split()[:2]
+            return int(ran), int(waited)
         except (OSError, ValueError):
-            return -1, -1, -1
+            return -1, -1
 
     def pick(self) -> None:
-        ran = {tid: self._read(fd)[0] - self.since[tid] for tid, fd in self.fds.items()}
+        ran = {tid: self._schedstat(fd)[0] - self.since[tid] for tid, fd in self.fds.items()}
         if ran:
-            busiest = max(ran, key=lambda tid: ran[tid])
-            self.fd = self.fds.pop(busiest)
-        self.close_others()
-
-    def read(self) -> tuple[int, int, int]:
-        return self._read(self.fd) if self.fd >= 0 else (-1, -1, -1)
-
-    def close_others(self) -> None:
+            self.fd = self.fds.pop(max(ran, key=lambda tid: ran[tid]))
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+
+    def read(self) -> int:
+        """Its time spent waiting to run (ns), or -1."""
+        return self._schedstat(self.fd)[1] if self.fd >= 0 else -1
 
 
 def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap,
@@ -220,12 +228,12 @@ def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap,
     looks: array[int] = array("q")
     clock = time.monotonic_ns
     # The gap in progress: the last stamp, the last poll, the longest time between two
-    # polls since the stamp, and the look at the back-end (its start, its schedstat).
+    # polls since the stamp, and the look at the back-end (its start, its wait to run).
     stamp = poll = clock()
     away = 0
-    look_t: int = -1
-    look: tuple[int, int, int] = (-1, -1, -1)
+    look_t = look = -1
     picked = False
+    fence = threading.Lock()
     while True:
         phase = ctl[0]
         if phase == STOP:
@@ -250,12 +258,14 @@ def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap,
                 raise SystemExit(f"ring {n_ring}: used idx moved by {n} > ring size {q}")
             if n_ring == RX and phase == RECORD:
                 t = clock()
+                if t - poll > away:
+                    away = t - poll  # away between this poll's start and its stamp
                 if t - stamp > PROBE_NS and stamps:
                     if look_t >= 0:
                         end = backend.read()
-                        looks.extend((len(stamps), away, *look, *end, look_t, clock()))
+                        looks.extend((len(stamps), away, look, end, look_t, clock()))
                     else:
-                        looks.extend((len(stamps), away, -1, -1, -1, -1, -1, -1, -1, -1))
+                        looks.extend((len(stamps), away, -1, -1, -1, -1))
                 stamps.append(t)
                 counts.append(n)
                 stamp, away, look_t = t, 0, -1
@@ -272,6 +282,14 @@ def drive(mm: mmap.mmap, base: int, rx: Vring, tx: Vring, ctl: mmap.mmap,
             # x86 stores are not reordered with older stores: the entries are visible
             # before the index that publishes them.
             r.avail_hdr[1] = (used + q) & 0xFFFF
+            # But a load may pass an older store: the index must be visible before the
+            # flags are read ("virtio_mb()" in Linux's virtqueue_kick_prepare), else a
+            # device that has just cleared VIRTQ_USED_F_NO_NOTIFY and read the old index
+            # sleeps, and this driver, reading the old flags, does not kick it: a gap
+            # that is the driver's. An uncontended lock's acquire and release are locked
+            # instructions (sem_trywait, sem_post): a full barrier.
+            fence.acquire(False)
+            fence.release()
             if not r.used_hdr[0] & VIRTQ_USED_F_NO_NOTIFY:
                 os.eventfd_write(r.kick_fd, 1)
 
@@ -307,6 +325,49 @@ def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path,
         os._exit(code)
 
 
+def canary(ctl: mmap.mmap) -> array[int]:
+    """Sleep :data:`CANARY_NS` at a time until the parent says STOP; return the late
+    wake-ups, each as (when it was due, when it came) in ns: the CPU was taken in between
+    (the module docstring, "Whose gap")."""
+    late: array[int] = array("q")
+    clock = time.monotonic_ns
+    pause = CANARY_NS / NS
+    last = clock()
+    while ctl[0] != STOP:
+        time.sleep(pause)
+        now = clock()
+        if now - last > CANARY_NS + LATE_NS:
+            late.extend((last + CANARY_NS, now))
+        last = now
+    return late
+
+
+def run_canary(ctl: mmap.mmap, out: Path) -> int:
+    """Fork the canary on BACKEND_CPU at SCHED_FIFO priority 1; returns its pid. It writes
+    its late wake-ups to ``out``, or exits 2 if it may not run at SCHED_FIFO (it would then
+    be late whenever the back-end holds the CPU: no witness)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.sched_setaffinity(0, {BACKEND_CPU})
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            code = 2
+            return 0  # the finally below exits
+        gc.disable()
+        late = canary(ctl)
+        with open(out, "wb") as f:
+            late.tofile(f)
+        code = 0
+    except BaseException as e:  # the child must never return into the parent's code
+        print(f"canary: {e!r}", file=sys.stderr)
+    finally:
+        os._exit(code)
+
+
 def read_stamps(path: Path) -> tuple[array[int], array[int], array[int]]:
     stamps, counts, looks, n = array("q"), array("l"), array("q"), array("q")
     with open(path, "rb") as f:
@@ -332,30 +393,51 @@ def gaps_overlapping(stamps: Sequence[int], start: int, end: int) -> list[int]:
     return [stamps[i] - stamps[i - 1] for i in gap_ends(stamps, start, end)]
 
 
-def cause(gap: int, look: Sequence[int]) -> str:
-    """Whose gap of ``gap`` ns is, from the driver's look at it (:data:`LOOK`; the module
-    docstring, "Whose gap"): :data:`DRIVER_AWAY`, :data:`BACKEND_AWAY` or :data:`OWN`."""
-    _, away, ran0, waited0, runs0, ran1, waited1, runs1, t0, t1 = look
+def cause(gap: int, look: Sequence[int], taken: int = 0) -> str:
+    """Whose a gap of ``gap`` ns is (the module docstring, "Whose gap"): from the driver's
+    look at it (:data:`LOOK`) and ``taken``, the ns of it during which the canary saw the
+    back-end's CPU taken. :data:`DRIVER_AWAY`, :data:`BACKEND_AWAY` or :data:`OWN`."""
+    _, away, waited0, waited1, t0, t1 = look
     if 2 * away >= gap:
         return DRIVER_AWAY
-    if t0 >= 0 and min(ran0, ran1) >= 0:
-        span, ran = t1 - t0, ran1 - ran0
-        # Less than half of the look on its CPU, and not asleep: either it never left its
-        # CPU (no new timeslice: the host had the vCPU) or it waited to run.
-        if 2 * ran < span and (runs1 == runs0 or 2 * (waited1 - waited0) >= span - ran):
-            return BACKEND_AWAY
+    if 2 * taken >= gap:
+        return BACKEND_AWAY
+    if t0 >= 0 and min(waited0, waited1) >= 0 and 2 * (waited1 - waited0) >= t1 - t0:
+        return BACKEND_AWAY  # it waited to run for half of the look: another task ran
     return OWN
 
 
-def causes(stamps: Sequence[int], looks: Sequence[int]) -> dict[int, str]:
-    """The cause of each gap the driver looked at, by the index of the stamp ending it;
-    a gap not looked at (shorter than :data:`PROBE_NS`) is the back-end's own."""
+def overlap(late: Sequence[int], start: int, end: int) -> int:
+    """How many ns of [start, end] the canary's late intervals (``late``: start, end,
+    start, end, ... in order, not overlapping) cover."""
+    k = max(bisect.bisect_right(late, start) - 1, 0)
+    k -= k % 2
+    total = 0
+    while k + 1 < len(late) and late[k] < end:
+        total += max(0, min(end, late[k + 1]) - max(start, late[k]))
+        k += 2
+    return total
+
+
+def causes(stamps: Sequence[int], looks: Sequence[int],
+           late: Sequence[int] = ()) -> dict[int, str]:
+    """The cause of each gap longer than :data:`PROBE_NS`, by the index of the stamp
+    ending it (the gaps the driver looked at, and those the canary's late intervals
+    cover); a gap not in it is the back-end's own."""
     out: dict[int, str] = {}
+    looked: dict[int, Sequence[int]] = {}
     for k in range(0, len(looks) - LOOK + 1, LOOK):
         look = looks[k:k + LOOK]
-        i = look[0]
+        if 0 < look[0] < len(stamps):
+            looked[look[0]] = look
+    nobody = (0, 0, -1, -1, -1, -1)
+    ends = set(looked)
+    for k in range(0, len(late) - 1, 2):
+        ends.update(gap_ends(stamps, late[k], late[k + 1]))
+    for i in ends:
         if 0 < i < len(stamps):
-            out[i] = cause(stamps[i] - stamps[i - 1], look)
+            a, b = stamps[i - 1], stamps[i]
+            out[i] = cause(b - a, looked.get(i, nobody), overlap(late, a, b))
     return out
 
 
@@ -372,13 +454,13 @@ def _whose(stamps: Sequence[int], ends: list[int], why: dict[int, str]) -> dict[
 
 def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int, int],
               updates: Sequence[tuple[int, int]],
-              looks: Sequence[int] = ()) -> dict[str, float]:
+              looks: Sequence[int] = (), late: Sequence[int] = ()) -> dict[str, float]:
     """The figures of one run (ms, µs and frames/s as named); see the module docstring."""
     if len(stamps) < 2 or not updates:
         raise ValueError("no frames completed, or no update: nothing to summarize")
     b_gaps = gaps_overlapping(stamps, *baseline)
     per_update = [gaps_overlapping(stamps, s, e) for s, e in updates]
-    why = causes(stamps, looks)
+    why = causes(stamps, looks, late)
     during_ends = sorted({i for s, e in updates for i in gap_ends(stamps, s, e)})
     whose = _whose(stamps, during_ends, why)
     b_whose = _whose(stamps, gap_ends(stamps, *baseline), why)
@@ -525,11 +607,14 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
     memory = FrontendMemory()
     fe = Frontend(ack_all=False)
     ctl = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED)
-    child = 0
+    child = bird = 0
     realtime = False
-    out = work / f"{kind}.stamps"
+    out, late_out = work / f"{kind}.stamps", work / f"{kind}.late"
+    late: array[int] = array("q")
     os.sched_setaffinity(0, {TRAFFIC_CPU})
     try:
+        # Forked before the connection, so that it holds no copy of the socket.
+        bird = run_canary(ctl, late_out)
         with backend(run, kind, sock) as backend_pid:
             fe.connect(sock, timeout=UPDATE_TIMEOUT)
             profile = replace(QEMU_72, queue_size={"net": QUEUE_SIZE, "blk": 128, "fs": 128})
@@ -567,10 +652,18 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"{kind}: the traffic driver failed")
             stamps, counts, looks = read_stamps(out)
+            _, status = os.waitpid(bird, 0)
+            bird = 0
+            if os.waitstatus_to_exitcode(status) == 0:
+                late.frombytes(late_out.read_bytes())
+            else:
+                print(f"  {kind}: no canary on the back-end's CPU (SCHED_FIFO refused): "
+                      "the host's pauses there count as the back-end's own", file=sys.stderr)
     finally:
-        if child:
-            ctl[0] = STOP
-            os.waitpid(child, 0)
+        for pid in (child, bird):
+            if pid:
+                ctl[0] = STOP
+                os.waitpid(pid, 0)
         fe.close()
         memory.close()
         run.close()
@@ -582,8 +675,8 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
         print(f"  {kind}: SCHED_FIFO refused; update round trips include waiting for the "
               "driver's time slice", file=sys.stderr)
     try:
-        figures = summarize(stamps, counts, (b0, b1), updates, looks)
-        null = summarize(stamps, counts, (b0, b1), trips, looks)
+        figures = summarize(stamps, counts, (b0, b1), updates, looks, late)
+        null = summarize(stamps, counts, (b0, b1), trips, looks, late)
         figures["gap_ms_max_own_during_null"] = null["gap_ms_max_own_during_updates"]
         figures["null_ms_median"] = null["update_ms_median"]
         figures["gap_ms_median_of_null_max"] = null["gap_ms_median_of_update_max"]

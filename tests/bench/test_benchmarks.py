@@ -154,54 +154,65 @@ def test_summarize_reports_the_stall_of_an_update() -> None:
     assert s["frames_per_s_baseline"] == pytest.approx(400_000, rel=0.01)
 
 
-def _look(end: int, away: int, before: tuple[int, int, int] = (-1, -1, -1),
-          after: tuple[int, int, int] = (-1, -1, -1), t0: int = -1, t1: int = -1) -> list[int]:
-    return [end, away, *before, *after, t0, t1]
+def _look(end: int, away: int, waited: tuple[int, int] = (-1, -1), t0: int = -1,
+          t1: int = -1) -> list[int]:
+    return [end, away, *waited, t0, t1]
 
 
 def test_cause_tells_the_machine_from_the_backend() -> None:
     ms = 1_000_000
     # The driver was away for most of the gap: the machine's, whatever the back-end did.
-    assert gap.cause(4 * ms, _look(1, 3 * ms, (0, 0, 5), (3 * ms, 0, 5), 0, 3 * ms)) == "driver"
-    # The back-end's thread stayed on its CPU (no new timeslice) and ran 0.1 of 3 ms:
-    # the host had the vCPU.
-    assert gap.cause(4 * ms, _look(1, 10_000, (0, 0, 5), (100_000, 0, 5), 0, 3 * ms)) \
+    assert gap.cause(4 * ms, _look(1, 3 * ms, (0, 0), 0, 3 * ms)) == "driver"
+    # The canary saw the back-end's CPU taken for 2.5 ms of 4: the host had the vCPU.
+    assert gap.cause(4 * ms, _look(1, 10_000, (0, 0), 0, 3 * ms), taken=int(2.5 * ms)) \
         == "backend"
-    # It ran 0.1 ms and waited 2.5 ms to run: another task had its CPU.
-    assert gap.cause(4 * ms, _look(1, 10_000, (0, 0, 5), (100_000, int(2.5 * ms), 6),
-                                   0, 3 * ms)) == "backend"
-    # It ran 0.1 ms, slept the rest (a new timeslice, no wait to run): its own gap.
-    assert gap.cause(4 * ms, _look(1, 10_000, (0, 0, 5), (100_000, 0, 6), 0, 3 * ms)) == "own"
-    # It ran the whole look (an update, a stall of its own).
-    assert gap.cause(4 * ms, _look(1, 10_000, (0, 0, 5), (3 * ms, 0, 5), 0, 3 * ms)) == "own"
+    # The back-end's thread waited 2.5 ms of a 3 ms look to run: another task had its CPU.
+    assert gap.cause(4 * ms, _look(1, 10_000, (0, int(2.5 * ms)), 0, 3 * ms)) == "backend"
+    # Neither: it ran, or slept, and sent nothing back. Its own gap.
+    assert gap.cause(4 * ms, _look(1, 10_000, (0, 100_000), 0, 3 * ms), taken=ms) == "own"
     # No look at it (the driver saw the gap only at its end) and the driver was there.
     assert gap.cause(4 * ms, _look(1, 10_000)) == "own"
 
 
+def test_overlap_adds_the_late_intervals_inside_a_window() -> None:
+    late = [10, 20, 30, 40, 100, 200]
+    assert gap.overlap(late, 0, 50) == 20
+    assert gap.overlap(late, 15, 35) == 10
+    assert gap.overlap(late, 150, 1000) == 50
+    assert gap.overlap(late, 41, 99) == 0
+    assert gap.overlap([], 0, 100) == 0
+
+
 def test_summarize_splits_the_gaps_by_whose_they_are() -> None:
     ms = 1_000_000
-    # A completion every 10 µs, with a 2 ms hole in the baseline (the driver away), a 3 ms
-    # hole during update 0 (the back-end's thread away) and one of 0.5 ms during update 1
-    # (the back-end ran: its own).
-    holes = [(1 * ms, 3 * ms), (30 * ms, 33 * ms), (40 * ms, 40 * ms + 500_000)]
-    stamps = [t for t in range(0, 60 * ms, 10_000)
-              if not any(a < t < b for a, b in holes)]
+    # A completion every 10 µs, with holes: 2 ms in the baseline (the driver away), 3 ms
+    # during update 0 (the back-end's CPU taken: the canary late), 0.5 ms during update 1
+    # (the back-end's own), and 1.5 ms during update 2 (it waited to run).
+    holes = [(1 * ms, 3 * ms), (30 * ms, 33 * ms), (40 * ms, 40 * ms + 500_000),
+             (50 * ms, 51 * ms + 500_000)]
+    stamps = [t for t in range(0, 60 * ms, 10_000) if not any(a < t < b for a, b in holes)]
     end = {t: i for i, t in enumerate(stamps)}
-    looks = (_look(end[3 * ms], 1_900_000)                    # the driver away
-             + _look(end[33 * ms], 5_000, (0, 0, 1), (50_000, 0, 1), 30 * ms, 33 * ms)
-             + _look(end[40 * ms + 500_000], 5_000, (0, 0, 1), (400_000, 0, 1), 40 * ms,
-                     40 * ms + 450_000))
+    looks = (_look(end[3 * ms], 1_900_000)
+             + _look(end[40 * ms + 500_000], 5_000, (0, 0), 40 * ms, 40 * ms + 450_000)
+             + _look(end[51 * ms + 500_000], 5_000, (0, 1_200_000), 50 * ms + 200_000,
+                     51 * ms + 500_000))
+    late = [30 * ms + 250_000, 32 * ms + 900_000]
     s = gap.summarize(stamps, [1] * len(stamps), (0, 5 * ms),
-                      [(31 * ms, 32 * ms), (40 * ms + 100_000, 40 * ms + 200_000)], looks)
+                      [(31 * ms, 32 * ms), (40 * ms + 100_000, 40 * ms + 200_000),
+                       (50 * ms + 100_000, 50 * ms + 300_000)], looks, late)
     assert s["gap_ms_max_during_updates"] == pytest.approx(3.0)
     assert s["gap_ms_max_backend_away_during_updates"] == pytest.approx(3.0)
     assert s["gap_ms_max_own_during_updates"] == pytest.approx(0.5)
     assert s["gap_ms_max_driver_away_during_updates"] == 0
-    assert s["gaps_over_1ms_machine_during_updates"] == 1
+    assert s["gaps_over_1ms_machine_during_updates"] == 2
     assert s["gaps_over_1ms_own_during_updates"] == 0
     assert s["gap_ms_max_baseline"] == pytest.approx(2.0)
     assert s["gap_ms_max_own_baseline"] == pytest.approx(0.01)
     assert s["gaps_over_1ms_machine_baseline"] == 1
+    # Without its witnesses, every gap is the back-end's own.
+    bare = gap.summarize(stamps, [1] * len(stamps), (0, 5 * ms),
+                         [(31 * ms, 32 * ms)])
+    assert bare["gap_ms_max_own_during_updates"] == pytest.approx(3.0)
 
 
 def test_a_quick_gap_run_reports_whose_the_gaps_are(tmp_path: Path) -> None:
