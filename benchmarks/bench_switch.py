@@ -51,7 +51,8 @@ on 2 MiB hugepages, as DPDK and vhost-user VMs run in production (root: the page
 reserved and a private hugetlbfs mounted for the run, both given back after).
 
 ``--topology loop`` measures the data path alone, with nothing sharing a CPU: one
-testpmd virtio_user in ``io`` mode (``start tx_first 64``: 64 bursts circulate) against a
+testpmd virtio_user in ``io`` mode (``start tx_first 64``: 64 bursts circulate,
+``--in-flight`` to change it) against a
 back-end that sends every frame straight back, ``pyvhost net --reflect`` or testpmd
 ``net_vhost0`` in ``macswap`` mode; the back-end on CPU 0, the front-end on CPU 1. Its
 frames/s is the front-end's ``Rx-pps`` over the timed window (``show port stats``). This
@@ -98,6 +99,8 @@ _RX_PPS = re.compile(r"Rx-pps:\s+(\d+)")
 #: pyvhost on its compiled data path, pyvhost forced onto the pure-Python one
 #: (PYVHOST_PURE=1), and DPDK 22.11.
 KINDS = ("pyvhost", "pyvhost-pure", "dpdk")
+#: Loop topologies: bursts of 32 frames each front-end port starts with (``--in-flight``).
+IN_FLIGHT = 64
 
 
 @dataclass
@@ -282,6 +285,8 @@ class Setup:
     huge_dir: Path | None = None
     #: ``--placement``: sample the CPUs' round trip between windows of the timed run.
     placement: Placement | None = None
+    #: Loop topologies: bursts each front-end port starts with (``--in-flight``).
+    in_flight: int = IN_FLIGHT
 
 
 @dataclass
@@ -412,7 +417,7 @@ def measure_loop(setup: Setup, work: Path, ports: int = 1) -> dict[str, float]:
             [f"net_virtio_user{i},path={sock},queues={qp},queue_size={qs},mac={macs[i]}"
              for i, sock in enumerate(socks)], app, forward_cpu=TRAFFIC_CPU)
         wait_for(lambda: "testpmd> " in fe.text(), "the front-end's prompt", fe)
-        command(fe, "start tx_first 64")
+        command(fe, f"start tx_first {setup.in_flight}")
         time.sleep(2)  # let the loop fill
         if setup.placement is not None:
             fps, cpu_s, span = _windows(setup.placement, setup.seconds, fe, be, ports)
@@ -681,6 +686,11 @@ def main(argv: list[str] | None = None) -> None:
                          "sampler under SCHED_FIFO")
     ap.add_argument("--window", type=float, default=0.5,
                     help="--placement: seconds per window (default 0.5)")
+    ap.add_argument("--in-flight", type=int, metavar="BURSTS",
+                    help="loop topologies: bursts of 32 frames each front-end port starts "
+                         f"with (testpmd's 'start tx_first BURSTS'; default {IN_FLIGHT}). "
+                         "Few bursts make the loop's rate its round trip's: a back-end's "
+                         "latency per turn, not its throughput")
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.repeat = 3.0, 1
@@ -688,6 +698,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.placement and args.topology == "switch":
         raise SystemExit("--placement: for --topology loop or switch-loop (the switch "
                          "topology's rate is its source's)")
+    if args.in_flight is not None and args.topology == "switch":
+        raise SystemExit("--in-flight: for --topology loop or switch-loop (the switch "
+                         "topology's source sends without pause)")
+    if not 1 <= (args.in_flight or IN_FLIGHT) <= 1024:
+        raise SystemExit("--in-flight: 1 to 1024 bursts")
     if not 0.1 <= args.window <= 60:
         raise SystemExit("--window: between 0.1 and 60 seconds")
     if (os.cpu_count() or 1) < 2:
@@ -730,7 +745,8 @@ def main(argv: list[str] | None = None) -> None:
                 for i in range(args.repeat):
                     for kind in kinds:
                         setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra,
-                                      args.pyvhost_cpus, huge, placement)
+                                      args.pyvhost_cpus, huge, placement,
+                                      args.in_flight or IN_FLIGHT)
                         try:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
@@ -758,7 +774,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
           f"{' '.join(extra) or 'none'}; pyvhost on CPUs {args.pyvhost_cpus}; "
           f"testpmd memory {'2 MiB hugepages' if args.hugepages else '--no-huge'}; "
-          f"1-min load average {load_before:.1f} before, "
+          + (f"{args.in_flight or IN_FLIGHT} bursts of 32 frames in flight per front-end "
+             "port; " if args.topology != "switch" else "")
+          + f"1-min load average {load_before:.1f} before, "
           f"{load_after:.1f} after (other processes on the machine compete for the same "
           "2 CPUs)\n")
     print(table(results, kinds))
@@ -787,6 +805,9 @@ def main(argv: list[str] | None = None) -> None:
                                                "pyvhost_args": list(extra),
                                                "pyvhost_cpus": args.pyvhost_cpus,
                                                "hugepages": args.hugepages,
+                                               "in_flight": (args.in_flight or IN_FLIGHT
+                                                             if args.topology != "switch"
+                                                             else None),
                                                "loadavg": [load_before, load_after],
                                                "failures": failures,
                                                "results": results,

@@ -447,3 +447,25 @@ def test_switch_placement_refuses_the_switch_topology() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "--placement: for --topology loop or switch-loop" in done.stderr
+
+
+def test_switch_in_flight_runs_both_back_ends_and_is_refused_for_the_switch(
+        tmp_path: Path) -> None:
+    """``--in-flight 1``: each front-end port starts with one burst; both back-ends
+    forward it (no figure is asserted). The switch topology has no loop to fill."""
+    need("dpdk-testpmd", "dpdk")
+    out = tmp_path / "sw.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                           "--topology", "switch-loop", "--kinds", "pyvhost,dpdk", "--sizes",
+                           "64", "--seconds", "1", "--in-flight", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(out.read_text())
+    assert doc["in_flight"] == 1
+    for kind in ("pyvhost", "dpdk"):
+        assert doc["results"]["64 B, 1 qp"][kind]["frames_per_s"] > 0
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                           "--topology", "switch", "--kinds", "pyvhost,dpdk", "--in-flight",
+                           "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--in-flight: for --topology loop or switch-loop" in done.stderr
