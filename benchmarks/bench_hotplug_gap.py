@@ -82,7 +82,7 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -299,17 +299,29 @@ def base_gpa(offset: int) -> int:
     return offset
 
 
-def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path,
-               backend_pid: int) -> int:
-    """Fork the driver on TRAFFIC_CPU; returns its pid. It writes its stamps and its
-    looks at the back-end ``backend_pid`` to ``out``."""
+def fork_child(name: str, cpu: int, body: Callable[[], int]) -> int:
+    """Fork a child pinned to ``cpu`` that runs ``body`` with the garbage collector off
+    (a collection would show as a gap of ours) and exits with what it returns; returns
+    the child's pid. The child never returns into the parent's code."""
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
-        os.sched_setaffinity(0, {TRAFFIC_CPU})
-        gc.disable()  # a collection would show as a gap that is ours, not the back-end's
+        os.sched_setaffinity(0, {cpu})
+        gc.disable()
+        code = body()
+    except BaseException as e:
+        print(f"{name}: {e!r}", file=sys.stderr)
+    finally:
+        os._exit(code)
+
+
+def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path,
+               backend_pid: int) -> int:
+    """Fork the driver on TRAFFIC_CPU; returns its pid. It writes its stamps and its
+    looks at the back-end ``backend_pid`` to ``out``."""
+    def body() -> int:
         mm = mmap.mmap(boot.fd, boot.memory_size, flags=mmap.MAP_SHARED)
         stamps, counts, looks = drive(mm, boot.userspace_addr, rx, tx, ctl,
                                       BackendThread(backend_pid))
@@ -318,11 +330,9 @@ def run_driver(boot: GuestRam, rx: Vring, tx: Vring, ctl: mmap.mmap, out: Path,
             stamps.tofile(f)
             counts.tofile(f)
             looks.tofile(f)
-        code = 0
-    except BaseException as e:  # the child must never return into the parent's code
-        print(f"driver: {e!r}", file=sys.stderr)
-    finally:
-        os._exit(code)
+        return 0
+
+    return fork_child("driver", TRAFFIC_CPU, body)
 
 
 def canary(ctl: mmap.mmap) -> array[int]:
@@ -346,26 +356,17 @@ def run_canary(ctl: mmap.mmap, out: Path) -> int:
     """Fork the canary on BACKEND_CPU at SCHED_FIFO priority 1; returns its pid. It writes
     its late wake-ups to ``out``, or exits 2 if it may not run at SCHED_FIFO (it would then
     be late whenever the back-end holds the CPU: no witness)."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        os.sched_setaffinity(0, {BACKEND_CPU})
+    def body() -> int:
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
         except OSError:
-            code = 2
-            return 0  # the finally below exits
-        gc.disable()
+            return 2
         late = canary(ctl)
         with open(out, "wb") as f:
             late.tofile(f)
-        code = 0
-    except BaseException as e:  # the child must never return into the parent's code
-        print(f"canary: {e!r}", file=sys.stderr)
-    finally:
-        os._exit(code)
+        return 0
+
+    return fork_child("canary", BACKEND_CPU, body)
 
 
 def read_stamps(path: Path) -> tuple[array[int], array[int], array[int]]:
