@@ -52,7 +52,8 @@ witnesses say which gaps those are. The driver keeps its own longest time betwee
 polls in each gap (it was away: ``driver``). A canary on the back-end's CPU, a process at
 SCHED_FIFO priority 1 that wakes every :data:`CANARY_NS` and notes every wake-up later
 than :data:`LATE_NS`, says when that CPU ran nothing of the guest's: no task of the guest
-can delay it, only the host (or interrupts). And during a gap longer than
+can delay it, only the host (or interrupts). It costs the back-end a wake-up every
+0.25 ms (``--no-canary`` runs without it). And during a gap longer than
 :data:`PROBE_NS` the driver reads the back-end's busiest thread's time spent waiting to
 run (``/proc/PID/task/TID/schedstat``, brought up to date when it is switched in), at the
 start of its look and when frames come back: another task had its CPU. A gap half of
@@ -601,7 +602,7 @@ def _null_round_trips(fe: Frontend, count: int, interval_s: float,
 
 
 def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: float,
-            interval_s: float, work: Path) -> dict[str, float]:
+            interval_s: float, work: Path, with_canary: bool = True) -> dict[str, float]:
     mem_slots = KINDS[kind]
     run = Run(work)
     sock = work / f"{kind}.sock"
@@ -615,7 +616,7 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
     os.sched_setaffinity(0, {TRAFFIC_CPU})
     try:
         # Forked before the connection, so that it holds no copy of the socket.
-        bird = run_canary(ctl, late_out)
+        bird = run_canary(ctl, late_out) if with_canary else 0
         with backend(run, kind, sock) as backend_pid:
             fe.connect(sock, timeout=UPDATE_TIMEOUT)
             profile = replace(QEMU_72, queue_size={"net": QUEUE_SIZE, "blk": 128, "fs": 128})
@@ -653,13 +654,15 @@ def measure(kind: str, cycles: int, boot_mib: int, dimm_mib: int, baseline_s: fl
             if os.waitstatus_to_exitcode(status) != 0:
                 raise SystemExit(f"{kind}: the traffic driver failed")
             stamps, counts, looks = read_stamps(out)
-            _, status = os.waitpid(bird, 0)
-            bird = 0
-            if os.waitstatus_to_exitcode(status) == 0:
-                late.frombytes(late_out.read_bytes())
-            else:
-                print(f"  {kind}: no canary on the back-end's CPU (SCHED_FIFO refused): "
-                      "the host's pauses there count as the back-end's own", file=sys.stderr)
+            if bird:
+                _, status = os.waitpid(bird, 0)
+                bird = 0
+                if os.waitstatus_to_exitcode(status) == 0:
+                    late.frombytes(late_out.read_bytes())
+                else:
+                    print(f"  {kind}: no canary on the back-end's CPU (SCHED_FIFO refused): "
+                          "the host's pauses there count as the back-end's own",
+                          file=sys.stderr)
     finally:
         for pid in (child, bird):
             if pid:
@@ -760,6 +763,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline", type=float, default=3.0,
                     help="seconds of traffic without updates, before them")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--no-canary", action="store_true",
+                    help="run without the canary on the back-end's CPU (it wakes every "
+                         "0.25 ms there): the host's pauses on that CPU then count as the "
+                         "back-end's own")
     args = ap.parse_args(argv)
     if args.quick:
         args.cycles, args.baseline, args.repeat = 10, 1.0, 1
@@ -776,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind in kinds:
                 try:
                     r = measure(kind, args.cycles, args.boot_mib, args.dimm_mib,
-                                args.baseline, 0.010, Path(tmp))
+                                args.baseline, 0.010, Path(tmp), not args.no_canary)
                 except BenchError as e:
                     failures.setdefault(kind, []).append(str(e).splitlines()[0])
                     print(f"  {kind} #{i + 1}: FAILED {e}", file=sys.stderr)
@@ -791,7 +798,8 @@ def main(argv: list[str] | None = None) -> None:
           f"pyvhost's data path {datapath.name()} (pyvhost-pure: PYVHOST_PURE=1); date "
           f"{time.strftime('%Y-%m-%d %H:%M')}; {args.cycles} DIMMs of {args.dimm_mib} MiB "
           f"added and removed ({2 * args.cycles} updates) over {args.boot_mib} MiB of boot "
-          f"RAM; medians of {args.repeat} alternating run(s); 1-min load average "
+          f"RAM; canary on the back-end's CPU: {'no' if args.no_canary else 'yes'}; "
+          f"medians of {args.repeat} alternating run(s); 1-min load average "
           f"{load_before:.1f} before, {load_after:.1f} after\n")
     print(table(results))
     for kind, r in results.items():

@@ -236,6 +236,15 @@ def test_a_quick_gap_run_reports_whose_the_gaps_are(tmp_path: Path) -> None:
         assert 0 < r["gap_ms_max_own_baseline"] <= r["gap_ms_max_baseline"]
 
 
+def test_a_gap_run_without_the_canary_says_so() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_hotplug_gap.py"), "--quick",
+                           "--kinds", "pyvhost", "--no-canary"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "canary on the back-end's CPU: no" in done.stdout
+    assert "of them the back-end's own" in done.stdout
+
+
 def test_summarize_refuses_a_window_without_frames() -> None:
     with pytest.raises(ValueError):
         gap.summarize([0, 10], [1, 1], (0, 10), [(100, 200)])
