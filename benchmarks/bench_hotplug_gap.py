@@ -53,7 +53,7 @@ polls in each gap (it was away: ``driver``). A canary on the back-end's CPU, a p
 SCHED_FIFO priority 1 that wakes every :data:`CANARY_NS` and notes every wake-up later
 than :data:`LATE_NS`, says when that CPU ran nothing of the guest's: no task of the guest
 can delay it, only the host (or interrupts). It costs the back-end a wake-up every
-0.25 ms (``--no-canary`` runs without it). And during a gap longer than
+0.5 ms (``--no-canary`` runs without it). And during a gap longer than
 :data:`PROBE_NS` the driver reads the back-end's busiest thread's time spent waiting to
 run (``/proc/PID/task/TID/schedstat``, brought up to date when it is switched in), at the
 start of its look and when frames come back: another task had its CPU. A gap half of
@@ -126,9 +126,12 @@ PROBE_NS = 200_000
 #: the look's start and end (ns); -1 where there was no look (the driver away).
 LOOK = 6
 #: The canary on the back-end's CPU: how long it sleeps, and a wake-up later than what
-#: counts as that CPU taken (from the end of its sleep to the late wake-up).
-CANARY_NS = 250_000
-LATE_NS = 500_000
+#: counts as that CPU taken (from the end of its sleep to the late wake-up). A pause of
+#: P ns shows late by at least P - CANARY_NS, so a pause of 2 * CANARY_NS (1 ms) or more
+#: covers half its gap. Each wake-up costs the back-end: woken every 0.25 ms it lost 15-25%
+#: of its frames/s (BENCHMARKS.md).
+CANARY_NS = 500_000
+LATE_NS = 300_000
 OWN, DRIVER_AWAY, BACKEND_AWAY = "own", "driver", "backend"
 #: How long the front-end waits for any reply (seconds); a longer update fails the run.
 UPDATE_TIMEOUT = 30.0
@@ -765,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--no-canary", action="store_true",
                     help="run without the canary on the back-end's CPU (it wakes every "
-                         "0.25 ms there): the host's pauses on that CPU then count as the "
+                         "0.5 ms there): the host's pauses on that CPU then count as the "
                          "back-end's own")
     args = ap.parse_args(argv)
     if args.quick:
