@@ -463,12 +463,13 @@ def summarize(stamps: Sequence[int], counts: Sequence[int], baseline: tuple[int,
     """The figures of one run (ms, µs and frames/s as named); see the module docstring."""
     if len(stamps) < 2 or not updates:
         raise ValueError("no frames completed, or no update: nothing to summarize")
-    b_gaps = gaps_overlapping(stamps, *baseline)
-    per_update = [gaps_overlapping(stamps, s, e) for s, e in updates]
+    b_ends = gap_ends(stamps, *baseline)
+    per_update_ends = [gap_ends(stamps, s, e) for s, e in updates]
+    b_gaps = [stamps[i] - stamps[i - 1] for i in b_ends]
+    per_update = [[stamps[i] - stamps[i - 1] for i in ends] for ends in per_update_ends]
     why = causes(stamps, looks, late)
-    during_ends = sorted({i for s, e in updates for i in gap_ends(stamps, s, e)})
-    whose = _whose(stamps, during_ends, why)
-    b_whose = _whose(stamps, gap_ends(stamps, *baseline), why)
+    whose = _whose(stamps, sorted({i for ends in per_update_ends for i in ends}), why)
+    b_whose = _whose(stamps, b_ends, why)
     if not b_gaps or any(not g for g in per_update):
         raise ValueError("a window saw no completed frame at all: the loop stopped")
     during = [g for gs in per_update for g in gs]
