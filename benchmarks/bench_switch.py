@@ -701,7 +701,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.in_flight is not None and args.topology == "switch":
         raise SystemExit("--in-flight: for --topology loop or switch-loop (the switch "
                          "topology's source sends without pause)")
-    if not 1 <= (args.in_flight or IN_FLIGHT) <= 1024:
+    in_flight = IN_FLIGHT if args.in_flight is None else args.in_flight
+    if not 1 <= in_flight <= 1024:
         raise SystemExit("--in-flight: 1 to 1024 bursts")
     if not 0.1 <= args.window <= 60:
         raise SystemExit("--window: between 0.1 and 60 seconds")
@@ -746,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
                     for kind in kinds:
                         setup = Setup(kind, size, qp, args.seconds, args.queue_size, extra,
                                       args.pyvhost_cpus, huge, placement,
-                                      args.in_flight or IN_FLIGHT)
+                                      in_flight)
                         try:
                             r = measure_one(setup, Path(tmp))
                         except BenchError as e:
@@ -774,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeat} x {args.seconds:g} s each; pyvhost net extra args: "
           f"{' '.join(extra) or 'none'}; pyvhost on CPUs {args.pyvhost_cpus}; "
           f"testpmd memory {'2 MiB hugepages' if args.hugepages else '--no-huge'}; "
-          + (f"{args.in_flight or IN_FLIGHT} bursts of 32 frames in flight per front-end "
+          + (f"{in_flight} bursts of 32 frames in flight per front-end "
              "port; " if args.topology != "switch" else "")
           + f"1-min load average {load_before:.1f} before, "
           f"{load_after:.1f} after (other processes on the machine compete for the same "
@@ -805,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
                                                "pyvhost_args": list(extra),
                                                "pyvhost_cpus": args.pyvhost_cpus,
                                                "hugepages": args.hugepages,
-                                               "in_flight": (args.in_flight or IN_FLIGHT
+                                               "in_flight": (in_flight
                                                              if args.topology != "switch"
                                                              else None),
                                                "loadavg": [load_before, load_after],
