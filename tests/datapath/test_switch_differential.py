@@ -34,6 +34,7 @@ to ``MAX_BURSTS`` bursts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class Case:
     log_used: tuple[int | None, ...] = ()  # log_guest_addr: the transmit queue's, then each out's
     offload: int = 0        # what the sender negotiated (an Offload: CSUM, TSO4, TSO6)
     accepts: tuple[int, ...] = ()  # what each egress port takes (default: nothing)
+    few_macs: bool = False  # two MACs only: bursts after the first bring no new one (again)
 
 
 @st.composite
@@ -133,7 +135,8 @@ def cases(draw: st.DrawFn) -> Case:
         log_bytes=draw(st.sampled_from(LOG_BYTES)),
         log_used=tuple(draw(st.sampled_from(LOG_USED)) for _ in range(len(outs) + 1)),
         offload=draw(st.sampled_from(OFFLOADS)),
-        accepts=tuple(draw(st.sampled_from(OFFLOADS)) for _ in outs))
+        accepts=tuple(draw(st.sampled_from(OFFLOADS)) for _ in outs),
+        few_macs=draw(st.integers(0, 2)) == 0)
 
 
 def _plain(addr: int) -> bool:
@@ -142,6 +145,8 @@ def _plain(addr: int) -> bool:
 
 
 def _mac(r: random.Random, case: Case) -> bytes:
+    if case.few_macs:
+        return r.choice(MAC_POOL[:2])
     if r.random() < case.random_macs:
         return r.randbytes(6)
     return r.choice(MAC_POOL)
@@ -329,10 +334,16 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                               if all(q.broken is None for q in o.queues)]
                     n = len(active)
                     masks = [routes.randrange(1 << n) for _ in dsts]
-                    same = [a if routes.random() < 0.7 else routes.choice([0, 1, 3,
-                                                                           forward.NEVER])
-                            for a in src_at]
-                    slow = [routes.random() < 0.15 for _ in dsts]
+                    steady = routes.random() < 0.5   # routes again() takes
+                    if steady:
+                        same = [routes.choice([0, forward.NEVER, forward.NEVER])
+                                for _ in src_at]
+                        slow = [False] * len(dsts)
+                    else:
+                        same = [a if routes.random() < 0.7
+                                else routes.choice([0, 1, 3, forward.NEVER])
+                                for a in src_at]
+                        slow = [routes.random() < 0.15 for _ in dsts]
                     heads = [fwd.frame(mem, k)[:10] for k in range(fwd.frames)]
                     k = 0
                     while k < fwd.frames:
@@ -352,6 +363,20 @@ def run(case: Case, content: bytes, make: Callable[[], forward.ForwardStep]) -> 
                         if k < fwd.frames:
                             events.append(("frame", fwd.frame(mem, k)))
                             k += 1
+                            steady = False           # again() wants a burst pushed whole
+                    if steady and error is None and not any(fwd.out_errors):
+                        # More bursts of the same MACs, in one call (SwitchPort does this
+                        # while the routes hold).
+                        total, taken, error = fwd.again(mem, tx, case.limit,
+                                                        routes.randrange(1, 4), masks,
+                                                        same, slow, active)
+                        events.append(("again", total, taken, str(error) if error else None,
+                                       fwd.more, fwd.frames, dict(fwd.stats), fwd.out_stats,
+                                       [str(e) if e else None for e in fwd.out_errors],
+                                       fwd.out_queue_stats))
+                        assert fwd.out_stats == [
+                            [sum(c) for c in zip(*per, strict=True)]
+                            for per in fwd.out_queue_stats], "a port's = its queues' sum"
                     for port in active:
                         for q in port.queues:
                             if q.notify_decided is not None:
@@ -396,6 +421,20 @@ OFFLOAD = [Case(seed=s, in_hdr=(12, 10)[s % 2], event_idx=False, tx_size=16, tx_
            for s in range(8)]
 
 
+#: Steady traffic (two MACs, small bursts, receive rings with room): again() runs bursts
+#: after the first, some rings hostile (a receive queue breaks inside again()).
+AGAIN = [Case(seed=s, in_hdr=12, event_idx=s % 2 == 0, tx_size=64, tx_base=0, limit=3,
+              hostility=(0.0, 0.0, 0.1)[s % 3], indirect=0.0, tx_jump=False, frames=1.0,
+              slow=0.0, random_macs=0.0,
+              outs=[(12, s % 4 == 1, 16, 0, 1518, False, (True,)),
+                    (10, False, 16, 0, 1518, False, (True, True))][:1 + s % 2],
+              l3=0.5, route_seed=s, few_macs=True)
+         for s in range(12)]
+#: Steady traffic into a hostile receive ring that breaks inside again().
+AGAIN_RX_ERROR = [dataclasses.replace(AGAIN[0], seed=s, route_seed=s, hostility=0.05)
+                  for s in (15, 73)]
+
+
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cases())
@@ -406,6 +445,13 @@ OFFLOAD = [Case(seed=s, in_hdr=(12, 10)[s % 2], event_idx=False, tx_size=16, tx_
 @example(OFFLOAD[3])
 @example(OFFLOAD[4])
 @example(OFFLOAD[5])
+@example(AGAIN[0])
+@example(AGAIN[1])
+@example(AGAIN[2])
+@example(AGAIN[3])
+@example(AGAIN[4])
+@example(AGAIN[5])
+@example(AGAIN_RX_ERROR[0])
 def test_compiled_forward_equals_reference(case: Case) -> None:
     content = random.Random(case.seed).randbytes(Ram.END)
     expected = run(case, content, forward.Forwarder)
@@ -428,13 +474,20 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
     for each reason, routed the slow way, stopped by the MAC limit, and queues break."""
     outcomes: set[str] = set()
 
-    @settings(max_examples=400, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=800, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(cases())
     @example(MANY_MACS[1])
     @example(MANY_MACS[2])
     @example(OFFLOAD[6])
     @example(OFFLOAD[7])
+    @example(AGAIN[6])
+    @example(AGAIN[7])
+    @example(AGAIN[8])
+    @example(AGAIN[9])
+    @example(AGAIN[10])
+    @example(AGAIN[11])
+    @example(AGAIN_RX_ERROR[1])
     def sample(case: Case) -> None:
         events = run(case, random.Random(case.seed).randbytes(Ram.END), native.Forwarder)
         for ev in events:
@@ -461,6 +514,17 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
                     outcomes.add("same_port")
                 if any(q[0] for per in ev[5] for q in per[1:]):
                     outcomes.add("sent on a second queue")
+            elif ev[0] == "again":
+                if ev[1]:
+                    outcomes.add("again took")
+                if ev[4]:
+                    outcomes.add("again stopped early")
+                if ev[3]:
+                    outcomes.add("again tx error")
+                if any(ev[8]):
+                    outcomes.add("again rx error")
+                if ev[6]["same_port"]:
+                    outcomes.add("again same_port")
             elif ev[0] == "frame":
                 outcomes.add("frame")
                 if ev[1][0] or ev[1][1]:
@@ -479,7 +543,9 @@ def test_the_random_switch_rings_reach_every_outcome() -> None:
               "mac limit", "out tx_frames", "out too_big", "out no_rx_buffer",
               "out bad_descriptor", "rx error", "same_port", "frame", "offload kept",
               "offload pushed", "offload to python",
-              "sent on a second queue", "log marked", "log overflow", "log within"}
+              "sent on a second queue", "log marked", "log overflow", "log within",
+              "again took", "again stopped early", "again tx error", "again rx error",
+              "again same_port"}
     assert wanted <= outcomes, sorted(wanted - outcomes)
 
 

@@ -60,11 +60,11 @@ class SwitchProcess:
         wait_for_socket(self.ctl, self.proc.proc)
         self.guests: list[NetDriver] = []
 
-    def guest(self, name: str, n: int, **kwargs: Any) -> NetDriver:
+    def guest(self, name: str, n: int, dimm: int = DIMM, **kwargs: Any) -> NetDriver:
         drv = NetDriver(str(self.dir / f"{name}.sock"), mac(n), **kwargs)
         self.guests.append(drv)
         drv.start()
-        drv.plug(DIMM)
+        drv.plug(dimm)
         return drv
 
     def ports(self) -> dict[str, dict[str, Any]]:
@@ -213,14 +213,14 @@ def test_a_flooding_port_does_not_stall_the_others(
         make_switch: Callable[[list[str]], SwitchProcess]) -> None:
     sw = make_switch(["a", "b", "f"])
     a = sw.guest("a", 0xA)
-    b = sw.guest("b", 0xB, rx_size=1024)
+    b = sw.guest("b", 0xB, dimm=2 * DIMM, rx_size=4096)
     f = sw.guest("f", 0xF, tx_size=32768)
     for d in (a, b, f):
         d.post_rx(8)
     for n, d in enumerate((a, b, f)):
         _hello(d, [x for x in (a, b, f) if x is not d], 100 + n)
     # B has room for `room` frames; F's ring holds far more, A sends a few.
-    room, burst = 512, 64
+    room, burst = 1536, 64
     assert room >= TX_BUDGET + burst, "the test needs room for one turn of F and A's burst"
     assert b.reap_rx() == [] and b.rx_outstanding == 8
     assert b.post_rx(room - 8) == room - 8

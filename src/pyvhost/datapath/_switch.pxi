@@ -12,6 +12,10 @@
 #                                   one its flow hash picks: switch.flow, in C here)
 #   frame(k)                        the bytes of frame k, for the Python path
 #   finish(mem, tx)                 return the transmitted chains, decide the notification
+#   again(mem, tx, limit, bursts, masks, same_at, slow, outs)
+#                                   after a burst pushed whole: finish it, then more bursts
+#                                   of the same MACs with the same routes, each pulled,
+#                                   pushed and finished here, without Python in between
 #
 # Offload headers (issue 12): a header with flags or gso_type set is checked in pull by
 # vnet_check, switch.offload.check_ingress's checks for a driver, and the frame is kept
@@ -70,6 +74,8 @@ cdef struct OutPort:        # one receive queue of an egress port during one pus
     uint64_t st[NOSTATS]
     uint64_t routed, done
     uint64_t max_eth        # the largest Ethernet frame it takes (mtu + overhead)
+    uint64_t acc[NOSTATS]   # again(): st summed over the call's bursts
+    Ring snap               # again(): the ring as the burst in progress found it
 
 
 cdef struct Fwd:
@@ -94,6 +100,16 @@ cdef struct Fwd:
     uint8_t slowr[MAX_MACS]
     uint8_t accepts[MAX_OUTS]   # each egress port's negotiated receive offloads (OFF_*)
     size_t k                # push's position
+    pv_table tables[MAX_OUTS + 1]   # push and again: the ingress's, then each port's
+    # again(): a closed pull (only the last burst's MACs, no offload header), the bursts
+    # allowed and done, the chains taken in all and by the last pull, and what a fault
+    # in the burst in progress goes back to.
+    int closed
+    int in_burst
+    uint32_t bursts, done_bursts, last_taken
+    uint64_t taken_total, snap_taken
+    Ring snap_tx
+    uint64_t snap_st[NFSTATS]
 
 
 cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noexcept nogil:
@@ -401,6 +417,9 @@ cdef int pull_fn(void *arg) noexcept nogil:
         view.len = f.allp.len - start
         view.cap = view.len
         gather(&view, hdr, h + 12, &soff)
+        if f.closed and (hdr[0] or hdr[1]):
+            unpull(f, start)                 # again(): an offload header is Python's
+            break
         need = 0
         if hdr[0] or hdr[1]:
             # An offload header (flags, gso_type): check_ingress's checks on the header
@@ -416,7 +435,8 @@ cdef int pull_fn(void *arg) noexcept nogil:
         # Flags and gso_type zero: no offload; the other fields are not kept (zeroed).
         di = mac_index(f.dsts, f.ndst, hdr + h)
         si = mac_index(f.srcs, f.nsrc, hdr + h + 6)
-        if (di < 0 and f.ndst == MAX_MACS) or (si < 0 and f.nsrc == MAX_MACS):
+        if (f.closed and (di < 0 or si < 0)) or \
+                (di < 0 and f.ndst == MAX_MACS) or (si < 0 and f.nsrc == MAX_MACS):
             unpull(f, start)
             break
         if di < 0:
@@ -549,6 +569,65 @@ cdef int finish_fn(void *arg) noexcept nogil:
     return 0
 
 
+cdef int again_fn(void *arg) noexcept nogil:
+    """forward.Forwarder.again, step for step: finish the caller's burst, then up to
+    ``bursts`` closed pulls, each pushed whole (no slow route, no offload header: push_fn
+    never stops early) and finished. Before each burst the state it started from is
+    kept (snap_*): a guest-memory fault inside it puts that state back (again's
+    wrapper), so the burst's chains go back to their rings unreturned and unwritten."""
+    cdef Fwd *f = <Fwd *>arg
+    cdef Burst *b = &f.b
+    cdef size_t o, i
+    cdef OutPort *out
+    cdef int stop
+    if b.tx_used_len:
+        publish(&b.tx, b.tx_used, b.tx_used_len)
+        decide(&b.tx)
+        b.tx_used_len = 0
+    while f.done_bursts < f.bursts:
+        f.snap_tx = b.tx
+        f.snap_taken = f.taken_total
+        memcpy(f.snap_st, f.st, sizeof(f.st))
+        for o in range(f.nlanes):
+            f.outs[o].snap = f.outs[o].b.rx
+        f.in_burst = 1
+        pv_fence()              # the state kept is in memory before any guest access
+        b.taken = 0
+        f.allp.len = 0
+        f.nframes = 0
+        f.more = 0
+        pull_fn(f)
+        f.taken_total += b.taken
+        f.last_taken = b.taken
+        stop = 0
+        if f.nframes:
+            for o in range(f.nlanes):
+                out = &f.outs[o]
+                out.b.rx_used_len = 0
+                out.routed = out.done = 0
+                memset(out.st, 0, sizeof(out.st))
+            f.k = 0
+            push_fn(f)
+            for o in range(f.nlanes):
+                out = &f.outs[o]
+                for i in range(NOSTATS):
+                    out.acc[i] += out.st[i]
+                if out.b.err:
+                    stop = 1
+        pv_fence()
+        f.in_burst = 0
+        f.done_bursts += 1
+        if b.err:
+            break               # the queue broke: the frames before went, none returned
+        if b.tx_used_len:
+            publish(&b.tx, b.tx_used, b.tx_used_len)
+            decide(&b.tx)
+            b.tx_used_len = 0
+        if stop or b.taken < b.limit:
+            break
+    return 0
+
+
 cdef void free_burst(Burst *b) noexcept nogil:
     free(b.rxp.v)
     free(b.rxc)
@@ -637,6 +716,7 @@ cdef class Forwarder:
         b.tx_used_len = 0
         f.allp.len = 0
         f.nframes = f.ndst = f.nsrc = 0
+        f.k = 0
         f.more = 0
         f.offload = <uint32_t>(offload & 7)
         memset(f.st, 0, sizeof(f.st))
@@ -695,16 +775,16 @@ cdef class Forwarder:
             memset(PyBytes_AS_STRING(out), 0, 10)
         return out
 
-    def push(self, mem: object, size_t start, masks: list, same_at: list, slow: list,
-             outs: list) -> int:
-        """See forward.Forwarder.push."""
+    cdef tuple _load_outs(self, masks: list, same_at: list, slow: list, outs: list):
+        """push's and again's set-up: the routes, and each egress port's receive queues,
+        one lane each (port o's are lanes lane0[o] .. lane0[o] + nq[o] - 1, so a lane
+        chosen by push_fn is below nlanes), with their tables in f.tables (one per port:
+        a fault in table o + 1 is port o's). Returns the queues per port, the tables to
+        keep alive and flush, and each lane's error so far."""
         cdef Fwd *f = &self.f
         cdef size_t o, j, q, lane, nouts = len(outs), ndst = f.ndst, nlanes = 0
         cdef OutPort *out
         cdef RegionTable t
-        cdef uintptr_t fault = 0
-        cdef int rc, which = 0
-        cdef pv_table tables[MAX_OUTS + 1]
         cdef size_t old
         if len(masks) != ndst or len(same_at) != ndst or len(slow) != ndst:
             raise ValueError("one route per destination MAC")
@@ -719,8 +799,6 @@ cdef class Forwarder:
             f.slowr[j] = bool(slow[j])
         for o in range(nouts):
             f.accepts[o] = <uint8_t>(outs[o].accepts & 7)
-        # Each port's receive queues, one lane each: port o's are lanes lane0[o] ..
-        # lane0[o] + nq[o] - 1, so a lane chosen by push_fn is below nlanes.
         queues = []
         for o in range(nouts):
             spec = outs[o]
@@ -737,16 +815,14 @@ cdef class Forwarder:
         errors = [None] * nlanes
         self.in_fault = None
         keep = [self.table]
-        tables[0].r = f.b.regions
-        tables[0].n = f.b.nregions
+        f.tables[0].r = f.b.regions
+        f.tables[0].n = f.b.nregions
         for o in range(nouts):
             spec = outs[o]
             t = region_table(spec.mem)
             keep.append(t)
-            # One table per port (its queues share its memory): a fault in table
-            # o + 1 is port o's.
-            tables[o + 1].r = t.regions
-            tables[o + 1].n = t.n
+            f.tables[o + 1].r = t.regions
+            f.tables[o + 1].n = t.n
             hdr = spec.hdr_len
             if hdr != 10 and hdr != 12:
                 raise ValueError(f"virtio-net header length {hdr}: 10 or 12")
@@ -771,6 +847,7 @@ cdef class Forwarder:
                 out.b.err_a = out.b.err_b = 0
                 out.routed = out.done = 0
                 memset(out.st, 0, sizeof(out.st))
+                memset(out.acc, 0, sizeof(out.acc))
                 if rxq.broken is not None:
                     out.b.err = -1           # broken before: its frames count bad
                     continue
@@ -781,34 +858,24 @@ cdef class Forwarder:
                     out.b.err = -1       # nothing written to it; its frames count bad
         f.nouts = nouts
         f.nlanes = nlanes
-        f.k = start
-        f.st[F_SAME_PORT] = 0
-        with nogil:
-            rc = pv_guarded(push_fn, f, tables, nouts + 1, &fault, &which)
-        if rc == PV_FAULT:
-            # Nothing is written back: the connection whose memory faulted is closed
-            # for it, and the others' queues keep the state they had before this push.
-            self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(nouts)]
-            if which == 0:
-                self.in_fault = _fault(fault)
-            else:
-                self.out_errors[which - 1] = _fault(fault)
-            self.out_stats = [[0] * NOSTATS for _ in range(nouts)]
-            self.out_queue_stats = [[[0] * NOSTATS for _ in qs] for qs in queues]
-            self.stats["same_port"] = 0
-            return start
-        for t in keep:
-            (<RegionTable>t).flush()
-        self.stats["same_port"] = f.st[F_SAME_PORT]
+        return queues, keep, errors
+
+    cdef _store_outs(self, list queues, list errors, int summed):
+        """push's and again's end: each lane's ring back into its queue (unless it was
+        not loaded), its error, and the counts (``summed``: again's sums, else st) as
+        out_stats, out_queue_stats and out_errors."""
+        cdef Fwd *f = &self.f
+        cdef size_t o, q, lane, i
+        cdef OutPort *out
         stats = []
         qstats = []
-        for o in range(nouts):
+        for o in range(f.nouts):
             per = []
             total = [0] * NOSTATS
             for q, rxq in enumerate(queues[o]):
                 lane = f.lane0[o] + q
                 out = &f.outs[lane]
-                st = [out.st[i] for i in range(NOSTATS)]
+                st = [(out.acc[i] if summed else out.st[i]) for i in range(NOSTATS)]
                 per.append(st)
                 for i in range(NOSTATS):
                     total[i] += st[i]
@@ -823,8 +890,105 @@ cdef class Forwarder:
         self.out_stats = stats
         self.out_queue_stats = qstats
         # A port's error: its first queue's (in queue order) that broke.
-        self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(nouts)]
+        self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(f.nouts)]
+
+    def push(self, mem: object, size_t start, masks: list, same_at: list, slow: list,
+             outs: list) -> int:
+        """See forward.Forwarder.push."""
+        cdef Fwd *f = &self.f
+        cdef size_t o
+        cdef uintptr_t fault = 0
+        cdef int rc, which = 0
+        queues, keep, errors = self._load_outs(masks, same_at, slow, outs)
+        f.k = start
+        f.st[F_SAME_PORT] = 0
+        with nogil:
+            rc = pv_guarded(push_fn, f, f.tables, f.nouts + 1, &fault, &which)
+        if rc == PV_FAULT:
+            # Nothing is written back: the connection whose memory faulted is closed
+            # for it, and the others' queues keep the state they had before this push.
+            self.out_errors = [_first(errors, f.lane0[o], f.nq[o]) for o in range(f.nouts)]
+            if which == 0:
+                self.in_fault = _fault(fault)
+            else:
+                self.out_errors[which - 1] = _fault(fault)
+            self.out_stats = [[0] * NOSTATS for _ in range(f.nouts)]
+            self.out_queue_stats = [[[0] * NOSTATS for _ in qs] for qs in queues]
+            self.stats["same_port"] = 0
+            return start
+        for t in keep:
+            (<RegionTable>t).flush()
+        self.stats["same_port"] = f.st[F_SAME_PORT]
+        self._store_outs(queues, errors, 0)
         return f.k
+
+    def again(self, mem: object, tx: object, int limit, int bursts, masks: list,
+              same_at: list, slow: list, outs: list) -> tuple:
+        """See forward.Forwarder.again. A guest-memory fault in a burst puts back the
+        state that burst started from (its chains stay in their rings, nothing of it is
+        published) and ends the call: the faulting connection's error is in in_fault
+        (the ingress) or out_errors, the bursts before it stand."""
+        cdef Fwd *f = &self.f
+        cdef Burst *b = &f.b
+        cdef size_t o, j
+        cdef uintptr_t fault = 0
+        cdef int rc, which = 0, i
+        for j in range(len(slow)):
+            if slow[j] or (same_at[j] != 0 and same_at[j] != NEVER):
+                raise ValueError("again: no slow route, same_at 0 or NEVER only")
+        if f.nframes and f.k < f.nframes:
+            raise ValueError("again: the last burst was not pushed whole")
+        self.table = region_table(mem)
+        b.regions = self.table.regions
+        b.nregions = self.table.n
+        b.writes = self.table.writes
+        b.written = self.table.written
+        queues, keep, errors = self._load_outs(masks, same_at, slow, outs)
+        load_ring(&b.tx, tx, self.table)
+        b.limit = limit if limit > 0 else 0
+        b.err = b.err_rx = 0
+        b.err_a = b.err_b = 0
+        memset(f.st, 0, sizeof(f.st))
+        f.closed = 1
+        f.in_burst = 0
+        f.bursts = bursts if bursts > 0 else 0
+        f.done_bursts = 0
+        f.taken_total = 0
+        f.last_taken = 0
+        with nogil:
+            rc = pv_guarded(again_fn, f, f.tables, f.nouts + 1, &fault, &which)
+        f.closed = 0
+        if rc == PV_FAULT:
+            if f.in_burst:
+                b.tx = f.snap_tx
+                f.taken_total = f.snap_taken
+                f.last_taken = 0
+                memcpy(f.st, f.snap_st, sizeof(f.st))
+                for o in range(f.nlanes):
+                    f.outs[o].b.rx = f.outs[o].snap
+                    if f.outs[o].b.err > 0:
+                        f.outs[o].b.err = 0  # its burst is undone: no error of its own
+                f.nframes = 0
+                f.more = 1
+                b.tx_used_len = 0
+                b.err = 0
+        for t in keep:
+            (<RegionTable>t).flush()
+        store_ring(tx, &b.tx)
+        self.more = f.more
+        st = self.stats
+        for i in range(NFSTATS):
+            st[_FSTATS[i]] = f.st[i]
+        self._store_outs(queues, errors, 1)
+        if rc == PV_FAULT:
+            if which == 0:
+                self.in_fault = _fault(fault)
+            else:
+                self.out_errors[which - 1] = _fault(fault)
+        if b.err == E_NOMEM:
+            raise MemoryError("data path scratch arrays")
+        error = tx.break_(reason(b.err, b.err_a, b.err_b)) if b.err else None
+        return f.taken_total, f.last_taken, error
 
     def finish(self, mem: object, tx: object) -> None:
         """See forward.Forwarder.finish."""

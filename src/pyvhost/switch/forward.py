@@ -136,6 +136,10 @@ class ForwardStep(Protocol):
 
     def finish(self, mem: GuestMemory, tx: SplitQueue) -> None: ...
 
+    def again(self, mem: GuestMemory, tx: SplitQueue, limit: int, bursts: int,
+              masks: list[int], same_at: list[int], slow: list[bool],
+              outs: list[Out]) -> tuple[int, int, VirtqueueError | None]: ...
+
 
 class Forwarder:
     """One transmit queue's forward step (reference). Not re-entrant."""
@@ -152,6 +156,8 @@ class Forwarder:
         #: chain, total, dst, the offloads a receiver needs, the header (10 bytes)
         self._frames: list[tuple[DescriptorChain, int, int, int, bytes]] = []
         self._used: list[tuple[int, int]] = []
+        #: Where the last push stopped (:meth:`again` needs the burst pushed whole).
+        self._pushed = 0
         self._in_hdr = 12
         self._srcs: list[bytes] = []
         self._dsts: list[bytes] = []
@@ -170,13 +176,23 @@ class Forwarder:
         against. ``mem`` must be held until :meth:`finish`."""
         if hdr_len not in (10, 12):
             raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
-        self._frames = []
-        self._used = []
         self._in_hdr = hdr_len
         self._srcs, self._dsts, self._src_first = [], [], []
+        self.stats = dict.fromkeys(STATS, 0)
+        return self._pull(mem, tx, limit, offload, closed=False)
+
+    def _pull(self, mem: GuestMemory, tx: SplitQueue, limit: int, offload: int,
+              closed: bool) -> tuple[int, VirtqueueError | None]:
+        """:meth:`pull`'s walk, counting into :attr:`stats`. ``closed`` (:meth:`again`):
+        the MACs are the last burst's and stay so; the chain of a frame with a MAC not
+        among them, or with an offload header, is left in the ring and ends the pull."""
+        hdr_len = self._in_hdr
+        self._frames = []
+        self._pushed = 0
+        self._used = []
         self.more = False
         allowed = Offload(offload & 7)
-        st = self.stats = dict.fromkeys(STATS, 0)
+        st = self.stats
         taken = 0
         try:
             tx.enable_kicks(False)
@@ -198,6 +214,10 @@ class Forwarder:
                     st["too_big"] += 1
                     continue
                 head = chain.read(mem, hdr_len + 12)
+                if closed and (head[0] or head[1]):
+                    self._unpull(tx)
+                    taken -= 1
+                    break
                 need = 0
                 vnet = _NO_OFFLOAD
                 if head[0] or head[1]:
@@ -214,7 +234,8 @@ class Forwarder:
                     vnet = bytes(head[:10])
                 dst, src = head[hdr_len:hdr_len + 6], head[hdr_len + 6:hdr_len + 12]
                 new_dst, new_src = dst not in self._dsts, src not in self._srcs
-                if (new_dst and len(self._dsts) == MAX_MACS) or \
+                if (closed and (new_dst or new_src)) or \
+                        (new_dst and len(self._dsts) == MAX_MACS) or \
                         (new_src and len(self._srcs) == MAX_MACS):
                     self._unpull(tx)
                     taken -= 1
@@ -352,6 +373,7 @@ class Forwarder:
         self.out_stats = [[sum(col) for col in zip(*per, strict=True)] for per in stats]
         # A port's error: its first queue's (in queue order) that broke.
         self.out_errors = [next((e for e in errs if e is not None), None) for errs in errors]
+        self._pushed = k
         return k
 
     def finish(self, mem: GuestMemory, tx: SplitQueue) -> None:
@@ -361,6 +383,72 @@ class Forwarder:
             tx.push_used_batch(self._used)
             tx.decide_notify()
         self._used = []
+
+    def again(self, mem: GuestMemory, tx: SplitQueue, limit: int, bursts: int,
+              masks: list[int], same_at: list[int], slow: list[bool],
+              outs: list[Out]) -> tuple[int, int, VirtqueueError | None]:
+        """More bursts of the same traffic in one call, after a burst pushed whole (push
+        returned :attr:`frames`, no port's error, no fault): finish that burst, then up
+        to ``bursts`` times pull (up to ``limit`` chains), push every frame with the
+        same routes, finish. Returns the chains taken in all, by the last pull, and the
+        transmit queue's error if one broke it (the frames before it still went
+        through, no chain of that burst is returned). :attr:`stats`,
+        :attr:`out_stats` and :attr:`out_queue_stats` are the sums over the call's
+        bursts, :attr:`out_errors` each port's first error, :attr:`more` the last
+        pull's. The notifications are decided per burst and sent by the caller after.
+
+        A pull here is *closed*: it takes only frames whose MACs are all among the
+        last burst's (the routes then hold: the caller checked the MAC table did not
+        change) and without an offload header; the chain of any other frame is left in
+        the ring and ends the call, for the next ordinary pull. It stops after a burst
+        in which a port's queue broke, or whose pull saw the ring empty or stopped
+        early. No route may be slow, and each destination's ``same_at`` must be 0 or
+        :data:`NEVER`: its frames are then all ``same_port`` drops or none, in any
+        burst, as a burst of their own would find (a position inside a burst would not
+        carry over). This is what lets the compiled step run several bursts without
+        Python in between (issue 12: Python's work per burst)."""
+        n = len(self._dsts)
+        if len(masks) != n or len(same_at) != n or len(slow) != n:
+            raise ValueError("one route per destination MAC")
+        if any(slow) or any(a not in (0, NEVER) for a in same_at):
+            raise ValueError("again: no slow route, same_at 0 or NEVER only")
+        if self._frames and self._pushed < len(self._frames):
+            raise ValueError("again: the last burst was not pushed whole")
+        self.finish(mem, tx)
+        total = last = 0
+        error: VirtqueueError | None = None
+        sums = dict.fromkeys(STATS, 0)
+        per_queue = [[[0] * len(OUT_STATS) for _ in out.queues] for out in outs]
+        out_errors: list[BaseException | None] = [None] * len(outs)
+        self.in_fault = None
+        for _ in range(bursts):
+            self.stats = dict.fromkeys(STATS, 0)
+            last, error = self._pull(mem, tx, limit, 0, closed=True)
+            total += last
+            broke = False
+            if self._frames:
+                self.push(mem, 0, masks, same_at, slow, outs)
+                for o, port in enumerate(self.out_queue_stats):
+                    for q, qst in enumerate(port):
+                        per_queue[o][q] = [a + b for a, b in zip(per_queue[o][q], qst,
+                                                                 strict=True)]
+                for o, e in enumerate(self.out_errors):
+                    if e is not None:
+                        broke = True
+                        if out_errors[o] is None:
+                            out_errors[o] = e
+            for key in STATS:
+                sums[key] += self.stats[key]
+            if error is not None:
+                break
+            self.finish(mem, tx)
+            if broke or last < limit:
+                break
+        self.stats = sums
+        self.out_queue_stats = per_queue
+        self.out_stats = [[sum(col) for col in zip(*per, strict=True)] for per in per_queue]
+        self.out_errors = out_errors
+        return total, last, error
 
 
 def _refused(need: int, mask: int, outs: list[Out]) -> bool:

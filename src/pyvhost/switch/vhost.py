@@ -94,9 +94,11 @@ _NEVER_SEEN = float("inf")
 #: Chains taken from the transmit ring per burst (the forward step's Python work is per
 #: burst: profiled, a burst of 64 spent more time in Python than in the copies), and per
 #: turn of the loop: a busy port yields after TX_BUDGET frames so that the others (and
-#: the control socket) are served.
+#: the control socket) are served. The bursts after the first of a turn run inside the
+#: forward step while the routes hold (``again``: no Python between them); measured in
+#: BENCHMARKS.md (issue 12), a budget of four bursts where it was one.
 BATCH = 256
-TX_BUDGET = 256
+TX_BUDGET = 1024
 
 
 class VhostPort(Port):
@@ -265,7 +267,12 @@ class SwitchPort(VirtioDevice):
             # chain made available meanwhile is seen by the pending() check after they are
             # back on (inside pull). Each transmit queue has its own avail_event.
             taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH, self.tx_offload)
-            self._forward(ctx, index, fwd)
+            # A full burst: the ring may hold more, which the step may take at once
+            # (again) if the routes hold, up to the turn's budget.
+            bursts = (TX_BUDGET - served - taken) // BATCH \
+                if taken == BATCH and error is None else 0
+            more, last, error_again = self._forward(ctx, index, fwd, tx, bursts)
+            error = error or error_again
             if error is not None:
                 # A chain the queue can not serve (a descriptor outside guest memory, a
                 # loop, ...): the queue is broken (the connection reports it). Frames
@@ -275,8 +282,8 @@ class SwitchPort(VirtioDevice):
             # The chains go back once their frames are copied (zero copy until then).
             fwd.finish(mem, tx)
             ctx.notify(index)
-            served += taken
-            if taken < BATCH and not fwd.more:
+            served += taken + more
+            if (taken if last < 0 else last) < BATCH and not fwd.more:
                 return  # the ring was seen empty with kicks on
             if served >= TX_BUDGET and self.host is not None:
                 # Let the other ports run; come back on the loop's next turn (kicks stay
@@ -284,20 +291,25 @@ class SwitchPort(VirtioDevice):
                 self.host.serve_again(index)
                 return
 
-    def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep) -> None:
+    def _forward(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep,
+                 tx: SplitQueue, bursts: int) -> tuple[int, int, VirtqueueError | None]:
         """Switch the frames ``fwd.pull`` kept: the MAC table once for the burst, then
         the forward step into every egress port it can serve (of one with several
         receive queues, the one each frame's flow hash picks), the Python path for the
         rest (offload headers, taps, ports without a receive queue, a log the compiled
-        step can not mark)."""
+        step can not mark). Then, if the burst went whole through the step with routes
+        that hold for any burst of the same MACs (:meth:`_again`), up to ``bursts`` more
+        bursts inside the step. Returns the chains those took, the last pull's count
+        (-1 if none ran) and the transmit queue's error if one broke it."""
         counters = self.port.counters
         st = fwd.stats
         for reason in ("malformed", "too_big"):
             if st[reason]:
                 counters.drop_rx(reason, st[reason])
         m = fwd.frames
+        result: tuple[int, int, VirtqueueError | None] = (0, -1, None)
         if not m:
-            return
+            return result
         mem = ctx.mem
         switch = self.switch
         srcs, dsts, src_at = fwd.macs()
@@ -357,6 +369,11 @@ class SwitchPort(VirtioDevice):
                     data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
                 switch.forward(self.port, [data], now)
                 k += 1
+            if bursts > 0 and k >= m and fwd.in_fault is None and not failed and not own \
+                    and self._routes is not None and not any(slow) \
+                    and all(a == 0 or a == forward.NEVER for a in same_at):
+                result = self._again(ctx, index, fwd, tx, bursts, srcs, masks, same_at,
+                                     slow, outs, out_dev, failed)
         finally:
             _leave_each(hosts, held, order)
         for dev, err in failed:
@@ -365,6 +382,43 @@ class SwitchPort(VirtioDevice):
                 dev.host.run_device(RX, functools.partial(_raise, err))
         if fwd.in_fault is not None:
             raise fwd.in_fault
+        return result
+
+    def _again(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep,
+               tx: SplitQueue, bursts: int, srcs: list[bytes], masks: list[int],
+               same_at: list[int], slow: list[bool], outs: list[forward.Out],
+               out_dev: list[tuple[SwitchPort, QueueContext]],
+               failed: list[tuple[SwitchPort, BaseException]]) -> tuple[
+                   int, int, VirtqueueError | None]:
+        """Up to ``bursts`` more bursts of this burst's MACs with its routes, in one call
+        of the step (``again``: closed pulls, so every frame has a route already
+        decided; no route slow, ``same_at`` 0 or NEVER: true of any burst of these
+        MACs while the MAC table does not change, which the cached routes vouch for).
+        Then what _forward does per burst, once for them all: the counters, the sources
+        learnt again (their age), each egress port's counts and notifications; errors
+        into ``failed``."""
+        counters = self.port.counters
+        total, last, error = fwd.again(ctx.mem, tx, BATCH, bursts, masks, same_at, slow,
+                                       outs)
+        st = fwd.stats
+        for reason in ("malformed", "too_big", "same_port"):
+            if st[reason]:
+                counters.drop_rx(reason, st[reason])
+        if st["frames"]:
+            ctx.account(index, st["frames"], st["bytes"])
+            counters.rx_frames += st["frames"]
+            counters.rx_bytes += st["bytes"]
+            switch = self.switch
+            with switch.lock:
+                now = switch.tick()
+                for src in srcs:
+                    switch.table.learn(src, self.port, now)
+        for o, ((dev, c), ost) in enumerate(zip(out_dev, fwd.out_stats, strict=True)):
+            dev._count_out(c, outs[o], ost, fwd.out_queue_stats[o])
+            err = fwd.out_errors[o]
+            if err is not None:
+                failed.append((dev, err))
+        return total, last, error
 
     def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
                nbytes: int) -> tuple[float, list[Port], list[int], list[int]]:
