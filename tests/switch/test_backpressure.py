@@ -351,3 +351,61 @@ def test_switch_memory_stays_bounded_while_a_port_never_drains(
     assert len(state["mac_table"]) == DEFAULT_MAX_ENTRIES
     growth = after["VmRSS"] - before["VmRSS"]
     assert growth <= RSS_BOUND_KIB, f"the switch grew by {growth} KiB: {before} -> {after}"
+
+
+def test_a_mac_that_moves_between_long_bursts_takes_its_frames_along(
+        make_switch: Callable[[list[str]], SwitchProcess]) -> None:
+    # Bursts longer than a turn's budget make the switch forward inside its step: the
+    # bursts after a turn's first (again), and the turns after the first (which start
+    # there while the routes hold). B's address then moves to C's port: the next long
+    # burst to it must go to C, none to B, as the MAC table now says.
+    sw = make_switch(["a", "b", "c"])
+    a = sw.guest("a", 0xA, dimm=4 * DIMM, tx_size=8192)
+    b = sw.guest("b", 0xB, dimm=2 * DIMM, rx_size=4096)
+    c = sw.guest("c", 0xC, dimm=2 * DIMM, rx_size=4096)
+    for d in (a, b, c):
+        d.post_rx(8)
+    for n, d in enumerate((a, b, c)):
+        _hello(d, [x for x in (a, b, c) if x is not d], 100 + n)
+    count = 2 * TX_BUDGET + 100       # three turns, of several full bursts
+    fds = [fd for d in (a, b, c) for fd in d.call_fds]
+    pid = sw.proc.pid
+
+    def burst(flow: Flow) -> None:
+        # Frozen, so that the whole burst is in A's ring before the switch looks at it.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(count):
+                assert a.send(make_frame(b.mac, a.mac, flow.check.flow, flow.sent, flow.rng))
+                flow.sent += 1
+            a.flush_tx()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    def receive(d: NetDriver, flow: Flow) -> None:
+        def done() -> bool:
+            a.reap_tx()
+            for frame in d.reap_rx():
+                flow.check.check(frame)
+            return flow.check.received == count
+        _wait(done, f"{count} frames of flow {flow.check.flow}", fds)
+
+    assert b.post_rx(count) == count and c.post_rx(count) == count
+    to_b = Flow(1, a, b, seed=11)
+    burst(to_b)
+    receive(b, to_b)
+    assert c.reap_rx() == []
+
+    # B's address now speaks from C's port.
+    moved = make_frame(a.mac, b.mac, 7, 0, random.Random(7))
+    assert c.send(moved)
+    c.flush_tx()
+    _wait(lambda: any(g == moved for g in a.reap_rx()), "A to hear B's address from C", fds)
+
+    to_c = Flow(2, a, b, seed=12)     # addressed to B's MAC, which is C's port's now
+    burst(to_c)
+    receive(c, to_c)
+    assert b.reap_rx() == []
+    ports = sw.ports()
+    assert ports["b"]["tx_frames"] == 2 + count and ports["c"]["tx_frames"] == 2 + count
+    assert all(ports[n]["tx_drops"] == {} and ports[n]["rx_drops"] == {} for n in "abc")

@@ -763,7 +763,10 @@ cdef void copy_frame(Burst *b, uint64_t size, uint32_t nb, int set_nb) noexcept 
         # (both checked here), so both copies stay inside their pieces.
         d = &b.rxp.v[0]
         out = d.p
-        memset(out, 0, h)
+        # 12 bytes whatever h (10 or 12): constant sizes the compiler writes in place; with
+        # h 10 the last two are the frame's first, written by the copy after (size >= h +
+        # 14 bytes fit the piece).
+        memset(out, 0, 12)
         memcpy(out, b.vnet, 10)
         if set_nb:
             out[10] = nb & 0xFF

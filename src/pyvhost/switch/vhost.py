@@ -49,6 +49,7 @@ import functools
 import logging
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pyvhost import datapath
 from pyvhost.backend.device import DeviceHost, QueueContext, VirtioDevice
@@ -166,6 +167,8 @@ class SwitchPort(VirtioDevice):
         self._remapped: tuple[list[int], list[int], list[int], list[bool]] | None = None
         #: This port as the forward step's egress (:func:`_out`), while it holds.
         self._as_out: forward.Out | None = None
+        #: Per transmit queue, what its last ``again`` ran with (:meth:`_steady_start`).
+        self._steady: dict[int, _Steady] = {}
 
     # -- VirtioDevice --------------------------------------------------------------------
     def device_features(self) -> int:
@@ -211,6 +214,7 @@ class SwitchPort(VirtioDevice):
         self.hdr_len = HDR_V1
         self.mrg_rxbuf = False
         self.tx_offload = self.rx_offload = Offload.NONE
+        self._steady.clear()
         if self.joined:
             self.joined = False
             self.switch.remove_port(self.port)
@@ -262,6 +266,23 @@ class SwitchPort(VirtioDevice):
         if fwd is None:
             fwd = steps[index] = forward.Forwarder() if pure else self._engine()
         served = 0
+        steady = self._steady.get(index)
+        if steady is not None and steady.fwd is fwd and tx.broken is None:
+            # The last turn ended in again() with routes that may still hold: this one
+            # starts there, without the first burst's Python (pull, the table, push).
+            done = self._steady_start(ctx, index, tx, steady)
+            if done is not None:
+                more, last, error = done
+                if error is not None:
+                    self.port.counters.drop_rx("bad_descriptor")
+                    raise error
+                ctx.notify(index)
+                served = more
+                if last < BATCH and not fwd.more:
+                    return
+                if served >= TX_BUDGET and self.host is not None:
+                    self.host.serve_again(index)
+                    return
         while True:
             # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
             # chain made available meanwhile is seen by the pending() check after they are
@@ -302,6 +323,7 @@ class SwitchPort(VirtioDevice):
         bursts inside the step. Returns the chains those took, the last pull's count
         (-1 if none ran) and the transmit queue's error if one broke it."""
         counters = self.port.counters
+        self._steady.pop(index, None)
         st = fwd.stats
         for reason in ("malformed", "too_big"):
             if st[reason]:
@@ -374,6 +396,11 @@ class SwitchPort(VirtioDevice):
                     and all(a == 0 or a == forward.NEVER for a in same_at):
                 result = self._again(ctx, index, fwd, tx, bursts, srcs, masks, same_at,
                                      slow, outs, out_dev, failed)
+                routes = self._routes
+                if routes is not None and not failed and fwd.in_fault is None \
+                        and out_of == list(range(len(ports))):
+                    self._steady[index] = _Steady(fwd, routes, switch.ports_version,
+                                                  ports, srcs, masks, same_at, slow, outs)
         finally:
             _leave_each(hosts, held, order)
         for dev, err in failed:
@@ -419,6 +446,51 @@ class SwitchPort(VirtioDevice):
             if err is not None:
                 failed.append((dev, err))
         return total, last, error
+
+    def _steady_start(self, ctx: QueueContext, index: int, tx: SplitQueue,
+                      steady: _Steady) -> tuple[int, int, VirtqueueError | None] | None:
+        """A turn that starts with again() on what the last one ended with: if its
+        routes still hold (the same cached routes, MAC table version, port set, none
+        aged) and every egress port's view is the same (:func:`_out` gives the same
+        :class:`~.forward.Out`: the same memory snapshot, queues, header, offloads and
+        mtu), with each egress port's memory held as _forward holds it. Returns what
+        :meth:`_forward` returns, or None (nothing done) where anything changed."""
+        switch = self.switch
+        table = switch.table
+        routes = steady.routes
+        with switch.lock:
+            now = switch.tick()
+            holds = self._routes is routes and routes[0] == table.version \
+                and switch.ports_version == steady.ports_version \
+                and now - routes[4] <= table.aging
+        if not holds:
+            del self._steady[index]
+            return None
+        failed: list[tuple[SwitchPort, BaseException]] = []
+        fwd = steady.fwd
+        result: tuple[int, int, VirtqueueError | None] | None = None
+        hosts, held, order = _enter_each(steady.ports)
+        try:
+            out_dev: list[tuple[SwitchPort, QueueContext]] = []
+            for p, c, last in zip(steady.ports, held, steady.outs, strict=True):
+                if c is None or _out(p, c) is not last or not isinstance(p, VhostPort):
+                    break
+                out_dev.append((p.device, c))
+            else:
+                bursts = TX_BUDGET // BATCH
+                result = self._again(ctx, index, fwd, tx, bursts, steady.srcs, steady.masks,
+                                     steady.same_at, steady.slow, steady.outs, out_dev,
+                                     failed)
+        finally:
+            _leave_each(hosts, held, order)
+        if result is None or failed or fwd.in_fault is not None:
+            self._steady.pop(index, None)
+        for dev, err in failed:
+            if dev.host is not None:
+                dev.host.run_device(RX, functools.partial(_raise, err))
+        if fwd.in_fault is not None:
+            raise fwd.in_fault
+        return result
 
     def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
                nbytes: int) -> tuple[float, list[Port], list[int], list[int]]:
@@ -674,6 +746,25 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
     out = dev._as_out = forward.Out(mem, queues[0], dev.hdr_len, dev.mrg_rxbuf, max_eth,
                                     queues[1:], accepts)
     return out
+
+
+@dataclass(slots=True)
+class _Steady:
+    """What a transmit queue's last ``again`` ran with: its step, the routes it used
+    (:attr:`SwitchPort._routes` then) with the port set's version, the egress ports
+    and their views, the sources to learn again, and the routes as the step takes them
+    (masks, same_at, slow: the cached lists, never changed)."""
+
+    fwd: forward.ForwardStep
+    routes: tuple[int, int, list[bytes], list[int], float, list[Port], list[int],
+                  list[int], list[Port | None]]
+    ports_version: int
+    ports: list[Port]
+    srcs: list[bytes]
+    masks: list[int]
+    same_at: list[int]
+    slow: list[bool]
+    outs: list[forward.Out]
 
 
 def _remap(targets: list[int], out_of: list[int]) -> tuple[list[int], list[bool]]:
