@@ -124,7 +124,11 @@ cdef inline int mac_index(uint8_t (*macs)[6], size_t n, const uint8_t *mac) noex
 # Eight tables, for eight bytes per step ("slicing-by-8"): the same CRC-32 as zlib's, with
 # eight independent lookups per step instead of a chain of eight dependent ones. Profiled
 # at 2 queue pairs (64 B), the hash was a quarter of the back-end's samples, the first
-# touch of each frame's IP header included (BENCHMARKS.md, "a cheaper flow hash").
+# touch of each frame's IP header included (BENCHMARKS.md, "a cheaper flow hash"). The
+# fields are hashed where they lie, each a short run (12, 8, 1, 4 bytes): a tail of four
+# bytes takes one step of four lookups (slicing by 4, the same tables), not four
+# dependent one-byte steps; profiled again, the hash fell from 40% of the samples to 11%
+# (BENCHMARKS.md, issue 12, 2026-12-07 evening).
 cdef uint32_t CRC32[8][256]
 
 
@@ -162,6 +166,12 @@ cdef inline uint32_t crc32_add(uint32_t crc, const uint8_t *p, size_t n) noexcep
                ^ CRC32[1][(two >> 16) & 0xFF] ^ CRC32[0][two >> 24])
         p += 8
         n -= 8
+    if n >= 4:                               # slicing by 4: the same tables' low half
+        one = le32(p) ^ crc
+        crc = (CRC32[3][one & 0xFF] ^ CRC32[2][(one >> 8) & 0xFF]
+               ^ CRC32[1][(one >> 16) & 0xFF] ^ CRC32[0][one >> 24])
+        p += 4
+        n -= 4
     while n:
         crc = CRC32[0][(crc ^ p[0]) & 0xFF] ^ (crc >> 8)
         p += 1
@@ -169,23 +179,22 @@ cdef inline uint32_t crc32_add(uint32_t crc, const uint8_t *p, size_t n) noexcep
     return ~crc
 
 
-cdef inline size_t key_slice(uint8_t *key, size_t k, const uint8_t *e, size_t a, size_t b,
-                             size_t n) noexcept nogil:
-    """Append e[a:b] to ``key`` at ``k`` where e holds n bytes (Python's slice, cut at the
-    end); returns the new length."""
+cdef inline uint32_t crc_slice(uint32_t crc, const uint8_t *e, size_t a, size_t b,
+                               size_t n) noexcept nogil:
+    """The CRC ``crc`` continued over e[a:b] where e holds n bytes (Python's slice, cut
+    at the end: nothing past e[n - 1] is read)."""
     if b > n:
         b = n
     if a >= b:
-        return k
-    memcpy(key + k, e + a, b - a)
-    return k + b - a
+        return crc
+    return crc32_add(crc, e + a, b - a)
 
 
 cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcept nogil:
     """switch.flow.flow_hash of the frame in ``frame`` (``total`` bytes: an ``h``-byte
-    header, then the Ethernet frame), step for step: the fields it hashes are put one
-    after another in ``key`` (a CRC over pieces in turn is the CRC of their
-    concatenation), then hashed in one pass.
+    header, then the Ethernet frame), step for step: the fields it hashes go through
+    the CRC one after another, where they lie (a CRC over pieces in turn is the CRC of
+    their concatenation: no key is built, no byte copied).
 
     It reads the first HASHED bytes of the Ethernet frame at most (no field it hashes
     lies further): in place when the first piece holds them (``got`` bytes, one
@@ -195,11 +204,12 @@ cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcep
     byte the guest changes meanwhile changes only the hash (``ihl`` is read once, and no
     index depends on a byte read twice), never where it reads."""
     cdef uint8_t buf[12 + HASHED]
-    cdef uint8_t key[12 + 32 + 1 + 4]         # the longest key: IPv6 with ports
     cdef uint64_t soff
     cdef uint64_t got = total if total < h + HASHED else h + HASHED
     cdef const uint8_t *e
-    cdef size_t n, ihl, k
+    cdef size_t n, ihl
+    cdef uint8_t proto
+    cdef uint32_t crc
     if frame.len and frame.v[0].n >= got:
         e = frame.v[0].p + h
     else:
@@ -208,22 +218,22 @@ cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcep
     n = <size_t>(got - h)                    # 14 .. HASHED; the frame's length if shorter
     if e[12] == 0x08 and e[13] == 0x00 and n >= 14 + 20:
         ihl = (e[14] & 0xF) * 4
-        memcpy(key, e, 12)                   # the Ethernet addresses
-        memcpy(key + 12, e + 26, 8)          # the IP addresses
-        key[20] = e[23]                      # the protocol
-        k = 21
+        proto = e[23]                        # read once: the key and the test use it
+        crc = crc32_add(0, e, 12)            # the Ethernet addresses
+        crc = crc32_add(crc, e + 26, 8)      # the IP addresses
+        crc = crc32_add(crc, &proto, 1)      # the protocol
         # The ports only where they are: TCP or UDP, not a fragment (offset 0, no MF).
-        if (key[20] == 6 or key[20] == 17) and not ((e[20] & 0x3F) | e[21]):
-            k = key_slice(key, k, e, 14 + ihl, 14 + ihl + 4, n)
-        return crc32_add(0, key, k)
+        if (proto == 6 or proto == 17) and not ((e[20] & 0x3F) | e[21]):
+            crc = crc_slice(crc, e, 14 + ihl, 14 + ihl + 4, n)
+        return crc
     if e[12] == 0x86 and e[13] == 0xdd and n >= 14 + 40:
-        memcpy(key, e, 12)
-        memcpy(key + 12, e + 22, 32)         # the IPv6 addresses
-        key[44] = e[20]                      # next header
-        k = 45
-        if key[44] == 6 or key[44] == 17:
-            k = key_slice(key, k, e, 54, 58, n)
-        return crc32_add(0, key, k)
+        proto = e[20]                        # next header
+        crc = crc32_add(0, e, 12)
+        crc = crc32_add(crc, e + 22, 32)     # the IPv6 addresses
+        crc = crc32_add(crc, &proto, 1)
+        if proto == 6 or proto == 17:
+            crc = crc_slice(crc, e, 54, 58, n)
+        return crc
     return crc32_add(0, e, 14)
 
 
