@@ -391,14 +391,15 @@ class SwitchPort(VirtioDevice):
                     data = data[:self.hdr_len] + b"\0\0" + data[self.hdr_len:]
                 switch.forward(self.port, [data], now)
                 k += 1
+            # The routes must still be the table's (the Python path above may have
+            # learnt, or another worker's port): the cached ones, of this version.
+            routes = self._routes
             if bursts > 0 and k >= m and fwd.in_fault is None and not failed and not own \
-                    and self._routes is not None and not any(slow) \
-                    and all(a == 0 or a == forward.NEVER for a in same_at):
+                    and routes is not None and routes[0] == switch.table.version \
+                    and not any(slow) and all(a == 0 or a == forward.NEVER for a in same_at):
                 result = self._again(ctx, index, fwd, tx, bursts, srcs, masks, same_at,
                                      slow, outs, out_dev, failed)
-                routes = self._routes
-                if routes is not None and not failed and fwd.in_fault is None \
-                        and out_of == list(range(len(ports))):
+                if not failed and fwd.in_fault is None and out_of == list(range(len(ports))):
                     self._steady[index] = _Steady(fwd, routes, switch.ports_version,
                                                   ports, srcs, masks, same_at, slow, outs)
         finally:
