@@ -404,12 +404,7 @@ class SwitchPort(VirtioDevice):
                                                   ports, srcs, masks, same_at, slow, outs)
         finally:
             _leave_each(hosts, held, order)
-        for dev, err in failed:
-            # Each egress port's error is its own connection's: broken queue or closed.
-            if dev.host is not None:
-                dev.host.run_device(RX, functools.partial(_raise, err))
-        if fwd.in_fault is not None:
-            raise fwd.in_fault
+        _report(failed, fwd)
         return result
 
     def _again(self, ctx: QueueContext, index: int, fwd: forward.ForwardStep,
@@ -486,11 +481,7 @@ class SwitchPort(VirtioDevice):
             _leave_each(hosts, held, order)
         if result is None or failed or fwd.in_fault is not None:
             self._steady.pop(index, None)
-        for dev, err in failed:
-            if dev.host is not None:
-                dev.host.run_device(RX, functools.partial(_raise, err))
-        if fwd.in_fault is not None:
-            raise fwd.in_fault
+        _report(failed, fwd)
         return result
 
     def _route(self, srcs: list[bytes], dsts: list[bytes], src_at: list[int], m: int,
@@ -829,6 +820,17 @@ def _leave_each(hosts: list[DeviceHost | None], held: list[QueueContext | None],
 def _lock_order(port: Port) -> int:
     host = port.device.host if isinstance(port, VhostPort) else None
     return -1 if host is None else host.order
+
+
+def _report(failed: list[tuple[SwitchPort, BaseException]], fwd: forward.ForwardStep) -> None:
+    """After a burst, with every hold given back: each egress port's error goes to its
+    own connection (a broken queue, or closed: run_device handles it there), then the
+    ingress port's fault is raised (its connection closes)."""
+    for dev, err in failed:
+        if dev.host is not None:
+            dev.host.run_device(RX, functools.partial(_raise, err))
+    if fwd.in_fault is not None:
+        raise fwd.in_fault
 
 
 def _raise(error: BaseException, ctx: QueueContext) -> None:
