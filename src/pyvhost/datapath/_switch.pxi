@@ -218,7 +218,7 @@ cdef uint32_t flow_hash(const Pieces *frame, uint64_t total, uint32_t h) noexcep
     n = <size_t>(got - h)                    # 14 .. HASHED; the frame's length if shorter
     if e[12] == 0x08 and e[13] == 0x00 and n >= 14 + 20:
         ihl = (e[14] & 0xF) * 4
-        proto = e[23]                        # read once: the key and the test use it
+        proto = e[23]                        # read once: the byte hashed is the byte tested
         crc = crc32_add(0, e, 12)            # the Ethernet addresses
         crc = crc32_add(crc, e + 26, 8)      # the IP addresses
         crc = crc32_add(crc, &proto, 1)      # the protocol
