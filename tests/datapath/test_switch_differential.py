@@ -430,6 +430,15 @@ AGAIN = [Case(seed=s, in_hdr=12, event_idx=s % 2 == 0, tx_size=64, tx_base=0, li
                     (10, False, 16, 0, 1518, False, (True, True))][:1 + s % 2],
               l3=0.5, route_seed=s, few_macs=True)
          for s in range(12)]
+#: A broadcast to two ports, the first sharing the sender's memory with a receive buffer
+#: over part of the transmitted frame: the second must get the frame as it was sent
+#: (found by CI on 2026-12-07: the compiled step read it again after the first write).
+FAN_OVERLAP = Case(seed=4761424, in_hdr=10, event_idx=False, tx_size=4, tx_base=0, limit=1,
+                   hostility=0.1, indirect=0.1, tx_jump=False, frames=0.9, slow=0.0,
+                   random_macs=0.0, outs=[(12, False, 1, 0, 1518, True, (True,)),
+                                          (12, False, 16, 0, 1518, False, (True,))],
+                   l3=0.0, route_seed=0, log_bytes=0, log_used=(None, None, None),
+                   offload=0, accepts=(0, 0), few_macs=False)
 #: Steady traffic into a hostile receive ring that breaks inside again().
 AGAIN_RX_ERROR = [dataclasses.replace(AGAIN[0], seed=s, route_seed=s, hostility=0.05)
                   for s in (15, 73)]
@@ -452,6 +461,7 @@ AGAIN_RX_ERROR = [dataclasses.replace(AGAIN[0], seed=s, route_seed=s, hostility=
 @example(AGAIN[4])
 @example(AGAIN[5])
 @example(AGAIN_RX_ERROR[0])
+@example(FAN_OVERLAP)
 def test_compiled_forward_equals_reference(case: Case) -> None:
     content = random.Random(case.seed).randbytes(Ram.END)
     expected = run(case, content, forward.Forwarder)

@@ -101,6 +101,12 @@ cdef struct Fwd:
     uint8_t accepts[MAX_OUTS]   # each egress port's negotiated receive offloads (OFF_*)
     size_t k                # push's position
     pv_table tables[MAX_OUTS + 1]   # push and again: the ingress's, then each port's
+    # A frame for several ports is read once, into fan (BOUNCE bytes), before any of them
+    # is written: a receive buffer of one port may overlap the transmitted buffer (the
+    # same guest's memory), and the next port must get the frame as it was sent, as the
+    # reference reads it once (forward.Forwarder.push). fanp is the one piece over it.
+    uint8_t *fan
+    Piece fanp
     # again(): a closed pull (only the last burst's MACs, no offload header), the bursts
     # allowed and done, the chains taken in all and by the last pull, and what a fault
     # in the burst in progress goes back to.
@@ -488,6 +494,9 @@ cdef int push_fn(void *arg) noexcept nogil:
     cdef uint64_t eth, mask, m
     cdef uint32_t hashed, lane
     cdef Pieces view
+    cdef Piece *src
+    cdef size_t nsrc
+    cdef uint64_t soff
     cdef int rc, drop, j, have_hash
     while k < f.nframes:
         fr = &f.frames[k]
@@ -515,6 +524,24 @@ cdef int push_fn(void *arg) noexcept nogil:
             if m:
                 break
         eth = fr.total - f.b.in_hdr          # 14 .. MAX_FRAME (pull)
+        src = f.allp.v + fr.start
+        nsrc = fr.npieces
+        if mask & (mask - 1):
+            # Several ports: the frame as sent, read once before any of them is written
+            # (see Fwd.fan). Its pieces hold fr.total bytes (pull stored them up to more
+            # than the largest frame), and fr.total <= in_hdr + MAX_FRAME < BOUNCE, the
+            # size of fan.
+            view.v = src
+            view.len = nsrc
+            view.cap = nsrc
+            gather(&view, f.fan, fr.total, &soff)
+            f.fanp.p = f.fan
+            f.fanp.n = <uint32_t>fr.total
+            f.fanp.region = 0                # read only: no write counted, no mark
+            f.fanp.gpa = 0
+            f.fanp.first = 1
+            src = &f.fanp
+            nsrc = 1
         have_hash = 0
         hashed = 0
         o = 0
@@ -524,9 +551,9 @@ cdef int push_fn(void *arg) noexcept nogil:
                 lane = f.lane0[o]
                 if f.nq[o] > 1:
                     if not have_hash:
-                        view.v = f.allp.v + fr.start
-                        view.len = fr.npieces
-                        view.cap = fr.npieces
+                        view.v = src
+                        view.len = nsrc
+                        view.cap = nsrc
                         hashed = flow_hash(&view, fr.total, f.b.in_hdr)
                         have_hash = 1
                     lane += hashed % f.nq[o]     # < lane0[o] + nq[o] <= nlanes
@@ -538,9 +565,9 @@ cdef int push_fn(void *arg) noexcept nogil:
                 else:
                     out.routed += 1
                     if not out.b.err:
-                        out.b.txp.v = f.allp.v + fr.start
-                        out.b.txp.len = fr.npieces
-                        out.b.txp.cap = fr.npieces
+                        out.b.txp.v = src
+                        out.b.txp.len = nsrc
+                        out.b.txp.cap = nsrc
                         memcpy(out.b.vnet, fr.vnet, 10)
                         rc = write_frame(&out.b, out.b.hdr_len + eth, &drop)
                         if rc:
@@ -681,6 +708,9 @@ cdef class Forwarder:
 
     def __cinit__(self) -> None:
         memset(&self.f, 0, sizeof(Fwd))
+        self.f.fan = <uint8_t *>malloc(BOUNCE)
+        if self.f.fan == NULL:
+            raise MemoryError()
         self.stats = dict.fromkeys(_FSTATS, 0)
         self.out_stats = []
         self.out_queue_stats = []
@@ -690,6 +720,7 @@ cdef class Forwarder:
 
     def __dealloc__(self) -> None:
         cdef size_t o
+        free(self.f.fan)
         free(self.f.allp.v)
         free(self.f.frames)
         free(self.f.b.tx_used)
