@@ -732,6 +732,15 @@ cdef class Forwarder:
     def frames(self) -> int:
         return self.f.nframes
 
+    cdef _ingress(self, mem: object):
+        """The ingress port's table (``mem``'s snapshot), for pull's and again's burst."""
+        cdef Burst *b = &self.f.b
+        self.table = region_table(mem)
+        b.regions = self.table.regions
+        b.nregions = self.table.n
+        b.writes = self.table.writes
+        b.written = self.table.written
+
     def pull(self, mem: object, tx: object, int hdr_len, int limit,
              int offload=0) -> tuple:
         """See forward.Forwarder.pull."""
@@ -742,11 +751,7 @@ cdef class Forwarder:
         cdef pv_table tables[1]
         if hdr_len != 10 and hdr_len != 12:
             raise ValueError(f"virtio-net header length {hdr_len}: 10 or 12")
-        self.table = region_table(mem)
-        b.regions = self.table.regions
-        b.nregions = self.table.n
-        b.writes = self.table.writes
-        b.written = self.table.written
+        self._ingress(mem)
         load_ring(&b.tx, tx, self.table)
         b.in_hdr = hdr_len
         b.hdr_len = hdr_len
@@ -979,11 +984,7 @@ cdef class Forwarder:
                 raise ValueError("again: no slow route, same_at 0 or NEVER only")
         if f.nframes and f.k < f.nframes:
             raise ValueError("again: the last burst was not pushed whole")
-        self.table = region_table(mem)
-        b.regions = self.table.regions
-        b.nregions = self.table.n
-        b.writes = self.table.writes
-        b.written = self.table.written
+        self._ingress(mem)
         queues, keep, errors = self._load_outs(masks, same_at, slow, outs)
         load_ring(&b.tx, tx, self.table)
         b.limit = limit if limit > 0 else 0

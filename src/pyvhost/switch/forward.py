@@ -370,7 +370,7 @@ class Forwarder:
                     rx.decide_notify()
         self.stats["same_port"] = same_port
         self.out_queue_stats = stats
-        self.out_stats = [[sum(col) for col in zip(*per, strict=True)] for per in stats]
+        self.out_stats = _port_sums(stats)
         # A port's error: its first queue's (in queue order) that broke.
         self.out_errors = [next((e for e in errs if e is not None), None) for errs in errors]
         self._pushed = k
@@ -446,9 +446,14 @@ class Forwarder:
                 break
         self.stats = sums
         self.out_queue_stats = per_queue
-        self.out_stats = [[sum(col) for col in zip(*per, strict=True)] for per in per_queue]
+        self.out_stats = _port_sums(per_queue)
         self.out_errors = out_errors
         return total, last, error
+
+
+def _port_sums(per_queue: list[list[list[int]]]) -> list[list[int]]:
+    """Each port's counts (:data:`OUT_STATS`): the sums of its queues'."""
+    return [[sum(col) for col in zip(*per, strict=True)] for per in per_queue]
 
 
 def _refused(need: int, mask: int, outs: list[Out]) -> bool:

@@ -267,40 +267,36 @@ class SwitchPort(VirtioDevice):
             fwd = steps[index] = forward.Forwarder() if pure else self._engine()
         served = 0
         steady = self._steady.get(index)
-        if steady is not None and steady.fwd is fwd and tx.broken is None:
+        if steady is not None and (steady.fwd is not fwd or tx.broken is not None):
+            steady = None
+        while True:
             # The last turn ended in again() with routes that may still hold: this one
             # starts there, without the first burst's Python (pull, the table, push).
-            done = self._steady_start(ctx, index, tx, steady)
+            done = self._steady_start(ctx, index, tx, steady) if steady is not None else None
+            steady = None
             if done is not None:
+                taken = 0
                 more, last, error = done
-                if error is not None:
-                    self.port.counters.drop_rx("bad_descriptor")
-                    raise error
-                ctx.notify(index)
-                served = more
-                if last < BATCH and not fwd.more:
-                    return
-                if served >= TX_BUDGET and self.host is not None:
-                    self.host.serve_again(index)
-                    return
-        while True:
-            # Kicks stay off while we work (with EVENT_IDX: avail_event is not moved); a
-            # chain made available meanwhile is seen by the pending() check after they are
-            # back on (inside pull). Each transmit queue has its own avail_event.
-            taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH, self.tx_offload)
-            # A full burst: the ring may hold more, which the step may take at once
-            # (again) if the routes hold, up to the turn's budget.
-            bursts = (TX_BUDGET - served - taken) // BATCH \
-                if taken == BATCH and error is None else 0
-            more, last, error_again = self._forward(ctx, index, fwd, tx, bursts)
-            error = error or error_again
+            else:
+                # Kicks stay off while we work (with EVENT_IDX: avail_event is not
+                # moved); a chain made available meanwhile is seen by the pending() check
+                # after they are back on (inside pull). Each transmit queue has its own
+                # avail_event.
+                taken, error = fwd.pull(mem, tx, self.hdr_len, BATCH, self.tx_offload)
+                # A full burst: the ring may hold more, which the step may take at once
+                # (again) if the routes hold, up to the turn's budget.
+                bursts = (TX_BUDGET - served - taken) // BATCH \
+                    if taken == BATCH and error is None else 0
+                more, last, error_again = self._forward(ctx, index, fwd, tx, bursts)
+                error = error or error_again
             if error is not None:
                 # A chain the queue can not serve (a descriptor outside guest memory, a
                 # loop, ...): the queue is broken (the connection reports it). Frames
                 # read before it still went through; no chain is returned.
                 self.port.counters.drop_rx("bad_descriptor")
                 raise error
-            # The chains go back once their frames are copied (zero copy until then).
+            # The chains go back once their frames are copied (zero copy until then;
+            # again() returned its own bursts' already: nothing left then).
             fwd.finish(mem, tx)
             ctx.notify(index)
             served += taken + more
@@ -400,8 +396,8 @@ class SwitchPort(VirtioDevice):
                 result = self._again(ctx, index, fwd, tx, bursts, srcs, masks, same_at,
                                      slow, outs, out_dev, failed)
                 if not failed and fwd.in_fault is None and out_of == list(range(len(ports))):
-                    self._steady[index] = _Steady(fwd, routes, switch.ports_version,
-                                                  ports, srcs, masks, same_at, slow, outs)
+                    self._steady[index] = _Steady(fwd, routes, ports, srcs, masks,
+                                                  same_at, slow, outs)
         finally:
             _leave_each(hosts, held, order)
         _report(failed, fwd)
@@ -457,8 +453,7 @@ class SwitchPort(VirtioDevice):
         with switch.lock:
             now = switch.tick()
             holds = self._routes is routes and routes[0] == table.version \
-                and switch.ports_version == steady.ports_version \
-                and now - routes[4] <= table.aging
+                and routes[1] == switch.ports_version and now - routes[4] <= table.aging
         if not holds:
             del self._steady[index]
             return None
@@ -743,14 +738,14 @@ def _out(port: Port, ctx: QueueContext | None) -> forward.Out | None:
 @dataclass(slots=True)
 class _Steady:
     """What a transmit queue's last ``again`` ran with: its step, the routes it used
-    (:attr:`SwitchPort._routes` then) with the port set's version, the egress ports
-    and their views, the sources to learn again, and the routes as the step takes them
-    (masks, same_at, slow: the cached lists, never changed)."""
+    (:attr:`SwitchPort._routes` then, with the table's and the port set's versions they
+    were made at), the egress ports and their views, the sources to learn again, and
+    the routes as the step takes them (masks, same_at, slow: the cached lists, never
+    changed)."""
 
     fwd: forward.ForwardStep
     routes: tuple[int, int, list[bytes], list[int], float, list[Port], list[int],
                   list[int], list[Port | None]]
-    ports_version: int
     ports: list[Port]
     srcs: list[bytes]
     masks: list[int]
