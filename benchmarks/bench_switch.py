@@ -36,6 +36,13 @@ others are left out. It then gives each back-end's frames/s and CPU per frame at
 level, and pyvhost over DPDK at the same level: a comparison of two back-ends under the
 same placement of the vCPUs, which rounds taken at different moments can not give.
 
+``--profile`` (with ``--placement``, root, Debian's linux-perf) also runs ``perf record``
+(cpu-clock, PROFILE_HZ samples a second, on the monotonic clock) on the back-end through
+each timed run. Each sample goes to the window whose span holds its time, and each level's
+windows give that level's profile: the shares of the back-end's samples per program or
+library and per function (a Cython function under its own name). Where the back-end's
+time goes at one placement, which a profile over the whole run mixes.
+
 It reports frames/s and Gbit/s delivered to the sink (the median of the sink's per-second
 ``Rx-pps``; Gbit/s counts the Ethernet frame without FCS, preamble or gap), and the
 back-end process's CPU seconds per million frames delivered (utime + stime from
@@ -67,6 +74,7 @@ which stores 0 first; see ``pyvhost.virtq.split.store_le16``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -101,6 +109,15 @@ _RX_PPS = re.compile(r"Rx-pps:\s+(\d+)")
 KINDS = ("pyvhost", "pyvhost-pure", "dpdk")
 #: Loop topologies: bursts of 32 frames each front-end port starts with (``--in-flight``).
 IN_FLIGHT = 64
+#: ``--profile``: perf's samples per second of the back-end's CPU time, and the functions
+#: shown per level.
+PROFILE_HZ = 1000
+PROFILE_TOP = 10
+#: ``perf script -F time,ip,sym,dso --ns``: "  63707.256780428:  7f91068d8b5c pop (/x/y.so)".
+_PERF_LINE = re.compile(r"^\s*(\d+\.\d+):\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
+#: A Cython function's C name: __pyx_f_ then the module path's parts, each after its length.
+_SO_SUFFIX = re.compile(r"(\.cpython-[\w-]+)?\.so(\.[\d.]+)?$")
+_PYX_NAME = re.compile(r"^__pyx_[a-z]+_((?:\d+)\w+)$")
 
 
 @dataclass
@@ -302,6 +319,10 @@ class Placement:
     #: the busy back-end and front-end, so the sample is the placement, not the queueing.
     fifo: bool = False
     windows: list[dict[str, float]] = field(default_factory=list)
+    #: ``--profile``: perf, and per window (in the order of ``windows``) the back-end's
+    #: samples per "function (object)".
+    perf: str | None = None
+    profiles: list[dict[str, int]] = field(default_factory=list)
 
     def sample(self) -> float:
         try:
@@ -443,25 +464,170 @@ def _windows(placement: Placement, seconds: float, fe: Proc, be: Proc,
     sampled between them (:class:`Placement`); returns the whole run's frames/s, back-end
     CPU seconds and span. ``show port stats`` gives the rate since the last one."""
     placement.windows = []
+    placement.profiles = []
     command(fe, "show port stats all")
     before = placement.sample()
-    cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
-    cpu, t = cpu0, t0
-    frames = 0.0
-    while t - t0 < seconds:
-        time.sleep(max(0.0, min(placement.window, seconds - (t - t0))))
-        off = command(fe, "show port stats all")
-        cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
-        after = placement.sample()
-        _wait_stats(fe, off, ports)
-        fps = port_rates(fe.text()[off:], ports)
-        placement.windows.append({"seconds": t1 - t, "frames_per_s": fps,
-                                  "cpu_s": cpu1 - cpu, "rt_before_ns": before,
-                                  "rt_after_ns": after, "start": t, "end": t1})
-        frames += fps * (t1 - t)
-        before, cpu, t = after, cpu1, t1
+    data = be.log.with_suffix(".perf")
+    rec = _perf_record(placement.perf, be.popen.pid, data) if placement.perf else None
+    try:
+        cpu0, t0 = cpu_seconds(be.popen.pid), time.monotonic()
+        cpu, t = cpu0, t0
+        frames = 0.0
+        while t - t0 < seconds:
+            time.sleep(max(0.0, min(placement.window, seconds - (t - t0))))
+            off = command(fe, "show port stats all")
+            cpu1, t1 = cpu_seconds(be.popen.pid), time.monotonic()
+            after = placement.sample()
+            _wait_stats(fe, off, ports)
+            fps = port_rates(fe.text()[off:], ports)
+            placement.windows.append({"seconds": t1 - t, "frames_per_s": fps,
+                                      "cpu_s": cpu1 - cpu, "rt_before_ns": before,
+                                      "rt_after_ns": after, "start": t, "end": t1})
+            frames += fps * (t1 - t)
+            before, cpu, t = after, cpu1, t1
+    finally:
+        if rec is not None:
+            _perf_stop(rec)
+    if placement.perf:
+        placement.profiles = window_profiles(perf_samples(_perf_script(placement.perf, data)),
+                                             placement.windows)
     span = t - t0
     return frames / max(span, 1e-9), cpu - cpu0, span
+
+
+def _perf_record(perf: str, pid: int, data: Path) -> subprocess.Popen[bytes]:
+    """``perf record`` on ``pid``, its samples stamped with the monotonic clock (the
+    windows' clock), until :func:`_perf_stop`."""
+    rec = subprocess.Popen([perf, "record", "-q", "-e", "cpu-clock", "-F", str(PROFILE_HZ),
+                            "-k", "CLOCK_MONOTONIC", "-p", str(pid), "-o", str(data)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, start_new_session=True)
+    time.sleep(0.3)  # attached before the first window starts
+    if rec.poll() is not None:
+        err = rec.stderr.read().decode(errors="replace").strip() if rec.stderr else ""
+        raise BenchError(f"perf record failed ({rec.returncode}): {err}")
+    return rec
+
+
+def _perf_stop(rec: subprocess.Popen[bytes]) -> None:
+    """End ``perf record`` as Ctrl-C does (it writes its file and exits)."""
+    if rec.poll() is None:
+        rec.send_signal(signal.SIGINT)
+    try:
+        rec.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        rec.wait()
+    if rec.stderr:
+        rec.stderr.close()
+
+
+def _perf_script(perf: str, data: Path) -> str:
+    done = subprocess.run([perf, "script", "-i", str(data), "-F", "time,ip,sym,dso", "--ns"],
+                          capture_output=True, text=True, timeout=300)
+    data.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise BenchError(f"perf script failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def perf_samples(text: str) -> list[tuple[float, str]]:
+    """``perf script -F time,ip,sym,dso --ns``'s lines as (time in seconds, "function
+    (object)"): the object by its file name, a Cython function by its own name
+    (:func:`pyx_name`), a shared object without its suffix (``libc.so.6`` -> ``libc``,
+    ``_native.cpython-311-x86_64-linux-gnu.so`` -> ``_native``). Lines of another shape
+    are skipped."""
+    out: list[tuple[float, str]] = []
+    for line in text.splitlines():
+        m = _PERF_LINE.match(line)
+        if m is None:
+            continue
+        sym = pyx_name(m.group(2)) or "[unknown]"
+        obj = _SO_SUFFIX.sub("", Path(m.group(3)).name)
+        out.append((float(m.group(1)), f"{sym} ({obj})"))
+    return out
+
+
+def pyx_name(c_name: str) -> str:
+    """The Python-side name of a Cython function's C name (``__pyx_f_7pyvhost_8datapath_
+    7_native_pop`` -> ``pop``): the module path's parts (and a class's), each after its
+    length, are dropped, and a method wrapper's number. Other names as they are."""
+    m = _PYX_NAME.match(c_name)
+    if m is None:
+        return c_name
+    rest = m.group(1)
+    while (d := re.match(r"(\d+)", rest)) is not None:
+        n = int(d.group(1))
+        start = d.end()
+        if len(rest) < start + n + 2 or rest[start + n] != "_":
+            break
+        rest = rest[start + n + 1:]
+    return re.sub(r"^\d+(?=\D)", "", rest)   # a method's number (__pyx_pw_...): dropped
+
+
+def window_profiles(samples: list[tuple[float, str]], windows: list[dict[str, float]]
+                    ) -> list[dict[str, int]]:
+    """Per window, its samples per function: a sample counts for the window whose
+    [start, end) holds its time (the windows are consecutive; a sample outside all is
+    left out)."""
+    starts = [w["start"] for w in windows]
+    out: list[dict[str, int]] = [{} for _ in windows]
+    for t, sym in samples:
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and t < windows[i]["end"]:
+            out[i][sym] = out[i].get(sym, 0) + 1
+    return out
+
+
+def level_profiles(windows: dict[str, dict[str, list[dict[str, float]]]],
+                   profiles: dict[str, dict[str, list[dict[str, int]]]],
+                   groups: list[list[float]]) -> list[dict[str, object]]:
+    """Per frame size and queue pairs, level and back-end: the samples of the windows
+    counted for that level (:func:`by_level`'s rule), per object and the PROFILE_TOP
+    functions, as shares."""
+    rows: list[dict[str, object]] = []
+    for label, per_kind in windows.items():
+        for kind, ws in per_kind.items():
+            profs = profiles.get(label, {}).get(kind, [])
+            per_level: dict[int, dict[str, int]] = {}
+            for w, prof in zip(ws, profs, strict=True):
+                a, b = level_of(w["rt_before_ns"], groups), level_of(w["rt_after_ns"], groups)
+                if a != b:
+                    continue
+                acc = per_level.setdefault(a, {})
+                for sym, n in prof.items():
+                    acc[sym] = acc.get(sym, 0) + n
+            for lv in sorted(per_level):
+                acc = per_level[lv]
+                total = sum(acc.values())
+                if not total:
+                    continue
+                objects: dict[str, int] = {}
+                for sym, n in acc.items():
+                    obj = sym.rsplit(" (", 1)[-1].rstrip(")")
+                    objects[obj] = objects.get(obj, 0) + n
+                top = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:PROFILE_TOP]
+                rows.append({"label": label, "level": lv, "kind": kind, "samples": total,
+                             "objects": {o: n / total for o, n in sorted(
+                                 objects.items(), key=lambda kv: (-kv[1], kv[0]))},
+                             "functions": {s: n / total for s, n in top}})
+    return rows
+
+
+def profile_lines(rows: list[dict[str, object]]) -> str:
+    """Markdown for :func:`level_profiles`."""
+    lines = ["| frame, queue pairs | level | back-end | samples | by object | "
+             "by function |", "|---|---:|---|---:|---|---|"]
+    for r in rows:
+        objects = r["objects"]
+        functions = r["functions"]
+        assert isinstance(objects, dict) and isinstance(functions, dict)
+        lines.append(f"| {r['label']} | {r['level']} | {r['kind']} | {r['samples']:,} | "
+                     + ", ".join(f"{o} {100 * v:.0f}%" for o, v in objects.items()
+                                 if v >= 0.01)
+                     + " | " + ", ".join(f"{s} {100 * v:.1f}%" for s, v in functions.items())
+                     + " |")
+    return "\n".join(lines)
 
 
 def _wait_stats(fe: Proc, off: int, ports: int) -> None:
@@ -684,6 +850,9 @@ def main(argv: list[str] | None = None) -> None:
                          "between windows of each run and compare the back-ends at the "
                          "same level (the docstring of this script says how); root runs the "
                          "sampler under SCHED_FIFO")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --placement: perf record on the back-end through each timed "
+                         "run, and its profile per level (root, Debian package linux-perf)")
     ap.add_argument("--window", type=float, default=0.5,
                     help="--placement: seconds per window (default 0.5)")
     ap.add_argument("--in-flight", type=int, metavar="BURSTS",
@@ -698,6 +867,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.placement and args.topology == "switch":
         raise SystemExit("--placement: for --topology loop or switch-loop (the switch "
                          "topology's rate is its source's)")
+    perf = shutil.which("perf") if args.profile else None
+    if args.profile and not args.placement:
+        raise SystemExit("--profile: with --placement (the levels come from its windows)")
+    if args.profile and perf is None:
+        raise SystemExit("--profile: perf not found (Debian package linux-perf)")
     if args.in_flight is not None and args.topology == "switch":
         raise SystemExit("--in-flight: for --topology loop or switch-loop (the switch "
                          "topology's source sends without pause)")
@@ -718,6 +892,8 @@ def main(argv: list[str] | None = None) -> None:
     failures: list[str] = []
     #: --placement: label -> kind -> every window of its runs.
     windows: dict[str, dict[str, list[dict[str, float]]]] = {}
+    #: --profile: label -> kind -> per window of its runs, its samples per function.
+    profiles: dict[str, dict[str, list[dict[str, int]]]] = {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pyvhost-bsw-") as tmp, \
             (hugetlbfs(Path(tmp)) if args.hugepages else contextlib.nullcontext()) as huge:
@@ -728,7 +904,8 @@ def main(argv: list[str] | None = None) -> None:
             except xcpu.BenchError as e:
                 raise SystemExit(f"--placement: {e}") from None
             placement = Placement(exe, args.window,
-                                  fifo=os.geteuid() == 0 and shutil.which("chrt") is not None)
+                                  fifo=os.geteuid() == 0 and shutil.which("chrt") is not None,
+                                  perf=perf)
             if placement.fifo:
                 try:
                     placement.sample()       # SCHED_FIFO may be refused (a container)
@@ -764,6 +941,9 @@ def main(argv: list[str] | None = None) -> None:
                         if placement is not None:
                             windows.setdefault(label, {}).setdefault(kind, []).extend(
                                 placement.windows)
+                            if perf:
+                                profiles.setdefault(label, {}).setdefault(kind, []).extend(
+                                    placement.profiles)
                         print(f"  {label} {kind} #{i + 1}: {r}", file=sys.stderr)
     load_after = os.getloadavg()[0]
     results = {label: {kind: {**_median_of(rs), "runs": len(rs)} for kind, rs in row.items()}
@@ -786,6 +966,7 @@ def main(argv: list[str] | None = None) -> None:
         print(pair_lines(pairs, kinds))
     levels: list[list[float]] = []
     rows: list[dict[str, object]] = []
+    prows: list[dict[str, object]] = []
     if args.placement:
         samples = [w[k] for per in windows.values() for ws in per.values() for w in ws
                    for k in ("rt_before_ns", "rt_after_ns")]
@@ -797,6 +978,11 @@ def main(argv: list[str] | None = None) -> None:
                  or "no samples")
               + ". Per level, the windows with that level before and after them:\n")
         print(level_lines(rows))
+        if perf:
+            prows = level_profiles(windows, profiles, levels)
+            print(f"\nWhere each back-end's CPU time went, per level (perf, cpu-clock at "
+                  f"{PROFILE_HZ} Hz, the windows of that level; a share of its samples):\n")
+            print(profile_lines(prows))
     for f in failures:
         print(f"failed: {f}")
     if args.json:
@@ -820,6 +1006,7 @@ def main(argv: list[str] | None = None) -> None:
                                                    "window": args.window,
                                                    "levels_ns": levels,
                                                    "by_level": rows,
+                                                   "profile_by_level": prows if perf else None,
                                                    "windows": windows,
                                                } if args.placement else None,
                                                }, indent=2))

@@ -25,6 +25,7 @@ import bench_hotplug_gap as gap  # noqa: E402
 import bench_idle as idle  # noqa: E402
 import bench_switch as sw  # noqa: E402
 
+from pyvhost import datapath  # noqa: E402
 from pyvhost.frontend.peer import descendants  # noqa: E402
 from pyvhost.tools.process import end_process, pyvhost_argv  # noqa: E402
 from support.procs import need  # noqa: E402
@@ -424,16 +425,71 @@ def test_switch_placement_levels_ignore_the_few_samples_between_them() -> None:
     assert sw.split_levels([]) == []
 
 
+_NATIVE = "/x/src/pyvhost/datapath/_native.cpython-311-x86_64-linux-gnu.so"
+_POP = "__pyx_f_7pyvhost_8datapath_7_native_pop"
+#: ``perf script -F time,ip,sym,dso --ns`` as perf 6.1 prints it.
+PERF_SCRIPT = "\n".join([
+    f"   100.100000000:      7f91068d8b5c {_POP} ({_NATIVE})",
+    "   100.200000000:      7f9107eff1c7 _PyEval_EvalFrameDefault (/r/lib/libpython3.11.so.1.0)",
+    "   100.700000000:      7f9107d8b874 __memmove_avx512_unaligned_erms "
+    "(/usr/lib/x86_64-linux-gnu/libc.so.6)",
+    f"   101.200000000:      7f91068d8b5c {_POP} ({_NATIVE})",
+    "   101.300000000:      ffffffff8100 [unknown] ([kernel.kallsyms])",
+    f"    99.000000000:      7f91068d8b5c {_POP} ({_NATIVE})",
+    "not a sample line",
+])
+
+
+def test_switch_profile_splits_perf_samples_by_level() -> None:
+    """``--profile``: perf's lines parsed (Cython names and objects shortened), each sample
+    given to the window whose span holds its time (one before every window is left out),
+    and the windows of each level summed into shares; a window that straddles the levels
+    counts for none."""
+    samples = sw.perf_samples(PERF_SCRIPT)
+    assert samples[0] == (100.1, "pop (_native)")
+    assert samples[1][1] == "_PyEval_EvalFrameDefault (libpython3.11)"
+    assert samples[2][1] == "__memmove_avx512_unaligned_erms (libc)"
+    assert samples[4][1] == "[unknown] ([kernel.kallsyms])"
+    assert len(samples) == 6
+    assert sw.pyx_name("__pyx_pw_7pyvhost_8datapath_7_native_9Forwarder_5again") == "again"
+    windows = [{**_window(1e6, 60, 58), "start": 100.0, "end": 100.5},
+               {**_window(1e6, 58, 330), "start": 100.5, "end": 101.0},
+               {**_window(1e6, 330, 320), "start": 101.0, "end": 101.5}]
+    profs = sw.window_profiles(samples, windows)
+    assert profs == [{"pop (_native)": 1, "_PyEval_EvalFrameDefault (libpython3.11)": 1},
+                     {"__memmove_avx512_unaligned_erms (libc)": 1},
+                     {"pop (_native)": 1, "[unknown] ([kernel.kallsyms])": 1}]
+    groups = sw.split_levels([60, 58, 58, 330, 330, 320])
+    rows = sw.level_profiles({"64 B, 1 qp": {"pyvhost": windows}},
+                             {"64 B, 1 qp": {"pyvhost": profs}}, groups)
+    assert [(r["level"], r["samples"]) for r in rows] == [(0, 2), (1, 2)]
+    assert rows[0]["objects"] == {"_native": 0.5, "libpython3.11": 0.5}
+    assert rows[1]["functions"] == {"pop (_native)": 0.5, "[unknown] ([kernel.kallsyms])": 0.5}
+    text = sw.profile_lines(rows)
+    assert "| 64 B, 1 qp | 1 | pyvhost | 2 | [kernel.kallsyms] 50%, _native 50% |" in text
+    assert "pop (_native) 50.0%" in text
+
+
+def test_switch_profile_needs_placement() -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
+                           "--topology", "loop", "--kinds", "pyvhost,dpdk", "--profile"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--profile: with --placement" in done.stderr
+
+
 def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
-    """A real ``--placement`` run: both back-ends measured in windows, each with a round
-    trip measured before and after it, and the per-level table printed (no figure is
-    asserted: the machine's speed is what it is)."""
+    """A real ``--placement --profile`` run: both back-ends measured in windows, each with
+    a round trip measured before and after it, and the per-level table printed; perf's
+    samples of each back-end split by level (no figure is asserted: the machine's speed
+    is what it is)."""
     need("dpdk-testpmd", "dpdk")
+    need("perf", "linux-perf")
     out = tmp_path / "placement.json"
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
                            "--topology", "loop", "--kinds", "pyvhost,dpdk", "--sizes", "64",
                            "--seconds", "2", "--window", "0.5", "--placement",
-                           "--json", str(out)],
+                           "--profile", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "The two CPUs' round trip between windows" in done.stdout
@@ -448,6 +504,17 @@ def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
         assert all(a["rt_after_ns"] == b["rt_before_ns"] for a, b in itertools.pairwise(ws))
     assert placement["levels_ns"], placement
     assert {r["kind"] for r in placement["by_level"]} <= {"pyvhost", "dpdk"}
+    # --profile: each back-end's samples of the windows of a level, where that level has
+    # windows of it; pyvhost's in its compiled data path among them.
+    assert "Where each back-end's CPU time went, per level" in done.stdout
+    profiled = {(r["kind"], r["level"]): r for r in placement["profile_by_level"]}
+    for r in placement["by_level"]:
+        prof = profiled[(r["kind"], r["level"])]
+        assert prof["samples"] > 0, prof
+        assert sum(prof["objects"].values()) == pytest.approx(1.0)
+    for (kind, _), prof in profiled.items():
+        if kind == "pyvhost" and datapath.name() == "compiled":
+            assert "_native" in prof["objects"], prof
 
 
 def test_switch_placement_refuses_the_switch_topology() -> None:
