@@ -515,8 +515,8 @@ cdef inline uint16_t avail_entry(const Ring *q, uint32_t i) noexcept nogil:
 
 
 #: How far ahead of the chain being popped its successors are prefetched: the
-#: descriptor of the chain PF_DESC ahead, the first buffer of the one PF_BUF ahead (whose
-#: descriptor was prefetched PF_DESC - PF_BUF chains earlier).
+#: descriptor of the chain PF_DESC ahead, the first two cache lines of the first buffer of
+#: the one PF_BUF ahead (whose descriptor was prefetched PF_DESC - PF_BUF chains earlier).
 cdef enum:
     PF_DESC = 8
     PF_BUF = 4
@@ -534,22 +534,34 @@ cdef inline void prefetch_ahead(const Burst *b, const Ring *q, int writable_part
     never faults. Only chains the driver has made available (below ``shadow_avail``,
     read with acquire) are looked at. Memory safety: the slots are reduced modulo the
     size (inside the available ring), the head too (inside the descriptor table, both
-    located in load_ring); a buffer is prefetched only where ``locate`` puts a byte of it
-    inside guest memory."""
+    located in load_ring); a buffer's line is prefetched only where ``locate`` puts a
+    byte of it inside guest memory."""
     cdef uint32_t mask = q.size - 1
     cdef uint16_t ahead = <uint16_t>(q.shadow_avail - q.last_avail)
     cdef const uint8_t *d
     cdef const uint8_t *p
+    cdef uint64_t n
     if ahead > PF_DESC:
         pv_prefetch(q.desc + 16 * <size_t>(avail_entry(q, q.last_avail + PF_DESC) & mask))
     if ahead > PF_BUF:
         d = q.desc + 16 * <size_t>(avail_entry(q, q.last_avail + PF_BUF) & mask)
-        p = locate(b, pv_load64(d), 1)
+        # The first two cache lines of the buffer: a small frame with its header (12 +
+        # 64 bytes) lies across two of them, and the copy waited for the second
+        # (BENCHMARKS.md, --profile). The range located is the descriptor's first n <=
+        # 128 bytes (its length is the driver's: bounded here), so p + 64 < p + n is
+        # inside guest memory when n > 64.
+        n = pv_load32(d + 8)
+        n = n if n < 128 else 128
+        p = locate(b, pv_load64(d), n if n else 1)
         if p != NULL:
             if writable_part:
                 pv_prefetchw(p)
+                if n > 64:
+                    pv_prefetchw(p + 64)
             else:
                 pv_prefetch(p)
+                if n > 64:
+                    pv_prefetch(p + 64)
 
 
 cdef int pop(Burst *b, Ring *q, int writable_part, Pieces *out, uint64_t want,
