@@ -470,14 +470,6 @@ def test_switch_profile_splits_perf_samples_by_level() -> None:
     assert "pop (_native) 50.0%" in text
 
 
-def test_switch_profile_needs_placement() -> None:
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
-                           "--topology", "loop", "--kinds", "pyvhost,dpdk", "--profile"],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0
-    assert "--profile: with --placement" in done.stderr
-
-
 def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
     """A real ``--placement --profile`` run: both back-ends measured in windows, each with
     a round trip measured before and after it, and the per-level table printed; perf's
@@ -517,12 +509,17 @@ def test_switch_placement_samples_between_windows(tmp_path: Path) -> None:
             assert "_native" in prof["objects"], prof
 
 
-def test_switch_placement_refuses_the_switch_topology() -> None:
+@pytest.mark.parametrize(("args", "error"), [
+    (["--topology", "switch", "--placement"], "--placement: for --topology loop or switch-loop"),
+    (["--topology", "loop", "--profile"], "--profile: with --placement"),
+])
+def test_switch_placement_and_profile_refuse_what_they_can_not_measure(
+        args: list[str], error: str) -> None:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_switch.py"),
-                           "--topology", "switch", "--kinds", "pyvhost,dpdk", "--placement"],
+                           "--kinds", "pyvhost,dpdk", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "--placement: for --topology loop or switch-loop" in done.stderr
+    assert error in done.stderr
 
 
 def test_switch_in_flight_runs_both_back_ends_and_is_refused_for_the_switch(
