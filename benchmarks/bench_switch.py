@@ -115,8 +115,9 @@ PROFILE_HZ = 1000
 PROFILE_TOP = 10
 #: ``perf script -F time,ip,sym,dso --ns``: "  63707.256780428:  7f91068d8b5c pop (/x/y.so)".
 _PERF_LINE = re.compile(r"^\s*(\d+\.\d+):\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
-#: A Cython function's C name: __pyx_f_ then the module path's parts, each after its length.
+#: A shared object's suffix: ".so.6", ".cpython-311-x86_64-linux-gnu.so".
 _SO_SUFFIX = re.compile(r"(\.cpython-[\w-]+)?\.so(\.[\d.]+)?$")
+#: A Cython function's C name: __pyx_f_ then the module path's parts, each after its length.
 _PYX_NAME = re.compile(r"^__pyx_[a-z]+_((?:\d+)\w+)$")
 
 
