@@ -589,17 +589,14 @@ def level_profiles(windows: dict[str, dict[str, list[dict[str, float]]]],
     rows: list[dict[str, object]] = []
     for label, per_kind in windows.items():
         for kind, ws in per_kind.items():
-            profs = profiles.get(label, {}).get(kind, [])
-            per_level: dict[int, dict[str, int]] = {}
-            for w, prof in zip(ws, profs, strict=True):
-                a, b = level_of(w["rt_before_ns"], groups), level_of(w["rt_after_ns"], groups)
-                if a != b:
-                    continue
-                acc = per_level.setdefault(a, {})
-                for sym, n in prof.items():
-                    acc[sym] = acc.get(sym, 0) + n
-            for lv in sorted(per_level):
-                acc = per_level[lv]
+            # Each window's profile, by the window (by_level hands back the same dicts).
+            prof_of = {id(w): prof for w, prof in zip(
+                ws, profiles.get(label, {}).get(kind, []), strict=True)}
+            for lv, lws in sorted(by_level(ws, groups).items()):
+                acc: dict[str, int] = {}
+                for w in lws:
+                    for sym, n in prof_of[id(w)].items():
+                        acc[sym] = acc.get(sym, 0) + n
                 total = sum(acc.values())
                 if not total:
                     continue
